@@ -1,0 +1,27 @@
+"""Inference engines behind one interface: the built-in engine (default) and vLLM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twofold.config import ConfigError, EngineConfig
+from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
+
+__all__ = ["GenerationRequest", "GenerationResult", "InferenceEngine", "SamplingParams", "make_engine"]
+
+
+def make_engine(cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int = 0) -> InferenceEngine:
+    if cfg.backend == "builtin":
+        from twofold.engine.builtin import BuiltinEngine
+
+        return BuiltinEngine(model_path, dtype=cfg.dtype, quantization=cfg.quantization,
+                             logit_noise_std=cfg.logit_noise_std, max_batch_size=cfg.max_batch_size,
+                             seed=seed, tokenizer=tokenizer)
+    if cfg.backend == "vllm":
+        try:
+            from twofold.engine.vllm import VLLMEngine
+        except ImportError as e:
+            raise ConfigError("engine.backend", f"vLLM is not usable here ({e}); install it with "
+                              "`pip install twofold[vllm]` on a machine it supports, or use engine.backend=builtin") from None
+        return VLLMEngine(model_path, cfg, seed=seed)
+    raise ConfigError("engine.backend", f"unknown backend {cfg.backend!r}; valid: builtin, vllm")

@@ -1,0 +1,107 @@
+"""The inference-engine interface: what the rollout needs from any engine (built-in, vLLM, ...).
+
+Every sampled token comes back with its behaviour log-prob (log of the exact distribution it was
+sampled from) and the policy version of the weights that produced it. A weight update pauses
+in-flight requests at a token boundary; their partial output is handed back and continued later,
+so one response can span versions.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GenerationRequest:
+    """A prompt plus what was already generated for it (non-empty when continuing a paused request)."""
+
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_versions: list[int] = field(default_factory=list)
+
+
+FinishReason = Literal["stop", "length", "paused"]
+
+
+@dataclass
+class GenerationResult:
+    request_id: int
+    output_ids: list[int]
+    output_logprobs: list[float]
+    output_versions: list[int]
+    finish_reason: FinishReason
+
+    def as_continuation(self, request: GenerationRequest) -> GenerationRequest:
+        """The request to submit after a pause: same prompt, the partial output kept as prefix."""
+        return GenerationRequest(request.request_id, request.prompt_ids, request.params,
+                                 list(self.output_ids), list(self.output_logprobs), list(self.output_versions))
+
+
+class InferenceEngine(ABC):
+    """Pause protocol shared by every engine.
+
+    `pause()` asks running `generate` calls to stop at the next token boundary and returns once none
+    is running: each hands back its partial output with finish_reason "paused". Until `resume()`,
+    a new `generate` call returns at once, also "paused". In between the caller may `update_weights`.
+    """
+
+    def __init__(self) -> None:
+        self.version = 0
+        self._cond = threading.Condition()
+        self._paused = False
+        self._running = 0
+
+    # ---- the part each engine implements
+
+    @abstractmethod
+    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run until each request stops, hits its length, or `self.pause_requested` turns true."""
+
+    @abstractmethod
+    def update_weights(self, state_dict: dict, version: int) -> None:
+        """Load new weights in place and stamp later tokens with `version` (call while paused)."""
+
+    # ---- the shared pause protocol
+
+    @property
+    def pause_requested(self) -> bool:
+        return self._paused
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        with self._cond:
+            self._running += 1
+        try:
+            return self._generate(requests)
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+    def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+            while self._running:
+                self._cond.wait()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+
+    def close(self) -> None:
+        """Release resources (processes, GPU memory); the built-in engine holds none."""

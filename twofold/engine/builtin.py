@@ -1,0 +1,175 @@
+"""The built-in engine: batched sampling with a KV cache on a transformers model, in its own numerics.
+
+Its model copy runs in `dtype` (bfloat16 by default), optionally with int8 weights, while the
+trainer runs float32: the same weights give slightly different log-probs, as vLLM's do from FSDP's.
+That gap is the discrepancy r_d that twofold measures and corrects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from itertools import groupby
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
+from twofold.models import load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sample_from_logits(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; return (tokens [B], behaviour log-probs [B]).
+
+    The distribution is log_softmax of logits / temperature after top-k (keep the k largest) and
+    top-p (keep the smallest prefix of the sorted distribution whose mass reaches p) filtering. The
+    returned log-prob is that of the sampled token under exactly this distribution.
+    """
+    logits = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    logprobs = torch.log_softmax(logits, dim=-1)
+    tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def quantize_int8_(model: torch.nn.Module) -> None:
+    """Round every decoder Linear weight to symmetric per-output-channel int8 and back (weight-only int8)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            w = module.weight.float()
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+            module.weight.copy_((torch.round(w / scale).clamp(-127, 127) * scale).to(module.weight.dtype))
+
+
+class BuiltinEngine(InferenceEngine):
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "bfloat16",
+        quantization: str = "none",
+        logit_noise_std: float = 0.0,
+        max_batch_size: int = 64,
+        seed: int = 0,
+        tokenizer=None,
+    ):
+        super().__init__()
+        self.model = load_model(model_path, DTYPES[dtype])
+        self.quantization = quantization
+        self.logit_noise_std = logit_noise_std
+        self.max_batch_size = max_batch_size
+        self.tokenizer = tokenizer
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tokens_generated = 0
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        if quantization == "int8":
+            quantize_int8_(self.model)
+
+    @torch.no_grad()
+    def update_weights(self, state_dict: dict, version: int) -> None:
+        for name, p in self.model.named_parameters():
+            p.copy_(state_dict[name].to(p.dtype))
+        if self.quantization == "int8":
+            quantize_int8_(self.model)
+        self.version = version
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        results: dict[int, GenerationResult] = {}
+        # Requests with the same sampling params share a batch (one vectorised sampler per batch).
+        keyed = sorted(requests, key=lambda r: repr(r.params))
+        for _, same in groupby(keyed, key=lambda r: repr(r.params)):
+            same = list(same)
+            for start in range(0, len(same), self.max_batch_size):
+                for res in self._run_batch(same[start : start + self.max_batch_size]):
+                    results[res.request_id] = res
+        return [results[r.request_id] for r in requests]
+
+    def _forward(self, ids, attn, pos, cache, keep_last: bool):
+        kwargs = {self._cache_kwarg: cache}
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                         logits_to_keep=1 if keep_last else 0, **kwargs)
+        return out.logits[:, -1].float()
+
+    def _stopped(self, req: GenerationRequest, ids: list[int], token: int) -> bool:
+        if token in req.params.stop_token_ids:
+            return True
+        if req.params.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(ids[len(req.output_ids):], skip_special_tokens=False)
+            return any(s in text for s in req.params.stop)
+        return False
+
+    @torch.no_grad()
+    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        params = requests[0].params
+        outs = [(list(r.output_ids), list(r.output_logprobs), list(r.output_versions)) for r in requests]
+        finish: list[str | None] = [None] * len(requests)
+        for i, r in enumerate(requests):
+            if len(r.output_ids) >= r.params.max_new_tokens:
+                finish[i] = "length"
+        active = [i for i in range(len(requests)) if finish[i] is None]
+        if not active:
+            return self._results(requests, outs, finish)
+        contexts = [requests[i].prompt_ids + requests[i].output_ids for i in active]
+        width = max(len(c) for c in contexts)
+        ids = torch.zeros((len(active), width), dtype=torch.long)
+        attn = torch.zeros((len(active), width), dtype=torch.long)
+        for row, c in enumerate(contexts):  # left padding: every row's next token is at the end
+            ids[row, width - len(c):] = torch.tensor(c, dtype=torch.long)
+            attn[row, width - len(c):] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, attn, pos, cache, keep_last=True)
+        next_pos = pos[:, -1:] + 1
+        while active:
+            if self.pause_requested:
+                for i in active:
+                    finish[i] = "paused"
+                break
+            if self.logit_noise_std > 0:
+                logits = logits + self.logit_noise_std * torch.randn(logits.shape, generator=self.generator)
+            tokens, logprobs = sample_from_logits(logits, params, self.generator)
+            still = []
+            for row, i in enumerate(active):
+                tok = int(tokens[row])
+                out_ids, out_lps, out_vers = outs[i]
+                out_ids.append(tok)
+                out_lps.append(float(logprobs[row]))
+                out_vers.append(self.version)
+                if self._stopped(requests[i], out_ids, tok):
+                    finish[i] = "stop"
+                elif len(out_ids) >= requests[i].params.max_new_tokens:
+                    finish[i] = "length"
+                else:
+                    still.append(row)
+            self.tokens_generated += len(active)
+            if not still:
+                break
+            if len(still) < len(active):
+                sel = torch.tensor(still, dtype=torch.long)
+                cache.batch_select_indices(sel)
+                tokens, attn, next_pos = tokens[sel], attn[sel], next_pos[sel]
+            active = [active[row] for row in still]
+            attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
+            logits = self._forward(tokens[:, None], attn, next_pos, cache, keep_last=True)
+            next_pos = next_pos + 1
+        return self._results(requests, outs, finish)
+
+    @staticmethod
+    def _results(requests, outs, finish) -> list[GenerationResult]:
+        return [GenerationResult(r.request_id, o[0], o[1], o[2], f or "length")
+                for r, o, f in zip(requests, outs, finish)]

@@ -1,0 +1,151 @@
+"""The text-environment interface and registry.
+
+An environment speaks text: `reset(seed)` gives the first observation, `step(action_text)` takes
+the agent's whole reply and returns (observation, reward, done, info) with `info["success"]` and
+`info["format_ok"]`. The agent answers like `Some thought. <answer>Left</answer>`; a reply that
+cannot be parsed, or names an action the env does not know, costs `format_penalty`, and the new
+observation says why. `step` never raises on any string.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from abc import ABC, abstractmethod
+from typing import Any
+
+ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def parse_answer(text: str) -> str | None:
+    """The content of the last <answer>...</answer> in `text`, stripped; None if there is none."""
+    found = ANSWER.findall(text)
+    return found[-1].strip() if found else None
+
+
+class TextEnv(ABC):
+    """Turn bookkeeping shared by every env: parsing, format penalty, max turns.
+
+    Subclasses implement `_reset(seed) -> observation`, `_parse(answer) -> action or None`,
+    `_apply(action) -> (observation, reward, done, success)` and `action_help` (what a valid answer is).
+    """
+
+    system_prompt: str = ""
+    action_help: str = ""
+
+    def __init__(self, max_turns: int = 8, format_penalty: float = -0.1, invalid_action: str = "continue"):
+        self.max_turns = max_turns
+        self.format_penalty = format_penalty
+        self.invalid_action = invalid_action
+        self.turn = 0
+        self.done = True
+
+    def reset(self, seed: int) -> str:
+        self.turn = 0
+        self.done = False
+        return self._reset(seed)
+
+    def step(self, action_text: str) -> tuple[str, float, bool, dict[str, Any]]:
+        if self.done:
+            return "The episode is over.", 0.0, True, {"success": False, "format_ok": False}
+        self.turn += 1
+        answer = parse_answer(action_text) if isinstance(action_text, str) else None
+        action = self._parse(answer) if answer is not None else None
+        if action is None:
+            why = ("no <answer>...</answer> found" if answer is None
+                   else f"'{answer[:40]}' is not a valid action")
+            obs = f"Invalid reply: {why}. {self.action_help}\n{self.render()}"
+            reward, success, format_ok = self.format_penalty, False, False
+            self.done = self.invalid_action == "end"
+        else:
+            obs, reward, self.done, success = self._apply(action)
+            format_ok = True
+        if self.turn >= self.max_turns:
+            self.done = True
+        return obs, float(reward), self.done, {"success": bool(success), "format_ok": format_ok}
+
+    @abstractmethod
+    def _reset(self, seed: int) -> str: ...
+
+    @abstractmethod
+    def _parse(self, answer: str) -> Any | None: ...
+
+    @abstractmethod
+    def _apply(self, action: Any) -> tuple[str, float, bool, bool]: ...
+
+    @abstractmethod
+    def render(self) -> str: ...
+
+    def solve(self) -> list[str] | None:
+        """Answers (the text inside <answer>) that solve the episode from the current state, if known."""
+        return None
+
+    def random_answer(self, rng) -> str:
+        """A uniformly random valid answer (the noisy solver's random move)."""
+        raise NotImplementedError
+
+
+class GridMoveEnv(TextEnv):
+    """Grid worlds steered with the four moves Left, Down, Right, Up (gymnasium's FrozenLake order)."""
+
+    MOVES = ("Left", "Down", "Right", "Up")
+    DELTAS = {0: (0, -1), 1: (1, 0), 2: (0, 1), 3: (-1, 0)}
+    action_help = "Answer with <answer>Left</answer>, <answer>Down</answer>, <answer>Right</answer> or <answer>Up</answer>."
+
+    def _parse(self, answer: str) -> int | None:
+        key = answer.strip().lower()
+        for i, name in enumerate(self.MOVES):
+            if key == name.lower():
+                return i
+        return None
+
+    def random_answer(self, rng) -> str:
+        return self.MOVES[rng.randrange(4)]
+
+
+_REGISTRY: dict[str, type[TextEnv]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an env available to configs as `env.name: <name>`."""
+
+    def deco(cls):
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def known_envs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def env_class(name: str) -> type[TextEnv]:
+    """A registered name, or `package.module:ClassName` for a user's own env class."""
+    from twofold.config import ConfigError
+
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError("env.name", f"cannot import {name!r}: {e}") from None
+        if not (isinstance(cls, type) and issubclass(cls, TextEnv)):
+            raise ConfigError("env.name", f"{name!r} is not a twofold.envs.TextEnv subclass")
+        return cls
+    raise ConfigError("env.name", f"unknown env {name!r}; known: {', '.join(known_envs())}, "
+                      "or package.module:ClassName for your own")
+
+
+def make_env(name: str, *, max_turns: int = 8, format_penalty: float = -0.1,
+             invalid_action: str = "continue", options: dict | None = None) -> TextEnv:
+    from twofold.config import ConfigError
+
+    cls = env_class(name)
+    try:
+        return cls(max_turns=max_turns, format_penalty=format_penalty, invalid_action=invalid_action,
+                   **(options or {}))
+    except TypeError as e:
+        raise ConfigError("env.options", f"{name}: {e}") from None

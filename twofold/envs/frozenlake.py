@@ -1,0 +1,84 @@
+"""FrozenLake as a multi-turn text task, on gymnasium's FrozenLake-v1 dynamics."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, generate_random_map
+
+from twofold.envs.base import GridMoveEnv, register
+
+
+def solve_lake(desc: list[str], start: tuple[int, int]) -> list[int] | None:
+    """Shortest move sequence (BFS) from `start` to G that never enters H, ignoring slipperiness."""
+    n_rows, n_cols = len(desc), len(desc[0])
+    parent: dict[tuple[int, int], tuple[tuple[int, int], int] | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        cell = queue.popleft()
+        r, c = cell
+        if desc[r][c] == "G":
+            path = []
+            while parent[cell] is not None:
+                cell, move = parent[cell]
+                path.append(move)
+            return path[::-1]
+        for move, (dr, dc) in GridMoveEnv.DELTAS.items():
+            nr, nc = min(max(r + dr, 0), n_rows - 1), min(max(c + dc, 0), n_cols - 1)
+            if (nr, nc) not in parent and desc[nr][nc] != "H":
+                parent[(nr, nc)] = (cell, move)
+                queue.append((nr, nc))
+    return None
+
+
+@register("frozenlake")
+class FrozenLake(GridMoveEnv):
+    system_prompt = ("You walk on a frozen lake. P is you, G the goal, H a hole, F safe ice. "
+                     "Reach G without stepping into an H. Each turn, answer with one move: "
+                     "<answer>Left</answer>, <answer>Down</answer>, <answer>Right</answer> or <answer>Up</answer>.")
+
+    def __init__(self, size: int = 4, frozen_prob: float = 0.8, slippery: bool = False, **kw):
+        super().__init__(**kw)
+        if size < 2:
+            raise TypeError("size must be >= 2")
+        self.size, self.frozen_prob, self.slippery = size, frozen_prob, slippery
+        self.desc: list[str] = []
+
+    def _reset(self, seed: int) -> str:
+        self.desc = generate_random_map(self.size, self.frozen_prob, seed=seed)
+        self.lake = FrozenLakeEnv(desc=self.desc, is_slippery=self.slippery)
+        self.state, _ = self.lake.reset(seed=seed)
+        return self.render()
+
+    def set_map(self, desc: list[str]) -> str:
+        """Start on a hand-made map (tests, custom level sets)."""
+        self.desc = list(desc)
+        self.lake = FrozenLakeEnv(desc=self.desc, is_slippery=self.slippery)
+        self.state, _ = self.lake.reset(seed=0)
+        self.turn, self.done = 0, False
+        return self.render()
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return divmod(int(self.state), self.size)
+
+    def _apply(self, action: int) -> tuple[str, float, bool, bool]:
+        self.state, reward, terminated, truncated, _ = self.lake.step(action)
+        r, c = self.position
+        if self.desc[r][c] == "H":
+            return f"You fell into a hole.\n{self.render()}", 0.0, True, False
+        if reward > 0:
+            return f"You reached the goal!\n{self.render()}", 1.0, True, True
+        return self.render(), 0.0, bool(terminated or truncated), False
+
+    def render(self) -> str:
+        pr, pc = self.position
+        rows = []
+        for r, line in enumerate(self.desc):
+            cells = ["P" if (r, c) == (pr, pc) else ("F" if ch == "S" else ch) for c, ch in enumerate(line)]
+            rows.append(" ".join(cells))
+        return "\n".join(rows)
+
+    def solve(self) -> list[str] | None:
+        path = solve_lake(self.desc, self.position)
+        return None if path is None else [self.MOVES[m] for m in path]

@@ -1,0 +1,305 @@
+"""The agent loop: many multi-turn episodes at once against one engine.
+
+Each episode alternates generate -> parse -> env step until done. Generation is batched over all
+episodes that are ready; env steps run on a thread pool (sleeping for simulated tool latency, never
+spinning), so a slow environment never holds up the engine. Finished groups of G trajectories of
+the same task instance go to `on_group`.
+
+The worker mutates trajectories only from its own thread. `pause()` stops the engine at a token
+boundary and returns once the worker has stored the partial outputs and parked, so the trainer may
+then read every pending trajectory safely (interruption capture) and update the engine's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable
+
+from twofold.config import Config
+from twofold.engine.base import GenerationRequest, InferenceEngine, SamplingParams
+from twofold.envs import TextEnv, make_env
+from twofold.models import encode_chat
+from twofold.rollout.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+
+def first_prompt_ids(tokenizer, env: TextEnv, observation: str) -> list[int]:
+    """The episode's opening tokens: system prompt, first observation, assistant header."""
+    messages = [{"role": "system", "content": env.system_prompt}] if env.system_prompt else []
+    return encode_chat(tokenizer, messages + [{"role": "user", "content": observation}], True)
+
+
+def observation_ids(tokenizer, observation: str, last_token: int) -> list[int]:
+    """Tokens after an agent turn: close the turn if the reply did not, then the next user message."""
+    close = [] if last_token == tokenizer.eos_token_id else [tokenizer.eos_token_id]
+    return close + tokenizer.encode("\n", add_special_tokens=False) + encode_chat(
+        tokenizer, [{"role": "user", "content": observation}], True)
+
+
+def level_seed(seed: int, group_index: int) -> int:
+    """Task instance of the k-th group: the same for every old-logit source, so comparisons are paired."""
+    return seed * 1_000_003 + group_index
+
+
+@dataclass
+class Episode:
+    traj: Trajectory
+    env: TextEnv
+    rng: random.Random
+    request: GenerationRequest | None = None
+    appended: int = 0  # output tokens of the current turn already in traj
+    future: Future | None = None
+    step_started: float = 0.0
+    turn: int = 0
+
+
+@dataclass
+class RolloutCounters:
+    episodes_started: int = 0
+    episodes_finished: int = 0
+    env_errors: int = 0
+    env_timeouts: int = 0
+    nonfinite_dropped: int = 0
+    truncated: int = 0
+    discarded_tokens: int = 0
+    generate_seconds: float = 0.0
+    generated_tokens: int = 0
+    errors_logged: set = field(default_factory=set)
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        tokenizer,
+        cfg: Config,
+        *,
+        admit: Callable[[], bool],
+        on_group: Callable[[list[Trajectory]], None],
+        on_episode_start: Callable[[Trajectory], None] = lambda t: None,
+        on_new_version: Callable[[Trajectory, int], None] = lambda t, v: None,
+        on_trajectory_end: Callable[[Trajectory], None] = lambda t: None,
+        start_group: int = 0,
+    ):
+        self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
+        self.admit, self.on_group = admit, on_group
+        self.on_episode_start, self.on_new_version, self.on_trajectory_end = on_episode_start, on_new_version, on_trajectory_end
+        e = cfg.engine
+        self.params = SamplingParams(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+                                     max_new_tokens=e.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
+        self.episodes: dict[int, Episode] = {}
+        self.group_members: dict[int, list[Trajectory]] = {}
+        self.next_group = start_group
+        self.next_uid = start_group * cfg.rollout.group_size
+        self.counters = RolloutCounters()
+        self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="env")
+        self._cond = threading.Condition()
+        self._pause_requested = False
+        self._parked = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ episodes
+
+    def _start_group(self) -> None:
+        gid = self.next_group
+        self.next_group += 1
+        seed = level_seed(self.cfg.seed, gid)
+        self.group_members[gid] = []
+        env_cfg = self.cfg.env
+        for k in range(self.cfg.rollout.group_size):
+            env = make_env(env_cfg.name, max_turns=env_cfg.max_turns, format_penalty=env_cfg.format_penalty,
+                           invalid_action=env_cfg.invalid_action, options=env_cfg.options)
+            obs = env.reset(seed)
+            traj = Trajectory(uid=self.next_uid, group_id=gid, level_seed=seed, start_version=self.engine.version)
+            self.next_uid += 1
+            traj.append(first_prompt_ids(self.tokenizer, env, obs), agent=False)
+            ep = Episode(traj, env, random.Random(seed * 31 + k))
+            ep.request = GenerationRequest(traj.uid, list(traj.token_ids), self._params_for(traj))
+            self.episodes[traj.uid] = ep
+            self.counters.episodes_started += 1
+            self.on_episode_start(traj)
+
+    def _params_for(self, traj: Trajectory) -> SamplingParams:
+        room = self.cfg.rollout.max_total_tokens - len(traj.token_ids)
+        p = self.params
+        return SamplingParams(p.temperature, p.top_p, p.top_k, max(1, min(p.max_new_tokens, room)), p.stop, p.stop_token_ids)
+
+    def _store_output(self, ep: Episode, output_ids, output_logprobs, output_versions) -> None:
+        new = slice(ep.appended, len(output_ids))
+        if new.start == new.stop:
+            return
+        known = ep.traj.agent_versions()
+        ep.traj.append(output_ids[new], agent=True, logprobs=output_logprobs[new], versions=output_versions[new], turn=ep.turn)
+        ep.appended = len(output_ids)
+        for v in sorted(set(output_versions[new]) - known):
+            self.on_new_version(ep.traj, v)
+
+    def _on_generated(self, ep: Episode, res) -> None:
+        if res.finish_reason == "paused":
+            if self.cfg.rollout.partial_rollout == "continue":
+                self._store_output(ep, res.output_ids, res.output_logprobs, res.output_versions)
+                ep.request = res.as_continuation(ep.request)
+            else:  # regenerate_turn: the new version redoes the whole turn
+                ep.traj.discarded_tokens += len(res.output_ids)
+                self.counters.discarded_tokens += len(res.output_ids)
+                ep.request = GenerationRequest(ep.request.request_id, ep.request.prompt_ids, ep.request.params)
+            return
+        self._store_output(ep, res.output_ids, res.output_logprobs, res.output_versions)
+        ep.request = None
+        if not all(math.isfinite(x) for x in res.output_logprobs):
+            self.counters.nonfinite_dropped += 1
+            self._finish(ep, "nonfinite")
+            return
+        text = self.tokenizer.decode(res.output_ids, skip_special_tokens=True)
+        ep.step_started = time.monotonic()
+        ep.future = self.executor.submit(self._env_step, ep, text)
+
+    def _env_step(self, ep: Episode, text: str):
+        env_cfg = self.cfg.env
+        if env_cfg.step_latency_ms > 0:
+            ms = env_cfg.step_latency_ms
+            if env_cfg.step_latency_sigma > 0:
+                ms *= math.exp(ep.rng.gauss(0.0, env_cfg.step_latency_sigma))
+            time.sleep(ms / 1000.0)
+        return ep.env.step(text)
+
+    def _on_env_step(self, ep: Episode) -> None:
+        fut, ep.future = ep.future, None
+        try:
+            obs, reward, done, info = fut.result()
+        except Exception as exc:  # a broken env fails its episode, never the run
+            self.counters.env_errors += 1
+            key = (type(ep.env).__name__, type(exc).__name__)
+            if key not in self.counters.errors_logged:
+                self.counters.errors_logged.add(key)
+                log.warning("env %s raised; the episode is dropped (logged once per error type)",
+                            type(ep.env).__name__, exc_info=exc)
+            self._finish(ep, "env_error")
+            return
+        traj = ep.traj
+        traj.turn_rewards.append(float(reward))
+        traj.format_ok.append(bool(info.get("format_ok", True)))
+        ep.turn += 1
+        if done:
+            traj.success = bool(info.get("success", False))
+            self._finish(ep, "done")
+            return
+        chunk = observation_ids(self.tokenizer, obs, traj.token_ids[-1])
+        if len(traj.token_ids) + len(chunk) + 1 >= self.cfg.rollout.max_total_tokens:
+            self.counters.truncated += 1
+            self._finish(ep, "truncated")
+            return
+        traj.append(chunk, agent=False)
+        ep.appended = 0
+        ep.request = GenerationRequest(traj.uid, list(traj.token_ids), self._params_for(traj))
+
+    def _finish(self, ep: Episode, status: str) -> None:
+        ep.traj.status = status
+        del self.episodes[ep.traj.uid]
+        self.counters.episodes_finished += 1
+        self.on_trajectory_end(ep.traj)
+        members = self.group_members[ep.traj.group_id]
+        members.append(ep.traj)
+        if len(members) == self.cfg.rollout.group_size:
+            del self.group_members[ep.traj.group_id]
+            self.on_group(sorted(members, key=lambda t: t.uid))
+
+    def _check_timeouts(self) -> None:
+        limit = self.cfg.env.step_timeout_s
+        now = time.monotonic()
+        for ep in list(self.episodes.values()):
+            if ep.future is not None and not ep.future.done() and now - ep.step_started > limit:
+                self.counters.env_timeouts += 1
+                log.warning("env step of episode %d exceeded env.step_timeout_s=%.1fs; episode dropped", ep.traj.uid, limit)
+                ep.future = None  # the thread is abandoned; its result will be ignored
+                self._finish(ep, "env_error")
+
+    # ------------------------------------------------------------------ the loop
+
+    def step_once(self) -> None:
+        """Admit what may start, generate for every ready episode, absorb finished env steps."""
+        while self.admit():
+            self._start_group()
+        ready = [ep for ep in self.episodes.values() if ep.request is not None]
+        if ready and not self.engine.pause_requested:
+            t0 = time.perf_counter()
+            results = self.engine.generate([ep.request for ep in ready])
+            self.counters.generate_seconds += time.perf_counter() - t0
+            for ep, res in zip(ready, results):
+                self.counters.generated_tokens += len(res.output_ids) - len(ep.request.output_ids)
+                self._on_generated(ep, res)
+        else:
+            pending = [ep.future for ep in self.episodes.values() if ep.future is not None]
+            if pending:
+                wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+            elif not ready:
+                time.sleep(0.002)  # nothing admitted yet: the trainer will raise the admission bound
+        for ep in list(self.episodes.values()):
+            if ep.future is not None and ep.future.done():
+                self._on_env_step(ep)
+        self._check_timeouts()
+
+    def inflight(self) -> list[Trajectory]:
+        return [ep.traj for ep in self.episodes.values()] + [t for m in self.group_members.values() for t in m]
+
+    def run_until(self, done: Callable[[], bool]) -> None:
+        """Synchronous use: drive the loop in the caller's thread."""
+        while not done():
+            self.step_once()
+
+    # ------------------------------------------------------------------ background thread (async mode)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                with self._cond:
+                    if self._pause_requested:
+                        self._parked = True
+                        self._cond.notify_all()
+                        while self._pause_requested and not self._stop.is_set():
+                            self._cond.wait(0.1)
+                        self._parked = False
+                        continue
+                self.step_once()
+        except BaseException as exc:  # surfaced to the trainer, which stops the run with it
+            self.error = exc
+            with self._cond:
+                self._parked = True
+                self._cond.notify_all()
+
+    def pause(self) -> None:
+        """Stop generation at a token boundary and wait until the worker has parked."""
+        with self._cond:
+            self._pause_requested = True
+        self.engine.pause()
+        if self._thread is None:
+            return
+        with self._cond:
+            while not self._parked and self._thread.is_alive():
+                self._cond.wait(0.1)
+
+    def resume(self) -> None:
+        with self._cond:
+            self._pause_requested = False
+            self._cond.notify_all()
+        self.engine.resume()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.resume()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,131 @@
+"""The RL trainer: float32 log-probs, the decoupled loss from `twofold.loss`, optimizer steps.
+
+One train step consumes one batch, runs `ppo_epochs x num_minibatches` optimizer steps and advances
+the policy version by one. The trainer knows nothing about engines or rollouts; the pipeline hands
+it old log-probs (or an interpolation method) and two hooks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+from twofold.config import Config
+from twofold.loss import (
+    broadcast_turn_values,
+    decoupled_ppo_loss,
+    discounted_returns,
+    group_advantages,
+    interpolate_proximal_logprobs,
+    reinforce_advantages,
+    version_staleness,
+)
+from twofold.models import sequence_logprobs
+from twofold.rollout.trajectory import Batch
+
+
+class TrainingHalted(RuntimeError):
+    """Too many consecutive optimizer steps were skipped for non-finite loss or gradients."""
+
+
+def token_advantages(batch: Batch, estimator: str, normalize_std: bool, gamma: float) -> torch.Tensor:
+    """Per-token advantages [B, T] on agent tokens (0 elsewhere)."""
+    trajs = batch.trajectories
+    if estimator == "discounted":
+        # A at turn k = G_k - mean over the group of G_0: per-turn credit, a GRPO-style baseline.
+        returns = [discounted_returns(t.turn_rewards, gamma) or [0.0] for t in trajs]
+        baseline: dict[int, list[float]] = defaultdict(list)
+        for t, g in zip(trajs, returns):
+            baseline[t.group_id].append(g[0])
+        width = max(len(g) for g in returns)
+        per_turn = torch.zeros((len(trajs), width))
+        for i, (t, g) in enumerate(zip(trajs, returns)):
+            b = sum(baseline[t.group_id]) / len(baseline[t.group_id])
+            per_turn[i, : len(g)] = torch.tensor(g) - b
+        return broadcast_turn_values(per_turn, batch.turns.clamp(max=width - 1)) * batch.loss_mask
+    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
+    if estimator == "grpo":
+        adv = group_advantages(rewards, torch.tensor([t.group_id for t in trajs]), normalize_std)
+    else:
+        adv = reinforce_advantages(rewards)
+    return adv[:, None] * batch.loss_mask
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, cfg: Config, seed: int = 0):
+        self.model = model.float().train()
+        self.cfg = cfg
+        t = cfg.trainer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.version = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def train_step(
+        self,
+        batch: Batch,
+        old_logprobs: torch.Tensor | None,
+        *,
+        interpolation: str | None = None,
+        before_first_update: Callable[[], None] = lambda: None,
+        after_optimizer_step: Callable[[], None] = lambda: None,
+    ) -> dict[str, float]:
+        """One step over `batch`; `old_logprobs` None means interpolate proximal log-probs per minibatch."""
+        cfg = self.cfg
+        adv = token_advantages(batch, cfg.advantage.estimator, cfg.advantage.normalize_std, cfg.advantage.gamma)
+        sums: dict[str, float] = defaultdict(float)
+        n_updates = 0
+        first = True
+        for _ in range(cfg.trainer.ppo_epochs):
+            order = torch.randperm(len(batch.trajectories), generator=self.generator)
+            for rows in torch.chunk(order, cfg.trainer.num_minibatches):
+                mb = batch.select(rows)
+                logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, cfg.engine.temperature)
+                if old_logprobs is not None:
+                    old = old_logprobs[rows]
+                else:
+                    old = interpolate_proximal_logprobs(mb.behavior_logprobs, logprobs, mb.versions, self.version, interpolation)
+                loss, metrics = decoupled_ppo_loss(logprobs, old, mb.behavior_logprobs, adv[rows], mb.loss_mask, cfg.loss)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.max_grad_norm)
+                if first:
+                    before_first_update()
+                    first = False
+                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped_steps += 1
+                    self.consecutive_skips += 1
+                    if self.consecutive_skips >= cfg.trainer.max_consecutive_skips:
+                        raise TrainingHalted(
+                            f"{self.consecutive_skips} consecutive optimizer steps had a non-finite loss or gradient "
+                            f"(trainer.max_consecutive_skips={cfg.trainer.max_consecutive_skips})")
+                    continue
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.consecutive_skips = 0
+                after_optimizer_step()
+                n_updates += 1
+                metrics["loss/value"] = float(loss)
+                metrics["loss/grad_norm"] = float(grad_norm)
+                for k, v in metrics.items():
+                    sums[k] += v
+        out = {k: v / max(n_updates, 1) for k, v in sums.items()}
+        out.update(version_staleness(batch.versions, batch.loss_mask, self.version))
+        out["trainer/optimizer_steps"] = float(n_updates)
+        out["trainer/skipped_steps"] = float(self.skipped_steps)
+        self.version += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "version": self.version,
+                "skipped_steps": self.skipped_steps, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version = state["version"]
+        self.skipped_steps = state["skipped_steps"]
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,139 @@
+"""Warm start: supervised fine-tuning on demonstrations of a noisy solver, and policy evaluation.
+
+The solver plays optimally except that with probability `warmstart.noise` it takes a random move.
+Imitating it gives a policy that almost always answers in the right format but succeeds only part
+of the time, which leaves room for RL. Demonstrations are tokenised exactly as the rollout does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from twofold.config import Config
+from twofold.envs import make_env
+from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer, pad_right, sequence_logprobs
+from twofold.rollout.worker import first_prompt_ids, level_seed, observation_ids
+
+WARMSTART_RECIPE = 1
+# Level seeds of demonstrations and evaluation are disjoint from training levels (seed offsets).
+DEMO_SEED_OFFSET, EVAL_SEED_OFFSET = 200_000, 100_000
+
+
+def _env(cfg: Config):
+    e = cfg.env
+    return make_env(e.name, max_turns=e.max_turns, format_penalty=e.format_penalty, invalid_action=e.invalid_action,
+                    options=e.options)
+
+
+def demonstration(cfg: Config, tokenizer, index: int) -> tuple[list[int], list[int], bool]:
+    """One noisy-solver episode as (token_ids, loss_mask, success)."""
+    env = _env(cfg)
+    seed = level_seed(cfg.seed + DEMO_SEED_OFFSET, index)
+    rng = random.Random(seed)
+    obs = env.reset(seed)
+    ids = first_prompt_ids(tokenizer, env, obs)
+    mask = [0] * len(ids)
+    success = False
+    while True:
+        plan = env.solve()
+        answer = env.random_answer(rng) if (rng.random() < cfg.warmstart.noise or not plan) else plan[0]
+        reply = tokenizer.encode(f"<answer>{answer}</answer>", add_special_tokens=False) + [tokenizer.eos_token_id]
+        ids += reply
+        mask += [1] * len(reply)
+        obs, _, done, info = env.step(f"<answer>{answer}</answer>")
+        if done:
+            success = bool(info["success"])
+            break
+        chunk = observation_ids(tokenizer, obs, ids[-1])
+        if len(ids) + len(chunk) + len(reply) >= cfg.rollout.max_total_tokens:
+            break
+        ids += chunk
+        mask += [0] * len(chunk)
+    return ids, mask, success
+
+
+def warmstart_path(cfg: Config, base: Path) -> Path:
+    key = fingerprint(WARMSTART_RECIPE, base.name, dataclasses.asdict(cfg.warmstart), dataclasses.asdict(cfg.env),
+                      cfg.rollout.max_total_tokens, cfg.engine.temperature, cfg.seed)
+    return cache_dir() / "warmstart" / f"{cfg.env.name}-{key}"
+
+
+def ensure_warmstart(cfg: Config, base: Path, progress: bool = True) -> Path:
+    """The cached warm-start checkpoint for this config, trained first if absent."""
+    path = warmstart_path(cfg, base)
+    if (path / "config.json").exists():
+        return path
+    return run_warmstart(cfg, base, path, progress=progress)
+
+
+def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> Path:
+    w = cfg.warmstart
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, torch.float32).train()
+    torch.manual_seed(cfg.seed)
+    demos = [demonstration(cfg, tokenizer, i) for i in range(w.episodes)]
+    demo_success = sum(s for _, _, s in demos) / len(demos)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr)
+    total = w.epochs * ((len(demos) + w.batch_size - 1) // w.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / total))
+    rng = random.Random(cfg.seed)
+    bar = tqdm(total=total, disable=not progress, desc=f"warmstart {cfg.env.name}", unit="batch")
+    for _ in range(w.epochs):
+        order = list(range(len(demos)))
+        rng.shuffle(order)
+        for start in range(0, len(order), w.batch_size):
+            chunk = [demos[i] for i in order[start : start + w.batch_size]]
+            ids, attn = pad_right([d[0] for d in chunk], tokenizer.pad_token_id)
+            mask, _ = pad_right([d[1] for d in chunk], 0)
+            logprobs = sequence_logprobs(model, ids, attn)
+            loss = -(logprobs * mask).sum() / mask.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(nll=f"{loss.item():.3f}")
+    bar.close()
+    tmp = out.with_name(out.name + ".tmp")
+    model.eval().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    report = evaluate(cfg, tmp, w.eval_episodes)
+    report["demo_success_rate"] = demo_success
+    (tmp / "warmstart.json").write_text(json.dumps(report, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        tmp.replace(out)
+    return out
+
+
+def evaluate(cfg: Config, model_path: Path, episodes: int) -> dict[str, float]:
+    """Valid-action rate and success rate of a checkpoint over `episodes` held-out levels (engine sampling)."""
+    from twofold.engine import make_engine
+    from twofold.rollout.worker import RolloutWorker
+
+    eval_cfg = dataclasses.replace(cfg, seed=cfg.seed + EVAL_SEED_OFFSET,
+                                   rollout=dataclasses.replace(cfg.rollout, group_size=1))
+    tokenizer = load_tokenizer(model_path)
+    engine = make_engine(cfg.engine, model_path, tokenizer, seed=cfg.seed)
+    finished = []
+    worker = RolloutWorker(engine, tokenizer, eval_cfg, admit=lambda: worker.next_group < episodes,
+                           on_group=finished.extend)
+    try:
+        worker.run_until(lambda: len(finished) >= episodes)
+    finally:
+        worker.stop()
+    turns = sum(len(t.format_ok) for t in finished)
+    return {
+        "episodes": float(len(finished)),
+        "valid_action_rate": sum(sum(t.format_ok) for t in finished) / max(turns, 1),
+        "success_rate": sum(t.success for t in finished) / len(finished),
+        "reward_mean": sum(t.reward for t in finished) / len(finished),
+        "turns_mean": turns / len(finished),
+    }
