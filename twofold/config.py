@@ -203,7 +203,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _from_dict(tp, value, path)
+        return _from_dict(tp, value, f"{path}.")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(path, f"expected true or false, got {value!r}")

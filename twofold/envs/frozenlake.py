@@ -60,7 +60,7 @@ class FrozenLake(GridMoveEnv):
 
     @property
     def position(self) -> tuple[int, int]:
-        return divmod(int(self.state), self.size)
+        return divmod(int(self.state), len(self.desc[0]))
 
     def _apply(self, action: int) -> tuple[str, float, bool, bool]:
         self.state, reward, terminated, truncated, _ = self.lake.step(action)

@@ -108,7 +108,7 @@ class Trainer:
                 self.consecutive_skips = 0
                 after_optimizer_step()
                 n_updates += 1
-                metrics["loss/value"] = float(loss)
+                metrics["loss/value"] = loss.item()
                 metrics["loss/grad_norm"] = float(grad_norm)
                 for k, v in metrics.items():
                     sums[k] += v

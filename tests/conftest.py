@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from twofold.config import Config, ModelConfig, config_from_dict
+from twofold.envs import tokenizer_corpus
+from twofold.models import ensure_tiny_model, load_tokenizer
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TWOFOLD_CACHE", str(tmp_path_factory.mktemp("cache")))
+    torch.set_num_threads(2)
+    yield
+    mp.undo()
+
+
+SMALL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(_cache):
+    return ensure_tiny_model(ModelConfig(**SMALL), tokenizer_corpus())
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_path):
+    return load_tokenizer(tiny_path)
+
+
+def small_config(**overrides) -> Config:
+    """A config small enough for a test to train a few steps in seconds."""
+    data = {
+        "model": {"warmstart": False, **SMALL},
+        "engine": {"dtype": "bfloat16", "max_new_tokens": 8},
+        "env": {"name": "frozenlake", "max_turns": 3, "options": {"size": 3}},
+        "rollout": {"group_size": 2, "groups_per_step": 2, "max_total_tokens": 400},
+        "trainer": {"steps": 2, "num_minibatches": 2, "lr": 1e-3},
+        "run": {"progress": False, "tensorboard": True, "checkpoint_every": 1},
+    }
+    for key, value in overrides.items():
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return config_from_dict(data)

@@ -1,0 +1,94 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twofold.config import Config, ConfigError, config_from_dict, load_config, parse_bytes
+from twofold.models import load_model, load_tokenizer
+
+
+def test_shipped_configs_load():
+    for name in ("frozenlake", "sokoban"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.env.name == name
+
+
+def test_overrides_are_typed():
+    cfg = load_config("configs/frozenlake.yaml", ["mode=sync", "max_staleness=4", "oldlogits.source=snapshot",
+                                                   "trainer.lr=0.001", "env.options.size=5", "oldlogits.audit=false"])
+    assert (cfg.mode, cfg.max_staleness, cfg.oldlogits.source, cfg.trainer.lr, cfg.env.options["size"]) == \
+        ("sync", 4, "snapshot", 0.001, 5)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("trainer.stepz=3", "trainer.stepz"),
+    ("engine.dtype=float8", "engine.dtype"),
+    ("trainer.steps=abc", "trainer.steps"),
+    ("loss.eps_low=1.5", "loss.eps_low"),
+    ("model.path=/nonexistent/model", "model.path"),
+    ("oldlogits.snapshot_budget=lots", "oldlogits.snapshot_budget"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/frozenlake.yaml", [override])
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match="valid keys here: .*steps"):
+        load_config(None, ["trainer.stepz=3"])
+
+
+def test_incompatible_sync_interrupt():
+    with pytest.raises(ConfigError, match="oldlogits.source"):
+        load_config(None, ["mode=sync", "oldlogits.source=interrupt"])
+
+
+def test_parse_bytes():
+    assert parse_bytes("256MB") == 256_000_000 and parse_bytes("1GiB") == 2**30 and parse_bytes("") is None
+
+
+def test_cli_bad_key_is_one_line_exit_2():
+    out = subprocess.run([sys.executable, "-m", "twofold.cli", "train", "--config", "configs/frozenlake.yaml",
+                          "engine.dtype=fp8"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "engine.dtype" in out.stderr and "bfloat16" in out.stderr
+
+
+def test_model_path_that_is_not_a_causal_lm(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="model.path"):
+        load_model(tmp_path)
+
+
+def test_tokenizer_without_chat_template(tiny_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match="chat template"):
+        load_tokenizer(tmp_path)
+
+
+values = st.one_of(st.integers(-5, 5000), st.floats(-2, 2, allow_nan=False), st.text(max_size=8), st.booleans(), st.none())
+sections = {"trainer": ["steps", "lr", "ppo_epochs", "num_minibatches"], "loss": ["eps_low", "discrepancy_low", "aggregation", "dual_clip"],
+            "engine": ["dtype", "temperature", "top_p", "max_new_tokens"], "rollout": ["group_size", "max_total_tokens"],
+            "oldlogits": ["source", "snapshot_budget", "ewma_beta"], "": ["mode", "max_staleness", "seed", "bogus"]}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(sections)), st.data(), values)
+def test_fuzz_config_errors_are_named(section, data, value):
+    key = data.draw(st.sampled_from(sections[section]))
+    d = {section: {key: value}} if section else {key: value}
+    try:
+        cfg = config_from_dict(d)
+    except ConfigError as e:
+        assert e.field.endswith(key) or e.field.split(".")[0] in ("loss", "trainer", "rollout", "oldlogits", "engine", "model", "max_staleness")
+    else:
+        assert isinstance(cfg, Config)

@@ -1,0 +1,132 @@
+import math
+import threading
+
+import pytest
+import torch
+
+from twofold.engine.base import GenerationRequest, SamplingParams
+from twofold.engine.builtin import BuiltinEngine, sample_from_logits
+from twofold.models import clone_state_dict, compute_logprobs, load_model, load_tokenizer
+
+
+def _requests(tokenizer, n, max_new=12, **kw):
+    prompt = tokenizer.encode("P F F\nF H F\nF F G", add_special_tokens=False)
+    params = SamplingParams(max_new_tokens=max_new, stop_token_ids=[], **kw)
+    return [GenerationRequest(i, prompt[: len(prompt) - i], params) for i in range(n)]
+
+
+def _deltas(model, reqs, results):
+    seqs = [r.prompt_ids + o.output_ids for r, o in zip(reqs, results)]
+    lps = compute_logprobs(model, seqs, temperature=reqs[0].params.temperature)
+    return torch.cat([(lp[len(r.prompt_ids):] - torch.tensor(o.output_logprobs)).abs()
+                      for lp, r, o in zip(lps, reqs, results)])
+
+
+def test_sampler_logprob_is_log_softmax_of_filtered_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    # temperature 2 -> [1, .5, 0, -.5]; top-k 2 keeps the first two: p = softmax([1, .5])
+    tok, lp = sample_from_logits(logits, SamplingParams(temperature=2.0, top_k=2), torch.Generator().manual_seed(0))
+    expected = torch.log_softmax(torch.tensor([1.0, 0.5]), -1)
+    assert int(tok) in (0, 1)
+    assert lp.item() == pytest.approx(expected[int(tok)].item(), abs=1e-6)
+    # top-p 0.5 on softmax([2,1,0,-1]) = [.64, .24, .09, .03]: only token 0 survives -> log-prob 0
+    tok, lp = sample_from_logits(logits, SamplingParams(top_p=0.5), torch.Generator().manual_seed(0))
+    assert int(tok) == 0 and lp.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_float32_engine_matches_trainer_logprobs(tiny_path, tokenizer):
+    engine = BuiltinEngine(tiny_path, dtype="float32", tokenizer=tokenizer)
+    reqs = _requests(tokenizer, 4, temperature=0.7)
+    res = engine.generate(reqs)
+    d = _deltas(load_model(tiny_path), reqs, res)
+    print(f"float32 engine vs trainer: mean |delta| {d.mean():.2e}, max {d.max():.2e}")
+    assert d.max() < 1e-5
+    assert all(v == 0 for o in res for v in o.output_versions)
+
+
+def test_bfloat16_engine_differs_from_trainer(tiny_path, tokenizer):
+    engine = BuiltinEngine(tiny_path, dtype="bfloat16", tokenizer=tokenizer)
+    reqs = _requests(tokenizer, 4)
+    d = _deltas(load_model(tiny_path), reqs, engine.generate(reqs))
+    print(f"bfloat16 engine vs trainer: mean |delta| {d.mean():.2e}, max {d.max():.2e}")
+    assert d.mean() > 1e-5 and d.max() < 0.5
+
+
+def test_int8_and_logit_noise_widen_the_gap(tiny_path, tokenizer):
+    model = load_model(tiny_path)
+    base = _deltas(model, r := _requests(tokenizer, 4), BuiltinEngine(tiny_path, dtype="float32").generate(r)).mean()
+    q = _deltas(model, r := _requests(tokenizer, 4), BuiltinEngine(tiny_path, dtype="float32", quantization="int8").generate(r)).mean()
+    noisy = _deltas(model, r := _requests(tokenizer, 4), BuiltinEngine(tiny_path, dtype="float32", logit_noise_std=0.5).generate(r)).mean()
+    assert q > base * 10 and noisy > base * 10
+
+
+def test_stop_token_and_stop_string_and_length(tiny_path, tokenizer):
+    engine = BuiltinEngine(tiny_path, dtype="float32", tokenizer=tokenizer)
+    req = _requests(tokenizer, 1, max_new=6)[0]
+    out = engine.generate([req])[0]
+    assert out.finish_reason == "length" and len(out.output_ids) == 6
+    first = out.output_ids[0]
+    engine2 = BuiltinEngine(tiny_path, dtype="float32", tokenizer=tokenizer)  # same seed: same first token
+    req_stop = GenerationRequest(0, req.prompt_ids, SamplingParams(max_new_tokens=6, stop_token_ids=[first]))
+    out2 = engine2.generate([req_stop])[0]
+    assert out2.finish_reason == "stop" and out2.output_ids == [first]
+    text = tokenizer.decode([first])
+    engine3 = BuiltinEngine(tiny_path, dtype="float32", tokenizer=tokenizer)
+    out3 = engine3.generate([GenerationRequest(0, req.prompt_ids, SamplingParams(max_new_tokens=6, stop=[text]))])[0]
+    assert out3.finish_reason == "stop" and len(out3.output_ids) == 1
+
+
+def test_pause_continue_under_new_version_keeps_prefix_and_stamps(tiny_path, tokenizer):
+    engine = BuiltinEngine(tiny_path, dtype="float32", tokenizer=tokenizer)
+    req = _requests(tokenizer, 1, max_new=40)[0]
+    k = 5
+    # Pause from another thread once k tokens exist: the engine stops at the next token boundary.
+    original = engine._stopped
+    seen = []
+
+    def spy(request, ids, token):
+        seen.append(len(ids))
+        if len(ids) == k:
+            threading.Thread(target=engine.pause).start()
+            while not engine.pause_requested:
+                pass
+        return original(request, ids, token)
+
+    engine._stopped = spy
+    first = engine.generate([req])[0]
+    engine._stopped = original
+    assert first.finish_reason == "paused" and len(first.output_ids) == k
+    model = load_model(tiny_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    engine.update_weights(clone_state_dict(model), 1)
+    engine.resume()
+    final = engine.generate([first.as_continuation(req)])[0]
+    assert final.output_ids[:k] == first.output_ids
+    assert final.output_logprobs[:k] == first.output_logprobs
+    assert final.output_versions == [0] * k + [1] * (len(final.output_ids) - k)
+    assert len(final.output_ids) == 40
+    # tokens after the update are scored by the new weights
+    lp = compute_logprobs(model, [req.prompt_ids + final.output_ids])[0][len(req.prompt_ids):]
+    assert (lp[k:] - torch.tensor(final.output_logprobs[k:])).abs().max() < 1e-5
+
+
+def test_generate_while_paused_returns_immediately(tiny_path, tokenizer):
+    engine = BuiltinEngine(tiny_path, dtype="float32")
+    engine.pause()
+    out = engine.generate(_requests(tokenizer, 2))
+    assert [o.finish_reason for o in out] == ["paused", "paused"] and all(not o.output_ids for o in out)
+
+
+def test_factory_model_reloads_through_generic_loader(tiny_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    assert tok.chat_template and tok.eos_token == "<|im_end|>"
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert model(torch.tensor([ids])).logits.shape[-1] == len(tok)
