@@ -83,7 +83,7 @@ class Pipeline:
         self.trainer = Trainer(load_model(path, torch.float32), cfg, seed=cfg.seed)
         self.engine = make_engine(cfg.engine, path, self.tokenizer, seed=cfg.seed)
         self.ctx = SourceContext(pad_id=self.tokenizer.pad_token_id or 0, temperature=cfg.engine.temperature,
-                                 async_mode=self.async_mode, max_staleness=cfg.max_staleness)
+                                 async_mode=self.async_mode, max_staleness=self.window)
         self.source: OldLogitSource = make_source(cfg, self.ctx, self.trainer.model)
         self.auditor: OldLogitSource | None = (
             make_source(cfg, self.ctx, self.trainer.model, kind="snapshot") if cfg.oldlogits.audit else None)
