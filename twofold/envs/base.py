@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections import deque
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -21,6 +22,28 @@ def parse_answer(text: str) -> str | None:
     """The content of the last <answer>...</answer> in `text`, stripped; None if there is none."""
     found = ANSWER.findall(text)
     return found[-1].strip() if found else None
+
+
+def bfs_moves(start, is_goal, successors, max_states: int = 200_000) -> list[int] | None:
+    """Shortest list of moves from `start` to a state where `is_goal` holds (breadth-first search).
+
+    `successors(state)` yields (move, next_state); states must be hashable.
+    """
+    parent = {start: None}
+    queue = deque([start])
+    while queue and len(parent) <= max_states:
+        state = queue.popleft()
+        if is_goal(state):
+            path = []
+            while parent[state] is not None:
+                state, move = parent[state]
+                path.append(move)
+            return path[::-1]
+        for move, nxt in successors(state):
+            if nxt not in parent:
+                parent[nxt] = (state, move)
+                queue.append(nxt)
+    return None
 
 
 class TextEnv(ABC):

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, generate_random_map
 
-from twofold.envs.base import GridMoveEnv, register
+from twofold.envs.base import GridMoveEnv, bfs_moves, register
 
 
 def solve_lake(desc: list[str], start: tuple[int, int]) -> list[int] | None:
     """Shortest move sequence (BFS) from `start` to G that never enters H, ignoring slipperiness."""
     n_rows, n_cols = len(desc), len(desc[0])
-    parent: dict[tuple[int, int], tuple[tuple[int, int], int] | None] = {start: None}
-    queue = deque([start])
-    while queue:
-        cell = queue.popleft()
+
+    def successors(cell):
         r, c = cell
-        if desc[r][c] == "G":
-            path = []
-            while parent[cell] is not None:
-                cell, move = parent[cell]
-                path.append(move)
-            return path[::-1]
         for move, (dr, dc) in GridMoveEnv.DELTAS.items():
             nr, nc = min(max(r + dr, 0), n_rows - 1), min(max(c + dc, 0), n_cols - 1)
-            if (nr, nc) not in parent and desc[nr][nc] != "H":
-                parent[(nr, nc)] = (cell, move)
-                queue.append((nr, nc))
-    return None
+            if desc[nr][nc] != "H":
+                yield move, (nr, nc)
+
+    return bfs_moves(start, lambda cell: desc[cell[0]][cell[1]] == "G", successors)
 
 
 @register("frozenlake")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections import deque
 
-from twofold.envs.base import GridMoveEnv, register
+from twofold.envs.base import GridMoveEnv, bfs_moves, register
 
 Cell = tuple[int, int]
 # Rewards as in gym-sokoban (Schrader 2018), the usual choice for Sokoban RL.
@@ -15,33 +14,22 @@ STEP_PENALTY, BOX_ON, BOX_OFF, SOLVED = -0.1, 1.0, -1.0, 10.0
 def solve_sokoban(walls: set[Cell], targets: frozenset[Cell], player: Cell, boxes: frozenset[Cell],
                   max_states: int = 200_000) -> list[int] | None:
     """Shortest move sequence (BFS over player x box positions) that puts every box on a target."""
-    start = (player, boxes)
-    parent: dict = {start: None}
-    queue = deque([start])
-    while queue and len(parent) < max_states:
-        state = queue.popleft()
+
+    def successors(state):
         p, bx = state
-        if bx == targets:
-            path = []
-            while parent[state] is not None:
-                state, move = parent[state]
-                path.append(move)
-            return path[::-1]
         for move, (dr, dc) in GridMoveEnv.DELTAS.items():
             nxt = (p[0] + dr, p[1] + dc)
             if nxt in walls:
                 continue
-            nb = bx
             if nxt in bx:
                 beyond = (nxt[0] + dr, nxt[1] + dc)
                 if beyond in walls or beyond in bx:
                     continue
-                nb = (bx - {nxt}) | {beyond}
-            s2 = (nxt, frozenset(nb))
-            if s2 not in parent:
-                parent[s2] = (state, move)
-                queue.append(s2)
-    return None
+                yield move, (nxt, (bx - {nxt}) | {beyond})
+            else:
+                yield move, (nxt, bx)
+
+    return bfs_moves((player, boxes), lambda state: state[1] == targets, successors, max_states)
 
 
 @register("sokoban")
