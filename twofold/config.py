@@ -54,8 +54,6 @@ class EngineConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 16
-    # Prompt tokens of finished requests kept for prefix reuse: cleared on every weight update.
-    prefix_cache: bool = True
 
 
 @dataclass
@@ -80,8 +78,6 @@ class RolloutConfig:
     partial_rollout: Literal["continue", "regenerate_turn"] = "continue"
     # Trajectories more than max_staleness versions old when their step comes: train or drop them.
     stale_policy: Literal["train", "drop"] = "drop"
-    # Finished groups waiting for the trainer; the rollout blocks when the queue is full.
-    queue_capacity: int = 64
 
 
 @dataclass
@@ -186,14 +182,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(arg, value, path)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(path, f"expected {' or '.join(_describe(a) for a in args)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -297,7 +292,6 @@ def validate(cfg: Config) -> Config:
     need(r.max_total_tokens >= 64, "rollout.max_total_tokens", "must be >= 64")
     need(r.max_total_tokens <= m.max_positions, "rollout.max_total_tokens",
          f"must be <= model.max_positions ({m.max_positions})")
-    need(r.queue_capacity >= r.groups_per_step, "rollout.queue_capacity", "must be >= rollout.groups_per_step")
     if cfg.advantage.estimator == "grpo":
         need(r.group_size >= 2, "rollout.group_size", "GRPO compares trajectories of a group: use >= 2, or "
              "advantage.estimator=reinforce")
