@@ -137,3 +137,16 @@ def test_fuzz_step_never_raises(name, replies, seed):
         obs, r, done, info = env.step(text)
         assert isinstance(obs, str) and set(info) >= {"success", "format_ok"}
     env.step(random.choice(["<answer>Left</answer>", "<answer>4</answer>"]))
+
+
+def test_solver_success_rate_is_optimal_rate_of_the_level_set():
+    from conftest import small_config
+    from twofold.trainer.warmstart import solver_success_rate
+
+    # A 4x4 lake goes from (0,0) to (3,3): no path is shorter than 6 moves.
+    cfg = small_config(**{"env.options": {"size": 4}, "env.max_turns": 5})
+    assert solver_success_rate(cfg, 10) == 0.0
+    cfg = small_config(**{"env.options": {"size": 4}, "env.max_turns": 16})
+    assert solver_success_rate(cfg, 10) == 1.0
+    # Random moves only: a 4x4 lake is rarely crossed in 16 turns, never always.
+    assert solver_success_rate(cfg, 10, noise=1.0) < 1.0

@@ -1,4 +1,4 @@
-"""`twofold` command line: train, warmstart, eval, generate.
+"""`twofold` command line: train, compare, report, bench, warmstart, eval, generate.
 
 Every command takes `--config FILE` and any number of `key.sub=value` overrides.
 A bad config prints one line naming the field and exits with status 2.
@@ -39,6 +39,64 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _grid_config(args, default_out: str):
+    overrides = list(args.overrides) + ([f"trainer.steps={args.steps}"] if args.steps else [])
+    cfg = load_config(args.config, overrides)
+    return cfg, Path(args.out or f"runs/{default_out}-{cfg.env.name}")
+
+
+def _finish_grid(status: dict[str, int], out: Path) -> int:
+    failed = [name for name, rc in status.items() if rc != 0]
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (see train.log in each); "
+              f"re-run the same command to retry them", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_compare(args) -> int:
+    from twofold.pipeline.grid import compare_cells, run_grid
+    from twofold.report import write_report
+
+    cfg, out = _grid_config(args, "compare")
+    cells = compare_cells([s for s in args.sources.split(",") if s], args.seeds, cfg.seed, args.audit)
+    status = run_grid(cfg, cells, out, parallel=args.parallel, progress=cfg.run.progress)
+    html_path, markdown = write_report([out / c.name for c in cells if (out / c.name / "metrics.jsonl").exists()],
+                                       out / "report")
+    print(markdown)
+    print(f"report: {html_path}")
+    return _finish_grid(status, out)
+
+
+def cmd_report(args) -> int:
+    from twofold.report import write_report
+
+    paths = [Path(p) for p in args.run_dirs]
+    out = Path(args.out) if args.out else (paths[0] if len(paths) == 1 else Path("runs")) / "report"
+    try:
+        html_path, markdown = write_report(paths, out)
+    except FileNotFoundError as e:
+        raise ConfigError("RUN_DIR", str(e)) from None
+    print(markdown)
+    print(f"report: {html_path}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from twofold.pipeline.grid import run_grid, throughput_cells
+    from twofold.report import group_runs, load_runs, markdown_table, throughput_table
+
+    cfg, out = _grid_config(args, "throughput")
+    cells = throughput_cells([int(w) for w in args.staleness.split(",") if w])
+    status = run_grid(cfg, cells, out, progress=cfg.run.progress)
+    runs = load_runs([out / c.name for c in cells if (out / c.name / "metrics.jsonl").exists()])
+    table = markdown_table(throughput_table(group_runs(runs)))
+    (out / "throughput.md").write_text(table)
+    print(table)
+    print("ideal speedup = (G + T) / max(G, T) from the sync run's generation G and trainer time T; "
+          "'of ideal' = (speedup - 1) / (ideal - 1)")
+    return _finish_grid(status, out)
+
+
 def cmd_warmstart(args) -> int:
     from twofold.pipeline.runner import resolve_model_path
 
@@ -58,8 +116,17 @@ def cmd_eval(args) -> int:
     from twofold.trainer.warmstart import evaluate
 
     cfg = _config(args)
+    episodes = args.episodes or cfg.warmstart.eval_episodes
+    if args.solver:
+        from twofold.trainer.warmstart import solver_success_rate
+
+        print(json.dumps({"levels": f"{cfg.env.name} eval set, {episodes} levels",
+                          "optimal_success_rate": solver_success_rate(cfg, episodes, 0.0),
+                          f"noisy_solver_success_rate (noise {cfg.warmstart.noise})":
+                              solver_success_rate(cfg, episodes, cfg.warmstart.noise)}, indent=2))
+        return 0
     path = Path(args.model) if args.model else resolve_model_path(cfg)
-    print(json.dumps({"model": str(path), **evaluate(cfg, path, args.episodes or cfg.warmstart.eval_episodes)}, indent=2))
+    print(json.dumps({"model": str(path), **evaluate(cfg, path, episodes)}, indent=2))
     return 0
 
 
@@ -99,10 +166,32 @@ def main(argv: list[str] | None = None) -> int:
 
     p = add("train", cmd_train, "Train with RL (sync or async) and write a run directory")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p = add("compare", cmd_compare, "Train every old-logit source x seed (same data) and write a comparison report")
+    p.add_argument("--sources", default="snapshot,dedicated,interrupt,ewma,loglinear,linear,recompute,behavior")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="train steps per run (default: the config's)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (timings are fair only with 1)")
+    p.add_argument("--audit", action="store_true",
+                   help="also one audit run per approximate source, measuring its error against exact old log-probs")
+    p.add_argument("--out", default=None, help="grid folder (default runs/compare-ENV); re-use it to resume")
+    p = sub.add_parser("report", help="HTML + Markdown report over run directories (or grid folders)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="report folder (default RUN_DIR/report)")
+    p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("bench", help="Benchmarks: `bench throughput` runs sync vs async at several staleness windows")
+    p.add_argument("what", choices=["throughput"])
+    p.add_argument("--config", default=None, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(fn=cmd_bench)
+    p.add_argument("--staleness", default="1,2,4", help="async staleness windows to run")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", default=None, help="grid folder (default runs/throughput-ENV)")
     add("warmstart", cmd_warmstart, "Build (or reuse) the SFT warm-start checkpoint and print its evaluation")
     p = add("eval", cmd_eval, "Valid-action and success rate of a checkpoint on held-out levels")
     p.add_argument("--model", default=None, help="model directory (default: the config's model)")
     p.add_argument("--episodes", type=int, default=None)
+    p.add_argument("--solver", action="store_true",
+                   help="instead of a model, report the reference solver's optimal (and noisy) success rate")
     add("generate", cmd_generate, "Sample one reply and show per-token behaviour log-probs and versions")
 
     args = parser.parse_args(argv)

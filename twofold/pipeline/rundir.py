@@ -5,7 +5,7 @@ Layout:
     metrics.jsonl          one JSON object per train step, appended and flushed per line
     tb/                    TensorBoard event files
     checkpoints/step_N.pt  the last `run.keep_checkpoints` checkpoints, each written atomically
-    summary.json           written when the run ends
+    summary.json           written when the run stops: finished (all steps) or stopped by a signal
 """
 
 from __future__ import annotations
@@ -75,6 +75,18 @@ class MetricsSink:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def write_summary(run_dir: Path, data: dict) -> None:
+    atomic_write_bytes(run_dir / "summary.json", lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def summary(run_dir: Path) -> dict | None:
+    """The run's summary.json, or None while it has not ended (or ended by a crash)."""
+    try:
+        return json.loads((Path(run_dir) / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:

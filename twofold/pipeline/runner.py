@@ -32,7 +32,7 @@ from twofold.engine import make_engine
 from twofold.models import clone_state_dict, load_model, load_tokenizer
 from twofold.oldlogits import OldLogitSource, make_source
 from twofold.oldlogits.sources import SourceContext, batch_old_logprobs
-from twofold.pipeline.rundir import MetricsSink, latest_checkpoint, save_checkpoint
+from twofold.pipeline.rundir import MetricsSink, latest_checkpoint, save_checkpoint, write_summary
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.rollout.worker import RolloutWorker
 from twofold.trainer.trainer import Trainer
@@ -344,6 +344,8 @@ class Pipeline:
                     break
             else:
                 self.checkpoint()
+            write_summary(self.run_dir, {"finished": self.step >= cfg.trainer.steps, "steps": self.step,
+                                         "stopped_by_signal": self._stop_signal, "last": last})
         except BaseException:
             if self.step > 0:
                 self.checkpoint()  # whatever killed the run, the finished steps stay resumable

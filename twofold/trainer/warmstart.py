@@ -31,6 +31,31 @@ def _env(cfg: Config):
                     options=e.options)
 
 
+def solver_answer(env, rng: random.Random, noise: float) -> str:
+    """The reference solver's next move, replaced by a random one with probability `noise`."""
+    plan = env.solve()
+    return env.random_answer(rng) if (rng.random() < noise or not plan) else plan[0]
+
+
+def solver_success_rate(cfg: Config, episodes: int, noise: float = 0.0) -> float:
+    """Success rate of the (noisy) solver on the level set `evaluate` uses; noise=0 is the optimal rate.
+
+    Below 1.0 at noise 0 means some levels cannot be won within `env.max_turns` (or slippery ice).
+    """
+    wins = 0
+    for k in range(episodes):
+        env = _env(cfg)
+        seed = level_seed(cfg.seed + EVAL_SEED_OFFSET, k)
+        rng = random.Random(seed)
+        env.reset(seed)
+        while True:
+            _, _, done, info = env.step(f"<answer>{solver_answer(env, rng, noise)}</answer>")
+            if done:
+                wins += bool(info["success"])
+                break
+    return wins / episodes
+
+
 def demonstration(cfg: Config, tokenizer, index: int) -> tuple[list[int], list[int], bool]:
     """One noisy-solver episode as (token_ids, loss_mask, success)."""
     env = _env(cfg)
@@ -41,8 +66,7 @@ def demonstration(cfg: Config, tokenizer, index: int) -> tuple[list[int], list[i
     mask = [0] * len(ids)
     success = False
     while True:
-        plan = env.solve()
-        answer = env.random_answer(rng) if (rng.random() < cfg.warmstart.noise or not plan) else plan[0]
+        answer = solver_answer(env, rng, cfg.warmstart.noise)
         reply = tokenizer.encode(f"<answer>{answer}</answer>", add_special_tokens=False) + [tokenizer.eos_token_id]
         ids += reply
         mask += [1] * len(reply)

@@ -1,0 +1,84 @@
+"""`twofold compare`, `twofold report` and the throughput table."""
+
+import json
+import math
+
+import pytest
+import yaml
+from conftest import small_config
+
+from twofold.cli import main
+from twofold.config import dump_config
+from twofold.report import SECTIONS, group_runs, load_runs, source_table, throughput_table
+
+
+def _fake_run(path, source, mode, rows):
+    path.mkdir(parents=True)
+    cfg = yaml.safe_load(dump_config(small_config(**{"oldlogits.source": source, "mode": mode})))
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **r}) + "\n" for i, r in enumerate(rows)))
+
+
+def test_throughput_table_against_the_overlap_bound(tmp_path):
+    # sync: generation 2 s + trainer 1 s per step -> perfect overlap would take max(2, 1) = 2 s: ideal 1.5x.
+    step = {"rollout/trajectories": 8, "rollout/tokens": 800, "time/generation": 2.0, "time/old_logits": 0.25,
+            "time/training": 0.5, "time/weight_sync": 0.25, "time/idle": 0.0}
+    _fake_run(tmp_path / "sync", "ewma", "sync", [{**step, "time/step": 9.0}] + [{**step, "time/step": 3.0}] * 2)
+    _fake_run(tmp_path / "async", "ewma", "async", [{**step, "time/step": 9.0}] + [{**step, "time/step": 2.4}] * 2)
+    rows = {r["run"]: r for r in throughput_table(group_runs(load_runs([tmp_path])))}
+    sync, asyn = rows["sync ewma"], rows["async W=2 ewma"]
+    assert sync["samples/s"] == pytest.approx(8 / 3)  # the first (fill) step is left out
+    assert sync["tokens/s"] == pytest.approx(800 / 3)
+    assert asyn["speedup vs sync"] == pytest.approx(3 / 2.4)
+    assert asyn["ideal speedup"] == pytest.approx(1.5)
+    assert asyn["of ideal"] == pytest.approx((1.25 - 1) / 0.5)
+
+
+def test_source_table_overhead_memory_and_success(tmp_path):
+    base = {"time/generation": 1.0, "time/old_logits": 0.0, "time/training": 1.0, "time/weight_sync": 0.0,
+            "time/idle": 0.0, "ppo/active_token_ratio": 1.0}
+    for seed, succ in ((0, [0.0, 0.2, 0.4]), (1, [0.2, 0.4, 0.6])):
+        _fake_run(tmp_path / f"behavior-{seed}", "behavior", "async",
+                  [{**base, "time/step": 2.0, "success/rate": s} for s in succ])
+        _fake_run(tmp_path / f"snapshot-{seed}", "snapshot", "async",
+                  [{**base, "time/step": 2.2, "success/rate": s, "memory/oldlogit_peak_bytes": 2**20 * (1 + seed)}
+                   for s in succ])
+    table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
+    assert table["snapshot"]["seeds"] == 2
+    assert table["snapshot"]["extra vs behavior"] == pytest.approx(0.1)
+    assert table["behavior"]["extra vs behavior"] == pytest.approx(0.0)
+    assert table["snapshot"]["peak extra MB"] == pytest.approx(2.0)  # the larger of the two seeds
+    # seed means per step 0.1, 0.3, 0.5: final = mean of the last 5 (here all 3) = 0.3; best 5-step mean = 0.3
+    assert table["snapshot"]["final success"] == pytest.approx(0.3)
+    assert table["snapshot"]["best success"] == pytest.approx(0.3)
+    assert math.isnan(table["snapshot"]["audit |err|"])
+
+
+def test_compare_grid_report_and_resume(tmp_path, tiny_path, capsys):
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(dump_config(small_config()))
+    out = tmp_path / "grid"
+    argv = ["compare", "--config", str(cfg_path), "--sources", "ewma,behavior", "--seeds", "1", "--steps", "2",
+            "--audit", "--out", str(out), "run.progress=false"]
+    assert main(argv) == 0
+    names = {"ewma-seed0", "behavior-seed0", "ewma-seed0-audit", "behavior-seed0-audit"}
+    assert {p.name for p in out.iterdir() if p.is_dir() and p.name != "report"} == names
+    for name in names:
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        assert ("audit/abs_err_mean" in rows[-1]) == name.endswith("audit")
+    page = (out / "report" / "report.html").read_text()
+    for key in SECTIONS:
+        section = page.split(f'<section id="{key}">')[1].split("</section>")[0]
+        assert "<img src=\"data:image/png;base64," in section or "<table>" in section, key
+    printed = capsys.readouterr().out
+    assert "| ewma | 1 | 2 |" in printed and "| behavior | 1 | 2 |" in printed
+
+    # Re-running the same command skips every finished run.
+    stamps = {n: (out / n / "metrics.jsonl").stat().st_mtime_ns for n in names}
+    assert main(argv) == 0
+    assert stamps == {n: (out / n / "metrics.jsonl").stat().st_mtime_ns for n in names}
+
+    # The same folder with a different config is refused instead of mixing incomparable runs.
+    assert main(argv[:-1] + ["run.progress=false", "trainer.lr=0.5"]) == 2
+    assert "holds a grid made with a different config" in capsys.readouterr().err

@@ -1,0 +1,359 @@
+"""`twofold report RUN_DIR...`: what each old-logit source costs and what it buys, from run directories.
+
+Runs are grouped by label (the old-logit source, plus mode and window when those differ between runs);
+seeds of one label are averaged (mean and spread). Runs made with `oldlogits.audit=true` feed only the
+approximation-error section, since their snapshots distort timing.
+
+Outputs: `report.html` (self-contained: the PNGs are embedded), the PNGs themselves, and `summary.md`
+(the tables, also printed to the terminal).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from twofold.pipeline.rundir import read_metrics
+
+SMOOTH = 5  # moving-average window (steps) for success curves and "best success"
+SECTIONS = {
+    "learning-curves": "Success and reward vs step",
+    "wall-clock": "Success and reward vs wall-clock",
+    "active-ratio": "Active-token ratio (tokens surviving both the r_d mask and the PPO clip)",
+    "kl-split": "Discrepancy KL vs staleness KL",
+    "clip-mask": "Clip and mask fractions",
+    "audit": "Approximation error vs exact old log-probs (audit runs)",
+    "ewma-resets": "PPO-EWMA resets",
+    "overhead-table": "Cost and quality per source",
+}
+TIME_PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    rows: list[dict]
+
+    @property
+    def source(self) -> str:
+        return self.config["oldlogits"]["source"]
+
+    @property
+    def audit(self) -> bool:
+        return bool(self.config["oldlogits"].get("audit"))
+
+    def series(self, key: str) -> list[float]:
+        return [_num(r.get(key)) for r in self.rows]
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[Run] = field(default_factory=list)
+
+    def mean_curve(self, key: str) -> tuple[list[float], list[float]]:
+        """Per-step mean and standard deviation over seeds, up to the shortest run."""
+        curves = [r.series(key) for r in self.runs]
+        n = min(len(c) for c in curves)
+        means, stds = [], []
+        for i in range(n):
+            vals = [c[i] for c in curves if not math.isnan(c[i])]
+            m = sum(vals) / len(vals) if vals else math.nan
+            means.append(m)
+            stds.append(math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals)) if vals else math.nan)
+        return means, stds
+
+    def mean_of(self, key: str, skip_first: bool = True) -> float:
+        """Mean of a per-step metric over all steps and seeds (the first step, pipeline fill, left out)."""
+        vals = [v for r in self.runs for v in r.series(key)[1 if skip_first and len(r.rows) > 1 else 0:]
+                if not math.isnan(v)]
+        return sum(vals) / len(vals) if vals else math.nan
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def smooth(values: list[float], window: int = SMOOTH) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if not math.isnan(v)]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    """Run directories among `paths` (each a run directory or a folder of them, e.g. a compare grid)."""
+    runs = []
+    for p in paths:
+        candidates = [p] if (p / "metrics.jsonl").exists() else sorted(q for q in p.iterdir() if (q / "metrics.jsonl").exists())
+        for q in candidates:
+            rows = read_metrics(q / "metrics.jsonl")
+            if rows and (q / "config.yaml").exists():
+                runs.append(Run(q, yaml.safe_load((q / "config.yaml").read_text()), rows))
+    return runs
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Group by source; add mode and window to the label when runs differ in them."""
+    varied = len({(r.config["mode"], r.config["max_staleness"]) for r in runs}) > 1
+
+    def label(r: Run) -> str:
+        if not varied:
+            return r.source
+        window = f" W={r.config['max_staleness']}" if r.config["mode"] == "async" else ""
+        return f"{r.config['mode']}{window} {r.source}"
+
+    groups: dict[str, Group] = {}
+    for r in runs:
+        groups.setdefault(label(r), Group(label(r))).runs.append(r)
+    return list(groups.values())
+
+
+def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
+    """One row per label: seconds per step and its split, overhead vs `behavior`, memory, success."""
+    baseline = next((g.mean_of("time/step") for g in groups if g.label.endswith("behavior")), math.nan)
+    audit = {g.label: g.mean_of("audit/abs_err_mean", skip_first=False) for g in audit_groups}
+    table = []
+    for g in groups:
+        success, _ = g.mean_curve("success/rate")
+        tail = [v for v in success[-SMOOTH:] if not math.isnan(v)]
+        step_s = g.mean_of("time/step")
+        table.append({
+            "source": g.label,
+            "seeds": len(g.runs),
+            "steps": min(len(r.rows) for r in g.runs),
+            "s/step": step_s,
+            **{f"{p} s": g.mean_of(f"time/{p}") for p in TIME_PARTS},
+            "extra vs behavior": (step_s / baseline - 1) if baseline == baseline else math.nan,
+            "peak extra MB": max(max((v for v in r.series("memory/oldlogit_peak_bytes") if v == v), default=0)
+                                 for r in g.runs) / 2**20,
+            "active ratio": g.mean_of("ppo/active_token_ratio", skip_first=False),
+            "KL disc": g.mean_of("kl/discrepancy_k3", skip_first=False),
+            "KL stale": g.mean_of("kl/staleness_k3", skip_first=False),
+            "audit |err|": audit.get(g.label, math.nan),
+            "final success": sum(tail) / len(tail) if tail else math.nan,
+            "best success": max((v for v in smooth(success) if not math.isnan(v)), default=math.nan),
+        })
+    return table
+
+
+def throughput_table(groups: list[Group]) -> list[dict]:
+    """Samples/s and tokens/s per label, the speedup over `sync`, and the ideal overlap bound.
+
+    Overlap bound: a sync step costs G + T (generation, then the trainer's T = old logits + training +
+    weight sync); perfect overlap costs max(G, T), so async can at best reach (G + T) / max(G, T) x sync.
+    """
+    def rate(g: Group, key: str) -> float:
+        num = sum(sum(r.series(key)[1:]) for r in g.runs)
+        den = sum(sum(r.series("time/step")[1:]) for r in g.runs)
+        return num / den if den > 0 else math.nan
+
+    sync = next((g for g in groups if g.label.startswith("sync")), None)
+    ideal = math.nan
+    sync_rate = math.nan
+    if sync is not None:
+        gen = sync.mean_of("time/generation")
+        trainer = sum(sync.mean_of(f"time/{p}") for p in ("old_logits", "training", "weight_sync"))
+        ideal = (gen + trainer) / max(gen, trainer)
+        sync_rate = rate(sync, "rollout/trajectories")
+    rows = []
+    for g in groups:
+        samples = rate(g, "rollout/trajectories")
+        rows.append({
+            "run": g.label,
+            "samples/s": samples,
+            "tokens/s": rate(g, "rollout/tokens"),
+            **{f"{p} s": g.mean_of(f"time/{p}") for p in TIME_PARTS},
+            "speedup vs sync": samples / sync_rate,
+            "ideal speedup": ideal,
+            "of ideal": (samples / sync_rate - 1) / (ideal - 1) if ideal > 1 else math.nan,
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no runs)\n"
+
+    def fmt(key: str, v) -> str:
+        if isinstance(v, str):
+            return v
+        if isinstance(v, int):
+            return str(v)
+        if math.isnan(v):
+            return "-"
+        if key in ("extra vs behavior", "of ideal"):
+            return f"{v:+.0%}" if key == "extra vs behavior" else f"{v:.0%}"
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    lines += ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[str, list[Path]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs: dict[str, list[Path]] = {k: [] for k in SECTIONS}
+
+    def save(fig, section: str, name: str) -> None:
+        path = out / f"{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        figs[section].append(path)
+
+    def band(ax, xs, mean, std, label, smooth_it=False):
+        m = smooth(mean) if smooth_it else mean
+        s = smooth(std) if smooth_it else std
+        line = ax.plot(xs, m, label=label)[0]
+        ax.fill_between(xs, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
+                        color=line.get_color(), alpha=0.15)
+
+    def per_step(section, name, keys_titles, smooth_it=False):
+        fig, axes = plt.subplots(1, len(keys_titles), figsize=(5.5 * len(keys_titles), 3.8), squeeze=False)
+        for ax, (key, title) in zip(axes[0], keys_titles):
+            for g in groups:
+                mean, std = g.mean_curve(key)
+                band(ax, list(range(1, len(mean) + 1)), mean, std, g.label, smooth_it)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+        axes[0][0].legend(fontsize=7)
+        save(fig, section, name)
+
+    per_step("learning-curves", "curves_step", [("success/rate", f"success rate ({SMOOTH}-step mean)"),
+                                                ("reward/mean", f"reward ({SMOOTH}-step mean)")], smooth_it=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, (key, title) in zip(axes, [("success/rate", "success rate"), ("reward/mean", "reward")]):
+        for g in groups:
+            mean, std = g.mean_curve(key)
+            wall, _ = g.mean_curve("time/step")
+            xs, acc = [], 0.0
+            for w in wall:
+                acc += w
+                xs.append(acc)
+            band(ax, xs, smooth(mean), smooth(std), g.label)
+        ax.set_title(f"{title} ({SMOOTH}-step mean)")
+        ax.set_xlabel("wall-clock (s)")
+    axes[0].legend(fontsize=7)
+    save(fig, "wall-clock", "curves_wall")
+    per_step("active-ratio", "active_ratio", [("ppo/active_token_ratio", "active-token ratio")])
+    per_step("kl-split", "kl_split", [("kl/discrepancy_k3", "discrepancy KL(mu || pi_old), k3"),
+                                      ("kl/staleness_k3", "staleness KL(pi_old || pi_theta), k3")])
+    per_step("clip-mask", "clip_mask", [("ppo/clip_frac_low", "PPO clip fraction, low side"),
+                                        ("ppo/clip_frac_high", "PPO clip fraction, high side"),
+                                        ("discrepancy/mask_frac", "r_d masked fraction")])
+    if audit_groups:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for g in audit_groups:
+            mean, _ = g.mean_curve("audit/abs_err_mean")
+            ax.plot(range(1, len(mean) + 1), mean, label=g.label)
+        ax.set_yscale("log")
+        ax.set_title("mean |old log-prob - exact|")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        save(fig, "audit", "audit_error")
+    ewma = [g for g in groups if any("ewma/resets" in r.rows[-1] for r in g.runs)]
+    if ewma:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for g in ewma:
+            mean, _ = g.mean_curve("ewma/resets")
+            ax.plot(range(1, len(mean) + 1), mean, label=g.label)
+        ax.set_title("PPO-EWMA resets (cumulative, mean over seeds)")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        save(fig, "ewma-resets", "ewma_resets")
+    # Two bars per group: the rollout thread's generation time, and the trainer's step (idle + old
+    # logits + training + weight sync), which is the wall-clock per step; in async the two overlap.
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.8))
+    xs = list(range(len(groups)))
+    ax.bar([x - 0.2 for x in xs], [g.mean_of("time/generation") for g in groups], width=0.38,
+           label="generation (rollout)", color="tab:blue")
+    bottom = [0.0] * len(groups)
+    for part, color in zip(TIME_PARTS[1:], ("tab:orange", "tab:green", "tab:red", "tab:gray")):
+        vals = [0.0 if math.isnan(v) else v for v in (g.mean_of(f"time/{part}") for g in groups)]
+        ax.bar([x + 0.2 for x in xs], vals, bottom=bottom, width=0.38, label=part, color=color)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_xticks(xs, [g.label for g in groups])
+    ax.set_ylabel("seconds per step")
+    ax.set_title("left: generation, right: trainer step (they overlap in async mode)")
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.legend(fontsize=7)
+    save(fig, "overhead-table", "time_split")
+    return figs
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+
+
+def _html_table(rows: list[dict]) -> str:
+    md = markdown_table(rows).splitlines()
+    head = [c.strip() for c in md[0].strip("|").split("|")]
+    body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+            + "</table>")
+
+
+def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
+    """Write report.html, its PNGs and summary.md into `out`; returns (html path, markdown text)."""
+    runs = load_runs(paths)
+    if not runs:
+        raise FileNotFoundError(f"no run directories with metrics under {', '.join(map(str, paths))}")
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs([r for r in runs if not r.audit])
+    audit_groups = group_runs([r for r in runs if r.audit])
+    table = source_table(groups, audit_groups)
+    figs = _plots(groups, audit_groups, out)
+
+    md = ["# twofold report", "", f"Runs: {len(runs)} ({', '.join(sorted({str(r.path) for r in runs}))})", "",
+          "## " + SECTIONS["overhead-table"], "",
+          "Seconds are means per step after the first; `extra vs behavior` is the wall-clock cost over the "
+          "`behavior` source; success is the seed mean over the last "
+          f"{SMOOTH} steps (final) and the best {SMOOTH}-step mean (best).", "", markdown_table(table)]
+    if len({r.config["mode"] for r in runs}) > 1:
+        md += ["## Throughput", "", markdown_table(throughput_table(groups))]
+    markdown = "\n".join(md)
+    (out / "summary.md").write_text(markdown)
+
+    notes = {
+        "audit": "No audit runs among these directories: run `twofold compare --audit` (or a run with "
+                 "`oldlogits.audit=true`) to measure each approximation against exact old log-probs.",
+        "ewma-resets": "No PPO-EWMA runs among these directories.",
+    }
+    body = [f"<h1>twofold report</h1><p>{len(runs)} runs, {len(groups)} groups: "
+            f"{html.escape(', '.join(g.label + f' ({len(g.runs)} seeds)' for g in groups))}</p>"]
+    for key, title in SECTIONS.items():
+        body.append(f'<section id="{key}"><h2>{html.escape(title)}</h2>')
+        if key == "overhead-table":
+            body.append(_html_table(table))
+        body += [_img(p) for p in figs[key]] or [f"<p>{html.escape(notes.get(key, 'No data.'))}</p>"]
+        body.append("</section>")
+    if "## Throughput" in markdown:
+        body.append(f'<section id="throughput"><h2>Throughput</h2>{_html_table(throughput_table(groups))}</section>')
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>twofold report</title><style>"
+            "body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+            "</style></head><body>" + "\n".join(body) + "</body></html>")
+    path = out / "report.html"
+    path.write_text(page)
+    return path, markdown
