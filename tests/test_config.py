@@ -6,7 +6,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twofold.config import Config, ConfigError, config_from_dict, load_config, parse_bytes
+from twofold.config import Config, ConfigError, config_from_dict, load_config, parse_bytes, validate
 from twofold.models import load_model, load_tokenizer
 
 
@@ -92,3 +92,53 @@ def test_fuzz_config_errors_are_named(section, data, value):
         assert e.field.endswith(key) or e.field.split(".")[0] in ("loss", "trainer", "rollout", "oldlogits", "engine", "model", "max_staleness")
     else:
         assert isinstance(cfg, Config)
+
+
+def _schema():
+    """{section: [keys]} of the real config, with "" for top-level scalars."""
+    import dataclasses
+
+    out, default = {"": []}, Config()
+    for f in dataclasses.fields(Config):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = [g.name for g in dataclasses.fields(value)]
+        else:
+            out[""].append(f.name)
+    return out
+
+
+SCHEMA = _schema()
+any_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+              st.text(max_size=12), st.sampled_from(["sync", "async", "snapshot", "ewma", "token", "mask", "1GiB", "-1", "nan"])),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6)
+
+
+@st.composite
+def config_dicts(draw):
+    """Whole config dictionaries: several sections at once, real and bogus keys, any YAML-able values."""
+    d = {}
+    for section in draw(st.lists(st.sampled_from(sorted(SCHEMA)), max_size=5, unique=True)):
+        keys = draw(st.lists(st.sampled_from(SCHEMA[section] + ["bogus"]), min_size=1, max_size=4, unique=True))
+        entries = {k: draw(any_value) for k in keys}
+        if section:
+            d[section] = entries if draw(st.integers(0, 9)) else draw(any_value)  # sometimes not even a mapping
+        else:
+            d.update(entries)
+    return d
+
+
+@settings(max_examples=300, deadline=None)
+@given(config_dicts())
+def test_fuzz_whole_config_dicts_give_named_errors(d):
+    try:
+        cfg = config_from_dict(d)
+    except ConfigError as e:
+        top = e.field.split(".")[0]
+        assert top in SCHEMA or top in SCHEMA[""], e.field  # names a real field, never an internal detail
+        assert str(e).startswith(f"config field '{e.field}'") and len(str(e)) > len(e.field) + 20
+    else:
+        assert isinstance(cfg, Config)
+        assert validate(cfg) is cfg

@@ -57,3 +57,10 @@ def test_audit_logs_approximation_error(tmp_path, tiny_path):
                                                         "trainer.steps": 3, "env.step_latency_ms": 20.0})
     assert all("audit/abs_err_mean" in r for r in rows)
     assert rows[0]["audit/abs_err_max"] < 1e-5  # step 1: nothing is stale yet
+
+
+def test_snapshot_budget_below_one_model_is_a_named_error(tmp_path, tiny_path):
+    from twofold.config import ConfigError
+
+    with pytest.raises(ConfigError, match="oldlogits.snapshot_budget.*cannot hold one snapshot"):
+        Pipeline(small_config(**{"oldlogits.source": "snapshot", "oldlogits.snapshot_budget": "10KB"}), tmp_path / "r")

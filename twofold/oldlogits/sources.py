@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from twofold.config import ConfigError
 from twofold.loss import ParameterEWMA, staleness_beta
 from twofold.models import clone_state_dict, compute_logprobs, load_parameters, model_bytes, state_dict_bytes
 from twofold.rollout.trajectory import Batch, Trajectory, pad_field
@@ -264,6 +265,11 @@ class SnapshotSource(OldLogitSource):
         self.fallback = fallback
         self.scratch = copy.deepcopy(model).float().eval()
         self.snapshot_bytes = model_bytes(self.scratch)
+        if budget_bytes is not None and budget_bytes < self.snapshot_bytes:
+            raise ConfigError("oldlogits.snapshot_budget",
+                              f"{budget_bytes} bytes cannot hold one snapshot of this model ({self.snapshot_bytes} "
+                              f"bytes, float32); give at least {self.snapshot_bytes / 2**20:.1f}MiB or leave it empty "
+                              "for no limit")
         self.budget_captures = 0
         self.fallback_tokens = 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from twofold.config import Config, ConfigError, dump_config
-from twofold.pipeline.rundir import latest_checkpoint, read_metrics, summary
+from twofold.pipeline.rundir import read_metrics, summary
 
 EXACT_SOURCES = ("snapshot", "dedicated", "interrupt")
 ALL_SOURCES = ("snapshot", "dedicated", "interrupt", "ewma", "loglinear", "linear", "recompute", "behavior")
@@ -100,7 +100,7 @@ def run_grid(cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, pr
     def launch(cell: Cell) -> None:
         run_dir = out / cell.name
         run_dir.mkdir(parents=True, exist_ok=True)
-        if latest_checkpoint(run_dir) is not None:
+        if (run_dir / "config.yaml").exists():  # started before: resume (from step 0 if no checkpoint yet)
             args = ["--resume", str(run_dir)]
         else:
             args = ["--config", str(base)]

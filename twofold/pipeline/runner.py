@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from twofold.config import Config, dump_config
+from twofold.config import Config, ConfigError, dump_config
 from twofold.engine import make_engine
 from twofold.models import clone_state_dict, load_model, load_tokenizer
 from twofold.oldlogits import OldLogitSource, make_source
@@ -38,6 +38,7 @@ from twofold.rollout.worker import RolloutWorker
 from twofold.trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
+MAX_FAILED_GROUPS_IN_A_ROW = 16  # then the env (or engine) is broken, not unlucky: stop instead of spinning
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -71,6 +72,9 @@ class Pipeline:
     def __init__(self, cfg: Config, run_dir: Path | None = None, *, resume: bool = False, model_path: Path | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
+        if not resume and (self.run_dir / "metrics.jsonl").exists():
+            raise ConfigError("run.dir", f"{str(self.run_dir)!r} already holds a run; continue it with "
+                              f"`twofold train --resume {self.run_dir}` or choose another run.dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         torch.manual_seed(cfg.seed)
@@ -94,6 +98,7 @@ class Pipeline:
         self.ready_cond = threading.Condition()
         self.dropped_groups = 0
         self.stale_dropped = 0
+        self.failed_in_a_row = 0  # groups in which no episode finished
         self.step = 0
         self.peak_extra_bytes = 0
         self._paused = False
@@ -105,7 +110,7 @@ class Pipeline:
         self.worker = RolloutWorker(
             self.engine, self.tokenizer, cfg, admit=self._admit, on_group=self._on_group,
             on_episode_start=self._on_episode_start, on_new_version=self._on_new_version,
-            on_trajectory_end=self._on_trajectory_end, start_group=start_group)
+            on_trajectory_end=self._on_trajectory_end, start_group=start_group, lockstep=not self.async_mode)
 
     # ------------------------------------------------------------------ rollout-thread callbacks
 
@@ -156,8 +161,16 @@ class Pipeline:
             if not usable or (lag > self.cfg.max_staleness and self.cfg.rollout.stale_policy == "drop"):
                 self.stale_dropped += int(bool(usable))
                 self.dropped_groups += 1
+                self.failed_in_a_row = 0 if usable else self.failed_in_a_row + 1
+                if self.failed_in_a_row >= MAX_FAILED_GROUPS_IN_A_ROW:
+                    c = self.worker.counters
+                    raise RuntimeError(
+                        f"every episode of the last {self.failed_in_a_row} groups failed (env errors {c.env_errors}, "
+                        f"env timeouts {c.env_timeouts}, non-finite log-probs {c.nonfinite_dropped}); "
+                        "the environment or engine is broken, see the first logged traceback")
                 self._release(group)
                 continue
+            self.failed_in_a_row = 0
             self._release([t for t in group if t not in usable])
             taken += usable
             groups += 1

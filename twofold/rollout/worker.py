@@ -87,6 +87,7 @@ class RolloutWorker:
         on_new_version: Callable[[Trajectory, int], None] = lambda t, v: None,
         on_trajectory_end: Callable[[Trajectory], None] = lambda t: None,
         start_group: int = 0,
+        lockstep: bool = False,
     ):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
         self.admit, self.on_group = admit, on_group
@@ -98,6 +99,10 @@ class RolloutWorker:
         self.group_members: dict[int, list[Trajectory]] = {}
         self.next_group = start_group
         self.next_uid = start_group * cfg.rollout.group_size
+        # lockstep: generate only once every outstanding env step is back, so each engine batch holds the
+        # same episodes whatever the thread timing. Sync mode uses it to be reproducible (and resumable
+        # bit for bit); async mode never waits for the slowest env step.
+        self.lockstep = lockstep
         self.counters = RolloutCounters()
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="env")
         self._cond = threading.Condition()
@@ -229,6 +234,12 @@ class RolloutWorker:
         """Admit what may start, generate for every ready episode, absorb finished env steps."""
         while self.admit():
             self._start_group()
+        if self.lockstep:
+            pending = [ep.future for ep in self.episodes.values() if ep.future is not None]
+            if pending:
+                wait(pending, timeout=0.05)
+                self._absorb_env_steps()
+                return
         ready = [ep for ep in self.episodes.values() if ep.request is not None]
         if ready and not self.engine.pause_requested:
             t0 = time.perf_counter()
@@ -243,6 +254,9 @@ class RolloutWorker:
                 wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
             elif not ready:
                 time.sleep(0.002)  # nothing admitted yet: the trainer will raise the admission bound
+        self._absorb_env_steps()
+
+    def _absorb_env_steps(self) -> None:
         for ep in list(self.episodes.values()):
             if ep.future is not None and ep.future.done():
                 self._on_env_step(ep)

@@ -1,0 +1,174 @@
+"""Reliability: kill -9 and resume, fault isolation (env raising / hanging, NaN loss, non-finite
+behaviour log-probs), and a run that cannot make progress stopping with a clear message."""
+
+import json
+import math
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import small_config
+
+from twofold.config import dump_config
+from twofold.envs.frozenlake import FrozenLake
+from twofold.pipeline.rundir import read_metrics, summary
+from twofold.pipeline.runner import Pipeline
+from twofold.trainer.trainer import TrainingHalted
+
+VOLATILE = ("time/", "throughput/")  # wall-clock measurements differ between any two runs
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
+
+
+def _train(cfg_path, run_dir):
+    """`twofold train`, resuming when the run directory was started before (as `twofold compare` does)."""
+    args = ["--resume", str(run_dir)] if (run_dir / "config.yaml").exists() else ["--config", str(cfg_path), f"run.dir={run_dir}"]
+    return subprocess.Popen([sys.executable, "-m", "twofold.cli", "train", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_resume_finish(cfg_path, run_dir, kills, horizon, rng):
+    for _ in range(kills):
+        proc = _train(cfg_path, run_dir)
+        time.sleep(rng.uniform(1.0, horizon))
+        proc.kill()  # SIGKILL: no handler, no final checkpoint
+        proc.wait()
+    proc = _train(cfg_path, run_dir)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+
+
+@pytest.mark.parametrize("mode,kills", [("sync", 3), ("async", 2)])
+def test_sigkill_at_random_points_then_resume(tmp_path, tiny_path, mode, kills):
+    steps = 6
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(dump_config(small_config(**{"mode": mode, "trainer.steps": steps, "run.checkpoint_every": 1})))
+    t0 = time.monotonic()
+    proc = _train(cfg_path, tmp_path / "whole")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    horizon = time.monotonic() - t0
+
+    killed = tmp_path / "killed"
+    _kill_resume_finish(cfg_path, killed, kills, horizon, random.Random(f"{mode}-kills"))
+
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # every line is whole JSON: nothing left torn
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # every step exactly once
+    assert summary(killed)["finished"]
+    for path in (killed / "checkpoints").glob("step_*.pt"):
+        state = torch.load(path, weights_only=False)
+        assert state["step"] == int(path.stem.split("_")[1])
+    if mode == "sync":  # deterministic on CPU: the killed-and-resumed run is the uninterrupted one, bit for bit
+        assert _comparable(rows) == _comparable(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+
+
+class RaisingLake(FrozenLake):
+    """Every third episode's env raises on its first step."""
+
+    created = 0
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        RaisingLake.created += 1
+        self.broken = RaisingLake.created % 3 == 0
+
+    def step(self, action_text):
+        if self.broken:
+            raise RuntimeError("tool backend unavailable")
+        return super().step(action_text)
+
+
+class HangingLake(RaisingLake):
+    """Every third episode's env hangs (far beyond env.step_timeout_s) on its first step."""
+
+    def step(self, action_text):
+        if self.broken:
+            time.sleep(3.0)
+        return FrozenLake.step(self, action_text)
+
+
+class AlwaysRaisingLake(FrozenLake):
+    def step(self, action_text):
+        raise RuntimeError("down")
+
+
+def _run(tmp_path, **overrides):
+    p = Pipeline(small_config(**overrides), tmp_path / "run")
+    p.run()
+    return p, read_metrics(tmp_path / "run" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_env_that_raises_fails_only_its_episode(tmp_path, tiny_path, mode):
+    p, rows = _run(tmp_path, **{"env.name": f"{__name__}:RaisingLake", "mode": mode})
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["rollout/env_errors"] >= 1
+    assert all(r["rollout/trajectories"] >= 2 for r in rows)  # the healthy episodes of each group still train
+
+
+def test_env_that_hangs_times_out_and_the_run_goes_on(tmp_path, tiny_path):
+    p, rows = _run(tmp_path, **{"env.name": f"{__name__}:HangingLake", "env.step_timeout_s": 0.3})
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["rollout/env_timeouts"] >= 1
+    assert rows[-1]["rollout/env_errors"] == 0
+
+
+def test_env_failing_every_episode_stops_with_a_clear_message(tmp_path, tiny_path):
+    with pytest.raises(RuntimeError, match="every episode of the last"):
+        _run(tmp_path, **{"env.name": f"{__name__}:AlwaysRaisingLake"})
+
+
+def test_nan_loss_skips_the_optimizer_step_and_the_ewma_update(tmp_path, tiny_path, monkeypatch):
+    import twofold.trainer.trainer as trainer_module
+
+    real, calls = trainer_module.decoupled_ppo_loss, []
+
+    def poisoned(*args, **kw):
+        loss, metrics = real(*args, **kw)
+        calls.append(1)
+        return (loss * math.nan if len(calls) <= 2 else loss), metrics  # both minibatches of step 1
+
+    monkeypatch.setattr(trainer_module, "decoupled_ppo_loss", poisoned)
+    p, rows = _run(tmp_path, **{"oldlogits.source": "ewma", "trainer.max_consecutive_skips": 3})
+    assert rows[0]["trainer/skipped_steps"] == 2 and rows[1]["trainer/skipped_steps"] == 2
+    assert rows[0]["trainer/optimizer_steps"] == 0 and rows[1]["trainer/optimizer_steps"] == 2
+    assert p.source.ewma.num_updates == 1 + 2  # the initial copy plus one per optimizer step actually taken
+    assert all(torch.isfinite(q).all() for q in p.trainer.model.parameters())
+
+
+def test_consecutive_nan_losses_halt_with_a_checkpoint(tmp_path, tiny_path, monkeypatch):
+    import twofold.trainer.trainer as trainer_module
+
+    real = trainer_module.decoupled_ppo_loss
+    monkeypatch.setattr(trainer_module, "decoupled_ppo_loss", lambda *a, **k: (lambda lm: (lm[0] * math.nan, lm[1]))(real(*a, **k)))
+    with pytest.raises(TrainingHalted, match="trainer.max_consecutive_skips=3"):
+        _run(tmp_path, **{"trainer.max_consecutive_skips": 3, "trainer.steps": 4})
+    # Step 1 (two skips) finished and was checkpointed when step 2's third skip halted the run.
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+    assert sorted(q.name for q in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000001.pt"]
+
+
+def test_nonfinite_behavior_logprobs_drop_the_trajectory(tmp_path, tiny_path):
+    p = Pipeline(small_config(), tmp_path / "run")
+    real, hits = p.engine.generate, []
+
+    def corrupt(requests):
+        results = real(requests)
+        for res in results:
+            if res.finish_reason != "paused" and res.output_logprobs and len(hits) < 2:
+                res.output_logprobs[-1] = math.nan
+                hits.append(res.request_id)
+        return results
+
+    p.engine.generate = corrupt
+    p.run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["rollout/nonfinite_dropped"] == 2
+    # The dropped trajectories never reach the loss: every trained behaviour log-prob is finite.
+    assert all(r["discrepancy/nonfinite_tokens"] == 0 for r in rows)
