@@ -49,7 +49,8 @@ def bfs_moves(start, is_goal, successors, max_states: int = 200_000) -> list[int
 class TextEnv(ABC):
     """Turn bookkeeping shared by every env: parsing, format penalty, max turns.
 
-    Subclasses implement `_reset(seed) -> observation`, `_parse(answer) -> action or None`,
+    Subclasses implement `_reset(seed) -> observation`, `_parse(answer) -> action or None` (or
+    `parse_reply(text)` for replies that are not a single <answer>),
     `_apply(action) -> (observation, reward, done, success)` and `action_help` (what a valid answer is).
     """
 
@@ -72,11 +73,8 @@ class TextEnv(ABC):
         if self.done:
             return "The episode is over.", 0.0, True, {"success": False, "format_ok": False}
         self.turn += 1
-        answer = parse_answer(action_text) if isinstance(action_text, str) else None
-        action = self._parse(answer) if answer is not None else None
+        action, why = self.parse_reply(action_text if isinstance(action_text, str) else "")
         if action is None:
-            why = ("no <answer>...</answer> found" if answer is None
-                   else f"'{answer[:40]}' is not a valid action")
             obs = f"Invalid reply: {why}. {self.action_help}\n{self.render()}"
             reward, success, format_ok = self.format_penalty, False, False
             self.done = self.invalid_action == "end"
@@ -87,11 +85,24 @@ class TextEnv(ABC):
             self.done = True
         return obs, float(reward), self.done, {"success": bool(success), "format_ok": format_ok}
 
+    def parse_reply(self, text: str) -> tuple[Any | None, str]:
+        """(action, "") for a valid reply, else (None, why it is not valid)."""
+        answer = parse_answer(text)
+        if answer is None:
+            return None, "no <answer>...</answer> found"
+        action = self._parse(answer)
+        return (action, "") if action is not None else (None, f"'{answer[:40]}' is not a valid action")
+
+    def reply(self, move: str) -> str:
+        """The full reply text for a solver move (what `solve` and `random_answer` return)."""
+        return f"<answer>{move}</answer>"
+
     @abstractmethod
     def _reset(self, seed: int) -> str: ...
 
-    @abstractmethod
-    def _parse(self, answer: str) -> Any | None: ...
+    def _parse(self, answer: str) -> Any | None:
+        """The action named by the text inside <answer>, or None (envs overriding parse_reply skip it)."""
+        return None
 
     @abstractmethod
     def _apply(self, action: Any) -> tuple[str, float, bool, bool]: ...
@@ -100,11 +111,11 @@ class TextEnv(ABC):
     def render(self) -> str: ...
 
     def solve(self) -> list[str] | None:
-        """Answers (the text inside <answer>) that solve the episode from the current state, if known."""
+        """Moves (see `reply`) that solve the episode from the current state, if known."""
         return None
 
     def random_answer(self, rng) -> str:
-        """A uniformly random valid answer (the noisy solver's random move)."""
+        """A uniformly random valid move (the noisy solver's random move)."""
         raise NotImplementedError
 
 

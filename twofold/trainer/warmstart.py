@@ -49,7 +49,7 @@ def solver_success_rate(cfg: Config, episodes: int, noise: float = 0.0) -> float
         rng = random.Random(seed)
         env.reset(seed)
         while True:
-            _, _, done, info = env.step(f"<answer>{solver_answer(env, rng, noise)}</answer>")
+            _, _, done, info = env.step(env.reply(solver_answer(env, rng, noise)))
             if done:
                 wins += bool(info["success"])
                 break
@@ -66,11 +66,11 @@ def demonstration(cfg: Config, tokenizer, index: int) -> tuple[list[int], list[i
     mask = [0] * len(ids)
     success = False
     while True:
-        answer = solver_answer(env, rng, cfg.warmstart.noise)
-        reply = tokenizer.encode(f"<answer>{answer}</answer>", add_special_tokens=False) + [tokenizer.eos_token_id]
+        text = env.reply(solver_answer(env, rng, cfg.warmstart.noise))
+        reply = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
         ids += reply
         mask += [1] * len(reply)
-        obs, _, done, info = env.step(f"<answer>{answer}</answer>")
+        obs, _, done, info = env.step(text)
         if done:
             success = bool(info["success"])
             break

@@ -1,0 +1,139 @@
+"""The tool-use environment and environment latency."""
+
+import random
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twofold.envs import make_env
+from twofold.envs.tooluse import TEMPLATES, ToolUse, parse_call
+
+
+def _seed_for(template):
+    env = ToolUse()
+    return next(s for s in range(500) if (env.reset(s), env.template)[1] == template)
+
+
+def _play(env, moves):
+    for move in moves:
+        obs, reward, done, info = env.step(env.reply(move))
+        if done:
+            return obs, reward, info
+    raise AssertionError("episode did not end")
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_each_template_is_won_by_its_solver(template):
+    won = 0
+    for seed in range(120):
+        env = ToolUse(max_turns=10)
+        env.reset(seed)
+        if env.template != template:
+            continue
+        plan = env.solve()
+        assert 2 <= len(plan) <= 7  # 1 to 6 tool calls, then the answer
+        _, reward, info = _play(env, plan)
+        assert reward == 1.0 and info["success"]
+        won += 1
+    assert won >= 5
+
+
+def test_plan_lengths_vary_from_one_to_six_calls():
+    lengths = set()
+    for seed in range(300):
+        env = ToolUse()
+        env.reset(seed)
+        lengths.add(len(env.solve()) - 1)
+    assert min(lengths) == 1 and max(lengths) == 6 and len(lengths) >= 5
+
+
+def test_hand_made_world_tools_and_exact_rewards():
+    env = ToolUse()
+    env.reset(_seed_for("cancel_latest"))
+    # Replace the generated shop by a hand-made one.
+    from twofold.envs.tooluse import Order
+
+    env.orders = {"K42": Order("K42", "Ana", "lamp", 35, "pending", 12),
+                  "B17": Order("B17", "Ana", "mug", 8, "pending", 20),
+                  "C50": Order("C50", "Ana", "rug", 60, "shipped", 25)}
+    env.customers = {"Ana": ["K42", "B17", "C50"]}
+    env.target = "Ana"
+    env.expected_answer, env.expected_cancelled, env.plan = env._goal(list(env.orders.values()))
+    assert env.expected_cancelled == {"B17"}  # the most recent *pending* order, not C50
+    assert env.step('<tool>find_customer(name="Ana")</tool>')[0] == "Result: Ana: orders K42, B17, C50"
+    assert env.step('<tool>get_order(id="K42")</tool>')[0] == "Result: K42: lamp, 35 dollars, pending, day 12"
+    assert env.step('<tool>cancel_order(id="C50")</tool>')[0] == "Result: C50 is shipped and cannot be cancelled"
+    assert env.step('<tool>get_order(id="Z99")</tool>')[0] == 'Result: no order "Z99"'
+    obs, reward, done, info = env.step('<tool>cancel_order(id="K42")</tool>')  # the wrong one
+    assert (obs, reward, done) == ("Result: K42 cancelled", 0.0, False) and info["format_ok"]
+    env.step('<tool>cancel_order(id="B17")</tool>')
+    obs, reward, done, info = env.step("<answer>done</answer>")
+    assert (reward, done, info["success"]) == (0.0, True, False)  # K42 must not have been cancelled
+
+
+def test_question_answer_is_checked_exactly():
+    env = ToolUse()
+    env.reset(_seed_for("total"))
+    right = env.expected_answer
+    assert env.step(f"<answer>{int(right) + 1}</answer>")[1] == 0.0
+    env.reset(_seed_for("total"))
+    assert env.step(f"I think <answer> {right} </answer>")[1:3] == (1.0, True)
+
+
+@pytest.mark.parametrize("reply,why", [
+    ("<tool>get_order(K42)</tool>", 'get_order takes exactly one argument: get_order(id="...")'),
+    ('<tool>delete_order(id="K42")</tool>', "unknown tool 'delete_order'"),
+    ("<tool>look at everything</tool>", "cannot read 'look at everything' as a tool call"),
+    ('<tool>get_order(id="K42", x="1")</tool>', "takes exactly one argument"),
+    ("just chatting", "no <tool>...</tool> or <answer>...</answer> found"),
+    ("<answer>  </answer>", "the answer is empty"),
+])
+def test_malformed_tool_calls_get_a_clear_error_and_the_episode_goes_on(reply, why):
+    env = ToolUse(format_penalty=-0.1)
+    env.reset(3)
+    obs, reward, done, info = env.step(reply)
+    assert why in obs and obs.startswith("Invalid reply:")
+    assert (reward, done, info["format_ok"]) == (-0.1, False, False)
+    assert env.step(env.reply(env.solve()[0]))[3]["format_ok"]  # and the next valid call works
+
+
+def test_parse_call_accepts_spacing_variants():
+    assert parse_call(' get_order( id = "K42" ) ') == (("get_order", "K42"), "")
+    assert parse_call('find_customer(name="Ana")') == (("find_customer", "Ana"), "")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80), st.integers(0, 1000))
+def test_fuzz_tool_replies_never_raise(text, seed):
+    env = ToolUse()
+    env.reset(seed)
+    for reply in (text, f"<tool>{text}</tool>", f"<tool>get_order(id=\"{text}\")</tool>"):
+        obs, reward, done, info = env.step(reply)
+        assert isinstance(obs, str) and isinstance(reward, float)
+
+
+def test_step_latency_sleeps_without_using_cpu(tiny_path, tokenizer):
+    """8 env steps of 300 ms each on the worker's pool: about 0.3 s of wall time and almost no CPU."""
+    from conftest import small_config
+    from twofold.engine import make_engine
+    from twofold.rollout.worker import Episode, RolloutWorker
+
+    cfg = small_config(**{"env.name": "tooluse", "env.step_latency_ms": 300.0})
+    engine = make_engine(cfg.engine, tiny_path, tokenizer, seed=0)
+    worker = RolloutWorker(engine, tokenizer, cfg, admit=lambda: False, on_group=lambda g: None)
+    episodes = []
+    for k in range(8):
+        env = make_env("tooluse")
+        env.reset(k)
+        episodes.append(Episode(None, env, random.Random(k)))
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    futures = [worker.executor.submit(worker._env_step, ep, '<tool>find_customer(name="Ana")</tool>') for ep in episodes]
+    results = [f.result() for f in futures]
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    worker.stop()
+    assert all(r[0].startswith("Result:") for r in results)
+    assert 0.3 <= wall < 1.2  # concurrent: not 8 x 0.3 s
+    assert cpu < 0.1 * wall  # sleeping, not spinning
