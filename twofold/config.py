@@ -147,6 +147,9 @@ class WarmstartConfig:
     lr: float = 2e-3
     batch_size: int = 32
     eval_episodes: int = 200
+    # Seed of the demonstrations and SFT, separate from the run's `seed`: every RL seed of a
+    # comparison starts from the same warm-start checkpoint.
+    seed: int = 0
 
 
 @dataclass

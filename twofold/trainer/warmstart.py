@@ -83,8 +83,10 @@ def demonstration(cfg: Config, tokenizer, index: int) -> tuple[list[int], list[i
 
 
 def warmstart_path(cfg: Config, base: Path) -> Path:
-    key = fingerprint(WARMSTART_RECIPE, base.name, dataclasses.asdict(cfg.warmstart), dataclasses.asdict(cfg.env),
-                      cfg.rollout.max_total_tokens, cfg.engine.temperature, cfg.seed)
+    recipe = dataclasses.asdict(cfg.warmstart)
+    seed = recipe.pop("seed")  # hashed last, where the run seed used to be: existing caches stay valid
+    key = fingerprint(WARMSTART_RECIPE, base.name, recipe, dataclasses.asdict(cfg.env),
+                      cfg.rollout.max_total_tokens, cfg.engine.temperature, seed)
     return cache_dir() / "warmstart" / f"{cfg.env.name}-{key}"
 
 
@@ -97,6 +99,7 @@ def ensure_warmstart(cfg: Config, base: Path, progress: bool = True) -> Path:
 
 
 def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> Path:
+    cfg = dataclasses.replace(cfg, seed=cfg.warmstart.seed)
     w = cfg.warmstart
     tokenizer = load_tokenizer(base)
     model = load_model(base, torch.float32).train()
