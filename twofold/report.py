@@ -224,14 +224,16 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
         ax.fill_between(xs, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
                         color=line.get_color(), alpha=0.15)
 
-    def per_step(section, name, keys_titles, smooth_it=False):
+    def per_step(section, name, keys_titles, smooth_it=False, of=groups, log_y=False):
         fig, axes = plt.subplots(1, len(keys_titles), figsize=(5.5 * len(keys_titles), 3.8), squeeze=False)
         for ax, (key, title) in zip(axes[0], keys_titles):
-            for g in groups:
+            for g in of:
                 mean, std = g.mean_curve(key)
                 band(ax, list(range(1, len(mean) + 1)), mean, std, g.label, smooth_it)
             ax.set_title(title)
             ax.set_xlabel("step")
+            if log_y:
+                ax.set_yscale("log")
         axes[0][0].legend(fontsize=7)
         save(fig, section, name)
 
@@ -258,25 +260,11 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
                                         ("ppo/clip_frac_high", "PPO clip fraction, high side"),
                                         ("discrepancy/mask_frac", "r_d masked fraction")])
     if audit_groups:
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        for g in audit_groups:
-            mean, _ = g.mean_curve("audit/abs_err_mean")
-            ax.plot(range(1, len(mean) + 1), mean, label=g.label)
-        ax.set_yscale("log")
-        ax.set_title("mean |old log-prob - exact|")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-        save(fig, "audit", "audit_error")
+        per_step("audit", "audit_error", [("audit/abs_err_mean", "mean |old log-prob - exact|")],
+                 of=audit_groups, log_y=True)
     ewma = [g for g in groups if any("ewma/resets" in r.rows[-1] for r in g.runs)]
     if ewma:
-        fig, ax = plt.subplots(figsize=(6, 3.8))
-        for g in ewma:
-            mean, _ = g.mean_curve("ewma/resets")
-            ax.plot(range(1, len(mean) + 1), mean, label=g.label)
-        ax.set_title("PPO-EWMA resets (cumulative, mean over seeds)")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-        save(fig, "ewma-resets", "ewma_resets")
+        per_step("ewma-resets", "ewma_resets", [("ewma/resets", "PPO-EWMA resets (cumulative)")], of=ewma)
     # Two bars per group: the rollout thread's generation time, and the trainer's step (idle + old
     # logits + training + weight sync), which is the wall-clock per step; in async the two overlap.
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.8))
