@@ -82,3 +82,13 @@ def test_compare_grid_report_and_resume(tmp_path, tiny_path, capsys):
     # The same folder with a different config is refused instead of mixing incomparable runs.
     assert main(argv[:-1] + ["run.progress=false", "trainer.lr=0.5"]) == 2
     assert "holds a grid made with a different config" in capsys.readouterr().err
+
+
+def test_bench_throughput_parses_overrides_after_options_and_checks_windows(tmp_path, capsys):
+    cfg_path = tmp_path / "small.yaml"
+    cfg_path.write_text(dump_config(small_config()))
+    argv = ["bench", "throughput", "--config", str(cfg_path), "--staleness", "0,2", "--out", str(tmp_path / "b"),
+            "run.progress=false"]
+    assert main(argv) == 2
+    assert "--staleness" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # refused before anything ran

@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="report folder (default RUN_DIR/report)")
     p.set_defaults(fn=cmd_report)
-    p = sub.add_parser("bench", help="Benchmarks: `bench throughput` runs sync vs async at several staleness windows")
-    p.add_argument("what", choices=["throughput"])
+    bench = sub.add_parser("bench", help="Benchmarks: `bench throughput` runs sync vs async at several staleness windows")
+    p = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK").add_parser(
+        "throughput", help="sync vs async samples/s and tokens/s, time split, ideal overlap bound")
     p.add_argument("--config", default=None, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(fn=cmd_bench)
