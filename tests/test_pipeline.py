@@ -53,10 +53,18 @@ def test_versions_stay_within_window(tmp_path, tiny_path):
 
 
 def test_audit_logs_approximation_error(tmp_path, tiny_path):
+    # The untrained model loses every episode alike, so group-relative advantages are all zero and the
+    # weights would never move; per-turn discounted returns differ by turn and do move them.
     rows, _ = run(tmp_path, tiny_path, mode="async", **{"oldlogits.source": "recompute", "oldlogits.audit": True,
-                                                        "trainer.steps": 3, "env.step_latency_ms": 20.0})
+                                                        "trainer.steps": 3, "env.step_latency_ms": 20.0,
+                                                        "advantage.estimator": "discounted"})
     assert all("audit/abs_err_mean" in r for r in rows)
     assert rows[0]["audit/abs_err_max"] < 1e-5  # step 1: nothing is stale yet
+    stale = [r for r in rows if r["version/staleness_max"] > 0]
+    assert stale, "the run should have trained on stale tokens"
+    # recompute uses the current weights, not those of each token's version: it must show an error
+    # (a regression: it once overwrote the trajectories' exact values the audit reads).
+    assert all(r["audit/abs_err_max"] > 1e-4 for r in stale)
 
 
 def test_snapshot_budget_below_one_model_is_a_named_error(tmp_path, tiny_path):

@@ -14,6 +14,7 @@ on_trajectory_end(traj) when its episode ends.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import queue
 import threading
 import time
@@ -51,6 +52,14 @@ def capture(model: torch.nn.Module, trajectories: list[Trajectory], version: int
     for (t, pos), lp in zip(todo, logprobs):
         t.set_old(pos, lp[pos])
     return sum(len(pos) for _, pos in todo)
+
+
+def current_logprobs(model: torch.nn.Module, batch: Batch, ctx: SourceContext) -> torch.Tensor:
+    """[B, T] log-probs of every agent token under `model`, leaving the trajectories' recorded old
+    log-probs untouched (an audit running next to this source must still see only exact values)."""
+    fresh = [dataclasses.replace(t, old_logprobs=[float("nan")] * len(t.token_ids)) for t in batch.trajectories]
+    capture(model, fresh, None, ctx)
+    return batch_old_logprobs(Batch.from_trajectories(fresh, ctx.pad_id))
 
 
 def batch_old_logprobs(batch: Batch) -> torch.Tensor:
@@ -129,13 +138,7 @@ class ApproximateSource(OldLogitSource):
         if self.interpolation is not None:
             return None  # the trainer interpolates per minibatch with the live log pi_theta
 
-        def recompute():
-            for t in batch.trajectories:  # recompute ignores whatever was known: that is its semantics
-                t.old_logprobs = [float("nan")] * len(t.token_ids)
-            capture(model, batch.trajectories, None, self.ctx)
-            return batch_old_logprobs(batch)
-
-        return self._timed(recompute)
+        return self._timed(current_logprobs, model, batch, self.ctx)
 
 
 class EWMASource(OldLogitSource):
@@ -451,6 +454,9 @@ class DedicatedSource(OldLogitSource):
 
     def close(self):
         self.events.put(_STOP)
+        # Joined, not left to die with the interpreter: a thread inside a torch kernel at exit aborts
+        # the process ("terminate called without an active exception").
+        self._thread.join(timeout=60)
 
 
 def make_source(cfg, ctx: SourceContext, model: torch.nn.Module, kind: str | None = None) -> OldLogitSource:

@@ -31,7 +31,7 @@ from twofold.config import Config, ConfigError, dump_config
 from twofold.engine import make_engine
 from twofold.models import clone_state_dict, load_model, load_tokenizer
 from twofold.oldlogits import OldLogitSource, make_source
-from twofold.oldlogits.sources import SourceContext, batch_old_logprobs
+from twofold.oldlogits.sources import SourceContext, current_logprobs
 from twofold.pipeline.rundir import MetricsSink, latest_checkpoint, save_checkpoint, write_summary
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.rollout.worker import RolloutWorker
@@ -206,11 +206,8 @@ class Pipeline:
         exact = self.auditor.prepare(batch, self.trainer.model, self.trainer.version)
         if old is None:  # interpolation: compare with the proxy built from the step-start log pi_theta
             from twofold.loss import interpolate_proximal_logprobs
-            from twofold.oldlogits.sources import capture
 
-            fresh = [dataclasses.replace(t, old_logprobs=[float("nan")] * len(t.token_ids)) for t in batch.trajectories]
-            capture(self.trainer.model, fresh, None, self.ctx)
-            current = batch_old_logprobs(Batch.from_trajectories(fresh, self.ctx.pad_id))
+            current = current_logprobs(self.trainer.model, batch, self.ctx)
             old = interpolate_proximal_logprobs(batch.behavior_logprobs, current, batch.versions, self.trainer.version,
                                                 self.source.interpolation)
         sel = batch.loss_mask > 0
