@@ -139,7 +139,9 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
             "KL stale": g.mean_of("kl/staleness_k3", skip_first=False),
             "audit |err|": audit.get(g.label, math.nan),
             "final success": sum(tail) / len(tail) if tail else math.nan,
-            "best success": max((v for v in smooth(success) if not math.isnan(v)), default=math.nan),
+            # Full windows only: a partial window at step 1-4 would make one lucky step "best".
+            "best success": max((v for v in smooth(success)[SMOOTH - 1:] or smooth(success) if not math.isnan(v)),
+                                default=math.nan),
         })
     return table
 
