@@ -20,9 +20,10 @@ def _fake_run(path, source, mode, rows):
 
 
 def test_throughput_table_against_the_overlap_bound(tmp_path):
-    # sync: generation 2 s + trainer 1 s per step -> perfect overlap would take max(2, 1) = 2 s: ideal 1.5x.
-    step = {"rollout/trajectories": 8, "rollout/tokens": 800, "time/generation": 2.0, "time/old_logits": 0.25,
-            "time/training": 0.5, "time/weight_sync": 0.25, "time/idle": 0.0}
+    # sync: rollout 2 s (1.5 s generation + 0.5 s env waits) + trainer 1 s per step -> perfect overlap
+    # would take max(2, 1) = 2 s: ideal 1.5x.
+    step = {"rollout/trajectories": 8, "rollout/tokens": 800, "time/generation": 1.5, "time/old_logits": 0.25,
+            "time/training": 0.5, "time/weight_sync": 0.25, "time/idle": 2.0}
     _fake_run(tmp_path / "sync", "ewma", "sync", [{**step, "time/step": 9.0}] + [{**step, "time/step": 3.0}] * 2)
     _fake_run(tmp_path / "async", "ewma", "async", [{**step, "time/step": 9.0}] + [{**step, "time/step": 2.4}] * 2)
     rows = {r["run"]: r for r in throughput_table(group_runs(load_runs([tmp_path])))}

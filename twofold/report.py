@@ -149,8 +149,10 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
 def throughput_table(groups: list[Group]) -> list[dict]:
     """Samples/s and tokens/s per label, the speedup over `sync`, and the ideal overlap bound.
 
-    Overlap bound: a sync step costs G + T (generation, then the trainer's T = old logits + training +
-    weight sync); perfect overlap costs max(G, T), so async can at best reach (G + T) / max(G, T) x sync.
+    Overlap bound: a sync step costs G + T (the rollout phase, then the trainer's T = old logits +
+    training + weight sync); perfect overlap costs max(G, T), so async can at best reach
+    (G + T) / max(G, T) x sync. G is the sync run's `time/idle`: the trainer waits through the whole
+    rollout phase, which is generation plus env steps (tool latency included).
     """
     def rate(g: Group, key: str) -> float:
         num = sum(sum(r.series(key)[1:]) for r in g.runs)
@@ -161,7 +163,7 @@ def throughput_table(groups: list[Group]) -> list[dict]:
     ideal = math.nan
     sync_rate = math.nan
     if sync is not None:
-        gen = sync.mean_of("time/generation")
+        gen = sync.mean_of("time/idle")
         trainer = sum(sync.mean_of(f"time/{p}") for p in ("old_logits", "training", "weight_sync"))
         ideal = (gen + trainer) / max(gen, trainer)
         sync_rate = rate(sync, "rollout/trajectories")
