@@ -15,7 +15,6 @@ One train step (trainer at version v):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import signal
