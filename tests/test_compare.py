@@ -52,7 +52,7 @@ def test_source_table_overhead_memory_and_success(tmp_path):
     # seed means per step 0.1, 0.3, 0.5: final = mean of the last 5 (here all 3) = 0.3; best 5-step mean = 0.3
     assert table["snapshot"]["final success"] == pytest.approx(0.3)
     assert table["snapshot"]["best success"] == pytest.approx(0.3)
-    assert math.isnan(table["snapshot"]["audit |err|"])
+    assert math.isnan(table["snapshot"]["audit err"])
 
 
 def test_compare_grid_report_and_resume(tmp_path, tiny_path, capsys):
@@ -69,6 +69,9 @@ def test_compare_grid_report_and_resume(tmp_path, tiny_path, capsys):
         assert [r["step"] for r in rows] == [1, 2]
         assert ("audit/abs_err_mean" in rows[-1]) == name.endswith("audit")
     page = (out / "report" / "report.html").read_text()
+    table = page.split('<section id="overhead-table">')[1].split("</table>")[0]
+    widths = {row.count("<th>") + row.count("<td>") for row in table.split("<tr>")[1:]}
+    assert len(widths) == 1  # every row has as many cells as the header
     for key in SECTIONS:
         section = page.split(f'<section id="{key}">')[1].split("</section>")[0]
         assert "<img src=\"data:image/png;base64," in section or "<table>" in section, key

@@ -137,7 +137,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
             "active ratio": g.mean_of("ppo/active_token_ratio", skip_first=False),
             "KL disc": g.mean_of("kl/discrepancy_k3", skip_first=False),
             "KL stale": g.mean_of("kl/staleness_k3", skip_first=False),
-            "audit |err|": audit.get(g.label, math.nan),
+            "audit err": audit.get(g.label, math.nan),
             "final success": sum(tail) / len(tail) if tail else math.nan,
             # Full windows only: a partial window at step 1-4 would make one lucky step "best".
             "best success": max((v for v in smooth(success)[SMOOTH - 1:] or smooth(success) if not math.isnan(v)),
@@ -182,24 +182,27 @@ def throughput_table(groups: list[Group]) -> list[dict]:
     return rows
 
 
+def format_cell(key: str, v) -> str:
+    """One table cell as text: NaN as '-', overheads and fractions as percentages, 3 significant digits."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "-"
+    if key == "extra vs behavior":
+        return f"{v:+.0%}"
+    if key == "of ideal":
+        return f"{v:.0%}"
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     if not rows:
         return "(no runs)\n"
-
-    def fmt(key: str, v) -> str:
-        if isinstance(v, str):
-            return v
-        if isinstance(v, int):
-            return str(v)
-        if math.isnan(v):
-            return "-"
-        if key in ("extra vs behavior", "of ideal"):
-            return f"{v:+.0%}" if key == "extra vs behavior" else f"{v:.0%}"
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
-    lines += ["| " + " | ".join(fmt(k, r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_cell(k, r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -298,11 +301,12 @@ def _img(path: Path) -> str:
 
 
 def _html_table(rows: list[dict]) -> str:
-    md = markdown_table(rows).splitlines()
-    head = [c.strip() for c in md[0].strip("|").split("|")]
-    body = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
-    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    if not rows:
+        return "<p>(no runs)</p>"
+    keys = list(rows[0])
+    return ("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(k, r[k]))}</td>" for k in keys) + "</tr>"
+                      for r in rows)
             + "</table>")
 
 
