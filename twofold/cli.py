@@ -133,7 +133,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     """Sample one episode opening with the engine and show tokens, behaviour log-probs and versions."""
     from twofold.engine import GenerationRequest, SamplingParams, make_engine
-    from twofold.envs import make_env
+    from twofold.envs import env_from_config
     from twofold.models import load_tokenizer
     from twofold.pipeline.runner import resolve_model_path
     from twofold.rollout.worker import first_prompt_ids
@@ -142,7 +142,7 @@ def cmd_generate(args) -> int:
     path = resolve_model_path(cfg)
     tok = load_tokenizer(path)
     engine = make_engine(cfg.engine, path, tok, seed=cfg.seed)
-    env = make_env(cfg.env.name, options=cfg.env.options)
+    env = env_from_config(cfg.env)
     prompt = first_prompt_ids(tok, env, env.reset(cfg.seed))
     params = SamplingParams(cfg.engine.temperature, cfg.engine.top_p, cfg.engine.top_k, cfg.engine.max_new_tokens,
                             stop_token_ids=[tok.eos_token_id])

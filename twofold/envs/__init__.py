@@ -1,9 +1,9 @@
 """Text environments for LLM agents: FrozenLake, Sokoban, arithmetic, tool use, and your own by import path."""
 
 from twofold.envs import arithmetic, frozenlake, sokoban, tooluse  # noqa: F401  (registration)
-from twofold.envs.base import TextEnv, env_class, known_envs, make_env, parse_answer, register
+from twofold.envs.base import TextEnv, env_class, env_from_config, known_envs, make_env, parse_answer, register
 
-__all__ = ["TextEnv", "env_class", "known_envs", "make_env", "parse_answer", "register", "tokenizer_corpus"]
+__all__ = ["TextEnv", "env_class", "env_from_config", "known_envs", "make_env", "parse_answer", "register", "tokenizer_corpus"]
 
 
 # The tiny tokenizer's training text. Fixed (not "every registered env") because the tokenizer, the tiny

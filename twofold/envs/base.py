@@ -173,6 +173,12 @@ def env_class(name: str) -> type[TextEnv]:
                       "or package.module:ClassName for your own")
 
 
+def env_from_config(env_cfg) -> TextEnv:
+    """The env a config's `env` section describes (name, turns, penalties, options)."""
+    return make_env(env_cfg.name, max_turns=env_cfg.max_turns, format_penalty=env_cfg.format_penalty,
+                    invalid_action=env_cfg.invalid_action, options=env_cfg.options)
+
+
 def make_env(name: str, *, max_turns: int = 8, format_penalty: float = -0.1,
              invalid_action: str = "continue", options: dict | None = None) -> TextEnv:
     from twofold.config import ConfigError

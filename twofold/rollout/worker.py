@@ -23,7 +23,7 @@ from typing import Callable
 
 from twofold.config import Config
 from twofold.engine.base import GenerationRequest, InferenceEngine, SamplingParams
-from twofold.envs import TextEnv, make_env
+from twofold.envs import TextEnv, env_from_config
 from twofold.models import encode_chat
 from twofold.rollout.trajectory import Trajectory
 
@@ -119,10 +119,8 @@ class RolloutWorker:
         self.next_group += 1
         seed = level_seed(self.cfg.seed, gid)
         self.group_members[gid] = []
-        env_cfg = self.cfg.env
         for k in range(self.cfg.rollout.group_size):
-            env = make_env(env_cfg.name, max_turns=env_cfg.max_turns, format_penalty=env_cfg.format_penalty,
-                           invalid_action=env_cfg.invalid_action, options=env_cfg.options)
+            env = env_from_config(self.cfg.env)
             obs = env.reset(seed)
             traj = Trajectory(uid=self.next_uid, group_id=gid, level_seed=seed, start_version=self.engine.version)
             self.next_uid += 1

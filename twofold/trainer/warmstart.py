@@ -16,19 +16,13 @@ import torch
 from tqdm import tqdm
 
 from twofold.config import Config
-from twofold.envs import make_env
+from twofold.envs import env_from_config
 from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer, pad_right, sequence_logprobs
 from twofold.rollout.worker import first_prompt_ids, level_seed, observation_ids
 
 WARMSTART_RECIPE = 1
 # Level seeds of demonstrations and evaluation are disjoint from training levels (seed offsets).
 DEMO_SEED_OFFSET, EVAL_SEED_OFFSET = 200_000, 100_000
-
-
-def _env(cfg: Config):
-    e = cfg.env
-    return make_env(e.name, max_turns=e.max_turns, format_penalty=e.format_penalty, invalid_action=e.invalid_action,
-                    options=e.options)
 
 
 def solver_answer(env, rng: random.Random, noise: float) -> str:
@@ -44,7 +38,7 @@ def solver_success_rate(cfg: Config, episodes: int, noise: float = 0.0) -> float
     """
     wins = 0
     for k in range(episodes):
-        env = _env(cfg)
+        env = env_from_config(cfg.env)
         seed = level_seed(cfg.seed + EVAL_SEED_OFFSET, k)
         rng = random.Random(seed)
         env.reset(seed)
@@ -58,7 +52,7 @@ def solver_success_rate(cfg: Config, episodes: int, noise: float = 0.0) -> float
 
 def demonstration(cfg: Config, tokenizer, index: int) -> tuple[list[int], list[int], bool]:
     """One noisy-solver episode as (token_ids, loss_mask, success)."""
-    env = _env(cfg)
+    env = env_from_config(cfg.env)
     seed = level_seed(cfg.seed + DEMO_SEED_OFFSET, index)
     rng = random.Random(seed)
     obs = env.reset(seed)
