@@ -14,8 +14,11 @@ from twofold.rollout.trajectory import Batch, Trajectory
 
 @pytest.fixture(scope="module")
 def recording(tiny_path, tokenizer):
+    return record(BuiltinEngine(tiny_path, dtype="bfloat16", tokenizer=tokenizer, seed=3), tiny_path, tokenizer)
+
+
+def record(engine, tiny_path, tokenizer):
     """Three trajectories; partial outputs continue across two weight updates (versions 0, 1, 2)."""
-    engine = BuiltinEngine(tiny_path, dtype="bfloat16", tokenizer=tokenizer, seed=3)
     model = load_model(tiny_path)
     states = {0: clone_state_dict(model)}
     events = []
@@ -57,13 +60,13 @@ def recording(tiny_path, tokenizer):
     return events, states
 
 
-def replay(kind, recording, tiny_path, budget=""):
+def replay(kind, recording, tiny_path, budget="", logprob_worker=None):
     events, states = recording
     cfg = config_from_dict({"oldlogits": {"snapshot_budget": budget}})
     model = load_model(tiny_path)
     load_parameters(model, states[0])
     ctx = SourceContext(pad_id=0, temperature=1.0, async_mode=True, max_staleness=2)
-    source = make_source(cfg, ctx, model, kind=kind)
+    source = make_source(cfg, ctx, model, kind=kind, logprob_worker=logprob_worker)
     trajs = [Trajectory(uid=i, group_id=0, level_seed=0) for i in range(3)]
     version, peak = 0, 0
     for ev in events:
@@ -107,8 +110,9 @@ def test_recording_spans_versions(recording):
     assert versions == {0, 1, 2}
 
 
-def test_three_exact_sources_agree_with_brute_force(recording, tiny_path):
-    results = {k: replay(k, recording, tiny_path) for k in ("snapshot", "dedicated", "interrupt")}
+def assert_exact_sources_agree(recording, tiny_path, logprob_worker=None):
+    """snapshot, dedicated and interrupt each match the brute-force old log-probs within 1e-6."""
+    results = {k: replay(k, recording, tiny_path, logprob_worker=logprob_worker) for k in ("snapshot", "dedicated", "interrupt")}
     batch = results["snapshot"][0]
     ref = brute_force(batch, recording[1], tiny_path)
     mask = batch.loss_mask > 0
@@ -117,6 +121,11 @@ def test_three_exact_sources_agree_with_brute_force(recording, tiny_path):
         err = (old - ref)[mask].abs().max().item()
         print(f"{kind}: max |old - brute force| = {err:.2e}")
         assert err < 1e-6, kind
+    return batch, ref, mask
+
+
+def test_three_exact_sources_agree_with_brute_force(recording, tiny_path):
+    batch, ref, mask = assert_exact_sources_agree(recording, tiny_path)
     # recompute uses the current weights (version 2) for every token: wrong on stale tokens
     trajs = [Trajectory(**{**t.__dict__, "old_logprobs": [float("nan")] * len(t.token_ids)}) for t in batch.trajectories]
     model = load_model(tiny_path)

@@ -172,3 +172,17 @@ def test_nonfinite_behavior_logprobs_drop_the_trajectory(tmp_path, tiny_path):
     assert rows[-1]["rollout/nonfinite_dropped"] == 2
     # The dropped trajectories never reach the loss: every trained behaviour log-prob is finite.
     assert all(r["discrepancy/nonfinite_tokens"] == 0 for r in rows)
+
+
+def test_resumed_dedicated_worker_starts_at_the_checkpoint_version(tmp_path, tiny_path):
+    # The dedicated worker's model copy must hold the resumed weights and version, or the first segment
+    # of the resumed version would be scored with the initial weights.
+    Pipeline(small_config(mode="async", **{"oldlogits.source": "dedicated", "trainer.steps": 2}),
+             tmp_path / "run", model_path=tiny_path).run()
+    pipe = Pipeline(small_config(mode="async", **{"oldlogits.source": "dedicated", "trainer.steps": 4}),
+                    tmp_path / "run", resume=True, model_path=tiny_path)
+    assert pipe.trainer.version == 2 and pipe.source.version == 2
+    for (name, p), q in zip(pipe.trainer.model.named_parameters(), pipe.source.worker.model.parameters()):
+        assert torch.equal(p, q), name
+    pipe.run()
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -20,19 +20,18 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
-    from twofold.pipeline.runner import Pipeline
+    from twofold.pipeline.runner import train
 
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError("--resume", f"{str(run_dir)!r} holds no config.yaml; give a run directory")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
-        pipeline = Pipeline(cfg, run_dir, resume=True)
+        run_dir, last = train(cfg, run_dir, resume=True)
     else:
-        pipeline = Pipeline(_config(args))
-    last = pipeline.run()
-    print(f"run directory: {pipeline.run_dir}")
-    print(f"metrics:       {pipeline.run_dir / 'metrics.jsonl'} (TensorBoard: {pipeline.run_dir / 'tb'})")
+        run_dir, last = train(_config(args))
+    print(f"run directory: {run_dir}")
+    print(f"metrics:       {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tb'})")
     if last:
         print(f"last step {last['step']}: success {last['success/rate']:.2f}, reward {last['reward/mean']:.3f}, "
               f"{last['time/step']:.2f} s/step")

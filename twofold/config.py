@@ -21,8 +21,11 @@ class ConfigError(ValueError):
     """A config value that cannot be used; `field` is the dotted path of the culprit."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"config field '{field}': {message}")
+
+    def __reduce__(self):  # picklable, so it crosses process boundaries (Ray actors) as itself
+        return type(self), (self.field, self.message)
 
 
 @dataclass
@@ -153,6 +156,32 @@ class WarmstartConfig:
 
 
 @dataclass
+class RayConfig:
+    # An existing cluster to join ("auto" or "ray://host:10001"). Empty: start a local one for the run.
+    address: str = ""
+    engine_replicas: int = 2
+    env_workers: int = 2
+    # Resources per actor, as Ray schedules them (logical CPUs, GPUs or fractions).
+    trainer_num_cpus: float = 1.0
+    trainer_num_gpus: float = 0.0
+    engine_num_cpus: float = 1.0
+    engine_num_gpus: float = 0.0
+    env_num_cpus: float = 0.0
+    oldlogit_num_cpus: float = 1.0
+    oldlogit_num_gpus: float = 0.0
+    # A call to an engine replica or the old-logit actor that takes longer fails over (the run never hangs).
+    request_timeout_s: float = 300.0
+
+
+@dataclass
+class RuntimeConfig:
+    # embedded: every part in this process (the default). ray: engine replicas, env workers, trainer and
+    # the dedicated old-logit worker as Ray actors.
+    backend: Literal["embedded", "ray"] = "embedded"
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
 class Config:
     seed: int = 0
     mode: Literal["sync", "async"] = "async"
@@ -167,6 +196,7 @@ class Config:
     oldlogits: OldLogitsConfig = field(default_factory=OldLogitsConfig)
     run: RunConfig = field(default_factory=RunConfig)
     warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -331,6 +361,13 @@ def validate(cfg: Config) -> Config:
          "sync mode never interrupts a rollout; leave it at 'continue'")
     need(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0 disables periodic checkpoints)")
     need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+    ray = cfg.runtime.ray
+    need(ray.engine_replicas >= 1, "runtime.ray.engine_replicas", "must be >= 1")
+    need(ray.env_workers >= 1, "runtime.ray.env_workers", "must be >= 1")
+    for name in ("trainer_num_cpus", "trainer_num_gpus", "engine_num_cpus", "engine_num_gpus", "env_num_cpus",
+                 "oldlogit_num_cpus", "oldlogit_num_gpus"):
+        need(getattr(ray, name) >= 0, f"runtime.ray.{name}", "must be >= 0")
+    need(ray.request_timeout_s > 0, "runtime.ray.request_timeout_s", "must be > 0")
     w = cfg.warmstart
     need(w.episodes >= 1, "warmstart.episodes", "must be >= 1")
     need(0 <= w.noise <= 1, "warmstart.noise", "must be in [0, 1]")

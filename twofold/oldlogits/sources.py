@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
@@ -37,18 +38,25 @@ class SourceContext:
     batch_size: int = 16
 
 
-def capture(model: torch.nn.Module, trajectories: list[Trajectory], version: int | None, ctx: SourceContext) -> int:
+Scorer = Callable[[list[list[int]]], list[torch.Tensor]]  # token prefixes -> per-position log-probs
+
+
+def capture(model: torch.nn.Module | Scorer, trajectories: list[Trajectory], version: int | None, ctx: SourceContext) -> int:
     """Fill old log-probs of `version`'s tokens (every missing token if None) with `model`'s log-probs.
 
     The one computation behind every exact source: a float32 forward over each trajectory's prefix up
-    to its last such token. Returns the number of tokens filled.
+    to its last such token. `model` may also be a scorer (prefixes -> log-probs) that runs the forward
+    elsewhere, such as the dedicated worker's Ray actor. Returns the number of tokens filled.
     """
     todo = [(t, t.missing_old(version)) for t in trajectories]
     todo = [(t, pos) for t, pos in todo if pos]
     if not todo:
         return 0
     prefixes = [t.token_ids[: pos[-1] + 1] for t, pos in todo]
-    logprobs = compute_logprobs(model, prefixes, pad_id=ctx.pad_id, temperature=ctx.temperature, batch_size=ctx.batch_size)
+    if isinstance(model, torch.nn.Module):
+        logprobs = compute_logprobs(model, prefixes, pad_id=ctx.pad_id, temperature=ctx.temperature, batch_size=ctx.batch_size)
+    else:
+        logprobs = model(prefixes)
     for (t, pos), lp in zip(todo, logprobs):
         t.set_old(pos, lp[pos])
     return sum(len(pos) for _, pos in todo)
@@ -373,20 +381,54 @@ class InterruptSource(OldLogitSource):
 _STOP = object()
 
 
+class LogprobWorker(Protocol):
+    """The dedicated worker's model copy: a scorer that can load a version's weights."""
+
+    def __call__(self, prefixes: list[list[int]]) -> list[torch.Tensor]: ...
+
+    def load(self, state: dict[str, torch.Tensor], version: int) -> None: ...
+
+    def nbytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class LocalLogprobWorker:
+    """The embedded runtime's dedicated worker: a float32 model copy in this process."""
+
+    def __init__(self, model: torch.nn.Module, ctx: SourceContext):
+        self.model = copy.deepcopy(model).float().eval()
+        self.ctx = ctx
+
+    def __call__(self, prefixes):
+        return compute_logprobs(self.model, prefixes, pad_id=self.ctx.pad_id, temperature=self.ctx.temperature,
+                                batch_size=self.ctx.batch_size)
+
+    def load(self, state, version):
+        load_parameters(self.model, state)
+
+    def nbytes(self):
+        return model_bytes(self.model)
+
+    def close(self):
+        pass
+
+
 class DedicatedSource(OldLogitSource):
-    """A separate model copy on its own thread that follows the engine's versions.
+    """A separate model copy that follows the engine's versions, fed by a thread of its own.
 
     Events arrive in order: segments of version v (closed by a trajectory's end or by the update
     past v) and then the weights of v+1. The worker computes each segment with W_v before loading
-    W_{v+1}, overlapped with training; `prepare` only waits for the batch's last segments.
+    W_{v+1}, overlapped with training; `prepare` only waits for the batch's last segments. The model
+    copy is a `LogprobWorker`: in this process (embedded) or in a Ray actor of its own.
     """
 
     name = "dedicated"
     exact = True
 
-    def __init__(self, ctx: SourceContext, model: torch.nn.Module, version: int = 0):
+    def __init__(self, ctx: SourceContext, model: torch.nn.Module, version: int = 0, worker: LogprobWorker | None = None):
         super().__init__(ctx)
-        self.model = copy.deepcopy(model).float().eval()
+        self.worker = worker or LocalLogprobWorker(model, ctx)
         self.version = version
         self.events: queue.Queue = queue.Queue()
         self.done = threading.Condition()
@@ -421,12 +463,12 @@ class DedicatedSource(OldLogitSource):
                 if segments:
                     for _, _, v in segments:
                         assert v == self.version, f"segment of version {v} reached the worker at version {self.version}"
-                    self._timed(capture, self.model, [t for _, t, _ in segments], self.version, self.ctx)
+                    self._timed(capture, self.worker, [t for _, t, _ in segments], self.version, self.ctx)
                     self.segments += len(segments)
                 if item is _STOP:
                     return
                 if item is not None:  # ("weights", version, state)
-                    load_parameters(self.model, item[2])
+                    self.worker.load(item[2], item[1])
                     self.version = item[1]
                 with self.done:
                     self.done.notify_all()
@@ -446,7 +488,7 @@ class DedicatedSource(OldLogitSource):
         return batch_old_logprobs(batch)
 
     def extra_bytes(self):
-        return model_bytes(self.model)
+        return self.worker.nbytes()
 
     def metrics(self):
         return {"dedicated/lag_versions": float(self.events.qsize()), "dedicated/wait_seconds": self.wait_seconds,
@@ -457,10 +499,15 @@ class DedicatedSource(OldLogitSource):
         # Joined, not left to die with the interpreter: a thread inside a torch kernel at exit aborts
         # the process ("terminate called without an active exception").
         self._thread.join(timeout=60)
+        self.worker.close()
 
 
-def make_source(cfg, ctx: SourceContext, model: torch.nn.Module, kind: str | None = None) -> OldLogitSource:
-    """The source named by `oldlogits.source` (or `kind`), built around the trainer's model."""
+def make_source(cfg, ctx: SourceContext, model: torch.nn.Module, kind: str | None = None, version: int = 0,
+                logprob_worker: Callable[[torch.nn.Module], LogprobWorker] | None = None) -> OldLogitSource:
+    """The source named by `oldlogits.source` (or `kind`), built around the trainer's model.
+
+    `version` is the trainer's (non-zero on resume); `logprob_worker` builds the dedicated worker's
+    model copy elsewhere (the Ray runtime's actor)."""
     from twofold.config import parse_bytes
 
     o = cfg.oldlogits
@@ -473,7 +520,7 @@ def make_source(cfg, ctx: SourceContext, model: torch.nn.Module, kind: str | Non
         return SnapshotSource(ctx, model, parse_bytes(o.snapshot_budget), o.on_budget,
                               fallback=ewma() if o.on_budget == "ewma" else None)
     if kind == "dedicated":
-        return DedicatedSource(ctx, model)
+        return DedicatedSource(ctx, model, version, worker=logprob_worker(model) if logprob_worker else None)
     if kind == "interrupt":
         return InterruptSource(ctx)
     if kind == "ewma":

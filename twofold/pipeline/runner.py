@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from twofold.config import Config, ConfigError, dump_config
-from twofold.engine import make_engine
+from twofold.engine import InferenceEngine, make_engine
+from twofold.envs import TextEnv, env_from_config
 from twofold.models import clone_state_dict, load_model, load_tokenizer
 from twofold.oldlogits import OldLogitSource, make_source
 from twofold.oldlogits.sources import SourceContext, current_logprobs
@@ -59,6 +60,23 @@ def resolve_model_path(cfg: Config, progress: bool = True) -> Path:
     return ensure_warmstart(cfg, base, progress=progress)
 
 
+class EmbeddedRuntime:
+    """Where the pipeline's parts live: here, all in this process. `RayRuntime` puts them in actors."""
+
+    def make_engine(self, cfg: Config, model_path: Path, tokenizer) -> InferenceEngine:
+        return make_engine(cfg.engine, model_path, tokenizer, seed=cfg.seed)
+
+    def make_env(self, cfg: Config) -> TextEnv:
+        return env_from_config(cfg.env)
+
+    logprob_worker = None  # the dedicated source's model copy stays in this process
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class StepTimes:
     idle: float = 0.0
@@ -68,8 +86,10 @@ class StepTimes:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, run_dir: Path | None = None, *, resume: bool = False, model_path: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: Path | None = None, *, resume: bool = False, model_path: Path | None = None,
+                 runtime=None):
         self.cfg = cfg
+        self.runtime = runtime or EmbeddedRuntime()
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
         if not resume and (self.run_dir / "metrics.jsonl").exists():
             raise ConfigError("run.dir", f"{str(self.run_dir)!r} already holds a run; continue it with "
@@ -84,10 +104,19 @@ class Pipeline:
         self.model_path = path
         self.tokenizer = load_tokenizer(path)
         self.trainer = Trainer(load_model(path, torch.float32), cfg, seed=cfg.seed)
-        self.engine = make_engine(cfg.engine, path, self.tokenizer, seed=cfg.seed)
+        self.engine = self.runtime.make_engine(cfg, path, self.tokenizer)
+        self.dropped_groups = 0
+        self.stale_dropped = 0
+        self.step = 0
+        start_group, source_state = self._load_checkpoint() if resume else (0, None)
+        # Sources are built after the checkpoint so that model copies (dedicated worker, EWMA) start
+        # from the resumed weights and version.
         self.ctx = SourceContext(pad_id=self.tokenizer.pad_token_id or 0, temperature=cfg.engine.temperature,
                                  async_mode=self.async_mode, max_staleness=self.window)
-        self.source: OldLogitSource = make_source(cfg, self.ctx, self.trainer.model)
+        self.source: OldLogitSource = make_source(cfg, self.ctx, self.trainer.model, version=self.trainer.version,
+                                                  logprob_worker=self.runtime.logprob_worker)
+        if source_state is not None:
+            self.source.load_state_dict(source_state)
         self.auditor: OldLogitSource | None = (
             make_source(cfg, self.ctx, self.trainer.model, kind="snapshot") if cfg.oldlogits.audit else None)
         self.sources = [s for s in (self.source, self.auditor) if s is not None]
@@ -95,21 +124,16 @@ class Pipeline:
         self.pending: dict[int, Trajectory] = {}  # every trajectory started and not yet trained or dropped
         self.ready: list[list[Trajectory]] = []
         self.ready_cond = threading.Condition()
-        self.dropped_groups = 0
-        self.stale_dropped = 0
         self.failed_in_a_row = 0  # groups in which no episode finished
-        self.step = 0
         self.peak_extra_bytes = 0
         self._paused = False
         self._stop_signal: int | None = None
-        start_group = 0
-        if resume:
-            start_group = self._load_checkpoint()
         self.metrics = MetricsSink(self.run_dir, cfg.run.tensorboard, resume_step=self.step if resume else None)
         self.worker = RolloutWorker(
             self.engine, self.tokenizer, cfg, admit=self._admit, on_group=self._on_group,
             on_episode_start=self._on_episode_start, on_new_version=self._on_new_version,
-            on_trajectory_end=self._on_trajectory_end, start_group=start_group, lockstep=not self.async_mode)
+            on_trajectory_end=self._on_trajectory_end, start_group=start_group, lockstep=not self.async_mode,
+            make_env=lambda: self.runtime.make_env(cfg))
 
     # ------------------------------------------------------------------ rollout-thread callbacks
 
@@ -281,6 +305,7 @@ class Pipeline:
         }
         row.update(metrics)
         row.update(audit)
+        row.update(self.runtime.metrics())
         for s in self.sources:
             row.update(s.metrics())
         self.metrics.log(row)
@@ -306,14 +331,14 @@ class Pipeline:
     def checkpoint(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self._checkpoint_state(), self.cfg.run.keep_checkpoints)
 
-    def _load_checkpoint(self) -> int:
+    def _load_checkpoint(self) -> tuple[int, dict | None]:
+        """Restore trainer, engine and RNGs; return (first group to generate, the source's state)."""
         path = latest_checkpoint(self.run_dir)
         if path is None:
-            return 0
+            return 0, None
         state = torch.load(path, weights_only=False)
         self.step = state["step"]
         self.trainer.load_state_dict(state["trainer"])
-        self.source.load_state_dict(state["source"])
         if state["engine_rng"] is not None:
             self.engine.generator.set_state(state["engine_rng"])
         torch.set_rng_state(state["torch_rng"])
@@ -322,20 +347,25 @@ class Pipeline:
         self.stale_dropped = state["stale_dropped"]
         self.engine.update_weights(clone_state_dict(self.trainer.model), self.trainer.version)
         log.info("resumed from %s at step %d", path, self.step)
-        return state["next_group"]
+        return state["next_group"], state["source"]
 
     # ------------------------------------------------------------------ the run
 
-    def _on_signal(self, signum, frame) -> None:
+    def request_stop(self, signum: int) -> None:
+        """Checkpoint and stop after the current step (SIGINT/SIGTERM here, or forwarded by the Ray driver)."""
         self._stop_signal = signum
 
-    def run(self) -> dict:
+    def _on_signal(self, signum, frame) -> None:
+        self.request_stop(signum)
+
+    def run(self, progress: bool | None = None) -> dict:
         cfg = self.cfg
+        progress = cfg.run.progress if progress is None else progress
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 handlers[sig] = signal.signal(sig, self._on_signal)
-        bar = tqdm(total=cfg.trainer.steps, initial=self.step, disable=not cfg.run.progress, desc="train", unit="step")
+        bar = tqdm(total=cfg.trainer.steps, initial=self.step, disable=not progress, desc="train", unit="step")
         last: dict = {}
         try:
             if self.async_mode:
@@ -371,4 +401,24 @@ class Pipeline:
         for s in self.sources:
             s.close()
         self.engine.close()
+        self.runtime.close()
         self.metrics.close()
+
+
+def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> tuple[Path, dict]:
+    """Run (or resume) one training run on the configured runtime; return (run directory, last metrics)."""
+    if cfg.runtime.backend == "embedded":
+        pipeline = Pipeline(cfg, run_dir, resume=resume)
+        return pipeline.run_dir, pipeline.run()
+    try:
+        from twofold.pipeline.ray_runtime import RaySession
+    except ImportError as e:
+        raise ConfigError("runtime.backend", f"Ray is not installed ({e}); `pip install twofold[ray]`, "
+                          "or use runtime.backend=embedded") from None
+    run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
+    if not resume and (run_dir / "metrics.jsonl").exists():  # checked here too: before any actor starts
+        raise ConfigError("run.dir", f"{str(run_dir)!r} already holds a run; continue it with "
+                          f"`twofold train --resume {run_dir}` or choose another run.dir")
+    model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # on the driver: actors share the path
+    with RaySession(cfg, run_dir, model_path, resume=resume) as session:
+        return run_dir, session.run()

@@ -88,9 +88,11 @@ class RolloutWorker:
         on_trajectory_end: Callable[[Trajectory], None] = lambda t: None,
         start_group: int = 0,
         lockstep: bool = False,
+        make_env: Callable[[], TextEnv] | None = None,
     ):
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
         self.admit, self.on_group = admit, on_group
+        self.make_env = make_env or (lambda: env_from_config(cfg.env))  # the Ray runtime's envs live in actors
         self.on_episode_start, self.on_new_version, self.on_trajectory_end = on_episode_start, on_new_version, on_trajectory_end
         e = cfg.engine
         self.params = SamplingParams(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
@@ -120,7 +122,7 @@ class RolloutWorker:
         seed = level_seed(self.cfg.seed, gid)
         self.group_members[gid] = []
         for k in range(self.cfg.rollout.group_size):
-            env = env_from_config(self.cfg.env)
+            env = self.make_env()
             obs = env.reset(seed)
             traj = Trajectory(uid=self.next_uid, group_id=gid, level_seed=seed, start_version=self.engine.version)
             self.next_uid += 1

@@ -1,0 +1,104 @@
+"""The Ray runtime on a local cluster that this module starts and stops: 2 engine replicas, 2 env
+workers, the trainer (and the dedicated old-logit worker) as actors, the tiny model."""
+
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from conftest import small_config  # noqa: E402
+from test_exactness import assert_exact_sources_agree, record  # noqa: E402
+from test_pipeline import DOCUMENTED  # noqa: E402
+from twofold.config import ConfigError, EngineConfig  # noqa: E402
+from twofold.oldlogits.sources import SourceContext  # noqa: E402
+from twofold.pipeline.ray_runtime import (  # noqa: E402
+    EngineReplica,
+    OldLogitActor,
+    RayEngine,
+    RayLogprobWorker,
+    RaySession,
+)
+from twofold.pipeline.rundir import read_metrics, summary  # noqa: E402
+from twofold.pipeline.runner import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Logical CPUs: the actors' requests must fit; the 2 real cores are shared by all of them.
+    ray.init(num_cpus=8, include_dashboard=False, namespace="twofold", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def ray_config(tmp_path, **overrides):
+    return small_config(**{"runtime.backend": "ray", "mode": "async", "run.dir": str(tmp_path / "run"), **overrides})
+
+
+@pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt", "ewma"])
+def test_short_async_run_under_ray(cluster, tmp_path, tiny_path, source):
+    cfg = ray_config(tmp_path, **{"oldlogits.source": source, "trainer.steps": 3, "env.step_latency_ms": 5.0,
+                                  "advantage.estimator": "discounted"})
+    run_dir, last = train(cfg)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert last["version"] == 3 and last["loss/grad_norm"] > 0
+    for key in DOCUMENTED:  # the embedded runtime's metrics, all of them
+        assert key in last, key
+    assert all(r["version/staleness_max"] <= cfg.max_staleness for r in rows)
+    # both replicas served requests; nothing failed
+    assert last["ray/engine0_requests"] > 0 and last["ray/engine1_requests"] > 0
+    assert last["ray/engine_replica_failures"] == 0 and last["ray/env_worker_failures"] == 0
+    assert summary(run_dir)["finished"] and list((run_dir / "checkpoints").glob("step_*.pt"))
+    if source == "dedicated":
+        assert last["dedicated/segments"] > 0
+
+
+def test_exact_sources_agree_under_ray(cluster, tiny_path, tokenizer):
+    """The exactness check on a recording made by two engine replicas (weights through the object store,
+    pauses continued on another replica), the dedicated worker running in its own actor."""
+    replicas = [EngineReplica.remote(EngineConfig(dtype="bfloat16"), str(tiny_path), 3 + i, 1) for i in range(2)]
+    engine = RayEngine(replicas, timeout_s=60)
+    recording = record(engine, tiny_path, tokenizer)
+    assert min(engine.requests) > 0  # both replicas generated part of it
+    actor = OldLogitActor.remote(str(tiny_path), SourceContext(0, 1.0, True, 2), 1)
+    assert_exact_sources_agree(recording, tiny_path, logprob_worker=lambda model: RayLogprobWorker(actor, model, 60))
+    for a in [*replicas, actor]:
+        ray.kill(a)
+
+
+def wait_for_step(run_dir, step, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and len(read_metrics(path)) >= step:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+@pytest.mark.parametrize("role", ["env-0", "engine-0"])
+def test_killed_actor_is_survived(cluster, tmp_path, tiny_path, role):
+    # Tool latency keeps episodes in flight on every env worker when the kill lands.
+    cfg = ray_config(tmp_path, **{"oldlogits.source": "snapshot", "trainer.steps": 4, "env.step_latency_ms": 150.0})
+    with RaySession(cfg, tmp_path / "run", tiny_path) as session:
+        victim = session.actor(role)
+        pid = ray.get(victim.pid.remote())
+        ref = session.trainer.run.remote()
+        wait_for_step(tmp_path / "run", 1)
+        ray.kill(victim, no_restart=False)  # Ray restarts it; the runtime must notice and carry on
+        last = ray.get(ref, timeout=300)
+        assert ray.get(victim.pid.remote(), timeout=60) != pid  # a new process
+    assert last["step"] == 4 and summary(tmp_path / "run")["finished"]
+    if role.startswith("env"):
+        # the dead worker's episodes failed (counted), the others finished
+        assert last["rollout/env_errors"] >= 1 and last["ray/env_worker_failures"] >= 1
+    else:
+        assert last["ray/engine_replica_failures"] >= 1 and last["ray/engine_retried_requests"] >= 1
+    assert last["ray/engine_replica_failures"] + last["rollout/env_errors"] >= 1
+
+
+def test_config_error_in_the_trainer_actor_stays_a_config_error(cluster, tmp_path):
+    cfg = ray_config(tmp_path, **{"oldlogits.source": "snapshot", "oldlogits.snapshot_budget": "1KB"})
+    with pytest.raises(ConfigError, match="oldlogits.snapshot_budget"):
+        train(cfg)

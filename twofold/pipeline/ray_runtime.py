@@ -1,0 +1,446 @@
+"""The Ray runtime: the embedded pipeline's parts as Ray actors, with the same semantics and run directory.
+
+    driver (`twofold train`)   joins or starts the cluster, creates the actors, shows progress from
+                               metrics.jsonl, forwards SIGINT/SIGTERM (checkpoint, then stop)
+    TrainerActor               the `Pipeline` itself: trainer model and optimizer, old-logit sources
+                               (the snapshot store lives here, budget and all), admission control,
+                               metrics and checkpoints
+    EngineReplica x N          one inference engine each; `RayEngine` splits every batch across them
+    EnvWorker x M              env instances keyed by episode: a crashing env dies in its own process
+    OldLogitActor              `oldlogits.source=dedicated`: the dedicated worker's model copy
+
+Weights go through the object store: one `ray.put` per update, every replica reads the same object.
+Version stamps come from the replicas' engines, set by `update_weights` exactly as embedded.
+
+Faults: a dead env worker is restarted by Ray (max_restarts=-1); the episodes it held fail (counted as
+env errors) and the others go on. A dead engine replica is restarted by Ray, `RayEngine` pushes the
+current weights to it and retries its requests (counted). Every wait on an actor has a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError
+from tqdm import tqdm
+
+from twofold.config import Config, EngineConfig
+from twofold.engine import make_engine
+from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
+from twofold.envs import env_from_config
+from twofold.models import compute_logprobs, load_model, load_parameters, load_tokenizer, model_bytes
+from twofold.oldlogits.sources import SourceContext
+from twofold.pipeline.rundir import read_metrics
+
+log = logging.getLogger(__name__)
+ACTOR_FAILURES = (RayActorError, GetTimeoutError)
+try:  # a restarting actor answers ActorUnavailableError in recent Ray
+    from ray.exceptions import ActorUnavailableError
+
+    ACTOR_FAILURES += (ActorUnavailableError,)
+except ImportError:  # pragma: no cover - older Ray
+    pass
+
+
+def _threads(num_cpus: float) -> None:
+    # Each actor is its own process: keep torch to its CPU share so actors do not oversubscribe cores.
+    torch.set_num_threads(max(1, int(num_cpus)))
+
+
+# --------------------------------------------------------------------------- actors
+
+
+@ray.remote(max_restarts=-1, max_concurrency=2)  # 2 threads: pause() must reach it while generate() runs
+class EngineReplica:
+    def __init__(self, engine_cfg: EngineConfig, model_path: str, seed: int, num_cpus: float):
+        _threads(num_cpus)
+        self.engine = make_engine(engine_cfg, model_path, load_tokenizer(model_path), seed=seed)
+
+    def generate(self, requests: list[GenerationRequest], version: int) -> list[GenerationResult] | None:
+        """None when this replica is not at `version` (restarted since): the caller pushes weights first."""
+        if self.engine.version != version:
+            return None
+        return self.engine.generate(requests)
+
+    def update_weights(self, state_dict: dict, version: int) -> None:
+        self.engine.update_weights(state_dict, version)
+
+    def pause(self) -> None:
+        self.engine.pause()
+
+    def resume(self) -> None:
+        self.engine.resume()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class LostEpisode(RuntimeError):
+    """The env worker holding this episode was restarted: the episode is gone."""
+
+
+@ray.remote(max_restarts=-1, max_concurrency=32)  # threads: one slow env step never blocks the others
+class EnvWorker:
+    def __init__(self, env_cfg):
+        self.env_cfg = env_cfg
+        self.envs = {}
+
+    def reset(self, key: int, seed: int) -> tuple[str, str]:
+        env = env_from_config(self.env_cfg)
+        self.envs[key] = env
+        return env.reset(seed), env.system_prompt
+
+    def step(self, key: int, text: str):
+        env = self.envs.get(key)
+        if env is None:
+            raise LostEpisode(f"episode {key} is unknown here: its env worker was restarted and lost it")
+        out = env.step(text)
+        if out[2]:
+            del self.envs[key]
+        return out
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote(max_restarts=0)  # its weights are versioned state: a dead one fails the run (resumable)
+class OldLogitActor:
+    def __init__(self, model_path: str, ctx: SourceContext, num_cpus: float):
+        _threads(num_cpus)
+        self.model = load_model(model_path, torch.float32).eval()
+        self.ctx = ctx
+
+    def load(self, state: dict) -> None:
+        load_parameters(self.model, state)
+
+    def logprobs(self, prefixes: list[list[int]]) -> list[torch.Tensor]:
+        return compute_logprobs(self.model, prefixes, pad_id=self.ctx.pad_id, temperature=self.ctx.temperature,
+                                batch_size=self.ctx.batch_size)
+
+    def nbytes(self) -> int:
+        return model_bytes(self.model)
+
+
+@ray.remote(max_concurrency=2)  # 2 threads: stop() must reach it while run() trains
+class TrainerActor:
+    def __init__(self, num_cpus: float):
+        _threads(num_cpus)
+        self.pipeline = None
+
+    def setup(self, cfg: Config, run_dir: str, resume: bool, model_path: str, handles: dict) -> None:
+        from twofold.pipeline.runner import Pipeline
+
+        self.pipeline = Pipeline(cfg, Path(run_dir), resume=resume, model_path=Path(model_path),
+                                 runtime=RayRuntime(cfg, handles))
+
+    def run(self) -> dict:
+        return self.pipeline.run(progress=False)  # the driver draws the bar; the actor's would arrive as log lines
+
+    def stop(self, signum: int) -> None:
+        if self.pipeline is not None:
+            self.pipeline.request_stop(signum)
+
+
+# --------------------------------------------------------------------------- clients (inside the trainer actor)
+
+
+class RayEngine(InferenceEngine):
+    """The engine interface over N replicas: each batch is split round-robin, one share per replica."""
+
+    def __init__(self, replicas: list, timeout_s: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.replicas = replicas
+        self.dtype = dtype  # the replicas' weight dtype: what crosses the network
+        self.timeout_s = timeout_s
+        self.weights = None  # object ref of the current weights, for replicas that come back
+        self.calls = 0
+        self.requests = [0] * len(replicas)  # requests served per replica (load balance, visible in metrics)
+        self.replica_failures = 0
+        self.retried_requests = 0
+
+    def _generate(self, requests):
+        n = len(self.replicas)
+        self.calls += 1
+        start = self.calls % n  # rotate, so a lone request does not always land on replica 0
+        shares = {(start + i) % n: requests[i::n] for i in range(n) if requests[i::n]}
+        refs = {i: self.replicas[i].generate.remote(share, self.version) for i, share in shares.items()}
+        for i, share in shares.items():
+            self.requests[i] += len(share)
+        results = {}
+        for i, ref in refs.items():
+            for res in self._collect(i, ref, shares[i]):
+                results[res.request_id] = res
+        return [results[r.request_id] for r in requests]
+
+    def _collect(self, i: int, ref, share: list[GenerationRequest], attempts: int = 3) -> list[GenerationResult]:
+        for attempt in range(attempts):
+            try:
+                out = ray.get(ref, timeout=self.timeout_s)
+            except ACTOR_FAILURES as exc:
+                if isinstance(exc, GetTimeoutError):  # hung, not dead: make Ray restart it
+                    ray.kill(self.replicas[i], no_restart=False)
+                out = None
+            if out is not None:
+                return out
+            # died, hung, or came back restarted (not at our version): retry its share on it
+            self.replica_failures += 1
+            self.retried_requests += len(share)
+            log.warning("engine replica %d failed or restarted; retrying its %d requests", i, len(share))
+            if self.pause_requested:  # an update is waiting: hand the share back untouched, as paused
+                return [GenerationResult(r.request_id, list(r.output_ids), list(r.output_logprobs),
+                                         list(r.output_versions), "paused") for r in share]
+            self._sync(i)  # current weights first
+            ref = self.replicas[i].generate.remote(share, self.version)
+        raise RuntimeError(f"engine replica {i} failed {attempts} times in a row")
+
+    def _sync(self, i: int) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                if self.weights is not None:
+                    ray.get(self.replicas[i].update_weights.remote(self.weights, self.version), timeout=self.timeout_s)
+                else:
+                    ray.get(self.replicas[i].pid.remote(), timeout=self.timeout_s)
+                return
+            except ACTOR_FAILURES:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"engine replica {i} did not come back within {self.timeout_s:.0f}s") from None
+                time.sleep(0.5)
+
+    def _each(self, method: str, *args) -> None:
+        """Call `method` on every replica; a replica that fails is re-synced at its next generate."""
+        refs = [getattr(r, method).remote(*args) for r in self.replicas]
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref, timeout=self.timeout_s)
+            except ACTOR_FAILURES as exc:
+                log.warning("engine replica %d: %s failed (%s)", i, method, type(exc).__name__)
+
+    def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+        self._each("pause")
+        super().pause()
+
+    def resume(self) -> None:
+        self._each("resume")
+        super().resume()
+
+    def update_weights(self, state_dict, version):
+        # Cast here, as each replica would on load (bit-identical), so half the bytes travel for bfloat16;
+        # one put, every replica reads the same object.
+        self.weights = ray.put({k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state_dict.items()})
+        self.version = version
+        self._each("update_weights", self.weights, version)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"ray/engine_replica_failures": float(self.replica_failures),
+               "ray/engine_retried_requests": float(self.retried_requests)}
+        out.update({f"ray/engine{i}_requests": float(n) for i, n in enumerate(self.requests)})
+        return out
+
+
+class RemoteEnv:
+    """A TextEnv whose instance lives in an EnvWorker actor: the same reset/step contract."""
+
+    system_prompt = ""
+
+    def __init__(self, pool: "EnvPool"):
+        self.pool = pool
+        self.key = next(pool.keys)
+        self.actor = None
+
+    def reset(self, seed: int) -> str:
+        self.actor, (obs, self.system_prompt) = self.pool.reset(self.key, seed)
+        return obs
+
+    def step(self, text: str):
+        try:
+            return ray.get(self.actor.step.remote(self.key, text), timeout=self.pool.step_timeout_s)
+        except (*ACTOR_FAILURES, LostEpisode):
+            self.pool.failures += 1
+            raise
+
+
+class EnvPool:
+    def __init__(self, workers: list, step_timeout_s: float):
+        self.workers = workers
+        self.step_timeout_s = step_timeout_s
+        self.keys = iter(range(1 << 62))
+        self.failures = 0
+
+    def reset(self, key: int, seed: int):
+        """Start the episode on the next worker that answers (one may be restarting)."""
+        for i in range(len(self.workers)):
+            worker = self.workers[(key + i) % len(self.workers)]
+            try:
+                return worker, ray.get(worker.reset.remote(key, seed), timeout=self.step_timeout_s)
+            except ACTOR_FAILURES:
+                self.failures += 1
+        raise RuntimeError(f"no env worker answered within env.step_timeout_s={self.step_timeout_s}s")
+
+
+class RayLogprobWorker:
+    """The dedicated source's `LogprobWorker` in an OldLogitActor."""
+
+    def __init__(self, actor, model: torch.nn.Module, timeout_s: float):
+        self.actor, self.timeout_s = actor, timeout_s
+        self.load({k: v.detach().clone() for k, v in model.state_dict().items()}, None)  # the trainer's current weights
+
+    def __call__(self, prefixes):
+        return ray.get(self.actor.logprobs.remote(prefixes), timeout=self.timeout_s)
+
+    def load(self, state, version):
+        ray.get(self.actor.load.remote(ray.put(state)), timeout=self.timeout_s)
+
+    def nbytes(self):
+        return ray.get(self.actor.nbytes.remote(), timeout=self.timeout_s)
+
+    def close(self):
+        pass
+
+
+class RayRuntime:
+    """`EmbeddedRuntime`'s counterpart: the same three factories, backed by actors."""
+
+    def __init__(self, cfg: Config, handles: dict):
+        self.timeout_s = cfg.runtime.ray.request_timeout_s
+        self.handles = handles
+        self.envs = EnvPool(handles["envs"], cfg.env.step_timeout_s)
+        self.engine: RayEngine | None = None
+
+    def make_engine(self, cfg, model_path, tokenizer):
+        from twofold.engine.builtin import DTYPES
+
+        self.engine = RayEngine(self.handles["engines"], self.timeout_s, DTYPES[cfg.engine.dtype])
+        return self.engine
+
+    def make_env(self, cfg):
+        return RemoteEnv(self.envs)
+
+    @property
+    def logprob_worker(self):
+        actor = self.handles.get("oldlogit")
+        return None if actor is None else (lambda model: RayLogprobWorker(actor, model, self.timeout_s))
+
+    def metrics(self) -> dict[str, float]:
+        out = {"ray/env_worker_failures": float(self.envs.failures)}
+        if self.engine is not None:
+            out.update(self.engine.metrics())
+        return out
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def required_cpus(cfg: Config) -> float:
+    r = cfg.runtime.ray
+    dedicated = r.oldlogit_num_cpus if cfg.oldlogits.source == "dedicated" else 0.0
+    return r.trainer_num_cpus + r.engine_replicas * r.engine_num_cpus + r.env_workers * r.env_num_cpus + dedicated
+
+
+class RaySession:
+    """One run on Ray: actors up, `run()`, actors down (and the local cluster, if this session started it)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, model_path: Path, *, resume: bool = False):
+        self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        r = cfg.runtime.ray
+        self.started_cluster = not ray.is_initialized()
+        if self.started_cluster:
+            if r.address:
+                ray.init(address=r.address, namespace="twofold", log_to_driver=True)
+            else:  # logical CPUs: enough for every actor's request, whatever the core count
+                ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))), include_dashboard=False,
+                         namespace="twofold", log_to_driver=True)
+        self.prefix = f"twofold-{uuid.uuid4().hex[:8]}-"
+        path = str(model_path)
+        self.engines = [EngineReplica.options(name=f"{self.prefix}engine-{i}", num_cpus=r.engine_num_cpus,
+                                              num_gpus=r.engine_num_gpus).remote(cfg.engine, path, cfg.seed + 7919 * i,
+                                                                                 r.engine_num_cpus)
+                        for i in range(r.engine_replicas)]
+        self.envs = [EnvWorker.options(name=f"{self.prefix}env-{i}", num_cpus=r.env_num_cpus).remote(cfg.env)
+                     for i in range(r.env_workers)]
+        handles = {"engines": self.engines, "envs": self.envs}
+        self.oldlogit = None
+        if cfg.oldlogits.source == "dedicated":
+            tokenizer = load_tokenizer(path)
+            ctx = SourceContext(pad_id=tokenizer.pad_token_id or 0, temperature=cfg.engine.temperature,
+                                async_mode=cfg.mode == "async", max_staleness=cfg.max_staleness)
+            self.oldlogit = OldLogitActor.options(name=f"{self.prefix}oldlogit", num_cpus=r.oldlogit_num_cpus,
+                                                  num_gpus=r.oldlogit_num_gpus).remote(path, ctx, r.oldlogit_num_cpus)
+            handles["oldlogit"] = self.oldlogit
+        self.trainer = TrainerActor.options(name=f"{self.prefix}trainer", num_cpus=r.trainer_num_cpus,
+                                            num_gpus=r.trainer_num_gpus).remote(r.trainer_num_cpus)
+        _get(self.trainer.setup.remote(cfg, str(self.run_dir), resume, path, handles))
+
+    def actor(self, role: str):
+        """A named actor of this session ("engine-0", "env-1", "trainer", "oldlogit"), e.g. to kill in a test."""
+        return ray.get_actor(f"{self.prefix}{role}", namespace="twofold")
+
+    def run(self) -> dict:
+        ref = self.trainer.run.remote()
+        stop = threading.Event()
+
+        def forward(signum, frame):  # the trainer checkpoints and stops, as embedded
+            stop.set()
+            self.trainer.stop.remote(signum)
+
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, forward)
+        try:
+            self._follow(ref)
+            return _get(ref)
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+
+    def _follow(self, ref) -> None:
+        """Progress bar from metrics.jsonl until the trainer's run() returns."""
+        steps = self.cfg.trainer.steps
+        metrics = self.run_dir / "metrics.jsonl"
+        with tqdm(total=steps, disable=not self.cfg.run.progress, desc="train (ray)", unit="step") as bar:
+            while True:
+                done, _ = ray.wait([ref], timeout=1.0)
+                rows = read_metrics(metrics) if metrics.exists() else []
+                if rows:
+                    bar.n = rows[-1]["step"]
+                    last = rows[-1]
+                    bar.set_postfix(success=f"{last['success/rate']:.2f}", reward=f"{last['reward/mean']:.2f}",
+                                    s_step=f"{last['time/step']:.1f}")
+                    bar.refresh()
+                if done:
+                    return
+
+    def close(self) -> None:
+        for a in [self.trainer, self.oldlogit, *self.engines, *self.envs]:
+            if a is not None:
+                ray.kill(a, no_restart=True)
+        if self.started_cluster:
+            ray.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _get(ref):
+    """ray.get that raises the actor's own exception (a ConfigError stays a ConfigError)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        raise exc.as_instanceof_cause() from None
