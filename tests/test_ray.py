@@ -37,8 +37,10 @@ def ray_config(tmp_path, **overrides):
 
 @pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt", "ewma"])
 def test_short_async_run_under_ray(cluster, tmp_path, tiny_path, source):
+    # snapshot: a budget of one snapshot (the model is 428,288 bytes in float32); it must hold in the trainer actor
+    budget = {"oldlogits.snapshot_budget": "500KB"} if source == "snapshot" else {}
     cfg = ray_config(tmp_path, **{"oldlogits.source": source, "trainer.steps": 3, "env.step_latency_ms": 5.0,
-                                  "advantage.estimator": "discounted"})
+                                  "advantage.estimator": "discounted", **budget})
     run_dir, last = train(cfg)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -52,6 +54,9 @@ def test_short_async_run_under_ray(cluster, tmp_path, tiny_path, source):
     assert summary(run_dir)["finished"] and list((run_dir / "checkpoints").glob("step_*.pt"))
     if source == "dedicated":
         assert last["dedicated/segments"] > 0
+    if source == "snapshot":
+        assert max(r["snapshot/peak_bytes"] for r in rows) <= 500_000
+        assert last["snapshot/budget_captures"] >= 1  # W=2 wanted more versions than fit: captured while resident
 
 
 def test_exact_sources_agree_under_ray(cluster, tiny_path, tokenizer):
