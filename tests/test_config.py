@@ -23,6 +23,16 @@ def test_overrides_are_typed():
         ("sync", 4, "snapshot", 0.001, 5)
 
 
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 (PyYAML) reads 3e-3 as the string '3e-3'; a float field must still take it
+    cfg = load_config("configs/frozenlake.yaml", ["trainer.lr=3e-3", "loss.catastrophic=1E-5"])
+    assert cfg.trainer.lr == 0.003 and cfg.loss.catastrophic == 1e-5
+    with pytest.raises(ConfigError, match="trainer.lr"):
+        load_config("configs/frozenlake.yaml", ["trainer.lr=3e"])
+    with pytest.raises(ConfigError, match="trainer.steps"):  # an int field stays strict
+        load_config("configs/frozenlake.yaml", ["trainer.steps=1e3"])
+
+
 @pytest.mark.parametrize("override,field", [
     ("trainer.stepz=3", "trainer.stepz"),
     ("engine.dtype=float8", "engine.dtype"),

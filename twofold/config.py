@@ -210,6 +210,9 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_EXPONENT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+$")
+
+
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     """Check `value` against the annotation `tp`; convert only what is lossless (int -> float)."""
     origin = typing.get_origin(tp)
@@ -243,6 +246,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.match(value):  # YAML 1.1 reads 3e-3 (no dot) as a string
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
         return float(value)
