@@ -15,9 +15,10 @@ def _requests(tokenizer, n, max_new=12, **kw):
     return [GenerationRequest(i, prompt[: len(prompt) - i], params) for i in range(n)]
 
 
-def _deltas(model, reqs, results):
+def _deltas(model, reqs, results, temperature=None):
+    """|behaviour log-prob - trainer float32 log-prob| on every generated token (at the requests' temperature)."""
     seqs = [r.prompt_ids + o.output_ids for r, o in zip(reqs, results)]
-    lps = compute_logprobs(model, seqs, temperature=reqs[0].params.temperature)
+    lps = compute_logprobs(model, seqs, temperature=temperature or reqs[0].params.temperature)
     return torch.cat([(lp[len(r.prompt_ids):] - torch.tensor(o.output_logprobs)).abs()
                       for lp, r, o in zip(lps, reqs, results)])
 

@@ -13,8 +13,9 @@ import torch
 pytest.importorskip("vllm")
 
 from conftest import small_config  # noqa: E402
+from test_engine import _deltas as deltas  # noqa: E402
+from test_engine import _requests as requests  # noqa: E402
 from twofold.config import EngineConfig, ModelConfig  # noqa: E402
-from twofold.engine.base import GenerationRequest, SamplingParams  # noqa: E402
 from twofold.engine.vllm import VLLMEngine  # noqa: E402
 from twofold.envs import tokenizer_corpus  # noqa: E402
 from twofold.models import (  # noqa: E402
@@ -48,19 +49,6 @@ def engine(vllm_path):
     yield eng
     eng.close()
     gc.collect()
-
-
-def requests(tokenizer, n, max_new=12, temperature=1.0):
-    prompt = tokenizer.encode("P F F\nF H F\nF F G", add_special_tokens=False)
-    params = SamplingParams(temperature=temperature, max_new_tokens=max_new)
-    return [GenerationRequest(i, prompt[: len(prompt) - i], params) for i in range(n)]
-
-
-def deltas(model, reqs, results, temperature):
-    """|behaviour log-prob - trainer float32 log-prob| on every generated token."""
-    seqs = [r.prompt_ids + o.output_ids for r, o in zip(reqs, results)]
-    lps = compute_logprobs(model, seqs, temperature=temperature)
-    return torch.cat([(lp[len(r.prompt_ids):] - torch.tensor(o.output_logprobs)).abs() for lp, r, o in zip(lps, reqs, results)])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

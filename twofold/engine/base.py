@@ -35,6 +35,11 @@ class GenerationRequest:
     output_logprobs: list[float] = field(default_factory=list)
     output_versions: list[int] = field(default_factory=list)
 
+    def unchanged(self, finish_reason: FinishReason) -> GenerationResult:
+        """The output so far, handed back as is (this call generated nothing for the request)."""
+        return GenerationResult(self.request_id, list(self.output_ids), list(self.output_logprobs),
+                                list(self.output_versions), finish_reason)
+
 
 FinishReason = Literal["stop", "length", "paused"]
 

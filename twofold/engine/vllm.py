@@ -74,14 +74,13 @@ class VLLMEngine(InferenceEngine):
                 break
             for out in self.engine.step():
                 latest[out.request_id] = out
-        results = {}
-        for rid, r in by_id.items():
-            results[r.request_id] = self._result(r, latest.get(rid))
-        return [results.get(r.request_id) or self._untouched(r) for r in requests]
+        results = {r.request_id: self._result(r, latest.get(rid)) for rid, r in by_id.items()}
+        return [results.get(r.request_id) or r.unchanged("length" if len(r.output_ids) >= r.params.max_new_tokens
+                                                          else "paused") for r in requests]
 
     def _result(self, r: GenerationRequest, out) -> GenerationResult:
-        if out is None:
-            return self._untouched(r, "paused")
+        if out is None:  # paused before its first step
+            return r.unchanged("paused")
         comp = out.outputs[0]
         ids = list(comp.token_ids)
         logprobs = [step[tok].logprob for tok, step in zip(ids, comp.logprobs)]
@@ -92,11 +91,6 @@ class VLLMEngine(InferenceEngine):
             reason = "stop" if comp.finish_reason == "stop" else "length"
         return GenerationResult(r.request_id, r.output_ids + ids, r.output_logprobs + logprobs,
                                 r.output_versions + [self.version] * len(ids), reason)
-
-    def _untouched(self, r: GenerationRequest, reason: str | None = None) -> GenerationResult:
-        if reason is None:
-            reason = "length" if len(r.output_ids) >= r.params.max_new_tokens else "paused"
-        return GenerationResult(r.request_id, list(r.output_ids), list(r.output_logprobs), list(r.output_versions), reason)
 
     def update_weights(self, state_dict: dict, version: int) -> None:
         weights = [(k, v.detach().cpu()) for k, v in state_dict.items()]

@@ -394,10 +394,10 @@ class LogprobWorker(Protocol):
 
 
 class LocalLogprobWorker:
-    """The embedded runtime's dedicated worker: a float32 model copy in this process."""
+    """A `LogprobWorker` on a model in this process (the embedded dedicated source, or inside the Ray actor)."""
 
     def __init__(self, model: torch.nn.Module, ctx: SourceContext):
-        self.model = copy.deepcopy(model).float().eval()
+        self.model = model
         self.ctx = ctx
 
     def __call__(self, prefixes):
@@ -428,7 +428,7 @@ class DedicatedSource(OldLogitSource):
 
     def __init__(self, ctx: SourceContext, model: torch.nn.Module, version: int = 0, worker: LogprobWorker | None = None):
         super().__init__(ctx)
-        self.worker = worker or LocalLogprobWorker(model, ctx)
+        self.worker = worker or LocalLogprobWorker(copy.deepcopy(model).float().eval(), ctx)
         self.version = version
         self.events: queue.Queue = queue.Queue()
         self.done = threading.Condition()
@@ -503,7 +503,7 @@ class DedicatedSource(OldLogitSource):
 
 
 def make_source(cfg, ctx: SourceContext, model: torch.nn.Module, kind: str | None = None, version: int = 0,
-                logprob_worker: Callable[[torch.nn.Module], LogprobWorker] | None = None) -> OldLogitSource:
+                logprob_worker: Callable[[torch.nn.Module, SourceContext], LogprobWorker] | None = None) -> OldLogitSource:
     """The source named by `oldlogits.source` (or `kind`), built around the trainer's model.
 
     `version` is the trainer's (non-zero on resume); `logprob_worker` builds the dedicated worker's
@@ -520,7 +520,7 @@ def make_source(cfg, ctx: SourceContext, model: torch.nn.Module, kind: str | Non
         return SnapshotSource(ctx, model, parse_bytes(o.snapshot_budget), o.on_budget,
                               fallback=ewma() if o.on_budget == "ewma" else None)
     if kind == "dedicated":
-        return DedicatedSource(ctx, model, version, worker=logprob_worker(model) if logprob_worker else None)
+        return DedicatedSource(ctx, model, version, worker=logprob_worker(model, ctx) if logprob_worker else None)
     if kind == "interrupt":
         return InterruptSource(ctx)
     if kind == "ewma":

@@ -22,8 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -37,9 +35,10 @@ from twofold.config import Config, EngineConfig
 from twofold.engine import make_engine
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
 from twofold.envs import env_from_config
-from twofold.models import compute_logprobs, load_model, load_parameters, load_tokenizer, model_bytes
-from twofold.oldlogits.sources import SourceContext
+from twofold.models import clone_state_dict, load_model, load_tokenizer
+from twofold.oldlogits.sources import LocalLogprobWorker, SourceContext
 from twofold.pipeline.rundir import read_metrics
+from twofold.pipeline.runner import Pipeline, progress_postfix, stop_signals
 
 log = logging.getLogger(__name__)
 ACTOR_FAILURES = (RayActorError, GetTimeoutError)
@@ -114,20 +113,25 @@ class EnvWorker:
 
 @ray.remote(max_restarts=0)  # its weights are versioned state: a dead one fails the run (resumable)
 class OldLogitActor:
-    def __init__(self, model_path: str, ctx: SourceContext, num_cpus: float):
+    """The dedicated source's model copy in a process of its own: a `LocalLogprobWorker` behind calls."""
+
+    def __init__(self, model_path: str, num_cpus: float):
         _threads(num_cpus)
         self.model = load_model(model_path, torch.float32).eval()
-        self.ctx = ctx
+        self.worker: LocalLogprobWorker | None = None
+
+    def start(self, ctx: SourceContext, state: dict) -> None:
+        self.worker = LocalLogprobWorker(self.model, ctx)
+        self.worker.load(state, None)
 
     def load(self, state: dict) -> None:
-        load_parameters(self.model, state)
+        self.worker.load(state, None)
 
     def logprobs(self, prefixes: list[list[int]]) -> list[torch.Tensor]:
-        return compute_logprobs(self.model, prefixes, pad_id=self.ctx.pad_id, temperature=self.ctx.temperature,
-                                batch_size=self.ctx.batch_size)
+        return self.worker(prefixes)
 
     def nbytes(self) -> int:
-        return model_bytes(self.model)
+        return self.worker.nbytes()
 
 
 @ray.remote(max_concurrency=2)  # 2 threads: stop() must reach it while run() trains
@@ -137,8 +141,6 @@ class TrainerActor:
         self.pipeline = None
 
     def setup(self, cfg: Config, run_dir: str, resume: bool, model_path: str, handles: dict) -> None:
-        from twofold.pipeline.runner import Pipeline
-
         self.pipeline = Pipeline(cfg, Path(run_dir), resume=resume, model_path=Path(model_path),
                                  runtime=RayRuntime(cfg, handles))
 
@@ -196,8 +198,7 @@ class RayEngine(InferenceEngine):
             self.retried_requests += len(share)
             log.warning("engine replica %d failed or restarted; retrying its %d requests", i, len(share))
             if self.pause_requested:  # an update is waiting: hand the share back untouched, as paused
-                return [GenerationResult(r.request_id, list(r.output_ids), list(r.output_logprobs),
-                                         list(r.output_versions), "paused") for r in share]
+                return [r.unchanged("paused") for r in share]
             self._sync(i)  # current weights first
             ref = self.replicas[i].generate.remote(share, self.version)
         raise RuntimeError(f"engine replica {i} failed {attempts} times in a row")
@@ -292,9 +293,10 @@ class EnvPool:
 class RayLogprobWorker:
     """The dedicated source's `LogprobWorker` in an OldLogitActor."""
 
-    def __init__(self, actor, model: torch.nn.Module, timeout_s: float):
+    def __init__(self, actor, model: torch.nn.Module, ctx: SourceContext, timeout_s: float):
         self.actor, self.timeout_s = actor, timeout_s
-        self.load({k: v.detach().clone() for k, v in model.state_dict().items()}, None)  # the trainer's current weights
+        # the trainer's weights now (the resumed ones on resume) and the trainer's scoring context
+        ray.get(self.actor.start.remote(ctx, ray.put(clone_state_dict(model))), timeout=self.timeout_s)
 
     def __call__(self, prefixes):
         return ray.get(self.actor.logprobs.remote(prefixes), timeout=self.timeout_s)
@@ -330,7 +332,7 @@ class RayRuntime:
     @property
     def logprob_worker(self):
         actor = self.handles.get("oldlogit")
-        return None if actor is None else (lambda model: RayLogprobWorker(actor, model, self.timeout_s))
+        return None if actor is None else (lambda model, ctx: RayLogprobWorker(actor, model, ctx, self.timeout_s))
 
     def metrics(self) -> dict[str, float]:
         out = {"ray/env_worker_failures": float(self.envs.failures)}
@@ -374,11 +376,8 @@ class RaySession:
         handles = {"engines": self.engines, "envs": self.envs}
         self.oldlogit = None
         if cfg.oldlogits.source == "dedicated":
-            tokenizer = load_tokenizer(path)
-            ctx = SourceContext(pad_id=tokenizer.pad_token_id or 0, temperature=cfg.engine.temperature,
-                                async_mode=cfg.mode == "async", max_staleness=cfg.max_staleness)
             self.oldlogit = OldLogitActor.options(name=f"{self.prefix}oldlogit", num_cpus=r.oldlogit_num_cpus,
-                                                  num_gpus=r.oldlogit_num_gpus).remote(path, ctx, r.oldlogit_num_cpus)
+                                                  num_gpus=r.oldlogit_num_gpus).remote(path, r.oldlogit_num_cpus)
             handles["oldlogit"] = self.oldlogit
         self.trainer = TrainerActor.options(name=f"{self.prefix}trainer", num_cpus=r.trainer_num_cpus,
                                             num_gpus=r.trainer_num_gpus).remote(r.trainer_num_cpus)
@@ -390,22 +389,10 @@ class RaySession:
 
     def run(self) -> dict:
         ref = self.trainer.run.remote()
-        stop = threading.Event()
-
-        def forward(signum, frame):  # the trainer checkpoints and stops, as embedded
-            stop.set()
-            self.trainer.stop.remote(signum)
-
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                handlers[sig] = signal.signal(sig, forward)
-        try:
+        # forwarded: the trainer checkpoints and stops after its current step, as embedded
+        with stop_signals(lambda signum, frame: self.trainer.stop.remote(signum)):
             self._follow(ref)
             return _get(ref)
-        finally:
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
 
     def _follow(self, ref) -> None:
         """Progress bar from metrics.jsonl until the trainer's run() returns."""
@@ -417,10 +404,7 @@ class RaySession:
                 rows = read_metrics(metrics) if metrics.exists() else []
                 if rows:
                     bar.n = rows[-1]["step"]
-                    last = rows[-1]
-                    bar.set_postfix(success=f"{last['success/rate']:.2f}", reward=f"{last['reward/mean']:.2f}",
-                                    s_step=f"{last['time/step']:.1f}")
-                    bar.refresh()
+                    bar.set_postfix(progress_postfix(rows[-1]))
                 if done:
                     return
 

@@ -15,6 +15,7 @@ One train step (trainer at version v):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -60,6 +61,33 @@ def resolve_model_path(cfg: Config, progress: bool = True) -> Path:
     return ensure_warmstart(cfg, base, progress=progress)
 
 
+def refuse_existing_run(run_dir: Path, resume: bool) -> None:
+    """A fresh run never writes into a finished or interrupted one (its metrics would interleave)."""
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError("run.dir", f"{str(run_dir)!r} already holds a run; continue it with "
+                          f"`twofold train --resume {run_dir}` or choose another run.dir")
+
+
+@contextlib.contextmanager
+def stop_signals(handler):
+    """SIGTERM/SIGINT call `handler(signum, frame)` inside the block (main thread only; else a no-op)."""
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
+def progress_postfix(row: dict) -> dict[str, str]:
+    """What the progress bar shows of a step's metrics row (embedded bar and the Ray driver's)."""
+    return {"success": f"{row['success/rate']:.2f}", "reward": f"{row['reward/mean']:.2f}",
+            "active": f"{row.get('ppo/active_token_ratio', 0):.2f}", "s_step": f"{row['time/step']:.1f}"}
+
+
 class EmbeddedRuntime:
     """Where the pipeline's parts live: here, all in this process. `RayRuntime` puts them in actors."""
 
@@ -91,9 +119,7 @@ class Pipeline:
         self.cfg = cfg
         self.runtime = runtime or EmbeddedRuntime()
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
-        if not resume and (self.run_dir / "metrics.jsonl").exists():
-            raise ConfigError("run.dir", f"{str(self.run_dir)!r} already holds a run; continue it with "
-                              f"`twofold train --resume {self.run_dir}` or choose another run.dir")
+        refuse_existing_run(self.run_dir, resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         torch.manual_seed(cfg.seed)
@@ -361,10 +387,11 @@ class Pipeline:
     def run(self, progress: bool | None = None) -> dict:
         cfg = self.cfg
         progress = cfg.run.progress if progress is None else progress
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                handlers[sig] = signal.signal(sig, self._on_signal)
+        with stop_signals(self._on_signal):
+            return self._run(progress)
+
+    def _run(self, progress: bool) -> dict:
+        cfg = self.cfg
         bar = tqdm(total=cfg.trainer.steps, initial=self.step, disable=not progress, desc="train", unit="step")
         last: dict = {}
         try:
@@ -373,8 +400,7 @@ class Pipeline:
             while self.step < cfg.trainer.steps:
                 last = self.train_step()
                 bar.update(1)
-                bar.set_postfix(success=f"{last['success/rate']:.2f}", reward=f"{last['reward/mean']:.2f}",
-                                active=f"{last.get('ppo/active_token_ratio', 0):.2f}", s_step=f"{last['time/step']:.1f}")
+                bar.set_postfix(progress_postfix(last))
                 if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                     self.checkpoint()
                 if self._stop_signal is not None:
@@ -392,8 +418,6 @@ class Pipeline:
         finally:
             bar.close()
             self.close()
-            for sig, h in handlers.items():
-                signal.signal(sig, h)
         return last
 
     def close(self) -> None:
@@ -416,9 +440,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
         raise ConfigError("runtime.backend", f"Ray is not installed ({e}); `pip install twofold[ray]`, "
                           "or use runtime.backend=embedded") from None
     run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
-    if not resume and (run_dir / "metrics.jsonl").exists():  # checked here too: before any actor starts
-        raise ConfigError("run.dir", f"{str(run_dir)!r} already holds a run; continue it with "
-                          f"`twofold train --resume {run_dir}` or choose another run.dir")
+    refuse_existing_run(run_dir, resume)  # here too: before any actor starts
     model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # on the driver: actors share the path
     with RaySession(cfg, run_dir, model_path, resume=resume) as session:
         return run_dir, session.run()
