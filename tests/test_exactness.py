@@ -60,9 +60,9 @@ def record(engine, tiny_path, tokenizer):
     return events, states
 
 
-def replay(kind, recording, tiny_path, budget="", logprob_worker=None):
+def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget="wait"):
     events, states = recording
-    cfg = config_from_dict({"oldlogits": {"snapshot_budget": budget}})
+    cfg = config_from_dict({"oldlogits": {"snapshot_budget": budget, "on_budget": on_budget}})
     model = load_model(tiny_path)
     load_parameters(model, states[0])
     ctx = SourceContext(pad_id=0, temperature=1.0, async_mode=True, max_staleness=2)
@@ -147,6 +147,26 @@ def test_snapshot_budget_of_one_model_stays_exact_and_bounded(recording, tiny_pa
     assert (old - ref)[mask].abs().max() < 1e-6
     assert peak <= one
     assert source.budget_captures >= 1  # the second version did not fit: captured while resident
+
+
+def test_snapshot_budget_with_ewma_fallback_scores_only_what_did_not_fit(recording, tiny_path):
+    """One-model budget, on_budget=ewma: version 0 is kept; version 1 does not fit (trajectory 0 still needs 0).
+
+    Its tokens go to the EWMA proximal policy. Nothing stepped the optimizer, so the EWMA is still W_0 and
+    those tokens are scored by W_0; versions 0 and 2 stay exact and nothing was captured in a pause.
+    """
+    one = model_bytes(load_model(tiny_path))
+    batch, old, source, peak = replay("snapshot", recording, tiny_path, budget=str(one), on_budget="ewma")
+    states = recording[1]
+    exact = brute_force(batch, states, tiny_path)
+    by_w0 = brute_force(batch, dict.fromkeys(states, states[0]), tiny_path)
+    mask = batch.loss_mask > 0
+    v1 = mask & (batch.versions == 1)
+    assert v1.any() and (old - exact)[mask & ~v1].abs().max() < 1e-6
+    assert (old - by_w0)[v1].abs().max() < 1e-5
+    assert (old - exact)[v1].abs().mean() > 1e-3
+    assert source.fallback_tokens == int(v1.sum()) and source.budget_captures == 0
+    assert peak <= one
 
 
 def test_snapshot_store_frees_versions_nobody_needs(recording, tiny_path):
