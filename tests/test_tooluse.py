@@ -137,3 +137,16 @@ def test_step_latency_sleeps_without_using_cpu(tiny_path, tokenizer):
     assert all(r[0].startswith("Result:") for r in results)
     assert 0.3 <= wall < 1.2  # concurrent: not 8 x 0.3 s
     assert cpu < 0.1 * wall  # sleeping, not spinning
+
+
+def test_tiny_tokenizer_learns_the_text_of_an_env_outside_its_fixed_corpus():
+    """Tool names become single tokens for tooluse; the grid envs' corpus (and so their cache keys) is unchanged."""
+    from twofold.config import EnvConfig
+    from twofold.envs import tokenizer_corpus
+    from twofold.models import build_tokenizer
+
+    assert tokenizer_corpus(EnvConfig(name="sokoban")) == tokenizer_corpus()
+    grid_only = build_tokenizer(tokenizer_corpus(), 512).get_vocab()
+    with_tools = build_tokenizer(tokenizer_corpus(EnvConfig(name="tooluse")), 512).get_vocab()
+    for word in ("customer", "tool", "order"):
+        assert word in with_tools and word not in grid_only

@@ -53,7 +53,7 @@ def resolve_model_path(cfg: Config, progress: bool = True) -> Path:
     from twofold.envs import tokenizer_corpus
     from twofold.models import ensure_tiny_model
 
-    base = ensure_tiny_model(cfg.model, tokenizer_corpus())
+    base = ensure_tiny_model(cfg.model, tokenizer_corpus(cfg.env))
     if not cfg.model.warmstart:
         return base
     from twofold.trainer.warmstart import ensure_warmstart
