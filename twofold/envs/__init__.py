@@ -14,25 +14,36 @@ CORPUS_ENVS = ("arithmetic", "frozenlake", "sokoban")
 
 def tokenizer_corpus(env_cfg=None, seeds: int = 40) -> list[str]:
     """Text (prompts, observations, replies) of the built-in grid and arithmetic envs, plus `env_cfg`'s env."""
+    texts = ["user\n", "assistant\n", "system\n"]
+    for name in CORPUS_ENVS:
+        texts += _env_text(make_env(name), seeds)
+    if env_cfg is not None and env_cfg.name not in CORPUS_ENVS:
+        env = env_from_config(env_cfg)  # a bad env.options is a ConfigError here already
+        try:
+            texts += _env_text(env, seeds)
+        except Exception as exc:  # a broken env is reported by the run itself, with its traceback
+            import logging
+
+            logging.getLogger(__name__).warning("env %r raised while writing the tokenizer corpus (%s); "
+                                                "its text is left out", env_cfg.name, exc)
+    return texts
+
+
+def _env_text(env: TextEnv, seeds: int) -> list[str]:
     import random
 
-    texts = ["user\n", "assistant\n", "system\n"]
-    envs = [make_env(name) for name in CORPUS_ENVS]
-    if env_cfg is not None and env_cfg.name not in CORPUS_ENVS:
-        envs.append(env_from_config(env_cfg))
-    for env in envs:
-        texts.append(env.system_prompt)
-        rng = random.Random(0)
-        for seed in range(seeds):
-            texts.append(env.reset(seed))
-            for _ in range(3):
-                move = _random_move(env, rng) if rng.random() < 0.5 else (env.solve() or ["x"])[0]
-                reply = env.reply(move)
-                obs, _, done, _ = env.step(reply)
-                texts += [reply, obs]
-                if done:
-                    break
-            texts.append(env.step("nonsense")[0] if not env.done else env.action_help)
+    texts = [env.system_prompt]
+    rng = random.Random(0)
+    for seed in range(seeds):
+        texts.append(env.reset(seed))
+        for _ in range(3):
+            move = _random_move(env, rng) if rng.random() < 0.5 else (env.solve() or ["x"])[0]
+            reply = env.reply(move)
+            obs, _, done, _ = env.step(reply)
+            texts += [reply, obs]
+            if done:
+                break
+        texts.append(env.step("nonsense")[0] if not env.done else env.action_help)
     return texts
 
 
