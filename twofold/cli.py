@@ -44,7 +44,7 @@ def _grid_config(args, default_out: str):
     return cfg, Path(args.out or f"runs/{default_out}-{cfg.env.name}")
 
 
-def _finish_grid(status: dict[str, int], out: Path) -> int:
+def _finish_grid(status: dict[str, int]) -> int:
     failed = [name for name, rc in status.items() if rc != 0]
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)} (see train.log in each); "
@@ -53,17 +53,16 @@ def _finish_grid(status: dict[str, int], out: Path) -> int:
 
 
 def cmd_compare(args) -> int:
-    from twofold.pipeline.grid import compare_cells, run_grid
+    from twofold.pipeline.grid import compare_cells, logged_runs, run_grid
     from twofold.report import write_report
 
     cfg, out = _grid_config(args, "compare")
     cells = compare_cells([s for s in args.sources.split(",") if s], args.seeds, cfg.seed, args.audit)
     status = run_grid(cfg, cells, out, parallel=args.parallel, progress=cfg.run.progress)
-    html_path, markdown = write_report([out / c.name for c in cells if (out / c.name / "metrics.jsonl").exists()],
-                                       out / "report")
+    html_path, markdown = write_report(logged_runs(out, cells), out / "report")
     print(markdown)
     print(f"report: {html_path}")
-    return _finish_grid(status, out)
+    return _finish_grid(status)
 
 
 def cmd_report(args) -> int:
@@ -81,19 +80,19 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from twofold.pipeline.grid import run_grid, throughput_cells
+    from twofold.pipeline.grid import logged_runs, run_grid, throughput_cells
     from twofold.report import group_runs, load_runs, markdown_table, throughput_table
 
     cfg, out = _grid_config(args, "throughput")
     cells = throughput_cells([int(w) for w in args.staleness.split(",") if w])
     status = run_grid(cfg, cells, out, progress=cfg.run.progress)
-    runs = load_runs([out / c.name for c in cells if (out / c.name / "metrics.jsonl").exists()])
+    runs = load_runs(logged_runs(out, cells))
     table = markdown_table(throughput_table(group_runs(runs)))
     (out / "throughput.md").write_text(table)
     print(table)
     print("ideal speedup = (G + T) / max(G, T) from the sync run's generation G and trainer time T; "
           "'of ideal' = (speedup - 1) / (ideal - 1)")
-    return _finish_grid(status, out)
+    return _finish_grid(status)
 
 
 def cmd_warmstart(args) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,11 +252,7 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
         for g in groups:
             mean, std = g.mean_curve(key)
             wall, _ = g.mean_curve("time/step")
-            xs, acc = [], 0.0
-            for w in wall:
-                acc += w
-                xs.append(acc)
-            band(ax, xs, smooth(mean), smooth(std), g.label)
+            band(ax, list(itertools.accumulate(wall)), smooth(mean), smooth(std), g.label)
         ax.set_title(f"{title} ({SMOOTH}-step mean)")
         ax.set_xlabel("wall-clock (s)")
     axes[0].legend(fontsize=7)
@@ -326,8 +323,9 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
           "Seconds are means per step after the first; `extra vs behavior` is the wall-clock cost over the "
           "`behavior` source; success is the seed mean over the last "
           f"{SMOOTH} steps (final) and the best {SMOOTH}-step mean (best).", "", markdown_table(table)]
-    if len({r.config["mode"] for r in runs}) > 1:
-        md += ["## Throughput", "", markdown_table(throughput_table(groups))]
+    throughput = throughput_table(groups) if len({r.config["mode"] for r in runs}) > 1 else None
+    if throughput:
+        md += ["## Throughput", "", markdown_table(throughput)]
     markdown = "\n".join(md)
     (out / "summary.md").write_text(markdown)
 
@@ -344,8 +342,8 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
             body.append(_html_table(table))
         body += [_img(p) for p in figs[key]] or [f"<p>{html.escape(notes.get(key, 'No data.'))}</p>"]
         body.append("</section>")
-    if "## Throughput" in markdown:
-        body.append(f'<section id="throughput"><h2>Throughput</h2>{_html_table(throughput_table(groups))}</section>')
+    if throughput:
+        body.append(f'<section id="throughput"><h2>Throughput</h2>{_html_table(throughput)}</section>')
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>twofold report</title><style>"
             "body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"

@@ -1,5 +1,8 @@
 """Text environments for LLM agents: FrozenLake, Sokoban, arithmetic, tool use, and your own by import path."""
 
+import logging
+import random
+
 from twofold.envs import arithmetic, frozenlake, sokoban, tooluse  # noqa: F401  (registration)
 from twofold.envs.base import TextEnv, env_class, env_from_config, known_envs, make_env, parse_answer, register
 
@@ -22,16 +25,12 @@ def tokenizer_corpus(env_cfg=None, seeds: int = 40) -> list[str]:
         try:
             texts += _env_text(env, seeds)
         except Exception as exc:  # a broken env is reported by the run itself, with its traceback
-            import logging
-
             logging.getLogger(__name__).warning("env %r raised while writing the tokenizer corpus (%s); "
                                                 "its text is left out", env_cfg.name, exc)
     return texts
 
 
 def _env_text(env: TextEnv, seeds: int) -> list[str]:
-    import random
-
     texts = [env.system_prompt]
     rng = random.Random(0)
     for seed in range(seeds):

@@ -63,6 +63,11 @@ def cell_finished(run_dir: Path, steps: int) -> bool:
     return bool(s and s.get("finished") and s.get("steps", 0) >= steps)
 
 
+def logged_runs(out: Path, cells: list[Cell]) -> list[Path]:
+    """Run directories of the cells that logged at least one step (a grid folder may hold other runs)."""
+    return [out / c.name for c in cells if (out / c.name / "metrics.jsonl").exists()]
+
+
 def prepare_grid(cfg: Config, out: Path) -> Path:
     """Write (or check) the grid's base config and build the starting checkpoint once for all cells."""
     from twofold.pipeline.runner import resolve_model_path

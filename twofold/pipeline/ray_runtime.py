@@ -401,7 +401,7 @@ class RaySession:
         with tqdm(total=steps, disable=not self.cfg.run.progress, desc="train (ray)", unit="step") as bar:
             while True:
                 done, _ = ray.wait([ref], timeout=1.0)
-                rows = read_metrics(metrics) if metrics.exists() else []
+                rows = read_metrics(metrics)
                 if rows:
                     bar.n = rows[-1]["step"]
                     bar.set_postfix(progress_postfix(rows[-1]))
