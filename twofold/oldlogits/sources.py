@@ -429,7 +429,10 @@ class DedicatedSource(OldLogitSource):
     def __init__(self, ctx: SourceContext, model: torch.nn.Module, version: int = 0, worker: LogprobWorker | None = None):
         super().__init__(ctx)
         self.worker = worker or LocalLogprobWorker(copy.deepcopy(model).float().eval(), ctx)
-        self.version = version
+        self.version = version  # the worker thread's: the weights its model copy holds
+        self.published = version  # the engine's: segments of this version are still open
+        self.sent: set[tuple[int, int]] = set()  # (uid, version) segments already queued
+        self._sent_lock = threading.Lock()  # rollout thread (trajectory end) vs trainer (release)
         self.events: queue.Queue = queue.Queue()
         self.done = threading.Condition()
         self.wait_seconds = 0.0
@@ -438,16 +441,31 @@ class DedicatedSource(OldLogitSource):
         self._thread = threading.Thread(target=self._run, name="old-logit-worker", daemon=True)
         self._thread.start()
 
+    def _send(self, traj: Trajectory, version: int) -> None:
+        with self._sent_lock:
+            if (traj.uid, version) in self.sent:
+                return
+            self.sent.add((traj.uid, version))
+        self.events.put(("segment", traj, version))
+
     def on_trajectory_end(self, traj):
-        versions = traj.agent_versions()
-        if versions:
-            self.events.put(("segment", traj, max(versions)))
+        # Only the open segment: one whose version was already replaced was closed (sent) by that publish,
+        # and the worker has moved past its weights.
+        if self.published in traj.agent_versions():
+            self._send(traj, self.published)
 
     def on_publish(self, model, new_version, pending):
+        # The rollout is parked here, so no trajectory ends (and sends) concurrently.
         for t in pending:
-            if t.missing_old(new_version - 1):
-                self.events.put(("segment", t, new_version - 1))
+            if self.published in t.agent_versions():
+                self._send(t, self.published)
         self.events.put(("weights", new_version, clone_state_dict(model)))
+        self.published = new_version
+
+    def release(self, trajectories):
+        uids = {t.uid for t in trajectories}
+        with self._sent_lock:
+            self.sent = {(uid, v) for uid, v in self.sent if uid not in uids}
 
     def _run(self):
         try:
