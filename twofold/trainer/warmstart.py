@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from twofold.config import Config
+from twofold.config import Config, EnvConfig
 from twofold.envs import env_from_config
 from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer, pad_right, sequence_logprobs
 from twofold.rollout.worker import first_prompt_ids, level_seed, observation_ids
@@ -76,11 +76,18 @@ def demonstration(cfg: Config, tokenizer, index: int) -> tuple[list[int], list[i
     return ids, mask, success
 
 
+# Env fields that change how fast an episode runs, never which demonstrations it gives.
+TIMING_FIELDS = ("step_latency_ms", "step_latency_sigma", "step_timeout_s")
+
+
 def warmstart_path(cfg: Config, base: Path) -> Path:
     recipe = dataclasses.asdict(cfg.warmstart)
     seed = recipe.pop("seed")  # hashed last, where the run seed used to be: existing caches stay valid
-    key = fingerprint(WARMSTART_RECIPE, base.name, recipe, dataclasses.asdict(cfg.env),
-                      cfg.rollout.max_total_tokens, cfg.engine.temperature, seed)
+    # Timing fields are hashed at their defaults, so keys made without latency stay valid and a latency
+    # change never retrains the warm start.
+    env = dataclasses.asdict(dataclasses.replace(cfg.env, **{f: getattr(EnvConfig(), f) for f in TIMING_FIELDS}))
+    key = fingerprint(WARMSTART_RECIPE, base.name, recipe, env, cfg.rollout.max_total_tokens,
+                      cfg.engine.temperature, seed)
     return cache_dir() / "warmstart" / f"{cfg.env.name}-{key}"
 
 
