@@ -68,6 +68,26 @@ def test_cli_bad_key_is_one_line_exit_2():
     assert out.stderr.strip().count("\n") == 0 and "engine.dtype" in out.stderr and "bfloat16" in out.stderr
 
 
+def test_config_file_that_is_not_utf8_is_one_line_naming_config(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("seed: 0\nenv: {name: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8") as e:
+        load_config(bad)
+    assert e.value.field == "--config"
+    out = subprocess.run([sys.executable, "-m", "twofold.cli", "train", "--config", str(bad)], capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--config" in out.stderr
+
+
+def test_one_sided_band_and_deep_catastrophic_threshold_are_accepted():
+    cfg = load_config(None, ["loss.discrepancy_low=0", "loss.discrepancy_action=truncate", "loss.catastrophic=1e-10"])
+    assert cfg.loss.discrepancy_low == 0 and cfg.loss.catastrophic == 1e-10
+    with pytest.raises(ConfigError, match="loss.catastrophic"):  # with no lower bound the veto still needs < 1
+        load_config(None, ["loss.discrepancy_low=0", "loss.catastrophic=1.5"])
+    with pytest.raises(ConfigError, match="loss.catastrophic"):
+        load_config(None, ["loss.discrepancy_low=0.5", "loss.catastrophic=0.6"])
+
+
 def test_model_path_that_is_not_a_causal_lm(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="model.path"):

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twofold.config import LossConfig
 from twofold.loss import (
-    PPOLossConfig,
     ParameterEWMA,
     aggregate,
     broadcast_turn_values,
@@ -77,6 +77,29 @@ def test_catastrophic_veto_drops_whole_sequence():
     assert m["discrepancy/catastrophic_seqs"] == 1
 
 
+def test_low_zero_is_one_sided_truncation():
+    # log r = [-3, 0.5, 1]: r = [0.05, 1.65, 2.72]; no lower bound, cap at 2 -> [0.05, 1.65, 2]
+    old = T([[-3.0, 0.5, 1.0]])
+    beh = torch.zeros(1, 3)
+    w, keep, m = discrepancy_correction(old, beh, torch.ones(1, 3), action="truncate", low=0.0, high=2.0)
+    assert close(w, [[math.exp(-3.0), math.exp(0.5), 2.0]]) and close(keep, [[1, 1, 1]])
+    assert m["discrepancy/trunc_frac"] == pytest.approx(1 / 3)
+    # mask keeps r <= 2 however small
+    w, keep, _ = discrepancy_correction(old, beh, torch.ones(1, 3), action="mask", low=0.0, high=2.0)
+    assert close(keep, [[1, 1, 0]]) and close(w, [[math.exp(-3.0), math.exp(0.5), 0.0]])
+    w, keep, _ = discrepancy_correction(old, beh, torch.ones(1, 3), action="none", low=0.0, high=2.0)
+    assert close(w, [[1, 1, 1]])
+
+
+def test_catastrophic_threshold_below_the_clamp_still_fires():
+    # 1e-10 = exp(-23.0): a token at log r = -25 is vetoed although log-ratios are clamped at -20;
+    # one at log r = -21 (r = 7.6e-10 > 1e-10) is not
+    old = T([[0.0, -25.0], [0.0, -21.0]])
+    w, keep, m = discrepancy_correction(old, torch.zeros(2, 2), torch.ones(2, 2), action="truncate", low=0.0,
+                                        high=2.0, catastrophic=1e-10)
+    assert close(keep, [[0, 0], [1, 1]]) and m["discrepancy/catastrophic_seqs"] == 1
+
+
 def test_action_none_gives_unit_weights():
     w, keep, _ = discrepancy_correction(T([[3.0]]), T([[0.0]]), T([[1.0]]), action="none")
     assert close(w, [[1.0]]) and close(keep, [[1.0]])
@@ -99,7 +122,7 @@ def test_impossible_behavior_token_is_rejected_without_nan_and_counted():
 def cfg(**kw):
     base = dict(discrepancy_action="none", catastrophic=None, eps_low=0.2, eps_high=0.2, dual_clip=None)
     base.update(kw)
-    return PPOLossConfig(**base)
+    return LossConfig(**base)
 
 
 def test_ppo_clip_positive_advantage_caps_at_one_plus_eps():
@@ -208,7 +231,8 @@ finite = st.floats(-30, 30, allow_nan=False, allow_infinity=False, width=32)
 def test_random_finite_inputs_never_give_nan(rows, level, action, agg):
     lp, old, beh, adv, m = (T([[r[i] for r in rows]]) for i in range(5))
     lp = lp.clone().requires_grad_(True)
-    c = PPOLossConfig(discrepancy_level=level, discrepancy_action=action, aggregation=agg, dual_clip=3.0, catastrophic=1e-4)
+    c = LossConfig(discrepancy_level=level, discrepancy_action=action, aggregation=agg, dual_clip=3.0, catastrophic=1e-4,
+                   eps_high=0.2)
     loss, metrics = decoupled_ppo_loss(lp, old, beh, adv, m.float(), c)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
@@ -220,7 +244,8 @@ def test_random_finite_inputs_never_give_nan(rows, level, action, agg):
 def test_old_equal_behavior_reduces_to_standard_ppo(rows):
     lp, old, adv = (T([[r[i] for r in rows]]) for i in range(3))
     mask = torch.ones_like(lp)
-    c = PPOLossConfig(discrepancy_action="mask", discrepancy_level="token", catastrophic=1e-4, eps_low=0.2, eps_high=0.28)
+    c = LossConfig(discrepancy_action="mask", discrepancy_level="token", catastrophic=1e-4, eps_low=0.2, eps_high=0.28,
+                   dual_clip=None)
     loss, _ = decoupled_ppo_loss(lp, old, old, adv, mask, c)
     ratio = torch.exp((lp - old).clamp(-20, 20))
     ppo = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv).mean()
@@ -232,7 +257,7 @@ def test_old_equal_behavior_reduces_to_standard_ppo(rows):
 def test_logprobs_equal_old_reduces_to_weighted_advantage(rows):
     old, beh, adv = (T([[r[i] for r in rows]]) for i in range(3))
     mask = torch.ones_like(old)
-    c = PPOLossConfig(discrepancy_action="truncate", catastrophic=None, dual_clip=3.0)
+    c = LossConfig(discrepancy_action="truncate", catastrophic=None, dual_clip=3.0, eps_high=0.2)
     loss, _ = decoupled_ppo_loss(old.clone(), old, beh, adv, mask, c)
     w, _, _ = discrepancy_correction(old, beh, mask, action="truncate", low=0.5, high=2.0)
     assert loss.item() == pytest.approx(-(w * adv).mean().item(), rel=1e-5, abs=1e-5)
@@ -241,7 +266,7 @@ def test_logprobs_equal_old_reduces_to_weighted_advantage(rows):
 def test_minus_inf_behavior_logprob_in_loss_is_finite_and_counted():
     lp = torch.zeros(1, 2, requires_grad=True)
     loss, m = decoupled_ppo_loss(lp, torch.zeros(1, 2), T([[0.0, -math.inf]]), T([[1.0, 1.0]]), torch.ones(1, 2),
-                                 PPOLossConfig(discrepancy_action="mask", catastrophic=1e-4))
+                                 LossConfig(discrepancy_action="mask", catastrophic=1e-4, eps_high=0.2, dual_clip=None))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
     assert m["discrepancy/nonfinite_tokens"] == 1
@@ -289,8 +314,8 @@ def _module(value):
 def test_ewma_after_three_updates_equals_closed_form():
     beta = 0.5
     m = _module(1.0)
-    ewma = ParameterEWMA(m, beta)
-    thetas = [1.0, 3.0, 7.0]
+    ewma = ParameterEWMA(m, beta)  # theta_0 = 1 counts from construction (ppo-ewma's total weight 1)
+    thetas = [3.0, 7.0]
     for th in thetas:
         m.weight.data.fill_(th)
         ewma.update(m)
@@ -299,6 +324,18 @@ def test_ewma_after_three_updates_equals_closed_form():
     assert ewma.params["weight"].item() == pytest.approx(expected)
     # centre of mass: (0.25*2 + 0.5*1 + 1*0) / 1.75
     assert ewma.center_of_mass == pytest.approx(1.0 / 1.75)
+
+
+def test_ewma_counts_the_parameters_it_was_built_from():
+    # Hilton's ppo-ewma: total weight 1 at construction. theta_0 = 2, then theta_1 = 4 with beta 0.5:
+    # (0.5 * 2 + 4) / (0.5 + 1) = 10/3; the centre of mass is 0.5 / 1.5 updates old
+    m = _module(2.0)
+    ewma = ParameterEWMA(m, 0.5)
+    assert ewma.params["weight"].item() == 2.0 and ewma.total == 1.0
+    m.weight.data.fill_(4.0)
+    ewma.update(m)
+    assert ewma.params["weight"].item() == pytest.approx(10 / 3)
+    assert ewma.center_of_mass == pytest.approx(1 / 3)
 
 
 def test_ewma_reset_equals_copy_and_is_counted():
@@ -325,7 +362,6 @@ def test_ewma_auto_reset_below_tau_only():
 def test_ewma_copy_to_and_state_dict_roundtrip():
     m = _module(1.0)
     ewma = ParameterEWMA(m, 0.5)
-    ewma.update(m)
     m.weight.data.fill_(3.0)
     ewma.update(m)  # (0.5*1 + 3)/1.5
     target = _module(0.0)
@@ -337,6 +373,8 @@ def test_ewma_copy_to_and_state_dict_roundtrip():
 
 
 def test_staleness_beta():
+    assert staleness_beta(2, updates_per_version=2) == pytest.approx(4 / 6)  # kW = 4
+    assert staleness_beta(0, updates_per_version=4) == 0.0
     assert staleness_beta(2) == pytest.approx(0.5)
     assert staleness_beta(8) == pytest.approx(0.8)
     b = staleness_beta(4)

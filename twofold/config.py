@@ -118,21 +118,27 @@ class TrainerConfig:
     max_consecutive_skips: int = 5
 
 
+# The old-logit sources, by name: the one list that configs, `twofold compare` and the CLI read.
+OldLogitSourceName = Literal["snapshot", "dedicated", "interrupt", "ewma", "loglinear", "linear", "recompute", "behavior"]
+OLD_LOGIT_SOURCES: tuple[str, ...] = typing.get_args(OldLogitSourceName)
+EXACT_SOURCES: tuple[str, ...] = ("snapshot", "dedicated", "interrupt")
+
+
 @dataclass
 class OldLogitsConfig:
-    source: Literal[
-        "snapshot", "dedicated", "interrupt", "ewma", "recompute", "behavior", "linear", "loglinear"
-    ] = "ewma"
+    source: OldLogitSourceName = "ewma"
     # Also compute the exact old log-probs (via snapshots) and log the approximation's error.
     audit: bool = False
     # Bytes of weight snapshots held at once, e.g. "256MB". Empty: no limit.
     snapshot_budget: str = ""
     # When a snapshot would exceed the budget: capture that version's tokens now (wait) or use EWMA.
     on_budget: Literal["wait", "ewma"] = "wait"
-    # EWMA decay; empty: the staleness-aware W/(W+2).
+    # EWMA decay per optimizer step; empty: the staleness-aware kW/(kW+2), k optimizer steps per version.
     ewma_beta: float | None = None
     ewma_reset_tau: float = 0.9
     ewma_auto_reset: bool = True
+    # Sequences per forward when a source scores old log-probs (exact capture, recompute, EWMA, audit).
+    max_sequences_per_forward: int = 16
 
 
 @dataclass
@@ -337,10 +343,10 @@ def validate(cfg: Config) -> Config:
         need(r.group_size >= 2, "rollout.group_size", "GRPO compares trajectories of a group: use >= 2, or "
              "advantage.estimator=reinforce")
     lo = cfg.loss
-    need(0 < lo.discrepancy_low <= 1 <= lo.discrepancy_high, "loss.discrepancy_low",
-         "need 0 < discrepancy_low <= 1 <= discrepancy_high (a band around ratio 1)")
-    need(lo.catastrophic is None or 0 < lo.catastrophic < lo.discrepancy_low, "loss.catastrophic",
-         "must be in (0, discrepancy_low), or null to disable the veto")
+    need(0 <= lo.discrepancy_low <= 1 <= lo.discrepancy_high, "loss.discrepancy_low",
+         "need 0 <= discrepancy_low <= 1 <= discrepancy_high (a band around ratio 1; 0: no lower bound)")
+    need(lo.catastrophic is None or 0 < lo.catastrophic < (lo.discrepancy_low or 1.0), "loss.catastrophic",
+         "must be in (0, discrepancy_low) (in (0, 1) when discrepancy_low is 0), or null to disable the veto")
     need(0 <= lo.eps_low < 1, "loss.eps_low", "must be in [0, 1)")
     need(lo.eps_high >= 0, "loss.eps_high", "must be >= 0")
     need(lo.dual_clip is None or lo.dual_clip > 1, "loss.dual_clip", "must be > 1 (Ye et al. 2020), or null")
@@ -360,10 +366,11 @@ def validate(cfg: Config) -> Config:
     need(o.ewma_beta is None or 0 <= o.ewma_beta < 1, "oldlogits.ewma_beta", "must be in [0, 1), or null "
          "for the staleness-aware W/(W+2)")
     need(0 < o.ewma_reset_tau <= 1, "oldlogits.ewma_reset_tau", "must be in (0, 1]")
+    need(o.max_sequences_per_forward >= 1, "oldlogits.max_sequences_per_forward", "must be >= 1")
     need(not (cfg.mode == "sync" and o.source == "interrupt"), "oldlogits.source",
          "'interrupt' captures tokens of in-flight rollouts, which sync mode never has; use mode=async "
          "or a source such as 'snapshot'")
-    need(not (o.audit and o.source in ("snapshot", "dedicated", "interrupt")), "oldlogits.audit",
+    need(not (o.audit and o.source in EXACT_SOURCES), "oldlogits.audit",
          f"'{o.source}' is already exact; audit compares approximate sources against snapshots")
     need(not (cfg.mode == "sync" and r.partial_rollout != "continue"), "rollout.partial_rollout",
          "sync mode never interrupts a rollout; leave it at 'continue'")
@@ -431,7 +438,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError("--config", f"no file at {str(p)!r}; see configs/ for the shipped ones")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError("--config", f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "give a YAML file") from None
         except yaml.YAMLError as e:
             raise ConfigError("--config", f"{p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

@@ -18,10 +18,11 @@ Only `logprobs` (log pi_theta) carries gradient; every weight and mask returned 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from twofold.config import LossConfig
 
 # exp() of a log-ratio beyond this overflows float32 products; ratios that far out are clipped,
 # masked or truncated anyway, so the bound only keeps the arithmetic finite.
@@ -71,7 +72,9 @@ def discrepancy_correction(
         truncate (TIS): weight = clamp(r, low, high); every masked token kept.
         mask (MIS):     keep iff low <= r <= high; weight = r on kept tokens, 0 elsewhere.
         none:           weight = 1, keep = mask.
-    catastrophic = x: a sequence with any masked token r_t < x is dropped whole (keep = 0).
+    low = 0 means no lower bound: one-sided truncation min(r, high) (SkyRL's token TIS, verl's cap).
+    catastrophic = x: a sequence with any masked token r_t < x is dropped whole (keep = 0). The veto
+    compares the raw ratio, before the +-MAX_LOG_RATIO clamp, so any x in (0, 1) can fire.
 
     Returns (weights [B,T], keep_mask [B,T] in {0,1}, metrics). Both tensors are detached.
     Metrics: `discrepancy/mask_frac` (share of masked tokens the band dropped), `discrepancy/trunc_frac`
@@ -89,12 +92,13 @@ def discrepancy_correction(
             log_level = seq.expand_as(log_r)
         else:
             raise ValueError(f"level must be token, sequence or geometric, got {level!r}")
-        log_low, log_high = math.log(low), math.log(high)
+        log_low = math.log(low) if low > 0 else -math.inf
+        log_high = math.log(high)
         in_band = (log_level >= log_low) & (log_level <= log_high)
         ratio = torch.exp(log_level.clamp(max=80.0))  # the sequence level may exceed MAX_LOG_RATIO
         keep = mask > 0
         if action == "truncate":
-            weights = torch.exp(log_level.clamp(log_low, log_high))
+            weights = torch.exp(log_level.clamp(min=log_low, max=log_high))
         elif action == "mask":
             keep = keep & in_band
             weights = torch.where(keep, ratio, torch.zeros_like(ratio))
@@ -104,7 +108,8 @@ def discrepancy_correction(
             raise ValueError(f"action must be truncate, mask or none, got {action!r}")
         vetoed = torch.zeros(log_r.shape[0], dtype=torch.bool, device=log_r.device)
         if catastrophic is not None:
-            vetoed = ((log_r < math.log(catastrophic)) & (mask > 0)).any(dim=-1)
+            raw = old_logprobs.detach() - behavior_logprobs.detach()  # NaN compares false: never a veto
+            vetoed = ((raw < math.log(catastrophic)) & (mask > 0)).any(dim=-1)
             keep = keep & ~vetoed[:, None]
         keep_f = keep.to(old_logprobs.dtype)
         weights = weights * keep_f
@@ -122,20 +127,9 @@ def discrepancy_correction(
 # --------------------------------------------------------------------------- staleness + loss
 
 
-@dataclass
-class PPOLossConfig:
-    """The loss knobs; `twofold.config.LossConfig` has the same fields and can be passed instead."""
-
-    discrepancy_level: str = "token"
-    discrepancy_action: str = "mask"
-    discrepancy_low: float = 0.5
-    discrepancy_high: float = 2.0
-    catastrophic: float | None = 1e-4
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
-    aggregation: str = "token-mean"
-    normalizer: float = 1024.0
+# Metrics that count things (sequences, tokens) rather than measure a rate or a mean: a train step sums
+# them over its minibatches (per pass over the batch) where it averages every other metric.
+COUNT_METRICS = frozenset({"discrepancy/catastrophic_seqs", "discrepancy/nonfinite_tokens", "loss/tokens"})
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float = 1.0) -> torch.Tensor:
@@ -182,7 +176,7 @@ def decoupled_ppo_loss(
     behavior_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    cfg: PPOLossConfig,
+    cfg: LossConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Decoupled PPO: the discrepancy weight times the clipped staleness surrogate.
 
@@ -296,18 +290,27 @@ def interpolate_proximal_logprobs(
     raise ValueError(f"method must be loglinear or linear, got {method!r}")
 
 
-def staleness_beta(window: int) -> float:
-    """Staleness-aware EWMA decay beta = W / (W + 2): centre of mass beta/(1-beta) = W/2, mid-window."""
+def staleness_beta(window: int, updates_per_version: int = 1) -> float:
+    """Staleness-aware EWMA decay for an average updated `k = updates_per_version` times per version.
+
+        beta = kW / (kW + 2):  centre of mass beta / (1 - beta) = kW/2 updates = W/2 versions, mid-window.
+    The EWMA is updated after every optimizer step (Hilton et al.), k = ppo_epochs x num_minibatches of
+    them per policy version; W counts versions, so the window is kW updates long.
+    """
     if window < 0:
         raise ValueError("the staleness window must be >= 0")
-    return window / (window + 2.0)
+    if updates_per_version < 1:
+        raise ValueError("updates_per_version must be >= 1")
+    kw = window * updates_per_version
+    return kw / (kw + 2.0)
 
 
 class ParameterEWMA:
     """Bias-corrected EWMA of a module's parameters, the proximal policy of PPO-EWMA (Hilton et al. 2021).
 
-        theta_prox(t) = sum_k beta^(t-k) theta_k / sum_k beta^(t-k)
-    kept recursively in float32:
+        theta_prox(t) = sum_{k=0..t} beta^(t-k) theta_k / sum_{k=0..t} beta^(t-k)
+    where theta_0 are the module's parameters at construction (total weight 1, as in ppo-ewma), kept
+    recursively in float32:
         total <- beta * total + 1
         p_ewma <- p_ewma * (beta * total_old / total) + p / total
     `reset()` is an update with beta = 0 (a hard copy). Call `update()` once per real optimizer step:
@@ -318,9 +321,9 @@ class ParameterEWMA:
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.beta = beta
-        self.total = 0.0
+        self.total = 1.0  # theta_0 counts, with weight beta^t after t updates
         self._age_sum = 0.0  # sum_k beta^(t-k) (t-k): numerator of the centre of mass
-        self.num_updates = 0
+        self.num_updates = 1  # parameter sets averaged in, theta_0 included
         self.num_resets = 0
         self.params = {n: p.detach().to(torch.float32).clone() for n, p in module.named_parameters()}
 
