@@ -12,7 +12,7 @@ from conftest import small_config
 
 from twofold.models import clone_state_dict, compute_logprobs, load_model, load_parameters
 from twofold.pipeline.rundir import read_metrics
-from twofold.pipeline.runner import Pipeline
+from twofold.pipeline.loop import Pipeline
 
 
 class BruteForce:
@@ -49,16 +49,16 @@ class BruteForce:
 
 
 def watch(pipe: Pipeline, brute: BruteForce) -> dict:
-    """Check every step's old log-probs; count trajectories that end after their last version was replaced."""
+    """Check the old log-probs of every minibatch; count trajectories that end after their last version was replaced."""
     seen = {"ended_after_publish": 0}
-    prepare = pipe.source.prepare
+    old_logprobs = pipe.source.old_logprobs
 
-    def checked_prepare(batch, model, version):
-        old = prepare(batch, model, version)
+    def checked_old_logprobs(batch, current, version):
+        old = old_logprobs(batch, current, version)
         brute.check(batch, old)
         return old
 
-    pipe.source.prepare = checked_prepare
+    pipe.source.old_logprobs = checked_old_logprobs
     on_end = pipe._on_trajectory_end
 
     def on_trajectory_end(traj):

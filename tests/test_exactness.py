@@ -7,8 +7,7 @@ from twofold.config import config_from_dict
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import BuiltinEngine
 from twofold.models import clone_state_dict, compute_logprobs, load_model, load_parameters, model_bytes
-from twofold.oldlogits import capture, make_source
-from twofold.oldlogits.sources import SourceContext
+from twofold.oldlogits import CapturedLogprobs, SourceContext, capture, make_source
 from twofold.rollout.trajectory import Batch, Trajectory
 
 
@@ -86,7 +85,8 @@ def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget
         if kind == "snapshot":
             peak = max(peak, source.store.bytes)
     batch = Batch.from_trajectories(trajs, pad_id=0)
-    old = source.prepare(batch, model, version)
+    source.prepare(batch, model, version)
+    old = source.old_logprobs(batch, ctx.score_batch(model, batch), version)
     source.close()
     return batch, old, source, peak
 
@@ -127,11 +127,11 @@ def assert_exact_sources_agree(recording, tiny_path, logprob_worker=None):
 def test_three_exact_sources_agree_with_brute_force(recording, tiny_path):
     batch, ref, mask = assert_exact_sources_agree(recording, tiny_path)
     # recompute uses the current weights (version 2) for every token: wrong on stale tokens
-    trajs = [Trajectory(**{**t.__dict__, "old_logprobs": [float("nan")] * len(t.token_ids)}) for t in batch.trajectories]
     model = load_model(tiny_path)
     load_parameters(model, recording[1][2])
-    capture(model, trajs, None, SourceContext(0, 1.0, True, 2))
-    recompute = Batch.from_trajectories(trajs, 0).old_logprobs
+    store = CapturedLogprobs()
+    capture(SourceContext(0, 1.0, True, 2).scorer(model), store, batch.trajectories, None)
+    recompute, _ = store.gather(batch)
     stale = mask & (batch.versions < 2)
     gap = (recompute - ref)[stale].abs()
     print(f"recompute vs exact on stale tokens: mean |delta| {gap.mean():.3e}, max {gap.max():.3e}")

@@ -74,7 +74,6 @@ class BuiltinEngine(InferenceEngine):
         self.max_batch_size = max_batch_size
         self.tokenizer = tokenizer
         self.generator = torch.Generator().manual_seed(seed)
-        self.tokens_generated = 0
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         if quantization == "int8":
@@ -156,7 +155,6 @@ class BuiltinEngine(InferenceEngine):
                     finish[i] = "length"
                 else:
                     still.append(row)
-            self.tokens_generated += len(active)
             if not still:
                 break
             if len(still) < len(active):

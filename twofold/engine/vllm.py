@@ -50,7 +50,6 @@ class VLLMEngine(InferenceEngine):
                             gpu_memory_utilization=cfg.gpu_memory_utilization)
         self.engine = self.llm.llm_engine
         self._serial = itertools.count()
-        self.tokens_generated = 0
 
     def _sampling(self, request: GenerationRequest) -> vllm.SamplingParams:
         p = request.params
@@ -84,7 +83,6 @@ class VLLMEngine(InferenceEngine):
         comp = out.outputs[0]
         ids = list(comp.token_ids)
         logprobs = [step[tok].logprob for tok, step in zip(ids, comp.logprobs)]
-        self.tokens_generated += len(ids)
         if not out.finished:
             reason = "paused"
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -13,8 +12,8 @@ class Trajectory:
     """One episode of one agent. Per-token lists are aligned with `token_ids`.
 
     loss_mask is 1 on tokens the agent generated; prompt and observation tokens have mask 0,
-    behaviour log-prob 0, version -1 and turn -1. `old_logprobs` holds NaN until an old-logit source
-    fills a token with its trainer-side log-prob at that token's own version.
+    behaviour log-prob 0, version -1 and turn -1. Only the rollout thread writes a trajectory, and only
+    by appending; old log-probs live with the old-logit sources (`twofold.oldlogits`), not here.
     """
 
     uid: int
@@ -25,7 +24,6 @@ class Trajectory:
     behavior_logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     turns: list[int] = field(default_factory=list)
-    old_logprobs: list[float] = field(default_factory=list)
     turn_rewards: list[float] = field(default_factory=list)
     success: bool = False
     format_ok: list[bool] = field(default_factory=list)
@@ -41,7 +39,6 @@ class Trajectory:
         self.behavior_logprobs += list(logprobs) if agent else [0.0] * n
         self.versions += list(versions) if agent else [-1] * n
         self.turns += [turn if agent else -1] * n
-        self.old_logprobs += [math.nan] * n
 
     @property
     def reward(self) -> float:
@@ -53,18 +50,6 @@ class Trajectory:
 
     def agent_versions(self) -> set[int]:
         return {v for v in self.versions if v >= 0}
-
-    def positions(self, version: int) -> list[int]:
-        return [i for i, v in enumerate(self.versions) if v == version]
-
-    def missing_old(self, version: int | None = None) -> list[int]:
-        """Agent positions (of `version`, or any) whose old log-prob is still unknown."""
-        return [i for i, (v, lp) in enumerate(zip(self.versions, self.old_logprobs))
-                if v >= 0 and math.isnan(lp) and (version is None or v == version)]
-
-    def set_old(self, positions: list[int], values: torch.Tensor | list[float]) -> None:
-        for i, val in zip(positions, values):
-            self.old_logprobs[i] = float(val)
 
 
 def pad_field(trajectories: list[Trajectory], name: str, fill, dtype) -> torch.Tensor:
@@ -87,7 +72,6 @@ class Batch:
     behavior_logprobs: torch.Tensor
     versions: torch.Tensor
     turns: torch.Tensor
-    old_logprobs: torch.Tensor
 
     @classmethod
     def from_trajectories(cls, trajectories: list[Trajectory], pad_id: int) -> "Batch":
@@ -100,10 +84,9 @@ class Batch:
             behavior_logprobs=pad_field(trajectories, "behavior_logprobs", 0.0, torch.float32),
             versions=pad_field(trajectories, "versions", -1, torch.long),
             turns=pad_field(trajectories, "turns", -1, torch.long),
-            old_logprobs=pad_field(trajectories, "old_logprobs", 0.0, torch.float32),
         )
 
     def select(self, rows: torch.Tensor | list[int]) -> "Batch":
         rows = torch.as_tensor(rows, dtype=torch.long)
         return Batch([self.trajectories[int(i)] for i in rows], *(getattr(self, f)[rows] for f in
-                     ("input_ids", "attention_mask", "loss_mask", "behavior_logprobs", "versions", "turns", "old_logprobs")))
+                     ("input_ids", "attention_mask", "loss_mask", "behavior_logprobs", "versions", "turns")))

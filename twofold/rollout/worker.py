@@ -262,9 +262,6 @@ class RolloutWorker:
                 self._on_env_step(ep)
         self._check_timeouts()
 
-    def inflight(self) -> list[Trajectory]:
-        return [ep.traj for ep in self.episodes.values()] + [t for m in self.group_members.values() for t in m]
-
     def run_until(self, done: Callable[[], bool]) -> None:
         """Synchronous use: drive the loop in the caller's thread."""
         while not done():

@@ -1,28 +1,30 @@
 """The RL trainer: float32 log-probs, the decoupled loss from `twofold.loss`, optimizer steps.
 
 One train step consumes one batch, runs `ppo_epochs x num_minibatches` optimizer steps and advances
-the policy version by one. The trainer knows nothing about engines or rollouts; the pipeline hands
-it old log-probs (or an interpolation method) and two hooks.
+the policy version by one. The trainer knows nothing about engines or rollouts: pi_old of each
+minibatch comes from the old-logit source's `old_logprobs` (the only place it enters the loss), and
+the pipeline passes two hooks (before the first optimizer step, after each one).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from twofold.config import Config
 from twofold.loss import (
+    COUNT_METRICS,
     broadcast_turn_values,
     decoupled_ppo_loss,
     discounted_returns,
     group_advantages,
-    interpolate_proximal_logprobs,
     reinforce_advantages,
     version_staleness,
 )
 from twofold.models import sequence_logprobs
+from twofold.oldlogits import OldLogitSource
 from twofold.rollout.trajectory import Batch
 
 
@@ -67,16 +69,20 @@ class Trainer:
     def train_step(
         self,
         batch: Batch,
-        old_logprobs: torch.Tensor | None,
+        source: OldLogitSource,
         *,
-        interpolation: str | None = None,
         before_first_update: Callable[[], None] = lambda: None,
         after_optimizer_step: Callable[[], None] = lambda: None,
     ) -> dict[str, float]:
-        """One step over `batch`; `old_logprobs` None means interpolate proximal log-probs per minibatch."""
+        """One step over `batch`: pi_old of each minibatch from `source`, then the decoupled loss.
+
+        Metrics: counts (`COUNT_METRICS`) are summed over the minibatches of a pass over the batch
+        (averaged over epochs); every other metric is the mean over the step's optimizer steps.
+        """
         cfg = self.cfg
         adv = token_advantages(batch, cfg.advantage.estimator, cfg.advantage.normalize_std, cfg.advantage.gamma)
         sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, float] = defaultdict(float)
         n_updates = 0
         first = True
         for _ in range(cfg.trainer.ppo_epochs):
@@ -84,11 +90,10 @@ class Trainer:
             for rows in torch.chunk(order, cfg.trainer.num_minibatches):
                 mb = batch.select(rows)
                 logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, cfg.engine.temperature)
-                if old_logprobs is not None:
-                    old = old_logprobs[rows]
-                else:
-                    old = interpolate_proximal_logprobs(mb.behavior_logprobs, logprobs, mb.versions, self.version, interpolation)
+                old = source.old_logprobs(mb, logprobs.detach(), self.version)
                 loss, metrics = decoupled_ppo_loss(logprobs, old, mb.behavior_logprobs, adv[rows], mb.loss_mask, cfg.loss)
+                for k in COUNT_METRICS & metrics.keys():
+                    counts[k] += metrics.pop(k) / cfg.trainer.ppo_epochs
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.max_grad_norm)
                 if first:
@@ -113,6 +118,7 @@ class Trainer:
                 for k, v in metrics.items():
                     sums[k] += v
         out = {k: v / max(n_updates, 1) for k, v in sums.items()}
+        out.update(counts)
         out.update(version_staleness(batch.versions, batch.loss_mask, self.version))
         out["trainer/optimizer_steps"] = float(n_updates)
         out["trainer/skipped_steps"] = float(self.skipped_steps)

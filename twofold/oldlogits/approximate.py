@@ -1,0 +1,105 @@
+"""Approximate old log-probs: no weights of past versions are kept (except the EWMA's one average).
+
+    behavior    pi_old = mu (prime-rl, PipelineRL, TRL async)
+    recompute   pi_old = pi_async, the trainer's weights at the step start (AReaL, verl, slime)
+    linear, loglinear   AReaL's interpolation between mu and pi_theta by per-token version
+    ewma        revised PPO-EWMA: pi_prox from a bias-corrected EWMA of the parameters
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from twofold.loss import ParameterEWMA, interpolate_proximal_logprobs, staleness_beta
+from twofold.models import model_bytes, state_dict_bytes
+from twofold.oldlogits.base import CapturingSource, OldLogitSource, SourceContext, capture
+from twofold.rollout.trajectory import Batch
+
+
+class BehaviorSource(OldLogitSource):
+    """pi_old = mu: engine noise then sits inside the PPO clip."""
+
+    name = "behavior"
+
+    def old_logprobs(self, batch, current_logprobs, version):
+        return batch.behavior_logprobs
+
+
+class InterpolationSource(OldLogitSource):
+    """AReaL's proximal log-probs, interpolated per token from mu and the live, detached log pi_theta."""
+
+    def __init__(self, ctx: SourceContext, method: str):
+        super().__init__(ctx)
+        self.name = method  # "linear" or "loglinear"
+
+    def old_logprobs(self, batch, current_logprobs, version):
+        proximal = interpolate_proximal_logprobs(batch.behavior_logprobs, current_logprobs, batch.versions, version,
+                                                 self.name)
+        return proximal * batch.loss_mask
+
+
+class RecomputeSource(CapturingSource):
+    """pi_async: every token scored with the trainer's weights at the step start (what most peers do)."""
+
+    name = "recompute"
+
+    def prepare(self, batch, model, version):
+        self._timed(capture, self.ctx.scorer(model), self.captured, batch.trajectories, None)
+
+
+class EWMASource(OldLogitSource):
+    """Revised PPO-EWMA: pi_prox from a bias-corrected EWMA of the parameters (Hilton et al. 2021).
+
+    The average is updated after every optimizer step and each minibatch is scored with it as it is
+    then (ppo-ewma's own order). beta defaults to kW/(kW+2), k optimizer steps per version, so its
+    centre of mass sits W/2 versions back; the average is reset to the current weights when a step's
+    active-token ratio falls below tau.
+    """
+
+    name = "ewma"
+
+    def __init__(self, ctx: SourceContext, model: torch.nn.Module, beta: float | None, tau: float, auto_reset: bool):
+        super().__init__(ctx)
+        if beta is None:
+            beta = staleness_beta(ctx.max_staleness, ctx.updates_per_version)
+        self.ewma = ParameterEWMA(model, beta)
+        self.proximal_model = copy.deepcopy(model).float().eval()
+        self._proximal_current = True  # proximal_model holds the average as it is now
+        self.tau, self.auto_reset = tau, auto_reset
+        self.last_reset = False
+
+    def old_logprobs(self, batch: Batch, current_logprobs, version):
+        def proximal():
+            if not self._proximal_current:
+                self.ewma.copy_to(self.proximal_model)
+                self._proximal_current = True
+            return self.ctx.score_batch(self.proximal_model, batch)
+
+        return self._timed(proximal)
+
+    def after_optimizer_step(self, model):
+        self.ewma.update(model)
+        self._proximal_current = False
+
+    def after_step(self, model, metrics):
+        ratio = metrics.get("ppo/active_token_ratio", 1.0)
+        self.last_reset = self.auto_reset and self.ewma.maybe_reset(model, ratio, self.tau)
+        self._proximal_current &= not self.last_reset
+
+    def extra_bytes(self):
+        return state_dict_bytes(self.ewma.params) + model_bytes(self.proximal_model)
+
+    def metrics(self):
+        return {"ewma/resets": float(self.ewma.num_resets), "ewma/reset_this_step": float(self.last_reset),
+                "ewma/center_of_mass": self.ewma.center_of_mass,  # in optimizer steps
+                "ewma/center_of_mass_versions": self.ewma.center_of_mass / self.ctx.updates_per_version,
+                "ewma/beta": self.ewma.beta}
+
+    def state_dict(self):
+        return {"ewma": self.ewma.state_dict()}
+
+    def load_state_dict(self, state):
+        self.ewma.load_state_dict(state["ewma"])
+        self._proximal_current = False

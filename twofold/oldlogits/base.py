@@ -1,0 +1,207 @@
+"""The old-logit source interface, the store that owns captured old log-probs, and `capture`.
+
+pi_old enters the loss through one method: `OldLogitSource.old_logprobs(batch, current_logprobs, version)`,
+called by the trainer for every minibatch (and by the audit, on the source it audits). Everything else
+a source does happens in hooks the pipeline calls at fixed points of a train step (trainer at version v):
+
+    prepare(batch, model, v)       step start, weights W_v: exact sources finish capturing, recompute scores
+    before_update(model, v, pending) right before the first optimizer step; weights still W_v
+    after_optimizer_step(model)    after each optimizer step (the EWMA's clock)
+    on_publish(model, v+1, pending) rollouts paused, trainer weights W_{v+1}, before the engine gets them
+    after_step(model, metrics)     the step's metrics are known (EWMA auto-reset)
+    release(trajectories)          trained or dropped: nothing of theirs is needed any more
+Rollout-thread hooks: on_new_version(traj, v) when a trajectory gets its first token of version v,
+on_trajectory_end(traj) when its episode ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from twofold.models import compute_logprobs
+from twofold.rollout.trajectory import Batch, Trajectory
+
+# token prefixes -> per-position log-probs of each (a model here, or a worker elsewhere)
+Scorer = Callable[[list[list[int]]], list[torch.Tensor]]
+
+
+@dataclass
+class SourceContext:
+    """What every source needs to score tokens the way the trainer does."""
+
+    pad_id: int
+    temperature: float
+    async_mode: bool
+    max_staleness: int
+    # Optimizer steps per policy version (ppo_epochs x num_minibatches): the EWMA's clock.
+    updates_per_version: int = 1
+    max_sequences_per_forward: int = 16
+
+    def scorer(self, model: torch.nn.Module) -> Scorer:
+        """Trainer-side log-probs of token prefixes under `model` (no grad)."""
+        return lambda prefixes: compute_logprobs(model, prefixes, pad_id=self.pad_id, temperature=self.temperature,
+                                                 batch_size=self.max_sequences_per_forward)
+
+    def score_batch(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """[B, T] log-probs of `batch`'s agent tokens under `model` (0 off the loss mask)."""
+        out = torch.zeros_like(batch.behavior_logprobs)
+        for i, lp in enumerate(self.scorer(model)([t.token_ids for t in batch.trajectories])):
+            n = min(len(lp), out.shape[1])
+            out[i, :n] = lp[:n]
+        return out * batch.loss_mask
+
+
+class CapturedLogprobs:
+    """Exact old log-probs captured so far, by trajectory uid: their one owner.
+
+    Written by whichever thread captures (the trainer with rollouts paused, the dedicated worker's
+    thread) and read by the trainer. One lock guards every access and tensors are copied in and out,
+    so no two threads share a mutable record. Trajectories themselves are only appended to, by the
+    rollout thread; a token's version never changes once stamped.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def missing(self, traj: Trajectory, version: int | None = None) -> torch.Tensor:
+        """Agent positions of `traj` (of `version`, or of any) that have no value yet, ascending."""
+        versions = torch.tensor(traj.versions, dtype=torch.long)
+        wanted = versions >= 0 if version is None else versions == version
+        with self._lock:
+            have = self._values.get(traj.uid)
+            if have is not None:
+                known = torch.zeros_like(wanted)
+                n = min(len(have), len(known))
+                known[:n] = ~torch.isnan(have[:n])
+                wanted &= ~known
+        return wanted.nonzero().flatten()
+
+    def write(self, uid: int, positions: torch.Tensor, values: torch.Tensor) -> None:
+        if len(positions) == 0:
+            return
+        need = int(positions.max()) + 1
+        with self._lock:
+            have = self._values.get(uid)
+            if have is None or len(have) < need:
+                grown = torch.full((need,), float("nan"))
+                if have is not None:
+                    grown[: len(have)] = have
+                have = grown
+            have[positions] = values.detach().to(torch.float32).cpu()
+            self._values[uid] = have
+
+    def gather(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, T] values, 0 off the loss mask and where none; [B, T] bool: agent tokens with no value)."""
+        out = torch.full_like(batch.behavior_logprobs, float("nan"))
+        with self._lock:
+            for i, t in enumerate(batch.trajectories):
+                have = self._values.get(t.uid)
+                if have is not None:
+                    n = min(len(have), out.shape[1])
+                    out[i, :n] = have[:n]
+        agent = batch.loss_mask > 0
+        missing = torch.isnan(out) & agent
+        return torch.where(agent & ~missing, out, torch.zeros_like(out)), missing
+
+    def forget(self, trajectories: list[Trajectory]) -> None:
+        with self._lock:
+            for t in trajectories:
+                self._values.pop(t.uid, None)
+
+
+def capture(scorer: Scorer, store: CapturedLogprobs, trajectories: list[Trajectory], version: int | None) -> int:
+    """Score the tokens of `version` (every still-missing agent token if None) and record them in `store`.
+
+    The one computation behind every exact source (and recompute): a forward over each trajectory's prefix
+    up to its last such token. Sources differ only in *when* this runs and *with which weights*. Returns the
+    number of tokens captured.
+    """
+    todo = [(t, store.missing(t, version)) for t in trajectories]
+    todo = [(t, pos) for t, pos in todo if len(pos)]
+    if not todo:
+        return 0
+    logprobs = scorer([t.token_ids[: int(pos[-1]) + 1] for t, pos in todo])
+    for (t, pos), lp in zip(todo, logprobs):
+        store.write(t.uid, pos, lp[pos])
+    return sum(len(pos) for _, pos in todo)
+
+
+class OldLogitSource:
+    """A source of pi_old. Subclasses implement `old_logprobs` and the hooks they need (no-ops here)."""
+
+    name = "base"
+
+    def __init__(self, ctx: SourceContext):
+        self.ctx = ctx
+        self.seconds = 0.0  # time spent computing old log-probs, for the step's breakdown
+
+    def old_logprobs(self, batch: Batch, current_logprobs: torch.Tensor, version: int) -> torch.Tensor:
+        """pi_old of `batch`'s agent tokens, [B, T] (0 off the loss mask), for the trainer at `version`.
+
+        `current_logprobs` are the trainer's log pi_theta of the same tokens (detached), which only the
+        interpolating sources read.
+        """
+        raise NotImplementedError
+
+    def on_new_version(self, traj: Trajectory, version: int) -> None: ...
+
+    def on_trajectory_end(self, traj: Trajectory) -> None: ...
+
+    def prepare(self, batch: Batch, model: torch.nn.Module, version: int) -> None: ...
+
+    def needs_pause_before_update(self, version: int) -> bool:
+        return False
+
+    def before_update(self, model: torch.nn.Module, version: int, pending: list[Trajectory]) -> None: ...
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None: ...
+
+    def on_publish(self, model: torch.nn.Module, new_version: int, pending: list[Trajectory]) -> None: ...
+
+    def after_step(self, model: torch.nn.Module, metrics: dict[str, float]) -> None: ...
+
+    def release(self, trajectories: list[Trajectory]) -> None: ...
+
+    def extra_bytes(self) -> int:
+        """Memory held for old log-probs beyond the trainer and engine models."""
+        return 0
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+    def _timed(self, fn: Callable, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+class CapturingSource(OldLogitSource):
+    """A source whose pi_old are values captured into a `CapturedLogprobs` (exact sources, recompute)."""
+
+    def __init__(self, ctx: SourceContext):
+        super().__init__(ctx)
+        self.captured = CapturedLogprobs()
+
+    def old_logprobs(self, batch, current_logprobs, version):
+        values, missing = self.captured.gather(batch)
+        if missing.any():
+            raise RuntimeError(f"{self.name}: {int(missing.sum())} agent tokens have no captured old log-prob")
+        return values
+
+    def release(self, trajectories):
+        self.captured.forget(trajectories)

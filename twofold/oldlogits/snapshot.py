@@ -1,0 +1,172 @@
+"""Exact old log-probs from weight snapshots keyed by version, refcounted by the trajectories that need them."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import torch
+
+from twofold.config import ConfigError
+from twofold.models import clone_state_dict, load_parameters, model_bytes, state_dict_bytes
+from twofold.oldlogits.approximate import EWMASource
+from twofold.oldlogits.base import CapturingSource, SourceContext, capture
+
+
+class SnapshotStore:
+    """Weight snapshots keyed by version, refcounted by the trajectories that still need them.
+
+    A snapshot is freed as soon as no pending trajectory holds a token of its version and the engine
+    has moved past it. `put` refuses a snapshot that would exceed the byte budget.
+    """
+
+    def __init__(self, budget_bytes: int | None):
+        self.budget_bytes = budget_bytes
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.refs: dict[int, set[int]] = {}
+        self.peak_bytes = 0
+        self.freed = 0
+        self._lock = threading.Lock()  # refs: added by the rollout thread, dropped by the trainer
+
+    @property
+    def bytes(self) -> int:
+        return sum(state_dict_bytes(s) for s in self.snapshots.values())
+
+    def add_ref(self, version: int, uid: int) -> None:
+        with self._lock:
+            self.refs.setdefault(version, set()).add(uid)
+
+    def drop_refs(self, uid: int, versions: set[int]) -> None:
+        with self._lock:
+            for v in versions:
+                self.refs.get(v, set()).discard(uid)
+
+    def referenced(self, version: int) -> bool:
+        with self._lock:
+            return bool(self.refs.get(version))
+
+    def fits(self, nbytes: int) -> bool:
+        return self.budget_bytes is None or self.bytes + nbytes <= self.budget_bytes
+
+    def put(self, version: int, state: dict[str, torch.Tensor]) -> bool:
+        if version in self.snapshots:
+            return True
+        if not self.fits(state_dict_bytes(state)):
+            return False
+        self.snapshots[version] = state
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        return True
+
+    def gc(self, live_version: int) -> None:
+        """Free snapshots no pending trajectory references, except the engine's live version."""
+        with self._lock:
+            for v in [v for v in self.snapshots if v < live_version and not self.refs.get(v)]:
+                del self.snapshots[v]
+                self.freed += 1
+            for v in [v for v, r in self.refs.items() if not r and v < live_version]:
+                del self.refs[v]
+
+
+class SnapshotSource(CapturingSource):
+    """Exact old log-probs from version-keyed weight snapshots, segment by segment.
+
+    The snapshot of version v is taken right before the trainer moves past v (the engine may keep
+    sampling with v until the new weights are published). When a snapshot would exceed the budget,
+    `on_budget="wait"` pauses rollouts and captures that version's tokens while W_v is still resident;
+    `on_budget="ewma"` leaves them to an EWMA proximal policy (counted in `snapshot/fallback_tokens`),
+    whose hooks this source forwards.
+    """
+
+    name = "snapshot"
+
+    def __init__(self, ctx: SourceContext, model: torch.nn.Module, budget_bytes: int | None, on_budget: str = "wait",
+                 fallback: EWMASource | None = None):
+        super().__init__(ctx)
+        self.store = SnapshotStore(budget_bytes)
+        self.on_budget = on_budget
+        self.fallback = fallback
+        self.scratch = copy.deepcopy(model).float().eval()
+        self.snapshot_bytes = model_bytes(self.scratch)
+        if budget_bytes is not None and budget_bytes < self.snapshot_bytes:
+            raise ConfigError("oldlogits.snapshot_budget",
+                              f"{budget_bytes} bytes cannot hold one snapshot of this model ({self.snapshot_bytes} "
+                              f"bytes, float32); give at least {self.snapshot_bytes / 2**20:.1f}MiB or leave it empty "
+                              "for no limit")
+        self.budget_captures = 0
+        self.fallback_tokens = 0
+
+    def on_new_version(self, traj, version):
+        self.store.add_ref(version, traj.uid)
+
+    def _needed(self, version: int) -> bool:
+        return self.ctx.async_mode or self.store.referenced(version)
+
+    def needs_pause_before_update(self, version):
+        return self.on_budget == "wait" and self._needed(version) and not self.store.fits(self.snapshot_bytes)
+
+    def before_update(self, model, version, pending):
+        if not self._needed(version) or self.store.put(version, clone_state_dict(model)):
+            return
+        if self.on_budget == "wait":  # rollouts are paused (needs_pause_before_update said so)
+            self._timed(capture, self.ctx.scorer(model), self.captured, pending, version)
+            self.budget_captures += 1
+
+    def on_publish(self, model, new_version, pending):
+        self.store.gc(new_version)
+
+    def prepare(self, batch, model, version):
+        def exact():
+            trajs = batch.trajectories
+            for v in sorted({v for t in trajs for v in t.agent_versions()}):
+                if v == version:
+                    capture(self.ctx.scorer(model), self.captured, trajs, v)
+                elif v in self.store.snapshots:
+                    load_parameters(self.scratch, self.store.snapshots[v])
+                    capture(self.ctx.scorer(self.scratch), self.captured, trajs, v)
+            if self.fallback is not None:
+                self.fallback_tokens += sum(len(self.captured.missing(t)) for t in trajs)
+
+        self._timed(exact)
+
+    def old_logprobs(self, batch, current_logprobs, version):
+        if self.fallback is None:
+            return super().old_logprobs(batch, current_logprobs, version)
+        exact, missing = self.captured.gather(batch)
+        if not missing.any():
+            return exact
+        proximal = self.fallback.old_logprobs(batch, current_logprobs, version)
+        return torch.where(missing, proximal, exact)
+
+    def after_optimizer_step(self, model):
+        if self.fallback is not None:
+            self.fallback.after_optimizer_step(model)
+
+    def after_step(self, model, metrics):
+        if self.fallback is not None:
+            self.fallback.after_step(model, metrics)
+
+    def release(self, trajectories):
+        super().release(trajectories)
+        for t in trajectories:
+            self.store.drop_refs(t.uid, t.agent_versions())
+
+    def extra_bytes(self):
+        fb = self.fallback.extra_bytes() if self.fallback is not None else 0
+        return self.store.bytes + self.snapshot_bytes + fb
+
+    def metrics(self):
+        out = {"snapshot/versions_held": float(len(self.store.snapshots)), "snapshot/bytes": float(self.store.bytes),
+               "snapshot/peak_bytes": float(self.store.peak_bytes), "snapshot/freed": float(self.store.freed),
+               "snapshot/budget_captures": float(self.budget_captures),
+               "snapshot/fallback_tokens": float(self.fallback_tokens)}
+        if self.fallback is not None:
+            out.update(self.fallback.metrics())
+        return out
+
+    def state_dict(self):
+        return {"snapshots": dict(self.store.snapshots), "fallback": self.fallback.state_dict() if self.fallback else None}
+
+    def load_state_dict(self, state):
+        self.store.snapshots = dict(state["snapshots"])
+        if self.fallback is not None and state.get("fallback"):
+            self.fallback.load_state_dict(state["fallback"])
