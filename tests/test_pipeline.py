@@ -4,7 +4,7 @@ import pytest
 
 from conftest import small_config
 from twofold.pipeline.rundir import read_metrics
-from twofold.pipeline.runner import Pipeline
+from twofold.pipeline.loop import Pipeline
 
 DOCUMENTED = [
     "step", "version", "reward/mean", "success/rate", "rollout/format_ok_rate", "rollout/multi_version_frac",

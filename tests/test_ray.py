@@ -19,7 +19,7 @@ from twofold.pipeline.ray_runtime import (  # noqa: E402
     RaySession,
 )
 from twofold.pipeline.rundir import read_metrics, summary  # noqa: E402
-from twofold.pipeline.runner import train  # noqa: E402
+from twofold.pipeline.train import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from conftest import small_config
 from twofold.config import dump_config
 from twofold.envs.frozenlake import FrozenLake
 from twofold.pipeline.rundir import read_metrics, summary
-from twofold.pipeline.runner import Pipeline
+from twofold.pipeline.loop import Pipeline
 from twofold.trainer.trainer import TrainingHalted
 
 VOLATILE = ("time/", "throughput/")  # wall-clock measurements differ between any two runs

@@ -27,7 +27,7 @@ from twofold.models import (  # noqa: E402
     load_tokenizer,
 )
 from twofold.pipeline.rundir import read_metrics  # noqa: E402
-from twofold.pipeline.runner import Pipeline  # noqa: E402
+from twofold.pipeline.loop import Pipeline  # noqa: E402
 
 MEMORY = 0.1  # of CPU memory for weights + KV cache: the tiny model needs little
 

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from twofold.config import ConfigError, load_config
+from twofold.config import OLD_LOGIT_SOURCES, ConfigError, load_config
 
 
 def _config(args):
@@ -20,7 +20,7 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
-    from twofold.pipeline.runner import train
+    from twofold.pipeline.train import train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -96,7 +96,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_warmstart(args) -> int:
-    from twofold.pipeline.runner import resolve_model_path
+    from twofold.pipeline.resolve import resolve_model_path
 
     cfg = _config(args)
     if not cfg.model.warmstart or cfg.model.path:
@@ -110,7 +110,7 @@ def cmd_warmstart(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from twofold.pipeline.runner import resolve_model_path
+    from twofold.pipeline.resolve import resolve_model_path
     from twofold.trainer.warmstart import evaluate
 
     cfg = _config(args)
@@ -133,7 +133,7 @@ def cmd_generate(args) -> int:
     from twofold.engine import GenerationRequest, SamplingParams, make_engine
     from twofold.envs import env_from_config
     from twofold.models import load_tokenizer
-    from twofold.pipeline.runner import resolve_model_path
+    from twofold.pipeline.resolve import resolve_model_path
     from twofold.rollout.worker import first_prompt_ids
 
     cfg = _config(args)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p = add("train", cmd_train, "Train with RL (sync or async) and write a run directory")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p = add("compare", cmd_compare, "Train every old-logit source x seed (same data) and write a comparison report")
-    p.add_argument("--sources", default="snapshot,dedicated,interrupt,ewma,loglinear,linear,recompute,behavior")
+    p.add_argument("--sources", default=",".join(OLD_LOGIT_SOURCES), help="old-logit sources to compare")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="train steps per run (default: the config's)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (timings are fair only with 1)")

@@ -18,11 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from twofold.config import Config, ConfigError, dump_config
+from twofold.config import EXACT_SOURCES, OLD_LOGIT_SOURCES, Config, ConfigError, dump_config
 from twofold.pipeline.rundir import read_metrics, summary
-
-EXACT_SOURCES = ("snapshot", "dedicated", "interrupt")
-ALL_SOURCES = ("snapshot", "dedicated", "interrupt", "ewma", "loglinear", "linear", "recompute", "behavior")
 
 
 @dataclass(frozen=True)
@@ -37,9 +34,9 @@ def compare_cells(sources: list[str], seeds: int, base_seed: int, audit: bool) -
     With `audit`, each approximate source also gets one run on the first seed that measures its error
     against exact old log-probs; audit runs keep snapshots, so they are kept out of the timing table.
     """
-    unknown = [s for s in sources if s not in ALL_SOURCES]
+    unknown = [s for s in sources if s not in OLD_LOGIT_SOURCES]
     if unknown or not sources:
-        raise ConfigError("--sources", f"unknown source(s) {unknown}; choose from {','.join(ALL_SOURCES)}")
+        raise ConfigError("--sources", f"unknown source(s) {unknown}; choose from {','.join(OLD_LOGIT_SOURCES)}")
     if seeds < 1:
         raise ConfigError("--seeds", "must be >= 1")
     cells = [Cell(f"{src}-seed{base_seed + i}", (f"oldlogits.source={src}", f"seed={base_seed + i}"))
@@ -70,7 +67,7 @@ def logged_runs(out: Path, cells: list[Cell]) -> list[Path]:
 
 def prepare_grid(cfg: Config, out: Path) -> Path:
     """Write (or check) the grid's base config and build the starting checkpoint once for all cells."""
-    from twofold.pipeline.runner import resolve_model_path
+    from twofold.pipeline.resolve import resolve_model_path
 
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base.yaml"

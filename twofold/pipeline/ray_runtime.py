@@ -36,9 +36,10 @@ from twofold.engine import make_engine
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
 from twofold.envs import env_from_config
 from twofold.models import clone_state_dict, load_model, load_tokenizer
-from twofold.oldlogits.sources import LocalLogprobWorker, SourceContext
+from twofold.oldlogits import LocalLogprobWorker, SourceContext
+from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.rundir import read_metrics
-from twofold.pipeline.runner import Pipeline, progress_postfix, stop_signals
 
 log = logging.getLogger(__name__)
 ACTOR_FAILURES = (RayActorError, GetTimeoutError)
@@ -312,7 +313,7 @@ class RayLogprobWorker:
 
 
 class RayRuntime:
-    """`EmbeddedRuntime`'s counterpart: the same three factories, backed by actors."""
+    """The `Runtime` backed by actors: `EmbeddedRuntime`'s three factories, returning clients of them."""
 
     def __init__(self, cfg: Config, handles: dict):
         self.timeout_s = cfg.runtime.ray.request_timeout_s

@@ -4,7 +4,7 @@ Layout:
     config.yaml            the resolved config
     metrics.jsonl          one JSON object per train step, appended and flushed per line
     tb/                    TensorBoard event files
-    checkpoints/step_N.pt  the last `run.keep_checkpoints` checkpoints, each written atomically
+    checkpoints/step_N.pt  the last `run.keep_checkpoints` checkpoints, each written atomically (checkpoint.py)
     summary.json           written when the run stops: finished (all steps) or stopped by a signal
 """
 
@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
-import torch
+from twofold.config import Config, ConfigError
 
 
 def atomic_write_bytes(path: Path, write) -> None:
@@ -89,16 +90,12 @@ def summary(run_dir: Path) -> dict | None:
         return None
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int) -> Path:
-    folder = run_dir / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:06d}.pt"
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
-        old.unlink()
-    return path
+def default_run_dir(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.env.name}-{cfg.mode}-{cfg.oldlogits.source}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step_*.pt"))
-    return found[-1] if found else None
+def refuse_existing_run(run_dir: Path, resume: bool) -> None:
+    """A fresh run never writes into a finished or interrupted one (its metrics would interleave)."""
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError("run.dir", f"{str(run_dir)!r} already holds a run; continue it with "
+                          f"`twofold train --resume {run_dir}` or choose another run.dir")

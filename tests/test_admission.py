@@ -1,0 +1,47 @@
+"""Admission control counts from the version the engine stamps, not from the trainer's bumped one."""
+
+from conftest import small_config
+
+from twofold.pipeline.admission import Admission
+from twofold.pipeline.loop import Pipeline
+from twofold.rollout.trajectory import Trajectory
+
+
+def test_bound_moves_only_when_a_version_is_published():
+    # W = 2, 2 groups per step: at published version 0, groups 0..5 (three steps' worth) may start
+    a = Admission(window=2, groups_per_step=2, stale_policy="drop", published_version=0)
+    assert a.admits(5) and not a.admits(6)
+    a.drop(stale=True)  # a dropped group lets one more start in its place
+    assert a.admits(6) and not a.admits(7)
+    a.publish(1)
+    assert a.admits(8) and not a.admits(9)
+    assert a.stale_dropped == 1 and a.next_group(steps_done=1) == 3
+
+
+def test_stale_rule_drops_only_beyond_the_window():
+    group = [Trajectory(uid=0, group_id=0, level_seed=0, start_version=3),
+             Trajectory(uid=1, group_id=0, level_seed=0, start_version=4)]
+    drop = Admission(window=2, groups_per_step=1, stale_policy="drop")
+    assert not drop.too_stale(group, trainer_version=5)  # lag 2 = W
+    assert drop.too_stale(group, trainer_version=6)  # lag 3 > W
+    assert not Admission(window=2, groups_per_step=1, stale_policy="train").too_stale(group, trainer_version=6)
+
+
+def test_group_admitted_between_bump_and_publish_is_not_started(tmp_path, tiny_path):
+    """Forced interleaving: the trainer has bumped its version but not yet published it.
+
+    The engine still stamps version 0, so a group started now would be W+1 versions old when its step
+    comes and be dropped: admission must wait for the publish.
+    """
+    cfg = small_config(mode="async", max_staleness=2, **{"rollout.groups_per_step": 2})
+    pipe = Pipeline(cfg, tmp_path / "run", model_path=tiny_path)
+    try:
+        pipe.worker.next_group = (0 + 2 + 1) * 2  # the first group beyond the bound of version 0
+        assert not pipe._admit()
+        pipe.trainer.version = 1  # Trainer.train_step has bumped the version; _publish has not run
+        assert pipe.engine.version == 0
+        assert not pipe._admit()
+        pipe._publish()
+        assert pipe.engine.version == 1 and pipe._admit()
+    finally:
+        pipe.close()

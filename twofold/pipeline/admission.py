@@ -1,0 +1,61 @@
+"""Policy versions and admission control: the lifecycle of a version, in one place.
+
+    stamped    the engine stamps every sampled token with `engine.version`, the version of the weights that
+               produced it; a reply paused by an update and continued carries several versions
+    bumped     the trainer's version goes v -> v+1 when its optimizer steps for a batch are done
+               (`Trainer.train_step`)
+    published  the pipeline pauses the rollout at a token boundary, hands W_{v+1} to the engine
+               (`engine.version = v+1`) and resumes (`Pipeline._publish`); `Admission.publish` records it
+    admitted   group k starts only while k < (published + W + 1) * groups_per_step + dropped  (AReaL's rule):
+               at most W+1 steps of groups are in flight or queued. Counting from the *published* version,
+               not the trainer's, matters: between bump and publish the engine still stamps v, so a group
+               admitted then under the bound of v+1 would start at v and be found W+1 versions old
+    stale      at train time, a group whose oldest trajectory started more than W versions before the
+               trainer's version is dropped (counted) or trained, as `rollout.stale_policy` says
+Sync mode is W = 0: one step of groups, generated after the previous publish, never stale.
+"""
+
+from __future__ import annotations
+
+from twofold.rollout.trajectory import Trajectory
+
+
+class Admission:
+    """When the rollout may start a group, and which finished groups are too stale to train."""
+
+    def __init__(self, window: int, groups_per_step: int, stale_policy: str, published_version: int = 0):
+        self.window = window
+        self.groups_per_step = groups_per_step
+        self.stale_policy = stale_policy
+        self.published_version = published_version  # written by the trainer while the rollout is paused
+        self.dropped_groups = 0  # stale or failed: each lets one more group start
+        self.stale_dropped = 0
+
+    def admits(self, next_group: int) -> bool:
+        """Rollout thread: may group `next_group` start now?"""
+        limit = (self.published_version + self.window + 1) * self.groups_per_step + self.dropped_groups
+        return next_group < limit
+
+    def publish(self, version: int) -> None:
+        self.published_version = version
+
+    def lag(self, group: list[Trajectory], trainer_version: int) -> int:
+        return trainer_version - min(t.start_version for t in group)
+
+    def too_stale(self, group: list[Trajectory], trainer_version: int) -> bool:
+        return self.stale_policy == "drop" and self.lag(group, trainer_version) > self.window
+
+    def drop(self, stale: bool) -> None:
+        """A group will not be trained (stale, or no episode finished): admit one more in its place."""
+        self.dropped_groups += 1
+        self.stale_dropped += int(stale)
+
+    def next_group(self, steps_done: int) -> int:
+        """The first group not yet trained or dropped after `steps_done` steps (where a resumed run restarts)."""
+        return steps_done * self.groups_per_step + self.dropped_groups
+
+    def state_dict(self) -> dict:
+        return {"dropped_groups": self.dropped_groups, "stale_dropped": self.stale_dropped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dropped_groups, self.stale_dropped = state["dropped_groups"], state["stale_dropped"]

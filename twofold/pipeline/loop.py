@@ -1,0 +1,337 @@
+"""The step loop: engine, rollout, old-logit source and trainer, wired together for one run.
+
+sync:  generate a batch at version v, train it, publish v+1 (the on-policy baseline).
+async: the rollout worker runs on its own thread and keeps sampling while the trainer trains; admission
+       control (`admission.py`) bounds staleness, and a weight update pauses generation at a token
+       boundary, so one response can span versions.
+
+One train step (trainer at version v):
+    wait for groups -> source.prepare (exact capture / recompute) -> per minibatch: source.old_logprobs,
+    loss, optimizer step [before the first: pause if the source needs it, snapshot / capture]
+    -> publish v+1 (pause, source.on_publish, engine.update_weights, resume)
+The parts come from a runtime (`runtime.py`): in this process, or Ray actors (`ray_runtime.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from twofold.config import Config, dump_config
+from twofold.loss import kl_estimates
+from twofold.models import clone_state_dict, load_model, load_tokenizer
+from twofold.oldlogits import OldLogitSource, SourceContext, make_source
+from twofold.pipeline.admission import Admission
+from twofold.pipeline.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    pipeline_state,
+    restore_pipeline,
+    save_checkpoint,
+)
+from twofold.pipeline.progress import progress_postfix, stop_signals
+from twofold.pipeline.resolve import resolve_model_path
+from twofold.pipeline.rundir import MetricsSink, default_run_dir, refuse_existing_run, write_summary
+from twofold.pipeline.runtime import EmbeddedRuntime, Runtime
+from twofold.rollout.trajectory import Batch, Trajectory
+from twofold.rollout.worker import RolloutWorker
+from twofold.trainer.trainer import Trainer
+
+log = logging.getLogger(__name__)
+MAX_FAILED_GROUPS_IN_A_ROW = 16  # then the env (or engine) is broken, not unlucky: stop instead of spinning
+
+
+@dataclass
+class StepTimes:
+    idle: float = 0.0
+    old_logits: float = 0.0
+    training: float = 0.0
+    weight_sync: float = 0.0
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, run_dir: Path | None = None, *, resume: bool = False, model_path: Path | None = None,
+                 runtime: Runtime | None = None):
+        self.cfg = cfg
+        self.runtime = runtime or EmbeddedRuntime()
+        self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
+        refuse_existing_run(self.run_dir, resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.async_mode = cfg.mode == "async"
+        window = cfg.max_staleness if self.async_mode else 0
+        path = model_path or resolve_model_path(cfg, progress=cfg.run.progress)
+        self.model_path = path
+        self.tokenizer = load_tokenizer(path)
+        self.trainer = Trainer(load_model(path, torch.float32), cfg, seed=cfg.seed)
+        self.engine = self.runtime.make_engine(cfg, path, self.tokenizer)
+        self.admission = Admission(window, cfg.rollout.groups_per_step, cfg.rollout.stale_policy)
+        self.step = 0
+        source_state = None
+        if resume and (checkpoint := latest_checkpoint(self.run_dir)) is not None:
+            state = load_checkpoint(checkpoint)
+            restore_pipeline(self, state)
+            source_state = state["source"]
+            log.info("resumed from %s at step %d", checkpoint, self.step)
+        # Sources are built after the checkpoint so that model copies (dedicated worker, EWMA) start
+        # from the resumed weights and version.
+        t = cfg.trainer
+        self.ctx = SourceContext(pad_id=self.tokenizer.pad_token_id or 0, temperature=cfg.engine.temperature,
+                                 async_mode=self.async_mode, max_staleness=window,
+                                 updates_per_version=t.ppo_epochs * t.num_minibatches,
+                                 max_sequences_per_forward=cfg.oldlogits.max_sequences_per_forward)
+        self.source: OldLogitSource = make_source(cfg, self.ctx, self.trainer.model, version=self.trainer.version,
+                                                  logprob_worker=self.runtime.logprob_worker)
+        if source_state is not None:
+            self.source.load_state_dict(source_state)
+        self.auditor: OldLogitSource | None = (
+            make_source(cfg, self.ctx, self.trainer.model, kind="snapshot") if cfg.oldlogits.audit else None)
+        self.sources = [s for s in (self.source, self.auditor) if s is not None]
+
+        self.pending: dict[int, Trajectory] = {}  # every trajectory started and not yet trained or dropped
+        self.ready: list[list[Trajectory]] = []
+        self.ready_cond = threading.Condition()
+        self.failed_in_a_row = 0  # groups in which no episode finished
+        self.peak_extra_bytes = 0
+        self._paused = False
+        self._stop_signal: int | None = None
+        self.metrics = MetricsSink(self.run_dir, cfg.run.tensorboard, resume_step=self.step if resume else None)
+        self.worker = RolloutWorker(
+            self.engine, self.tokenizer, cfg, admit=self._admit, on_group=self._on_group,
+            on_episode_start=self._on_episode_start, on_new_version=self._on_new_version,
+            on_trajectory_end=self._on_trajectory_end, start_group=self.admission.next_group(self.step),
+            lockstep=not self.async_mode, make_env=lambda: self.runtime.make_env(cfg))
+
+    # ------------------------------------------------------------------ rollout-thread callbacks
+
+    def _admit(self) -> bool:
+        return self.admission.admits(self.worker.next_group)
+
+    def _on_episode_start(self, traj: Trajectory) -> None:
+        self.pending[traj.uid] = traj
+
+    def _on_new_version(self, traj: Trajectory, version: int) -> None:
+        for s in self.sources:
+            s.on_new_version(traj, version)
+
+    def _on_trajectory_end(self, traj: Trajectory) -> None:
+        for s in self.sources:
+            s.on_trajectory_end(traj)
+
+    def _on_group(self, group: list[Trajectory]) -> None:
+        with self.ready_cond:
+            self.ready.append(group)
+            self.ready_cond.notify_all()
+
+    # ------------------------------------------------------------------ trainer side
+
+    def _release(self, trajectories: list[Trajectory]) -> None:
+        for s in self.sources:
+            s.release(trajectories)
+        for t in trajectories:
+            self.pending.pop(t.uid, None)
+
+    def _collect_batch(self) -> list[Trajectory]:
+        """gps groups of usable trajectories, dropping stale groups when configured to."""
+        want = self.cfg.rollout.groups_per_step
+        taken: list[Trajectory] = []
+        groups = 0
+        while groups < want:
+            if not self.async_mode:
+                self.worker.run_until(lambda: len(self.ready) > 0)
+            with self.ready_cond:
+                while not self.ready:
+                    if self.worker.error is not None:
+                        raise RuntimeError("the rollout worker failed") from self.worker.error
+                    self.ready_cond.wait(0.1)
+                group = self.ready.pop(0)
+            usable = [t for t in group if t.status in ("done", "truncated")]
+            if not usable or self.admission.too_stale(group, self.trainer.version):
+                self.admission.drop(stale=bool(usable))
+                self.failed_in_a_row = 0 if usable else self.failed_in_a_row + 1
+                if self.failed_in_a_row >= MAX_FAILED_GROUPS_IN_A_ROW:
+                    c = self.worker.counters
+                    raise RuntimeError(
+                        f"every episode of the last {self.failed_in_a_row} groups failed (env errors {c.env_errors}, "
+                        f"env timeouts {c.env_timeouts}, non-finite log-probs {c.nonfinite_dropped}); "
+                        "the environment or engine is broken, see the first logged traceback")
+                self._release(group)
+                continue
+            self.failed_in_a_row = 0
+            self._release([t for t in group if t not in usable])
+            taken += usable
+            groups += 1
+        return taken
+
+    def _pause_rollout(self) -> None:
+        if not self._paused:
+            self.worker.pause()
+            self._paused = True
+
+    def _before_update(self, times: StepTimes) -> None:
+        t0 = time.perf_counter()
+        v = self.trainer.version
+        if any(s.needs_pause_before_update(v) for s in self.sources):
+            self._pause_rollout()
+        pending = list(self.pending.values())
+        for s in self.sources:
+            s.before_update(self.trainer.model, v, pending)
+        times.old_logits += time.perf_counter() - t0
+
+    def _publish(self) -> None:
+        """Hand the trainer's new weights to the engine; admission counts from this version on."""
+        self._pause_rollout()
+        new_version = self.trainer.version
+        pending = list(self.pending.values())
+        for s in self.sources:
+            s.on_publish(self.trainer.model, new_version, pending)
+        self.engine.update_weights(clone_state_dict(self.trainer.model), new_version)
+        self.admission.publish(new_version)
+        self.worker.resume()
+        self._paused = False
+
+    def _audit(self, batch: Batch) -> dict[str, float]:
+        """Error of the source's old log-probs against the exact ones, both from their `old_logprobs`."""
+        version = self.trainer.version
+        current = self.ctx.score_batch(self.trainer.model, batch)
+        approx = self.source.old_logprobs(batch, current, version)
+        exact = self.auditor.old_logprobs(batch, current, version)
+        sel = batch.loss_mask > 0
+        delta = (approx - exact)[sel].abs()
+        _, k3 = kl_estimates(exact - approx, batch.loss_mask)
+        return {"audit/abs_err_mean": float(delta.mean()), "audit/abs_err_max": float(delta.max()), "audit/kl_k3": k3}
+
+    def train_step(self) -> dict[str, float]:
+        times = StepTimes()
+        t_step = time.perf_counter()
+        gen0, tok0 = self.worker.counters.generate_seconds, self.worker.counters.generated_tokens
+        src0 = sum(s.seconds for s in self.sources)
+        trajs = self._collect_batch()
+        times.idle = time.perf_counter() - t_step
+        batch = Batch.from_trajectories(trajs, self.ctx.pad_id)
+
+        t0 = time.perf_counter()
+        for s in self.sources:
+            s.prepare(batch, self.trainer.model, self.trainer.version)
+        audit = self._audit(batch) if self.auditor is not None else {}
+        times.old_logits += time.perf_counter() - t0
+
+        t0, old_before = time.perf_counter(), times.old_logits
+        metrics = self.trainer.train_step(
+            batch, self.source, before_first_update=lambda: self._before_update(times),
+            after_optimizer_step=lambda: [s.after_optimizer_step(self.trainer.model) for s in self.sources])
+        times.training = time.perf_counter() - t0 - (times.old_logits - old_before)
+        t0 = time.perf_counter()
+        self._publish()
+        times.weight_sync = time.perf_counter() - t0
+        for s in self.sources:
+            s.after_step(self.trainer.model, metrics)
+        self._release(trajs)
+        self.step += 1
+
+        wall = time.perf_counter() - t_step
+        c = self.worker.counters
+        source_seconds = sum(s.seconds for s in self.sources) - src0
+        extra = self.source.extra_bytes()
+        self.peak_extra_bytes = max(self.peak_extra_bytes, extra)
+        n = len(trajs)
+        row = {
+            "step": self.step,
+            "version": self.trainer.version,
+            "reward/mean": sum(t.reward for t in trajs) / n,
+            "success/rate": sum(t.success for t in trajs) / n,
+            "rollout/format_ok_rate": sum(sum(t.format_ok) for t in trajs) / max(1, sum(len(t.format_ok) for t in trajs)),
+            "rollout/turns_mean": sum(t.num_turns for t in trajs) / n,
+            "rollout/trajectories": float(n),
+            "rollout/agent_tokens": float(batch.loss_mask.sum()),
+            "rollout/tokens": float(batch.attention_mask.sum()),
+            "rollout/multi_version_frac": sum(len(t.agent_versions()) > 1 for t in trajs) / n,
+            "rollout/env_errors": float(c.env_errors),
+            "rollout/env_timeouts": float(c.env_timeouts),
+            "rollout/nonfinite_dropped": float(c.nonfinite_dropped),
+            "rollout/truncated": float(c.truncated),
+            "rollout/discarded_tokens": float(c.discarded_tokens),
+            "rollout/stale_dropped_groups": float(self.admission.stale_dropped),
+            "time/step": wall,
+            "time/generation": c.generate_seconds - gen0,
+            "time/old_logits": max(times.old_logits, source_seconds),
+            "time/training": times.training,
+            "time/weight_sync": times.weight_sync,
+            "time/idle": times.idle,
+            "throughput/samples_per_s": n / wall,
+            "throughput/tokens_per_s": (c.generated_tokens - tok0) / wall,
+            "memory/oldlogit_extra_bytes": float(extra),
+            "memory/oldlogit_peak_bytes": float(self.peak_extra_bytes),
+        }
+        row.update(metrics)
+        row.update(audit)
+        row.update(self.runtime.metrics())
+        for s in self.sources:
+            row.update(s.metrics())
+        self.metrics.log(row)
+        return row
+
+    # ------------------------------------------------------------------ the run
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, pipeline_state(self), self.cfg.run.keep_checkpoints)
+
+    def request_stop(self, signum: int) -> None:
+        """Checkpoint and stop after the current step (SIGINT/SIGTERM here, or forwarded by the Ray driver)."""
+        self._stop_signal = signum
+
+    def _on_signal(self, signum, frame) -> None:
+        self.request_stop(signum)
+
+    def run(self, progress: bool | None = None) -> dict:
+        progress = self.cfg.run.progress if progress is None else progress
+        with stop_signals(self._on_signal):
+            return self._run(progress)
+
+    def _run(self, progress: bool) -> dict:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.trainer.steps, initial=self.step, disable=not progress, desc="train", unit="step")
+        last: dict = {}
+        try:
+            if self.async_mode:
+                self.worker.start()
+            while self.step < cfg.trainer.steps:
+                last = self.train_step()
+                bar.update(1)
+                bar.set_postfix(progress_postfix(last))
+                if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
+                    self.checkpoint()
+                if self._stop_signal is not None:
+                    self.checkpoint()
+                    log.warning("stopped by signal %d at step %d; resume with --resume %s", self._stop_signal,
+                                self.step, self.run_dir)
+                    break
+            else:
+                self.checkpoint()
+            write_summary(self.run_dir, {"finished": self.step >= cfg.trainer.steps, "steps": self.step,
+                                         "stopped_by_signal": self._stop_signal, "last": last})
+        except BaseException:
+            if self.step > 0:
+                self.checkpoint()  # whatever killed the run, the finished steps stay resumable
+            raise
+        finally:
+            bar.close()
+            self.close()
+        return last
+
+    def close(self) -> None:
+        self.worker.stop()
+        for s in self.sources:
+            s.close()
+        self.engine.close()
+        self.runtime.close()
+        self.metrics.close()
