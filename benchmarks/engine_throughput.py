@@ -1,6 +1,6 @@
 """Engine tokens/s at batch 1 and 16 on the tiny model (prints a Markdown table).
 
-    python benchmarks/engine_throughput.py [--backend builtin|vllm] [--dtype bfloat16] [--new-tokens 64]
+python benchmarks/engine_throughput.py [--backend builtin|vllm] [--dtype bfloat16] [--new-tokens 64]
 """
 
 import argparse
@@ -26,8 +26,10 @@ def main():
     tok = load_tokenizer(path)
     engine = make_engine(EngineConfig(backend=args.backend, dtype=args.dtype, gpu_memory_utilization=0.1), path, tok)
     prompt = tok.encode("P F F H\nF H F F\nF F F H\nH F F G", add_special_tokens=False)
-    print(f"{args.backend}: torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
-          f"prompt {len(prompt)} tokens")
+    print(
+        f"{args.backend}: torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}, "
+        f"prompt {len(prompt)} tokens"
+    )
     print("| batch | new tokens each | tokens/s |\n|---|---|---|")
     for batch in (1, 16):
         params = SamplingParams(max_new_tokens=args.new_tokens)

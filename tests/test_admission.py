@@ -19,8 +19,10 @@ def test_bound_moves_only_when_a_version_is_published():
 
 
 def test_stale_rule_drops_only_beyond_the_window():
-    group = [Trajectory(uid=0, group_id=0, level_seed=0, start_version=3),
-             Trajectory(uid=1, group_id=0, level_seed=0, start_version=4)]
+    group = [
+        Trajectory(uid=0, group_id=0, level_seed=0, start_version=3),
+        Trajectory(uid=1, group_id=0, level_seed=0, start_version=4),
+    ]
     drop = Admission(window=2, groups_per_step=1, stale_policy="drop")
     assert not drop.too_stale(group, trainer_version=5)  # lag 2 = W
     assert drop.too_stale(group, trainer_version=6)  # lag 3 > W

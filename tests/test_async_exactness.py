@@ -11,8 +11,8 @@ import torch
 from conftest import small_config
 
 from twofold.models import clone_state_dict, compute_logprobs, load_model, load_parameters
-from twofold.pipeline.rundir import read_metrics
 from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.rundir import read_metrics
 
 
 class BruteForce:
@@ -36,7 +36,9 @@ class BruteForce:
         ref = torch.zeros(len(trajectories), width)
         for version, state in self.states.items():
             load_parameters(self.model, state)
-            for i, lp in enumerate(compute_logprobs(self.model, [t.token_ids for t in trajectories], pad_id=self.pad_id)):
+            for i, lp in enumerate(
+                compute_logprobs(self.model, [t.token_ids for t in trajectories], pad_id=self.pad_id)
+            ):
                 sel = torch.tensor(trajectories[i].versions) == version
                 ref[i, : len(lp)][sel] = lp[sel]
         return ref
@@ -75,10 +77,22 @@ def watch(pipe: Pipeline, brute: BruteForce) -> dict:
 def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, source):
     ended_after_publish = 0
     for seed in (0, 1, 2):
-        cfg = small_config(mode="async", seed=seed, max_staleness=2, **{
-            "oldlogits.source": source, "trainer.steps": 4, "env.step_latency_ms": 30.0,
-            "env.step_latency_sigma": 1.0, "env.max_turns": 4, "rollout.groups_per_step": 3,
-            "advantage.estimator": "discounted", "run.checkpoint_every": 0, "run.tensorboard": False})
+        cfg = small_config(
+            mode="async",
+            seed=seed,
+            max_staleness=2,
+            **{
+                "oldlogits.source": source,
+                "trainer.steps": 4,
+                "env.step_latency_ms": 30.0,
+                "env.step_latency_sigma": 1.0,
+                "env.max_turns": 4,
+                "rollout.groups_per_step": 3,
+                "advantage.estimator": "discounted",
+                "run.checkpoint_every": 0,
+                "run.tensorboard": False,
+            },
+        )
         pipe = Pipeline(cfg, tmp_path / f"{source}-{seed}", model_path=tiny_path)
         brute = BruteForce(pipe, tiny_path)
         seen = watch(pipe, brute)

@@ -22,8 +22,15 @@ def _fake_run(path, source, mode, rows):
 def test_throughput_table_against_the_overlap_bound(tmp_path):
     # sync: rollout 2 s (1.5 s generation + 0.5 s env waits) + trainer 1 s per step -> perfect overlap
     # would take max(2, 1) = 2 s: ideal 1.5x.
-    step = {"rollout/trajectories": 8, "rollout/tokens": 800, "time/generation": 1.5, "time/old_logits": 0.25,
-            "time/training": 0.5, "time/weight_sync": 0.25, "time/idle": 2.0}
+    step = {
+        "rollout/trajectories": 8,
+        "rollout/tokens": 800,
+        "time/generation": 1.5,
+        "time/old_logits": 0.25,
+        "time/training": 0.5,
+        "time/weight_sync": 0.25,
+        "time/idle": 2.0,
+    }
     _fake_run(tmp_path / "sync", "ewma", "sync", [{**step, "time/step": 9.0}] + [{**step, "time/step": 3.0}] * 2)
     _fake_run(tmp_path / "async", "ewma", "async", [{**step, "time/step": 9.0}] + [{**step, "time/step": 2.4}] * 2)
     rows = {r["run"]: r for r in throughput_table(group_runs(load_runs([tmp_path])))}
@@ -36,14 +43,30 @@ def test_throughput_table_against_the_overlap_bound(tmp_path):
 
 
 def test_source_table_overhead_memory_and_success(tmp_path):
-    base = {"time/generation": 1.0, "time/old_logits": 0.0, "time/training": 1.0, "time/weight_sync": 0.0,
-            "time/idle": 0.0, "ppo/active_token_ratio": 1.0}
+    base = {
+        "time/generation": 1.0,
+        "time/old_logits": 0.0,
+        "time/training": 1.0,
+        "time/weight_sync": 0.0,
+        "time/idle": 0.0,
+        "ppo/active_token_ratio": 1.0,
+    }
     for seed, succ in ((0, [0.0, 0.2, 0.4]), (1, [0.2, 0.4, 0.6])):
-        _fake_run(tmp_path / f"behavior-{seed}", "behavior", "async",
-                  [{**base, "time/step": 2.0, "success/rate": s} for s in succ])
-        _fake_run(tmp_path / f"snapshot-{seed}", "snapshot", "async",
-                  [{**base, "time/step": 2.2, "success/rate": s, "memory/oldlogit_peak_bytes": 2**20 * (1 + seed)}
-                   for s in succ])
+        _fake_run(
+            tmp_path / f"behavior-{seed}",
+            "behavior",
+            "async",
+            [{**base, "time/step": 2.0, "success/rate": s} for s in succ],
+        )
+        _fake_run(
+            tmp_path / f"snapshot-{seed}",
+            "snapshot",
+            "async",
+            [
+                {**base, "time/step": 2.2, "success/rate": s, "memory/oldlogit_peak_bytes": 2**20 * (1 + seed)}
+                for s in succ
+            ],
+        )
     table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
     assert table["snapshot"]["seeds"] == 2
     assert table["snapshot"]["extra vs behavior"] == pytest.approx(0.1)
@@ -59,8 +82,21 @@ def test_compare_grid_report_and_resume(tmp_path, tiny_path, capsys):
     cfg_path = tmp_path / "small.yaml"
     cfg_path.write_text(dump_config(small_config()))
     out = tmp_path / "grid"
-    argv = ["compare", "--config", str(cfg_path), "--sources", "ewma,behavior", "--seeds", "1", "--steps", "2",
-            "--audit", "--out", str(out), "run.progress=false"]
+    argv = [
+        "compare",
+        "--config",
+        str(cfg_path),
+        "--sources",
+        "ewma,behavior",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--audit",
+        "--out",
+        str(out),
+        "run.progress=false",
+    ]
     assert main(argv) == 0
     names = {"ewma-seed0", "behavior-seed0", "ewma-seed0-audit", "behavior-seed0-audit"}
     assert {p.name for p in out.iterdir() if p.is_dir() and p.name != "report"} == names
@@ -74,7 +110,7 @@ def test_compare_grid_report_and_resume(tmp_path, tiny_path, capsys):
     assert len(widths) == 1  # every row has as many cells as the header
     for key in SECTIONS:
         section = page.split(f'<section id="{key}">')[1].split("</section>")[0]
-        assert "<img src=\"data:image/png;base64," in section or "<table>" in section, key
+        assert '<img src="data:image/png;base64,' in section or "<table>" in section, key
     printed = capsys.readouterr().out
     assert "| ewma | 1 | 2 |" in printed and "| behavior | 1 | 2 |" in printed
 
@@ -91,8 +127,17 @@ def test_compare_grid_report_and_resume(tmp_path, tiny_path, capsys):
 def test_bench_throughput_parses_overrides_after_options_and_checks_windows(tmp_path, capsys):
     cfg_path = tmp_path / "small.yaml"
     cfg_path.write_text(dump_config(small_config()))
-    argv = ["bench", "throughput", "--config", str(cfg_path), "--staleness", "0,2", "--out", str(tmp_path / "b"),
-            "run.progress=false"]
+    argv = [
+        "bench",
+        "throughput",
+        "--config",
+        str(cfg_path),
+        "--staleness",
+        "0,2",
+        "--out",
+        str(tmp_path / "b"),
+        "run.progress=false",
+    ]
     assert main(argv) == 2
     assert "--staleness" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before anything ran

@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,10 +16,24 @@ def test_shipped_configs_load():
 
 
 def test_overrides_are_typed():
-    cfg = load_config("configs/frozenlake.yaml", ["mode=sync", "max_staleness=4", "oldlogits.source=snapshot",
-                                                   "trainer.lr=0.001", "env.options.size=5", "oldlogits.audit=false"])
-    assert (cfg.mode, cfg.max_staleness, cfg.oldlogits.source, cfg.trainer.lr, cfg.env.options["size"]) == \
-        ("sync", 4, "snapshot", 0.001, 5)
+    cfg = load_config(
+        "configs/frozenlake.yaml",
+        [
+            "mode=sync",
+            "max_staleness=4",
+            "oldlogits.source=snapshot",
+            "trainer.lr=0.001",
+            "env.options.size=5",
+            "oldlogits.audit=false",
+        ],
+    )
+    assert (cfg.mode, cfg.max_staleness, cfg.oldlogits.source, cfg.trainer.lr, cfg.env.options["size"]) == (
+        "sync",
+        4,
+        "snapshot",
+        0.001,
+        5,
+    )
 
 
 def test_exponent_without_a_dot_is_a_number():
@@ -33,14 +46,17 @@ def test_exponent_without_a_dot_is_a_number():
         load_config("configs/frozenlake.yaml", ["trainer.steps=1e3"])
 
 
-@pytest.mark.parametrize("override,field", [
-    ("trainer.stepz=3", "trainer.stepz"),
-    ("engine.dtype=float8", "engine.dtype"),
-    ("trainer.steps=abc", "trainer.steps"),
-    ("loss.eps_low=1.5", "loss.eps_low"),
-    ("model.path=/nonexistent/model", "model.path"),
-    ("oldlogits.snapshot_budget=lots", "oldlogits.snapshot_budget"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("trainer.stepz=3", "trainer.stepz"),
+        ("engine.dtype=float8", "engine.dtype"),
+        ("trainer.steps=abc", "trainer.steps"),
+        ("loss.eps_low=1.5", "loss.eps_low"),
+        ("model.path=/nonexistent/model", "model.path"),
+        ("oldlogits.snapshot_budget=lots", "oldlogits.snapshot_budget"),
+    ],
+)
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config("configs/frozenlake.yaml", [override])
@@ -62,8 +78,11 @@ def test_parse_bytes():
 
 
 def test_cli_bad_key_is_one_line_exit_2():
-    out = subprocess.run([sys.executable, "-m", "twofold.cli", "train", "--config", "configs/frozenlake.yaml",
-                          "engine.dtype=fp8"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "twofold.cli", "train", "--config", "configs/frozenlake.yaml", "engine.dtype=fp8"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "engine.dtype" in out.stderr and "bfloat16" in out.stderr
 
@@ -74,8 +93,9 @@ def test_config_file_that_is_not_utf8_is_one_line_naming_config(tmp_path):
     with pytest.raises(ConfigError, match="not UTF-8") as e:
         load_config(bad)
     assert e.value.field == "--config"
-    out = subprocess.run([sys.executable, "-m", "twofold.cli", "train", "--config", str(bad)], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "twofold.cli", "train", "--config", str(bad)], capture_output=True, text=True
+    )
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--config" in out.stderr
 
 
@@ -105,10 +125,17 @@ def test_tokenizer_without_chat_template(tiny_path, tmp_path):
         load_tokenizer(tmp_path)
 
 
-values = st.one_of(st.integers(-5, 5000), st.floats(-2, 2, allow_nan=False), st.text(max_size=8), st.booleans(), st.none())
-sections = {"trainer": ["steps", "lr", "ppo_epochs", "num_minibatches"], "loss": ["eps_low", "discrepancy_low", "aggregation", "dual_clip"],
-            "engine": ["dtype", "temperature", "top_p", "max_new_tokens"], "rollout": ["group_size", "max_total_tokens"],
-            "oldlogits": ["source", "snapshot_budget", "ewma_beta"], "": ["mode", "max_staleness", "seed", "bogus"]}
+values = st.one_of(
+    st.integers(-5, 5000), st.floats(-2, 2, allow_nan=False), st.text(max_size=8), st.booleans(), st.none()
+)
+sections = {
+    "trainer": ["steps", "lr", "ppo_epochs", "num_minibatches"],
+    "loss": ["eps_low", "discrepancy_low", "aggregation", "dual_clip"],
+    "engine": ["dtype", "temperature", "top_p", "max_new_tokens"],
+    "rollout": ["group_size", "max_total_tokens"],
+    "oldlogits": ["source", "snapshot_budget", "ewma_beta"],
+    "": ["mode", "max_staleness", "seed", "bogus"],
+}
 
 
 @settings(max_examples=200, deadline=None)
@@ -119,7 +146,15 @@ def test_fuzz_config_errors_are_named(section, data, value):
     try:
         cfg = config_from_dict(d)
     except ConfigError as e:
-        assert e.field.endswith(key) or e.field.split(".")[0] in ("loss", "trainer", "rollout", "oldlogits", "engine", "model", "max_staleness")
+        assert e.field.endswith(key) or e.field.split(".")[0] in (
+            "loss",
+            "trainer",
+            "rollout",
+            "oldlogits",
+            "engine",
+            "model",
+            "max_staleness",
+        )
     else:
         assert isinstance(cfg, Config)
 
@@ -140,10 +175,17 @@ def _schema():
 
 SCHEMA = _schema()
 any_value = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-              st.text(max_size=12), st.sampled_from(["sync", "async", "snapshot", "ewma", "token", "mask", "1GiB", "-1", "nan"])),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(10**6), 10**6),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12),
+        st.sampled_from(["sync", "async", "snapshot", "ewma", "token", "mask", "1GiB", "-1", "nan"]),
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-    max_leaves=6)
+    max_leaves=6,
+)
 
 
 @st.composite

@@ -1,4 +1,3 @@
-import math
 import threading
 
 import pytest
@@ -6,7 +5,7 @@ import torch
 
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import BuiltinEngine, sample_from_logits
-from twofold.models import clone_state_dict, compute_logprobs, load_model, load_tokenizer
+from twofold.models import clone_state_dict, compute_logprobs, load_model
 
 
 def _requests(tokenizer, n, max_new=12, **kw):
@@ -17,10 +16,14 @@ def _requests(tokenizer, n, max_new=12, **kw):
 
 def _deltas(model, reqs, results, temperature=None):
     """|behaviour log-prob - trainer float32 log-prob| on every generated token (at the requests' temperature)."""
-    seqs = [r.prompt_ids + o.output_ids for r, o in zip(reqs, results)]
+    seqs = [r.prompt_ids + o.output_ids for r, o in zip(reqs, results, strict=True)]
     lps = compute_logprobs(model, seqs, temperature=temperature or reqs[0].params.temperature)
-    return torch.cat([(lp[len(r.prompt_ids):] - torch.tensor(o.output_logprobs)).abs()
-                      for lp, r, o in zip(lps, reqs, results)])
+    return torch.cat(
+        [
+            (lp[len(r.prompt_ids) :] - torch.tensor(o.output_logprobs)).abs()
+            for lp, r, o in zip(lps, reqs, results, strict=True)
+        ]
+    )
 
 
 def test_sampler_logprob_is_log_softmax_of_filtered_tempered_distribution():
@@ -56,8 +59,12 @@ def test_bfloat16_engine_differs_from_trainer(tiny_path, tokenizer):
 def test_int8_and_logit_noise_widen_the_gap(tiny_path, tokenizer):
     model = load_model(tiny_path)
     base = _deltas(model, r := _requests(tokenizer, 4), BuiltinEngine(tiny_path, dtype="float32").generate(r)).mean()
-    q = _deltas(model, r := _requests(tokenizer, 4), BuiltinEngine(tiny_path, dtype="float32", quantization="int8").generate(r)).mean()
-    noisy = _deltas(model, r := _requests(tokenizer, 4), BuiltinEngine(tiny_path, dtype="float32", logit_noise_std=0.5).generate(r)).mean()
+    q = _deltas(
+        model, r := _requests(tokenizer, 4), BuiltinEngine(tiny_path, dtype="float32", quantization="int8").generate(r)
+    ).mean()
+    noisy = _deltas(
+        model, r := _requests(tokenizer, 4), BuiltinEngine(tiny_path, dtype="float32", logit_noise_std=0.5).generate(r)
+    ).mean()
     assert q > base * 10 and noisy > base * 10
 
 
@@ -109,7 +116,7 @@ def test_pause_continue_under_new_version_keeps_prefix_and_stamps(tiny_path, tok
     assert final.output_versions == [0] * k + [1] * (len(final.output_ids) - k)
     assert len(final.output_ids) == 40
     # tokens after the update are scored by the new weights
-    lp = compute_logprobs(model, [req.prompt_ids + final.output_ids])[0][len(req.prompt_ids):]
+    lp = compute_logprobs(model, [req.prompt_ids + final.output_ids])[0][len(req.prompt_ids) :]
     assert (lp[k:] - torch.tensor(final.output_logprobs[k:])).abs().max() < 1e-5
 
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twofold.config import ConfigError
-from twofold.envs import known_envs, make_env, parse_answer
+from twofold.envs import make_env, parse_answer
 from twofold.envs.sokoban import BOX_OFF, BOX_ON, SOLVED, STEP_PENALTY
 
 
@@ -61,35 +61,23 @@ def test_max_turns_ends_episode():
 
 def test_sokoban_push_rules_and_rewards():
     env = make_env("sokoban")
-    env.set_level(["#####",
-                   "#PBT#",
-                   "#####"])
+    env.set_level(["#####", "#PBT#", "#####"])
     obs, r, done, info = env.step(act("Right"))
     assert done and info["success"] and r == pytest.approx(STEP_PENALTY + BOX_ON + SOLVED)
-    env.set_level(["######",
-                   "#PB_T#",
-                   "######"])
+    env.set_level(["######", "#PB_T#", "######"])
     obs, r, done, _ = env.step(act("Left"))
     assert "wall" in obs and r == pytest.approx(STEP_PENALTY)
-    env.set_level(["#####",
-                   "#PB##",
-                   "#T__#",
-                   "#####"])
+    env.set_level(["#####", "#PB##", "#T__#", "#####"])
     obs, r, done, _ = env.step(act("Right"))  # box against a wall does not move
     assert "does not move" in obs and env.player == (1, 1)
-    env.set_level(["######",
-                   "#P*_T#",
-                   "######"])
+    env.set_level(["######", "#P*_T#", "######"])
     obs, r, done, _ = env.step(act("Right"))  # pushing off a target
     assert r == pytest.approx(STEP_PENALTY + BOX_OFF) and not done
 
 
 def test_sokoban_two_boxes_in_a_row_do_not_move():
     env = make_env("sokoban")
-    env.set_level(["######",
-                   "#PBB_#",
-                   "#TT__#",
-                   "######"])
+    env.set_level(["######", "#PBB_#", "#TT__#", "######"])
     obs, _, _, _ = env.step(act("Right"))
     assert "does not move" in obs
 
@@ -129,7 +117,11 @@ def test_unknown_env_lists_known_ones_and_custom_class_loads():
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.sampled_from(["frozenlake", "sokoban", "arithmetic"]), st.lists(st.text(max_size=60), min_size=1, max_size=10), st.integers(0, 50))
+@given(
+    st.sampled_from(["frozenlake", "sokoban", "arithmetic"]),
+    st.lists(st.text(max_size=60), min_size=1, max_size=10),
+    st.integers(0, 50),
+)
 def test_fuzz_step_never_raises(name, replies, seed):
     env = make_env(name, max_turns=4)
     env.reset(seed)
@@ -141,6 +133,7 @@ def test_fuzz_step_never_raises(name, replies, seed):
 
 def test_solver_success_rate_is_optimal_rate_of_the_level_set():
     from conftest import small_config
+
     from twofold.trainer.warmstart import solver_success_rate
 
     # A 4x4 lake goes from (0,0) to (3,3): no path is shorter than 6 moves.

@@ -50,7 +50,9 @@ def record(engine, tiny_path, tokenizer):
     generate([0, 1], 3)  # trajectories 0 and 1 now span versions 0 and 1
     obs = tokenizer.encode("\nF F P", add_special_tokens=False)  # an observation between turns of trajectory 0
     events.append(("append", 0, obs, False, None, None))
-    requests[0] = GenerationRequest(0, requests[0].prompt_ids + requests[0].output_ids + obs, SamplingParams(max_new_tokens=3))
+    requests[0] = GenerationRequest(
+        0, requests[0].prompt_ids + requests[0].output_ids + obs, SamplingParams(max_new_tokens=3)
+    )
     generate([0], 3)
     events.append(("end", 1))
     update(2)
@@ -112,7 +114,10 @@ def test_recording_spans_versions(recording):
 
 def assert_exact_sources_agree(recording, tiny_path, logprob_worker=None):
     """snapshot, dedicated and interrupt each match the brute-force old log-probs within 1e-6."""
-    results = {k: replay(k, recording, tiny_path, logprob_worker=logprob_worker) for k in ("snapshot", "dedicated", "interrupt")}
+    results = {
+        k: replay(k, recording, tiny_path, logprob_worker=logprob_worker)
+        for k in ("snapshot", "dedicated", "interrupt")
+    }
     batch = results["snapshot"][0]
     ref = brute_force(batch, recording[1], tiny_path)
     mask = batch.loss_mask > 0

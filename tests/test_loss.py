@@ -95,8 +95,9 @@ def test_catastrophic_threshold_below_the_clamp_still_fires():
     # 1e-10 = exp(-23.0): a token at log r = -25 is vetoed although log-ratios are clamped at -20;
     # one at log r = -21 (r = 7.6e-10 > 1e-10) is not
     old = T([[0.0, -25.0], [0.0, -21.0]])
-    w, keep, m = discrepancy_correction(old, torch.zeros(2, 2), torch.ones(2, 2), action="truncate", low=0.0,
-                                        high=2.0, catastrophic=1e-10)
+    w, keep, m = discrepancy_correction(
+        old, torch.zeros(2, 2), torch.ones(2, 2), action="truncate", low=0.0, high=2.0, catastrophic=1e-10
+    )
     assert close(keep, [[0, 0], [1, 1]]) and m["discrepancy/catastrophic_seqs"] == 1
 
 
@@ -158,7 +159,11 @@ def test_dual_clip_bounds_negative_advantage_surrogate():
 def test_discrepancy_weight_multiplies_surrogate():
     # r_d = exp(0.5) = 1.6487 (inside [0.5, 2]); logprobs == old so r_s = 1; A = 2 -> loss = -1.6487 * 2
     loss, _ = decoupled_ppo_loss(
-        torch.full((1, 1), 0.5), torch.full((1, 1), 0.5), torch.zeros(1, 1), T([[2.0]]), T([[1.0]]),
+        torch.full((1, 1), 0.5),
+        torch.full((1, 1), 0.5),
+        torch.zeros(1, 1),
+        T([[2.0]]),
+        T([[1.0]]),
         cfg(discrepancy_action="truncate"),
     )
     assert loss.item() == pytest.approx(-2 * math.exp(0.5), rel=1e-6)
@@ -167,7 +172,11 @@ def test_discrepancy_weight_multiplies_surrogate():
 def test_masked_token_does_not_upweight_the_rest():
     # two tokens, A = 1, r_s = 1; token 2 has r_d = e (masked out). token-mean: -(1*1 + 0)/2 = -0.5
     loss, m = decoupled_ppo_loss(
-        torch.zeros(1, 2), T([[0.0, 1.0]]), torch.zeros(1, 2), T([[1.0, 1.0]]), T([[1.0, 1.0]]),
+        torch.zeros(1, 2),
+        T([[0.0, 1.0]]),
+        torch.zeros(1, 2),
+        T([[1.0, 1.0]]),
+        T([[1.0, 1.0]]),
         cfg(discrepancy_action="mask"),
     )
     assert loss.item() == pytest.approx(-0.5)
@@ -202,7 +211,9 @@ def test_gradient_flows_only_through_current_logprobs():
     old = torch.randn(2, 3, requires_grad=True)
     beh = torch.randn(2, 3, requires_grad=True)
     adv = torch.randn(2, 3, requires_grad=True)
-    loss, _ = decoupled_ppo_loss(lp, old, beh, adv.detach(), torch.ones(2, 3), cfg(discrepancy_action="truncate", discrepancy_low=0.5))
+    loss, _ = decoupled_ppo_loss(
+        lp, old, beh, adv.detach(), torch.ones(2, 3), cfg(discrepancy_action="truncate", discrepancy_low=0.5)
+    )
     loss.backward()
     assert lp.grad is not None and lp.grad.abs().sum() > 0
     assert old.grad is None and beh.grad is None
@@ -213,7 +224,9 @@ def test_gradient_flows_only_through_current_logprobs():
 def test_gradient_of_unclipped_token_is_minus_weight_times_advantage():
     # d/dlp of -(w * exp(lp - old) * A) at lp = old is -w*A; token-mean over 1 token
     lp = torch.zeros(1, 1, requires_grad=True)
-    loss, _ = decoupled_ppo_loss(lp, torch.zeros(1, 1), T([[-0.25]]), T([[3.0]]), T([[1.0]]), cfg(discrepancy_action="truncate"))
+    loss, _ = decoupled_ppo_loss(
+        lp, torch.zeros(1, 1), T([[-0.25]]), T([[3.0]]), T([[1.0]]), cfg(discrepancy_action="truncate")
+    )
     loss.backward()
     assert lp.grad.item() == pytest.approx(-math.exp(0.25) * 3.0, rel=1e-6)
 
@@ -231,8 +244,14 @@ finite = st.floats(-30, 30, allow_nan=False, allow_infinity=False, width=32)
 def test_random_finite_inputs_never_give_nan(rows, level, action, agg):
     lp, old, beh, adv, m = (T([[r[i] for r in rows]]) for i in range(5))
     lp = lp.clone().requires_grad_(True)
-    c = LossConfig(discrepancy_level=level, discrepancy_action=action, aggregation=agg, dual_clip=3.0, catastrophic=1e-4,
-                   eps_high=0.2)
+    c = LossConfig(
+        discrepancy_level=level,
+        discrepancy_action=action,
+        aggregation=agg,
+        dual_clip=3.0,
+        catastrophic=1e-4,
+        eps_high=0.2,
+    )
     loss, metrics = decoupled_ppo_loss(lp, old, beh, adv, m.float(), c)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
@@ -244,8 +263,14 @@ def test_random_finite_inputs_never_give_nan(rows, level, action, agg):
 def test_old_equal_behavior_reduces_to_standard_ppo(rows):
     lp, old, adv = (T([[r[i] for r in rows]]) for i in range(3))
     mask = torch.ones_like(lp)
-    c = LossConfig(discrepancy_action="mask", discrepancy_level="token", catastrophic=1e-4, eps_low=0.2, eps_high=0.28,
-                   dual_clip=None)
+    c = LossConfig(
+        discrepancy_action="mask",
+        discrepancy_level="token",
+        catastrophic=1e-4,
+        eps_low=0.2,
+        eps_high=0.28,
+        dual_clip=None,
+    )
     loss, _ = decoupled_ppo_loss(lp, old, old, adv, mask, c)
     ratio = torch.exp((lp - old).clamp(-20, 20))
     ppo = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv).mean()
@@ -265,8 +290,14 @@ def test_logprobs_equal_old_reduces_to_weighted_advantage(rows):
 
 def test_minus_inf_behavior_logprob_in_loss_is_finite_and_counted():
     lp = torch.zeros(1, 2, requires_grad=True)
-    loss, m = decoupled_ppo_loss(lp, torch.zeros(1, 2), T([[0.0, -math.inf]]), T([[1.0, 1.0]]), torch.ones(1, 2),
-                                 LossConfig(discrepancy_action="mask", catastrophic=1e-4, eps_high=0.2, dual_clip=None))
+    loss, m = decoupled_ppo_loss(
+        lp,
+        torch.zeros(1, 2),
+        T([[0.0, -math.inf]]),
+        T([[1.0, 1.0]]),
+        torch.ones(1, 2),
+        LossConfig(discrepancy_action="mask", catastrophic=1e-4, eps_high=0.2, dual_clip=None),
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
     assert m["discrepancy/nonfinite_tokens"] == 1
@@ -393,7 +424,9 @@ def test_group_advantages_mean_and_std():
     r = T([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     g = T([0, 0, 1, 1, 2, 2])
     assert close(group_advantages(r, g), [0.5, -0.5, 0, 0, 0, 0])
-    assert close(group_advantages(r, g, normalize_std=True), [0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0, 0, 0, 0], tol=1e-5)
+    assert close(
+        group_advantages(r, g, normalize_std=True), [0.5 / (0.5 + 1e-6), -0.5 / (0.5 + 1e-6), 0, 0, 0, 0], tol=1e-5
+    )
 
 
 def test_reinforce_batch_baseline():

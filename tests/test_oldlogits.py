@@ -30,8 +30,13 @@ def make_batch(tokenizer, n: int = 4, reward=lambda i: float(i % 2)) -> Batch:
 
 def ctx_for(cfg) -> SourceContext:
     t = cfg.trainer
-    return SourceContext(pad_id=0, temperature=1.0, async_mode=True, max_staleness=cfg.max_staleness,
-                         updates_per_version=t.ppo_epochs * t.num_minibatches)
+    return SourceContext(
+        pad_id=0,
+        temperature=1.0,
+        async_mode=True,
+        max_staleness=cfg.max_staleness,
+        updates_per_version=t.ppo_epochs * t.num_minibatches,
+    )
 
 
 # --------------------------------------------------------------------------- EWMA: live average, right clock
@@ -39,8 +44,15 @@ def ctx_for(cfg) -> SourceContext:
 
 def test_second_minibatch_is_scored_with_the_average_updated_by_the_first(tiny_path, tokenizer):
     # no discrepancy band: make_batch's mu is not the model's, and a masked batch would never move the weights
-    cfg = small_config(**{"trainer.lr": 1e-2, "trainer.num_minibatches": 2, "oldlogits.source": "ewma",
-                          "loss.discrepancy_action": "none", "loss.catastrophic": None})
+    cfg = small_config(
+        **{
+            "trainer.lr": 1e-2,
+            "trainer.num_minibatches": 2,
+            "oldlogits.source": "ewma",
+            "loss.discrepancy_action": "none",
+            "loss.catastrophic": None,
+        }
+    )
     trainer = Trainer(load_model(tiny_path), cfg)
     ctx = ctx_for(cfg)
     source = make_source(cfg, ctx, trainer.model)

@@ -1,19 +1,44 @@
-import json
-
 import pytest
-
 from conftest import small_config
-from twofold.pipeline.rundir import read_metrics
+
 from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.rundir import read_metrics
 
 DOCUMENTED = [
-    "step", "version", "reward/mean", "success/rate", "rollout/format_ok_rate", "rollout/multi_version_frac",
-    "time/step", "time/generation", "time/old_logits", "time/training", "time/weight_sync", "time/idle",
-    "throughput/samples_per_s", "memory/oldlogit_extra_bytes", "memory/oldlogit_peak_bytes",
-    "discrepancy/mask_frac", "discrepancy/trunc_frac", "discrepancy/catastrophic_seqs", "discrepancy/nonfinite_tokens",
-    "ppo/clip_frac_low", "ppo/clip_frac_high", "ppo/dual_clip_frac", "ppo/active_token_ratio",
-    "kl/discrepancy_k1", "kl/discrepancy_k3", "kl/staleness_k1", "kl/staleness_k3", "kl/total_k1", "kl/total_k3",
-    "is/ess", "version/staleness_mean", "version/staleness_max", "loss/value", "loss/grad_norm",
+    "step",
+    "version",
+    "reward/mean",
+    "success/rate",
+    "rollout/format_ok_rate",
+    "rollout/multi_version_frac",
+    "time/step",
+    "time/generation",
+    "time/old_logits",
+    "time/training",
+    "time/weight_sync",
+    "time/idle",
+    "throughput/samples_per_s",
+    "memory/oldlogit_extra_bytes",
+    "memory/oldlogit_peak_bytes",
+    "discrepancy/mask_frac",
+    "discrepancy/trunc_frac",
+    "discrepancy/catastrophic_seqs",
+    "discrepancy/nonfinite_tokens",
+    "ppo/clip_frac_low",
+    "ppo/clip_frac_high",
+    "ppo/dual_clip_frac",
+    "ppo/active_token_ratio",
+    "kl/discrepancy_k1",
+    "kl/discrepancy_k3",
+    "kl/staleness_k1",
+    "kl/staleness_k3",
+    "kl/total_k1",
+    "kl/total_k3",
+    "is/ess",
+    "version/staleness_mean",
+    "version/staleness_max",
+    "loss/value",
+    "loss/grad_norm",
 ]
 
 
@@ -24,11 +49,17 @@ def run(tmp_path, tiny_path, **overrides):
     return read_metrics(tmp_path / "run" / "metrics.jsonl"), pipe
 
 
-@pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt", "ewma", "recompute", "behavior", "linear", "loglinear"])
+@pytest.mark.parametrize(
+    "source", ["snapshot", "dedicated", "interrupt", "ewma", "recompute", "behavior", "linear", "loglinear"]
+)
 def test_short_async_run_for_each_source(tmp_path, tiny_path, source):
     # Discounted per-turn returns: non-zero advantages even when every episode fails, so weights move.
-    rows, pipe = run(tmp_path, tiny_path, mode="async", **{"oldlogits.source": source, "env.step_latency_ms": 5.0,
-                                                         "advantage.estimator": "discounted"})
+    rows, pipe = run(
+        tmp_path,
+        tiny_path,
+        mode="async",
+        **{"oldlogits.source": source, "env.step_latency_ms": 5.0, "advantage.estimator": "discounted"},
+    )
     assert rows[-1]["loss/grad_norm"] > 0
     assert [r["step"] for r in rows] == [1, 2]
     for key in DOCUMENTED:
@@ -49,18 +80,36 @@ def test_sync_mode_old_equals_trainer_logprobs(tmp_path, tiny_path, source):
 
 
 def test_versions_stay_within_window(tmp_path, tiny_path):
-    rows, _ = run(tmp_path, tiny_path, mode="async", max_staleness=1,
-                  **{"trainer.steps": 4, "oldlogits.source": "snapshot", "rollout.stale_policy": "drop",
-                     "env.step_latency_ms": 20.0})
+    rows, _ = run(
+        tmp_path,
+        tiny_path,
+        mode="async",
+        max_staleness=1,
+        **{
+            "trainer.steps": 4,
+            "oldlogits.source": "snapshot",
+            "rollout.stale_policy": "drop",
+            "env.step_latency_ms": 20.0,
+        },
+    )
     assert all(r["version/staleness_max"] <= 1 for r in rows)
 
 
 def test_audit_logs_approximation_error(tmp_path, tiny_path):
     # The untrained model loses every episode alike, so group-relative advantages are all zero and the
     # weights would never move; per-turn discounted returns differ by turn and do move them.
-    rows, _ = run(tmp_path, tiny_path, mode="async", **{"oldlogits.source": "recompute", "oldlogits.audit": True,
-                                                        "trainer.steps": 3, "env.step_latency_ms": 20.0,
-                                                        "advantage.estimator": "discounted"})
+    rows, _ = run(
+        tmp_path,
+        tiny_path,
+        mode="async",
+        **{
+            "oldlogits.source": "recompute",
+            "oldlogits.audit": True,
+            "trainer.steps": 3,
+            "env.step_latency_ms": 20.0,
+            "advantage.estimator": "discounted",
+        },
+    )
     assert all("audit/abs_err_mean" in r for r in rows)
     assert rows[0]["audit/abs_err_max"] < 1e-5  # step 1: nothing is stale yet
     stale = [r for r in rows if r["version/staleness_max"] > 0]

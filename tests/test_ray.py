@@ -10,6 +10,7 @@ ray = pytest.importorskip("ray")
 from conftest import small_config  # noqa: E402
 from test_exactness import assert_exact_sources_agree, record  # noqa: E402
 from test_pipeline import DOCUMENTED  # noqa: E402
+
 from twofold.config import ConfigError, EngineConfig  # noqa: E402
 from twofold.pipeline.ray_runtime import (  # noqa: E402
     EngineReplica,
@@ -38,8 +39,16 @@ def ray_config(tmp_path, **overrides):
 def test_short_async_run_under_ray(cluster, tmp_path, tiny_path, source):
     # snapshot: a budget of one snapshot (the model is 428,288 bytes in float32); it must hold in the trainer actor
     budget = {"oldlogits.snapshot_budget": "500KB"} if source == "snapshot" else {}
-    cfg = ray_config(tmp_path, **{"oldlogits.source": source, "trainer.steps": 3, "env.step_latency_ms": 5.0,
-                                  "advantage.estimator": "discounted", **budget})
+    cfg = ray_config(
+        tmp_path,
+        **{
+            "oldlogits.source": source,
+            "trainer.steps": 3,
+            "env.step_latency_ms": 5.0,
+            "advantage.estimator": "discounted",
+            **budget,
+        },
+    )
     run_dir, last = train(cfg)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
@@ -66,8 +75,9 @@ def test_exact_sources_agree_under_ray(cluster, tiny_path, tokenizer):
     recording = record(engine, tiny_path, tokenizer)
     assert min(engine.requests) > 0  # both replicas generated part of it
     actor = OldLogitActor.remote(str(tiny_path), 1)
-    assert_exact_sources_agree(recording, tiny_path,
-                               logprob_worker=lambda model, ctx: RayLogprobWorker(actor, model, ctx, 60))
+    assert_exact_sources_agree(
+        recording, tiny_path, logprob_worker=lambda model, ctx: RayLogprobWorker(actor, model, ctx, 60)
+    )
     for a in [*replicas, actor]:
         ray.kill(a)
 

@@ -14,8 +14,8 @@ from conftest import small_config
 
 from twofold.config import dump_config
 from twofold.envs.frozenlake import FrozenLake
-from twofold.pipeline.rundir import read_metrics, summary
 from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.rundir import read_metrics, summary
 from twofold.trainer.trainer import TrainingHalted
 
 VOLATILE = ("time/", "throughput/")  # wall-clock measurements differ between any two runs
@@ -27,9 +27,17 @@ def _comparable(rows):
 
 def _train(cfg_path, run_dir):
     """`twofold train`, resuming when the run directory was started before (as `twofold compare` does)."""
-    args = ["--resume", str(run_dir)] if (run_dir / "config.yaml").exists() else ["--config", str(cfg_path), f"run.dir={run_dir}"]
-    return subprocess.Popen([sys.executable, "-m", "twofold.cli", "train", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = (
+        ["--resume", str(run_dir)]
+        if (run_dir / "config.yaml").exists()
+        else ["--config", str(cfg_path), f"run.dir={run_dir}"]
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "twofold.cli", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _kill_resume_finish(cfg_path, run_dir, kills, horizon, rng):
@@ -146,7 +154,9 @@ def test_consecutive_nan_losses_halt_with_a_checkpoint(tmp_path, tiny_path, monk
     import twofold.trainer.trainer as trainer_module
 
     real = trainer_module.decoupled_ppo_loss
-    monkeypatch.setattr(trainer_module, "decoupled_ppo_loss", lambda *a, **k: (lambda lm: (lm[0] * math.nan, lm[1]))(real(*a, **k)))
+    monkeypatch.setattr(
+        trainer_module, "decoupled_ppo_loss", lambda *a, **k: (lambda lm: (lm[0] * math.nan, lm[1]))(real(*a, **k))
+    )
     with pytest.raises(TrainingHalted, match="trainer.max_consecutive_skips=3"):
         _run(tmp_path, **{"trainer.max_consecutive_skips": 3, "trainer.steps": 4})
     # Step 1 (two skips) finished and was checkpointed when step 2's third skip halted the run.
@@ -177,12 +187,19 @@ def test_nonfinite_behavior_logprobs_drop_the_trajectory(tmp_path, tiny_path):
 def test_resumed_dedicated_worker_starts_at_the_checkpoint_version(tmp_path, tiny_path):
     # The dedicated worker's model copy must hold the resumed weights and version, or the first segment
     # of the resumed version would be scored with the initial weights.
-    Pipeline(small_config(mode="async", **{"oldlogits.source": "dedicated", "trainer.steps": 2}),
-             tmp_path / "run", model_path=tiny_path).run()
-    pipe = Pipeline(small_config(mode="async", **{"oldlogits.source": "dedicated", "trainer.steps": 4}),
-                    tmp_path / "run", resume=True, model_path=tiny_path)
+    Pipeline(
+        small_config(mode="async", **{"oldlogits.source": "dedicated", "trainer.steps": 2}),
+        tmp_path / "run",
+        model_path=tiny_path,
+    ).run()
+    pipe = Pipeline(
+        small_config(mode="async", **{"oldlogits.source": "dedicated", "trainer.steps": 4}),
+        tmp_path / "run",
+        resume=True,
+        model_path=tiny_path,
+    )
     assert pipe.trainer.version == 2 and pipe.source.version == 2
-    for (name, p), q in zip(pipe.trainer.model.named_parameters(), pipe.source.worker.model.parameters()):
+    for (name, p), q in zip(pipe.trainer.model.named_parameters(), pipe.source.worker.model.parameters(), strict=True):
         assert torch.equal(p, q), name
     pipe.run()
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]

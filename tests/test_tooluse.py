@@ -1,7 +1,6 @@
 """The tool-use environment and environment latency."""
 
 import random
-import threading
 import time
 
 import pytest
@@ -56,9 +55,11 @@ def test_hand_made_world_tools_and_exact_rewards():
     # Replace the generated shop by a hand-made one.
     from twofold.envs.tooluse import Order
 
-    env.orders = {"K42": Order("K42", "Ana", "lamp", 35, "pending", 12),
-                  "B17": Order("B17", "Ana", "mug", 8, "pending", 20),
-                  "C50": Order("C50", "Ana", "rug", 60, "shipped", 25)}
+    env.orders = {
+        "K42": Order("K42", "Ana", "lamp", 35, "pending", 12),
+        "B17": Order("B17", "Ana", "mug", 8, "pending", 20),
+        "C50": Order("C50", "Ana", "rug", 60, "shipped", 25),
+    }
     env.customers = {"Ana": ["K42", "B17", "C50"]}
     env.target = "Ana"
     env.expected_answer, env.expected_cancelled, env.plan = env._goal(list(env.orders.values()))
@@ -83,14 +84,17 @@ def test_question_answer_is_checked_exactly():
     assert env.step(f"I think <answer> {right} </answer>")[1:3] == (1.0, True)
 
 
-@pytest.mark.parametrize("reply,why", [
-    ("<tool>get_order(K42)</tool>", 'get_order takes exactly one argument: get_order(id="...")'),
-    ('<tool>delete_order(id="K42")</tool>', "unknown tool 'delete_order'"),
-    ("<tool>look at everything</tool>", "cannot read 'look at everything' as a tool call"),
-    ('<tool>get_order(id="K42", x="1")</tool>', "takes exactly one argument"),
-    ("just chatting", "no <tool>...</tool> or <answer>...</answer> found"),
-    ("<answer>  </answer>", "the answer is empty"),
-])
+@pytest.mark.parametrize(
+    "reply,why",
+    [
+        ("<tool>get_order(K42)</tool>", 'get_order takes exactly one argument: get_order(id="...")'),
+        ('<tool>delete_order(id="K42")</tool>', "unknown tool 'delete_order'"),
+        ("<tool>look at everything</tool>", "cannot read 'look at everything' as a tool call"),
+        ('<tool>get_order(id="K42", x="1")</tool>', "takes exactly one argument"),
+        ("just chatting", "no <tool>...</tool> or <answer>...</answer> found"),
+        ("<answer>  </answer>", "the answer is empty"),
+    ],
+)
 def test_malformed_tool_calls_get_a_clear_error_and_the_episode_goes_on(reply, why):
     env = ToolUse(format_penalty=-0.1)
     env.reset(3)
@@ -110,7 +114,7 @@ def test_parse_call_accepts_spacing_variants():
 def test_fuzz_tool_replies_never_raise(text, seed):
     env = ToolUse()
     env.reset(seed)
-    for reply in (text, f"<tool>{text}</tool>", f"<tool>get_order(id=\"{text}\")</tool>"):
+    for reply in (text, f"<tool>{text}</tool>", f'<tool>get_order(id="{text}")</tool>'):
         obs, reward, done, info = env.step(reply)
         assert isinstance(obs, str) and isinstance(reward, float)
 
@@ -118,6 +122,7 @@ def test_fuzz_tool_replies_never_raise(text, seed):
 def test_step_latency_sleeps_without_using_cpu(tiny_path, tokenizer):
     """8 env steps of 300 ms each on the worker's pool: about 0.3 s of wall time and almost no CPU."""
     from conftest import small_config
+
     from twofold.engine import make_engine
     from twofold.rollout.worker import Episode, RolloutWorker
 
@@ -130,7 +135,9 @@ def test_step_latency_sleeps_without_using_cpu(tiny_path, tokenizer):
         env.reset(k)
         episodes.append(Episode(None, env, random.Random(k)))
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    futures = [worker.executor.submit(worker._env_step, ep, '<tool>find_customer(name="Ana")</tool>') for ep in episodes]
+    futures = [
+        worker.executor.submit(worker._env_step, ep, '<tool>find_customer(name="Ana")</tool>') for ep in episodes
+    ]
     results = [f.result() for f in futures]
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     worker.stop()

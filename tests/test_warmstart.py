@@ -24,6 +24,13 @@ def test_key_without_latency_is_the_one_existing_caches_were_built_under():
     cfg = small_config()
     recipe = dataclasses.asdict(cfg.warmstart)
     seed = recipe.pop("seed")
-    old_key = fingerprint(WARMSTART_RECIPE, BASE.name, recipe, dataclasses.asdict(cfg.env),
-                          cfg.rollout.max_total_tokens, cfg.engine.temperature, seed)
+    old_key = fingerprint(
+        WARMSTART_RECIPE,
+        BASE.name,
+        recipe,
+        dataclasses.asdict(cfg.env),
+        cfg.rollout.max_total_tokens,
+        cfg.engine.temperature,
+        seed,
+    )
     assert warmstart_path(cfg, BASE) == cache_dir() / "warmstart" / f"frozenlake-{old_key}"

@@ -33,8 +33,10 @@ def cmd_train(args) -> int:
     print(f"run directory: {run_dir}")
     print(f"metrics:       {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tb'})")
     if last:
-        print(f"last step {last['step']}: success {last['success/rate']:.2f}, reward {last['reward/mean']:.3f}, "
-              f"{last['time/step']:.2f} s/step")
+        print(
+            f"last step {last['step']}: success {last['success/rate']:.2f}, reward {last['reward/mean']:.3f}, "
+            f"{last['time/step']:.2f} s/step"
+        )
     return 0
 
 
@@ -47,8 +49,11 @@ def _grid_config(args, default_out: str):
 def _finish_grid(status: dict[str, int]) -> int:
     failed = [name for name, rc in status.items() if rc != 0]
     if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (see train.log in each); "
-              f"re-run the same command to retry them", file=sys.stderr)
+        print(
+            f"{len(failed)} run(s) failed: {', '.join(failed)} (see train.log in each); "
+            f"re-run the same command to retry them",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
@@ -90,8 +95,10 @@ def cmd_bench(args) -> int:
     table = markdown_table(throughput_table(group_runs(runs)))
     (out / "throughput.md").write_text(table)
     print(table)
-    print("ideal speedup = (G + T) / max(G, T) from the sync run's generation G and trainer time T; "
-          "'of ideal' = (speedup - 1) / (ideal - 1)")
+    print(
+        "ideal speedup = (G + T) / max(G, T) from the sync run's generation G and trainer time T; "
+        "'of ideal' = (speedup - 1) / (ideal - 1)"
+    )
     return _finish_grid(status)
 
 
@@ -100,8 +107,10 @@ def cmd_warmstart(args) -> int:
 
     cfg = _config(args)
     if not cfg.model.warmstart or cfg.model.path:
-        raise ConfigError("model.warmstart", "warmstart trains the built-in tiny model; use model.warmstart=true "
-                          "and leave model.path empty")
+        raise ConfigError(
+            "model.warmstart",
+            "warmstart trains the built-in tiny model; use model.warmstart=true and leave model.path empty",
+        )
     path = resolve_model_path(cfg)
     report = json.loads((path / "warmstart.json").read_text())
     print(f"checkpoint: {path}")
@@ -118,10 +127,18 @@ def cmd_eval(args) -> int:
     if args.solver:
         from twofold.trainer.warmstart import solver_success_rate
 
-        print(json.dumps({"levels": f"{cfg.env.name} eval set, {episodes} levels",
-                          "optimal_success_rate": solver_success_rate(cfg, episodes, 0.0),
-                          f"noisy_solver_success_rate (noise {cfg.warmstart.noise})":
-                              solver_success_rate(cfg, episodes, cfg.warmstart.noise)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "levels": f"{cfg.env.name} eval set, {episodes} levels",
+                    "optimal_success_rate": solver_success_rate(cfg, episodes, 0.0),
+                    f"noisy_solver_success_rate (noise {cfg.warmstart.noise})": solver_success_rate(
+                        cfg, episodes, cfg.warmstart.noise
+                    ),
+                },
+                indent=2,
+            )
+        )
         return 0
     path = Path(args.model) if args.model else resolve_model_path(cfg)
     print(json.dumps({"model": str(path), **evaluate(cfg, path, episodes)}, indent=2))
@@ -142,11 +159,16 @@ def cmd_generate(args) -> int:
     engine = make_engine(cfg.engine, path, tok, seed=cfg.seed)
     env = env_from_config(cfg.env)
     prompt = first_prompt_ids(tok, env, env.reset(cfg.seed))
-    params = SamplingParams(cfg.engine.temperature, cfg.engine.top_p, cfg.engine.top_k, cfg.engine.max_new_tokens,
-                            stop_token_ids=[tok.eos_token_id])
+    params = SamplingParams(
+        cfg.engine.temperature,
+        cfg.engine.top_p,
+        cfg.engine.top_k,
+        cfg.engine.max_new_tokens,
+        stop_token_ids=[tok.eos_token_id],
+    )
     res = engine.generate([GenerationRequest(0, prompt, params)])[0]
     print(tok.decode(prompt))
-    for t, lp, v in zip(res.output_ids, res.output_logprobs, res.output_versions):
+    for t, lp, v in zip(res.output_ids, res.output_logprobs, res.output_versions, strict=True):
         print(f"{tok.decode([t])!r:>16}  logprob {lp:8.4f}  version {v}")
     return 0
 
@@ -169,16 +191,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="train steps per run (default: the config's)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (timings are fair only with 1)")
-    p.add_argument("--audit", action="store_true",
-                   help="also one audit run per approximate source, measuring its error against exact old log-probs")
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        help="also one audit run per approximate source, measuring its error against exact old log-probs",
+    )
     p.add_argument("--out", default=None, help="grid folder (default runs/compare-ENV); re-use it to resume")
     p = sub.add_parser("report", help="HTML + Markdown report over run directories (or grid folders)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="report folder (default RUN_DIR/report)")
     p.set_defaults(fn=cmd_report)
-    bench = sub.add_parser("bench", help="Benchmarks: `bench throughput` runs sync vs async at several staleness windows")
+    bench = sub.add_parser(
+        "bench", help="Benchmarks: `bench throughput` runs sync vs async at several staleness windows"
+    )
     p = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK").add_parser(
-        "throughput", help="sync vs async samples/s and tokens/s, time split, ideal overlap bound")
+        "throughput", help="sync vs async samples/s and tokens/s, time split, ideal overlap bound"
+    )
     p.add_argument("--config", default=None, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(fn=cmd_bench)
@@ -189,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     p = add("eval", cmd_eval, "Valid-action and success rate of a checkpoint on held-out levels")
     p.add_argument("--model", default=None, help="model directory (default: the config's model)")
     p.add_argument("--episodes", type=int, default=None)
-    p.add_argument("--solver", action="store_true",
-                   help="instead of a model, report the reference solver's optimal (and noisy) success rate")
+    p.add_argument(
+        "--solver",
+        action="store_true",
+        help="instead of a model, report the reference solver's optimal (and noisy) success rate",
+    )
     add("generate", cmd_generate, "Sample one reply and show per-token behaviour log-probs and versions")
 
     args = parser.parse_args(argv)

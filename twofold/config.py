@@ -119,7 +119,9 @@ class TrainerConfig:
 
 
 # The old-logit sources, by name: the one list that configs, `twofold compare` and the CLI read.
-OldLogitSourceName = Literal["snapshot", "dedicated", "interrupt", "ewma", "loglinear", "linear", "recompute", "behavior"]
+OldLogitSourceName = Literal[
+    "snapshot", "dedicated", "interrupt", "ewma", "loglinear", "linear", "recompute", "behavior"
+]
 OLD_LOGIT_SOURCES: tuple[str, ...] = typing.get_args(OldLogitSourceName)
 EXACT_SOURCES: tuple[str, ...] = ("snapshot", "dedicated", "interrupt")
 
@@ -285,8 +287,22 @@ def to_dict(cfg: Any) -> dict:
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
-          "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1e3,
+    "kb": 1e3,
+    "kib": 2**10,
+    "m": 1e6,
+    "mb": 1e6,
+    "mib": 2**20,
+    "g": 1e9,
+    "gb": 1e9,
+    "gib": 2**30,
+    "t": 1e12,
+    "tb": 1e12,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str, path: str = "oldlogits.snapshot_budget") -> int | None:
@@ -314,10 +330,17 @@ def validate(cfg: Config) -> Config:
     need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", "must divide model.num_heads")
     need(m.vocab_size >= 300, "model.vocab_size", "must be >= 300 (256 byte tokens + merges + specials)")
     if m.path:
-        need(Path(m.path).is_dir(), "model.path", f"no directory at {m.path!r}; give a local Hugging Face "
-             "model directory, or leave it empty for the built-in tiny model")
-        need(not m.warmstart, "model.warmstart", "the warm start trains the built-in tiny model; set "
-             "model.warmstart=false when model.path is given")
+        need(
+            Path(m.path).is_dir(),
+            "model.path",
+            f"no directory at {m.path!r}; give a local Hugging Face "
+            "model directory, or leave it empty for the built-in tiny model",
+        )
+        need(
+            not m.warmstart,
+            "model.warmstart",
+            "the warm start trains the built-in tiny model; set model.warmstart=false when model.path is given",
+        )
     e = cfg.engine
     need(e.temperature > 0, "engine.temperature", "must be > 0")
     need(0 < e.top_p <= 1, "engine.top_p", "must be in (0, 1]")
@@ -326,8 +349,11 @@ def validate(cfg: Config) -> Config:
     need(e.max_batch_size > 0, "engine.max_batch_size", "must be > 0")
     need(e.logit_noise_std >= 0, "engine.logit_noise_std", "must be >= 0")
     need(0 < e.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]")
-    need(e.quantization == "none" or e.backend == "builtin", "engine.quantization",
-         "int8 is a built-in engine option; for vLLM use its own quantised checkpoints")
+    need(
+        e.quantization == "none" or e.backend == "builtin",
+        "engine.quantization",
+        "int8 is a built-in engine option; for vLLM use its own quantised checkpoints",
+    )
     v = cfg.env
     need(v.max_turns > 0, "env.max_turns", "must be > 0")
     need(v.step_latency_ms >= 0, "env.step_latency_ms", "must be >= 0")
@@ -337,16 +363,28 @@ def validate(cfg: Config) -> Config:
     need(r.group_size >= 1, "rollout.group_size", "must be >= 1")
     need(r.groups_per_step >= 1, "rollout.groups_per_step", "must be >= 1")
     need(r.max_total_tokens >= 64, "rollout.max_total_tokens", "must be >= 64")
-    need(r.max_total_tokens <= m.max_positions, "rollout.max_total_tokens",
-         f"must be <= model.max_positions ({m.max_positions})")
+    need(
+        r.max_total_tokens <= m.max_positions,
+        "rollout.max_total_tokens",
+        f"must be <= model.max_positions ({m.max_positions})",
+    )
     if cfg.advantage.estimator == "grpo":
-        need(r.group_size >= 2, "rollout.group_size", "GRPO compares trajectories of a group: use >= 2, or "
-             "advantage.estimator=reinforce")
+        need(
+            r.group_size >= 2,
+            "rollout.group_size",
+            "GRPO compares trajectories of a group: use >= 2, or advantage.estimator=reinforce",
+        )
     lo = cfg.loss
-    need(0 <= lo.discrepancy_low <= 1 <= lo.discrepancy_high, "loss.discrepancy_low",
-         "need 0 <= discrepancy_low <= 1 <= discrepancy_high (a band around ratio 1; 0: no lower bound)")
-    need(lo.catastrophic is None or 0 < lo.catastrophic < (lo.discrepancy_low or 1.0), "loss.catastrophic",
-         "must be in (0, discrepancy_low) (in (0, 1) when discrepancy_low is 0), or null to disable the veto")
+    need(
+        0 <= lo.discrepancy_low <= 1 <= lo.discrepancy_high,
+        "loss.discrepancy_low",
+        "need 0 <= discrepancy_low <= 1 <= discrepancy_high (a band around ratio 1; 0: no lower bound)",
+    )
+    need(
+        lo.catastrophic is None or 0 < lo.catastrophic < (lo.discrepancy_low or 1.0),
+        "loss.catastrophic",
+        "must be in (0, discrepancy_low) (in (0, 1) when discrepancy_low is 0), or null to disable the veto",
+    )
     need(0 <= lo.eps_low < 1, "loss.eps_low", "must be in [0, 1)")
     need(lo.eps_high >= 0, "loss.eps_high", "must be >= 0")
     need(lo.dual_clip is None or lo.dual_clip > 1, "loss.dual_clip", "must be > 1 (Ye et al. 2020), or null")
@@ -357,30 +395,52 @@ def validate(cfg: Config) -> Config:
     need(t.lr > 0, "trainer.lr", "must be > 0")
     need(t.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1")
     need(t.num_minibatches >= 1, "trainer.num_minibatches", "must be >= 1")
-    need(t.num_minibatches <= r.groups_per_step * r.group_size, "trainer.num_minibatches",
-         "must be <= trajectories per step (rollout.groups_per_step * rollout.group_size)")
+    need(
+        t.num_minibatches <= r.groups_per_step * r.group_size,
+        "trainer.num_minibatches",
+        "must be <= trajectories per step (rollout.groups_per_step * rollout.group_size)",
+    )
     need(t.max_grad_norm > 0, "trainer.max_grad_norm", "must be > 0")
     need(t.max_consecutive_skips >= 1, "trainer.max_consecutive_skips", "must be >= 1")
     o = cfg.oldlogits
     parse_bytes(o.snapshot_budget)
-    need(o.ewma_beta is None or 0 <= o.ewma_beta < 1, "oldlogits.ewma_beta", "must be in [0, 1), or null "
-         "for the staleness-aware W/(W+2)")
+    need(
+        o.ewma_beta is None or 0 <= o.ewma_beta < 1,
+        "oldlogits.ewma_beta",
+        "must be in [0, 1), or null for the staleness-aware W/(W+2)",
+    )
     need(0 < o.ewma_reset_tau <= 1, "oldlogits.ewma_reset_tau", "must be in (0, 1]")
     need(o.max_sequences_per_forward >= 1, "oldlogits.max_sequences_per_forward", "must be >= 1")
-    need(not (cfg.mode == "sync" and o.source == "interrupt"), "oldlogits.source",
-         "'interrupt' captures tokens of in-flight rollouts, which sync mode never has; use mode=async "
-         "or a source such as 'snapshot'")
-    need(not (o.audit and o.source in EXACT_SOURCES), "oldlogits.audit",
-         f"'{o.source}' is already exact; audit compares approximate sources against snapshots")
-    need(not (cfg.mode == "sync" and r.partial_rollout != "continue"), "rollout.partial_rollout",
-         "sync mode never interrupts a rollout; leave it at 'continue'")
+    need(
+        not (cfg.mode == "sync" and o.source == "interrupt"),
+        "oldlogits.source",
+        "'interrupt' captures tokens of in-flight rollouts, which sync mode never has; use mode=async "
+        "or a source such as 'snapshot'",
+    )
+    need(
+        not (o.audit and o.source in EXACT_SOURCES),
+        "oldlogits.audit",
+        f"'{o.source}' is already exact; audit compares approximate sources against snapshots",
+    )
+    need(
+        not (cfg.mode == "sync" and r.partial_rollout != "continue"),
+        "rollout.partial_rollout",
+        "sync mode never interrupts a rollout; leave it at 'continue'",
+    )
     need(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0 disables periodic checkpoints)")
     need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     ray = cfg.runtime.ray
     need(ray.engine_replicas >= 1, "runtime.ray.engine_replicas", "must be >= 1")
     need(ray.env_workers >= 1, "runtime.ray.env_workers", "must be >= 1")
-    for name in ("trainer_num_cpus", "trainer_num_gpus", "engine_num_cpus", "engine_num_gpus", "env_num_cpus",
-                 "oldlogit_num_cpus", "oldlogit_num_gpus"):
+    for name in (
+        "trainer_num_cpus",
+        "trainer_num_gpus",
+        "engine_num_cpus",
+        "engine_num_gpus",
+        "env_num_cpus",
+        "oldlogit_num_cpus",
+        "oldlogit_num_gpus",
+    ):
         need(getattr(ray, name) >= 0, f"runtime.ray.{name}", "must be >= 0")
     need(ray.request_timeout_s > 0, "runtime.ray.request_timeout_s", "must be > 0")
     w = cfg.warmstart
@@ -440,8 +500,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as e:
-            raise ConfigError("--config", f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                              "give a YAML file") from None
+            raise ConfigError(
+                "--config", f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); give a YAML file"
+            ) from None
         except yaml.YAMLError as e:
             raise ConfigError("--config", f"{p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

@@ -33,7 +33,9 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _finite_log_ratio(numer: torch.Tensor, denom: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _finite_log_ratio(
+    numer: torch.Tensor, denom: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log(numer/denom) per token, with impossible tokens made explicit.
 
     A token the engine deemed impossible (denom = -inf) has an infinite ratio: it is returned as
@@ -227,7 +229,11 @@ def decoupled_ppo_loss(
         active = kept & ~clip_high & ~clip_low & ~dual
         n = mask.sum().clamp(min=1.0)
         w_kept = weights[kept]
-        ess = float(w_kept.sum() ** 2 / (w_kept.numel() * (w_kept**2).sum())) if w_kept.numel() and w_kept.abs().sum() > 0 else 1.0
+        ess = (
+            float(w_kept.sum() ** 2 / (w_kept.numel() * (w_kept**2).sum()))
+            if w_kept.numel() and w_kept.abs().sum() > 0
+            else 1.0
+        )
         log_rd, _ = _finite_log_ratio(old, behavior_logprobs.detach(), mask)
         log_total, _ = _finite_log_ratio(logprobs.detach(), behavior_logprobs.detach(), mask)
         d1, d3 = kl_estimates(log_rd, mask)
@@ -360,8 +366,14 @@ class ParameterEWMA:
             p.copy_(self.params[n].to(p.dtype))
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "total": self.total, "age_sum": self._age_sum, "num_updates": self.num_updates,
-                "num_resets": self.num_resets, "params": {n: t.clone() for n, t in self.params.items()}}
+        return {
+            "beta": self.beta,
+            "total": self.total,
+            "age_sum": self._age_sum,
+            "num_updates": self.num_updates,
+            "num_resets": self.num_resets,
+            "params": {n: t.clone() for n, t in self.params.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.total, self._age_sum = state["beta"], state["total"], state["age_sum"]
@@ -372,7 +384,9 @@ class ParameterEWMA:
 # --------------------------------------------------------------------------- advantages
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, normalize_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, normalize_std: bool = False, eps: float = 1e-6
+) -> torch.Tensor:
     """GRPO: A_i = r_i - mean_{j in g(i)} r_j, divided by (std_g + eps) when `normalize_std` (std unbiased=False)."""
     adv = torch.empty_like(rewards)
     for g in torch.unique(group_ids):

@@ -82,8 +82,18 @@ def build_tiny_model(cfg: ModelConfig, vocab_size: int, seed: int) -> Qwen2ForCa
 
 def ensure_tiny_model(cfg: ModelConfig, corpus: list[str], seed: int = 0) -> Path:
     """Build (once) and return the directory of the tiny model + tokenizer for this config."""
-    shape = {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                                           "intermediate_size", "vocab_size", "max_positions")}
+    shape = {
+        k: getattr(cfg, k)
+        for k in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "vocab_size",
+            "max_positions",
+        )
+    }
     path = cache_dir() / "models" / f"tiny-{fingerprint(TINY_RECIPE, shape, seed, corpus)}"
     if (path / "config.json").exists():
         return path
@@ -128,8 +138,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     except (ValueError, OSError) as e:
         raise ConfigError("model.path", f"no usable tokenizer in {str(path)!r} ({str(e).splitlines()[0]})") from None
     if not getattr(tok, "chat_template", None):
-        raise ConfigError("model.path", f"the tokenizer in {str(path)!r} has no chat template; multi-turn agents "
-                          "need one (set tokenizer.chat_template and save it)")
+        raise ConfigError(
+            "model.path",
+            f"the tokenizer in {str(path)!r} has no chat template; multi-turn agents "
+            "need one (set tokenizer.chat_template and save it)",
+        )
     if tok.eos_token_id is None:
         raise ConfigError("model.path", f"the tokenizer in {str(path)!r} has no eos token")
     return tok
@@ -167,8 +180,9 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, attn
 
 
-def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
+def sequence_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """log p(x_t | x_<t) for every position of right-padded sequences, [B, T]; position 0 gets 0.
 
     Computed in float32 as log_softmax(logits / temperature): the distribution the engine samples
@@ -183,8 +197,14 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention
 
 
 @torch.no_grad()
-def compute_logprobs(model: torch.nn.Module, token_ids: list[list[int]], *, pad_id: int = 0,
-                     temperature: float = 1.0, batch_size: int = 16) -> list[torch.Tensor]:
+def compute_logprobs(
+    model: torch.nn.Module,
+    token_ids: list[list[int]],
+    *,
+    pad_id: int = 0,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
     """Trainer-side per-token log-probs of given sequences (float32, no grad), one tensor per sequence."""
     out: list[torch.Tensor] = []
     for start in range(0, len(token_ids), batch_size):

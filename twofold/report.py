@@ -72,8 +72,12 @@ class Group:
 
     def mean_of(self, key: str, skip_first: bool = True) -> float:
         """Mean of a per-step metric over all steps and seeds (the first step, pipeline fill, left out)."""
-        vals = [v for r in self.runs for v in r.series(key)[1 if skip_first and len(r.rows) > 1 else 0:]
-                if not math.isnan(v)]
+        vals = [
+            v
+            for r in self.runs
+            for v in r.series(key)[1 if skip_first and len(r.rows) > 1 else 0 :]
+            if not math.isnan(v)
+        ]
         return sum(vals) / len(vals) if vals else math.nan
 
 
@@ -93,7 +97,9 @@ def load_runs(paths: list[Path]) -> list[Run]:
     """Run directories among `paths` (each a run directory or a folder of them, e.g. a compare grid)."""
     runs = []
     for p in paths:
-        candidates = [p] if (p / "metrics.jsonl").exists() else sorted(q for q in p.iterdir() if (q / "metrics.jsonl").exists())
+        candidates = (
+            [p] if (p / "metrics.jsonl").exists() else sorted(q for q in p.iterdir() if (q / "metrics.jsonl").exists())
+        )
         for q in candidates:
             rows = read_metrics(q / "metrics.jsonl")
             if rows and (q / "config.yaml").exists():
@@ -126,24 +132,29 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
         success, _ = g.mean_curve("success/rate")
         tail = [v for v in success[-SMOOTH:] if not math.isnan(v)]
         step_s = g.mean_of("time/step")
-        table.append({
-            "source": g.label,
-            "seeds": len(g.runs),
-            "steps": min(len(r.rows) for r in g.runs),
-            "s/step": step_s,
-            **{f"{p} s": g.mean_of(f"time/{p}") for p in TIME_PARTS},
-            "extra vs behavior": (step_s / baseline - 1) if baseline == baseline else math.nan,
-            "peak extra MB": max(max((v for v in r.series("memory/oldlogit_peak_bytes") if v == v), default=0)
-                                 for r in g.runs) / 2**20,
-            "active ratio": g.mean_of("ppo/active_token_ratio", skip_first=False),
-            "KL disc": g.mean_of("kl/discrepancy_k3", skip_first=False),
-            "KL stale": g.mean_of("kl/staleness_k3", skip_first=False),
-            "audit err": audit.get(g.label, math.nan),
-            "final success": sum(tail) / len(tail) if tail else math.nan,
-            # Full windows only: a partial window at step 1-4 would make one lucky step "best".
-            "best success": max((v for v in smooth(success)[SMOOTH - 1:] or smooth(success) if not math.isnan(v)),
-                                default=math.nan),
-        })
+        table.append(
+            {
+                "source": g.label,
+                "seeds": len(g.runs),
+                "steps": min(len(r.rows) for r in g.runs),
+                "s/step": step_s,
+                **{f"{p} s": g.mean_of(f"time/{p}") for p in TIME_PARTS},
+                "extra vs behavior": (step_s / baseline - 1) if baseline == baseline else math.nan,
+                "peak extra MB": max(
+                    max((v for v in r.series("memory/oldlogit_peak_bytes") if v == v), default=0) for r in g.runs
+                )
+                / 2**20,
+                "active ratio": g.mean_of("ppo/active_token_ratio", skip_first=False),
+                "KL disc": g.mean_of("kl/discrepancy_k3", skip_first=False),
+                "KL stale": g.mean_of("kl/staleness_k3", skip_first=False),
+                "audit err": audit.get(g.label, math.nan),
+                "final success": sum(tail) / len(tail) if tail else math.nan,
+                # Full windows only: a partial window at step 1-4 would make one lucky step "best".
+                "best success": max(
+                    (v for v in smooth(success)[SMOOTH - 1 :] or smooth(success) if not math.isnan(v)), default=math.nan
+                ),
+            }
+        )
     return table
 
 
@@ -155,6 +166,7 @@ def throughput_table(groups: list[Group]) -> list[dict]:
     (G + T) / max(G, T) x sync. G is the sync run's `time/idle`: the trainer waits through the whole
     rollout phase, which is generation plus env steps (tool latency included).
     """
+
     def rate(g: Group, key: str) -> float:
         num = sum(sum(r.series(key)[1:]) for r in g.runs)
         den = sum(sum(r.series("time/step")[1:]) for r in g.runs)
@@ -171,15 +183,17 @@ def throughput_table(groups: list[Group]) -> list[dict]:
     rows = []
     for g in groups:
         samples = rate(g, "rollout/trajectories")
-        rows.append({
-            "run": g.label,
-            "samples/s": samples,
-            "tokens/s": rate(g, "rollout/tokens"),
-            **{f"{p} s": g.mean_of(f"time/{p}") for p in TIME_PARTS},
-            "speedup vs sync": samples / sync_rate,
-            "ideal speedup": ideal,
-            "of ideal": (samples / sync_rate - 1) / (ideal - 1) if ideal > 1 else math.nan,
-        })
+        rows.append(
+            {
+                "run": g.label,
+                "samples/s": samples,
+                "tokens/s": rate(g, "rollout/tokens"),
+                **{f"{p} s": g.mean_of(f"time/{p}") for p in TIME_PARTS},
+                "speedup vs sync": samples / sync_rate,
+                "ideal speedup": ideal,
+                "of ideal": (samples / sync_rate - 1) / (ideal - 1) if ideal > 1 else math.nan,
+            }
+        )
     return rows
 
 
@@ -229,12 +243,17 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
         m = smooth(mean) if smooth_it else mean
         s = smooth(std) if smooth_it else std
         line = ax.plot(xs, m, label=label)[0]
-        ax.fill_between(xs, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)],
-                        color=line.get_color(), alpha=0.15)
+        ax.fill_between(
+            xs,
+            [a - b for a, b in zip(m, s, strict=True)],
+            [a + b for a, b in zip(m, s, strict=True)],
+            color=line.get_color(),
+            alpha=0.15,
+        )
 
     def per_step(section, name, keys_titles, smooth_it=False, of=groups, log_y=False):
         fig, axes = plt.subplots(1, len(keys_titles), figsize=(5.5 * len(keys_titles), 3.8), squeeze=False)
-        for ax, (key, title) in zip(axes[0], keys_titles):
+        for ax, (key, title) in zip(axes[0], keys_titles, strict=True):
             for g in of:
                 mean, std = g.mean_curve(key)
                 band(ax, list(range(1, len(mean) + 1)), mean, std, g.label, smooth_it)
@@ -245,10 +264,14 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
         axes[0][0].legend(fontsize=7)
         save(fig, section, name)
 
-    per_step("learning-curves", "curves_step", [("success/rate", f"success rate ({SMOOTH}-step mean)"),
-                                                ("reward/mean", f"reward ({SMOOTH}-step mean)")], smooth_it=True)
+    per_step(
+        "learning-curves",
+        "curves_step",
+        [("success/rate", f"success rate ({SMOOTH}-step mean)"), ("reward/mean", f"reward ({SMOOTH}-step mean)")],
+        smooth_it=True,
+    )
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, (key, title) in zip(axes, [("success/rate", "success rate"), ("reward/mean", "reward")]):
+    for ax, (key, title) in zip(axes, [("success/rate", "success rate"), ("reward/mean", "reward")], strict=True):
         for g in groups:
             mean, std = g.mean_curve(key)
             wall, _ = g.mean_curve("time/step")
@@ -258,14 +281,27 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
     axes[0].legend(fontsize=7)
     save(fig, "wall-clock", "curves_wall")
     per_step("active-ratio", "active_ratio", [("ppo/active_token_ratio", "active-token ratio")])
-    per_step("kl-split", "kl_split", [("kl/discrepancy_k3", "discrepancy KL(mu || pi_old), k3"),
-                                      ("kl/staleness_k3", "staleness KL(pi_old || pi_theta), k3")])
-    per_step("clip-mask", "clip_mask", [("ppo/clip_frac_low", "PPO clip fraction, low side"),
-                                        ("ppo/clip_frac_high", "PPO clip fraction, high side"),
-                                        ("discrepancy/mask_frac", "r_d masked fraction")])
+    per_step(
+        "kl-split",
+        "kl_split",
+        [
+            ("kl/discrepancy_k3", "discrepancy KL(mu || pi_old), k3"),
+            ("kl/staleness_k3", "staleness KL(pi_old || pi_theta), k3"),
+        ],
+    )
+    per_step(
+        "clip-mask",
+        "clip_mask",
+        [
+            ("ppo/clip_frac_low", "PPO clip fraction, low side"),
+            ("ppo/clip_frac_high", "PPO clip fraction, high side"),
+            ("discrepancy/mask_frac", "r_d masked fraction"),
+        ],
+    )
     if audit_groups:
-        per_step("audit", "audit_error", [("audit/abs_err_mean", "mean |old log-prob - exact|")],
-                 of=audit_groups, log_y=True)
+        per_step(
+            "audit", "audit_error", [("audit/abs_err_mean", "mean |old log-prob - exact|")], of=audit_groups, log_y=True
+        )
     ewma = [g for g in groups if any("ewma/resets" in r.rows[-1] for r in g.runs)]
     if ewma:
         per_step("ewma-resets", "ewma_resets", [("ewma/resets", "PPO-EWMA resets (cumulative)")], of=ewma)
@@ -273,13 +309,18 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
     # logits + training + weight sync), which is the wall-clock per step; in async the two overlap.
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 3.8))
     xs = list(range(len(groups)))
-    ax.bar([x - 0.2 for x in xs], [g.mean_of("time/generation") for g in groups], width=0.38,
-           label="generation (rollout)", color="tab:blue")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [g.mean_of("time/generation") for g in groups],
+        width=0.38,
+        label="generation (rollout)",
+        color="tab:blue",
+    )
     bottom = [0.0] * len(groups)
-    for part, color in zip(TIME_PARTS[1:], ("tab:orange", "tab:green", "tab:red", "tab:gray")):
+    for part, color in zip(TIME_PARTS[1:], ("tab:orange", "tab:green", "tab:red", "tab:gray"), strict=True):
         vals = [0.0 if math.isnan(v) else v for v in (g.mean_of(f"time/{part}") for g in groups)]
         ax.bar([x + 0.2 for x in xs], vals, bottom=bottom, width=0.38, label=part, color=color)
-        bottom = [b + v for b, v in zip(bottom, vals)]
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.set_xticks(xs, [g.label for g in groups])
     ax.set_ylabel("seconds per step")
     ax.set_title("left: generation, right: trainer step (they overlap in async mode)")
@@ -301,10 +342,15 @@ def _html_table(rows: list[dict]) -> str:
     if not rows:
         return "<p>(no runs)</p>"
     keys = list(rows[0])
-    return ("<table><tr>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(k, r[k]))}</td>" for k in keys) + "</tr>"
-                      for r in rows)
-            + "</table>")
+    return (
+        "<table><tr>"
+        + "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+        + "</tr>"
+        + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(format_cell(k, r[k]))}</td>" for k in keys) + "</tr>" for r in rows
+        )
+        + "</table>"
+    )
 
 
 def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
@@ -318,11 +364,19 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
     table = source_table(groups, audit_groups)
     figs = _plots(groups, audit_groups, out)
 
-    md = ["# twofold report", "", f"Runs: {len(runs)} ({', '.join(sorted({str(r.path) for r in runs}))})", "",
-          "## " + SECTIONS["overhead-table"], "",
-          "Seconds are means per step after the first; `extra vs behavior` is the wall-clock cost over the "
-          "`behavior` source; success is the seed mean over the last "
-          f"{SMOOTH} steps (final) and the best {SMOOTH}-step mean (best).", "", markdown_table(table)]
+    md = [
+        "# twofold report",
+        "",
+        f"Runs: {len(runs)} ({', '.join(sorted({str(r.path) for r in runs}))})",
+        "",
+        "## " + SECTIONS["overhead-table"],
+        "",
+        "Seconds are means per step after the first; `extra vs behavior` is the wall-clock cost over the "
+        "`behavior` source; success is the seed mean over the last "
+        f"{SMOOTH} steps (final) and the best {SMOOTH}-step mean (best).",
+        "",
+        markdown_table(table),
+    ]
     throughput = throughput_table(groups) if len({r.config["mode"] for r in runs}) > 1 else None
     if throughput:
         md += ["## Throughput", "", markdown_table(throughput)]
@@ -331,11 +385,13 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
 
     notes = {
         "audit": "No audit runs among these directories: run `twofold compare --audit` (or a run with "
-                 "`oldlogits.audit=true`) to measure each approximation against exact old log-probs.",
+        "`oldlogits.audit=true`) to measure each approximation against exact old log-probs.",
         "ewma-resets": "No PPO-EWMA runs among these directories.",
     }
-    body = [f"<h1>twofold report</h1><p>{len(runs)} runs, {len(groups)} groups: "
-            f"{html.escape(', '.join(g.label + f' ({len(g.runs)} seeds)' for g in groups))}</p>"]
+    body = [
+        f"<h1>twofold report</h1><p>{len(runs)} runs, {len(groups)} groups: "
+        f"{html.escape(', '.join(g.label + f' ({len(g.runs)} seeds)' for g in groups))}</p>"
+    ]
     for key, title in SECTIONS.items():
         body.append(f'<section id="{key}"><h2>{html.escape(title)}</h2>')
         if key == "overhead-table":
@@ -344,10 +400,12 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
         body.append("</section>")
     if throughput:
         body.append(f'<section id="throughput"><h2>Throughput</h2>{_html_table(throughput)}</section>')
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>twofold report</title><style>"
-            "body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
-            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-            "</style></head><body>" + "\n".join(body) + "</body></html>")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>twofold report</title><style>"
+        "body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+        "</style></head><body>" + "\n".join(body) + "</body></html>"
+    )
     path = out / "report.html"
     path.write_text(page)
     return path, markdown

@@ -14,14 +14,23 @@ def make_engine(cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int 
     if cfg.backend == "builtin":
         from twofold.engine.builtin import BuiltinEngine
 
-        return BuiltinEngine(model_path, dtype=cfg.dtype, quantization=cfg.quantization,
-                             logit_noise_std=cfg.logit_noise_std, max_batch_size=cfg.max_batch_size,
-                             seed=seed, tokenizer=tokenizer)
+        return BuiltinEngine(
+            model_path,
+            dtype=cfg.dtype,
+            quantization=cfg.quantization,
+            logit_noise_std=cfg.logit_noise_std,
+            max_batch_size=cfg.max_batch_size,
+            seed=seed,
+            tokenizer=tokenizer,
+        )
     if cfg.backend == "vllm":
         try:
             from twofold.engine.vllm import VLLMEngine
         except ImportError as e:
-            raise ConfigError("engine.backend", f"vLLM is not usable here ({e}); install it with "
-                              "`pip install twofold[vllm]` on a machine it supports, or use engine.backend=builtin") from None
+            raise ConfigError(
+                "engine.backend",
+                f"vLLM is not usable here ({e}); install it with "
+                "`pip install twofold[vllm]` on a machine it supports, or use engine.backend=builtin",
+            ) from None
         return VLLMEngine(model_path, cfg, seed=seed)
     raise ConfigError("engine.backend", f"unknown backend {cfg.backend!r}; valid: builtin, vllm")

@@ -37,8 +37,13 @@ class GenerationRequest:
 
     def unchanged(self, finish_reason: FinishReason) -> GenerationResult:
         """The output so far, handed back as is (this call generated nothing for the request)."""
-        return GenerationResult(self.request_id, list(self.output_ids), list(self.output_logprobs),
-                                list(self.output_versions), finish_reason)
+        return GenerationResult(
+            self.request_id,
+            list(self.output_ids),
+            list(self.output_logprobs),
+            list(self.output_versions),
+            finish_reason,
+        )
 
 
 FinishReason = Literal["stop", "length", "paused"]
@@ -54,8 +59,14 @@ class GenerationResult:
 
     def as_continuation(self, request: GenerationRequest) -> GenerationRequest:
         """The request to submit after a pause: same prompt, the partial output kept as prefix."""
-        return GenerationRequest(request.request_id, request.prompt_ids, request.params,
-                                 list(self.output_ids), list(self.output_logprobs), list(self.output_versions))
+        return GenerationRequest(
+            request.request_id,
+            request.prompt_ids,
+            request.params,
+            list(self.output_ids),
+            list(self.output_logprobs),
+            list(self.output_versions),
+        )
 
 
 class InferenceEngine(ABC):
@@ -108,5 +119,5 @@ class InferenceEngine(ABC):
         with self._cond:
             self._paused = False
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional for engines: the built-in one holds nothing to release)
         """Release resources (processes, GPU memory); the built-in engine holds none."""

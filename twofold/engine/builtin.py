@@ -100,15 +100,21 @@ class BuiltinEngine(InferenceEngine):
 
     def _forward(self, ids, attn, pos, cache, keep_last: bool):
         kwargs = {self._cache_kwarg: cache}
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                         logits_to_keep=1 if keep_last else 0, **kwargs)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1 if keep_last else 0,
+            **kwargs,
+        )
         return out.logits[:, -1].float()
 
     def _stopped(self, req: GenerationRequest, ids: list[int], token: int) -> bool:
         if token in req.params.stop_token_ids:
             return True
         if req.params.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(ids[len(req.output_ids):], skip_special_tokens=False)
+            text = self.tokenizer.decode(ids[len(req.output_ids) :], skip_special_tokens=False)
             return any(s in text for s in req.params.stop)
         return False
 
@@ -128,8 +134,8 @@ class BuiltinEngine(InferenceEngine):
         ids = torch.zeros((len(active), width), dtype=torch.long)
         attn = torch.zeros((len(active), width), dtype=torch.long)
         for row, c in enumerate(contexts):  # left padding: every row's next token is at the end
-            ids[row, width - len(c):] = torch.tensor(c, dtype=torch.long)
-            attn[row, width - len(c):] = 1
+            ids[row, width - len(c) :] = torch.tensor(c, dtype=torch.long)
+            attn[row, width - len(c) :] = 1
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(ids, attn, pos, cache, keep_last=True)
@@ -169,5 +175,7 @@ class BuiltinEngine(InferenceEngine):
 
     @staticmethod
     def _results(requests, outs, finish) -> list[GenerationResult]:
-        return [GenerationResult(r.request_id, o[0], o[1], o[2], f or "length")
-                for r, o, f in zip(requests, outs, finish)]
+        return [
+            GenerationResult(r.request_id, o[0], o[1], o[2], f or "length")
+            for r, o, f in zip(requests, outs, finish, strict=True)
+        ]

@@ -37,26 +37,42 @@ def _repack_tied_head(model) -> None:
     on CPU that step packs the GEMM weights, and the head would keep computing with the old ones."""
     head = getattr(model, "lm_head", None)
     method = getattr(head, "quant_method", None)
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(method, "process_weights_after_loading"):
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(
+        method, "process_weights_after_loading"
+    ):
         method.process_weights_after_loading(head)
 
 
 class VLLMEngine(InferenceEngine):
     def __init__(self, model_path: str | Path, cfg: EngineConfig, seed: int = 0, max_model_len: int | None = None):
         super().__init__()
-        self.llm = vllm.LLM(model=str(model_path), dtype=cfg.dtype, seed=seed, enforce_eager=True,
-                            logprobs_mode="processed_logprobs", max_model_len=max_model_len,
-                            max_num_seqs=cfg.max_batch_size, enable_prefix_caching=True,
-                            gpu_memory_utilization=cfg.gpu_memory_utilization)
+        self.llm = vllm.LLM(
+            model=str(model_path),
+            dtype=cfg.dtype,
+            seed=seed,
+            enforce_eager=True,
+            logprobs_mode="processed_logprobs",
+            max_model_len=max_model_len,
+            max_num_seqs=cfg.max_batch_size,
+            enable_prefix_caching=True,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+        )
         self.engine = self.llm.llm_engine
         self._serial = itertools.count()
 
     def _sampling(self, request: GenerationRequest) -> vllm.SamplingParams:
         p = request.params
-        return vllm.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                   max_tokens=p.max_new_tokens - len(request.output_ids), stop=p.stop or None,
-                                   stop_token_ids=p.stop_token_ids or None, logprobs=0, detokenize=bool(p.stop),
-                                   ignore_eos=True)  # stop only where asked (stop_token_ids), as the built-in engine
+        return vllm.SamplingParams(
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            max_tokens=p.max_new_tokens - len(request.output_ids),
+            stop=p.stop or None,
+            stop_token_ids=p.stop_token_ids or None,
+            logprobs=0,
+            detokenize=bool(p.stop),
+            ignore_eos=True,
+        )  # stop only where asked (stop_token_ids), as the built-in engine
 
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         by_id: dict[str, GenerationRequest] = {}
@@ -74,27 +90,34 @@ class VLLMEngine(InferenceEngine):
             for out in self.engine.step():
                 latest[out.request_id] = out
         results = {r.request_id: self._result(r, latest.get(rid)) for rid, r in by_id.items()}
-        return [results.get(r.request_id) or r.unchanged("length" if len(r.output_ids) >= r.params.max_new_tokens
-                                                          else "paused") for r in requests]
+        return [
+            results.get(r.request_id)
+            or r.unchanged("length" if len(r.output_ids) >= r.params.max_new_tokens else "paused")
+            for r in requests
+        ]
 
     def _result(self, r: GenerationRequest, out) -> GenerationResult:
         if out is None:  # paused before its first step
             return r.unchanged("paused")
         comp = out.outputs[0]
         ids = list(comp.token_ids)
-        logprobs = [step[tok].logprob for tok, step in zip(ids, comp.logprobs)]
-        if not out.finished:
-            reason = "paused"
-        else:
-            reason = "stop" if comp.finish_reason == "stop" else "length"
-        return GenerationResult(r.request_id, r.output_ids + ids, r.output_logprobs + logprobs,
-                                r.output_versions + [self.version] * len(ids), reason)
+        logprobs = [step[tok].logprob for tok, step in zip(ids, comp.logprobs, strict=True)]
+        reason = "paused" if not out.finished else ("stop" if comp.finish_reason == "stop" else "length")
+        return GenerationResult(
+            r.request_id,
+            r.output_ids + ids,
+            r.output_logprobs + logprobs,
+            r.output_versions + [self.version] * len(ids),
+            reason,
+        )
 
     def update_weights(self, state_dict: dict, version: int) -> None:
         weights = [(k, v.detach().cpu()) for k, v in state_dict.items()]
         # vLLM's in-place reload: takes checkpoint (Hugging Face) names and re-runs the post-load
         # processing (fused QKV, CPU weight packing) that a plain model.load_weights would skip.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
+        )
         self.llm.apply_model(_repack_tied_head)
         self.llm.reset_prefix_cache()
         self.version = version

@@ -6,7 +6,16 @@ import random
 from twofold.envs import arithmetic, frozenlake, sokoban, tooluse  # noqa: F401  (registration)
 from twofold.envs.base import TextEnv, env_class, env_from_config, known_envs, make_env, parse_answer, register
 
-__all__ = ["TextEnv", "env_class", "env_from_config", "known_envs", "make_env", "parse_answer", "register", "tokenizer_corpus"]
+__all__ = [
+    "TextEnv",
+    "env_class",
+    "env_from_config",
+    "known_envs",
+    "make_env",
+    "parse_answer",
+    "register",
+    "tokenizer_corpus",
+]
 
 
 # The tiny tokenizer's training text. Fixed (not "every registered env") because the tokenizer, the tiny
@@ -25,8 +34,9 @@ def tokenizer_corpus(env_cfg=None, seeds: int = 40) -> list[str]:
         try:
             texts += _env_text(env, seeds)
         except Exception as exc:  # a broken env is reported by the run itself, with its traceback
-            logging.getLogger(__name__).warning("env %r raised while writing the tokenizer corpus (%s); "
-                                                "its text is left out", env_cfg.name, exc)
+            logging.getLogger(__name__).warning(
+                "env %r raised while writing the tokenizer corpus (%s); its text is left out", env_cfg.name, exc
+            )
     return texts
 
 

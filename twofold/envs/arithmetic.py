@@ -32,14 +32,14 @@ class Arithmetic(TextEnv):
     def _evaluate(parts: list[str]) -> int:
         """Integer arithmetic with * before + and -, no eval()."""
         terms, ops = [int(parts[0])], []
-        for op, num in zip(parts[1::2], parts[2::2]):
+        for op, num in zip(parts[1::2], parts[2::2], strict=True):  # parts alternate: value (op value)*
             if op == "*":
                 terms[-1] *= int(num)
             else:
                 ops.append(op)
                 terms.append(int(num))
         total = terms[0]
-        for op, t in zip(ops, terms[1:]):
+        for op, t in zip(ops, terms[1:], strict=True):
             total = total + t if op == "+" else total - t
         return total
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections import deque
 from abc import ABC, abstractmethod
+from collections import deque
 from typing import Any
 
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -124,7 +124,9 @@ class GridMoveEnv(TextEnv):
 
     MOVES = ("Left", "Down", "Right", "Up")
     DELTAS = {0: (0, -1), 1: (1, 0), 2: (0, 1), 3: (-1, 0)}
-    action_help = "Answer with <answer>Left</answer>, <answer>Down</answer>, <answer>Right</answer> or <answer>Up</answer>."
+    action_help = (
+        "Answer with <answer>Left</answer>, <answer>Down</answer>, <answer>Right</answer> or <answer>Up</answer>."
+    )
 
     def _parse(self, answer: str) -> int | None:
         key = answer.strip().lower()
@@ -169,23 +171,34 @@ def env_class(name: str) -> type[TextEnv]:
         if not (isinstance(cls, type) and issubclass(cls, TextEnv)):
             raise ConfigError("env.name", f"{name!r} is not a twofold.envs.TextEnv subclass")
         return cls
-    raise ConfigError("env.name", f"unknown env {name!r}; known: {', '.join(known_envs())}, "
-                      "or package.module:ClassName for your own")
+    raise ConfigError(
+        "env.name", f"unknown env {name!r}; known: {', '.join(known_envs())}, or package.module:ClassName for your own"
+    )
 
 
 def env_from_config(env_cfg) -> TextEnv:
     """The env a config's `env` section describes (name, turns, penalties, options)."""
-    return make_env(env_cfg.name, max_turns=env_cfg.max_turns, format_penalty=env_cfg.format_penalty,
-                    invalid_action=env_cfg.invalid_action, options=env_cfg.options)
+    return make_env(
+        env_cfg.name,
+        max_turns=env_cfg.max_turns,
+        format_penalty=env_cfg.format_penalty,
+        invalid_action=env_cfg.invalid_action,
+        options=env_cfg.options,
+    )
 
 
-def make_env(name: str, *, max_turns: int = 8, format_penalty: float = -0.1,
-             invalid_action: str = "continue", options: dict | None = None) -> TextEnv:
+def make_env(
+    name: str,
+    *,
+    max_turns: int = 8,
+    format_penalty: float = -0.1,
+    invalid_action: str = "continue",
+    options: dict | None = None,
+) -> TextEnv:
     from twofold.config import ConfigError
 
     cls = env_class(name)
     try:
-        return cls(max_turns=max_turns, format_penalty=format_penalty, invalid_action=invalid_action,
-                   **(options or {}))
+        return cls(max_turns=max_turns, format_penalty=format_penalty, invalid_action=invalid_action, **(options or {}))
     except TypeError as e:
         raise ConfigError("env.options", f"{name}: {e}") from None

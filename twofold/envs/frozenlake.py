@@ -23,9 +23,11 @@ def solve_lake(desc: list[str], start: tuple[int, int]) -> list[int] | None:
 
 @register("frozenlake")
 class FrozenLake(GridMoveEnv):
-    system_prompt = ("You walk on a frozen lake. P is you, G the goal, H a hole, F safe ice. "
-                     "Reach G without stepping into an H. Each turn, answer with one move: "
-                     "<answer>Left</answer>, <answer>Down</answer>, <answer>Right</answer> or <answer>Up</answer>.")
+    system_prompt = (
+        "You walk on a frozen lake. P is you, G the goal, H a hole, F safe ice. "
+        "Reach G without stepping into an H. Each turn, answer with one move: "
+        "<answer>Left</answer>, <answer>Down</answer>, <answer>Right</answer> or <answer>Up</answer>."
+    )
 
     def __init__(self, size: int = 4, frozen_prob: float = 0.8, slippery: bool = False, **kw):
         super().__init__(**kw)

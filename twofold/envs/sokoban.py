@@ -11,8 +11,9 @@ Cell = tuple[int, int]
 STEP_PENALTY, BOX_ON, BOX_OFF, SOLVED = -0.1, 1.0, -1.0, 10.0
 
 
-def solve_sokoban(walls: set[Cell], targets: frozenset[Cell], player: Cell, boxes: frozenset[Cell],
-                  max_states: int = 200_000) -> list[int] | None:
+def solve_sokoban(
+    walls: set[Cell], targets: frozenset[Cell], player: Cell, boxes: frozenset[Cell], max_states: int = 200_000
+) -> list[int] | None:
     """Shortest move sequence (BFS over player x box positions) that puts every box on a target."""
 
     def successors(state):
@@ -34,10 +35,12 @@ def solve_sokoban(walls: set[Cell], targets: frozenset[Cell], player: Cell, boxe
 
 @register("sokoban")
 class Sokoban(GridMoveEnv):
-    system_prompt = ("Sokoban. P is you, B a box, T a target, * a box on a target, + you on a target, "
-                     "# a wall, _ floor. Push every box onto a target; you can push but not pull, one box "
-                     "at a time. Each turn, answer with one move: <answer>Left</answer>, <answer>Down</answer>, "
-                     "<answer>Right</answer> or <answer>Up</answer>.")
+    system_prompt = (
+        "Sokoban. P is you, B a box, T a target, * a box on a target, + you on a target, "
+        "# a wall, _ floor. Push every box onto a target; you can push but not pull, one box "
+        "at a time. Each turn, answer with one move: <answer>Left</answer>, <answer>Down</answer>, "
+        "<answer>Right</answer> or <answer>Up</answer>."
+    )
 
     def __init__(self, size: int = 6, num_boxes: int = 1, reverse_steps: int = 30, inner_walls: int = 1, **kw):
         super().__init__(**kw)

@@ -46,7 +46,7 @@ def parse_call(text: str) -> tuple[tuple[str, str] | None, str]:
     """`name(key="value")` -> ((name, value), "") or (None, why it is malformed)."""
     m = CALL.match(text)
     if not m:
-        return None, f"cannot read {text.strip()[:40]!r} as a tool call; write like get_order(id=\"K42\")"
+        return None, f'cannot read {text.strip()[:40]!r} as a tool call; write like get_order(id="K42")'
     name, args = m.group(1), m.group(2).strip()
     if name not in TOOLS:
         return None, f"unknown tool {name!r}; the tools are {', '.join(TOOLS)}"
@@ -88,14 +88,15 @@ class ToolUse(TextEnv):
                 oid = f"{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{rng.randint(10, 99)}"
                 while oid in self.orders:
                     oid = f"{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{rng.randint(10, 99)}"
-                self.orders[oid] = Order(oid, name, rng.choice(ITEMS), rng.randint(5, 99), rng.choice(STATUSES),
-                                         rng.randint(1, 30))
+                self.orders[oid] = Order(
+                    oid, name, rng.choice(ITEMS), rng.randint(5, 99), rng.choice(STATUSES), rng.randint(1, 30)
+                )
                 ids.append(oid)
             self.customers[name] = ids
         self.target = rng.choice(names)
         mine = [self.orders[o] for o in self.customers[self.target]]
         days = rng.sample(range(1, 31), len(mine))  # distinct days: "most recent" is unambiguous
-        for o, d in zip(mine, days):
+        for o, d in zip(mine, days, strict=True):
             o.day = d
         if self.template in ("cancel_latest", "cancel_pending"):
             pending = [o for o in mine if o.status == "pending"]

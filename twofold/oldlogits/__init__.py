@@ -28,13 +28,33 @@ from twofold.oldlogits.dedicated import DedicatedSource, LocalLogprobWorker, Log
 from twofold.oldlogits.interrupt import InterruptSource
 from twofold.oldlogits.snapshot import SnapshotSource, SnapshotStore
 
-__all__ = ["BehaviorSource", "CapturedLogprobs", "DedicatedSource", "EWMASource", "InterpolationSource",
-           "InterruptSource", "LocalLogprobWorker", "LogprobWorker", "OldLogitSource", "RecomputeSource",
-           "SnapshotSource", "SnapshotStore", "SourceContext", "capture", "make_source"]
+__all__ = [
+    "BehaviorSource",
+    "CapturedLogprobs",
+    "DedicatedSource",
+    "EWMASource",
+    "InterpolationSource",
+    "InterruptSource",
+    "LocalLogprobWorker",
+    "LogprobWorker",
+    "OldLogitSource",
+    "RecomputeSource",
+    "SnapshotSource",
+    "SnapshotStore",
+    "SourceContext",
+    "capture",
+    "make_source",
+]
 
 
-def make_source(cfg: Config, ctx: SourceContext, model: torch.nn.Module, kind: str | None = None, version: int = 0,
-                logprob_worker: Callable[[torch.nn.Module, SourceContext], LogprobWorker] | None = None) -> OldLogitSource:
+def make_source(
+    cfg: Config,
+    ctx: SourceContext,
+    model: torch.nn.Module,
+    kind: str | None = None,
+    version: int = 0,
+    logprob_worker: Callable[[torch.nn.Module, SourceContext], LogprobWorker] | None = None,
+) -> OldLogitSource:
     """The source named by `oldlogits.source` (or `kind`), built around the trainer's model.
 
     `version` is the trainer's (non-zero on resume); `logprob_worker` builds the dedicated worker's
@@ -46,8 +66,9 @@ def make_source(cfg: Config, ctx: SourceContext, model: torch.nn.Module, kind: s
         return EWMASource(ctx, model, o.ewma_beta, o.ewma_reset_tau, o.ewma_auto_reset)
 
     if kind == "snapshot":
-        return SnapshotSource(ctx, model, parse_bytes(o.snapshot_budget), o.on_budget,
-                              fallback=ewma() if o.on_budget == "ewma" else None)
+        return SnapshotSource(
+            ctx, model, parse_bytes(o.snapshot_budget), o.on_budget, fallback=ewma() if o.on_budget == "ewma" else None
+        )
     if kind == "dedicated":
         return DedicatedSource(ctx, model, version, worker=logprob_worker(model, ctx) if logprob_worker else None)
     if kind == "interrupt":

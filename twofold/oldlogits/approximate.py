@@ -1,9 +1,9 @@
 """Approximate old log-probs: no weights of past versions are kept (except the EWMA's one average).
 
-    behavior    pi_old = mu (prime-rl, PipelineRL, TRL async)
-    recompute   pi_old = pi_async, the trainer's weights at the step start (AReaL, verl, slime)
-    linear, loglinear   AReaL's interpolation between mu and pi_theta by per-token version
-    ewma        revised PPO-EWMA: pi_prox from a bias-corrected EWMA of the parameters
+behavior    pi_old = mu (prime-rl, PipelineRL, TRL async)
+recompute   pi_old = pi_async, the trainer's weights at the step start (AReaL, verl, slime)
+linear, loglinear   AReaL's interpolation between mu and pi_theta by per-token version
+ewma        revised PPO-EWMA: pi_prox from a bias-corrected EWMA of the parameters
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ class InterpolationSource(OldLogitSource):
         self.name = method  # "linear" or "loglinear"
 
     def old_logprobs(self, batch, current_logprobs, version):
-        proximal = interpolate_proximal_logprobs(batch.behavior_logprobs, current_logprobs, batch.versions, version,
-                                                 self.name)
+        proximal = interpolate_proximal_logprobs(
+            batch.behavior_logprobs, current_logprobs, batch.versions, version, self.name
+        )
         return proximal * batch.loss_mask
 
 
@@ -92,10 +93,13 @@ class EWMASource(OldLogitSource):
         return state_dict_bytes(self.ewma.params) + model_bytes(self.proximal_model)
 
     def metrics(self):
-        return {"ewma/resets": float(self.ewma.num_resets), "ewma/reset_this_step": float(self.last_reset),
-                "ewma/center_of_mass": self.ewma.center_of_mass,  # in optimizer steps
-                "ewma/center_of_mass_versions": self.ewma.center_of_mass / self.ctx.updates_per_version,
-                "ewma/beta": self.ewma.beta}
+        return {
+            "ewma/resets": float(self.ewma.num_resets),
+            "ewma/reset_this_step": float(self.last_reset),
+            "ewma/center_of_mass": self.ewma.center_of_mass,  # in optimizer steps
+            "ewma/center_of_mass_versions": self.ewma.center_of_mass / self.ctx.updates_per_version,
+            "ewma/beta": self.ewma.beta,
+        }
 
     def state_dict(self):
         return {"ewma": self.ewma.state_dict()}

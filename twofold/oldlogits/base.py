@@ -44,8 +44,9 @@ class SourceContext:
 
     def scorer(self, model: torch.nn.Module) -> Scorer:
         """Trainer-side log-probs of token prefixes under `model` (no grad)."""
-        return lambda prefixes: compute_logprobs(model, prefixes, pad_id=self.pad_id, temperature=self.temperature,
-                                                 batch_size=self.max_sequences_per_forward)
+        return lambda prefixes: compute_logprobs(
+            model, prefixes, pad_id=self.pad_id, temperature=self.temperature, batch_size=self.max_sequences_per_forward
+        )
 
     def score_batch(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """[B, T] log-probs of `batch`'s agent tokens under `model` (0 off the loss mask)."""
@@ -127,7 +128,7 @@ def capture(scorer: Scorer, store: CapturedLogprobs, trajectories: list[Trajecto
     if not todo:
         return 0
     logprobs = scorer([t.token_ids[: int(pos[-1]) + 1] for t, pos in todo])
-    for (t, pos), lp in zip(todo, logprobs):
+    for (t, pos), lp in zip(todo, logprobs, strict=True):
         store.write(t.uid, pos, lp[pos])
     return sum(len(pos) for _, pos in todo)
 

@@ -61,7 +61,9 @@ class DedicatedSource(CapturingSource):
 
     name = "dedicated"
 
-    def __init__(self, ctx: SourceContext, model: torch.nn.Module, version: int = 0, worker: LogprobWorker | None = None):
+    def __init__(
+        self, ctx: SourceContext, model: torch.nn.Module, version: int = 0, worker: LogprobWorker | None = None
+    ):
         super().__init__(ctx)
         self.worker = worker or LocalLogprobWorker(copy.deepcopy(model).float().eval(), ctx)
         self.version = version  # the worker thread's: the weights its model copy holds
@@ -112,8 +114,10 @@ class DedicatedSource(CapturingSource):
                 if segments:
                     stray = [v for _, _, v in segments if v != self.version]
                     if stray:
-                        raise RuntimeError(f"a segment of version {stray[0]} reached the worker at version "
-                                           f"{self.version} (event order broken)")
+                        raise RuntimeError(
+                            f"a segment of version {stray[0]} reached the worker at version "
+                            f"{self.version} (event order broken)"
+                        )
                     trajs = [t for _, t, _ in segments]
                     self._timed(capture, self.worker, self.captured, trajs, self.version)
                     self.segments += len(segments)
@@ -150,8 +154,11 @@ class DedicatedSource(CapturingSource):
         return self.worker.nbytes()
 
     def metrics(self):
-        return {"dedicated/lag_versions": float(self.events.qsize()), "dedicated/wait_seconds": self.wait_seconds,
-                "dedicated/segments": float(self.segments)}
+        return {
+            "dedicated/lag_versions": float(self.events.qsize()),
+            "dedicated/wait_seconds": self.wait_seconds,
+            "dedicated/segments": float(self.segments),
+        }
 
     def close(self):
         self.events.put(_STOP)

@@ -79,8 +79,14 @@ class SnapshotSource(CapturingSource):
 
     name = "snapshot"
 
-    def __init__(self, ctx: SourceContext, model: torch.nn.Module, budget_bytes: int | None, on_budget: str = "wait",
-                 fallback: EWMASource | None = None):
+    def __init__(
+        self,
+        ctx: SourceContext,
+        model: torch.nn.Module,
+        budget_bytes: int | None,
+        on_budget: str = "wait",
+        fallback: EWMASource | None = None,
+    ):
         super().__init__(ctx)
         self.store = SnapshotStore(budget_bytes)
         self.on_budget = on_budget
@@ -88,10 +94,12 @@ class SnapshotSource(CapturingSource):
         self.scratch = copy.deepcopy(model).float().eval()
         self.snapshot_bytes = model_bytes(self.scratch)
         if budget_bytes is not None and budget_bytes < self.snapshot_bytes:
-            raise ConfigError("oldlogits.snapshot_budget",
-                              f"{budget_bytes} bytes cannot hold one snapshot of this model ({self.snapshot_bytes} "
-                              f"bytes, float32); give at least {self.snapshot_bytes / 2**20:.1f}MiB or leave it empty "
-                              "for no limit")
+            raise ConfigError(
+                "oldlogits.snapshot_budget",
+                f"{budget_bytes} bytes cannot hold one snapshot of this model ({self.snapshot_bytes} "
+                f"bytes, float32); give at least {self.snapshot_bytes / 2**20:.1f}MiB or leave it empty "
+                "for no limit",
+            )
         self.budget_captures = 0
         self.fallback_tokens = 0
 
@@ -155,16 +163,23 @@ class SnapshotSource(CapturingSource):
         return self.store.bytes + self.snapshot_bytes + fb
 
     def metrics(self):
-        out = {"snapshot/versions_held": float(len(self.store.snapshots)), "snapshot/bytes": float(self.store.bytes),
-               "snapshot/peak_bytes": float(self.store.peak_bytes), "snapshot/freed": float(self.store.freed),
-               "snapshot/budget_captures": float(self.budget_captures),
-               "snapshot/fallback_tokens": float(self.fallback_tokens)}
+        out = {
+            "snapshot/versions_held": float(len(self.store.snapshots)),
+            "snapshot/bytes": float(self.store.bytes),
+            "snapshot/peak_bytes": float(self.store.peak_bytes),
+            "snapshot/freed": float(self.store.freed),
+            "snapshot/budget_captures": float(self.budget_captures),
+            "snapshot/fallback_tokens": float(self.fallback_tokens),
+        }
         if self.fallback is not None:
             out.update(self.fallback.metrics())
         return out
 
     def state_dict(self):
-        return {"snapshots": dict(self.store.snapshots), "fallback": self.fallback.state_dict() if self.fallback else None}
+        return {
+            "snapshots": dict(self.store.snapshots),
+            "fallback": self.fallback.state_dict() if self.fallback else None,
+        }
 
     def load_state_dict(self, state):
         self.store.snapshots = dict(state["snapshots"])

@@ -39,12 +39,19 @@ def compare_cells(sources: list[str], seeds: int, base_seed: int, audit: bool) -
         raise ConfigError("--sources", f"unknown source(s) {unknown}; choose from {','.join(OLD_LOGIT_SOURCES)}")
     if seeds < 1:
         raise ConfigError("--seeds", "must be >= 1")
-    cells = [Cell(f"{src}-seed{base_seed + i}", (f"oldlogits.source={src}", f"seed={base_seed + i}"))
-             for src in sources for i in range(seeds)]
+    cells = [
+        Cell(f"{src}-seed{base_seed + i}", (f"oldlogits.source={src}", f"seed={base_seed + i}"))
+        for src in sources
+        for i in range(seeds)
+    ]
     if audit:
-        cells += [Cell(f"{src}-seed{base_seed}-audit", (f"oldlogits.source={src}", f"seed={base_seed}",
-                                                         "oldlogits.audit=true"))
-                  for src in sources if src not in EXACT_SOURCES]
+        cells += [
+            Cell(
+                f"{src}-seed{base_seed}-audit", (f"oldlogits.source={src}", f"seed={base_seed}", "oldlogits.audit=true")
+            )
+            for src in sources
+            if src not in EXACT_SOURCES
+        ]
     return cells
 
 
@@ -73,8 +80,10 @@ def prepare_grid(cfg: Config, out: Path) -> Path:
     base = out / "base.yaml"
     text = dump_config(cfg)
     if base.exists() and base.read_text() != text:
-        raise ConfigError("--out", f"{str(out)!r} holds a grid made with a different config; "
-                          "choose another --out or delete that folder")
+        raise ConfigError(
+            "--out",
+            f"{str(out)!r} holds a grid made with a different config; choose another --out or delete that folder",
+        )
     base.write_text(text)
     resolve_model_path(cfg, progress=cfg.run.progress)  # warm start trained here, not once per cell
     return base
@@ -93,8 +102,12 @@ def run_grid(cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, pr
             status[cell.name] = 0
         else:
             todo.append(cell)
-    bar = tqdm(total=len(cells) * steps, disable=not progress, unit="step",
-               desc=f"grid ({len(cells) - len(todo)}/{len(cells)} runs already done)")
+    bar = tqdm(
+        total=len(cells) * steps,
+        disable=not progress,
+        unit="step",
+        desc=f"grid ({len(cells) - len(todo)}/{len(cells)} runs already done)",
+    )
     bar.update((len(cells) - len(todo)) * steps)
     running: dict[str, tuple[subprocess.Popen, Path]] = {}
     counted: dict[str, int] = {}
@@ -102,15 +115,21 @@ def run_grid(cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, pr
     def launch(cell: Cell) -> None:
         run_dir = out / cell.name
         run_dir.mkdir(parents=True, exist_ok=True)
-        if (run_dir / "config.yaml").exists():  # started before: resume (from step 0 if no checkpoint yet)
-            args = ["--resume", str(run_dir)]
-        else:
-            args = ["--config", str(base)]
-        cmd = [sys.executable, "-m", "twofold.cli", "train", *args, *cell.overrides,
-               f"run.dir={run_dir}", "run.progress=false", f"trainer.steps={steps}"]
-        log_file = open(run_dir / "train.log", "a")
-        running[cell.name] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT), run_dir)
-        log_file.close()  # the child holds its own descriptor
+        # started before: resume (from step 0 if no checkpoint yet)
+        args = ["--resume", str(run_dir)] if (run_dir / "config.yaml").exists() else ["--config", str(base)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "twofold.cli",
+            "train",
+            *args,
+            *cell.overrides,
+            f"run.dir={run_dir}",
+            "run.progress=false",
+            f"trainer.steps={steps}",
+        ]
+        with open(run_dir / "train.log", "a") as log_file:  # the child keeps its own descriptor
+            running[cell.name] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT), run_dir)
 
     def poll() -> None:
         for name, (proc, run_dir) in list(running.items()):
@@ -122,8 +141,10 @@ def run_grid(cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, pr
                 del running[name]
                 if proc.returncode != 0:
                     tail = (run_dir / "train.log").read_text().splitlines()[-5:]
-                    bar.write(f"run {name} failed (exit {proc.returncode}); last lines of {run_dir / 'train.log'}:\n  "
-                              + "\n  ".join(tail))
+                    bar.write(
+                        f"run {name} failed (exit {proc.returncode}); last lines of {run_dir / 'train.log'}:\n  "
+                        + "\n  ".join(tail)
+                    )
 
     for cell in todo:
         counted[cell.name] = len(read_metrics(out / cell.name / "metrics.jsonl"))

@@ -57,8 +57,15 @@ class StepTimes:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, run_dir: Path | None = None, *, resume: bool = False, model_path: Path | None = None,
-                 runtime: Runtime | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path | None = None,
+        *,
+        resume: bool = False,
+        model_path: Path | None = None,
+        runtime: Runtime | None = None,
+    ):
         self.cfg = cfg
         self.runtime = runtime or EmbeddedRuntime()
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
@@ -85,16 +92,22 @@ class Pipeline:
         # Sources are built after the checkpoint so that model copies (dedicated worker, EWMA) start
         # from the resumed weights and version.
         t = cfg.trainer
-        self.ctx = SourceContext(pad_id=self.tokenizer.pad_token_id or 0, temperature=cfg.engine.temperature,
-                                 async_mode=self.async_mode, max_staleness=window,
-                                 updates_per_version=t.ppo_epochs * t.num_minibatches,
-                                 max_sequences_per_forward=cfg.oldlogits.max_sequences_per_forward)
-        self.source: OldLogitSource = make_source(cfg, self.ctx, self.trainer.model, version=self.trainer.version,
-                                                  logprob_worker=self.runtime.logprob_worker)
+        self.ctx = SourceContext(
+            pad_id=self.tokenizer.pad_token_id or 0,
+            temperature=cfg.engine.temperature,
+            async_mode=self.async_mode,
+            max_staleness=window,
+            updates_per_version=t.ppo_epochs * t.num_minibatches,
+            max_sequences_per_forward=cfg.oldlogits.max_sequences_per_forward,
+        )
+        self.source: OldLogitSource = make_source(
+            cfg, self.ctx, self.trainer.model, version=self.trainer.version, logprob_worker=self.runtime.logprob_worker
+        )
         if source_state is not None:
             self.source.load_state_dict(source_state)
         self.auditor: OldLogitSource | None = (
-            make_source(cfg, self.ctx, self.trainer.model, kind="snapshot") if cfg.oldlogits.audit else None)
+            make_source(cfg, self.ctx, self.trainer.model, kind="snapshot") if cfg.oldlogits.audit else None
+        )
         self.sources = [s for s in (self.source, self.auditor) if s is not None]
 
         self.pending: dict[int, Trajectory] = {}  # every trajectory started and not yet trained or dropped
@@ -106,10 +119,18 @@ class Pipeline:
         self._stop_signal: int | None = None
         self.metrics = MetricsSink(self.run_dir, cfg.run.tensorboard, resume_step=self.step if resume else None)
         self.worker = RolloutWorker(
-            self.engine, self.tokenizer, cfg, admit=self._admit, on_group=self._on_group,
-            on_episode_start=self._on_episode_start, on_new_version=self._on_new_version,
-            on_trajectory_end=self._on_trajectory_end, start_group=self.admission.next_group(self.step),
-            lockstep=not self.async_mode, make_env=lambda: self.runtime.make_env(cfg))
+            self.engine,
+            self.tokenizer,
+            cfg,
+            admit=self._admit,
+            on_group=self._on_group,
+            on_episode_start=self._on_episode_start,
+            on_new_version=self._on_new_version,
+            on_trajectory_end=self._on_trajectory_end,
+            start_group=self.admission.next_group(self.step),
+            lockstep=not self.async_mode,
+            make_env=lambda: self.runtime.make_env(cfg),
+        )
 
     # ------------------------------------------------------------------ rollout-thread callbacks
 
@@ -163,7 +184,8 @@ class Pipeline:
                     raise RuntimeError(
                         f"every episode of the last {self.failed_in_a_row} groups failed (env errors {c.env_errors}, "
                         f"env timeouts {c.env_timeouts}, non-finite log-probs {c.nonfinite_dropped}); "
-                        "the environment or engine is broken, see the first logged traceback")
+                        "the environment or engine is broken, see the first logged traceback"
+                    )
                 self._release(group)
                 continue
             self.failed_in_a_row = 0
@@ -227,8 +249,11 @@ class Pipeline:
 
         t0, old_before = time.perf_counter(), times.old_logits
         metrics = self.trainer.train_step(
-            batch, self.source, before_first_update=lambda: self._before_update(times),
-            after_optimizer_step=lambda: [s.after_optimizer_step(self.trainer.model) for s in self.sources])
+            batch,
+            self.source,
+            before_first_update=lambda: self._before_update(times),
+            after_optimizer_step=lambda: [s.after_optimizer_step(self.trainer.model) for s in self.sources],
+        )
         times.training = time.perf_counter() - t0 - (times.old_logits - old_before)
         t0 = time.perf_counter()
         self._publish()
@@ -249,7 +274,8 @@ class Pipeline:
             "version": self.trainer.version,
             "reward/mean": sum(t.reward for t in trajs) / n,
             "success/rate": sum(t.success for t in trajs) / n,
-            "rollout/format_ok_rate": sum(sum(t.format_ok) for t in trajs) / max(1, sum(len(t.format_ok) for t in trajs)),
+            "rollout/format_ok_rate": sum(sum(t.format_ok) for t in trajs)
+            / max(1, sum(len(t.format_ok) for t in trajs)),
             "rollout/turns_mean": sum(t.num_turns for t in trajs) / n,
             "rollout/trajectories": float(n),
             "rollout/agent_tokens": float(batch.loss_mask.sum()),
@@ -312,13 +338,24 @@ class Pipeline:
                     self.checkpoint()
                 if self._stop_signal is not None:
                     self.checkpoint()
-                    log.warning("stopped by signal %d at step %d; resume with --resume %s", self._stop_signal,
-                                self.step, self.run_dir)
+                    log.warning(
+                        "stopped by signal %d at step %d; resume with --resume %s",
+                        self._stop_signal,
+                        self.step,
+                        self.run_dir,
+                    )
                     break
             else:
                 self.checkpoint()
-            write_summary(self.run_dir, {"finished": self.step >= cfg.trainer.steps, "steps": self.step,
-                                         "stopped_by_signal": self._stop_signal, "last": last})
+            write_summary(
+                self.run_dir,
+                {
+                    "finished": self.step >= cfg.trainer.steps,
+                    "steps": self.step,
+                    "stopped_by_signal": self._stop_signal,
+                    "last": last,
+                },
+            )
         except BaseException:
             if self.step > 0:
                 self.checkpoint()  # whatever killed the run, the finished steps stay resumable

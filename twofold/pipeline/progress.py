@@ -23,5 +23,9 @@ def stop_signals(handler):
 
 def progress_postfix(row: dict) -> dict[str, str]:
     """What the progress bar shows of a step's metrics row (embedded bar and the Ray driver's)."""
-    return {"success": f"{row['success/rate']:.2f}", "reward": f"{row['reward/mean']:.2f}",
-            "active": f"{row.get('ppo/active_token_ratio', 0):.2f}", "s_step": f"{row['time/step']:.1f}"}
+    return {
+        "success": f"{row['success/rate']:.2f}",
+        "reward": f"{row['reward/mean']:.2f}",
+        "active": f"{row.get('ppo/active_token_ratio', 0):.2f}",
+        "s_step": f"{row['time/step']:.1f}",
+    }

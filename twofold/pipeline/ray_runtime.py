@@ -142,8 +142,9 @@ class TrainerActor:
         self.pipeline = None
 
     def setup(self, cfg: Config, run_dir: str, resume: bool, model_path: str, handles: dict) -> None:
-        self.pipeline = Pipeline(cfg, Path(run_dir), resume=resume, model_path=Path(model_path),
-                                 runtime=RayRuntime(cfg, handles))
+        self.pipeline = Pipeline(
+            cfg, Path(run_dir), resume=resume, model_path=Path(model_path), runtime=RayRuntime(cfg, handles)
+        )
 
     def run(self) -> dict:
         return self.pipeline.run(progress=False)  # the driver draws the bar; the actor's would arrive as log lines
@@ -185,7 +186,7 @@ class RayEngine(InferenceEngine):
         return [results[r.request_id] for r in requests]
 
     def _collect(self, i: int, ref, share: list[GenerationRequest], attempts: int = 3) -> list[GenerationResult]:
-        for attempt in range(attempts):
+        for _ in range(attempts):
             try:
                 out = ray.get(ref, timeout=self.timeout_s)
             except ACTOR_FAILURES as exc:
@@ -245,8 +246,10 @@ class RayEngine(InferenceEngine):
         self._each("update_weights", self.weights, version)
 
     def metrics(self) -> dict[str, float]:
-        out = {"ray/engine_replica_failures": float(self.replica_failures),
-               "ray/engine_retried_requests": float(self.retried_requests)}
+        out = {
+            "ray/engine_replica_failures": float(self.replica_failures),
+            "ray/engine_retried_requests": float(self.retried_requests),
+        }
         out.update({f"ray/engine{i}_requests": float(n) for i, n in enumerate(self.requests)})
         return out
 
@@ -256,7 +259,7 @@ class RemoteEnv:
 
     system_prompt = ""
 
-    def __init__(self, pool: "EnvPool"):
+    def __init__(self, pool: EnvPool):
         self.pool = pool
         self.key = next(pool.keys)
         self.actor = None
@@ -364,24 +367,34 @@ class RaySession:
             if r.address:
                 ray.init(address=r.address, namespace="twofold", log_to_driver=True)
             else:  # logical CPUs: enough for every actor's request, whatever the core count
-                ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))), include_dashboard=False,
-                         namespace="twofold", log_to_driver=True)
+                ray.init(
+                    num_cpus=max(os.cpu_count() or 1, math.ceil(required_cpus(cfg))),
+                    include_dashboard=False,
+                    namespace="twofold",
+                    log_to_driver=True,
+                )
         self.prefix = f"twofold-{uuid.uuid4().hex[:8]}-"
         path = str(model_path)
-        self.engines = [EngineReplica.options(name=f"{self.prefix}engine-{i}", num_cpus=r.engine_num_cpus,
-                                              num_gpus=r.engine_num_gpus).remote(cfg.engine, path, cfg.seed + 7919 * i,
-                                                                                 r.engine_num_cpus)
-                        for i in range(r.engine_replicas)]
-        self.envs = [EnvWorker.options(name=f"{self.prefix}env-{i}", num_cpus=r.env_num_cpus).remote(cfg.env)
-                     for i in range(r.env_workers)]
+        self.engines = [
+            EngineReplica.options(
+                name=f"{self.prefix}engine-{i}", num_cpus=r.engine_num_cpus, num_gpus=r.engine_num_gpus
+            ).remote(cfg.engine, path, cfg.seed + 7919 * i, r.engine_num_cpus)
+            for i in range(r.engine_replicas)
+        ]
+        self.envs = [
+            EnvWorker.options(name=f"{self.prefix}env-{i}", num_cpus=r.env_num_cpus).remote(cfg.env)
+            for i in range(r.env_workers)
+        ]
         handles = {"engines": self.engines, "envs": self.envs}
         self.oldlogit = None
         if cfg.oldlogits.source == "dedicated":
-            self.oldlogit = OldLogitActor.options(name=f"{self.prefix}oldlogit", num_cpus=r.oldlogit_num_cpus,
-                                                  num_gpus=r.oldlogit_num_gpus).remote(path, r.oldlogit_num_cpus)
+            self.oldlogit = OldLogitActor.options(
+                name=f"{self.prefix}oldlogit", num_cpus=r.oldlogit_num_cpus, num_gpus=r.oldlogit_num_gpus
+            ).remote(path, r.oldlogit_num_cpus)
             handles["oldlogit"] = self.oldlogit
-        self.trainer = TrainerActor.options(name=f"{self.prefix}trainer", num_cpus=r.trainer_num_cpus,
-                                            num_gpus=r.trainer_num_gpus).remote(r.trainer_num_cpus)
+        self.trainer = TrainerActor.options(
+            name=f"{self.prefix}trainer", num_cpus=r.trainer_num_cpus, num_gpus=r.trainer_num_gpus
+        ).remote(r.trainer_num_cpus)
         _get(self.trainer.setup.remote(cfg, str(self.run_dir), resume, path, handles))
 
     def actor(self, role: str):

@@ -55,12 +55,14 @@ class MetricsSink:
             # Keep exactly the steps up to the checkpoint: later lines are redone by the resumed run.
             kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             atomic_write_bytes(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a")  # noqa: SIM115 (held for the run's life; closed in close())
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+            self.writer = SummaryWriter(
+                str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
+            )
 
     def log(self, row: dict) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
@@ -91,11 +93,17 @@ def summary(run_dir: Path) -> dict | None:
 
 
 def default_run_dir(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.env.name}-{cfg.mode}-{cfg.oldlogits.source}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return (
+        Path("runs")
+        / f"{cfg.env.name}-{cfg.mode}-{cfg.oldlogits.source}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
 
 
 def refuse_existing_run(run_dir: Path, resume: bool) -> None:
     """A fresh run never writes into a finished or interrupted one (its metrics would interleave)."""
     if not resume and (run_dir / "metrics.jsonl").exists():
-        raise ConfigError("run.dir", f"{str(run_dir)!r} already holds a run; continue it with "
-                          f"`twofold train --resume {run_dir}` or choose another run.dir")
+        raise ConfigError(
+            "run.dir",
+            f"{str(run_dir)!r} already holds a run; continue it with "
+            f"`twofold train --resume {run_dir}` or choose another run.dir",
+        )

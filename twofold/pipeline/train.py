@@ -18,8 +18,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
     try:
         from twofold.pipeline.ray_runtime import RaySession
     except ImportError as e:
-        raise ConfigError("runtime.backend", f"Ray is not installed ({e}); `pip install twofold[ray]`, "
-                          "or use runtime.backend=embedded") from None
+        raise ConfigError(
+            "runtime.backend",
+            f"Ray is not installed ({e}); `pip install twofold[ray]`, or use runtime.backend=embedded",
+        ) from None
     run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
     refuse_existing_run(run_dir, resume)  # here too: before any actor starts
     model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # on the driver: actors share the path

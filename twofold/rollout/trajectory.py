@@ -74,7 +74,7 @@ class Batch:
     turns: torch.Tensor
 
     @classmethod
-    def from_trajectories(cls, trajectories: list[Trajectory], pad_id: int) -> "Batch":
+    def from_trajectories(cls, trajectories: list[Trajectory], pad_id: int) -> Batch:
         ids = pad_field(trajectories, "token_ids", -1, torch.long)  # -1 marks padding, never a token id
         return cls(
             trajectories=trajectories,
@@ -86,7 +86,12 @@ class Batch:
             turns=pad_field(trajectories, "turns", -1, torch.long),
         )
 
-    def select(self, rows: torch.Tensor | list[int]) -> "Batch":
+    def select(self, rows: torch.Tensor | list[int]) -> Batch:
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return Batch([self.trajectories[int(i)] for i in rows], *(getattr(self, f)[rows] for f in
-                     ("input_ids", "attention_mask", "loss_mask", "behavior_logprobs", "versions", "turns")))
+        return Batch(
+            [self.trajectories[int(i)] for i in rows],
+            *(
+                getattr(self, f)[rows]
+                for f in ("input_ids", "attention_mask", "loss_mask", "behavior_logprobs", "versions", "turns")
+            ),
+        )

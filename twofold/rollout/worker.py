@@ -17,9 +17,9 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable
 
 from twofold.config import Config
 from twofold.engine.base import GenerationRequest, InferenceEngine, SamplingParams
@@ -39,8 +39,11 @@ def first_prompt_ids(tokenizer, env: TextEnv, observation: str) -> list[int]:
 def observation_ids(tokenizer, observation: str, last_token: int) -> list[int]:
     """Tokens after an agent turn: close the turn if the reply did not, then the next user message."""
     close = [] if last_token == tokenizer.eos_token_id else [tokenizer.eos_token_id]
-    return close + tokenizer.encode("\n", add_special_tokens=False) + encode_chat(
-        tokenizer, [{"role": "user", "content": observation}], True)
+    return (
+        close
+        + tokenizer.encode("\n", add_special_tokens=False)
+        + encode_chat(tokenizer, [{"role": "user", "content": observation}], True)
+    )
 
 
 def level_seed(seed: int, group_index: int) -> int:
@@ -93,10 +96,19 @@ class RolloutWorker:
         self.engine, self.tokenizer, self.cfg = engine, tokenizer, cfg
         self.admit, self.on_group = admit, on_group
         self.make_env = make_env or (lambda: env_from_config(cfg.env))  # the Ray runtime's envs live in actors
-        self.on_episode_start, self.on_new_version, self.on_trajectory_end = on_episode_start, on_new_version, on_trajectory_end
+        self.on_episode_start, self.on_new_version, self.on_trajectory_end = (
+            on_episode_start,
+            on_new_version,
+            on_trajectory_end,
+        )
         e = cfg.engine
-        self.params = SamplingParams(temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                                     max_new_tokens=e.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id])
+        self.params = SamplingParams(
+            temperature=e.temperature,
+            top_p=e.top_p,
+            top_k=e.top_k,
+            max_new_tokens=e.max_new_tokens,
+            stop_token_ids=[tokenizer.eos_token_id],
+        )
         self.episodes: dict[int, Episode] = {}
         self.group_members: dict[int, list[Trajectory]] = {}
         self.next_group = start_group
@@ -136,14 +148,18 @@ class RolloutWorker:
     def _params_for(self, traj: Trajectory) -> SamplingParams:
         room = self.cfg.rollout.max_total_tokens - len(traj.token_ids)
         p = self.params
-        return SamplingParams(p.temperature, p.top_p, p.top_k, max(1, min(p.max_new_tokens, room)), p.stop, p.stop_token_ids)
+        return SamplingParams(
+            p.temperature, p.top_p, p.top_k, max(1, min(p.max_new_tokens, room)), p.stop, p.stop_token_ids
+        )
 
     def _store_output(self, ep: Episode, output_ids, output_logprobs, output_versions) -> None:
         new = slice(ep.appended, len(output_ids))
         if new.start == new.stop:
             return
         known = ep.traj.agent_versions()
-        ep.traj.append(output_ids[new], agent=True, logprobs=output_logprobs[new], versions=output_versions[new], turn=ep.turn)
+        ep.traj.append(
+            output_ids[new], agent=True, logprobs=output_logprobs[new], versions=output_versions[new], turn=ep.turn
+        )
         ep.appended = len(output_ids)
         for v in sorted(set(output_versions[new]) - known):
             self.on_new_version(ep.traj, v)
@@ -186,8 +202,11 @@ class RolloutWorker:
             key = (type(ep.env).__name__, type(exc).__name__)
             if key not in self.counters.errors_logged:
                 self.counters.errors_logged.add(key)
-                log.warning("env %s raised; the episode is dropped (logged once per error type)",
-                            type(ep.env).__name__, exc_info=exc)
+                log.warning(
+                    "env %s raised; the episode is dropped (logged once per error type)",
+                    type(ep.env).__name__,
+                    exc_info=exc,
+                )
             self._finish(ep, "env_error")
             return
         traj = ep.traj
@@ -224,7 +243,9 @@ class RolloutWorker:
         for ep in list(self.episodes.values()):
             if ep.future is not None and not ep.future.done() and now - ep.step_started > limit:
                 self.counters.env_timeouts += 1
-                log.warning("env step of episode %d exceeded env.step_timeout_s=%.1fs; episode dropped", ep.traj.uid, limit)
+                log.warning(
+                    "env step of episode %d exceeded env.step_timeout_s=%.1fs; episode dropped", ep.traj.uid, limit
+                )
                 ep.future = None  # the thread is abandoned; its result will be ignored
                 self._finish(ep, "env_error")
 
@@ -245,7 +266,7 @@ class RolloutWorker:
             t0 = time.perf_counter()
             results = self.engine.generate([ep.request for ep in ready])
             self.counters.generate_seconds += time.perf_counter() - t0
-            for ep, res in zip(ready, results):
+            for ep, res in zip(ready, results, strict=True):
                 self.counters.generated_tokens += len(res.output_ids) - len(ep.request.output_ids)
                 self._on_generated(ep, res)
         else:

@@ -39,11 +39,11 @@ def token_advantages(batch: Batch, estimator: str, normalize_std: bool, gamma: f
         # A at turn k = G_k - mean over the group of G_0: per-turn credit, a GRPO-style baseline.
         returns = [discounted_returns(t.turn_rewards, gamma) or [0.0] for t in trajs]
         baseline: dict[int, list[float]] = defaultdict(list)
-        for t, g in zip(trajs, returns):
+        for t, g in zip(trajs, returns, strict=True):
             baseline[t.group_id].append(g[0])
         width = max(len(g) for g in returns)
         per_turn = torch.zeros((len(trajs), width))
-        for i, (t, g) in enumerate(zip(trajs, returns)):
+        for i, (t, g) in enumerate(zip(trajs, returns, strict=True)):
             b = sum(baseline[t.group_id]) / len(baseline[t.group_id])
             per_turn[i, : len(g)] = torch.tensor(g) - b
         return broadcast_turn_values(per_turn, batch.turns.clamp(max=width - 1)) * batch.loss_mask
@@ -91,7 +91,9 @@ class Trainer:
                 mb = batch.select(rows)
                 logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, cfg.engine.temperature)
                 old = source.old_logprobs(mb, logprobs.detach(), self.version)
-                loss, metrics = decoupled_ppo_loss(logprobs, old, mb.behavior_logprobs, adv[rows], mb.loss_mask, cfg.loss)
+                loss, metrics = decoupled_ppo_loss(
+                    logprobs, old, mb.behavior_logprobs, adv[rows], mb.loss_mask, cfg.loss
+                )
                 for k in COUNT_METRICS & metrics.keys():
                     counts[k] += metrics.pop(k) / cfg.trainer.ppo_epochs
                 loss.backward()
@@ -106,7 +108,8 @@ class Trainer:
                     if self.consecutive_skips >= cfg.trainer.max_consecutive_skips:
                         raise TrainingHalted(
                             f"{self.consecutive_skips} consecutive optimizer steps had a non-finite loss or gradient "
-                            f"(trainer.max_consecutive_skips={cfg.trainer.max_consecutive_skips})")
+                            f"(trainer.max_consecutive_skips={cfg.trainer.max_consecutive_skips})"
+                        )
                     continue
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -126,8 +129,13 @@ class Trainer:
         return out
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "version": self.version,
-                "skipped_steps": self.skipped_steps, "generator": self.generator.get_state()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "version": self.version,
+            "skipped_steps": self.skipped_steps,
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

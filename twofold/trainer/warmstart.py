@@ -86,8 +86,9 @@ def warmstart_path(cfg: Config, base: Path) -> Path:
     # Timing fields are hashed at their defaults, so keys made without latency stay valid and a latency
     # change never retrains the warm start.
     env = dataclasses.asdict(dataclasses.replace(cfg.env, **{f: getattr(EnvConfig(), f) for f in TIMING_FIELDS}))
-    key = fingerprint(WARMSTART_RECIPE, base.name, recipe, env, cfg.rollout.max_total_tokens,
-                      cfg.engine.temperature, seed)
+    key = fingerprint(
+        WARMSTART_RECIPE, base.name, recipe, env, cfg.rollout.max_total_tokens, cfg.engine.temperature, seed
+    )
     return cache_dir() / "warmstart" / f"{cfg.env.name}-{key}"
 
 
@@ -146,13 +147,15 @@ def evaluate(cfg: Config, model_path: Path, episodes: int) -> dict[str, float]:
     from twofold.engine import make_engine
     from twofold.rollout.worker import RolloutWorker
 
-    eval_cfg = dataclasses.replace(cfg, seed=cfg.seed + EVAL_SEED_OFFSET,
-                                   rollout=dataclasses.replace(cfg.rollout, group_size=1))
+    eval_cfg = dataclasses.replace(
+        cfg, seed=cfg.seed + EVAL_SEED_OFFSET, rollout=dataclasses.replace(cfg.rollout, group_size=1)
+    )
     tokenizer = load_tokenizer(model_path)
     engine = make_engine(cfg.engine, model_path, tokenizer, seed=cfg.seed)
     finished = []
-    worker = RolloutWorker(engine, tokenizer, eval_cfg, admit=lambda: worker.next_group < episodes,
-                           on_group=finished.extend)
+    worker = RolloutWorker(
+        engine, tokenizer, eval_cfg, admit=lambda: worker.next_group < episodes, on_group=finished.extend
+    )
     try:
         worker.run_until(lambda: len(finished) >= episodes)
     finally:
