@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import small_config
 
-from twofold.models import clone_state_dict, compute_logprobs, load_model, load_parameters
+from twofold.logprobs import Numerics, score_sequences
+from twofold.models import load_model, load_parameters, versioned_state
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.rundir import read_metrics
 
@@ -19,7 +20,7 @@ class BruteForce:
     """Keeps every published version's weights and scores a batch token by token with them."""
 
     def __init__(self, pipe: Pipeline, model_path):
-        self.states = {pipe.trainer.version: clone_state_dict(pipe.trainer.model)}
+        self.states = {pipe.trainer.version: versioned_state(pipe.trainer.model)}
         self.model = load_model(model_path)
         self.pad_id = pipe.ctx.pad_id
         self.max_err = 0.0
@@ -37,7 +38,7 @@ class BruteForce:
         for version, state in self.states.items():
             load_parameters(self.model, state)
             for i, lp in enumerate(
-                compute_logprobs(self.model, [t.token_ids for t in trajectories], pad_id=self.pad_id)
+                score_sequences(self.model, [t.token_ids for t in trajectories], Numerics(), self.pad_id)
             ):
                 sel = torch.tensor(trajectories[i].versions) == version
                 ref[i, : len(lp)][sel] = lp[sel]

@@ -5,7 +5,8 @@ import torch
 
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import BuiltinEngine, sample_from_logits
-from twofold.models import clone_state_dict, compute_logprobs, load_model
+from twofold.logprobs import Numerics, score_sequences
+from twofold.models import full_weights, load_model
 
 
 def _requests(tokenizer, n, max_new=12, **kw):
@@ -17,7 +18,7 @@ def _requests(tokenizer, n, max_new=12, **kw):
 def _deltas(model, reqs, results, temperature=None):
     """|behaviour log-prob - trainer float32 log-prob| on every generated token (at the requests' temperature)."""
     seqs = [r.prompt_ids + o.output_ids for r, o in zip(reqs, results, strict=True)]
-    lps = compute_logprobs(model, seqs, temperature=temperature or reqs[0].params.temperature)
+    lps = score_sequences(model, seqs, Numerics(temperature=temperature or reqs[0].params.temperature))
     return torch.cat(
         [
             (lp[len(r.prompt_ids) :] - torch.tensor(o.output_logprobs)).abs()
@@ -108,7 +109,7 @@ def test_pause_continue_under_new_version_keeps_prefix_and_stamps(tiny_path, tok
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    engine.update_weights(clone_state_dict(model), 1)
+    engine.update_weights(full_weights(model), 1)
     engine.resume()
     final = engine.generate([first.as_continuation(req)])[0]
     assert final.output_ids[:k] == first.output_ids
@@ -116,7 +117,7 @@ def test_pause_continue_under_new_version_keeps_prefix_and_stamps(tiny_path, tok
     assert final.output_versions == [0] * k + [1] * (len(final.output_ids) - k)
     assert len(final.output_ids) == 40
     # tokens after the update are scored by the new weights
-    lp = compute_logprobs(model, [req.prompt_ids + final.output_ids])[0][len(req.prompt_ids) :]
+    lp = score_sequences(model, [req.prompt_ids + final.output_ids], Numerics())[0][len(req.prompt_ids) :]
     assert (lp[k:] - torch.tensor(final.output_logprobs[k:])).abs().max() < 1e-5
 
 

@@ -6,7 +6,8 @@ import torch
 from twofold.config import config_from_dict
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import BuiltinEngine
-from twofold.models import clone_state_dict, compute_logprobs, load_model, load_parameters, model_bytes
+from twofold.logprobs import Numerics, score_sequences
+from twofold.models import full_weights, load_model, load_parameters, model_bytes, versioned_state
 from twofold.oldlogits import CapturedLogprobs, SourceContext, capture, make_source
 from twofold.rollout.trajectory import Batch, Trajectory
 
@@ -16,10 +17,18 @@ def recording(tiny_path, tokenizer):
     return record(BuiltinEngine(tiny_path, dtype="bfloat16", tokenizer=tokenizer, seed=3), tiny_path, tokenizer)
 
 
+def policy(model):
+    """A fresh policy model: `model` is a model directory, or a factory (a LoRA policy, for example)."""
+    return model() if callable(model) else load_model(model)
+
+
 def record(engine, tiny_path, tokenizer):
-    """Three trajectories; partial outputs continue across two weight updates (versions 0, 1, 2)."""
-    model = load_model(tiny_path)
-    states = {0: clone_state_dict(model)}
+    """Three trajectories; partial outputs continue across two weight updates (versions 0, 1, 2).
+
+    Each update moves the parameters that train (all of them, or the LoRA adapters); the engine gets
+    the full weights, the recording keeps each version's `versioned_state`."""
+    model = policy(tiny_path)
+    states = {0: versioned_state(model)}
     events = []
     prompts = [tokenizer.encode(t, add_special_tokens=False) for t in ("P F F\nF H G", "F P\nG H", "P F\nF F\nF G")]
     requests = {i: GenerationRequest(i, p, SamplingParams(max_new_tokens=4)) for i, p in enumerate(prompts)}
@@ -38,9 +47,10 @@ def record(engine, tiny_path, tokenizer):
     def update(version):
         with torch.no_grad():
             for p in model.parameters():
-                p.add_(0.02 * torch.randn_like(p))
-        states[version] = clone_state_dict(model)
-        engine.update_weights(states[version], version)
+                if p.requires_grad:
+                    p.add_(0.02 * torch.randn_like(p))
+        states[version] = versioned_state(model)
+        engine.update_weights(full_weights(model), version)
         events.append(("update", version))
 
     torch.manual_seed(0)
@@ -64,9 +74,9 @@ def record(engine, tiny_path, tokenizer):
 def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget="wait"):
     events, states = recording
     cfg = config_from_dict({"oldlogits": {"snapshot_budget": budget, "on_budget": on_budget}})
-    model = load_model(tiny_path)
+    model = policy(tiny_path)
     load_parameters(model, states[0])
-    ctx = SourceContext(pad_id=0, temperature=1.0, async_mode=True, max_staleness=2)
+    ctx = SourceContext(pad_id=0, async_mode=True, max_staleness=2)
     source = make_source(cfg, ctx, model, kind=kind, logprob_worker=logprob_worker)
     trajs = [Trajectory(uid=i, group_id=0, level_seed=0) for i in range(3)]
     version, peak = 0, 0
@@ -96,10 +106,10 @@ def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget
 def brute_force(batch, states, tiny_path):
     """Every token scored by a full forward of its own version's weights."""
     ref = torch.zeros_like(batch.behavior_logprobs)
-    model = load_model(tiny_path)
+    model = policy(tiny_path)
     for v, state in states.items():
         load_parameters(model, state)
-        lps = compute_logprobs(model, [t.token_ids for t in batch.trajectories])
+        lps = score_sequences(model, [t.token_ids for t in batch.trajectories], Numerics())
         for i, lp in enumerate(lps):
             sel = batch.versions[i, : len(lp)] == v
             ref[i, : len(lp)][sel] = lp[sel]
@@ -135,7 +145,7 @@ def test_three_exact_sources_agree_with_brute_force(recording, tiny_path):
     model = load_model(tiny_path)
     load_parameters(model, recording[1][2])
     store = CapturedLogprobs()
-    capture(SourceContext(0, 1.0, True, 2).scorer(model), store, batch.trajectories, None)
+    capture(SourceContext(0, True, 2).scorer(model), store, batch.trajectories, None)
     recompute, _ = store.gather(batch)
     stale = mask & (batch.versions < 2)
     gap = (recompute - ref)[stale].abs()

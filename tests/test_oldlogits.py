@@ -8,7 +8,7 @@ import torch
 from conftest import small_config
 
 from twofold.loss import ParameterEWMA, staleness_beta
-from twofold.models import clone_state_dict, load_model, load_parameters
+from twofold.models import load_model, load_parameters, versioned_state
 from twofold.oldlogits import EWMASource, OldLogitSource, SourceContext, make_source
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.trainer.trainer import Trainer
@@ -32,7 +32,6 @@ def ctx_for(cfg) -> SourceContext:
     t = cfg.trainer
     return SourceContext(
         pad_id=0,
-        temperature=1.0,
         async_mode=True,
         max_staleness=cfg.max_staleness,
         updates_per_version=t.ppo_epochs * t.num_minibatches,
@@ -56,7 +55,7 @@ def test_second_minibatch_is_scored_with_the_average_updated_by_the_first(tiny_p
     trainer = Trainer(load_model(tiny_path), cfg)
     ctx = ctx_for(cfg)
     source = make_source(cfg, ctx, trainer.model)
-    theta = [clone_state_dict(trainer.model)]
+    theta = [versioned_state(trainer.model)]
     calls = []
     old_logprobs = source.old_logprobs
 
@@ -69,7 +68,7 @@ def test_second_minibatch_is_scored_with_the_average_updated_by_the_first(tiny_p
 
     def after_optimizer_step():
         source.after_optimizer_step(trainer.model)
-        theta.append(clone_state_dict(trainer.model))
+        theta.append(versioned_state(trainer.model))
 
     trainer.train_step(make_batch(tokenizer), source, after_optimizer_step=after_optimizer_step)
     assert len(calls) == 2 and len(theta) == 3

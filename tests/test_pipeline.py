@@ -69,10 +69,26 @@ def test_short_async_run_for_each_source(tmp_path, tiny_path, source):
     assert list((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
 
 
-@pytest.mark.parametrize("source", ["snapshot", "dedicated", "recompute", "ewma"])
-def test_sync_mode_old_equals_trainer_logprobs(tmp_path, tiny_path, source):
-    # One minibatch, one epoch: the loss is taken at the very weights that scored the old log-probs.
-    rows, _ = run(tmp_path, tiny_path, mode="sync", **{"oldlogits.source": source, "trainer.num_minibatches": 1})
+@pytest.mark.parametrize(
+    "source,dtype",
+    [
+        ("snapshot", "float32"),
+        ("dedicated", "float32"),
+        ("recompute", "float32"),
+        ("ewma", "float32"),
+        ("snapshot", "bfloat16"),
+        ("ewma", "bfloat16"),
+    ],
+)
+def test_sync_mode_old_equals_trainer_logprobs(tmp_path, tiny_path, source, dtype):
+    # One minibatch, one epoch: the loss is taken at the very weights that scored the old log-probs, with
+    # the same numerics (bfloat16 autocast included).
+    rows, _ = run(
+        tmp_path,
+        tiny_path,
+        mode="sync",
+        **{"oldlogits.source": source, "trainer.num_minibatches": 1, "trainer.dtype": dtype},
+    )
     for r in rows:
         assert r["ppo/staleness_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
         assert abs(r["kl/staleness_k1"]) < 1e-6 and r["ppo/clip_frac_high"] == 0 and r["ppo/clip_frac_low"] == 0

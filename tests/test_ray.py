@@ -11,7 +11,7 @@ from conftest import small_config  # noqa: E402
 from test_exactness import assert_exact_sources_agree, record  # noqa: E402
 from test_pipeline import DOCUMENTED  # noqa: E402
 
-from twofold.config import ConfigError, EngineConfig  # noqa: E402
+from twofold.config import ConfigError, EngineConfig, ModelConfig  # noqa: E402
 from twofold.pipeline.ray_runtime import (  # noqa: E402
     EngineReplica,
     OldLogitActor,
@@ -74,7 +74,7 @@ def test_exact_sources_agree_under_ray(cluster, tiny_path, tokenizer):
     engine = RayEngine(replicas, timeout_s=60)
     recording = record(engine, tiny_path, tokenizer)
     assert min(engine.requests) > 0  # both replicas generated part of it
-    actor = OldLogitActor.remote(str(tiny_path), 1)
+    actor = OldLogitActor.remote(str(tiny_path), ModelConfig(), 1)
     assert_exact_sources_agree(
         recording, tiny_path, logprob_worker=lambda model, ctx: RayLogprobWorker(actor, model, ctx, 60)
     )

@@ -6,7 +6,7 @@ import pytest
 from conftest import small_config
 
 from twofold.engine import make_engine
-from twofold.models import clone_state_dict, load_model
+from twofold.models import full_weights, load_model
 from twofold.rollout.worker import RolloutWorker
 
 
@@ -34,7 +34,7 @@ def test_a_turn_paused_at_version_0_finishes_at_version_1(tiny_path, tokenizer, 
         [dataclasses.replace(ep.request, params=dataclasses.replace(ep.request.params, max_new_tokens=3))]
     )[0]
     worker._on_generated(ep, dataclasses.replace(first, finish_reason="paused"))  # as if cut by pause()
-    engine.update_weights(clone_state_dict(load_model(tiny_path)), 1)
+    engine.update_weights(full_weights(load_model(tiny_path)), 1)
 
     worker.run_until(lambda: ep.turn >= 1 or ep.traj.status != "running")  # the env has answered turn 0
     worker.stop()

@@ -19,13 +19,14 @@ from test_engine import _requests as requests  # noqa: E402
 from twofold.config import EngineConfig, ModelConfig  # noqa: E402
 from twofold.engine.vllm import VLLMEngine  # noqa: E402
 from twofold.envs import tokenizer_corpus  # noqa: E402
+from twofold.logprobs import Numerics, score_sequences  # noqa: E402
 from twofold.models import (  # noqa: E402
-    clone_state_dict,
-    compute_logprobs,
     ensure_tiny_model,
+    full_weights,
     load_model,
     load_parameters,
     load_tokenizer,
+    versioned_state,
 )
 from twofold.pipeline.loop import Pipeline  # noqa: E402
 from twofold.pipeline.rundir import read_metrics  # noqa: E402
@@ -89,12 +90,12 @@ def perturbed(path, seed=0):
 def test_weight_update_changes_outputs_and_stamps_the_version(engine, vllm_path, vllm_tokenizer):
     reqs = requests(vllm_tokenizer, 2)
     new = perturbed(vllm_path)
-    engine.update_weights(clone_state_dict(new), 1)
+    engine.update_weights(full_weights(new), 1)
     res = engine.generate(reqs)
     assert all(v == 1 for o in res for v in o.output_versions)
     assert deltas(new, reqs, res, 1.0).max() < 1e-3  # scored by the new weights...
     assert deltas(load_model(vllm_path), reqs, res, 1.0).mean() > 1e-2  # ...not the old ones
-    engine.update_weights(clone_state_dict(load_model(vllm_path)), 0)  # back, for the other tests
+    engine.update_weights(full_weights(load_model(vllm_path)), 0)  # back, for the other tests
 
 
 def test_paused_request_continues_under_the_new_version(engine, vllm_path, vllm_tokenizer):
@@ -113,9 +114,9 @@ def test_paused_request_continues_under_the_new_version(engine, vllm_path, vllm_
     finally:
         engine.engine.step = orig
     assert first.finish_reason == "paused" and 0 < len(first.output_ids) < 16
-    old_state = clone_state_dict(load_model(vllm_path))
+    old_state = versioned_state(load_model(vllm_path))
     new = perturbed(vllm_path, seed=1)
-    engine.update_weights(clone_state_dict(new), 1)
+    engine.update_weights(full_weights(new), 1)
     engine.resume()
     done = engine.generate([first.as_continuation(req)])[0]
     k = len(first.output_ids)
@@ -124,8 +125,8 @@ def test_paused_request_continues_under_the_new_version(engine, vllm_path, vllm_
     # each span scored by its own version's weights
     old = load_model(vllm_path)
     load_parameters(old, old_state)
-    lp_old = compute_logprobs(old, [req.prompt_ids + done.output_ids])[0][len(req.prompt_ids) :]
-    lp_new = compute_logprobs(new, [req.prompt_ids + done.output_ids])[0][len(req.prompt_ids) :]
+    lp_old = score_sequences(old, [req.prompt_ids + done.output_ids], Numerics())[0][len(req.prompt_ids) :]
+    lp_new = score_sequences(new, [req.prompt_ids + done.output_ids], Numerics())[0][len(req.prompt_ids) :]
     got = torch.tensor(done.output_logprobs)
     assert (got[:k] - lp_old[:k]).abs().max() < 1e-3 and (got[k:] - lp_new[k:]).abs().max() < 1e-3
     engine.update_weights(old_state, 0)

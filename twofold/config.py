@@ -29,6 +29,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    # Rank of the adapters; 0 trains the full model. With r > 0 only the adapters train (peft), and the
+    # versioned state kept for old logits (snapshots, the dedicated worker's versions, the EWMA) is adapters only.
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
 class ModelConfig:
     # A local Hugging Face causal LM directory. Empty: the built-in tiny model (built locally).
     path: str = ""
@@ -42,14 +52,19 @@ class ModelConfig:
     intermediate_size: int = 384
     vocab_size: int = 512
     max_positions: int = 2048
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class EngineConfig:
     backend: Literal["builtin", "vllm"] = "builtin"
+    # auto: CUDA when available, else CPU; or an explicit "cpu", "cuda", "cuda:1" (built-in engine).
+    device: str = "auto"
     # Engine numerics differ from the trainer's float32 on purpose, as vLLM's do from FSDP's.
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    quantization: Literal["none", "int8"] = "none"
+    # Weight-only quantisation of the engine's copy, as rollouts are quantised in practice: int8 (per channel),
+    # fp8 (e4m3 with a per-channel scale), int4 (group-wise, 32 weights per scale). The trainer stays unquantised.
+    quantization: Literal["none", "int8", "fp8", "int4"] = "none"
     # Gaussian noise added to the engine's logits: an experiment knob for a stronger mismatch.
     logit_noise_std: float = 0.0
     max_batch_size: int = 64
@@ -59,6 +74,8 @@ class EngineConfig:
     max_new_tokens: int = 16
     # vLLM only: fraction of accelerator memory for weights + KV cache (on vLLM's CPU build: of CPU memory).
     gpu_memory_utilization: float = 0.9
+    # vLLM only: eager mode (no CUDA graphs). Empty: eager on CPU, graphs on a GPU.
+    enforce_eager: bool | None = None
 
 
 @dataclass
@@ -116,6 +133,19 @@ class TrainerConfig:
     num_minibatches: int = 2
     max_grad_norm: float = 1.0
     max_consecutive_skips: int = 5
+    # auto: CUDA when available, else CPU; or "cpu", "cuda", "cuda:1".
+    device: str = "auto"
+    # Compute precision: bfloat16 autocast over float32 master weights and optimizer state, or float32.
+    # Old-logit scoring (exact sources, recompute, EWMA, audit) uses the same numerics.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Padded tokens per forward/backward: a minibatch is split into micro-batches under this budget (a longer
+    # trajectory goes alone) with gradient accumulation; it also bounds old-logit scoring forwards. 0: no limit.
+    max_tokens_per_microbatch: int = 0
+    # Positions per chunk of the LM head when computing log-probs: [B, T, V] float32 logits are never held
+    # whole (the chunk is recomputed in backward). 0: the whole sequence at once.
+    logprob_chunk_size: int = 512
+    # Hugging Face's activation checkpointing (recompute each layer in backward).
+    gradient_checkpointing: bool = False
 
 
 # The old-logit sources, by name: the one list that configs, `twofold compare` and the CLI read.
@@ -141,6 +171,12 @@ class OldLogitsConfig:
     ewma_auto_reset: bool = True
     # Sequences per forward when a source scores old log-probs (exact capture, recompute, EWMA, audit).
     max_sequences_per_forward: int = 16
+    # Where the sources' model copies (snapshot scratch, dedicated worker, EWMA average and proxy) live.
+    # auto: the trainer's device.
+    device: str = "auto"
+    # Where weight snapshots are kept; the snapshot budget counts bytes there. auto: CPU (pinned memory)
+    # when the trainer is on a GPU, else the trainer's device.
+    snapshot_device: str = "auto"
 
 
 @dataclass
@@ -263,6 +299,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, f"expected a mapping, got {value!r}")
@@ -315,6 +356,23 @@ def parse_bytes(text: str, path: str = "oldlogits.snapshot_budget") -> int | Non
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device(name: str, path: str) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N', and CUDA only where it exists (the error names the field)."""
+    if not _DEVICE.match(name):
+        raise ConfigError(path, f"got {name!r}; write auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(path, f"{name!r} asked for, but this machine has no CUDA device; use auto or cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(path, f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
 def validate(cfg: Config) -> Config:
     """Ranges and combinations that the types alone cannot express."""
 
@@ -341,6 +399,14 @@ def validate(cfg: Config) -> Config:
             "model.warmstart",
             "the warm start trains the built-in tiny model; set model.warmstart=false when model.path is given",
         )
+    lora = m.lora
+    need(lora.r >= 0, "model.lora.r", "must be >= 0 (0: train the full model)")
+    need(lora.alpha > 0, "model.lora.alpha", "must be > 0")
+    need(0 <= lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
+    need(bool(lora.target_modules), "model.lora.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
+    for name in ("trainer.device", "engine.device", "oldlogits.device", "oldlogits.snapshot_device"):
+        section, key = name.split(".")
+        check_device(getattr(getattr(cfg, section), key), name)
     e = cfg.engine
     need(e.temperature > 0, "engine.temperature", "must be > 0")
     need(0 < e.top_p <= 1, "engine.top_p", "must be in (0, 1]")
@@ -352,7 +418,7 @@ def validate(cfg: Config) -> Config:
     need(
         e.quantization == "none" or e.backend == "builtin",
         "engine.quantization",
-        "int8 is a built-in engine option; for vLLM use its own quantised checkpoints",
+        "quantisation is a built-in engine option; for vLLM use its own quantised checkpoints",
     )
     v = cfg.env
     need(v.max_turns > 0, "env.max_turns", "must be > 0")
@@ -402,6 +468,8 @@ def validate(cfg: Config) -> Config:
     )
     need(t.max_grad_norm > 0, "trainer.max_grad_norm", "must be > 0")
     need(t.max_consecutive_skips >= 1, "trainer.max_consecutive_skips", "must be >= 1")
+    need(t.max_tokens_per_microbatch >= 0, "trainer.max_tokens_per_microbatch", "must be >= 0 (0: no limit)")
+    need(t.logprob_chunk_size >= 0, "trainer.logprob_chunk_size", "must be >= 0 (0: no chunking)")
     o = cfg.oldlogits
     parse_bytes(o.snapshot_budget)
     need(

@@ -134,22 +134,53 @@ def discrepancy_correction(
 COUNT_METRICS = frozenset({"discrepancy/catastrophic_seqs", "discrepancy/nonfinite_tokens", "loss/tokens"})
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float = 1.0) -> torch.Tensor:
+def combine_metrics(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Metrics of the pieces of a batch, each with its agent-token count, as one: counts (`COUNT_METRICS`)
+    summed, every other metric averaged weighted by tokens (exact for token shares and token means)."""
+    tokens = sum(n for _, n in parts)
+    out: dict[str, float] = {}
+    for key in parts[0][0] if parts else ():
+        if key in COUNT_METRICS:
+            out[key] = sum(m[key] for m, _ in parts)
+        else:
+            out[key] = sum(m[key] * n for m, n in parts) / tokens if tokens > 0 else parts[0][0][key]
+    return out
+
+
+def loss_denominator(mask: torch.Tensor, mode: str, normalizer: float = 1.0) -> float:
+    """What `aggregate` divides by over the whole `mask`:
+
+        token-mean: sum_bt m;  seq-mean-*: #sequences with sum_t m > 0;  token-sum-norm: normalizer.
+    Computed once per minibatch (summed over data-parallel ranks) and passed to each micro-batch's
+    `aggregate`, the micro-batch losses add up to the minibatch loss, whatever the split.
+    """
+    if mode == "token-mean":
+        return max(float(mask.sum()), 1.0)
+    if mode == "token-sum-norm":
+        return float(normalizer)
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        return max(float((mask.sum(dim=-1) > 0).sum()), 1.0)
+    raise ValueError(f"unknown aggregation {mode!r}")
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float = 1.0, denominator: float | None = None
+) -> torch.Tensor:
     """Reduce per-token losses; `mask` is the agent-token mask *before* any rejection.
 
         token-mean:          sum_bt l / sum_bt m
-        seq-mean-token-sum:  mean_b sum_t l,          over sequences with sum_t m > 0
-        seq-mean-token-mean: mean_b (sum_t l / sum_t m)
+        seq-mean-token-sum:  sum_b sum_t l / #sequences,     over sequences with sum_t m > 0
+        seq-mean-token-mean: sum_b (sum_t l / sum_t m) / #sequences
         token-sum-norm:      sum_bt l / normalizer (a fixed constant: no length bias)
-    Rejected tokens enter as l = 0, so dropping a token never up-weights the others.
+    Rejected tokens enter as l = 0, so dropping a token never up-weights the others. `denominator`
+    replaces the divisor with that of a larger batch this one is a piece of (`loss_denominator`).
     """
     mask = mask.to(per_token.dtype)
-    if mode == "token-mean":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-    if mode == "token-sum-norm":
-        return (per_token * mask).sum() / normalizer
+    if denominator is None:
+        denominator = loss_denominator(mask, mode, normalizer)
+    if mode in ("token-mean", "token-sum-norm"):
+        return (per_token * mask).sum() / denominator
     tokens = mask.sum(dim=-1)
-    has_tokens = (tokens > 0).to(per_token.dtype)
     seq_sum = (per_token * mask).sum(dim=-1)
     if mode == "seq-mean-token-sum":
         per_seq = seq_sum
@@ -157,7 +188,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer
         per_seq = seq_sum / tokens.clamp(min=1.0)
     else:
         raise ValueError(f"unknown aggregation {mode!r}")
-    return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
+    return (per_seq * (tokens > 0).to(per_token.dtype)).sum() / denominator
 
 
 def kl_estimates(log_ratio: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -179,6 +210,7 @@ def decoupled_ppo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     cfg: LossConfig,
+    denominator: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Decoupled PPO: the discrepancy weight times the clipped staleness surrogate.
 
@@ -186,7 +218,7 @@ def decoupled_ppo_loss(
         s   = min(r_s A, clip(r_s, 1 - eps_low, 1 + eps_high) A)
         s   = max(s, c A)            where A < 0, with the dual clip c > 1 (Ye et al. 2020)
         l_t = -w_t * s_t * keep_t    with (w, keep) = discrepancy_correction(pi_old, mu)
-        loss = aggregate(l, mask)
+        loss = aggregate(l, mask)   (divided by `denominator` when this is a micro-batch of a larger minibatch)
 
     With old == behavior, w = 1 and this is standard PPO; with logprobs == old, s = A and the loss
     is -aggregate(w A). Gradient flows only through `logprobs`; old and behavior are detached.
@@ -217,7 +249,7 @@ def decoupled_ppo_loss(
     if cfg.dual_clip is not None:
         surrogate = torch.where(negative, torch.maximum(surrogate, cfg.dual_clip * advantages), surrogate)
     per_token = -weights * surrogate * keep
-    loss = aggregate(per_token, mask, cfg.aggregation, cfg.normalizer)
+    loss = aggregate(per_token, mask, cfg.aggregation, cfg.normalizer, denominator)
 
     with torch.no_grad():
         r = ratio.detach()
@@ -320,10 +352,12 @@ class ParameterEWMA:
         total <- beta * total + 1
         p_ewma <- p_ewma * (beta * total_old / total) + p / total
     `reset()` is an update with beta = 0 (a hard copy). Call `update()` once per real optimizer step:
-    not per micro-batch and not on a step skipped for a non-finite gradient.
+    not per micro-batch and not on a step skipped for a non-finite gradient. Only parameters that train
+    (`requires_grad`) are averaged: frozen ones are the same at every step (under LoRA: adapters only).
+    The average lives on `device` (default: each parameter's own).
     """
 
-    def __init__(self, module: torch.nn.Module, beta: float):
+    def __init__(self, module: torch.nn.Module, beta: float, device: torch.device | str | None = None):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.beta = beta
@@ -331,7 +365,11 @@ class ParameterEWMA:
         self._age_sum = 0.0  # sum_k beta^(t-k) (t-k): numerator of the centre of mass
         self.num_updates = 1  # parameter sets averaged in, theta_0 included
         self.num_resets = 0
-        self.params = {n: p.detach().to(torch.float32).clone() for n, p in module.named_parameters()}
+        self.device = None if device is None else torch.device(device)
+        self.params = {n: self._copy(p) for n, p in module.named_parameters() if p.requires_grad}
+
+    def _copy(self, p: torch.Tensor) -> torch.Tensor:
+        return p.detach().to(device=self.device or p.device, dtype=torch.float32, copy=True)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, beta: float | None = None) -> None:
@@ -341,7 +379,9 @@ class ParameterEWMA:
         self._age_sum = b * (self._age_sum + total_old)
         keep = b * total_old / self.total
         for n, p in module.named_parameters():
-            self.params[n].mul_(keep).add_(p.detach().to(torch.float32), alpha=1.0 / self.total)
+            if n in self.params:
+                avg = self.params[n]
+                avg.mul_(keep).add_(p.detach().to(device=avg.device, dtype=torch.float32), alpha=1.0 / self.total)
         self.num_updates += 1
 
     def reset(self, module: torch.nn.Module) -> None:
@@ -363,7 +403,8 @@ class ParameterEWMA:
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module) -> None:
         for n, p in module.named_parameters():
-            p.copy_(self.params[n].to(p.dtype))
+            if n in self.params:
+                p.copy_(self.params[n].to(device=p.device, dtype=p.dtype))
 
     def state_dict(self) -> dict:
         return {
@@ -378,7 +419,9 @@ class ParameterEWMA:
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.total, self._age_sum = state["beta"], state["total"], state["age_sum"]
         self.num_updates, self.num_resets = state["num_updates"], state["num_resets"]
-        self.params = {n: t.clone() for n, t in state["params"].items()}
+        self.params = {
+            n: t.to(device=self.device or self.params[n].device, copy=True) for n, t in state["params"].items()
+        }
 
 
 # --------------------------------------------------------------------------- advantages

@@ -4,8 +4,9 @@ The tiny model is an ordinary transformers Qwen2 model with an ordinary `PreTrai
 (a byte-level BPE trained on the environments' own text, with a ChatML template), saved to disk and
 loaded back through the same generic path as a real model. Nothing is downloaded.
 
-`sequence_logprobs` / `compute_logprobs` are the trainer-side log-probs (float32): the reference
-that engine log-probs and every old-logit source are compared against.
+Also what a policy version is made of: `versioned_state` (the parameters that train: the whole model,
+or only LoRA adapters) and `full_weights` (what an engine loads, LoRA merged). Trainer-side log-probs
+are in `twofold.logprobs`.
 """
 
 from __future__ import annotations
@@ -113,6 +114,53 @@ def ensure_tiny_model(cfg: ModelConfig, corpus: list[str], seed: int = 0) -> Pat
     return path
 
 
+def save_random_model(
+    path: str | Path,
+    *,
+    arch: str = "qwen2",
+    vocab_size: int = 32000,
+    hidden_size: int = 512,
+    num_layers: int = 4,
+    num_heads: int = 8,
+    num_kv_heads: int = 4,
+    intermediate_size: int = 1024,
+    tie_word_embeddings: bool = True,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised Hugging Face causal LM of the given shape, with a BPE tokenizer that has
+    a chat template: the stand-in for a real model of that size, built without any download (tests and
+    benchmarks). `arch` is "qwen2" or "llama". The model's vocabulary is padded beyond the tokenizer's, as
+    real models' are; sampled ids past the tokenizer decode to nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    if arch not in classes:
+        raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
+    path = Path(path)
+    tokenizer = build_tokenizer(
+        corpus or ["user\n", "assistant\n", "<answer>Left</answer> Down Right Up"], min(vocab_size, 2048)
+    )
+    config_cls, model_cls = classes[arch]
+    config = config_cls(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie_word_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Any Hugging Face causal LM from a local directory; a clear error otherwise."""
     p = Path(path)
@@ -156,60 +204,80 @@ def state_dict_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def clone_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A detached float32 copy of the parameters (tied weights stored once, as named_parameters does)."""
-    return {n: p.detach().to(torch.float32).clone() for n, p in model.named_parameters()}
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def load_policy(path: str | Path, cfg: ModelConfig) -> torch.nn.Module:
+    """The model RL trains: float32 weights from `path`, with LoRA adapters (peft) when `model.lora.r > 0`.
+
+    With LoRA only the adapters require grad; everything versioned for old logits is adapters only.
+    """
+    model = load_model(path, torch.float32)
+    if cfg.lora.r == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias="none",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise ConfigError("model.lora.target_modules", f"{e}".splitlines()[0]) from None
+
+
+def versioned_state(model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A detached float32 copy of what changes between policy versions: the parameters that train.
+
+    Every parameter for a full fine-tune (tied weights once, as `named_parameters` gives them); only the
+    LoRA adapters under LoRA. Snapshots, the dedicated worker's versions and the EWMA hold this. A CPU
+    copy of a GPU model goes to pinned memory, so loading it back can be asynchronous.
+    """
+    device = torch.device(device)
+    pin = device.type == "cpu" and torch.cuda.is_available()
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach().to(device=device, dtype=torch.float32, copy=True)
+            out[n] = t.pin_memory() if pin else t
+    return out
 
 
 @torch.no_grad()
 def load_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    for n, p in model.named_parameters():
-        p.copy_(state[n].to(p.dtype))
-
-
-# --------------------------------------------------------------------------- trainer-side log-probs
-
-
-def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[i, : len(s)] = 1
-    return ids, attn
-
-
-def sequence_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """log p(x_t | x_<t) for every position of right-padded sequences, [B, T]; position 0 gets 0.
-
-    Computed in float32 as log_softmax(logits / temperature): the distribution the engine samples
-    from before top-k/top-p (trainers do not apply those filters, as in verl and AReaL).
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    target = input_ids[:, 1:].unsqueeze(-1)
-    lp = torch.gather(logits, -1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1) * attention_mask
+    """Copy `state` (names as `named_parameters` gives them, e.g. a `versioned_state`) into `model`."""
+    params = dict(model.named_parameters())
+    for n, t in state.items():
+        params[n].copy_(t.to(params[n].dtype), non_blocking=True)
 
 
 @torch.no_grad()
-def compute_logprobs(
-    model: torch.nn.Module,
-    token_ids: list[list[int]],
-    *,
-    pad_id: int = 0,
-    temperature: float = 1.0,
-    batch_size: int = 16,
-) -> list[torch.Tensor]:
-    """Trainer-side per-token log-probs of given sequences (float32, no grad), one tensor per sequence."""
-    out: list[torch.Tensor] = []
-    for start in range(0, len(token_ids), batch_size):
-        chunk = token_ids[start : start + batch_size]
-        ids, attn = pad_right(chunk, pad_id)
-        lp = sequence_logprobs(model, ids, attn, temperature)
-        out.extend(lp[i, : len(s)].clone() for i, s in enumerate(chunk))
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight under its Hugging Face name, float32, detached: what an engine loads for a version.
+
+    Under LoRA the adapters are merged into a copy of each base weight (W + scale * B @ A, peft's own
+    `get_delta_weight`); the trainer's model is not touched, so no merge/unmerge rounding builds up.
+    """
+    if not is_lora(model):
+        return {n: p.detach().to(torch.float32, copy=True) for n, p in model.named_parameters()}
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    out: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.get_base_layer().weight.detach().to(torch.float32, copy=True)
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight += module.get_delta_weight(adapter).to(torch.float32)
+            out[f"{name}.weight"] = weight
+    for n, p in base.named_parameters():
+        if "lora_" in n or ".base_layer.weight" in n:
+            continue
+        out[n.replace(".base_layer.", ".")] = p.detach().to(torch.float32, copy=True)
     return out

@@ -22,6 +22,7 @@ def make_engine(cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int 
             max_batch_size=cfg.max_batch_size,
             seed=seed,
             tokenizer=tokenizer,
+            device=cfg.device,
         )
     if cfg.backend == "vllm":
         try:

@@ -15,9 +15,8 @@ import torch
 from transformers import DynamicCache
 
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
+from twofold.logprobs import DTYPES, resolve_device
 from twofold.models import load_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sample_from_logits(
@@ -45,14 +44,42 @@ def sample_from_logits(
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def _round_int8(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-output-channel int8: scale = max|w| / 127 per row, round, back to float."""
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+    return torch.round(w / scale).clamp(-127, 127) * scale
+
+
+def _round_fp8(w: torch.Tensor) -> torch.Tensor:
+    """FP8 e4m3 with a per-output-channel scale (max|w| maps to e4m3's 448), as FP8 rollouts quantise."""
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 448.0
+    return (w / scale).to(torch.float8_e4m3fn).to(torch.float32) * scale
+
+
+def _round_int4(w: torch.Tensor, group_size: int = 32) -> torch.Tensor:
+    """Symmetric group-wise int4 (GPTQ/AWQ-style storage): each run of `group_size` input weights of a row
+    shares a scale max|w| / 7, values rounded to -7..7. A row whose length is not a multiple keeps a
+    shorter last group."""
+    rows, cols = w.shape
+    pad = (-cols) % group_size
+    padded = torch.nn.functional.pad(w, (0, pad)).view(rows, -1, group_size)
+    scale = padded.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 7.0
+    return (torch.round(padded / scale).clamp(-7, 7) * scale).view(rows, -1)[:, :cols]
+
+
+QUANTIZERS = {"int8": _round_int8, "fp8": _round_fp8, "int4": _round_int4}
+
+
 @torch.no_grad()
-def quantize_int8_(model: torch.nn.Module) -> None:
-    """Round every decoder Linear weight to symmetric per-output-channel int8 and back (weight-only int8)."""
+def quantize_(model: torch.nn.Module, mode: str) -> None:
+    """Round every decoder Linear weight to `mode` (int8, fp8, int4) and back: weight-only quantisation,
+    simulated in the engine's dtype. The LM head stays unquantised, as in the usual recipes."""
+    if mode == "none":
+        return
+    rounding = QUANTIZERS[mode]
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-            w = module.weight.float()
-            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-            module.weight.copy_((torch.round(w / scale).clamp(-127, 127) * scale).to(module.weight.dtype))
+            module.weight.copy_(rounding(module.weight.float()).to(module.weight.dtype))
 
 
 class BuiltinEngine(InferenceEngine):
@@ -66,25 +93,25 @@ class BuiltinEngine(InferenceEngine):
         max_batch_size: int = 64,
         seed: int = 0,
         tokenizer=None,
+        device: str = "auto",
     ):
         super().__init__()
-        self.model = load_model(model_path, DTYPES[dtype])
+        self.device = resolve_device(device)
+        self.model = load_model(model_path, DTYPES[dtype]).to(self.device)
         self.quantization = quantization
         self.logit_noise_std = logit_noise_std
         self.max_batch_size = max_batch_size
         self.tokenizer = tokenizer
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        if quantization == "int8":
-            quantize_int8_(self.model)
+        quantize_(self.model, quantization)
 
     @torch.no_grad()
     def update_weights(self, state_dict: dict, version: int) -> None:
         for name, p in self.model.named_parameters():
-            p.copy_(state_dict[name].to(p.dtype))
-        if self.quantization == "int8":
-            quantize_int8_(self.model)
+            p.copy_(state_dict[name].to(p.dtype), non_blocking=True)
+        quantize_(self.model, self.quantization)
         self.version = version
 
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
@@ -136,6 +163,7 @@ class BuiltinEngine(InferenceEngine):
         for row, c in enumerate(contexts):  # left padding: every row's next token is at the end
             ids[row, width - len(c) :] = torch.tensor(c, dtype=torch.long)
             attn[row, width - len(c) :] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(ids, attn, pos, cache, keep_last=True)
@@ -146,14 +174,17 @@ class BuiltinEngine(InferenceEngine):
                     finish[i] = "paused"
                 break
             if self.logit_noise_std > 0:
-                logits = logits + self.logit_noise_std * torch.randn(logits.shape, generator=self.generator)
+                logits = logits + self.logit_noise_std * torch.randn(
+                    logits.shape, generator=self.generator, device=self.device
+                )
             tokens, logprobs = sample_from_logits(logits, params, self.generator)
+            sampled, sampled_lps = tokens.tolist(), logprobs.tolist()  # one device sync per token step
             still = []
             for row, i in enumerate(active):
-                tok = int(tokens[row])
+                tok = sampled[row]
                 out_ids, out_lps, out_vers = outs[i]
                 out_ids.append(tok)
-                out_lps.append(float(logprobs[row]))
+                out_lps.append(sampled_lps[row])
                 out_vers.append(self.version)
                 if self._stopped(requests[i], out_ids, tok):
                     finish[i] = "stop"
@@ -164,11 +195,11 @@ class BuiltinEngine(InferenceEngine):
             if not still:
                 break
             if len(still) < len(active):
-                sel = torch.tensor(still, dtype=torch.long)
+                sel = torch.tensor(still, dtype=torch.long, device=self.device)
                 cache.batch_select_indices(sel)
                 tokens, attn, next_pos = tokens[sel], attn[sel], next_pos[sel]
             active = [active[row] for row in still]
-            attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
+            attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long, device=self.device)], dim=1)
             logits = self._forward(tokens[:, None], attn, next_pos, cache, keep_last=True)
             next_pos = next_pos + 1
         return self._results(requests, outs, finish)

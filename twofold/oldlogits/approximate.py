@@ -65,8 +65,8 @@ class EWMASource(OldLogitSource):
         super().__init__(ctx)
         if beta is None:
             beta = staleness_beta(ctx.max_staleness, ctx.updates_per_version)
-        self.ewma = ParameterEWMA(model, beta)
-        self.proximal_model = copy.deepcopy(model).float().eval()
+        self.ewma = ParameterEWMA(model, beta, device=ctx.device)
+        self.proximal_model = copy.deepcopy(model).to(ctx.device).float().eval()
         self._proximal_current = True  # proximal_model holds the average as it is now
         self.tau, self.auto_reset = tau, auto_reset
         self.last_reset = False

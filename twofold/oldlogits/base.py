@@ -19,11 +19,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from twofold.models import compute_logprobs
+from twofold.logprobs import Numerics, score_sequences
 from twofold.rollout.trajectory import Batch, Trajectory
 
 # token prefixes -> per-position log-probs of each (a model here, or a worker elsewhere)
@@ -32,29 +32,28 @@ Scorer = Callable[[list[list[int]]], list[torch.Tensor]]
 
 @dataclass
 class SourceContext:
-    """What every source needs to score tokens the way the trainer does."""
+    """What every source needs to score tokens the way the trainer does, and where its state lives."""
 
     pad_id: int
-    temperature: float
     async_mode: bool
     max_staleness: int
     # Optimizer steps per policy version (ppo_epochs x num_minibatches): the EWMA's clock.
     updates_per_version: int = 1
-    max_sequences_per_forward: int = 16
+    numerics: Numerics = field(default_factory=Numerics)  # the trainer's: device, precision, chunks, budgets
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # sources' model copies, EWMA
+    snapshot_device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # stored snapshots
 
     def scorer(self, model: torch.nn.Module) -> Scorer:
-        """Trainer-side log-probs of token prefixes under `model` (no grad)."""
-        return lambda prefixes: compute_logprobs(
-            model, prefixes, pad_id=self.pad_id, temperature=self.temperature, batch_size=self.max_sequences_per_forward
-        )
+        """Trainer-side log-probs of token prefixes under `model` (no grad, the trainer's numerics)."""
+        return lambda prefixes: score_sequences(model, prefixes, self.numerics, self.pad_id)
 
     def score_batch(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """[B, T] log-probs of `batch`'s agent tokens under `model` (0 off the loss mask)."""
-        out = torch.zeros_like(batch.behavior_logprobs)
+        """[B, T] log-probs of `batch`'s agent tokens under `model` (0 off the loss mask), on the batch's device."""
+        out = torch.zeros(batch.behavior_logprobs.shape)
         for i, lp in enumerate(self.scorer(model)([t.token_ids for t in batch.trajectories])):
             n = min(len(lp), out.shape[1])
             out[i, :n] = lp[:n]
-        return out * batch.loss_mask
+        return out.to(batch.loss_mask.device) * batch.loss_mask
 
 
 class CapturedLogprobs:
@@ -99,13 +98,14 @@ class CapturedLogprobs:
 
     def gather(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """([B, T] values, 0 off the loss mask and where none; [B, T] bool: agent tokens with no value)."""
-        out = torch.full_like(batch.behavior_logprobs, float("nan"))
+        out = torch.full(batch.behavior_logprobs.shape, float("nan"))
         with self._lock:
             for i, t in enumerate(batch.trajectories):
                 have = self._values.get(t.uid)
                 if have is not None:
                     n = min(len(have), out.shape[1])
                     out[i, :n] = have[:n]
+        out = out.to(batch.loss_mask.device)
         agent = batch.loss_mask > 0
         missing = torch.isnan(out) & agent
         return torch.where(agent & ~missing, out, torch.zeros_like(out)), missing

@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from twofold.models import clone_state_dict, load_parameters, model_bytes
+from twofold.models import load_parameters, model_bytes, versioned_state
 from twofold.oldlogits.base import CapturingSource, SourceContext, capture
 from twofold.rollout.trajectory import Trajectory
 
@@ -65,7 +65,7 @@ class DedicatedSource(CapturingSource):
         self, ctx: SourceContext, model: torch.nn.Module, version: int = 0, worker: LogprobWorker | None = None
     ):
         super().__init__(ctx)
-        self.worker = worker or LocalLogprobWorker(copy.deepcopy(model).float().eval(), ctx)
+        self.worker = worker or LocalLogprobWorker(copy.deepcopy(model).to(ctx.device).float().eval(), ctx)
         self.version = version  # the worker thread's: the weights its model copy holds
         self.published = version  # the engine's: segments of this version are still open
         self.sent: dict[int, set[int]] = {}  # uid -> versions whose segment is queued; gone once released
@@ -97,7 +97,7 @@ class DedicatedSource(CapturingSource):
         for t in pending:
             if self.published in t.agent_versions():
                 self._send(t, self.published)
-        self.events.put(("weights", new_version, clone_state_dict(model)))
+        self.events.put(("weights", new_version, versioned_state(model, self.ctx.device)))
         self.published = new_version
 
     def _run(self):

@@ -8,7 +8,7 @@ import threading
 import torch
 
 from twofold.config import ConfigError
-from twofold.models import clone_state_dict, load_parameters, model_bytes, state_dict_bytes
+from twofold.models import load_parameters, model_bytes, state_dict_bytes, versioned_state
 from twofold.oldlogits.approximate import EWMASource
 from twofold.oldlogits.base import CapturingSource, SourceContext, capture
 
@@ -91,14 +91,15 @@ class SnapshotSource(CapturingSource):
         self.store = SnapshotStore(budget_bytes)
         self.on_budget = on_budget
         self.fallback = fallback
-        self.scratch = copy.deepcopy(model).float().eval()
-        self.snapshot_bytes = model_bytes(self.scratch)
+        self.scratch = copy.deepcopy(model).to(ctx.device).float().eval()  # loads each held version to score it
+        # a snapshot is what changes between versions: the whole model, or the LoRA adapters alone
+        self.snapshot_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
         if budget_bytes is not None and budget_bytes < self.snapshot_bytes:
             raise ConfigError(
                 "oldlogits.snapshot_budget",
                 f"{budget_bytes} bytes cannot hold one snapshot of this model ({self.snapshot_bytes} "
-                f"bytes, float32); give at least {self.snapshot_bytes / 2**20:.1f}MiB or leave it empty "
-                "for no limit",
+                f"bytes of trained parameters, float32); give at least {self.snapshot_bytes / 2**20:.1f}MiB "
+                "or leave it empty for no limit",
             )
         self.budget_captures = 0
         self.fallback_tokens = 0
@@ -113,7 +114,7 @@ class SnapshotSource(CapturingSource):
         return self.on_budget == "wait" and self._needed(version) and not self.store.fits(self.snapshot_bytes)
 
     def before_update(self, model, version, pending):
-        if not self._needed(version) or self.store.put(version, clone_state_dict(model)):
+        if not self._needed(version) or self.store.put(version, versioned_state(model, self.ctx.snapshot_device)):
             return
         if self.on_budget == "wait":  # rollouts are paused (needs_pause_before_update said so)
             self._timed(capture, self.ctx.scorer(model), self.captured, pending, version)
@@ -160,7 +161,7 @@ class SnapshotSource(CapturingSource):
 
     def extra_bytes(self):
         fb = self.fallback.extra_bytes() if self.fallback is not None else 0
-        return self.store.bytes + self.snapshot_bytes + fb
+        return self.store.bytes + model_bytes(self.scratch) + fb
 
     def metrics(self):
         out = {

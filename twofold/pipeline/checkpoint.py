@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from twofold.models import clone_state_dict
+from twofold.models import full_weights
 from twofold.pipeline.rundir import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def restore_pipeline(pipe: Pipeline, state: dict) -> None:
         pipe.engine.generator.set_state(state["engine_rng"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
-    pipe.engine.update_weights(clone_state_dict(pipe.trainer.model), pipe.trainer.version)
+    pipe.engine.update_weights(full_weights(pipe.trainer.model), pipe.trainer.version)
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from twofold.config import Config, dump_config
+from twofold.logprobs import resolve_device
 from twofold.loss import kl_estimates
-from twofold.models import clone_state_dict, load_model, load_tokenizer
+from twofold.models import full_weights, load_policy, load_tokenizer
 from twofold.oldlogits import OldLogitSource, SourceContext, make_source
 from twofold.pipeline.admission import Admission
 from twofold.pipeline.checkpoint import (
@@ -56,6 +57,26 @@ class StepTimes:
     weight_sync: float = 0.0
 
 
+def source_context(cfg: Config, trainer: Trainer, pad_id: int) -> SourceContext:
+    """How and where the old-logit sources score and keep state: the trainer's numerics; model copies on
+    `oldlogits.device`; snapshots on `oldlogits.snapshot_device` (host memory when the trainer is on a GPU)."""
+    o, t = cfg.oldlogits, cfg.trainer
+    device = trainer.numerics.device if o.device == "auto" else resolve_device(o.device)
+    if o.snapshot_device != "auto":
+        snapshot_device = resolve_device(o.snapshot_device)
+    else:
+        snapshot_device = torch.device("cpu") if trainer.numerics.device.type == "cuda" else trainer.numerics.device
+    return SourceContext(
+        pad_id=pad_id,
+        async_mode=cfg.mode == "async",
+        max_staleness=cfg.max_staleness if cfg.mode == "async" else 0,
+        updates_per_version=t.ppo_epochs * t.num_minibatches,
+        numerics=trainer.numerics,
+        device=device,
+        snapshot_device=snapshot_device,
+    )
+
+
 class Pipeline:
     def __init__(
         self,
@@ -79,7 +100,7 @@ class Pipeline:
         path = model_path or resolve_model_path(cfg, progress=cfg.run.progress)
         self.model_path = path
         self.tokenizer = load_tokenizer(path)
-        self.trainer = Trainer(load_model(path, torch.float32), cfg, seed=cfg.seed)
+        self.trainer = Trainer(load_policy(path, cfg.model), cfg, seed=cfg.seed)
         self.engine = self.runtime.make_engine(cfg, path, self.tokenizer)
         self.admission = Admission(window, cfg.rollout.groups_per_step, cfg.rollout.stale_policy)
         self.step = 0
@@ -91,15 +112,7 @@ class Pipeline:
             log.info("resumed from %s at step %d", checkpoint, self.step)
         # Sources are built after the checkpoint so that model copies (dedicated worker, EWMA) start
         # from the resumed weights and version.
-        t = cfg.trainer
-        self.ctx = SourceContext(
-            pad_id=self.tokenizer.pad_token_id or 0,
-            temperature=cfg.engine.temperature,
-            async_mode=self.async_mode,
-            max_staleness=window,
-            updates_per_version=t.ppo_epochs * t.num_minibatches,
-            max_sequences_per_forward=cfg.oldlogits.max_sequences_per_forward,
-        )
+        self.ctx = source_context(cfg, self.trainer, self.tokenizer.pad_token_id or 0)
         self.source: OldLogitSource = make_source(
             cfg, self.ctx, self.trainer.model, version=self.trainer.version, logprob_worker=self.runtime.logprob_worker
         )
@@ -216,7 +229,7 @@ class Pipeline:
         pending = list(self.pending.values())
         for s in self.sources:
             s.on_publish(self.trainer.model, new_version, pending)
-        self.engine.update_weights(clone_state_dict(self.trainer.model), new_version)
+        self.engine.update_weights(full_weights(self.trainer.model), new_version)
         self.admission.publish(new_version)
         self.worker.resume()
         self._paused = False

@@ -35,7 +35,8 @@ from twofold.config import Config, EngineConfig
 from twofold.engine import make_engine
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
 from twofold.envs import env_from_config
-from twofold.models import clone_state_dict, load_model, load_tokenizer
+from twofold.logprobs import DTYPES, resolve_device
+from twofold.models import load_policy, load_tokenizer, versioned_state
 from twofold.oldlogits import LocalLogprobWorker, SourceContext
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.progress import progress_postfix, stop_signals
@@ -116,9 +117,10 @@ class EnvWorker:
 class OldLogitActor:
     """The dedicated source's model copy in a process of its own: a `LocalLogprobWorker` behind calls."""
 
-    def __init__(self, model_path: str, num_cpus: float):
+    def __init__(self, model_path: str, model_cfg, num_cpus: float):
         _threads(num_cpus)
-        self.model = load_model(model_path, torch.float32).eval()
+        # the trainer's policy (LoRA adapters included), on this actor's own device
+        self.model = load_policy(model_path, model_cfg).to(resolve_device("auto")).eval()
         self.worker: LocalLogprobWorker | None = None
 
     def start(self, ctx: SourceContext, state: dict) -> None:
@@ -300,7 +302,7 @@ class RayLogprobWorker:
     def __init__(self, actor, model: torch.nn.Module, ctx: SourceContext, timeout_s: float):
         self.actor, self.timeout_s = actor, timeout_s
         # the trainer's weights now (the resumed ones on resume) and the trainer's scoring context
-        ray.get(self.actor.start.remote(ctx, ray.put(clone_state_dict(model))), timeout=self.timeout_s)
+        ray.get(self.actor.start.remote(ctx, ray.put(versioned_state(model))), timeout=self.timeout_s)
 
     def __call__(self, prefixes):
         return ray.get(self.actor.logprobs.remote(prefixes), timeout=self.timeout_s)
@@ -325,8 +327,6 @@ class RayRuntime:
         self.engine: RayEngine | None = None
 
     def make_engine(self, cfg, model_path, tokenizer):
-        from twofold.engine.builtin import DTYPES
-
         self.engine = RayEngine(self.handles["engines"], self.timeout_s, DTYPES[cfg.engine.dtype])
         return self.engine
 
@@ -390,7 +390,7 @@ class RaySession:
         if cfg.oldlogits.source == "dedicated":
             self.oldlogit = OldLogitActor.options(
                 name=f"{self.prefix}oldlogit", num_cpus=r.oldlogit_num_cpus, num_gpus=r.oldlogit_num_gpus
-            ).remote(path, r.oldlogit_num_cpus)
+            ).remote(path, cfg.model, r.oldlogit_num_cpus)
             handles["oldlogit"] = self.oldlogit
         self.trainer = TrainerActor.options(
             name=f"{self.prefix}trainer", num_cpus=r.trainer_num_cpus, num_gpus=r.trainer_num_gpus

@@ -86,12 +86,16 @@ class Batch:
             turns=pad_field(trajectories, "turns", -1, torch.long),
         )
 
+    TENSORS = ("input_ids", "attention_mask", "loss_mask", "behavior_logprobs", "versions", "turns")
+
     def select(self, rows: torch.Tensor | list[int]) -> Batch:
         rows = torch.as_tensor(rows, dtype=torch.long)
-        return Batch(
-            [self.trajectories[int(i)] for i in rows],
-            *(
-                getattr(self, f)[rows]
-                for f in ("input_ids", "attention_mask", "loss_mask", "behavior_logprobs", "versions", "turns")
-            ),
-        )
+        return Batch([self.trajectories[int(i)] for i in rows], *(getattr(self, f)[rows] for f in self.TENSORS))
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.trajectories, *(getattr(self, f).to(device) for f in self.TENSORS))
+
+    def trimmed(self) -> Batch:
+        """The same rows without the padding columns no row uses (a micro-batch's own width)."""
+        width = int(self.attention_mask.sum(dim=1).max()) if len(self.trajectories) else 0
+        return Batch(self.trajectories, *(getattr(self, f)[:, :width] for f in self.TENSORS))

@@ -8,22 +8,25 @@ the pipeline passes two hooks (before the first optimizer step, after each one).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 
 from twofold.config import Config
+from twofold.logprobs import Numerics, microbatches, token_logprobs
 from twofold.loss import (
     COUNT_METRICS,
     broadcast_turn_values,
+    combine_metrics,
     decoupled_ppo_loss,
     discounted_returns,
     group_advantages,
+    loss_denominator,
     reinforce_advantages,
     version_staleness,
 )
-from twofold.models import sequence_logprobs
 from twofold.oldlogits import OldLogitSource
 from twofold.rollout.trajectory import Batch
 
@@ -56,15 +59,48 @@ def token_advantages(batch: Batch, estimator: str, normalize_std: bool, gamma: f
 
 
 class Trainer:
+    """The policy being optimised: its model (float32 master weights on the trainer's device), the
+    optimizer over the parameters that train, and the version counter."""
+
     def __init__(self, model: torch.nn.Module, cfg: Config, seed: int = 0):
-        self.model = model.float().train()
         self.cfg = cfg
         t = cfg.trainer
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.numerics = Numerics.from_config(cfg)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model.to(device=self.numerics.device, dtype=torch.float32).train()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.version = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.generator = torch.Generator().manual_seed(seed)
+
+    def accumulate_gradients(self, mb: Batch, advantages: torch.Tensor, source: OldLogitSource) -> tuple[float, dict]:
+        """Forward and backward of one minibatch, micro-batch by micro-batch; gradients add up in `.grad`.
+
+        Each micro-batch holds at most `trainer.max_tokens_per_microbatch` padded tokens and is divided by
+        the minibatch's loss denominator, so the gradients do not depend on the split. pi_old of each
+        micro-batch comes from `source.old_logprobs`. Returns (minibatch loss, combined metrics).
+        """
+        cfg, num = self.cfg, self.numerics
+        denominator = loss_denominator(mb.loss_mask, cfg.loss.aggregation, cfg.loss.normalizer)
+        total, parts = 0.0, []
+        for rows in microbatches(mb.attention_mask.sum(dim=1).tolist(), num.max_tokens):
+            micro = mb.select(rows).trimmed().to(num.device)
+            adv = advantages[rows][:, : micro.input_ids.shape[1]].to(num.device)
+            with num.autocast():
+                logprobs = token_logprobs(
+                    self.model, micro.input_ids, micro.attention_mask, num.temperature, num.chunk_size
+                )
+            old = source.old_logprobs(micro, logprobs.detach(), self.version).to(num.device)
+            loss, metrics = decoupled_ppo_loss(
+                logprobs, old, micro.behavior_logprobs, adv, micro.loss_mask, cfg.loss, denominator
+            )
+            loss.backward()
+            total += loss.item()
+            parts.append((metrics, float(micro.loss_mask.sum())))
+        return total, combine_metrics(parts)
 
     def train_step(
         self,
@@ -85,23 +121,18 @@ class Trainer:
         counts: dict[str, float] = defaultdict(float)
         n_updates = 0
         first = True
+        params = [p for p in self.model.parameters() if p.requires_grad]
         for _ in range(cfg.trainer.ppo_epochs):
             order = torch.randperm(len(batch.trajectories), generator=self.generator)
             for rows in torch.chunk(order, cfg.trainer.num_minibatches):
-                mb = batch.select(rows)
-                logprobs = sequence_logprobs(self.model, mb.input_ids, mb.attention_mask, cfg.engine.temperature)
-                old = source.old_logprobs(mb, logprobs.detach(), self.version)
-                loss, metrics = decoupled_ppo_loss(
-                    logprobs, old, mb.behavior_logprobs, adv[rows], mb.loss_mask, cfg.loss
-                )
+                loss, metrics = self.accumulate_gradients(batch.select(rows), adv[rows], source)
                 for k in COUNT_METRICS & metrics.keys():
                     counts[k] += metrics.pop(k) / cfg.trainer.ppo_epochs
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.trainer.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.trainer.max_grad_norm)
                 if first:
                     before_first_update()
                     first = False
-                if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                     self.optimizer.zero_grad(set_to_none=True)
                     self.skipped_steps += 1
                     self.consecutive_skips += 1
@@ -116,7 +147,7 @@ class Trainer:
                 self.consecutive_skips = 0
                 after_optimizer_step()
                 n_updates += 1
-                metrics["loss/value"] = loss.item()
+                metrics["loss/value"] = loss
                 metrics["loss/grad_norm"] = float(grad_norm)
                 for k, v in metrics.items():
                     sums[k] += v

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from twofold.config import Config, EnvConfig
 from twofold.envs import env_from_config
-from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer, pad_right, sequence_logprobs
+from twofold.logprobs import pad_right, token_logprobs
+from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer
 from twofold.rollout.worker import first_prompt_ids, level_seed, observation_ids
 
 WARMSTART_RECIPE = 1
@@ -120,7 +121,7 @@ def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> 
             chunk = [demos[i] for i in order[start : start + w.batch_size]]
             ids, attn = pad_right([d[0] for d in chunk], tokenizer.pad_token_id)
             mask, _ = pad_right([d[1] for d in chunk], 0)
-            logprobs = sequence_logprobs(model, ids, attn)
+            logprobs = token_logprobs(model, ids, attn)
             loss = -(logprobs * mask).sum() / mask.sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,0 +1,93 @@
+"""LoRA (peft): only the adapters train, versions are adapters only, engines get merged weights, and the
+exact sources stay exact."""
+
+import pytest
+import torch
+from conftest import small_config
+from test_exactness import assert_exact_sources_agree, record, replay
+from test_oldlogits import make_batch
+
+from twofold.config import LoraConfig, ModelConfig
+from twofold.engine.base import GenerationRequest, SamplingParams
+from twofold.engine.builtin import BuiltinEngine
+from twofold.logprobs import Numerics, score_sequences
+from twofold.models import full_weights, load_model, load_parameters, load_policy, model_bytes, versioned_state
+from twofold.oldlogits import BehaviorSource, SourceContext
+from twofold.trainer.trainer import Trainer
+
+LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def lora_policy(path):
+    return load_policy(path, ModelConfig(lora=LoraConfig(**LORA)))
+
+
+def moved_adapters(model, scale=0.05, seed=1):
+    """LoRA starts with B = 0 (no change); give every adapter weight a random value so the delta is real."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
+def test_only_the_adapters_train(tiny_path, tokenizer):
+    cfg = small_config(
+        **{"model.lora": LORA, "trainer.lr": 1e-2, "loss.discrepancy_action": "none", "loss.catastrophic": None}
+    )
+    trainer = Trainer(lora_policy(tiny_path), cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_step(make_batch(tokenizer), BehaviorSource(SourceContext(0, True, 2)))
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == set(versioned_state(trainer.model)) and all("lora_" in n for n in trainable)
+
+
+def test_full_weights_merge_the_adapters_under_hugging_face_names(tiny_path, tokenizer):
+    plain = load_model(tiny_path)
+    lora = moved_adapters(lora_policy(tiny_path))
+    merged = full_weights(lora)
+    assert set(merged) == {n for n, _ in plain.named_parameters()}
+    load_parameters(plain, merged)
+    seqs = [tokenizer.encode("P F F\nF H G <answer>Down</answer>", add_special_tokens=False)]
+    a, b = score_sequences(lora, seqs, Numerics())[0], score_sequences(plain, seqs, Numerics())[0]
+    assert (a - b).abs().max() < 1e-5
+    assert (a - score_sequences(load_model(tiny_path), seqs, Numerics())[0]).abs().max() > 1e-3  # adapters matter
+
+
+def test_engine_samples_from_the_merged_policy(tiny_path, tokenizer):
+    lora = moved_adapters(lora_policy(tiny_path))
+    engine = BuiltinEngine(tiny_path, dtype="float32", tokenizer=tokenizer, seed=0)
+    engine.update_weights(full_weights(lora), 1)
+    prompt = tokenizer.encode("P F\nF G", add_special_tokens=False)
+    out = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=12))])[0]
+    lp = score_sequences(lora, [prompt + out.output_ids], Numerics())[0][len(prompt) :]
+    assert (lp - torch.tensor(out.output_logprobs)).abs().max() < 1e-5
+    assert out.output_versions == [1] * len(out.output_ids)
+
+
+def test_a_snapshot_is_the_adapters_alone(tiny_path):
+    from twofold.oldlogits import SnapshotSource
+
+    lora = lora_policy(tiny_path)
+    source = SnapshotSource(SourceContext(0, True, 2), lora, budget_bytes=None)
+    adapters = sum(p.numel() * 4 for n, p in lora.named_parameters() if "lora_" in n)
+    assert source.snapshot_bytes == adapters
+    assert adapters * 20 < model_bytes(load_model(tiny_path))  # far smaller than a model
+
+
+@pytest.fixture(scope="module")
+def lora_recording(tiny_path, tokenizer):
+    make = lambda: lora_policy(tiny_path)  # noqa: E731
+    return record(BuiltinEngine(tiny_path, dtype="bfloat16", tokenizer=tokenizer, seed=3), make, tokenizer), make
+
+
+def test_exact_sources_agree_with_brute_force_under_lora(lora_recording):
+    recording, make = lora_recording
+    batch, ref, mask = assert_exact_sources_agree(recording, make)
+    states = recording[1]
+    assert all(all("lora_" in n for n in state) for state in states.values())  # versions differ in adapters only
+    _, _, source, peak = replay("snapshot", recording, make)
+    assert peak == 2 * source.snapshot_bytes  # two adapter sets held, never a model

@@ -1,0 +1,166 @@
+"""Real-hardware readiness on one process: chunked log-probs, token-budget micro-batches, gradient
+checkpointing, devices and mixed precision. GPU-marked tests skip without CUDA."""
+
+import copy
+import random
+
+import pytest
+import torch
+from conftest import small_config
+
+from twofold.config import ConfigError, load_config
+from twofold.logprobs import Numerics, microbatches, pad_right, score_sequences, token_logprobs
+from twofold.models import load_model
+from twofold.oldlogits import BehaviorSource, SourceContext
+from twofold.rollout.trajectory import Batch, Trajectory
+from twofold.trainer.trainer import Trainer, token_advantages
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def random_sequences(lengths, vocab=400, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+def test_chunked_logprobs_equal_the_full_computation_gradients_included(tiny_path):
+    seqs = random_sequences([70, 41, 9])
+    ids, attn = pad_right(seqs, 0)
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for chunk in (0, 7, 32):  # 0: the whole sequence in one head call
+        model = load_model(tiny_path).train()
+        lp = token_logprobs(model, ids, attn, temperature=0.7, chunk_size=chunk)
+        ((lp * weights).sum() / attn.sum()).backward()  # a token-mean loss, as the trainer's
+        results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    full, full_grads = results[0]
+    for lp, grads in results[1:]:
+        assert (lp - full).abs().max() < 1e-6
+        for n, g in grads.items():
+            assert (g - full_grads[n]).abs().max() < 1e-6, n
+
+
+def test_microbatches_pack_longest_first_under_the_budget():
+    lengths = [10, 50, 30, 20, 40]
+    assert microbatches(lengths, 0) == [[1, 4, 2, 3, 0]]  # one group, longest first
+    # 100 tokens: [50, 40] -> 2 x 50 = 100; [30, 20, 10] -> 3 x 30 = 90
+    assert microbatches(lengths, 100) == [[1, 4], [2, 3, 0]]
+    assert microbatches(lengths, 45) == [[1], [4], [2], [3, 0]]  # a row over the budget goes alone
+
+
+def seven_trajectory_batch(model, tokenizer, seed=0):
+    """7 trajectories of distinct lengths (2 groups + 1), mu = the model's own log-probs plus noise."""
+    rng = random.Random(seed)
+    trajs = []
+    for i in range(7):
+        t = Trajectory(uid=i, group_id=i // 2, level_seed=0)
+        t.append([rng.randrange(400) for _ in range(5 + 3 * i)], agent=False)
+        reply = [rng.randrange(400) for _ in range(4 + 7 * i)]
+        t.append(reply, agent=True, logprobs=[0.0] * len(reply), versions=[0] * len(reply), turn=0)
+        t.turn_rewards.append(float(rng.random()))
+        trajs.append(t)
+    lps = score_sequences(model, [t.token_ids for t in trajs], Numerics())
+    noise = torch.Generator().manual_seed(seed)
+    for t, lp in zip(trajs, lps, strict=True):
+        t.behavior_logprobs = [
+            float(v) if m else 0.0
+            for v, m in zip(lp + 0.1 * torch.randn(len(lp), generator=noise), t.loss_mask, strict=True)
+        ]
+    return Batch.from_trajectories(trajs, pad_id=0)
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_minibatch_split_1_2_or_7_ways_gives_the_same_gradients(tiny_path, tokenizer, aggregation):
+    base = load_model(tiny_path)
+    batch = seven_trajectory_batch(base, tokenizer)
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    longest = max(lengths)
+    budgets = {1: 0, 2: 4 * longest, 7: min(lengths)}
+    grads, losses = {}, {}
+    for ways, budget in budgets.items():
+        assert len(microbatches(lengths, budget)) == ways
+        cfg = small_config(
+            **{
+                "trainer.max_tokens_per_microbatch": budget,
+                "loss.aggregation": aggregation,
+                "advantage.estimator": "grpo",
+            }
+        )
+        trainer = Trainer(copy.deepcopy(base), cfg)
+        adv = token_advantages(batch, "grpo", False, 1.0)
+        losses[ways], _ = trainer.accumulate_gradients(batch, adv, BehaviorSource(SourceContext(0, True, 2)))
+        grads[ways] = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    for ways in (2, 7):
+        assert losses[ways] == pytest.approx(losses[1], abs=1e-6)
+        for n, g in grads[ways].items():
+            assert (g - grads[1][n]).abs().max() < 1e-6, (ways, n)
+    assert any(g.abs().max() > 0 for g in grads[1].values())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_path, tokenizer):
+    base = load_model(tiny_path)
+    batch = seven_trajectory_batch(base, tokenizer, seed=1)
+    adv = token_advantages(batch, "grpo", False, 1.0)
+    grads = []
+    for on in (False, True):
+        trainer = Trainer(copy.deepcopy(base), small_config(**{"trainer.gradient_checkpointing": on}))
+        trainer.accumulate_gradients(batch, adv, BehaviorSource(SourceContext(0, True, 2)))
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    for n, g in grads[1].items():
+        assert (g - grads[0][n]).abs().max() < 1e-6, n
+
+
+@pytest.mark.parametrize("field", ["trainer.device", "engine.device", "oldlogits.device", "oldlogits.snapshot_device"])
+def test_a_device_that_is_not_here_is_a_named_error(field):
+    with pytest.raises(ConfigError, match=field) as e:
+        load_config(None, [f"{field}=tpu:0"])
+    assert "auto, cpu, cuda or cuda:N" in str(e.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=f"{field}.*no CUDA device"):
+            load_config(None, [f"{field}=cuda:1"])
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+@gpu
+def test_parts_live_on_their_configured_devices(tmp_path, tiny_path):
+    from twofold.pipeline.loop import Pipeline
+
+    cfg = small_config(
+        mode="async",
+        **{
+            "trainer.device": "cuda",
+            "engine.device": "cuda",
+            "trainer.dtype": "bfloat16",
+            "oldlogits.source": "snapshot",
+            "trainer.steps": 2,
+        },
+    )
+    pipe = Pipeline(cfg, tmp_path / "run", model_path=tiny_path)
+    pipe.run()
+    assert next(pipe.trainer.model.parameters()).device.type == "cuda"
+    assert next(pipe.engine.model.parameters()).device.type == "cuda"
+    assert pipe.source.ctx.snapshot_device.type == "cpu"
+    assert all(t.is_pinned() for s in pipe.source.store.snapshots.values() for t in s.values())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sync_mode_first_minibatch_has_unit_staleness_on_gpu(tmp_path, tiny_path, dtype):
+    from twofold.pipeline.loop import Pipeline
+    from twofold.pipeline.rundir import read_metrics
+
+    cfg = small_config(
+        mode="sync",
+        **{
+            "trainer.device": "cuda",
+            "engine.device": "cuda",
+            "trainer.dtype": dtype,
+            "oldlogits.source": "snapshot",
+            "trainer.num_minibatches": 1,
+        },
+    )
+    Pipeline(cfg, tmp_path / "run", model_path=tiny_path).run()
+    for r in read_metrics(tmp_path / "run" / "metrics.jsonl"):
+        assert r["ppo/staleness_ratio_mean"] == pytest.approx(1.0, abs=1e-6)

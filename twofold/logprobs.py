@@ -1,0 +1,167 @@
+"""Trainer-side log-probs: where, in which precision and in which pieces the trainer computes them.
+
+Every trainer-side log-prob (the training forward, and every old-logit source's scoring: exact capture,
+recompute, EWMA, audit) goes through `token_logprobs`, under one `Numerics`, so that the same weights
+give the same numbers on both paths. Two things keep memory bounded for real vocabularies and long
+agent trajectories:
+
+- the LM head is applied in chunks of positions: logits of a chunk -> logsumexp and the chosen token's
+  logit -> discard; with gradient, each chunk is recomputed in backward (activation checkpointing), so
+  [B, T, V] float32 logits never exist at once (8k tokens x 150k vocabulary would be 4.8 GB);
+- forwards are split into micro-batches under a padded-token budget (`microbatches`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; anything else as torch reads it ('cpu', 'cuda:1')."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """How the trainer computes log-probs."""
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # autocast compute dtype; float32: no autocast
+    temperature: float = 1.0
+    chunk_size: int = 512  # positions per LM-head chunk; 0: all at once
+    max_tokens: int = 0  # padded tokens per forward; 0: no limit
+    max_sequences: int = 16  # sequences per scoring forward
+
+    @classmethod
+    def from_config(cls, cfg) -> Numerics:
+        """The trainer's numerics as a `twofold.config.Config` describes them."""
+        t = cfg.trainer
+        return cls(
+            device=resolve_device(t.device),
+            dtype=DTYPES[t.dtype],
+            temperature=cfg.engine.temperature,
+            chunk_size=t.logprob_chunk_size,
+            max_tokens=t.max_tokens_per_microbatch,
+            max_sequences=cfg.oldlogits.max_sequences_per_forward,
+        )
+
+    def autocast(self, device: torch.device | None = None):
+        """The compute precision on `device` (default: the trainer's), for the forward inside it."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast((device or self.device).type, dtype=self.dtype)
+
+
+def _head_logprobs(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    softcap: float | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """log softmax(head(hidden) / T)[target] per position, from float32 logits: [B, t, H] -> [B, t]."""
+    logits = head(hidden).float()
+    if scale is not None:
+        logits = logits * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    chosen = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """log p(x_t | x_<t) for every position of right-padded sequences, [B, T] float32; position 0 gets 0.
+
+    The distribution the engine samples from before top-k/top-p: log_softmax(logits / temperature), as in
+    verl and AReaL. The decoder runs once; the LM head runs per chunk of `chunk_size` positions (0: all),
+    each chunk recomputed in backward when gradients are needed. Logit scaling and final soft-capping
+    (Cohere, Gemma 2) are applied as the model's own forward does.
+    """
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    head = model.get_output_embeddings()
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    targets = input_ids[:, 1:]
+    width = hidden.shape[1]
+    if chunk_size <= 0 or chunk_size >= width:
+        lp = _head_logprobs(head, hidden, targets, temperature, softcap, scale)
+    else:
+        pieces = []
+        for start in range(0, width, chunk_size):
+            h, t = hidden[:, start : start + chunk_size], targets[:, start : start + chunk_size]
+            if torch.is_grad_enabled() and h.requires_grad:
+                pieces.append(checkpoint(_head_logprobs, head, h, t, temperature, softcap, scale, use_reentrant=False))
+            else:
+                pieces.append(_head_logprobs(head, h, t, temperature, softcap, scale))
+        lp = torch.cat(pieces, dim=1)
+    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1) * attention_mask
+
+
+def microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Row indices grouped so that rows x longest row <= max_tokens per group (0: one group).
+
+    Rows are taken longest first, so that rows of similar length share a group (less padding); a row
+    longer than the budget goes alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if max_tokens <= 0:
+        return [order] if order else []
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[i, : len(s)] = 1
+    return ids, attn
+
+
+@torch.no_grad()
+def score_sequences(
+    model: torch.nn.Module, sequences: list[list[int]], numerics: Numerics, pad_id: int = 0
+) -> list[torch.Tensor]:
+    """Per-token log-probs of each sequence under `model` (no grad), one CPU float32 tensor per sequence.
+
+    Forwards hold at most `numerics.max_sequences` sequences and `numerics.max_tokens` padded tokens, on the
+    model's own device, under the trainer's autocast.
+    """
+    device = next(model.parameters()).device
+    out: list[torch.Tensor | None] = [None] * len(sequences)
+    for group in microbatches([len(s) for s in sequences], numerics.max_tokens):
+        for start in range(0, len(group), numerics.max_sequences):
+            rows = group[start : start + numerics.max_sequences]
+            ids, attn = pad_right([sequences[i] for i in rows], pad_id)
+            with numerics.autocast(device):
+                lp = token_logprobs(
+                    model, ids.to(device), attn.to(device), numerics.temperature, numerics.chunk_size
+                ).cpu()
+            for k, i in enumerate(rows):
+                out[i] = lp[k, : len(sequences[i])].clone()
+    return out
