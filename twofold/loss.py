@@ -463,10 +463,22 @@ def broadcast_turn_values(turn_values: torch.Tensor, token_turns: torch.Tensor) 
     return torch.where(token_turns >= 0, vals, torch.zeros_like(vals))
 
 
+LAG_BUCKETS = ("0", "1", "2", "3", "4plus")  # token lag in versions; the last bucket is 4 and more
+
+
+def lag_bucket(lag: torch.Tensor) -> torch.Tensor:
+    """Index into LAG_BUCKETS of each lag (versions >= 0)."""
+    return lag.clamp(min=0, max=len(LAG_BUCKETS) - 1).long()
+
+
 def version_staleness(token_versions: torch.Tensor, mask: torch.Tensor, current_version: int) -> dict[str, float]:
-    """Mean and max of current_version - v_t over agent tokens (`version/staleness_mean|max`)."""
+    """Token lag current_version - v_t over agent tokens: `version/staleness_mean|max` and its distribution
+    `version/lag{0,1,2,3,4plus}_frac` (shares of agent tokens)."""
     sel = (mask > 0) & (token_versions >= 0)
     if not sel.any():
         return {"version/staleness_mean": 0.0, "version/staleness_max": 0.0}
-    lag = (current_version - token_versions[sel]).to(torch.float32)
-    return {"version/staleness_mean": float(lag.mean()), "version/staleness_max": float(lag.max())}
+    lag = current_version - token_versions[sel]
+    out = {"version/staleness_mean": float(lag.float().mean()), "version/staleness_max": float(lag.max())}
+    counts = torch.bincount(lag_bucket(lag), minlength=len(LAG_BUCKETS)).float() / len(lag)
+    out.update({f"version/lag{b}_frac": float(c) for b, c in zip(LAG_BUCKETS, counts, strict=True)})
+    return out

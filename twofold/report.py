@@ -19,20 +19,25 @@ from pathlib import Path
 
 import yaml
 
+from twofold.loss import LAG_BUCKETS
 from twofold.pipeline.rundir import read_metrics
+from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, tied_ranks
 
 SMOOTH = 5  # moving-average window (steps) for success curves and "best success"
 SECTIONS = {
-    "learning-curves": "Success and reward vs step",
+    "recommendation": "Which source: ranking and recommendation",
+    "learning-curves": "Success and reward vs step (95% bootstrap bands over seeds; x: a run's collapse)",
     "wall-clock": "Success and reward vs wall-clock",
     "active-ratio": "Active-token ratio (tokens surviving both the r_d mask and the PPO clip)",
     "kl-split": "Discrepancy KL vs staleness KL",
     "clip-mask": "Clip and mask fractions",
-    "audit": "Approximation error vs exact old log-probs (audit runs)",
+    "audit": "Approximation error vs exact old log-probs (audit runs): per step, and against token lag",
     "ewma-resets": "PPO-EWMA resets",
     "overhead-table": "Cost and quality per source",
 }
 TIME_PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
+# A run has collapsed once its 3-step mean valid-action rate falls under this (the policy stopped answering).
+COLLAPSE_VALID_RATE = 0.5
 
 
 @dataclass
@@ -49,8 +54,26 @@ class Run:
     def audit(self) -> bool:
         return bool(self.config["oldlogits"].get("audit"))
 
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
     def series(self, key: str) -> list[float]:
         return [_num(r.get(key)) for r in self.rows]
+
+    def final_success(self) -> float:
+        """Mean success over the last SMOOTH steps."""
+        tail = [v for v in self.series("success/rate")[-SMOOTH:] if v == v]
+        return sum(tail) / len(tail) if tail else math.nan
+
+    def best_success(self) -> float:
+        """Best SMOOTH-step mean of success (full windows only, unless the run is shorter)."""
+        sm = smooth(self.series("success/rate"))
+        vals = [v for v in (sm[SMOOTH - 1 :] or sm) if v == v]
+        return max(vals, default=math.nan)
+
+    def collapse_step(self) -> int | None:
+        return collapse_step(self.series("rollout/format_ok_rate"), COLLAPSE_VALID_RATE)
 
 
 @dataclass
@@ -58,17 +81,15 @@ class Group:
     label: str
     runs: list[Run] = field(default_factory=list)
 
-    def mean_curve(self, key: str) -> tuple[list[float], list[float]]:
-        """Per-step mean and standard deviation over seeds, up to the shortest run."""
+    def mean_curve(self, key: str) -> list[Interval]:
+        """Per step, the mean over seeds with its 95% bootstrap interval, up to the shortest run."""
         curves = [r.series(key) for r in self.runs]
         n = min(len(c) for c in curves)
-        means, stds = [], []
-        for i in range(n):
-            vals = [c[i] for c in curves if not math.isnan(c[i])]
-            m = sum(vals) / len(vals) if vals else math.nan
-            means.append(m)
-            stds.append(math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals)) if vals else math.nan)
-        return means, stds
+        return [bootstrap_mean([c[i] for c in curves]) for i in range(n)]
+
+    def interval_of(self, per_run) -> Interval:
+        """Mean over seeds of a per-run figure (e.g. `Run.final_success`), with its 95% bootstrap interval."""
+        return bootstrap_mean([per_run(r) for r in self.runs])
 
     def mean_of(self, key: str, skip_first: bool = True) -> float:
         """Mean of a per-step metric over all steps and seeds (the first step, pipeline fill, left out)."""
@@ -123,15 +144,35 @@ def group_runs(runs: list[Run]) -> list[Group]:
     return list(groups.values())
 
 
+def _interval_text(iv: Interval) -> str:
+    return "-" if math.isnan(iv.mean) else f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"
+
+
 def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
-    """One row per label: seconds per step and its split, overhead vs `behavior`, memory, success."""
+    """One row per label: seconds per step and its split, overhead vs `behavior`, memory, success.
+
+    Success columns: `final success` is the seed mean of each run's last SMOOTH steps, with its 95%
+    bootstrap interval in `final 95% CI`; `vs snapshot` is the paired difference to `snapshot` on the
+    same seeds; `rank` ties sources whose intervals overlap (`stats.tied_ranks`); `collapsed` counts runs
+    whose valid-action rate fell under COLLAPSE_VALID_RATE, with the step.
+    """
     baseline = next((g.mean_of("time/step") for g in groups if g.label.endswith("behavior")), math.nan)
     audit = {g.label: g.mean_of("audit/abs_err_mean", skip_first=False) for g in audit_groups}
+    finals = {g.label: g.interval_of(Run.final_success) for g in groups}
+    ranks = tied_ranks(finals)
+    snapshot = next((g for g in groups if g.label.endswith("snapshot")), None)
     table = []
     for g in groups:
-        success, _ = g.mean_curve("success/rate")
-        tail = [v for v in success[-SMOOTH:] if not math.isnan(v)]
         step_s = g.mean_of("time/step")
+        best = g.interval_of(Run.best_success)
+        paired = "-"
+        if snapshot is not None and g is not snapshot:
+            diff = paired_difference(
+                {r.seed: r.final_success() for r in g.runs}, {r.seed: r.final_success() for r in snapshot.runs}
+            )
+            paired = f"{diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"
+        collapses = [(r.seed, r.collapse_step()) for r in g.runs]
+        steps = [f"seed {s} at step {c}" for s, c in collapses if c is not None]
         table.append(
             {
                 "source": g.label,
@@ -148,14 +189,70 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
                 "KL disc": g.mean_of("kl/discrepancy_k3", skip_first=False),
                 "KL stale": g.mean_of("kl/staleness_k3", skip_first=False),
                 "audit err": audit.get(g.label, math.nan),
-                "final success": sum(tail) / len(tail) if tail else math.nan,
-                # Full windows only: a partial window at step 1-4 would make one lucky step "best".
-                "best success": max(
-                    (v for v in smooth(success)[SMOOTH - 1 :] or smooth(success) if not math.isnan(v)), default=math.nan
-                ),
+                "final success": finals[g.label].mean,
+                "final 95% CI": _interval_text(finals[g.label]),
+                "best success": best.mean,
+                "best 95% CI": _interval_text(best),
+                "vs snapshot": paired,
+                "rank": ranks[g.label],
+                "collapsed": f"{len(steps)}/{len(g.runs)}" + (f" ({', '.join(steps)})" if steps else ""),
             }
         )
     return table
+
+
+RANKING_COLUMNS = (
+    "rank",
+    "source",
+    "seeds",
+    "final 95% CI",
+    "vs snapshot",
+    "s/step",
+    "extra vs behavior",
+    "peak extra MB",
+    "collapsed",
+)
+
+
+def ranking_table(table: list[dict]) -> list[dict]:
+    """The source table's ranking columns, best rank first (then by final success)."""
+    rows = sorted(
+        table,
+        key=lambda r: (r["rank"], -(r["final success"] if r["final success"] == r["final success"] else -math.inf)),
+    )
+    return [{k: r[k] for k in RANKING_COLUMNS} for r in rows]
+
+
+def recommendation(table: list[dict]) -> str:
+    """One paragraph: the best tied group by final success, and its cheapest member (time, then memory)."""
+    rows = [r for r in table if r["final success"] == r["final success"]]
+    if not rows:
+        return "No finished runs to recommend from."
+    best = sorted((r for r in rows if r["rank"] == 1), key=lambda r: (-r["final success"], r["source"]))
+    collapsed = [r["source"] for r in rows if not r["collapsed"].startswith("0/")]
+
+    def cost(r: dict) -> tuple[float, float]:
+        step = r["s/step"] if r["s/step"] == r["s/step"] else math.inf
+        return (round(step, 2), r["peak extra MB"])
+
+    pick = min(best, key=cost)
+    others = [r["source"] for r in best if r is not pick]
+    text = (
+        f"Best tied group (95% intervals of final success overlap; no source is clearly better): "
+        f"{', '.join(r['source'] for r in best)}. "
+    )
+    if others:
+        text += (
+            f"Cheapest of them: {pick['source']} at {pick['s/step']:.3g} s/step "
+            f"({format_cell('extra vs behavior', pick['extra vs behavior'])} vs behavior) and "
+            f"{pick['peak extra MB']:.3g} MB of extra memory. "
+        )
+    text += f"Recommended: {pick['source']} (final success {pick['final 95% CI']})."
+    if collapsed:
+        text += f" Collapsed runs: {', '.join(collapsed)} (valid-action rate under {COLLAPSE_VALID_RATE:.0%})."
+    if len(best) == len(rows) and len(rows) > 1:
+        text += " Every source ties: more seeds or steps would be needed to separate them."
+    return text
 
 
 def throughput_table(groups: list[Group]) -> list[dict]:
@@ -239,24 +336,24 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
         plt.close(fig)
         figs[section].append(path)
 
-    def band(ax, xs, mean, std, label, smooth_it=False):
-        m = smooth(mean) if smooth_it else mean
-        s = smooth(std) if smooth_it else std
+    def band(ax, xs, curve, label, smooth_it=False):
+        """The seed mean with its 95% bootstrap band (each smoothed over SMOOTH steps when asked)."""
+        m, lo, hi = ([getattr(iv, f) for iv in curve] for f in ("mean", "low", "high"))
+        if smooth_it:
+            m, lo, hi = smooth(m), smooth(lo), smooth(hi)
         line = ax.plot(xs, m, label=label)[0]
-        ax.fill_between(
-            xs,
-            [a - b for a, b in zip(m, s, strict=True)],
-            [a + b for a, b in zip(m, s, strict=True)],
-            color=line.get_color(),
-            alpha=0.15,
-        )
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        return line, m
 
     def per_step(section, name, keys_titles, smooth_it=False, of=groups, log_y=False):
         fig, axes = plt.subplots(1, len(keys_titles), figsize=(5.5 * len(keys_titles), 3.8), squeeze=False)
         for ax, (key, title) in zip(axes[0], keys_titles, strict=True):
             for g in of:
-                mean, std = g.mean_curve(key)
-                band(ax, list(range(1, len(mean) + 1)), mean, std, g.label, smooth_it)
+                curve = g.mean_curve(key)
+                line, m = band(ax, list(range(1, len(curve) + 1)), curve, g.label, smooth_it)
+                if key == "success/rate":  # mark where a run collapsed
+                    steps = [c for c in (r.collapse_step() for r in g.runs) if c is not None and c <= len(m)]
+                    ax.plot(steps, [m[c - 1] for c in steps], "x", color=line.get_color(), markersize=9)
             ax.set_title(title)
             ax.set_xlabel("step")
             if log_y:
@@ -273,9 +370,8 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, (key, title) in zip(axes, [("success/rate", "success rate"), ("reward/mean", "reward")], strict=True):
         for g in groups:
-            mean, std = g.mean_curve(key)
-            wall, _ = g.mean_curve("time/step")
-            band(ax, list(itertools.accumulate(wall)), smooth(mean), smooth(std), g.label)
+            wall = [iv.mean for iv in g.mean_curve("time/step")]
+            band(ax, list(itertools.accumulate(wall)), g.mean_curve(key), g.label, smooth_it=True)
         ax.set_title(f"{title} ({SMOOTH}-step mean)")
         ax.set_xlabel("wall-clock (s)")
     axes[0].legend(fontsize=7)
@@ -302,6 +398,17 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
         per_step(
             "audit", "audit_error", [("audit/abs_err_mean", "mean |old log-prob - exact|")], of=audit_groups, log_y=True
         )
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for g in audit_groups:
+            errors = [g.mean_of(f"audit/abs_err_lag{b}", skip_first=False) for b in LAG_BUCKETS]
+            ax.plot(range(len(LAG_BUCKETS)), errors, "o-", label=g.label)
+        ax.set_xticks(range(len(LAG_BUCKETS)), [b.replace("plus", "+") for b in LAG_BUCKETS])
+        ax.set_xlabel("token lag (trainer version - token version)")
+        ax.set_ylabel("mean |old log-prob - exact|")
+        ax.set_yscale("log")
+        ax.set_title("approximation error against staleness")
+        ax.legend(fontsize=7)
+        save(fig, "audit", "audit_error_vs_lag")
     ewma = [g for g in groups if any("ewma/resets" in r.rows[-1] for r in g.runs)]
     if ewma:
         per_step("ewma-resets", "ewma_resets", [("ewma/resets", "PPO-EWMA resets (cumulative)")], of=ewma)
@@ -362,6 +469,7 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
     groups = group_runs([r for r in runs if not r.audit])
     audit_groups = group_runs([r for r in runs if r.audit])
     table = source_table(groups, audit_groups)
+    advice = recommendation(table)
     figs = _plots(groups, audit_groups, out)
 
     md = [
@@ -369,6 +477,11 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
         "",
         f"Runs: {len(runs)} ({', '.join(sorted({str(r.path) for r in runs}))})",
         "",
+        "## " + SECTIONS["recommendation"],
+        "",
+        advice,
+        "",
+        markdown_table(ranking_table(table)),
         "## " + SECTIONS["overhead-table"],
         "",
         "Seconds are means per step after the first; `extra vs behavior` is the wall-clock cost over the "
@@ -396,6 +509,10 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
         body.append(f'<section id="{key}"><h2>{html.escape(title)}</h2>')
         if key == "overhead-table":
             body.append(_html_table(table))
+        if key == "recommendation":
+            body.append(f"<p>{html.escape(advice)}</p>{_html_table(ranking_table(table))}")
+            body.append("</section>")
+            continue
         body += [_img(p) for p in figs[key]] or [f"<p>{html.escape(notes.get(key, 'No data.'))}</p>"]
         body.append("</section>")
     if throughput:

@@ -8,10 +8,12 @@ Behaviour log-probs: `logprobs_mode="processed_logprobs"` with `logprobs=0`, i.e
 sampled token under the distribution vLLM actually sampled from, after temperature and top-k/top-p
 (vLLM's default, `raw_logprobs`, would report the unscaled model distribution instead).
 
-Weights: `update_weights` loads a trainer state dict in place through vLLM's worker `reload_weights`
-(it maps Hugging Face names onto fused layers and redoes the post-load kernel packing), then resets the
-prefix cache, since cached KV blocks were computed with the old weights. The engine core runs in this process
-(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that the model is reachable for that load.
+Weights: `update_weights` sends the trainer's weights (Hugging Face names, LoRA merged) to every vLLM
+worker through `collective_rpc` as (name, tensor) pairs, which vLLM serialises itself; the worker-side
+method (`vllm_worker.TwofoldWorkerExtension`, mixed in by vLLM) reloads them in place with vLLM's own
+`reload_weights` (fused layers, post-load kernel packing). Then the prefix cache is reset, since cached
+KV blocks were computed with the old weights. This works with the engine core in its own process (vLLM's
+default) and with CUDA graphs: `engine.enforce_eager` (default: eager on CPU only).
 """
 
 from __future__ import annotations
@@ -24,23 +26,20 @@ from pathlib import Path
 from twofold.config import EngineConfig
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # vLLM's CPU build sizes its KV cache from the process's memory use unless given a size (GiB): a fixed
 # size keeps a second engine in the same process (tests, grids) from failing. Ignored on GPUs.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import vllm  # noqa: E402  (ImportError here is turned into a config error by make_engine)
 from vllm.inputs import TokensPrompt  # noqa: E402
 
+WORKER_EXTENSION = "twofold.engine.vllm_worker.TwofoldWorkerExtension"
 
-def _repack_tied_head(model) -> None:
-    """A tied LM head gets its weights through the embedding, so the reload skips its post-load step;
-    on CPU that step packs the GEMM weights, and the head would keep computing with the old ones."""
-    head = getattr(model, "lm_head", None)
-    method = getattr(head, "quant_method", None)
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(
-        method, "process_weights_after_loading"
-    ):
-        method.process_weights_after_loading(head)
+
+def default_enforce_eager() -> bool:
+    """Eager where CUDA graphs do not exist (vLLM's CPU build), graphs on a GPU."""
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cuda_alike()
 
 
 class VLLMEngine(InferenceEngine):
@@ -50,7 +49,8 @@ class VLLMEngine(InferenceEngine):
             model=str(model_path),
             dtype=cfg.dtype,
             seed=seed,
-            enforce_eager=True,
+            enforce_eager=default_enforce_eager() if cfg.enforce_eager is None else cfg.enforce_eager,
+            worker_extension_cls=WORKER_EXTENSION,
             logprobs_mode="processed_logprobs",
             max_model_len=max_model_len,
             max_num_seqs=cfg.max_batch_size,
@@ -112,17 +112,16 @@ class VLLMEngine(InferenceEngine):
         )
 
     def update_weights(self, state_dict: dict, version: int) -> None:
-        weights = [(k, v.detach().cpu()) for k, v in state_dict.items()]
-        # vLLM's in-place reload: takes checkpoint (Hugging Face) names and re-runs the post-load
-        # processing (fused QKV, CPU weight packing) that a plain model.load_weights would skip.
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
-        )
-        self.llm.apply_model(_repack_tied_head)
+        weights = [(name, tensor.detach().cpu()) for name, tensor in state_dict.items()]
+        self.llm.collective_rpc("twofold_load_weights", kwargs={"weights": weights})
         self.llm.reset_prefix_cache()
         self.version = version
 
     def close(self) -> None:
-        # Free the engine core and its KV cache now: a test or a grid may build the next engine in this process.
+        # Free the engine core (its process, when multiprocessing) and its KV cache now: a test or a grid may
+        # build the next engine in this process.
+        core = getattr(self.engine, "engine_core", None)
+        if hasattr(core, "shutdown"):
+            core.shutdown()
         self.llm = self.engine = None
         gc.collect()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from twofold.config import Config, dump_config
 from twofold.logprobs import resolve_device
-from twofold.loss import kl_estimates
+from twofold.loss import LAG_BUCKETS, kl_estimates, lag_bucket
 from twofold.models import full_weights, load_policy, load_tokenizer
 from twofold.oldlogits import OldLogitSource, SourceContext, make_source
 from twofold.pipeline.admission import Admission
@@ -243,7 +243,12 @@ class Pipeline:
         sel = batch.loss_mask > 0
         delta = (approx - exact)[sel].abs()
         _, k3 = kl_estimates(exact - approx, batch.loss_mask)
-        return {"audit/abs_err_mean": float(delta.mean()), "audit/abs_err_max": float(delta.max()), "audit/kl_k3": k3}
+        out = {"audit/abs_err_mean": float(delta.mean()), "audit/abs_err_max": float(delta.max()), "audit/kl_k3": k3}
+        buckets = lag_bucket(version - batch.versions[sel])  # the error against staleness, per token lag
+        for i, name in enumerate(LAG_BUCKETS):
+            if (buckets == i).any():
+                out[f"audit/abs_err_lag{name}"] = float(delta[buckets == i].mean())
+        return out
 
     def train_step(self) -> dict[str, float]:
         times = StepTimes()
@@ -311,6 +316,8 @@ class Pipeline:
             "memory/oldlogit_extra_bytes": float(extra),
             "memory/oldlogit_peak_bytes": float(self.peak_extra_bytes),
         }
+        if self.trainer.numerics.device.type == "cuda":  # everything this process put on its GPU, at its peak
+            row["memory/device_peak_bytes"] = float(torch.cuda.max_memory_allocated(self.trainer.numerics.device))
         row.update(metrics)
         row.update(audit)
         row.update(self.runtime.metrics())

@@ -1,0 +1,146 @@
+"""Statistics over seeds, checked against intervals derived by hand, and the report sections built on them."""
+
+import json
+
+import pytest
+import yaml
+from conftest import small_config
+
+from twofold.config import dump_config
+from twofold.report import group_runs, load_runs, recommendation, source_table, write_report
+from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, tied_ranks
+
+
+def fields(iv: Interval) -> tuple[float, float, float]:
+    return iv.mean, iv.low, iv.high
+
+
+def test_exact_bootstrap_of_four_seeds():
+    # [0, 0, 0, 1]: a resample's mean is k/4 with k ~ Binomial(4, 1/4): P(k) = 81, 108, 54, 12, 1 (/256),
+    # cumulative 0.316, 0.738, 0.949, 0.996, 1. The 2.5% point is k = 0; the 97.5% point is the first k whose
+    # cumulative probability reaches 0.975: k = 3, mean 0.75 (not the maximum, 1).
+    assert bootstrap_mean([0.0, 0.0, 0.0, 1.0]) == Interval(0.25, 0.0, 0.75)
+
+
+def test_exact_bootstrap_of_five_seeds():
+    # k ~ Binomial(5, 1/5): cumulative 0.328, 0.737, 0.942, 0.993, ...: upper point k = 3 -> 0.6
+    assert fields(bootstrap_mean([0.0, 0.0, 0.0, 0.0, 1.0])) == pytest.approx((0.2, 0.0, 0.6))
+
+
+def test_three_seeds_give_the_range_and_one_seed_gives_a_point():
+    # with 3 seeds each extreme resample has probability 1/27 = 3.7% > 2.5%: the interval is [min, max]
+    assert fields(bootstrap_mean([0.1, 0.2, 0.6])) == pytest.approx((0.3, 0.1, 0.6))
+    assert bootstrap_mean([0.4]) == Interval(0.4, 0.4, 0.4)
+    assert bootstrap_mean([0.4, float("nan"), 0.4]) == Interval(0.4, 0.4, 0.4)  # NaNs dropped
+
+
+def test_many_seeds_use_scipy_and_bracket_the_mean():
+    values = [0.1 * (i % 7) for i in range(20)]
+    iv = bootstrap_mean(values)
+    assert iv.low < iv.mean < iv.high and iv == bootstrap_mean(values)  # seeded: the same every time
+
+
+def test_paired_difference_uses_the_seeds_both_have():
+    # differences on seeds 0..3: 0, 0, 0, 0.4 -> mean 0.1, interval as [0, 0, 0, 1] x 0.4 = [0, 0.3]
+    ours = {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.9, 9: 0.0}  # seed 9 has no reference: left out
+    ref = {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.5}
+    assert fields(paired_difference(ours, ref)) == pytest.approx((0.1, 0.0, 0.3))
+
+
+def test_ranks_tie_overlapping_intervals():
+    ranks = tied_ranks({"a": Interval(0.6, 0.5, 0.7), "b": Interval(0.5, 0.4, 0.6), "c": Interval(0.2, 0.1, 0.3)})
+    assert ranks == {"a": 1, "b": 1, "c": 3}  # a and b overlap; both lie wholly above c
+
+
+def test_collapse_is_the_first_window_under_the_threshold():
+    # 3-step means: (0.9+0.9+0.4)/3 = 0.73, (0.9+0.4+0.3)/3 = 0.53, (0.4+0.3+0.2)/3 = 0.3 < 0.5 at step 5
+    assert collapse_step([0.9, 0.9, 0.4, 0.3, 0.2], 0.5) == 5
+    assert collapse_step([0.9, 0.8, 0.9], 0.5) is None
+
+
+# --------------------------------------------------------------------------- a synthetic grid
+
+
+def fake_run(path, source, seed, success, seconds, peak_bytes=0.0, valid=None, audit=False, lag_errors=None):
+    path.mkdir(parents=True)
+    cfg = yaml.safe_load(dump_config(small_config(seed=seed, **{"oldlogits.source": source})))
+    cfg["oldlogits"]["audit"] = audit
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows = []
+    for i in range(6):
+        row = {
+            "step": i + 1,
+            "success/rate": success,
+            "time/step": seconds,
+            "time/generation": 1.0,
+            "rollout/format_ok_rate": (valid or [1.0] * 6)[i],
+            "memory/oldlogit_peak_bytes": peak_bytes,
+            "reward/mean": success,
+        }
+        if audit:
+            row.update(
+                {"audit/abs_err_mean": 0.01, **{f"audit/abs_err_lag{k}": v for k, v in (lag_errors or {}).items()}}
+            )
+        rows.append(row)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def grid(tmp_path):
+    finals = {
+        "snapshot": [0.5, 0.6, 0.5, 0.6],
+        "ewma": [0.5, 0.5, 0.6, 0.6],
+        "behavior": [0.3, 0.4, 0.3, 0.4],
+        "recompute": [0.1, 0.2, 0.1, 0.2],
+    }
+    seconds = {"snapshot": 2.2, "ewma": 2.0, "behavior": 1.9, "recompute": 2.0}
+    for source, values in finals.items():
+        for seed, success in enumerate(values):
+            # recompute seed 0 stops answering from step 3: 3-step valid means 0.73 (step 3), 0.47 (step 4)
+            valid = [1.0, 1.0, 0.2, 0.2, 0.2, 0.2] if (source, seed) == ("recompute", 0) else None
+            fake_run(
+                tmp_path / f"{source}-seed{seed}",
+                source,
+                seed,
+                success,
+                seconds[source],
+                peak_bytes=2**20 * {"snapshot": 10, "ewma": 5}.get(source, 0),
+                valid=valid,
+            )
+    fake_run(
+        tmp_path / "ewma-seed0-audit",
+        "ewma",
+        0,
+        0.5,
+        2.0,
+        audit=True,
+        lag_errors={"0": 0.001, "1": 0.01, "2": 0.02, "4plus": 0.05},
+    )
+    return tmp_path
+
+
+def test_source_table_intervals_pairs_ranks_and_collapses(grid):
+    runs = load_runs([grid])
+    table = {r["source"]: r for r in source_table(group_runs([r for r in runs if not r.audit]), [])}
+    # snapshot seeds 0.5, 0.6, 0.5, 0.6: a resample's mean is 0.5 + 0.1 k/4, k ~ Binomial(4, 1/2) with
+    # P(k = 0) = P(k = 4) = 1/16 > 2.5%: the interval is [0.5, 0.6]
+    assert table["snapshot"]["final success"] == pytest.approx(0.55)
+    assert table["snapshot"]["final 95% CI"] == "0.55 [0.5, 0.6]"
+    # ewma - snapshot per seed: 0, -0.1, 0.1, 0 -> mean 0, an interval around it
+    assert table["ewma"]["vs snapshot"].startswith("+0 [-") and table["snapshot"]["vs snapshot"] == "-"
+    assert {s: table[s]["rank"] for s in table} == {"snapshot": 1, "ewma": 1, "behavior": 3, "recompute": 4}
+    assert table["recompute"]["collapsed"] == "1/4 (seed 0 at step 4)" and table["ewma"]["collapsed"] == "0/4"
+    advice = recommendation(list(table.values()))
+    assert "Best tied group" in advice and "ewma, snapshot." in advice  # by final success, then name
+    assert "Recommended: ewma" in advice  # tied with snapshot, and cheaper: 2.0 vs 2.2 s/step
+    assert "Collapsed runs: recompute" in advice
+
+
+def test_report_shows_every_statistics_section(grid):
+    html_path, markdown = write_report([grid], grid / "report")
+    page = html_path.read_text()
+    for section in ("recommendation", "learning-curves", "audit"):
+        assert f'id="{section}"' in page
+    assert "Recommended: ewma" in markdown and "final 95% CI" in markdown and "vs snapshot" in markdown
+    assert (grid / "report" / "audit_error_vs_lag.png").exists()
+    assert (grid / "report" / "curves_step.png").exists()

@@ -1,0 +1,111 @@
+"""Statistics over seeds for `twofold report`: bootstrap confidence intervals, paired differences, a
+ranking that ties overlapping intervals, collapse detection.
+
+Bootstrap of a mean over n seeds: with n <= EXACT_MAX_SEEDS the bootstrap distribution is enumerated
+exactly (all n^n equally likely resamples; the multinomial counts make that cheap), so an interval is
+deterministic and can be checked by hand; with more seeds `scipy.stats.bootstrap` draws resamples (fixed
+seed). Intervals are percentile intervals: the lower bound is the smallest resample mean whose
+cumulative probability reaches alpha/2, the upper the smallest reaching 1 - alpha/2 (numpy's
+"inverted_cdf" quantile). The enumeration is written here because scipy has no exact bootstrap, and
+with the 3-6 seeds of a typical comparison a random bootstrap would move its bounds between runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+EXACT_MAX_SEEDS = 6
+SCIPY_RESAMPLES = 10_000
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+
+    def overlaps(self, other: Interval) -> bool:
+        return self.low <= other.high and other.low <= self.high
+
+    def above(self, other: Interval) -> bool:
+        """Wholly above `other`: its lower bound exceeds the other's upper bound."""
+        return self.low > other.high
+
+
+@functools.cache
+def _compositions(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every way to draw n seeds from n with replacement, as counts [K, n], and each one's probability
+    n! / prod(c!) / n^n (K = C(2n-1, n): 10 for 3 seeds, 462 for 6)."""
+    counts, probs = [], []
+    for combo in itertools.combinations_with_replacement(range(n), n):
+        c = np.bincount(combo, minlength=n)
+        counts.append(c)
+        probs.append(math.factorial(n) / math.prod(math.factorial(int(k)) for k in c) / n**n)
+    return np.array(counts, dtype=float), np.array(probs)
+
+
+def _exact_bootstrap_means(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(means, probabilities) of every distinct resample (with replacement, size n) of `values`."""
+    counts, probs = _compositions(len(values))
+    return counts @ values / len(values), probs
+
+
+def _inverted_cdf(means: np.ndarray, probs: np.ndarray, q: float) -> float:
+    order = np.argsort(means, kind="stable")
+    cdf = np.cumsum(probs[order])
+    idx = int(np.searchsorted(cdf, q - 1e-12))  # the first whose cumulative probability reaches q
+    return float(means[order][min(idx, len(order) - 1)])
+
+
+def bootstrap_mean(values: list[float], confidence: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of the mean of `values` (NaNs dropped)."""
+    x = np.array([v for v in values if v == v], dtype=float)
+    if len(x) == 0:
+        return Interval(math.nan, math.nan, math.nan)
+    mean = float(x.mean())
+    if len(x) == 1 or np.all(x == x[0]):
+        return Interval(mean, mean, mean)
+    alpha = 1.0 - confidence
+    if len(x) <= EXACT_MAX_SEEDS:
+        means, probs = _exact_bootstrap_means(x)
+        return Interval(mean, _inverted_cdf(means, probs, alpha / 2), _inverted_cdf(means, probs, 1 - alpha / 2))
+    from scipy.stats import bootstrap
+
+    res = bootstrap(
+        (x,),
+        np.mean,
+        confidence_level=confidence,
+        n_resamples=SCIPY_RESAMPLES,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
+    return Interval(mean, float(res.confidence_interval.low), float(res.confidence_interval.high))
+
+
+def paired_difference(values: dict[int, float], reference: dict[int, float], confidence: float = 0.95) -> Interval:
+    """Bootstrap interval of mean(values[s] - reference[s]) over the seeds s both have (a paired comparison:
+    the same seed sees the same levels in the same order under every source)."""
+    seeds = sorted(set(values) & set(reference))
+    return bootstrap_mean([values[s] - reference[s] for s in seeds], confidence)
+
+
+def tied_ranks(intervals: dict[str, Interval]) -> dict[str, int]:
+    """Rank = 1 + the number of others whose interval lies wholly above this one: sources whose intervals
+    overlap are never ordered against each other, so the best tied group is everything at rank 1."""
+    return {
+        name: 1 + sum(other.above(iv) for o, other in intervals.items() if o != name) for name, iv in intervals.items()
+    }
+
+
+def collapse_step(rates: list[float], threshold: float, window: int = 3) -> int | None:
+    """The first step (1-based) whose `window`-step mean of `rates` falls under `threshold`, or None."""
+    for i in range(window - 1, len(rates)):
+        chunk = [r for r in rates[i - window + 1 : i + 1] if r == r]
+        if chunk and sum(chunk) / len(chunk) < threshold:
+            return i + 1
+    return None
