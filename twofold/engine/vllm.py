@@ -25,6 +25,7 @@ from pathlib import Path
 
 from twofold.config import EngineConfig
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
+from twofold.engine.vllm_worker import pack
 
 # vLLM's CPU build sizes its KV cache from the process's memory use unless given a size (GiB): a fixed
 # size keeps a second engine in the same process (tests, grids) from failing. Ignored on GPUs.
@@ -112,7 +113,7 @@ class VLLMEngine(InferenceEngine):
         )
 
     def update_weights(self, state_dict: dict, version: int) -> None:
-        weights = [(name, tensor.detach().cpu()) for name, tensor in state_dict.items()]
+        weights = [pack(name, tensor) for name, tensor in state_dict.items()]
         self.llm.collective_rpc("twofold_load_weights", kwargs={"weights": weights})
         self.llm.reset_prefix_cache()
         self.version = version

@@ -5,6 +5,8 @@ vLLM imports it by qualified name in every worker."""
 
 from __future__ import annotations
 
+import torch
+
 
 def repack_tied_head(model) -> None:
     """A tied LM head gets its weights through the embedding, so the reload skips its post-load step;
@@ -16,11 +18,23 @@ def repack_tied_head(model) -> None:
         method.process_weights_after_loading(head)
 
 
+def pack(name: str, tensor: torch.Tensor) -> tuple[str, str, list[int], bytes]:
+    """A tensor as plain msgpack-able values: vLLM's RPC rebuilds tensors only where its own messages
+    declare them, so a weight list travels as (name, dtype, shape, raw bytes)."""
+    t = tensor.detach().cpu().contiguous()
+    return name, str(t.dtype).removeprefix("torch."), list(t.shape), t.view(torch.uint8).numpy().tobytes()
+
+
+def unpack(name: str, dtype: str, shape: list[int], data: bytes) -> tuple[str, torch.Tensor]:
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return name, raw.view(getattr(torch, dtype)).reshape(shape)
+
+
 class TwofoldWorkerExtension:
     """Methods vLLM adds to its worker class (names prefixed: they must not clash with the worker's own)."""
 
     def twofold_load_weights(self, weights: list) -> None:
-        """Load (name, tensor) pairs in Hugging Face names, in place: vLLM's own `reload_weights` maps them
-        onto fused layers and redoes the post-load processing (kernel packing, quantisation)."""
-        self.reload_weights(weights_iterator=((name, tensor) for name, tensor in weights), is_checkpoint_format=True)
+        """Load `pack`ed weights (Hugging Face names) in place: vLLM's own `reload_weights` maps them onto
+        fused layers and redoes the post-load processing (kernel packing, quantisation)."""
+        self.reload_weights(weights_iterator=(unpack(*w) for w in weights), is_checkpoint_format=True)
         repack_tied_head(self.model_runner.get_model())
