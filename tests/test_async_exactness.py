@@ -19,19 +19,31 @@ from twofold.pipeline.rundir import read_metrics
 class BruteForce:
     """Keeps every published version's weights and scores a batch token by token with them."""
 
-    def __init__(self, pipe: Pipeline, model_path):
-        self.states = {pipe.trainer.version: versioned_state(pipe.trainer.model)}
+    def __init__(self, pipe: Pipeline, model_path, initial=None, from_engine=False):
+        """Versions are recorded from the trainer at each publish (float32), or, `from_engine`, from the weights
+        the engine gets (a sharded trainer's are gathered there; the engine must then run float32).
+        `initial`: the starting weights when the trainer's model is sharded (its own are shards)."""
+        self.states = {pipe.trainer.version: initial or versioned_state(pipe.trainer.model)}
         self.model = load_model(model_path)
         self.pad_id = pipe.ctx.pad_id
         self.max_err = 0.0
         self.checked_tokens = 0
-        engine_update = pipe.engine.update_weights
+        if from_engine:
+            engine_update = pipe.engine.update_weights
 
-        def update_weights(state, version):
-            self.states[version] = {k: v.clone() for k, v in state.items()}
-            engine_update(state, version)
+            def update_weights(state, version):
+                self.states[version] = {k: v.clone() for k, v in state.items()}
+                engine_update(state, version)
 
-        pipe.engine.update_weights = update_weights
+            pipe.engine.update_weights = update_weights
+            return
+        publish = pipe._publish
+
+        def record_after_publish():
+            publish()
+            self.states[pipe.trainer.version] = versioned_state(pipe.trainer.model)
+
+        pipe._publish = record_after_publish
 
     def reference(self, trajectories, width):
         ref = torch.zeros(len(trajectories), width)

@@ -1,6 +1,7 @@
 import pytest
 from conftest import small_config
 
+from twofold.pipeline.checkpoint import checkpoints, verify
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.rundir import read_metrics
 
@@ -66,7 +67,7 @@ def test_short_async_run_for_each_source(tmp_path, tiny_path, source):
         assert key in rows[-1], key
     assert rows[-1]["version"] == 2
     assert (tmp_path / "run" / "config.yaml").exists() and list((tmp_path / "run" / "tb").iterdir())
-    assert list((tmp_path / "run" / "checkpoints").glob("step_*.pt"))
+    assert checkpoints(tmp_path / "run") and verify(checkpoints(tmp_path / "run")[-1]) is None
 
 
 @pytest.mark.parametrize(

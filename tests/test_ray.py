@@ -12,6 +12,7 @@ from test_exactness import assert_exact_sources_agree, record  # noqa: E402
 from test_pipeline import DOCUMENTED  # noqa: E402
 
 from twofold.config import ConfigError, EngineConfig, ModelConfig  # noqa: E402
+from twofold.pipeline.checkpoint import checkpoints  # noqa: E402
 from twofold.pipeline.ray_runtime import (  # noqa: E402
     EngineReplica,
     OldLogitActor,
@@ -59,7 +60,7 @@ def test_short_async_run_under_ray(cluster, tmp_path, tiny_path, source):
     # both replicas served requests; nothing failed
     assert last["ray/engine0_requests"] > 0 and last["ray/engine1_requests"] > 0
     assert last["ray/engine_replica_failures"] == 0 and last["ray/env_worker_failures"] == 0
-    assert summary(run_dir)["finished"] and list((run_dir / "checkpoints").glob("step_*.pt"))
+    assert summary(run_dir)["finished"] and checkpoints(run_dir)
     if source == "dedicated":
         assert last["dedicated/segments"] > 0
     if source == "snapshot":
@@ -76,7 +77,7 @@ def test_exact_sources_agree_under_ray(cluster, tiny_path, tokenizer):
     assert min(engine.requests) > 0  # both replicas generated part of it
     actor = OldLogitActor.remote(str(tiny_path), ModelConfig(), 1)
     assert_exact_sources_agree(
-        recording, tiny_path, logprob_worker=lambda model, ctx: RayLogprobWorker(actor, model, ctx, 60)
+        recording, tiny_path, logprob_worker=lambda state, ctx: RayLogprobWorker(actor, state, ctx, 60)
     )
     for a in [*replicas, actor]:
         ray.kill(a)

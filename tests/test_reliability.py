@@ -14,6 +14,7 @@ from conftest import small_config
 
 from twofold.config import dump_config
 from twofold.envs.frozenlake import FrozenLake
+from twofold.pipeline.checkpoint import checkpoints, verify
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.rundir import read_metrics, summary
 from twofold.trainer.trainer import TrainingHalted
@@ -51,11 +52,18 @@ def _kill_resume_finish(cfg_path, run_dir, kills, horizon, rng):
     assert proc.returncode == 0, err[-2000:]
 
 
-@pytest.mark.parametrize("mode,kills", [("sync", 3), ("async", 2)])
-def test_sigkill_at_random_points_then_resume(tmp_path, tiny_path, mode, kills):
+@pytest.mark.parametrize("mode,kills,ranks", [("sync", 3, 1), ("async", 2, 1), ("sync", 2, 2)])
+def test_sigkill_at_random_points_then_resume(tmp_path, tiny_path, mode, kills, ranks):
+    # with 2 ranks the SIGKILL hits the launcher; its ranks die with it (PR_SET_PDEATHSIG), as on a lost machine
     steps = 6
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(dump_config(small_config(**{"mode": mode, "trainer.steps": steps, "run.checkpoint_every": 1})))
+    cfg_path.write_text(
+        dump_config(
+            small_config(
+                **{"mode": mode, "trainer.steps": steps, "run.checkpoint_every": 1, "trainer.world_size": ranks}
+            )
+        )
+    )
     t0 = time.monotonic()
     proc = _train(cfg_path, tmp_path / "whole")
     _, err = proc.communicate(timeout=300)
@@ -63,15 +71,15 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny_path, mode, kills):
     horizon = time.monotonic() - t0
 
     killed = tmp_path / "killed"
-    _kill_resume_finish(cfg_path, killed, kills, horizon, random.Random(f"{mode}-kills"))
+    _kill_resume_finish(cfg_path, killed, kills, horizon, random.Random(f"{mode}-{ranks}-kills"))
 
     lines = (killed / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]  # every line is whole JSON: nothing left torn
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # every step exactly once
     assert summary(killed)["finished"]
-    for path in (killed / "checkpoints").glob("step_*.pt"):
-        state = torch.load(path, weights_only=False)
-        assert state["step"] == int(path.stem.split("_")[1])
+    for path in checkpoints(killed):  # every kept checkpoint is whole and is the step it is named after
+        assert verify(path) is None
+        assert json.loads((path / "run_state.json").read_text())["step"] == int(path.name.split("_")[1])
     if mode == "sync":  # deterministic on CPU: the killed-and-resumed run is the uninterrupted one, bit for bit
         assert _comparable(rows) == _comparable(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
 
@@ -161,7 +169,7 @@ def test_consecutive_nan_losses_halt_with_a_checkpoint(tmp_path, tiny_path, monk
         _run(tmp_path, **{"trainer.max_consecutive_skips": 3, "trainer.steps": 4})
     # Step 1 (two skips) finished and was checkpointed when step 2's third skip halted the run.
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
-    assert sorted(q.name for q in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000001.pt"]
+    assert sorted(q.name for q in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000001"]
 
 
 def test_nonfinite_behavior_logprobs_drop_the_trajectory(tmp_path, tiny_path):

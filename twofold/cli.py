@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from twofold.config import OLD_LOGIT_SOURCES, ConfigError, load_config
+from twofold.pipeline.progress import RankLost
 
 
 def _config(args):
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"twofold: {e}", file=sys.stderr)
         return 2
+    except RankLost as e:  # one line, like a config error: which rank died, and how to resume
+        print(f"twofold: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -133,8 +133,12 @@ class TrainerConfig:
     num_minibatches: int = 2
     max_grad_norm: float = 1.0
     max_consecutive_skips: int = 5
-    # auto: CUDA when available, else CPU; or "cpu", "cuda", "cuda:1".
+    # auto: CUDA when available, else CPU; or "cpu", "cuda", "cuda:1". With world_size > 1, auto and cuda
+    # mean each rank's own GPU (cuda:rank).
     device: str = "auto"
+    # Ranks of the sharded trainer (FSDP2 over torch.distributed: gloo on CPU, NCCL on GPUs). Rank 0 also runs
+    # the rollout side. 1: one process, nothing sharded.
+    world_size: int = 1
     # Compute precision: bfloat16 autocast over float32 master weights and optimizer state, or float32.
     # Old-logit scoring (exact sources, recompute, EWMA, audit) uses the same numerics.
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -468,6 +472,17 @@ def validate(cfg: Config) -> Config:
     )
     need(t.max_grad_norm > 0, "trainer.max_grad_norm", "must be > 0")
     need(t.max_consecutive_skips >= 1, "trainer.max_consecutive_skips", "must be >= 1")
+    need(t.world_size >= 1, "trainer.world_size", "must be >= 1 (1: one process, nothing sharded)")
+    if t.world_size > 1 and t.device != "cpu":
+        import torch
+
+        gpus = torch.cuda.device_count()
+        need(
+            (t.device == "auto" and gpus == 0) or gpus >= t.world_size,
+            "trainer.world_size",
+            f"{t.world_size} ranks on CUDA need {t.world_size} GPUs; this machine has {gpus} "
+            "(or set trainer.device=cpu)",
+        )
     need(t.max_tokens_per_microbatch >= 0, "trainer.max_tokens_per_microbatch", "must be >= 0 (0: no limit)")
     need(t.logprob_chunk_size >= 0, "trainer.logprob_chunk_size", "must be >= 0 (0: no chunking)")
     o = cfg.oldlogits

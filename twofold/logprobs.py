@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from twofold.distributed import Ranks, sharded_root
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,11 +43,14 @@ class Numerics:
     max_sequences: int = 16  # sequences per scoring forward
 
     @classmethod
-    def from_config(cls, cfg) -> Numerics:
-        """The trainer's numerics as a `twofold.config.Config` describes them."""
+    def from_config(cls, cfg, rank: int = 0) -> Numerics:
+        """The trainer's numerics as a `twofold.config.Config` describes them (for rank `rank`: with several
+        ranks, `auto` and `cuda` mean the rank's own GPU)."""
+        from twofold.distributed import rank_device
+
         t = cfg.trainer
         return cls(
-            device=resolve_device(t.device),
+            device=rank_device(t.device, rank) if t.world_size > 1 else resolve_device(t.device),
             dtype=DTYPES[t.dtype],
             temperature=cfg.engine.temperature,
             chunk_size=t.logprob_chunk_size,
@@ -81,6 +86,20 @@ def _head_logprobs(
 
 
 def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> torch.Tensor:
+    """`policy_logprobs`, through the policy's FSDP root when it is sharded (`twofold.distributed.shard`)."""
+    root = sharded_root(model)
+    if root is not None:
+        return root(input_ids, attention_mask, temperature, chunk_size)
+    return policy_logprobs(model, input_ids, attention_mask, temperature, chunk_size)
+
+
+def policy_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -143,25 +162,41 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, attn
 
 
+def _forwards(lengths: list[int], numerics: Numerics) -> list[list[int]]:
+    """Index groups, one per forward: under the token budget, at most `max_sequences` each."""
+    out = []
+    for group in microbatches(lengths, numerics.max_tokens):
+        out += [group[i : i + numerics.max_sequences] for i in range(0, len(group), numerics.max_sequences)]
+    return out
+
+
 @torch.no_grad()
 def score_sequences(
-    model: torch.nn.Module, sequences: list[list[int]], numerics: Numerics, pad_id: int = 0
+    model: torch.nn.Module, sequences: list[list[int]], numerics: Numerics, pad_id: int = 0, ranks: Ranks | None = None
 ) -> list[torch.Tensor]:
     """Per-token log-probs of each sequence under `model` (no grad), one CPU float32 tensor per sequence.
 
     Forwards hold at most `numerics.max_sequences` sequences and `numerics.max_tokens` padded tokens, on the
-    model's own device, under the trainer's autocast.
+    model's own device, under the trainer's autocast. With sharded `ranks` every rank passes the same
+    `sequences`: each scores its share (longest first, dealt round-robin), all make the same number of
+    forwards (FSDP's collectives need it; a rank short of work runs a 2-token dummy), and the results are
+    gathered, so every rank returns every sequence's log-probs.
     """
+    ranks = ranks or Ranks()
     device = next(model.parameters()).device
-    out: list[torch.Tensor | None] = [None] * len(sequences)
-    for group in microbatches([len(s) for s in sequences], numerics.max_tokens):
-        for start in range(0, len(group), numerics.max_sequences):
-            rows = group[start : start + numerics.max_sequences]
-            ids, attn = pad_right([sequences[i] for i in rows], pad_id)
-            with numerics.autocast(device):
-                lp = token_logprobs(
-                    model, ids.to(device), attn.to(device), numerics.temperature, numerics.chunk_size
-                ).cpu()
-            for k, i in enumerate(rows):
-                out[i] = lp[k, : len(sequences[i])].clone()
-    return out
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    mine = order[ranks.rank :: ranks.world_size]
+    plan = [[mine[j] for j in group] for group in _forwards([len(sequences[i]) for i in mine], numerics)]
+    count = int(ranks.all_reduce(len(plan), "max"))
+    out: dict[int, torch.Tensor] = {}
+    for k in range(count):
+        rows = plan[k] if k < len(plan) else []
+        ids, attn = pad_right([sequences[i] for i in rows] or [[pad_id, pad_id]], pad_id)
+        with numerics.autocast(device):
+            lp = token_logprobs(model, ids.to(device), attn.to(device), numerics.temperature, numerics.chunk_size).cpu()
+        for r, i in enumerate(rows):
+            out[i] = lp[r, : len(sequences[i])].clone()
+    if ranks.sharded:
+        for part in ranks.all_gather(out):
+            out.update(part)
+    return [out[i] for i in range(len(sequences))]

@@ -472,13 +472,18 @@ def lag_bucket(lag: torch.Tensor) -> torch.Tensor:
 
 
 def version_staleness(token_versions: torch.Tensor, mask: torch.Tensor, current_version: int) -> dict[str, float]:
-    """Token lag current_version - v_t over agent tokens: `version/staleness_mean|max` and its distribution
-    `version/lag{0,1,2,3,4plus}_frac` (shares of agent tokens)."""
+    """Mean and max of current_version - v_t over agent tokens (`version/staleness_mean|max`)."""
     sel = (mask > 0) & (token_versions >= 0)
     if not sel.any():
         return {"version/staleness_mean": 0.0, "version/staleness_max": 0.0}
-    lag = current_version - token_versions[sel]
-    out = {"version/staleness_mean": float(lag.float().mean()), "version/staleness_max": float(lag.max())}
-    counts = torch.bincount(lag_bucket(lag), minlength=len(LAG_BUCKETS)).float() / len(lag)
-    out.update({f"version/lag{b}_frac": float(c) for b, c in zip(LAG_BUCKETS, counts, strict=True)})
-    return out
+    lag = (current_version - token_versions[sel]).to(torch.float32)
+    return {"version/staleness_mean": float(lag.mean()), "version/staleness_max": float(lag.max())}
+
+
+def lag_fractions(token_versions: torch.Tensor, mask: torch.Tensor, current_version: int) -> dict[str, float]:
+    """The token lag's distribution: `version/lag{0,1,2,3,4plus}_frac`, shares of agent tokens per bucket."""
+    sel = (mask > 0) & (token_versions >= 0)
+    if not sel.any():
+        return {}
+    counts = torch.bincount(lag_bucket(current_version - token_versions[sel]), minlength=len(LAG_BUCKETS))
+    return {f"version/lag{b}_frac": float(c) / int(sel.sum()) for b, c in zip(LAG_BUCKETS, counts, strict=True)}

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from twofold.config import ConfigError, ModelConfig
+from twofold.distributed import full_tensor, local_tensor
 
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
@@ -197,11 +198,13 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def model_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes this process holds for `model`'s parameters (its shards, when sharded)."""
+    return sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
 
 
 def state_dict_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
+    """Bytes this process holds for `state` (a sharded tensor counts its local shard)."""
+    return sum(local_tensor(t).numel() * t.element_size() for t in state.values())
 
 
 def is_lora(model: torch.nn.Module) -> bool:
@@ -235,49 +238,81 @@ def versioned_state(model: torch.nn.Module, device: torch.device | str = "cpu") 
     """A detached float32 copy of what changes between policy versions: the parameters that train.
 
     Every parameter for a full fine-tune (tied weights once, as `named_parameters` gives them); only the
-    LoRA adapters under LoRA. Snapshots, the dedicated worker's versions and the EWMA hold this. A CPU
-    copy of a GPU model goes to pinned memory, so loading it back can be asynchronous.
+    LoRA adapters under LoRA. Snapshots, the dedicated worker's versions and the EWMA hold this. A sharded
+    parameter contributes this rank's shard (a plain tensor: it may live on another device than the mesh).
+    A CPU copy of a GPU model goes to pinned memory, so loading it back can be asynchronous.
     """
     device = torch.device(device)
     pin = device.type == "cpu" and torch.cuda.is_available()
     out = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
-            t = p.detach().to(device=device, dtype=torch.float32, copy=True)
+            t = local_tensor(p.detach()).to(device=device, dtype=torch.float32, copy=True)
             out[n] = t.pin_memory() if pin else t
     return out
 
 
 @torch.no_grad()
 def load_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy `state` (names as `named_parameters` gives them, e.g. a `versioned_state`) into `model`."""
+    """Copy `state` (names as `named_parameters` gives them, e.g. a `versioned_state`) into `model`; a
+    sharded parameter takes this rank's shard."""
     params = dict(model.named_parameters())
     for n, t in state.items():
-        params[n].copy_(t.to(params[n].dtype), non_blocking=True)
+        target = local_tensor(params[n])
+        target.copy_(local_tensor(t).to(target.dtype), non_blocking=True)
 
 
 @torch.no_grad()
-def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight under its Hugging Face name, float32, detached: what an engine loads for a version.
+def gathered_state(
+    model: torch.nn.Module, keep: bool = True, dtype: torch.dtype = torch.float32, trained_only: bool = True
+) -> dict[str, torch.Tensor]:
+    """Whole tensors of the parameters (those that train, or all), on CPU in `dtype`. Sharded parameters are
+    gathered one at a time (a collective: every rank calls this); a rank with `keep=False` takes part in the
+    gathers and keeps nothing, so no rank ever holds more than one gathered parameter beyond what it keeps."""
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad or not trained_only:
+            whole = full_tensor(p.detach())
+            if keep:
+                out[n] = whole.to(device="cpu", dtype=dtype, copy=True)
+            del whole
+    return out
 
-    Under LoRA the adapters are merged into a copy of each base weight (W + scale * B @ A, peft's own
-    `get_delta_weight`); the trainer's model is not touched, so no merge/unmerge rounding builds up.
+
+@torch.no_grad()
+def full_weights(
+    model: torch.nn.Module, keep: bool = True, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Every weight under its Hugging Face name, detached, on CPU in `dtype`: what an engine loads for a version.
+
+    Under LoRA the adapters are merged into a copy of each base weight, W + scale * B @ A (computed in float32
+    from the gathered A and B); the trainer's model is not touched, so no merge/unmerge rounding builds up.
+    Sharded parameters are gathered one at a time on every rank (`gathered_state`); ranks with `keep=False`
+    (all but the engine's) keep nothing.
     """
     if not is_lora(model):
-        return {n: p.detach().to(torch.float32, copy=True) for n, p in model.named_parameters()}
+        return gathered_state(model, keep, dtype, trained_only=False)
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
     out: dict[str, torch.Tensor] = {}
+    merged: set[str] = set()
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
-            weight = module.get_base_layer().weight.detach().to(torch.float32, copy=True)
+            weight = full_tensor(module.get_base_layer().weight.detach()).to(torch.float32, copy=True)
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    weight += module.get_delta_weight(adapter).to(torch.float32)
-            out[f"{name}.weight"] = weight
+                    a = full_tensor(module.lora_A[adapter].weight.detach()).float()
+                    b = full_tensor(module.lora_B[adapter].weight.detach()).float()
+                    delta = (b @ a) * module.scaling[adapter]
+                    weight += delta.T if getattr(module, "fan_in_fan_out", False) else delta
+            if keep:
+                out[f"{name}.weight"] = weight.to(device="cpu", dtype=dtype)
+            merged.add(f"{name}.base_layer.weight")
     for n, p in base.named_parameters():
-        if "lora_" in n or ".base_layer.weight" in n:
+        if "lora_" in n or n in merged:
             continue
-        out[n.replace(".base_layer.", ".")] = p.detach().to(torch.float32, copy=True)
+        whole = full_tensor(p.detach())
+        if keep:
+            out[n.replace(".base_layer.", ".")] = whole.to(device="cpu", dtype=dtype, copy=True)
     return out

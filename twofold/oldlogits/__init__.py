@@ -53,12 +53,12 @@ def make_source(
     model: torch.nn.Module,
     kind: str | None = None,
     version: int = 0,
-    logprob_worker: Callable[[torch.nn.Module, SourceContext], LogprobWorker] | None = None,
+    logprob_worker: Callable[[dict[str, torch.Tensor], SourceContext], LogprobWorker] | None = None,
 ) -> OldLogitSource:
     """The source named by `oldlogits.source` (or `kind`), built around the trainer's model.
 
     `version` is the trainer's (non-zero on resume); `logprob_worker` builds the dedicated worker's
-    model copy elsewhere (the Ray runtime's actor)."""
+    model copy elsewhere (the Ray runtime's actor) from the trainer's gathered weights."""
     o = cfg.oldlogits
     kind = kind or o.source
 
@@ -70,7 +70,7 @@ def make_source(
             ctx, model, parse_bytes(o.snapshot_budget), o.on_budget, fallback=ewma() if o.on_budget == "ewma" else None
         )
     if kind == "dedicated":
-        return DedicatedSource(ctx, model, version, worker=logprob_worker(model, ctx) if logprob_worker else None)
+        return DedicatedSource(ctx, model, version, worker=logprob_worker)
     if kind == "interrupt":
         return InterruptSource(ctx)
     if kind == "ewma":

@@ -8,8 +8,6 @@ ewma        revised PPO-EWMA: pi_prox from a bias-corrected EWMA of the paramete
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from twofold.loss import ParameterEWMA, interpolate_proximal_logprobs, staleness_beta
@@ -66,7 +64,7 @@ class EWMASource(OldLogitSource):
         if beta is None:
             beta = staleness_beta(ctx.max_staleness, ctx.updates_per_version)
         self.ewma = ParameterEWMA(model, beta, device=ctx.device)
-        self.proximal_model = copy.deepcopy(model).to(ctx.device).float().eval()
+        self.proximal_model = ctx.copy_of(model)
         self._proximal_current = True  # proximal_model holds the average as it is now
         self.tau, self.auto_reset = tau, auto_reset
         self.last_reset = False
@@ -76,7 +74,7 @@ class EWMASource(OldLogitSource):
             if not self._proximal_current:
                 self.ewma.copy_to(self.proximal_model)
                 self._proximal_current = True
-            return self.ctx.score_batch(self.proximal_model, batch)
+            return self.ctx.score_rows(self.proximal_model, batch)
 
         return self._timed(proximal)
 

@@ -16,6 +16,7 @@ on_trajectory_end(traj) when its episode ends.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +24,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from twofold.logprobs import Numerics, score_sequences
+from twofold.distributed import Ranks
+from twofold.logprobs import Numerics, score_sequences, token_logprobs
 from twofold.rollout.trajectory import Batch, Trajectory
 
 # token prefixes -> per-position log-probs of each (a model here, or a worker elsewhere)
 Scorer = Callable[[list[list[int]]], list[torch.Tensor]]
+
+
+def _copy_here(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    return copy.deepcopy(model).to(device).float().eval()
 
 
 @dataclass
@@ -42,18 +48,49 @@ class SourceContext:
     numerics: Numerics = field(default_factory=Numerics)  # the trainer's: device, precision, chunks, budgets
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # sources' model copies, EWMA
     snapshot_device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # stored snapshots
+    ranks: Ranks = field(default_factory=Ranks)  # the trainer's ranks (sharded: every source runs on each)
+    # A copy of the policy with the same weights and sharding (snapshot scratch, EWMA proxy), and a whole
+    # policy loaded with given (gathered) weights on one rank (the dedicated worker's). Sharded runs pass
+    # factories that load a fresh policy from the model path (a sharded module cannot be deep-copied).
+    replicate: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    whole_policy: Callable[[dict[str, torch.Tensor]], torch.nn.Module] | None = None
+
+    def copy_of(self, model: torch.nn.Module) -> torch.nn.Module:
+        return (self.replicate or (lambda m: _copy_here(m, self.device)))(model)
+
+    def whole_copy_of(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """An unsharded policy holding `state` (the gathered weights of `model`)."""
+        return self.whole_policy(state) if self.whole_policy is not None else _copy_here(model, self.device)
 
     def scorer(self, model: torch.nn.Module) -> Scorer:
-        """Trainer-side log-probs of token prefixes under `model` (no grad, the trainer's numerics)."""
-        return lambda prefixes: score_sequences(model, prefixes, self.numerics, self.pad_id)
+        """Trainer-side log-probs of token prefixes under `model` (no grad, the trainer's numerics). Sharded:
+        every rank passes the same prefixes, each scores a share, every rank gets all of them."""
+        return lambda prefixes: score_sequences(model, prefixes, self.numerics, self.pad_id, self.ranks)
 
     def score_batch(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """[B, T] log-probs of `batch`'s agent tokens under `model` (0 off the loss mask), on the batch's device."""
+        """[B, T] log-probs of `batch`'s agent tokens under `model` (0 off the loss mask), on the batch's device.
+        Sharded: every rank passes the same batch."""
         out = torch.zeros(batch.behavior_logprobs.shape)
         for i, lp in enumerate(self.scorer(model)([t.token_ids for t in batch.trajectories])):
             n = min(len(lp), out.shape[1])
             out[i, :n] = lp[:n]
         return out.to(batch.loss_mask.device) * batch.loss_mask
+
+    @torch.no_grad()
+    def score_rows(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """[B, T] log-probs of `batch`'s agent tokens in one forward over its own tensors: a trainer
+        micro-batch, already under the token budget. Sharded: each rank passes its own rows (the trainer
+        keeps every rank's micro-batch count equal)."""
+        device = next(model.parameters()).device
+        with self.numerics.autocast(device):
+            lp = token_logprobs(
+                model,
+                batch.input_ids.to(device),
+                batch.attention_mask.to(device),
+                self.numerics.temperature,
+                self.numerics.chunk_size,
+            )
+        return lp.to(batch.loss_mask.device) * batch.loss_mask
 
 
 class CapturedLogprobs:
@@ -109,6 +146,15 @@ class CapturedLogprobs:
         agent = batch.loss_mask > 0
         missing = torch.isnan(out) & agent
         return torch.where(agent & ~missing, out, torch.zeros_like(out)), missing
+
+    def export(self, trajectories: list[Trajectory]) -> dict[int, torch.Tensor]:
+        """The values of these trajectories, to hand to another rank (`load`)."""
+        with self._lock:
+            return {t.uid: self._values[t.uid].clone() for t in trajectories if t.uid in self._values}
+
+    def load(self, values: dict[int, torch.Tensor]) -> None:
+        with self._lock:
+            self._values.update(values)
 
     def forget(self, trajectories: list[Trajectory]) -> None:
         with self._lock:

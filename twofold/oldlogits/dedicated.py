@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
-from twofold.models import load_parameters, model_bytes, versioned_state
+from twofold.distributed import Ranks
+from twofold.models import gathered_state, load_parameters, model_bytes
 from twofold.oldlogits.base import CapturingSource, SourceContext, capture
 from twofold.rollout.trajectory import Trajectory
 
@@ -34,7 +36,8 @@ class LocalLogprobWorker:
 
     def __init__(self, model: torch.nn.Module, ctx: SourceContext):
         self.model = model
-        self.score = ctx.scorer(model)
+        # a whole model in one process: it scores alone, never in the trainer ranks' collectives
+        self.score = dataclasses.replace(ctx, ranks=Ranks()).scorer(model)
 
     def __call__(self, prefixes):
         return self.score(prefixes)
@@ -57,15 +60,27 @@ class DedicatedSource(CapturingSource):
     comes first, and is sent once. The worker scores each segment with W_v before loading W_{v+1},
     overlapped with training; `prepare` only waits for the batch's last segments. The model copy is a
     `LogprobWorker`: in this process (embedded) or in a Ray actor of its own.
+
+    With a sharded trainer the worker is a group of its own with one rank: a whole (unsharded) model copy
+    next to rank 0, where the rollout is. Every rank takes part in gathering each version's weights for it,
+    and at `prepare` rank 0 hands the batch's captured values to the others.
     """
 
     name = "dedicated"
 
     def __init__(
-        self, ctx: SourceContext, model: torch.nn.Module, version: int = 0, worker: LogprobWorker | None = None
+        self,
+        ctx: SourceContext,
+        model: torch.nn.Module,
+        version: int = 0,
+        worker: Callable[[dict[str, torch.Tensor], SourceContext], LogprobWorker] | None = None,
     ):
         super().__init__(ctx)
-        self.worker = worker or LocalLogprobWorker(copy.deepcopy(model).to(ctx.device).float().eval(), ctx)
+        self.main = ctx.ranks.is_main
+        state = gathered_state(model, keep=self.main)  # every rank takes part; rank 0 keeps the weights
+        self.worker = None
+        if self.main:
+            self.worker = worker(state, ctx) if worker else LocalLogprobWorker(ctx.whole_copy_of(model, state), ctx)
         self.version = version  # the worker thread's: the weights its model copy holds
         self.published = version  # the engine's: segments of this version are still open
         self.sent: dict[int, set[int]] = {}  # uid -> versions whose segment is queued; gone once released
@@ -76,7 +91,8 @@ class DedicatedSource(CapturingSource):
         self.segments = 0
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="old-logit-worker", daemon=True)
-        self._thread.start()
+        if self.main:
+            self._thread.start()
 
     def _send(self, traj: Trajectory, version: int) -> None:
         with self._sent_lock:
@@ -94,10 +110,12 @@ class DedicatedSource(CapturingSource):
 
     def on_publish(self, model, new_version, pending):
         # The rollout is parked here, so no trajectory ends (and sends) concurrently.
-        for t in pending:
+        for t in pending if self.main else ():
             if self.published in t.agent_versions():
                 self._send(t, self.published)
-        self.events.put(("weights", new_version, versioned_state(model, self.ctx.device)))
+        state = gathered_state(model, keep=self.main)  # whole tensors for the unsharded copy (every rank gathers)
+        if self.main:
+            self.events.put(("weights", new_version, state))
         self.published = new_version
 
     def _run(self):
@@ -137,11 +155,16 @@ class DedicatedSource(CapturingSource):
 
     def prepare(self, batch, model, version):
         t0 = time.perf_counter()
-        with self.done:
-            while any(len(self.captured.missing(t)) for t in batch.trajectories):
-                if self.error is not None:
-                    raise RuntimeError("the old-logit worker failed") from self.error
-                self.done.wait(0.05)
+        if self.main:
+            with self.done:
+                while any(len(self.captured.missing(t)) for t in batch.trajectories):
+                    if self.error is not None:
+                        raise RuntimeError("the old-logit worker failed") from self.error
+                    self.done.wait(0.05)
+        if self.ctx.ranks.sharded:  # the other ranks' stores get rank 0's values for this batch
+            values = self.ctx.ranks.broadcast(self.captured.export(batch.trajectories) if self.main else None)
+            if not self.main:
+                self.captured.load(values)
         self.wait_seconds += time.perf_counter() - t0
 
     def release(self, trajectories):
@@ -151,7 +174,7 @@ class DedicatedSource(CapturingSource):
                 self.sent.pop(t.uid, None)
 
     def extra_bytes(self):
-        return self.worker.nbytes()
+        return self.worker.nbytes() if self.worker is not None else 0
 
     def metrics(self):
         return {
@@ -161,6 +184,8 @@ class DedicatedSource(CapturingSource):
         }
 
     def close(self):
+        if not self.main:
+            return
         self.events.put(_STOP)
         # Joined, not left to die with the interpreter: a thread inside a torch kernel at exit aborts
         # the process ("terminate called without an active exception").

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import torch
 
 from twofold.config import ConfigError
+from twofold.distributed import local_tensor
 from twofold.models import load_parameters, model_bytes, state_dict_bytes, versioned_state
 from twofold.oldlogits.approximate import EWMASource
 from twofold.oldlogits.base import CapturingSource, SourceContext, capture
@@ -48,23 +48,26 @@ class SnapshotStore:
     def fits(self, nbytes: int) -> bool:
         return self.budget_bytes is None or self.bytes + nbytes <= self.budget_bytes
 
-    def put(self, version: int, state: dict[str, torch.Tensor]) -> bool:
-        if version in self.snapshots:
-            return True
-        if not self.fits(state_dict_bytes(state)):
-            return False
+    def add(self, version: int, state: dict[str, torch.Tensor]) -> None:
         self.snapshots[version] = state
         self.peak_bytes = max(self.peak_bytes, self.bytes)
-        return True
+
+    def unneeded(self, live_version: int) -> list[int]:
+        """Held versions no pending trajectory references, except the engine's live one."""
+        with self._lock:
+            return [v for v in self.snapshots if v < live_version and not self.refs.get(v)]
+
+    def free(self, versions: list[int], live_version: int) -> None:
+        with self._lock:
+            for v in versions:
+                if self.snapshots.pop(v, None) is not None:
+                    self.freed += 1
+            for v in [v for v, r in self.refs.items() if not r and v < live_version]:
+                del self.refs[v]
 
     def gc(self, live_version: int) -> None:
         """Free snapshots no pending trajectory references, except the engine's live version."""
-        with self._lock:
-            for v in [v for v in self.snapshots if v < live_version and not self.refs.get(v)]:
-                del self.snapshots[v]
-                self.freed += 1
-            for v in [v for v, r in self.refs.items() if not r and v < live_version]:
-                del self.refs[v]
+        self.free(self.unneeded(live_version), live_version)
 
 
 class SnapshotSource(CapturingSource):
@@ -91,9 +94,10 @@ class SnapshotSource(CapturingSource):
         self.store = SnapshotStore(budget_bytes)
         self.on_budget = on_budget
         self.fallback = fallback
-        self.scratch = copy.deepcopy(model).to(ctx.device).float().eval()  # loads each held version to score it
-        # a snapshot is what changes between versions: the whole model, or the LoRA adapters alone
-        self.snapshot_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        self.scratch = ctx.copy_of(model)  # loads each held version to score it
+        # a snapshot is what changes between versions (the whole model, or the LoRA adapters alone), in this
+        # rank's shards: the budget is per rank
+        self.snapshot_bytes = sum(local_tensor(p).numel() * 4 for p in model.parameters() if p.requires_grad)
         if budget_bytes is not None and budget_bytes < self.snapshot_bytes:
             raise ConfigError(
                 "oldlogits.snapshot_budget",
@@ -114,14 +118,19 @@ class SnapshotSource(CapturingSource):
         return self.on_budget == "wait" and self._needed(version) and not self.store.fits(self.snapshot_bytes)
 
     def before_update(self, model, version, pending):
-        if not self._needed(version) or self.store.put(version, versioned_state(model, self.ctx.snapshot_device)):
+        # rank 0 holds the refs (the rollout is there): its decisions hold for every rank's shards
+        needed, fits = self.ctx.ranks.broadcast((self._needed(version), self.store.fits(self.snapshot_bytes)))
+        if not needed or version in self.store.snapshots:
+            return
+        if fits:
+            self.store.add(version, versioned_state(model, self.ctx.snapshot_device))
             return
         if self.on_budget == "wait":  # rollouts are paused (needs_pause_before_update said so)
             self._timed(capture, self.ctx.scorer(model), self.captured, pending, version)
             self.budget_captures += 1
 
     def on_publish(self, model, new_version, pending):
-        self.store.gc(new_version)
+        self.store.free(self.ctx.ranks.broadcast(self.store.unneeded(new_version)), new_version)
 
     def prepare(self, batch, model, version):
         def exact():
@@ -170,6 +179,7 @@ class SnapshotSource(CapturingSource):
             "snapshot/peak_bytes": float(self.store.peak_bytes),
             "snapshot/freed": float(self.store.freed),
             "snapshot/budget_captures": float(self.budget_captures),
+            "snapshot/version_bytes": float(self.snapshot_bytes),  # one version, this rank's shards
             "snapshot/fallback_tokens": float(self.fallback_tokens),
         }
         if self.fallback is not None:
@@ -177,12 +187,10 @@ class SnapshotSource(CapturingSource):
         return out
 
     def state_dict(self):
-        return {
-            "snapshots": dict(self.store.snapshots),
-            "fallback": self.fallback.state_dict() if self.fallback else None,
-        }
+        # Snapshots are not saved: a resumed run regenerates every in-flight group, so nothing refers to an
+        # older version after a resume (docs/reliability.md).
+        return {"fallback": self.fallback.state_dict()} if self.fallback is not None else {}
 
     def load_state_dict(self, state):
-        self.store.snapshots = dict(state["snapshots"])
         if self.fallback is not None and state.get("fallback"):
             self.fallback.load_state_dict(state["fallback"])

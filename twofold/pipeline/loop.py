@@ -25,18 +25,13 @@ import torch
 from tqdm import tqdm
 
 from twofold.config import Config, dump_config
-from twofold.logprobs import resolve_device
+from twofold.distributed import Ranks, shard
+from twofold.logprobs import DTYPES, microbatches, resolve_device
 from twofold.loss import LAG_BUCKETS, kl_estimates, lag_bucket
-from twofold.models import full_weights, load_policy, load_tokenizer
+from twofold.models import full_weights, load_parameters, load_policy, load_tokenizer, versioned_state
 from twofold.oldlogits import OldLogitSource, SourceContext, make_source
 from twofold.pipeline.admission import Admission
-from twofold.pipeline.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    pipeline_state,
-    restore_pipeline,
-    save_checkpoint,
-)
+from twofold.pipeline.checkpoint import latest_checkpoint, restore_pipeline, restore_source, save_checkpoint
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import MetricsSink, default_run_dir, refuse_existing_run, write_summary
@@ -57,15 +52,30 @@ class StepTimes:
     weight_sync: float = 0.0
 
 
-def source_context(cfg: Config, trainer: Trainer, pad_id: int) -> SourceContext:
-    """How and where the old-logit sources score and keep state: the trainer's numerics; model copies on
-    `oldlogits.device`; snapshots on `oldlogits.snapshot_device` (host memory when the trainer is on a GPU)."""
-    o, t = cfg.oldlogits, cfg.trainer
+def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path) -> SourceContext:
+    """How and where the old-logit sources score and keep state: the trainer's numerics and ranks; model copies
+    on `oldlogits.device`; snapshots on `oldlogits.snapshot_device` (host memory when the trainer is on a GPU).
+    With sharded ranks, model copies are built fresh from `model_path` and sharded the same way (a sharded
+    module cannot be deep-copied), or gathered whole on rank 0 for the dedicated worker."""
+    o, t, ranks = cfg.oldlogits, cfg.trainer, trainer.ranks
     device = trainer.numerics.device if o.device == "auto" else resolve_device(o.device)
     if o.snapshot_device != "auto":
         snapshot_device = resolve_device(o.snapshot_device)
     else:
         snapshot_device = torch.device("cpu") if trainer.numerics.device.type == "cuda" else trainer.numerics.device
+    replicate = whole_policy = None
+    if ranks.sharded:
+
+        def replicate(model: torch.nn.Module) -> torch.nn.Module:
+            copy = shard(load_policy(model_path, cfg.model).to(device), ranks, device)
+            load_parameters(copy, versioned_state(model, device))
+            return copy.eval()
+
+        def whole_policy(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+            copy = load_policy(model_path, cfg.model).to(device).eval()
+            load_parameters(copy, state)
+            return copy
+
     return SourceContext(
         pad_id=pad_id,
         async_mode=cfg.mode == "async",
@@ -74,10 +84,17 @@ def source_context(cfg: Config, trainer: Trainer, pad_id: int) -> SourceContext:
         numerics=trainer.numerics,
         device=device,
         snapshot_device=snapshot_device,
+        ranks=ranks,
+        replicate=replicate,
+        whole_policy=whole_policy,
     )
 
 
 class Pipeline:
+    """One run. With sharded ranks every rank builds a Pipeline and runs the same loop; rank 0 alone owns the
+    rollout side (engine, rollout worker), the run directory and the metrics, and broadcasts what only it
+    knows (the batch, the pending trajectories, a stop request) at fixed points of each step."""
+
     def __init__(
         self,
         cfg: Config,
@@ -86,38 +103,43 @@ class Pipeline:
         resume: bool = False,
         model_path: Path | None = None,
         runtime: Runtime | None = None,
+        ranks: Ranks | None = None,
     ):
         self.cfg = cfg
+        self.ranks = ranks or Ranks()
+        main = self.ranks.is_main
         self.runtime = runtime or EmbeddedRuntime()
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
-        refuse_existing_run(self.run_dir, resume)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        if main:
+            refuse_existing_run(self.run_dir, resume)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.async_mode = cfg.mode == "async"
         window = cfg.max_staleness if self.async_mode else 0
-        path = model_path or resolve_model_path(cfg, progress=cfg.run.progress)
+        path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main)
         self.model_path = path
         self.tokenizer = load_tokenizer(path)
-        self.trainer = Trainer(load_policy(path, cfg.model), cfg, seed=cfg.seed)
-        self.engine = self.runtime.make_engine(cfg, path, self.tokenizer)
+        self.trainer = Trainer(load_policy(path, cfg.model), cfg, seed=cfg.seed, ranks=self.ranks)
+        self.engine = self.runtime.make_engine(cfg, path, self.tokenizer) if main else None
+        self.engine_dtype = DTYPES[cfg.engine.dtype]
         self.admission = Admission(window, cfg.rollout.groups_per_step, cfg.rollout.stale_policy)
         self.step = 0
         source_state = None
-        if resume and (checkpoint := latest_checkpoint(self.run_dir)) is not None:
-            state = load_checkpoint(checkpoint)
-            restore_pipeline(self, state)
-            source_state = state["source"]
-            log.info("resumed from %s at step %d", checkpoint, self.step)
+        checkpoint = self.ranks.broadcast(latest_checkpoint(self.run_dir) if resume and main else None)
+        if checkpoint is not None:
+            source_state = restore_pipeline(self, checkpoint)
+            if main:
+                log.info("resumed from %s at step %d", checkpoint, self.step)
         # Sources are built after the checkpoint so that model copies (dedicated worker, EWMA) start
         # from the resumed weights and version.
-        self.ctx = source_context(cfg, self.trainer, self.tokenizer.pad_token_id or 0)
+        self.ctx = source_context(cfg, self.trainer, self.tokenizer.pad_token_id or 0, path)
         self.source: OldLogitSource = make_source(
             cfg, self.ctx, self.trainer.model, version=self.trainer.version, logprob_worker=self.runtime.logprob_worker
         )
         if source_state is not None:
-            self.source.load_state_dict(source_state)
+            restore_source(self, source_state)
         self.auditor: OldLogitSource | None = (
             make_source(cfg, self.ctx, self.trainer.model, kind="snapshot") if cfg.oldlogits.audit else None
         )
@@ -130,6 +152,10 @@ class Pipeline:
         self.peak_extra_bytes = 0
         self._paused = False
         self._stop_signal: int | None = None
+        self.metrics = None
+        self.worker = None
+        if not main:
+            return
         self.metrics = MetricsSink(self.run_dir, cfg.run.tensorboard, resume_step=self.step if resume else None)
         self.worker = RolloutWorker(
             self.engine,
@@ -214,37 +240,51 @@ class Pipeline:
 
     def _before_update(self, times: StepTimes) -> None:
         t0 = time.perf_counter()
-        v = self.trainer.version
-        if any(s.needs_pause_before_update(v) for s in self.sources):
+        v, main = self.trainer.version, self.ranks.is_main
+        pause = main and any(s.needs_pause_before_update(v) for s in self.sources)
+        if pause:
             self._pause_rollout()
-        pending = list(self.pending.values())
+        # With the rollout paused, the pending trajectories are still and every rank captures the same ones;
+        # otherwise no source reads them here (and the rollout thread may be appending to them).
+        pending = self.ranks.broadcast(list(self.pending.values()) if pause else [])
         for s in self.sources:
             s.before_update(self.trainer.model, v, pending)
         times.old_logits += time.perf_counter() - t0
 
     def _publish(self) -> None:
-        """Hand the trainer's new weights to the engine; admission counts from this version on."""
-        self._pause_rollout()
+        """Hand the trainer's new weights to the engine; admission counts from this version on. The weights
+        are gathered one parameter at a time on every rank, cast to the engine's dtype, kept on rank 0."""
+        main = self.ranks.is_main
+        if main:
+            self._pause_rollout()
         new_version = self.trainer.version
-        pending = list(self.pending.values())
+        pending = list(self.pending.values())  # rank 0's: only its sources look at them
         for s in self.sources:
             s.on_publish(self.trainer.model, new_version, pending)
-        self.engine.update_weights(full_weights(self.trainer.model), new_version)
+        weights = full_weights(self.trainer.model, keep=main, dtype=self.engine_dtype)
         self.admission.publish(new_version)
-        self.worker.resume()
-        self._paused = False
+        if main:
+            self.engine.update_weights(weights, new_version)
+            self.worker.resume()
+            self._paused = False
 
     def _audit(self, batch: Batch) -> dict[str, float]:
-        """Error of the source's old log-probs against the exact ones, both from their `old_logprobs`."""
-        version = self.trainer.version
-        current = self.ctx.score_batch(self.trainer.model, batch)
-        approx = self.source.old_logprobs(batch, current, version)
-        exact = self.auditor.old_logprobs(batch, current, version)
-        sel = batch.loss_mask > 0
-        delta = (approx - exact)[sel].abs()
-        _, k3 = kl_estimates(exact - approx, batch.loss_mask)
+        """Error of the source's old log-probs against the exact ones, both from their `old_logprobs`, over
+        the batch in micro-batches under the token budget (every rank walks the same ones)."""
+        version, deltas, lags, log_ratios = self.trainer.version, [], [], []
+        for rows in microbatches(batch.attention_mask.sum(dim=1).tolist(), self.trainer.numerics.max_tokens):
+            sub = batch.select(rows).trimmed()
+            current = self.ctx.score_batch(self.trainer.model, sub)
+            approx = self.source.old_logprobs(sub, current, version).cpu()
+            exact = self.auditor.old_logprobs(sub, current, version).cpu()
+            sel = sub.loss_mask > 0
+            deltas.append((approx - exact)[sel].abs())
+            lags.append(version - sub.versions[sel])
+            log_ratios.append((exact - approx)[sel])
+        delta, lag, log_ratio = torch.cat(deltas), torch.cat(lags), torch.cat(log_ratios)
+        _, k3 = kl_estimates(log_ratio, torch.ones_like(log_ratio))
         out = {"audit/abs_err_mean": float(delta.mean()), "audit/abs_err_max": float(delta.max()), "audit/kl_k3": k3}
-        buckets = lag_bucket(version - batch.versions[sel])  # the error against staleness, per token lag
+        buckets = lag_bucket(lag)  # the error against staleness, per token lag
         for i, name in enumerate(LAG_BUCKETS):
             if (buckets == i).any():
                 out[f"audit/abs_err_lag{name}"] = float(delta[buckets == i].mean())
@@ -253,9 +293,10 @@ class Pipeline:
     def train_step(self) -> dict[str, float]:
         times = StepTimes()
         t_step = time.perf_counter()
-        gen0, tok0 = self.worker.counters.generate_seconds, self.worker.counters.generated_tokens
+        main = self.ranks.is_main
+        gen0, tok0 = (self.worker.counters.generate_seconds, self.worker.counters.generated_tokens) if main else (0, 0)
         src0 = sum(s.seconds for s in self.sources)
-        trajs = self._collect_batch()
+        trajs = self.ranks.broadcast(self._collect_batch() if main else None)
         times.idle = time.perf_counter() - t_step
         batch = Batch.from_trajectories(trajs, self.ctx.pad_id)
 
@@ -280,6 +321,8 @@ class Pipeline:
             s.after_step(self.trainer.model, metrics)
         self._release(trajs)
         self.step += 1
+        if not main:
+            return {"step": self.step, **metrics}
 
         wall = time.perf_counter() - t_step
         c = self.worker.counters
@@ -329,7 +372,8 @@ class Pipeline:
     # ------------------------------------------------------------------ the run
 
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, pipeline_state(self), self.cfg.run.keep_checkpoints)
+        """Save this step (every rank takes part)."""
+        return save_checkpoint(self)
 
     def request_stop(self, signum: int) -> None:
         """Checkpoint and stop after the current step (SIGINT/SIGTERM here, or forwarded by the Ray driver)."""
@@ -339,46 +383,50 @@ class Pipeline:
         self.request_stop(signum)
 
     def run(self, progress: bool | None = None) -> dict:
-        progress = self.cfg.run.progress if progress is None else progress
+        progress = (self.cfg.run.progress if progress is None else progress) and self.ranks.is_main
         with stop_signals(self._on_signal):
             return self._run(progress)
 
     def _run(self, progress: bool) -> dict:
-        cfg = self.cfg
+        cfg, main = self.cfg, self.ranks.is_main
         bar = tqdm(total=cfg.trainer.steps, initial=self.step, disable=not progress, desc="train", unit="step")
         last: dict = {}
         try:
-            if self.async_mode:
+            if self.async_mode and main:
                 self.worker.start()
             while self.step < cfg.trainer.steps:
                 last = self.train_step()
                 bar.update(1)
-                bar.set_postfix(progress_postfix(last))
+                if main:
+                    bar.set_postfix(progress_postfix(last))
                 if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                     self.checkpoint()
-                if self._stop_signal is not None:
+                stop = self.ranks.broadcast(self._stop_signal)  # rank 0's signal stops every rank at one step
+                if stop is not None:
+                    self._stop_signal = stop
                     self.checkpoint()
-                    log.warning(
-                        "stopped by signal %d at step %d; resume with --resume %s",
-                        self._stop_signal,
-                        self.step,
-                        self.run_dir,
-                    )
+                    if main:
+                        log.warning(
+                            "stopped by signal %d at step %d; resume with --resume %s", stop, self.step, self.run_dir
+                        )
                     break
             else:
                 self.checkpoint()
-            write_summary(
-                self.run_dir,
-                {
-                    "finished": self.step >= cfg.trainer.steps,
-                    "steps": self.step,
-                    "stopped_by_signal": self._stop_signal,
-                    "last": last,
-                },
-            )
+            if main:
+                write_summary(
+                    self.run_dir,
+                    {
+                        "finished": self.step >= cfg.trainer.steps,
+                        "steps": self.step,
+                        "stopped_by_signal": self._stop_signal,
+                        "last": last,
+                    },
+                )
         except BaseException:
-            if self.step > 0:
-                self.checkpoint()  # whatever killed the run, the finished steps stay resumable
+            # Whatever killed the run, the finished steps stay resumable. Not with several ranks: saving is a
+            # collective, and the other ranks are not there to join it; the last periodic checkpoint stands.
+            if self.step > 0 and not self.ranks.sharded:
+                self.checkpoint()
             raise
         finally:
             bar.close()
@@ -386,9 +434,12 @@ class Pipeline:
         return last
 
     def close(self) -> None:
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         for s in self.sources:
             s.close()
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
         self.runtime.close()
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()

@@ -7,6 +7,10 @@ import signal
 import threading
 
 
+class RankLost(RuntimeError):
+    """A trainer rank died (killed, or its process exited): the run stopped, and is resumable."""
+
+
 @contextlib.contextmanager
 def stop_signals(handler):
     """SIGTERM/SIGINT call `handler(signum, frame)` inside the block (main thread only; else a no-op)."""

@@ -19,6 +19,7 @@ current weights to it and retries its requests (counted). Every wait on an actor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -32,11 +33,12 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from tqdm import tqdm
 
 from twofold.config import Config, EngineConfig
+from twofold.distributed import Ranks
 from twofold.engine import make_engine
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
 from twofold.envs import env_from_config
 from twofold.logprobs import DTYPES, resolve_device
-from twofold.models import load_policy, load_tokenizer, versioned_state
+from twofold.models import load_policy, load_tokenizer
 from twofold.oldlogits import LocalLogprobWorker, SourceContext
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.progress import progress_postfix, stop_signals
@@ -299,10 +301,12 @@ class EnvPool:
 class RayLogprobWorker:
     """The dedicated source's `LogprobWorker` in an OldLogitActor."""
 
-    def __init__(self, actor, model: torch.nn.Module, ctx: SourceContext, timeout_s: float):
+    def __init__(self, actor, state: dict[str, torch.Tensor], ctx: SourceContext, timeout_s: float):
         self.actor, self.timeout_s = actor, timeout_s
-        # the trainer's weights now (the resumed ones on resume) and the trainer's scoring context
-        ray.get(self.actor.start.remote(ctx, ray.put(versioned_state(model))), timeout=self.timeout_s)
+        # the trainer's weights now (the resumed ones on resume) and its scoring numerics; the actor is a
+        # process of its own: no ranks, no factories of the trainer's process
+        scoring = dataclasses.replace(ctx, ranks=Ranks(), replicate=None, whole_policy=None)
+        ray.get(self.actor.start.remote(scoring, ray.put(state)), timeout=self.timeout_s)
 
     def __call__(self, prefixes):
         return ray.get(self.actor.logprobs.remote(prefixes), timeout=self.timeout_s)
@@ -336,7 +340,7 @@ class RayRuntime:
     @property
     def logprob_worker(self):
         actor = self.handles.get("oldlogit")
-        return None if actor is None else (lambda model, ctx: RayLogprobWorker(actor, model, ctx, self.timeout_s))
+        return None if actor is None else (lambda state, ctx: RayLogprobWorker(actor, state, ctx, self.timeout_s))
 
     def metrics(self) -> dict[str, float]:
         out = {"ray/env_worker_failures": float(self.envs.failures)}

@@ -23,8 +23,9 @@ class Runtime(Protocol):
     def make_env(self, cfg: Config) -> TextEnv: ...
 
     @property
-    def logprob_worker(self) -> Callable[[torch.nn.Module, SourceContext], LogprobWorker] | None:
-        """Builds the dedicated source's model copy elsewhere; None keeps it in the trainer's process."""
+    def logprob_worker(self) -> Callable[[dict[str, torch.Tensor], SourceContext], LogprobWorker] | None:
+        """Builds the dedicated source's model copy elsewhere, from the trainer's (gathered) weights; None keeps
+        it in the trainer's process."""
         ...
 
     def metrics(self) -> dict[str, float]: ...

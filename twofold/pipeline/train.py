@@ -1,20 +1,35 @@
-"""`train()`: one training run (or its resumption) on the configured runtime."""
+"""`train()`: one training run (or its resumption) on the configured runtime, with one or several trainer ranks."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import signal
 from pathlib import Path
 
 from twofold.config import Config, ConfigError
 from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.progress import RankLost, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
-from twofold.pipeline.rundir import default_run_dir, refuse_existing_run
+from twofold.pipeline.rundir import default_run_dir, refuse_existing_run, summary
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> tuple[Path, dict]:
     """Run (or resume) one training run; return (run directory, last metrics)."""
-    if cfg.runtime.backend == "embedded":
+    if cfg.runtime.backend == "embedded" and cfg.trainer.world_size == 1:
         pipeline = Pipeline(cfg, run_dir, resume=resume)
         return pipeline.run_dir, pipeline.run()
+    run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
+    refuse_existing_run(run_dir, resume)  # before any rank or actor starts
+    model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # the warm start is built once, here
+    if cfg.runtime.backend == "embedded":
+        run_local_ranks(cfg, run_dir, model_path, resume)
+        return run_dir, (summary(run_dir) or {}).get("last", {})
     try:
         from twofold.pipeline.ray_runtime import RaySession
     except ImportError as e:
@@ -22,8 +37,68 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
             "runtime.backend",
             f"Ray is not installed ({e}); `pip install twofold[ray]`, or use runtime.backend=embedded",
         ) from None
-    run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
-    refuse_existing_run(run_dir, resume)  # here too: before any actor starts
-    model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # on the driver: actors share the path
     with RaySession(cfg, run_dir, model_path, resume=resume) as session:
         return run_dir, session.run()
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the launcher dies, so a killed run leaves no rank behind
+    (a leftover rank would go on writing into the run directory beside the resumed run)."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to set
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _rank_main(
+    rank: int, world_size: int, address: str, port: int, cfg: Config, run_dir: str, model_path: str, resume: bool
+) -> None:
+    """One local rank: join the group, build the Pipeline (rank 0 with the rollout side), run it."""
+    from twofold.distributed import close_ranks, init_ranks, rank_device, threads_per_rank
+
+    _die_with_parent()
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(levelname)s rank{rank} %(name)s: %(message)s"
+    )
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / f"rank{rank}.pid").write_text(str(os.getpid()))  # which process is which rank
+    ranks = init_ranks(rank, world_size, address, port, rank_device(cfg.trainer.device, rank))
+    try:
+        with threads_per_rank(world_size):
+            Pipeline(cfg, Path(run_dir), resume=resume, model_path=Path(model_path), ranks=ranks).run()
+    finally:
+        close_ranks(ranks)
+
+
+def run_local_ranks(cfg: Config, run_dir: Path, model_path: Path, resume: bool) -> None:
+    """`trainer.world_size` processes on this machine (torch.multiprocessing, one process group). SIGINT and
+    SIGTERM are passed on (rank 0 decides when every rank stops, after a checkpoint). A rank that dies ends the
+    run: the others are stopped and the error says which rank and how to resume."""
+    import torch.multiprocessing as mp
+
+    from twofold.distributed import free_port
+
+    n = cfg.trainer.world_size
+    context = mp.spawn(
+        _rank_main, args=(n, "127.0.0.1", free_port(), cfg, str(run_dir), str(model_path), resume), nprocs=n, join=False
+    )
+
+    def forward(signum, frame):
+        for p in context.processes:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+
+    with stop_signals(forward):
+        try:
+            while not context.join(timeout=1.0):
+                pass
+        except mp.ProcessExitedException as e:
+            how = f"killed by {e.signal_name}" if e.signal_name else f"exit status {e.exit_code}"
+            raise RankLost(
+                f"trainer rank {e.error_index} (pid {e.error_pid}) died ({how}); the other ranks were "
+                f"stopped. Resume from the last checkpoint with `twofold train --resume {run_dir}`"
+            ) from None
+        except mp.ProcessRaisedException as e:
+            last = str(e).strip().splitlines()[-1]
+            m = re.match(r"twofold\.config\.ConfigError: config field '([^']*)': (.*)", last)
+            if m:
+                raise ConfigError(m.group(1), m.group(2)) from None
+            raise RuntimeError(f"a trainer rank failed; its traceback:\n{e}") from None

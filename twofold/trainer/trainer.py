@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from twofold.config import Config
+from twofold.distributed import Ranks, full_tensor, shard
 from twofold.logprobs import Numerics, microbatches, token_logprobs
 from twofold.loss import (
     COUNT_METRICS,
@@ -23,6 +24,7 @@ from twofold.loss import (
     decoupled_ppo_loss,
     discounted_returns,
     group_advantages,
+    lag_fractions,
     loss_denominator,
     reinforce_advantages,
     version_staleness,
@@ -59,16 +61,19 @@ def token_advantages(batch: Batch, estimator: str, normalize_std: bool, gamma: f
 
 
 class Trainer:
-    """The policy being optimised: its model (float32 master weights on the trainer's device), the
-    optimizer over the parameters that train, and the version counter."""
+    """The policy being optimised: its model (float32 master weights on the trainer's device, sharded across
+    `ranks` with FSDP2 when there are several), the optimizer over the parameters that train, and the
+    version counter."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, cfg: Config, seed: int = 0, ranks: Ranks | None = None):
         self.cfg = cfg
+        self.ranks = ranks or Ranks()
         t = cfg.trainer
-        self.numerics = Numerics.from_config(cfg)
+        self.numerics = Numerics.from_config(cfg, self.ranks.rank)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model.to(device=self.numerics.device, dtype=torch.float32).train()
+        model = model.to(device=self.numerics.device, dtype=torch.float32).train()
+        self.model = shard(model, self.ranks, self.numerics.device)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.version = 0
@@ -76,19 +81,36 @@ class Trainer:
         self.consecutive_skips = 0
         self.generator = torch.Generator().manual_seed(seed)
 
+    def my_microbatches(self, mb: Batch) -> list[list[int] | None]:
+        """This rank's micro-batches of a minibatch (row indices), padded with None to the count of the rank
+        that has the most, so every rank runs as many forwards and backwards as the others (FSDP's
+        collectives pair up). Rows go to ranks round-robin, longest first."""
+        lengths = mb.attention_mask.sum(dim=1).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        mine = order[self.ranks.rank :: self.ranks.world_size]
+        groups: list[list[int] | None] = [
+            [mine[j] for j in g] for g in microbatches([lengths[i] for i in mine], self.numerics.max_tokens)
+        ]
+        count = int(self.ranks.all_reduce(len(groups), "max"))
+        return groups + [None] * (count - len(groups))
+
     def accumulate_gradients(self, mb: Batch, advantages: torch.Tensor, source: OldLogitSource) -> tuple[float, dict]:
         """Forward and backward of one minibatch, micro-batch by micro-batch; gradients add up in `.grad`.
 
         Each micro-batch holds at most `trainer.max_tokens_per_microbatch` padded tokens and is divided by
-        the minibatch's loss denominator, so the gradients do not depend on the split. pi_old of each
-        micro-batch comes from `source.old_logprobs`. Returns (minibatch loss, combined metrics).
+        the whole minibatch's loss denominator, so the gradients do not depend on the split, nor on how the
+        rows are spread over ranks (FSDP2 sums the ranks' gradients). pi_old of each micro-batch comes from
+        `source.old_logprobs`. A rank with fewer micro-batches than the others runs zero-loss ones (a row
+        with its loss mask cleared). Returns (minibatch loss, metrics), both over all ranks.
         """
         cfg, num = self.cfg, self.numerics
         denominator = loss_denominator(mb.loss_mask, cfg.loss.aggregation, cfg.loss.normalizer)
         total, parts = 0.0, []
-        for rows in microbatches(mb.attention_mask.sum(dim=1).tolist(), num.max_tokens):
-            micro = mb.select(rows).trimmed().to(num.device)
-            adv = advantages[rows][:, : micro.input_ids.shape[1]].to(num.device)
+        for rows in self.my_microbatches(mb):
+            micro = mb.select(rows if rows is not None else [0]).trimmed().to(num.device)
+            if rows is None:  # a placeholder: the same forward, backward and old-logit calls, no loss
+                micro.loss_mask = torch.zeros_like(micro.loss_mask)
+            adv = advantages[rows if rows is not None else [0]][:, : micro.input_ids.shape[1]].to(num.device)
             with num.autocast():
                 logprobs = token_logprobs(
                     self.model, micro.input_ids, micro.attention_mask, num.temperature, num.chunk_size
@@ -99,7 +121,11 @@ class Trainer:
             )
             loss.backward()
             total += loss.item()
-            parts.append((metrics, float(micro.loss_mask.sum())))
+            if rows is not None:
+                parts.append((metrics, float(micro.loss_mask.sum())))
+        if self.ranks.sharded:
+            total = self.ranks.all_reduce(total)
+            parts = [p for rank_parts in self.ranks.all_gather(parts) for p in rank_parts]
         return total, combine_metrics(parts)
 
     def train_step(
@@ -128,7 +154,7 @@ class Trainer:
                 loss, metrics = self.accumulate_gradients(batch.select(rows), adv[rows], source)
                 for k in COUNT_METRICS & metrics.keys():
                     counts[k] += metrics.pop(k) / cfg.trainer.ppo_epochs
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.trainer.max_grad_norm)
+                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.trainer.max_grad_norm))
                 if first:
                     before_first_update()
                     first = False
@@ -154,6 +180,7 @@ class Trainer:
         out = {k: v / max(n_updates, 1) for k, v in sums.items()}
         out.update(counts)
         out.update(version_staleness(batch.versions, batch.loss_mask, self.version))
+        out.update(lag_fractions(batch.versions, batch.loss_mask, self.version))
         out["trainer/optimizer_steps"] = float(n_updates)
         out["trainer/skipped_steps"] = float(self.skipped_steps)
         self.version += 1

@@ -1,0 +1,276 @@
+"""The sharded trainer on 2 local CPU ranks (gloo): the same step as one rank, half the old-logit state per
+rank, exact old logits, distributed checkpoints that reshard, and losing a rank."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import small_config
+from test_async_exactness import BruteForce, watch
+from test_scale import seven_trajectory_batch
+
+from twofold.config import dump_config
+from twofold.distributed import close_ranks, free_port, init_ranks
+from twofold.models import gathered_state, load_model, versioned_state
+from twofold.oldlogits import BehaviorSource, SourceContext
+from twofold.pipeline.checkpoint import checkpoints, verify
+from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.rundir import read_metrics, summary
+from twofold.trainer.trainer import Trainer
+
+TWO = {"trainer.world_size": 2, "run.tensorboard": False}
+
+
+def spawn(fn, *args):
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(2, "127.0.0.1", free_port(), *args), nprocs=2, join=True)
+
+
+# --------------------------------------------------------------------------- one step, one rank or two
+
+
+def step_config():
+    return small_config(
+        **{
+            "trainer.num_minibatches": 2,
+            "trainer.lr": 1e-2,
+            "trainer.max_tokens_per_microbatch": 200,
+            "loss.aggregation": "seq-mean-token-mean",
+        }
+    )
+
+
+def take_step(model, cfg, ranks, tokenizer_path):
+    batch = seven_trajectory_batch(load_model(tokenizer_path), None)  # built from the unsharded model
+    trainer = Trainer(model, cfg, ranks=ranks)
+    metrics = trainer.train_step(batch, BehaviorSource(SourceContext(0, True, 2, ranks=ranks)))
+    return metrics, gathered_state(trainer.model, keep=ranks.is_main, trained_only=False)
+
+
+def _two_rank_step(rank, world, address, port, tiny_path, out):
+    ranks = init_ranks(rank, world, address, port, torch.device("cpu"))
+    torch.set_num_threads(1)
+    metrics, params = take_step(load_model(tiny_path), step_config(), ranks, tiny_path)
+    if ranks.is_main:
+        torch.save({"metrics": metrics, "params": params}, out)
+    close_ranks(ranks)
+
+
+def test_two_ranks_take_the_step_one_rank_takes(tmp_path, tiny_path):
+    """Rows split over 2 ranks (and into micro-batches of 200 tokens), gradients summed by FSDP2: the same loss,
+    grad norm and parameters after both optimizer steps as one process, to 1e-5."""
+    from twofold.distributed import Ranks
+
+    one, params = take_step(load_model(tiny_path), step_config(), Ranks(), tiny_path)
+    spawn(_two_rank_step, tiny_path, tmp_path / "two.pt")
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    assert two["metrics"]["loss/value"] == pytest.approx(one["loss/value"], abs=1e-5)
+    assert two["metrics"]["loss/grad_norm"] == pytest.approx(one["loss/grad_norm"], abs=1e-5)
+    assert two["metrics"]["trainer/optimizer_steps"] == one["trainer/optimizer_steps"] == 2
+    assert set(two["params"]) == set(params)
+    for name, p in params.items():
+        assert (two["params"][name] - p).abs().max() < 1e-5, name
+    moved = max(
+        (p - q).abs().max()
+        for p, q in zip(params.values(), versioned_state(load_model(tiny_path)).values(), strict=True)
+    )
+    assert moved > 1e-3  # the step really moved the weights
+
+
+# --------------------------------------------------------------------------- old-logit state per rank
+
+
+@pytest.mark.parametrize(
+    "source,key", [("snapshot", "snapshot/version_bytes"), ("ewma", "memory/oldlogit_extra_bytes")]
+)
+def test_old_logit_state_per_rank_is_half(tmp_path, tiny_path, source, key):
+    from twofold.pipeline.train import train
+
+    sizes = {}
+    for n in (1, 2):
+        cfg = small_config(
+            mode="async",
+            **{
+                "oldlogits.source": source,
+                "trainer.world_size": n,
+                "run.tensorboard": False,
+                "model.path": str(tiny_path),
+            },
+        )
+        run_dir, _ = train(cfg, tmp_path / f"n{n}")
+        sizes[n] = read_metrics(run_dir / "metrics.jsonl")[-1][key]
+    # each parameter is split on its first dimension; odd sizes leave one rank a row more
+    assert 0.45 < sizes[2] / sizes[1] < 0.55, sizes
+
+
+# --------------------------------------------------------------------------- exactness with two ranks
+
+
+def _two_rank_exactness(rank, world, address, port, tiny_path, run_dir, source, out):
+    ranks = init_ranks(rank, world, address, port, torch.device("cpu"))
+    torch.set_num_threads(1)
+    cfg = small_config(
+        mode="async",
+        max_staleness=2,
+        **{
+            "oldlogits.source": source,
+            "trainer.steps": 3,
+            "env.step_latency_ms": 30.0,
+            "env.step_latency_sigma": 1.0,
+            "env.max_turns": 4,
+            "rollout.groups_per_step": 3,
+            "engine.dtype": "float32",
+            **TWO,
+            "advantage.estimator": "discounted",
+            "run.checkpoint_every": 0,
+        },
+    )
+    pipe = Pipeline(cfg, run_dir, model_path=tiny_path, ranks=ranks)
+    if ranks.is_main:  # rank 0 checks its own micro-batches against every version's whole weights
+        brute = BruteForce(pipe, tiny_path, initial=versioned_state(load_model(tiny_path)), from_engine=True)
+        seen = watch(pipe, brute)
+    pipe.run()
+    if ranks.is_main:
+        out.write_text(json.dumps({"max_err": brute.max_err, "tokens": brute.checked_tokens, **seen}))
+    close_ranks(ranks)
+
+
+@pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt"])
+def test_exact_sources_with_two_ranks_match_brute_force(tmp_path, tiny_path, source):
+    out = tmp_path / "exact.json"
+    spawn(_two_rank_exactness, tiny_path, tmp_path / "run", source, out)
+    result = json.loads(out.read_text())
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert result["tokens"] > 0 and result["max_err"] < 2e-6, result
+    assert max(r["version/staleness_max"] for r in rows) >= 1  # tokens of older versions were trained
+
+
+# --------------------------------------------------------------------------- distributed checkpoints
+
+
+def cli(*args, wait=True):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twofold.cli", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if wait:
+        _, err = proc.communicate(timeout=400)
+        return proc.returncode, err
+    return proc
+
+
+def test_resume_on_the_same_and_on_a_different_number_of_ranks(tmp_path, tiny_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        dump_config(
+            small_config(
+                mode="async", **{"oldlogits.source": "ewma", **TWO, "model.path": str(tiny_path), "trainer.steps": 2}
+            )
+        )
+    )
+    run = tmp_path / "run"
+    assert cli("--config", str(cfg), f"run.dir={run}")[0] == 0
+    for world, steps in ((2, 3), (1, 4), (2, 5)):  # 2 -> 2, 2 -> 1, 1 -> 2
+        code, err = cli("--resume", str(run), f"trainer.world_size={world}", f"trainer.steps={steps}")
+        assert code == 0, err[-2000:]
+        assert f"resumed from {run}/checkpoints/step_{steps - 1:06d} at step {steps - 1}" in err
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["version"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(verify(p) is None for p in checkpoints(run))
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_path):
+    cfg = small_config(**{"trainer.steps": 3, "run.keep_checkpoints": 2, "run.tensorboard": False})
+    Pipeline(cfg, tmp_path / "run", model_path=tiny_path).run()
+    latest = checkpoints(tmp_path / "run")[-1]
+    shard = next(p for p in latest.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a write cut short
+    assert "distcp" in verify(latest)
+    resumed = Pipeline(
+        small_config(**{"trainer.steps": 4, "run.tensorboard": False}),
+        tmp_path / "run",
+        resume=True,
+        model_path=tiny_path,
+    )
+    assert resumed.step == 2  # step 3's checkpoint was damaged: step 2's was loaded
+    resumed.run()
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['TWOFOLD_PWNED']}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, tiny_path, monkeypatch):
+    cfg = small_config(**{"trainer.steps": 1, "run.tensorboard": False})
+    Pipeline(cfg, tmp_path / "run", model_path=tiny_path).run()
+    good = checkpoints(tmp_path / "run")[-1]
+    evil = good.with_name("step_000009")
+    evil.mkdir()
+    pwned = tmp_path / "pwned"
+    monkeypatch.setenv("TWOFOLD_PWNED", str(pwned))
+    (evil / ".metadata").write_bytes(pickle.dumps(_Boom()))
+    for name in ("run_state.json", "manifest.json"):
+        (evil / name).write_bytes((good / name).read_bytes())
+    manifest = {
+        ".metadata": [
+            (evil / ".metadata").stat().st_size,
+            __import__("hashlib").sha256((evil / ".metadata").read_bytes()).hexdigest(),
+        ]
+    }
+    (evil / "manifest.json").write_text(json.dumps(manifest))
+    assert "refused" in verify(evil)
+    resumed = Pipeline(
+        small_config(**{"trainer.steps": 2, "run.tensorboard": False}),
+        tmp_path / "run",
+        resume=True,
+        model_path=tiny_path,
+    )
+    assert resumed.step == 1 and not pwned.exists()
+    resumed.close()
+
+
+def _ranks_of(run):
+    return {k: int((run / f"rank{k}.pid").read_text()) for k in (0, 1)}
+
+
+def wait_for_steps(run, n, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(read_metrics(run / "metrics.jsonl")) >= n:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{run} did not reach step {n}")
+
+
+def test_losing_a_rank_ends_the_run_with_a_clear_message_and_it_resumes(tmp_path, tiny_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        dump_config(
+            small_config(
+                mode="async", **{**TWO, "model.path": str(tiny_path), "trainer.steps": 6, "env.step_latency_ms": 20.0}
+            )
+        )
+    )
+    run = tmp_path / "run"
+    proc = cli("--config", str(cfg), f"run.dir={run}", wait=False)
+    wait_for_steps(run, 2, proc)
+    os.kill(_ranks_of(run)[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "trainer rank 1" in err and "died (killed by SIGKILL)" in err and f"--resume {run}" in err
+    assert checkpoints(run) and not summary(run)
+    code, err = cli("--resume", str(run))
+    assert code == 0, err[-2000:]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
