@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MANIFEST, RUN_STATE = "manifest.json", "run_state.json"
+# One process has no process group, and DCP says so on every save and load: expected here, not news.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 # --------------------------------------------------------------------------- safe loading
