@@ -81,6 +81,7 @@ class DedicatedSource(CapturingSource):
         self.worker = None
         if self.main:
             self.worker = worker(state, ctx) if worker else LocalLogprobWorker(ctx.whole_copy_of(model, state), ctx)
+        self.worker_bytes = self.worker.nbytes() if self.worker is not None else 0  # fixed: asked once
         self.version = version  # the worker thread's: the weights its model copy holds
         self.published = version  # the engine's: segments of this version are still open
         self.sent: dict[int, set[int]] = {}  # uid -> versions whose segment is queued; gone once released
@@ -174,7 +175,7 @@ class DedicatedSource(CapturingSource):
                 self.sent.pop(t.uid, None)
 
     def extra_bytes(self):
-        return self.worker.nbytes() if self.worker is not None else 0
+        return self.worker_bytes
 
     def metrics(self):
         return {

@@ -33,7 +33,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from tqdm import tqdm
 
 from twofold.config import Config, EngineConfig
-from twofold.distributed import Ranks
+from twofold.distributed import Ranks, close_ranks, free_port, init_ranks, rank_device
 from twofold.engine import make_engine
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
 from twofold.envs import env_from_config
@@ -43,6 +43,7 @@ from twofold.oldlogits import LocalLogprobWorker, SourceContext
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.rundir import read_metrics
+from twofold.pipeline.runtime import EmbeddedRuntime
 
 log = logging.getLogger(__name__)
 ACTOR_FAILURES = (RayActorError, GetTimeoutError)
@@ -141,17 +142,42 @@ class OldLogitActor:
 
 @ray.remote(max_concurrency=2)  # 2 threads: stop() must reach it while run() trains
 class TrainerActor:
+    """One trainer rank. Rank 0 also holds the rollout side's clients (engine replicas, env workers); with
+    `trainer.world_size` > 1 the actors of a placement group form the trainer's process group, as verl and
+    OpenRLHF place theirs."""
+
     def __init__(self, num_cpus: float):
         _threads(num_cpus)
         self.pipeline = None
+        self.ranks = Ranks()
 
-    def setup(self, cfg: Config, run_dir: str, resume: bool, model_path: str, handles: dict) -> None:
+    def endpoint(self) -> tuple[str, int]:
+        """Where the process group meets: this node and a free port (rank 0's)."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(
+        self,
+        cfg: Config,
+        run_dir: str,
+        resume: bool,
+        model_path: str,
+        handles: dict,
+        rank: int = 0,
+        world_size: int = 1,
+        address: str = "",
+        port: int = 0,
+    ) -> None:
+        self.ranks = init_ranks(rank, world_size, address, port, rank_device(cfg.trainer.device, rank))
+        runtime = RayRuntime(cfg, handles) if rank == 0 else EmbeddedRuntime()  # other ranks make no parts
         self.pipeline = Pipeline(
-            cfg, Path(run_dir), resume=resume, model_path=Path(model_path), runtime=RayRuntime(cfg, handles)
+            cfg, Path(run_dir), resume=resume, model_path=Path(model_path), runtime=runtime, ranks=self.ranks
         )
 
     def run(self) -> dict:
-        return self.pipeline.run(progress=False)  # the driver draws the bar; the actor's would arrive as log lines
+        try:
+            return self.pipeline.run(progress=False)  # the driver draws the bar; the actor's would be log lines
+        finally:
+            close_ranks(self.ranks)
 
     def stop(self, signum: int) -> None:
         if self.pipeline is not None:
@@ -357,7 +383,8 @@ class RayRuntime:
 def required_cpus(cfg: Config) -> float:
     r = cfg.runtime.ray
     dedicated = r.oldlogit_num_cpus if cfg.oldlogits.source == "dedicated" else 0.0
-    return r.trainer_num_cpus + r.engine_replicas * r.engine_num_cpus + r.env_workers * r.env_num_cpus + dedicated
+    trainers = cfg.trainer.world_size * r.trainer_num_cpus
+    return trainers + r.engine_replicas * r.engine_num_cpus + r.env_workers * r.env_num_cpus + dedicated
 
 
 class RaySession:
@@ -365,6 +392,7 @@ class RaySession:
 
     def __init__(self, cfg: Config, run_dir: Path, model_path: Path, *, resume: bool = False):
         self.cfg, self.run_dir, self.resume = cfg, Path(run_dir), resume
+        self.placement = None
         r = cfg.runtime.ray
         self.started_cluster = not ray.is_initialized()
         if self.started_cluster:
@@ -396,29 +424,62 @@ class RaySession:
                 name=f"{self.prefix}oldlogit", num_cpus=r.oldlogit_num_cpus, num_gpus=r.oldlogit_num_gpus
             ).remote(path, cfg.model, r.oldlogit_num_cpus)
             handles["oldlogit"] = self.oldlogit
-        self.trainer = TrainerActor.options(
-            name=f"{self.prefix}trainer", num_cpus=r.trainer_num_cpus, num_gpus=r.trainer_num_gpus
-        ).remote(r.trainer_num_cpus)
-        _get(self.trainer.setup.remote(cfg, str(self.run_dir), resume, path, handles))
+        self.trainers = self._trainer_ranks(cfg.trainer.world_size)
+        self.trainer = self.trainers[0]  # rank 0: the rollout side's clients, metrics, checkpoints' coordinator
+        address, port = _get(self.trainer.endpoint.remote())
+        n = len(self.trainers)
+        _get_all(
+            [
+                t.setup.remote(cfg, str(self.run_dir), resume, path, handles if i == 0 else {}, i, n, address, port)
+                for i, t in enumerate(self.trainers)
+            ]
+        )
+
+    def _trainer_ranks(self, n: int) -> list:
+        """One TrainerActor per rank; several are gang-scheduled in a placement group (one bundle each)."""
+        r = self.cfg.runtime.ray
+        options = {"num_cpus": r.trainer_num_cpus, "num_gpus": r.trainer_num_gpus}
+        if n == 1:
+            return [TrainerActor.options(name=f"{self.prefix}trainer", **options).remote(r.trainer_num_cpus)]
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": r.trainer_num_cpus, **({"GPU": r.trainer_num_gpus} if r.trainer_num_gpus else {})}
+        self.placement = placement_group([bundle] * n, strategy="PACK")
+        ray.get(self.placement.ready(), timeout=r.request_timeout_s)
+        return [
+            TrainerActor.options(
+                name=f"{self.prefix}trainer" + (f"-{i}" if i else ""),
+                **options,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=i),
+            ).remote(r.trainer_num_cpus)
+            for i in range(n)
+        ]
 
     def actor(self, role: str):
-        """A named actor of this session ("engine-0", "env-1", "trainer", "oldlogit"), e.g. to kill in a test."""
+        """A named actor of this session ("engine-0", "env-1", "trainer", "trainer-1", "oldlogit"), e.g. to kill
+        in a test."""
         return ray.get_actor(f"{self.prefix}{role}", namespace="twofold")
 
     def run(self) -> dict:
-        ref = self.trainer.run.remote()
-        # forwarded: the trainer checkpoints and stops after its current step, as embedded
+        refs = [t.run.remote() for t in self.trainers]
+        # forwarded to rank 0, which stops every rank after its current step, with a checkpoint, as embedded
         with stop_signals(lambda signum, frame: self.trainer.stop.remote(signum)):
-            self._follow(ref)
-            return _get(ref)
+            self._follow(refs)
+            try:
+                return _get_all(refs)[0]
+            except BaseException:
+                for t in self.trainers:  # a rank is gone: the others would wait in a collective forever
+                    ray.kill(t, no_restart=True)
+                raise
 
-    def _follow(self, ref) -> None:
-        """Progress bar from metrics.jsonl until the trainer's run() returns."""
+    def _follow(self, refs: list) -> None:
+        """Progress bar from metrics.jsonl until one rank's run() returns (or fails)."""
         steps = self.cfg.trainer.steps
         metrics = self.run_dir / "metrics.jsonl"
         with tqdm(total=steps, disable=not self.cfg.run.progress, desc="train (ray)", unit="step") as bar:
             while True:
-                done, _ = ray.wait([ref], timeout=1.0)
+                done, _ = ray.wait(refs, timeout=1.0)
                 rows = read_metrics(metrics)
                 if rows:
                     bar.n = rows[-1]["step"]
@@ -427,9 +488,13 @@ class RaySession:
                     return
 
     def close(self) -> None:
-        for a in [self.trainer, self.oldlogit, *self.engines, *self.envs]:
+        for a in [*self.trainers, self.oldlogit, *self.engines, *self.envs]:
             if a is not None:
                 ray.kill(a, no_restart=True)
+        if self.placement is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement)
         if self.started_cluster:
             ray.shutdown()
 
@@ -442,7 +507,17 @@ class RaySession:
 
 def _get(ref):
     """ray.get that raises the actor's own exception (a ConfigError stays a ConfigError)."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        raise exc.as_instanceof_cause() from None
+    return _get_all([ref])[0]
+
+
+def _get_all(refs: list) -> list:
+    """Every result, in order; the first failure is raised as the actor's own exception (a dead actor as
+    Ray's `RayActorError`, which names it)."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayTaskError as exc:
+            raise exc.as_instanceof_cause() from None
+    return ray.get(list(refs))
