@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twofold.envs import make_env
-from twofold.envs.tooluse import TEMPLATES, ToolUse, parse_call
+from twofold.envs.tools import format_call
+from twofold.envs.tooluse import TEMPLATES, ToolUse
 
 
 def _seed_for(template):
@@ -64,13 +65,14 @@ def test_hand_made_world_tools_and_exact_rewards():
     env.target = "Ana"
     env.expected_answer, env.expected_cancelled, env.plan = env._goal(list(env.orders.values()))
     assert env.expected_cancelled == {"B17"}  # the most recent *pending* order, not C50
-    assert env.step('<tool>find_customer(name="Ana")</tool>')[0] == "Result: Ana: orders K42, B17, C50"
-    assert env.step('<tool>get_order(id="K42")</tool>')[0] == "Result: K42: lamp, 35 dollars, pending, day 12"
-    assert env.step('<tool>cancel_order(id="C50")</tool>')[0] == "Result: C50 is shipped and cannot be cancelled"
-    assert env.step('<tool>get_order(id="Z99")</tool>')[0] == 'Result: no order "Z99"'
-    obs, reward, done, info = env.step('<tool>cancel_order(id="K42")</tool>')  # the wrong one
-    assert (obs, reward, done) == ("Result: K42 cancelled", 0.0, False) and info["format_ok"]
-    env.step('<tool>cancel_order(id="B17")</tool>')
+    assert env.step(format_call("find_customer", {"name": "Ana"}))[0] == "Ana: orders K42, B17, C50"
+    assert env.step(format_call("get_order", {"id": "K42"}))[0] == "K42: lamp, 35 dollars, pending, day 12"
+    assert env.step(format_call("cancel_order", {"id": "C50"}))[0] == "C50 is shipped and cannot be cancelled"
+    assert env.step(format_call("get_order", {"id": "Z99"}))[0] == 'no order "Z99"'
+    obs, reward, done, info = env.step(format_call("cancel_order", {"id": "K42"}))  # the wrong one
+    assert (obs, reward, done) == ("K42 cancelled", 0.0, False) and info["format_ok"]
+    assert info["messages"] == [{"role": "tool", "content": "K42 cancelled"}]  # a tool turn, not a user one
+    env.step(format_call("cancel_order", {"id": "B17"}))
     obs, reward, done, info = env.step("<answer>done</answer>")
     assert (reward, done, info["success"]) == (0.0, True, False)  # K42 must not have been cancelled
 
@@ -87,11 +89,15 @@ def test_question_answer_is_checked_exactly():
 @pytest.mark.parametrize(
     "reply,why",
     [
-        ("<tool>get_order(K42)</tool>", 'get_order takes exactly one argument: get_order(id="...")'),
-        ('<tool>delete_order(id="K42")</tool>', "unknown tool 'delete_order'"),
-        ("<tool>look at everything</tool>", "cannot read 'look at everything' as a tool call"),
-        ('<tool>get_order(id="K42", x="1")</tool>', "takes exactly one argument"),
-        ("just chatting", "no <tool>...</tool> or <answer>...</answer> found"),
+        ('<tool_call>{"name": "get_order", "arguments": {}}</tool_call>', "get_order: 'id' is a required property"),
+        ('<tool_call>{"name": "delete_order", "arguments": {"id": "K42"}}</tool_call>', "unknown tool 'delete_order'"),
+        ("<tool_call>look at everything</tool_call>", "the tool call is not valid JSON"),
+        ('<tool_call>{"name": "get_order", "arguments": {"id": 42}}</tool_call>', "42 is not of type 'string'"),
+        (
+            '<tool_call>{"name": "get_order", "arguments": {"id": "K42", "x": "1"}}</tool_call>',
+            "get_order: Additional properties are not allowed ('x' was unexpected)",
+        ),
+        ("just chatting", "no <tool_call>...</tool_call> or <answer>...</answer> found"),
         ("<answer>  </answer>", "the answer is empty"),
     ],
 )
@@ -104,9 +110,16 @@ def test_malformed_tool_calls_get_a_clear_error_and_the_episode_goes_on(reply, w
     assert env.step(env.reply(env.solve()[0]))[3]["format_ok"]  # and the next valid call works
 
 
-def test_parse_call_accepts_spacing_variants():
-    assert parse_call(' get_order( id = "K42" ) ') == (("get_order", "K42"), "")
-    assert parse_call('find_customer(name="Ana")') == (("find_customer", "Ana"), "")
+def test_calls_in_the_hermes_and_openai_forms_and_several_per_reply():
+    env = ToolUse()
+    env.reset(_seed_for("count"))
+    openai = '{"type": "function", "function": {"name": "find_customer", "arguments": "{\\"name\\": \\"%s\\"}"}}'
+    obs, _, _, info = env.step(openai % env.target)
+    assert obs.startswith(f"{env.target}: orders") and info["format_ok"]
+    first, second = env.customers[env.target][0], list(env.orders)[-1]
+    both = format_call("get_order", {"id": first}) + " and " + format_call("get_order", {"id": second})
+    obs, _, _, info = env.step(both)
+    assert [m["content"].split(":")[0] for m in info["messages"]] == [first, second]
 
 
 @settings(max_examples=200, deadline=None)
@@ -114,7 +127,12 @@ def test_parse_call_accepts_spacing_variants():
 def test_fuzz_tool_replies_never_raise(text, seed):
     env = ToolUse()
     env.reset(seed)
-    for reply in (text, f"<tool>{text}</tool>", f'<tool>get_order(id="{text}")</tool>'):
+    for reply in (
+        text,
+        f"<tool_call>{text}</tool_call>",
+        format_call("get_order", {"id": text}),
+        '<tool_call>{"name": "get_order", "arguments": ' + text + "}</tool_call>",
+    ):
         obs, reward, done, info = env.step(reply)
         assert isinstance(obs, str) and isinstance(reward, float)
 
@@ -136,12 +154,12 @@ def test_step_latency_sleeps_without_using_cpu(tiny_path, tokenizer):
         episodes.append(Episode(None, env, random.Random(k)))
     cpu0, wall0 = time.process_time(), time.perf_counter()
     futures = [
-        worker.executor.submit(worker._env_step, ep, '<tool>find_customer(name="Ana")</tool>') for ep in episodes
+        worker.executor.submit(worker._env_step, ep, format_call("find_customer", {"name": "Ana"})) for ep in episodes
     ]
     results = [f.result() for f in futures]
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     worker.stop()
-    assert all(r[0].startswith("Result:") for r in results)
+    assert all(r[3]["messages"][0]["role"] == "tool" for r in results)
     assert 0.3 <= wall < 1.2  # concurrent: not 8 x 0.3 s
     assert cpu < 0.1 * wall  # sleeping, not spinning
 

@@ -152,7 +152,7 @@ def cmd_generate(args) -> int:
     from twofold.envs import env_from_config
     from twofold.models import load_tokenizer
     from twofold.pipeline.resolve import resolve_model_path
-    from twofold.rollout.worker import first_prompt_ids
+    from twofold.rollout.chat import first_prompt_ids
 
     cfg = _config(args)
     path = resolve_model_path(cfg)
@@ -171,6 +171,17 @@ def cmd_generate(args) -> int:
     print(tok.decode(prompt))
     for t, lp, v in zip(res.output_ids, res.output_logprobs, res.output_versions, strict=True):
         print(f"{tok.decode([t])!r:>16}  logprob {lp:8.4f}  version {v}")
+    return 0
+
+
+def cmd_dataset_example(args) -> int:
+    from twofold.envs.dataset import write_example
+
+    path = write_example(args.out, layout=args.layout, n=args.n, seed=args.seed)
+    print(
+        f"{path}: {args.n} arithmetic word problems in {args.layout}'s layout; train on them with "
+        f"env.name=dataset env.options.path={path} env.max_turns=1"
+    )
     return 0
 
 
@@ -224,6 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of a model, report the reference solver's optimal (and noisy) success rate",
     )
     add("generate", cmd_generate, "Sample one reply and show per-token behaviour log-probs and versions")
+    data = sub.add_parser(
+        "dataset", help="Datasets: `dataset example OUT` writes word problems in verl's or TRL's layout"
+    )
+    p = data.add_subparsers(dest="what", required=True, metavar="WHAT").add_parser(
+        "example", help="arithmetic word problems as JSONL (.jsonl) or Parquet (.parquet)"
+    )
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--layout", choices=["verl", "trl"], default="verl")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_dataset_example)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

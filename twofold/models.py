@@ -27,9 +27,30 @@ from twofold.distributed import full_tensor, local_tensor
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
+# ChatML, with tools the way Qwen2.5's template renders them: the schemas in the system turn, calls as
+# <tool_call> JSON, results as <tool_response> blocks in a user turn. Without tools it is plain ChatML.
+# Transformers renders templates with trim_blocks, so a newline right after a {% tag %} is written {{ '\n' }}.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}\n</tools>\n\nFor each call, return a JSON "
+    "object with the function name and arguments within <tool_call></tool_call> tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and tools and loop.first %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n<tool_response>\\n' }}{{ message['content'] }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% else %}<|im_start|>{{ message['role'] }}\n{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}{{ '\\n<tool_call>\\n' }}"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n</tool_call>'
+    "{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Bump when the tiny model or tokenizer recipe changes, so cached builds are not reused.
@@ -173,12 +194,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError("model.path", f"{str(p)!r} is not a loadable causal LM ({first})") from None
     return model.eval()
-
-
-def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    """Token ids of `messages` rendered by the tokenizer's chat template."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:

@@ -1,9 +1,10 @@
 """Text environments for LLM agents: FrozenLake, Sokoban, arithmetic, tool use, and your own by import path."""
 
+import json
 import logging
 import random
 
-from twofold.envs import arithmetic, frozenlake, sokoban, tooluse  # noqa: F401  (registration)
+from twofold.envs import arithmetic, dataset, frozenlake, sokoban, tooluse  # noqa: F401  (registration)
 from twofold.envs.base import TextEnv, env_class, env_from_config, known_envs, make_env, parse_answer, register
 
 __all__ = [
@@ -42,6 +43,8 @@ def tokenizer_corpus(env_cfg=None, seeds: int = 40) -> list[str]:
 
 def _env_text(env: TextEnv, seeds: int) -> list[str]:
     texts = [env.system_prompt]
+    if env.tool_schemas:  # the prompt lists them: let the tokenizer learn their JSON
+        texts += [json.dumps(schema) for schema in env.tool_schemas]
     rng = random.Random(0)
     for seed in range(seeds):
         texts.append(env.reset(seed))

@@ -56,6 +56,8 @@ class TextEnv(ABC):
 
     system_prompt: str = ""
     action_help: str = ""
+    # JSON schemas of the env's tools for the chat template (`tools=`); None: an env without tools
+    tool_schemas: list[dict] | None = None
 
     def __init__(self, max_turns: int = 8, format_penalty: float = -0.1, invalid_action: str = "continue"):
         self.max_turns = max_turns
@@ -68,6 +70,12 @@ class TextEnv(ABC):
         self.turn = 0
         self.done = False
         return self._reset(seed)
+
+    def first_messages(self, observation: str) -> list[dict]:
+        """The conversation an episode opens with: the system prompt and the first observation as a user turn
+        (a dataset row may bring its own messages)."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + [{"role": "user", "content": observation}]
 
     def step(self, action_text: str) -> tuple[str, float, bool, dict[str, Any]]:
         if self.done:

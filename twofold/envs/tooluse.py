@@ -1,12 +1,12 @@
 """A customer-service tool-use task: look up customers and orders, cancel orders, answer.
 
 Each episode is a small generated shop (a few customers, each with 1-3 orders) and one goal in text.
-The agent calls one tool per turn and ends with a final answer:
+The agent calls tools natively, in the format its chat template renders (`twofold.envs.tools`):
 
-    <tool>find_customer(name="Ana")</tool>       -> "Ana: orders K42, B17"
-    <tool>get_order(id="K42")</tool>             -> "K42: lamp, 35 dollars, pending, day 12"
-    <tool>cancel_order(id="K42")</tool>          -> "K42 cancelled" (only pending orders can be)
-    <answer>...</answer>                         -> ends the episode
+    <tool_call>{"name": "find_customer", "arguments": {"name": "Ana"}}</tool_call>  -> "Ana: orders K42, B17"
+    <tool_call>{"name": "get_order", "arguments": {"id": "K42"}}</tool_call>      -> "K42: lamp, 35 dollars, ..."
+    <tool_call>{"name": "cancel_order", "arguments": {"id": "K42"}}</tool_call>   -> "K42 cancelled"
+    <answer>...</answer>                                                         -> ends the episode
 
 Templates need 1 to 6 tool calls, so episode lengths vary widely. The reward is exact: 1 when the
 answer matches (questions) or the final database equals the expected one (actions), else 0.
@@ -17,18 +17,14 @@ episode goes on. A well-formed call that fails (an unknown id) is a normal tool 
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
-from twofold.envs.base import TextEnv, parse_answer, register
+from twofold.envs.base import TextEnv, register
+from twofold.envs.tools import ToolEnv
 
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lea")
 ITEMS = ("lamp", "chair", "kettle", "rug", "desk", "mug", "clock", "shelf")
 STATUSES = ("pending", "shipped", "delivered")
-TOOL = re.compile(r"<tool>(.*?)</tool>", re.DOTALL)
-CALL = re.compile(r"^\s*(\w+)\s*\((.*)\)\s*$", re.DOTALL)
-ARG = re.compile(r'\s*(\w+)\s*=\s*"([^"]*)"\s*(?:,|$)')
-TOOLS = {"find_customer": "name", "get_order": "id", "cancel_order": "id"}
 TEMPLATES = ("status", "count", "total", "latest_item", "cancel_latest", "cancel_pending")
 
 
@@ -42,30 +38,13 @@ class Order:
     day: int
 
 
-def parse_call(text: str) -> tuple[tuple[str, str] | None, str]:
-    """`name(key="value")` -> ((name, value), "") or (None, why it is malformed)."""
-    m = CALL.match(text)
-    if not m:
-        return None, f'cannot read {text.strip()[:40]!r} as a tool call; write like get_order(id="K42")'
-    name, args = m.group(1), m.group(2).strip()
-    if name not in TOOLS:
-        return None, f"unknown tool {name!r}; the tools are {', '.join(TOOLS)}"
-    found = ARG.findall(args)
-    rebuilt = ", ".join(f'{k}="{v}"' for k, v in found)
-    if len(found) != 1 or found[0][0] != TOOLS[name] or rebuilt != re.sub(r"\s*=\s*", "=", args).strip():
-        return None, f'{name} takes exactly one argument: {name}({TOOLS[name]}="...")'
-    return (name, found[0][1]), ""
-
-
 @register("tooluse")
-class ToolUse(TextEnv):
+class ToolUse(ToolEnv, TextEnv):
     system_prompt = (
-        "You are a shop assistant. Use one tool per turn, then give the final answer.\n"
-        'Tools: <tool>find_customer(name="Ana")</tool>, <tool>get_order(id="K42")</tool>, '
-        '<tool>cancel_order(id="K42")</tool>. Finish with <answer>...</answer> '
-        "(a word or number for questions, done for actions)."
+        "You are a shop assistant. Use the tools to find what you need, one or more calls per turn, "
+        "then give the final answer in <answer>...</answer> (a word or number for questions, done for actions)."
     )
-    action_help = 'Call a tool like <tool>get_order(id="K42")</tool> or finish with <answer>...</answer>.'
+    action_help = "Call a tool in <tool_call>...</tool_call> or finish with <answer>...</answer>."
 
     def __init__(self, num_customers: int = 4, templates: list[str] | tuple[str, ...] = TEMPLATES, **kw):
         super().__init__(**kw)
@@ -112,11 +91,11 @@ class ToolUse(TextEnv):
 
     def _goal(self, mine: list[Order]) -> tuple[str | None, set[str], list[str]]:
         """(expected answer or None for actions, ids that must end cancelled, the solver's tool calls)."""
-        lookups = [f'find_customer(name="{self.target}")'] + [f'get_order(id="{o.id}")' for o in mine]
+        lookups = [("find_customer", {"name": self.target})] + [("get_order", {"id": o.id}) for o in mine]
         latest = max(mine, key=lambda o: o.day)
         pending = [o for o in mine if o.status == "pending"]
         if self.template == "status":
-            return self.orders[self.question_order].status, set(), [f'get_order(id="{self.question_order}")']
+            return self.orders[self.question_order].status, set(), [("get_order", {"id": self.question_order})]
         if self.template == "count":
             return str(len(mine)), set(), lookups[:1]
         if self.template == "total":
@@ -125,8 +104,8 @@ class ToolUse(TextEnv):
             return latest.item, set(), lookups
         if self.template == "cancel_latest":
             target = max(pending, key=lambda o: o.day)
-            return None, {target.id}, lookups + [f'cancel_order(id="{target.id}")']
-        return None, {o.id for o in pending}, lookups + [f'cancel_order(id="{o.id}")' for o in pending]
+            return None, {target.id}, lookups + [("cancel_order", {"id": target.id})]
+        return None, {o.id for o in pending}, lookups + [("cancel_order", {"id": o.id}) for o in pending]
 
     def render(self) -> str:
         goal = {
@@ -139,63 +118,75 @@ class ToolUse(TextEnv):
         }[self.template]
         return f"Task: {goal}"
 
-    # ------------------------------------------------------------------ acting
+    # ------------------------------------------------------------------ tools and the answer
 
-    def parse_reply(self, text: str):
-        calls = TOOL.findall(text)
-        answer = parse_answer(text)
-        if calls and answer is None:
-            call, why = parse_call(calls[-1])
-            return (("tool", *call), "") if call else (None, why)
-        if answer is not None:
-            return (("answer", answer.strip()), "") if answer.strip() else (None, "the answer is empty")
-        return None, "no <tool>...</tool> or <answer>...</answer> found"
+    def tools(self):
+        return [self.find_customer, self.get_order, self.cancel_order]
 
-    def _apply(self, action) -> tuple[str, float, bool, bool]:
-        if action[0] == "answer":
-            if self.expected_answer is not None:
-                ok = action[1].lower() == self.expected_answer.lower()
-            else:
-                ok = self.cancelled == self.expected_cancelled
-            return ("Correct." if ok else "Not correct."), float(ok), True, ok
-        _, name, arg = action
-        self.calls_made.add((name, arg))
-        return f"Result: {self._run_tool(name, arg)}", 0.0, False, False
+    def find_customer(self, name: str) -> str:
+        """Look up a customer by name and list the ids of their orders.
 
-    def _run_tool(self, name: str, arg: str) -> str:
-        if name == "find_customer":
-            ids = self.customers.get(arg)
-            return f"{arg}: orders {', '.join(ids)}" if ids else f'no customer named "{arg}"'
-        order = self.orders.get(arg)
+        Args:
+            name: The customer's first name, as written in the task.
+        """
+        self.calls_made.add(("find_customer", name))
+        ids = self.customers.get(name)
+        return f"{name}: orders {', '.join(ids)}" if ids else f'no customer named "{name}"'
+
+    def get_order(self, id: str) -> str:
+        """Look up an order: item, amount in dollars, status and day.
+
+        Args:
+            id: The order id, for example K42.
+        """
+        self.calls_made.add(("get_order", id))
+        order = self.orders.get(id)
         if order is None:
-            return f'no order "{arg}"'
-        if name == "get_order":
-            return f"{order.id}: {order.item}, {order.amount} dollars, {order.status}, day {order.day}"
+            return f'no order "{id}"'
+        return f"{order.id}: {order.item}, {order.amount} dollars, {order.status}, day {order.day}"
+
+    def cancel_order(self, id: str) -> str:
+        """Cancel an order; only pending orders can be cancelled.
+
+        Args:
+            id: The order id, for example K42.
+        """
+        self.calls_made.add(("cancel_order", id))
+        order = self.orders.get(id)
+        if order is None:
+            return f'no order "{id}"'
         if order.status != "pending":
             return f"{order.id} is {order.status} and cannot be cancelled"
         order.status = "cancelled"
         self.cancelled.add(order.id)
         return f"{order.id} cancelled"
 
+    def _answer(self, answer: str) -> tuple[str, float, bool, bool]:
+        if self.expected_answer is not None:
+            ok = answer.lower() == self.expected_answer.lower()
+        else:
+            ok = self.cancelled == self.expected_cancelled
+        return ("Correct." if ok else "Not correct."), float(ok), True, ok
+
     # ------------------------------------------------------------------ solver and demonstrations
 
-    def reply(self, move: str) -> str:
-        """Tool calls go in <tool>, anything else is the final answer."""
-        return f"<tool>{move}</tool>" if CALL.match(move) else f"<answer>{move}</answer>"
-
-    def solve(self) -> list[str]:
+    def solve(self) -> list:
         """The plan's calls not made yet (cancellations not done yet), then the answer."""
         todo = []
-        for call in self.plan:
-            (name, arg), _ = parse_call(call)
-            done = arg in self.cancelled if name == "cancel_order" else (name, arg) in self.calls_made
+        for name, args in self.plan:
+            done = (
+                args["id"] in self.cancelled
+                if name == "cancel_order"
+                else (name, next(iter(args.values()))) in self.calls_made
+            )
             if not done:
-                todo.append(call)
+                todo.append((name, args))
         return todo + [self.expected_answer or "done"]
 
-    def random_answer(self, rng) -> str:
+    def random_answer(self, rng):
         if rng.random() < 0.5:
-            name = rng.choice(tuple(TOOLS))
-            arg = rng.choice(list(self.customers) if name == "find_customer" else list(self.orders))
-            return f'{name}({TOOLS[name]}="{arg}")'
+            name = rng.choice(("find_customer", "get_order", "cancel_order"))
+            if name == "find_customer":
+                return name, {"name": rng.choice(list(self.customers))}
+            return name, {"id": rng.choice(list(self.orders))}
         return rng.choice([self.expected_answer or "done", "done", str(rng.randint(1, 200)), rng.choice(STATUSES)])

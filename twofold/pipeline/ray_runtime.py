@@ -98,10 +98,12 @@ class EnvWorker:
         self.env_cfg = env_cfg
         self.envs = {}
 
-    def reset(self, key: int, seed: int) -> tuple[str, str]:
+    def reset(self, key: int, seed: int) -> tuple[str, list[dict], list[dict] | None]:
+        """The first observation, the messages the episode opens with, and the env's tool schemas."""
         env = env_from_config(self.env_cfg)
         self.envs[key] = env
-        return env.reset(seed), env.system_prompt
+        obs = env.reset(seed)
+        return obs, env.first_messages(obs), env.tool_schemas
 
     def step(self, key: int, text: str):
         env = self.envs.get(key)
@@ -287,16 +289,19 @@ class RayEngine(InferenceEngine):
 class RemoteEnv:
     """A TextEnv whose instance lives in an EnvWorker actor: the same reset/step contract."""
 
-    system_prompt = ""
-
     def __init__(self, pool: EnvPool):
         self.pool = pool
         self.key = next(pool.keys)
         self.actor = None
+        self.tool_schemas = None
+        self._first_messages: list[dict] = []
 
     def reset(self, seed: int) -> str:
-        self.actor, (obs, self.system_prompt) = self.pool.reset(self.key, seed)
+        self.actor, (obs, self._first_messages, self.tool_schemas) = self.pool.reset(self.key, seed)
         return obs
+
+    def first_messages(self, observation: str) -> list[dict]:
+        return self._first_messages
 
     def step(self, text: str):
         try:

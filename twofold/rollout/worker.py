@@ -24,31 +24,27 @@ from dataclasses import dataclass, field
 from twofold.config import Config
 from twofold.engine.base import GenerationRequest, InferenceEngine, SamplingParams
 from twofold.envs import TextEnv, env_from_config
-from twofold.models import encode_chat
+from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_messages
 from twofold.rollout.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
 
 
-def first_prompt_ids(tokenizer, env: TextEnv, observation: str) -> list[int]:
-    """The episode's opening tokens: system prompt, first observation, assistant header."""
-    messages = [{"role": "system", "content": env.system_prompt}] if env.system_prompt else []
-    return encode_chat(tokenizer, messages + [{"role": "user", "content": observation}], True)
-
-
-def observation_ids(tokenizer, observation: str, last_token: int) -> list[int]:
-    """Tokens after an agent turn: close the turn if the reply did not, then the next user message."""
-    close = [] if last_token == tokenizer.eos_token_id else [tokenizer.eos_token_id]
-    return (
-        close
-        + tokenizer.encode("\n", add_special_tokens=False)
-        + encode_chat(tokenizer, [{"role": "user", "content": observation}], True)
-    )
+LEVELS_PER_SEED = 1_000_003
+# Run seeds are offset for held-out evaluation and for warm-start demonstrations, so their levels never
+# overlap training's (and a dataset env serves its eval split to evaluation).
+DEMO_SEED_OFFSET, EVAL_SEED_OFFSET = 200_000, 100_000
 
 
 def level_seed(seed: int, group_index: int) -> int:
     """Task instance of the k-th group: the same for every old-logit source, so comparisons are paired."""
-    return seed * 1_000_003 + group_index
+    return seed * LEVELS_PER_SEED + group_index
+
+
+def split_of_level(level: int) -> tuple[str, int, int]:
+    """(split, run seed, group index) of a level seed: "eval" for `twofold eval`'s levels, else "train"."""
+    seed, k = divmod(level, LEVELS_PER_SEED)
+    return ("eval" if EVAL_SEED_OFFSET <= seed < DEMO_SEED_OFFSET else "train"), seed, k
 
 
 @dataclass
@@ -217,7 +213,7 @@ class RolloutWorker:
             traj.success = bool(info.get("success", False))
             self._finish(ep, "done")
             return
-        chunk = observation_ids(self.tokenizer, obs, traj.token_ids[-1])
+        chunk = next_turn_ids(self.tokenizer, observation_messages(obs, info), traj.token_ids[-1], ep.env.tool_schemas)
         if len(traj.token_ids) + len(chunk) + 1 >= self.cfg.rollout.max_total_tokens:
             self.counters.truncated += 1
             self._finish(ep, "truncated")

@@ -19,11 +19,10 @@ from twofold.config import Config, EnvConfig
 from twofold.envs import env_from_config
 from twofold.logprobs import pad_right, token_logprobs
 from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer
-from twofold.rollout.worker import first_prompt_ids, level_seed, observation_ids
+from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_messages
+from twofold.rollout.worker import DEMO_SEED_OFFSET, EVAL_SEED_OFFSET, level_seed
 
 WARMSTART_RECIPE = 1
-# Level seeds of demonstrations and evaluation are disjoint from training levels (seed offsets).
-DEMO_SEED_OFFSET, EVAL_SEED_OFFSET = 200_000, 100_000
 
 
 def solver_answer(env, rng: random.Random, noise: float) -> str:
@@ -69,7 +68,7 @@ def demonstration(cfg: Config, tokenizer, index: int) -> tuple[list[int], list[i
         if done:
             success = bool(info["success"])
             break
-        chunk = observation_ids(tokenizer, obs, ids[-1])
+        chunk = next_turn_ids(tokenizer, observation_messages(obs, info), ids[-1], env.tool_schemas)
         if len(ids) + len(chunk) + len(reply) >= cfg.rollout.max_total_tokens:
             break
         ids += chunk

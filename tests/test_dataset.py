@@ -1,0 +1,161 @@
+"""`env.name: dataset`: users' own files in verl's and TRL's layouts, rewards, splits, tools, a training run."""
+
+import json
+
+import pytest
+from conftest import small_config
+
+from twofold.config import ConfigError
+from twofold.envs import make_env
+from twofold.envs.dataset import exact_reward, extract_answer, math_reward, split_rows, write_example
+from twofold.envs.tools import format_call
+from twofold.rollout.worker import EVAL_SEED_OFFSET, level_seed
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    out = {
+        "verl": write_example(root / "verl.parquet", "verl", n=60),
+        "trl": write_example(root / "trl.jsonl", "trl", n=60),
+    }
+    # TRL's conversational form: messages, with the answer in its own column
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)} for i in range(20)]
+    (root / "chat").mkdir()
+    (root / "chat" / "part-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    (root / "chat" / "part-1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    out["chat"] = root / "chat"
+    return out
+
+
+def env(path, **options):
+    return make_env("dataset", max_turns=options.pop("max_turns", 1), options={"path": str(path), **options})
+
+
+@pytest.mark.parametrize("name,layout", [("verl", "verl"), ("trl", "trl"), ("chat", "trl")])
+def test_each_layout_is_detected_and_scored(files, name, layout):
+    e = env(files[name])
+    obs = e.reset(level_seed(0, 3))
+    assert e.layout == layout and obs == e.first_messages(obs)[-1]["content"]
+    assert e.first_messages(obs)[-1]["role"] == "user"
+    _, reward, done, info = e.step(f"Let me think. <answer>{e.ground_truth}</answer>")
+    assert (reward, done, info["success"], info["format_ok"]) == (1.0, True, True, True)
+
+
+def test_a_glob_and_a_folder_of_files_read_the_same_rows(files):
+    folder, glob = env(files["chat"]), env(str(files["chat"] / "part-*.jsonl"))
+    assert len(folder.rows) == len(glob.rows) == 20
+
+
+def test_missing_columns_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1+1?", "label": "2"}) + "\n")
+    with pytest.raises(ConfigError, match="env.options.layout.*columns \\['question', 'label'\\].*solution") as e:
+        env(bad)
+    assert e.value.field == "env.options.layout"
+    verl_without_truth = tmp_path / "v.jsonl"
+    verl_without_truth.write_text(json.dumps({"prompt": [{"role": "user", "content": "?"}], "reward_model": {}}) + "\n")
+    with pytest.raises(ConfigError, match="reward_model.ground_truth"):
+        env(verl_without_truth)
+    with pytest.raises(ConfigError, match="env.options.path"):
+        env(tmp_path / "nothing-here-*.parquet")
+
+
+def test_final_answers_are_read_from_tags_boxes_and_gsm8k_lines():
+    assert extract_answer("so <answer> 42 </answer>") == "42"
+    assert extract_answer("thus \\boxed{\\frac{1}{2}} and done") == "\\frac{1}{2}"
+    assert extract_answer("work...\n#### 1,024") == "1,024"
+    assert extract_answer("no answer at all") is None
+    # exact: spacing, case, a trailing period and thousands separators do not count
+    assert (
+        exact_reward("<answer>1,024.</answer>", "1024") == 1.0 and exact_reward("<answer>1025</answer>", "1024") == 0.0
+    )
+    # math-verify: equivalent forms
+    assert math_reward("\\boxed{\\frac{1}{2}}", "0.5") == 1.0 and math_reward("<answer>0.25</answer>", "1/2") == 0.0
+
+
+def length_reward(completion, ground_truth, **row):
+    """A user's reward: 1 for the right answer, minus a cent per character of reply."""
+    return exact_reward(completion, ground_truth) - 0.01 * len(completion)
+
+
+def test_a_reward_function_by_import_path_sees_the_row(files):
+    e = env(files["trl"], reward="test_dataset:length_reward", success_threshold=0.5)
+    e.reset(level_seed(0, 0))
+    reply = f"<answer>{e.ground_truth}</answer>"
+    _, reward, _, info = e.step(reply)
+    assert reward == pytest.approx(1.0 - 0.01 * len(reply)) and info["success"]
+    with pytest.raises(ConfigError, match="env.options.reward"):
+        env(files["trl"], reward="no_such_module:f")
+
+
+def test_a_reply_without_a_final_answer_costs_the_format_penalty(files):
+    e = env(files["verl"], max_turns=2)
+    e.reset(level_seed(0, 0))
+    obs, reward, done, info = e.step("I am not sure.")
+    assert reward == e.format_penalty and not done and not info["format_ok"] and "no final answer" in obs
+
+
+def test_splits_are_disjoint_and_epochs_reshuffle(files):
+    train, held = split_rows(60, 0.1)
+    assert len(held) == 6 and not set(train) & set(held) and len(train) + len(held) == 60
+    e = env(files["verl"])
+
+    def rows(seed, ks):
+        out = []
+        for k in ks:
+            e.reset(level_seed(seed, k))
+            out.append(e.rows.index(e.row))
+        return out
+
+    epoch0, epoch1 = rows(0, range(54)), rows(0, range(54, 108))
+    assert sorted(epoch0) == sorted(epoch1) == train  # every train row once per epoch
+    assert epoch0 != epoch1  # in another order
+    assert rows(0, range(10)) == epoch0[:10] and rows(1, range(10)) != epoch0[:10]  # by seed, repeatably
+    assert set(rows(EVAL_SEED_OFFSET, range(12))) == set(held)  # `twofold eval`'s levels: the held-out rows
+
+
+def lookup_population(city: str) -> str:
+    """Look up a city's population.
+
+    Args:
+        city: The city's name.
+    """
+    return {"Oslo": "709000", "Lima": "10000000"}.get(city, "unknown")
+
+
+def test_a_dataset_with_tools_runs_native_tool_calls(tmp_path):
+    path = tmp_path / "cities.jsonl"
+    path.write_text(json.dumps({"prompt": "How many people live in Oslo?", "answer": "709000"}) + "\n")
+    e = env(path, max_turns=3, tools=["test_dataset:lookup_population"], eval_fraction=0.0)
+    e.reset(level_seed(0, 0))
+    assert [s["function"]["name"] for s in e.tool_schemas] == ["lookup_population"]
+    obs, reward, done, info = e.step(format_call("lookup_population", {"city": "Oslo"}))
+    assert info["messages"] == [{"role": "tool", "content": "709000"}] and not done
+    _, reward, done, _ = e.step("<answer>709000</answer>")
+    assert (reward, done) == (1.0, True)
+    assert env(files_of(tmp_path)).tool_schemas is None  # without tools the prompt stays plain
+
+
+def files_of(tmp_path):
+    return write_example(tmp_path / "plain.jsonl", "trl", n=10)
+
+
+def test_training_on_a_dataset(tmp_path, files):
+    from twofold.pipeline.loop import Pipeline
+    from twofold.pipeline.rundir import read_metrics
+
+    cfg = small_config(
+        mode="async",
+        **{
+            "env.name": "dataset",
+            "env.max_turns": 1,
+            "env.options": {"path": str(files["verl"])},
+            "trainer.steps": 2,
+            "advantage.estimator": "reinforce",
+            "run.tensorboard": False,
+        },
+    )
+    Pipeline(cfg, tmp_path / "run").run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["rollout/turns_mean"] == 1.0

@@ -1,0 +1,298 @@
+"""`env.name: dataset`: train on your own prompts and answers (JSONL or Parquet), single-turn or with tools.
+
+    env:
+      name: dataset
+      max_turns: 1                         # single-turn (RLVR); more with tools
+      options:
+        path: data/train.parquet           # a file, a folder or a glob, read with Hugging Face `datasets`
+        layout: auto                       # or verl, trl (detected from the columns)
+        reward: exact                      # or math (math-verify), or package.module:function
+        tools: [mypkg.tools:search]        # optional: native tool calls (`twofold.envs.tools`)
+        eval_fraction: 0.1                 # rows held out for `twofold eval`
+
+Layouts, as users already have them:
+    verl   `prompt` (chat messages), `reward_model.ground_truth`, `data_source` (optional)
+    trl    `prompt` (a string or chat messages) or `messages`, and `solution` / `answer` / `ground_truth`
+The answer is read from `<answer>...</answer>`, `\\boxed{...}` or GSM8K's `#### ...` (exact and math
+rewards); a reply with none costs the format penalty. A custom reward is `function(completion,
+ground_truth, **row) -> float`. Success means reward >= `success_threshold` (1.0).
+
+Rows: episode k of seed s draws from the train split (or the eval split, for `twofold eval`'s level seeds),
+shuffled by seed and by epoch, so every source of a comparison sees the same rows in the same order.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import importlib
+import json
+import math
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from twofold.envs.base import TextEnv, register
+from twofold.envs.tools import ToolEnv, load_tools
+
+BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+GSM8K = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
+ANSWER_COLUMNS = ("ground_truth", "solution", "answer")
+
+
+def _files(path: str) -> list[str]:
+    from twofold.config import ConfigError
+
+    p = Path(path)
+    if p.is_dir():
+        found = sorted(str(f) for f in p.iterdir() if f.suffix in (".jsonl", ".json", ".parquet"))
+    else:
+        found = sorted(glob.glob(path))
+    if not found:
+        raise ConfigError("env.options.path", f"no .jsonl, .json or .parquet file at {path!r}")
+    kinds = {Path(f).suffix == ".parquet" for f in found}
+    if len(kinds) > 1:
+        raise ConfigError("env.options.path", f"{path!r} mixes Parquet and JSON files; point at one kind")
+    return found
+
+
+def detect_layout(columns: list[str]) -> str:
+    from twofold.config import ConfigError
+
+    if "prompt" in columns and "reward_model" in columns:
+        return "verl"
+    if ("prompt" in columns or "messages" in columns) and any(c in columns for c in ANSWER_COLUMNS):
+        return "trl"
+    raise ConfigError(
+        "env.options.layout",
+        f"cannot tell the layout from the columns {columns}: verl's needs "
+        "prompt and reward_model (with ground_truth); TRL's needs prompt or messages, and solution, "
+        "answer or ground_truth. Rename the columns, or set env.options.layout",
+    )
+
+
+def _as_messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
+def row_of(row: dict, layout: str) -> tuple[list[dict], str]:
+    """(opening messages, ground truth) of one row in `layout`."""
+    from twofold.config import ConfigError
+
+    if layout == "verl":
+        truth = (row.get("reward_model") or {}).get("ground_truth")
+        if truth is None:
+            raise ConfigError("env.options.path", "a verl row has no reward_model.ground_truth")
+        return _as_messages(row["prompt"]), str(truth)
+    messages = _as_messages(row["prompt"] if "prompt" in row else row["messages"])
+    truth = next((row[c] for c in ANSWER_COLUMNS if row.get(c) is not None), None)
+    if truth is None and messages and messages[-1]["role"] == "assistant":  # an SFT-style conversation
+        truth, messages = messages[-1]["content"], messages[:-1]
+    if truth is None:
+        raise ConfigError("env.options.path", f"a row has none of the answer columns {ANSWER_COLUMNS}")
+    return messages, str(truth)
+
+
+@functools.lru_cache(maxsize=8)
+def load_rows(path: str, layout: str) -> tuple[str, tuple[dict, ...]]:
+    """(the layout, every row as a dict), read once per process with Hugging Face `datasets`."""
+    import datasets
+
+    datasets.disable_progress_bars()  # one read per process; its bars would interleave with the run's
+    files = _files(path)
+    kind = "parquet" if files[0].endswith(".parquet") else "json"
+    data = datasets.load_dataset(kind, data_files=files, split="train")
+    layout = detect_layout(data.column_names) if layout == "auto" else layout
+    rows = tuple(data.to_list())
+    for row in rows[:1]:
+        row_of(row, layout)  # a missing column is an error now, naming it, not at the first episode
+    return layout, rows
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a reply: <answer>...</answer>, else the last \\boxed{...}, else GSM8K's #### line."""
+    from twofold.envs.base import parse_answer
+
+    for found in (parse_answer(text), *(BOXED.findall(text)[-1:] or [None]), *(GSM8K.findall(text)[-1:] or [None])):
+        if found is not None and found.strip():
+            return found.strip()
+    return None
+
+
+def normalize(answer: str) -> str:
+    """Case, spaces, a trailing period and thousands separators do not matter: '1,024.' == '1024'."""
+    text = answer.strip().lower().rstrip(".").replace("$", "")
+    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", re.sub(r"\s+", " ", text))
+
+
+def exact_reward(completion: str, ground_truth: str, **row) -> float:
+    answer = extract_answer(completion)
+    return float(answer is not None and normalize(answer) == normalize(ground_truth))
+
+
+def math_reward(completion: str, ground_truth: str, **row) -> float:
+    """math-verify's equivalence of the reply's final answer and the ground truth (1/2 == 0.5, \\frac{1}{2})."""
+    from math_verify import parse, verify
+
+    answer = extract_answer(completion)
+    gold, guess = parse(ground_truth), parse(f"${answer}$" if answer is not None else completion)
+    return float(bool(gold) and bool(guess) and verify(gold, guess))
+
+
+def reward_function(spec: str):
+    from twofold.config import ConfigError
+
+    if spec == "exact":
+        return exact_reward
+    if spec == "math":
+        return math_reward
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(
+            "env.options.reward",
+            f"{spec!r}: {e}; use exact, math or package.module:function "
+            "taking (completion, ground_truth, **row) and returning a float",
+        ) from None
+
+
+def split_rows(n: int, eval_fraction: float) -> tuple[list[int], list[int]]:
+    """(train, eval) row indices: a fixed random eval share, the same on every run."""
+    order = list(range(n))
+    random.Random(0).shuffle(order)
+    held = min(n - 1, math.ceil(n * eval_fraction)) if eval_fraction > 0 and n > 1 else 0
+    return sorted(order[held:]), sorted(order[:held])
+
+
+@register("dataset")
+class DatasetEnv(ToolEnv, TextEnv):
+    action_help = "Give the final answer in <answer>...</answer>."
+
+    def __init__(
+        self,
+        path: str = "",
+        layout: str = "auto",
+        reward: str = "exact",
+        tools: list[str] | tuple = (),
+        eval_fraction: float = 0.1,
+        system_prompt: str = "",
+        success_threshold: float = 1.0,
+        **kw,
+    ):
+        from twofold.config import ConfigError
+
+        super().__init__(**kw)
+        if not path:
+            raise ConfigError("env.options.path", "the dataset env needs a file, folder or glob: env.options.path=...")
+        if layout not in ("auto", "verl", "trl"):
+            raise ConfigError("env.options.layout", f"got {layout!r}; valid values: auto, verl, trl")
+        if not 0 <= eval_fraction < 1:
+            raise ConfigError("env.options.eval_fraction", "must be in [0, 1)")
+        self.layout, self.rows = load_rows(path, layout)
+        self.splits = dict(zip(("train", "eval"), split_rows(len(self.rows), eval_fraction), strict=True))
+        self.reward_fn = reward_function(reward)
+        self.exact_answer = reward in ("exact", "math")  # a reply must carry a readable final answer
+        self.tool_functions = load_tools(list(tools))
+        self.system_prompt, self.success_threshold = system_prompt, success_threshold
+
+    @property
+    def tool_schemas(self) -> list[dict] | None:
+        return self.toolbox.schemas if self.tool_functions else None
+
+    def tools(self):
+        return self.tool_functions
+
+    def _reset(self, seed: int) -> str:
+        from twofold.rollout.worker import split_of_level
+
+        split, run_seed, k = split_of_level(seed)
+        rows = self.splits[split] or self.splits["train"]
+        epoch, index = divmod(k, len(rows))
+        order = list(rows)
+        random.Random(f"{run_seed}-{split}-{epoch}").shuffle(order)
+        self.row = self.rows[order[index]]
+        self.messages, self.ground_truth = row_of(self.row, self.layout)
+        return self.messages[-1]["content"]
+
+    def first_messages(self, observation: str) -> list[dict]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + self.messages
+
+    def render(self) -> str:
+        return self.messages[-1]["content"]
+
+    def parse_reply(self, text: str):
+        if self.tool_functions:
+            calls, why = self.toolbox.parse(text)
+            if calls is None:
+                return None, why
+            if calls:
+                return ("calls", calls), ""
+        if self.exact_answer and extract_answer(text) is None:
+            return None, "no final answer found: write it in <answer>...</answer> or \\boxed{...}"
+        return ("answer", text), ""
+
+    def _answer(self, completion: str) -> tuple[str, float, bool, bool]:
+        row = {k: v for k, v in self.row.items() if k not in ("completion", "ground_truth")}
+        reward = float(self.reward_fn(completion, self.ground_truth, **row))
+        ok = reward >= self.success_threshold
+        return ("Correct." if ok else "Not correct."), reward, True, ok
+
+    def solve(self) -> list:
+        return [self.ground_truth]
+
+    def random_answer(self, rng) -> str:
+        return row_of(self.rows[rng.randrange(len(self.rows))], self.layout)[1]
+
+
+# --------------------------------------------------------------------------- an example dataset
+
+
+def word_problems(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Arithmetic word problems with integer answers: (question, answer)."""
+    rng = random.Random(seed)
+    names, things = ("Ana", "Ben", "Cleo", "Dev", "Eva", "Finn"), ("apples", "books", "coins", "shells", "stamps")
+    out = []
+    for _ in range(n):
+        name, thing = rng.choice(names), rng.choice(things)
+        a, b = rng.randint(2, 40), rng.randint(2, 20)
+        kind = rng.randrange(3)
+        if kind == 0:
+            out.append(
+                (f"{name} has {a} {thing} and finds {b} more. How many {thing} does {name} have now?", str(a + b))
+            )
+        elif kind == 1:
+            out.append((f"{name} has {a + b} {thing} and gives {b} away. How many {thing} are left?", str(a)))
+        else:
+            out.append((f"{name} buys {b} boxes of {a} {thing}. How many {thing} is that?", str(a * b)))
+    return out
+
+
+def write_example(path: str | Path, layout: str = "verl", n: int = 500, seed: int = 0) -> Path:
+    """Word problems in verl's or TRL's layout, as JSONL (.jsonl) or Parquet (.parquet)."""
+    instruction = " Answer in <answer>...</answer>."
+    rows: list[dict[str, Any]] = []
+    for i, (question, answer) in enumerate(word_problems(n, seed)):
+        if layout == "verl":
+            rows.append(
+                {
+                    "data_source": "twofold/word_problems",
+                    "ability": "math",
+                    "extra_info": {"index": i},
+                    "prompt": [{"role": "user", "content": question + instruction}],
+                    "reward_model": {"style": "rule", "ground_truth": answer},
+                }
+            )
+        else:
+            rows.append({"prompt": question + instruction, "solution": answer})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".parquet":
+        from datasets import Dataset
+
+        Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
