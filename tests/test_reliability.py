@@ -4,6 +4,7 @@ behaviour log-probs), and a run that cannot make progress stopping with a clear 
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 import time
@@ -211,3 +212,22 @@ def test_resumed_dedicated_worker_starts_at_the_checkpoint_version(tmp_path, tin
         assert torch.equal(p, q), name
     pipe.run()
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_wandb_offline_logs_the_rows_the_config_and_the_summary_and_resume_continues_the_run(
+    tmp_path, tiny_path, monkeypatch
+):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    settings = {"run.wandb": {"project": "twofold-test", "mode": "offline"}, "run.tensorboard": False}
+    Pipeline(small_config(**{**settings, "trainer.steps": 2}), run, model_path=tiny_path).run()
+    run_id = (run / "wandb_id").read_text()
+    Pipeline(small_config(**{**settings, "trainer.steps": 3}), run, resume=True, model_path=tiny_path).run()
+    assert (run / "wandb_id").read_text() == run_id  # the same W&B run, continued
+    logged = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(logged) == 2  # one offline log per process, both of the one run id
+    # W&B keeps an offline run as a binary record log (what `wandb sync` uploads); its keys are plain UTF-8
+    first, resumed = (set(re.findall(rb"[ -~]{4,}", path.read_bytes())) for path in logged)
+    for key in (b"oldlogits", b"twofold-test", b"success/rate", b"kl/staleness_k3", b"finished", b"stopped_by_signal"):
+        assert any(key in s for s in first), key
+    assert any(b"success/rate" in s for s in resumed)  # the resumed run logged its steps to the same run

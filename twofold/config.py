@@ -184,12 +184,24 @@ class OldLogitsConfig:
 
 
 @dataclass
+class WandbConfig:
+    # A Weights & Biases project to log to; empty: W&B off (TensorBoard and metrics.jsonl stay on).
+    project: str = ""
+    entity: str = ""
+    # The W&B run's name; empty: the run directory's name.
+    name: str = ""
+    # online, or offline (written under RUN_DIR/wandb, `wandb sync` later), or disabled
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass
 class RunConfig:
     dir: str = ""
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

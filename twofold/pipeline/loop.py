@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from twofold.config import Config, dump_config
+from twofold.config import Config, dump_config, to_dict
 from twofold.distributed import Ranks, shard
 from twofold.logprobs import DTYPES, microbatches, resolve_device
 from twofold.loss import LAG_BUCKETS, kl_estimates, lag_bucket
@@ -156,7 +156,13 @@ class Pipeline:
         self.worker = None
         if not main:
             return
-        self.metrics = MetricsSink(self.run_dir, cfg.run.tensorboard, resume_step=self.step if resume else None)
+        self.metrics = MetricsSink(
+            self.run_dir,
+            cfg.run.tensorboard,
+            resume_step=self.step if resume else None,
+            wandb=cfg.run.wandb,
+            config=to_dict(cfg),
+        )
         self.worker = RolloutWorker(
             self.engine,
             self.tokenizer,
@@ -413,15 +419,14 @@ class Pipeline:
             else:
                 self.checkpoint()
             if main:
-                write_summary(
-                    self.run_dir,
-                    {
-                        "finished": self.step >= cfg.trainer.steps,
-                        "steps": self.step,
-                        "stopped_by_signal": self._stop_signal,
-                        "last": last,
-                    },
-                )
+                outcome = {
+                    "finished": self.step >= cfg.trainer.steps,
+                    "steps": self.step,
+                    "stopped_by_signal": self._stop_signal,
+                    "last": last,
+                }
+                write_summary(self.run_dir, outcome)
+                self.metrics.summary(outcome)
         except BaseException:
             # Whatever killed the run, the finished steps stay resumable. Not with several ranks: saving is a
             # collective, and the other ranks are not there to join it; the last periodic checkpoint stands.

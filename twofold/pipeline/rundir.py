@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 from twofold.config import Config, ConfigError
@@ -49,7 +50,11 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class MetricsSink:
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None):
+    """One metrics row per step to metrics.jsonl (the record), TensorBoard and, when configured, W&B."""
+
+    def __init__(
+        self, run_dir: Path, tensorboard: bool, resume_step: int | None = None, wandb=None, config: dict | None = None
+    ):
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None:
             # Keep exactly the steps up to the checkpoint: later lines are redone by the resumed run.
@@ -63,21 +68,54 @@ class MetricsSink:
             self.writer = SummaryWriter(
                 str(run_dir / "tb"), purge_step=None if resume_step is None else resume_step + 1
             )
+        self.wandb = open_wandb(run_dir, wandb, config) if wandb is not None and wandb.project else None
 
     def log(self, row: dict) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step" and math.isfinite(v)}
         if self.writer is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.writer.add_scalar(k, v, row["step"])
+            for k, v in numbers.items():
+                self.writer.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["step"])
+
+    def summary(self, data: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in data.items() if k != "last"})
 
     def close(self) -> None:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def open_wandb(run_dir: Path, cfg, config: dict | None):
+    """A W&B run for this run directory: the id is kept in RUN_DIR/wandb_id, so `--resume` continues the same
+    W&B run (W&B drops steps it already has; the resumed run logs again from the checkpoint's step on)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "run.wandb.project", "W&B is not installed: `pip install twofold[wandb]`, or leave run.wandb.project empty"
+        ) from None
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=cfg.project,
+        entity=cfg.entity or None,
+        name=cfg.name or run_dir.name,
+        id=run_id,
+        resume="allow",
+        mode=cfg.mode,
+        dir=str(run_dir),
+        config=config,
+    )
 
 
 def write_summary(run_dir: Path, data: dict) -> None:
