@@ -34,3 +34,14 @@ def test_key_without_latency_is_the_one_existing_caches_were_built_under():
         seed,
     )
     assert warmstart_path(cfg, BASE) == cache_dir() / "warmstart" / f"frozenlake-{old_key}"
+
+
+def test_a_dataset_warmstart_key_follows_the_file_content(tmp_path):
+    from twofold.envs.dataset import write_example
+
+    path = write_example(tmp_path / "d.jsonl", "trl", n=10)
+    cfg = small_config(**{"env.name": "dataset", "env.options": {"path": str(path)}})
+    before = warmstart_path(cfg, BASE)
+    assert warmstart_path(cfg, BASE) == before
+    write_example(path, "trl", n=10, seed=1)  # other rows at the same path
+    assert warmstart_path(cfg, BASE) != before

@@ -112,7 +112,7 @@ def cmd_warmstart(args) -> int:
             "model.warmstart",
             "warmstart trains the built-in tiny model; use model.warmstart=true and leave model.path empty",
         )
-    path = resolve_model_path(cfg)
+    path = resolve_model_path(cfg, progress=cfg.run.progress)
     report = json.loads((path / "warmstart.json").read_text())
     print(f"checkpoint: {path}")
     print(json.dumps(report, indent=2))

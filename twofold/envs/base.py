@@ -71,6 +71,12 @@ class TextEnv(ABC):
         self.done = False
         return self._reset(seed)
 
+    @classmethod
+    def data_fingerprint(cls, options: dict) -> str | None:
+        """What identifies the data behind these options beyond the options themselves (a dataset file's
+        content), for caches keyed on the env; None for envs that generate their own episodes."""
+        return None
+
     def first_messages(self, observation: str) -> list[dict]:
         """The conversation an episode opens with: the system prompt and the first observation as a user turn
         (a dataset row may bring its own messages)."""

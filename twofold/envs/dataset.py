@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import importlib
 import json
 import math
@@ -196,6 +197,14 @@ class DatasetEnv(ToolEnv, TextEnv):
         self.exact_answer = reward in ("exact", "math")  # a reply must carry a readable final answer
         self.tool_functions = load_tools(list(tools))
         self.system_prompt, self.success_threshold = system_prompt, success_threshold
+
+    @classmethod
+    def data_fingerprint(cls, options: dict) -> str | None:
+        """SHA-256 of the data files' bytes: a warm start is rebuilt when the file at the same path changes."""
+        digest = hashlib.sha256()
+        for f in _files(options.get("path", "")):
+            digest.update(Path(f).read_bytes())
+        return digest.hexdigest()[:16]
 
     @property
     def tool_schemas(self) -> list[dict] | None:

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from twofold.config import Config, EnvConfig
-from twofold.envs import env_from_config
+from twofold.envs import env_class, env_from_config
 from twofold.logprobs import pad_right, token_logprobs
 from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer
 from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_messages
@@ -86,9 +86,9 @@ def warmstart_path(cfg: Config, base: Path) -> Path:
     # Timing fields are hashed at their defaults, so keys made without latency stay valid and a latency
     # change never retrains the warm start.
     env = dataclasses.asdict(dataclasses.replace(cfg.env, **{f: getattr(EnvConfig(), f) for f in TIMING_FIELDS}))
-    key = fingerprint(
-        WARMSTART_RECIPE, base.name, recipe, env, cfg.rollout.max_total_tokens, cfg.engine.temperature, seed
-    )
+    parts = [WARMSTART_RECIPE, base.name, recipe, env, cfg.rollout.max_total_tokens, cfg.engine.temperature, seed]
+    data = env_class(cfg.env.name).data_fingerprint(cfg.env.options)  # a dataset's content, not just its path
+    key = fingerprint(*parts, *([data] if data else []))
     return cache_dir() / "warmstart" / f"{cfg.env.name}-{key}"
 
 
