@@ -1,13 +1,14 @@
 """TRL's GRPOTrainer and twofold (sync and async) side by side on one task, model and settings.
 
-    bash benchmarks/peers/setup.sh                 # once: TRL in its own virtual environment
-    python benchmarks/peers/compare.py --steps 20  # prints a Markdown table
+    bash benchmarks/peers/setup.sh                  # once: TRL in its own virtual environment
+    python benchmarks/peers/compare.py --steps 100  # prints a Markdown table
 
 The task: 1,000 arithmetic word problems (`twofold dataset example`, verl's layout), one turn, exact reward
 on <answer>...</answer>. The model: twofold's tiny model warm-started on that task (cached), given to both.
 Settings matched: 8 prompts x 4 completions per step, one optimizer step per step, lr 2e-4, 16 new tokens,
-temperature 1, no KL term. Throughput counts completions (samples) and generated tokens over the whole
-training time; success is the mean reward of the last 5 steps; peak memory is the process's maximum RSS.
+temperature 1, no KL term, float32 generation (TRL generates with the training model). Throughput counts
+completions (samples) and generated tokens over the whole training time; success is the mean reward of
+the last 5 steps; peak memory is the process's maximum RSS.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def max_rss_mib(stderr: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--work", default="runs/peers")
     args = ap.parse_args()
 
@@ -47,6 +48,7 @@ def main() -> None:
         "run.progress=false",
         f"trainer.steps={args.steps}",
         "run.checkpoint_every=0",
+        "engine.dtype=float32",  # TRL generates with the training model, in float32 on a CPU
     ]
     cfg = load_config("configs/dataset.yaml", common)
     model = resolve_model_path(cfg)  # the warm start, built once and cached
@@ -89,8 +91,14 @@ def main() -> None:
     else:
         print("TRL is not set up: run `bash benchmarks/peers/setup.sh` first", file=sys.stderr)
 
-    for mode in ("sync", "async"):
-        run = work / f"twofold-{mode}"
+    variants = (
+        ("twofold sync", "sync", ["mode=sync"]),
+        # the same work per step as TRL with num_iterations=1 (no separate old-log-prob forward)
+        ("twofold sync, oldlogits.source=behavior", "sync-behavior", ["mode=sync", "oldlogits.source=behavior"]),
+        ("twofold async", "async", ["mode=async"]),
+    )
+    for name, folder, overrides in variants:
+        run = work / f"twofold-{folder}"
         subprocess.run(["rm", "-rf", str(run)], check=True)
         done = subprocess.run(
             [
@@ -103,7 +111,7 @@ def main() -> None:
                 "--config",
                 "configs/dataset.yaml",
                 *common,
-                f"mode={mode}",
+                *overrides,
                 f"run.dir={run}",
                 f"model.path={model}",
                 "model.warmstart=false",
@@ -112,13 +120,13 @@ def main() -> None:
             text=True,
         )
         if done.returncode != 0:
-            print(f"twofold {mode} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+            print(f"{name} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
             continue
         m = read_metrics(run / "metrics.jsonl")
         seconds = sum(r["time/step"] for r in m)
         rows.append(
             (
-                f"twofold {mode}",
+                name,
                 sum(r["rollout/trajectories"] for r in m) / seconds,
                 sum(r["throughput/tokens_per_s"] * r["time/step"] for r in m) / seconds,
                 sum(r["success/rate"] for r in m[-5:]) / len(m[-5:]),
