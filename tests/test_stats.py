@@ -7,7 +7,7 @@ import yaml
 from conftest import small_config
 
 from twofold.config import dump_config
-from twofold.report import group_runs, load_runs, recommendation, source_table, write_report
+from twofold.report import group_runs, load_runs, recommendation, regime_table, source_table, write_report
 from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, tied_ranks
 
 
@@ -61,7 +61,9 @@ def test_collapse_is_the_first_window_under_the_threshold():
 # --------------------------------------------------------------------------- a synthetic grid
 
 
-def fake_run(path, source, seed, success, seconds, peak_bytes=0.0, valid=None, audit=False, lag_errors=None):
+def fake_run(
+    path, source, seed, success, seconds, peak_bytes=0.0, valid=None, audit=False, lag_errors=None, regime=None
+):
     path.mkdir(parents=True)
     cfg = yaml.safe_load(dump_config(small_config(seed=seed, **{"oldlogits.source": source})))
     cfg["oldlogits"]["audit"] = audit
@@ -76,6 +78,7 @@ def fake_run(path, source, seed, success, seconds, peak_bytes=0.0, valid=None, a
             "rollout/format_ok_rate": (valid or [1.0] * 6)[i],
             "memory/oldlogit_peak_bytes": peak_bytes,
             "reward/mean": success,
+            **(regime or {}),
         }
         if audit:
             row.update(
@@ -144,3 +147,29 @@ def test_report_shows_every_statistics_section(grid):
     assert "Recommended: ewma" in markdown and "final 95% CI" in markdown and "vs snapshot" in markdown
     assert (grid / "report" / "audit_error_vs_lag.png").exists()
     assert (grid / "report" / "curves_step.png").exists()
+
+
+def test_regime_table_averages_lag_shares_and_kls_over_steps_and_seeds(tmp_path):
+    lags = {"0": 0.5, "1": 0.25, "2": 0.25, "3": 0.0, "4plus": 0.0}
+    for seed, (mean, top, mixed, stale) in enumerate([(1.0, 2, 0.1, 0.02), (2.0, 5, 0.3, 0.04)]):
+        regime = {
+            "version/staleness_mean": mean,
+            "version/staleness_max": top,
+            **{f"version/lag{b}_frac": v for b, v in lags.items()},
+            "rollout/multi_version_frac": mixed,
+            "kl/discrepancy_k3": 1e-5,
+            "kl/staleness_k3": stale,
+        }
+        fake_run(tmp_path / f"snapshot-seed{seed}", "snapshot", seed, 0.5, 2.0, regime=regime)
+    fake_run(tmp_path / "behavior-seed0", "behavior", 0, 0.5, 2.0)  # logged no lag metrics
+    rows = {r["source"]: r for r in regime_table(group_runs(load_runs([tmp_path])))}
+    snap = rows["snapshot"]
+    # 6 equal steps per seed: the mean over 12 steps is the mean of the two seeds' values
+    assert snap["lag mean"] == pytest.approx(1.5) and snap["lag max"] == 5
+    assert [snap[f"lag {b}"] for b in ("0", "1", "2", "3", "4+")] == pytest.approx([0.5, 0.25, 0.25, 0.0, 0.0])
+    assert snap["mixed-version trajs"] == pytest.approx(0.2) and snap["KL stale"] == pytest.approx(0.03)
+    assert snap["KL disc"] == pytest.approx(1e-5)
+    assert rows["behavior"]["lag max"] != rows["behavior"]["lag max"]  # NaN: shown as '-', never a made-up 0
+    _, markdown = write_report([tmp_path], tmp_path / "report")
+    assert "## The regime: staleness and discrepancy each source saw" in markdown
+    assert "| snapshot | 1.5 | 5 | 0.5 | 0.25 | 0.25 | 0 | 0 | 0.2 | 1e-05 | 0.03 |" in markdown

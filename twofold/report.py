@@ -34,6 +34,7 @@ SECTIONS = {
     "audit": "Approximation error vs exact old log-probs (audit runs): per step, and against token lag",
     "ewma-resets": "PPO-EWMA resets",
     "overhead-table": "Cost and quality per source",
+    "regime": "The regime: staleness and discrepancy each source saw",
 }
 TIME_PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
 # A run has collapsed once its 3-step mean valid-action rate falls under this (the policy stopped answering).
@@ -255,6 +256,35 @@ def recommendation(table: list[dict]) -> str:
     return text
 
 
+def regime_table(groups: list[Group]) -> list[dict]:
+    """What the runs stressed, per label: token lag (mean, max, distribution), mixed-version share, KLs.
+
+    Token lag is the trainer's version minus the version that sampled the token (agent tokens of the
+    trained batches); `lag k` columns are the shares of tokens per lag bucket; `mixed-version trajs` the
+    share of trajectories whose agent tokens span more than one version (partial rollouts). All are
+    per-step means over steps and seeds; `lag max` is the largest lag any step saw.
+    """
+    rows = []
+    for g in groups:
+        rows.append(
+            {
+                "source": g.label,
+                "lag mean": g.mean_of("version/staleness_mean", skip_first=False),
+                "lag max": max(
+                    (v for r in g.runs for v in r.series("version/staleness_max") if v == v), default=math.nan
+                ),
+                **{
+                    f"lag {b.replace('plus', '+')}": g.mean_of(f"version/lag{b}_frac", skip_first=False)
+                    for b in LAG_BUCKETS
+                },
+                "mixed-version trajs": g.mean_of("rollout/multi_version_frac", skip_first=False),
+                "KL disc": g.mean_of("kl/discrepancy_k3", skip_first=False),
+                "KL stale": g.mean_of("kl/staleness_k3", skip_first=False),
+            }
+        )
+    return rows
+
+
 def throughput_table(groups: list[Group]) -> list[dict]:
     """Samples/s and tokens/s per label, the speedup over `sync`, and the ideal overlap bound.
 
@@ -469,6 +499,7 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
     groups = group_runs([r for r in runs if not r.audit])
     audit_groups = group_runs([r for r in runs if r.audit])
     table = source_table(groups, audit_groups)
+    regime = regime_table(groups)
     advice = recommendation(table)
     figs = _plots(groups, audit_groups, out)
 
@@ -489,6 +520,12 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
         f"{SMOOTH} steps (final) and the best {SMOOTH}-step mean (best).",
         "",
         markdown_table(table),
+        "## " + SECTIONS["regime"],
+        "",
+        "Token lag = trainer version - the token's version; `lag k`: share of agent tokens per lag; "
+        "KLs are k3 estimates (discrepancy: mu vs the source's pi_old; staleness: pi_old vs pi_theta).",
+        "",
+        markdown_table(regime),
     ]
     throughput = throughput_table(groups) if len({r.config["mode"] for r in runs}) > 1 else None
     if throughput:
@@ -509,6 +546,9 @@ def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
         body.append(f'<section id="{key}"><h2>{html.escape(title)}</h2>')
         if key == "overhead-table":
             body.append(_html_table(table))
+        if key == "regime":
+            body.append(_html_table(regime) + "</section>")
+            continue
         if key == "recommendation":
             body.append(f"<p>{html.escape(advice)}</p>{_html_table(ranking_table(table))}")
             body.append("</section>")
