@@ -45,3 +45,48 @@ def test_a_dataset_warmstart_key_follows_the_file_content(tmp_path):
     assert warmstart_path(cfg, BASE) == before
     write_example(path, "trl", n=10, seed=1)  # other rows at the same path
     assert warmstart_path(cfg, BASE) != before
+
+
+def test_an_interrupted_warmstart_resumes_to_the_uninterrupted_weights(tmp_path, tiny_path, monkeypatch):
+    import pytest
+    import torch
+
+    from twofold.models import load_model
+    from twofold.trainer import warmstart
+
+    cfg = small_config(
+        **{"warmstart.episodes": 24, "warmstart.batch_size": 8, "warmstart.epochs": 2, "warmstart.eval_episodes": 2}
+    )  # 3 batches per epoch, 6 in all
+    whole = warmstart.run_warmstart(cfg, tiny_path, tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    class DiesAtBatch5(warmstart.tqdm):
+        def update(self, n=1):
+            if self.n + n == 5:  # during the second epoch, after batch 4 was saved
+                raise Killed
+            return super().update(n)
+
+    monkeypatch.setattr(warmstart, "PROGRESS_SECONDS", 0.0)  # save after every batch
+    monkeypatch.setattr(warmstart, "tqdm", DiesAtBatch5)
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        warmstart.run_warmstart(cfg, tiny_path, out)
+    saved = warmstart.progress_path(out)
+    assert torch.load(saved, weights_only=True)["batches"] == 4 and not out.exists()
+
+    trained = []
+
+    class Counts(DiesAtBatch5.__mro__[1]):
+        def update(self, n=1):
+            trained.append(self.n + n)
+            return super().update(n)
+
+    monkeypatch.setattr(warmstart, "tqdm", Counts)
+    warmstart.run_warmstart(cfg, tiny_path, out)
+    assert trained == [5, 6]  # only the batches after the saved one
+    assert not saved.exists()  # a finished warm start leaves no progress file behind
+    a, b = load_model(whole, torch.float32).state_dict(), load_model(out, torch.float32).state_dict()
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=name)

@@ -3,13 +3,19 @@
 The solver plays optimally except that with probability `warmstart.noise` it takes a random move.
 Imitating it gives a policy that almost always answers in the right format but succeeds only part
 of the time, which leaves room for RL. Demonstrations are tokenised exactly as the rollout does.
+
+A long warm start (tool use: over an hour on 2 CPU cores) resumes where it stopped: every
+PROGRESS_SECONDS its weights, optimizer, schedule and position are written next to the cache entry
+(same key), and the next call continues from there with the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +29,7 @@ from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_me
 from twofold.rollout.worker import DEMO_SEED_OFFSET, EVAL_SEED_OFFSET, level_seed
 
 WARMSTART_RECIPE = 1
+PROGRESS_SECONDS = 60.0  # how often an unfinished warm start saves where it is
 
 
 def solver_answer(env, rng: random.Random, noise: float) -> str:
@@ -100,6 +107,11 @@ def ensure_warmstart(cfg: Config, base: Path, progress: bool = True) -> Path:
     return run_warmstart(cfg, base, path, progress=progress)
 
 
+def progress_path(out: Path) -> Path:
+    """Where an unfinished warm start for the cache entry `out` keeps its state."""
+    return out.with_name(out.name + ".progress.pt")
+
+
 def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> Path:
     cfg = dataclasses.replace(cfg, seed=cfg.warmstart.seed)
     w = cfg.warmstart
@@ -111,12 +123,24 @@ def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> 
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr)
     total = w.epochs * ((len(demos) + w.batch_size - 1) // w.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / total))
+    done = 0  # batches trained so far
+    saved = progress_path(out)
+    if saved.exists():
+        state = torch.load(saved, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        done = state["batches"]
     rng = random.Random(cfg.seed)
-    bar = tqdm(total=total, disable=not progress, desc=f"warmstart {cfg.env.name}", unit="batch")
+    bar = tqdm(total=total, initial=done, disable=not progress, desc=f"warmstart {cfg.env.name}", unit="batch")
+    last_save, step = time.monotonic(), 0
     for _ in range(w.epochs):
         order = list(range(len(demos)))
-        rng.shuffle(order)
+        rng.shuffle(order)  # every epoch's shuffle is replayed on resume, so the orders are the same
         for start in range(0, len(order), w.batch_size):
+            step += 1
+            if step <= done:
+                continue
             chunk = [demos[i] for i in order[start : start + w.batch_size]]
             ids, attn = pad_right([d[0] for d in chunk], tokenizer.pad_token_id)
             mask, _ = pad_right([d[1] for d in chunk], 0)
@@ -129,6 +153,9 @@ def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> 
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
             bar.set_postfix(nll=f"{loss.item():.3f}")
+            if step < total and time.monotonic() - last_save >= PROGRESS_SECONDS:
+                _save_progress(saved, model, optimizer, schedule, step)
+                last_save = time.monotonic()
     bar.close()
     tmp = out.with_name(out.name + ".tmp")
     model.eval().save_pretrained(tmp)
@@ -139,7 +166,17 @@ def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     if not out.exists():
         tmp.replace(out)
+    saved.unlink(missing_ok=True)
     return out
+
+
+def _save_progress(path: Path, model, optimizer, schedule, batches: int) -> None:
+    """Atomically: a kill mid-write leaves the previous progress file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
+    torch.save({**state, "batches": batches}, tmp)
+    os.replace(tmp, path)
 
 
 def evaluate(cfg: Config, model_path: Path, episodes: int) -> dict[str, float]:
