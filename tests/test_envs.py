@@ -110,7 +110,7 @@ def test_arithmetic_checks_exact_answer():
 
 
 def test_unknown_env_lists_known_ones_and_custom_class_loads():
-    with pytest.raises(ConfigError, match="known: arithmetic, dataset, frozenlake, sokoban, tooluse, or package.module:ClassName"):
+    with pytest.raises(ConfigError, match="known: arithmetic, dataset, frozenlake, sokoban, tooluse, or package"):
         make_env("maze")
     env = make_env("twofold.envs.frozenlake:FrozenLake")
     assert env.reset(0)
