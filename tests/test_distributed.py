@@ -65,7 +65,7 @@ def _two_rank_step(rank, world, address, port, tiny_path, out):
 
 def test_two_ranks_take_the_step_one_rank_takes(tmp_path, tiny_path):
     """Rows split over 2 ranks (and into micro-batches of 200 tokens), gradients summed by FSDP2: the same loss,
-    grad norm and parameters after both optimizer steps as one process, to 1e-5."""
+    grad norm (to 1e-5) and parameters after both optimizer steps (to 5e-5) as one process."""
     from twofold.distributed import Ranks
 
     one, params = take_step(load_model(tiny_path), step_config(), Ranks(), tiny_path)
@@ -75,8 +75,11 @@ def test_two_ranks_take_the_step_one_rank_takes(tmp_path, tiny_path):
     assert two["metrics"]["loss/grad_norm"] == pytest.approx(one["loss/grad_norm"], abs=1e-5)
     assert two["metrics"]["trainer/optimizer_steps"] == one["trainer/optimizer_steps"] == 2
     assert set(two["params"]) == set(params)
+    # Parameters to 5e-5, not 1e-5: Adam divides by sqrt(v), so an element whose gradient is near zero moves by
+    # up to lr x its rounding error, and the two-rank sum rounds in another order (seen: 1.1e-5 under load).
+    # 5e-5 is 0.25% of the most two steps at lr 1e-2 can move an element.
     for name, p in params.items():
-        assert (two["params"][name] - p).abs().max() < 1e-5, name
+        assert (two["params"][name] - p).abs().max() < 5e-5, name
     moved = max(
         (p - q).abs().max()
         for p, q in zip(params.values(), versioned_state(load_model(tiny_path)).values(), strict=True)
