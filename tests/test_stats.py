@@ -1,13 +1,22 @@
 """Statistics over seeds, checked against intervals derived by hand, and the report sections built on them."""
 
 import json
+import shutil
 
 import pytest
 import yaml
 from conftest import small_config
 
 from twofold.config import dump_config
-from twofold.report import group_runs, load_runs, recommendation, regime_table, source_table, write_report
+from twofold.report import (
+    group_runs,
+    load_runs,
+    ranking_table,
+    recommendation,
+    regime_table,
+    source_table,
+    write_report,
+)
 from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, tied_ranks
 
 
@@ -137,6 +146,26 @@ def test_source_table_intervals_pairs_ranks_and_collapses(grid):
     assert "Best tied group" in advice and "ewma, snapshot." in advice  # by final success, then name
     assert "Recommended: ewma" in advice  # tied with snapshot, and cheaper: 2.0 vs 2.2 s/step
     assert "Collapsed runs: recompute" in advice
+
+
+def test_sources_with_one_seed_are_neither_ranked_nor_recommended(tmp_path):
+    # snapshot: 2 seeds (0.4, 0.6); recompute: 1 seed at 0.9, a point "interval" wholly above snapshot's
+    # [0.4, 0.6]: ranking it would put snapshot second on one run's luck
+    for source, values, seconds in (("snapshot", [0.4, 0.6], 2.0), ("recompute", [0.9], 1.0)):
+        for seed, success in enumerate(values):
+            fake_run(tmp_path / f"{source}-seed{seed}", source, seed, success, seconds)
+    table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
+    assert table["snapshot"]["rank"] == 1 and table["recompute"]["rank"] != table["recompute"]["rank"]  # NaN
+    assert table["recompute"]["vs snapshot"] == "+0.5 (1 seed, no interval)"  # 0.9 - 0.4 on seed 0
+    advice = recommendation(list(table.values()))
+    assert "Recommended: snapshot" in advice
+    assert "Not ranked (fewer than 2 seeds): recompute" in advice
+    ranking = [r["source"] for r in ranking_table(list(table.values()))]
+    assert ranking == ["snapshot", "recompute"]  # unranked last although its one run scored higher
+    for path in tmp_path.glob("snapshot-seed1"):
+        shutil.rmtree(path)
+    table = source_table(group_runs(load_runs([tmp_path])), [])
+    assert recommendation(table).startswith("No source has 2 finished seeds yet")
 
 
 def test_report_shows_every_statistics_section(grid):

@@ -39,6 +39,7 @@ SECTIONS = {
 TIME_PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
 # A run has collapsed once its 3-step mean valid-action rate falls under this (the policy stopped answering).
 COLLAPSE_VALID_RATE = 0.5
+MIN_RANKED_SEEDS = 2  # a one-seed "interval" is a point: it would order sources on noise alone
 
 
 @dataclass
@@ -154,13 +155,14 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
 
     Success columns: `final success` is the seed mean of each run's last SMOOTH steps, with its 95%
     bootstrap interval in `final 95% CI`; `vs snapshot` is the paired difference to `snapshot` on the
-    same seeds; `rank` ties sources whose intervals overlap (`stats.tied_ranks`); `collapsed` counts runs
+    same seeds; `rank` ties sources whose intervals overlap (`stats.tied_ranks`), among the sources with at
+    least MIN_RANKED_SEEDS seeds (the others' rank is NaN, shown '-'); `collapsed` counts runs
     whose valid-action rate fell under COLLAPSE_VALID_RATE, with the step.
     """
     baseline = next((g.mean_of("time/step") for g in groups if g.label.endswith("behavior")), math.nan)
     audit = {g.label: g.mean_of("audit/abs_err_mean", skip_first=False) for g in audit_groups}
     finals = {g.label: g.interval_of(Run.final_success) for g in groups}
-    ranks = tied_ranks(finals)
+    ranks = tied_ranks({g.label: finals[g.label] for g in groups if len(g.runs) >= MIN_RANKED_SEEDS})
     snapshot = next((g for g in groups if g.label.endswith("snapshot")), None)
     table = []
     for g in groups:
@@ -168,10 +170,13 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
         best = g.interval_of(Run.best_success)
         paired = "-"
         if snapshot is not None and g is not snapshot:
-            diff = paired_difference(
-                {r.seed: r.final_success() for r in g.runs}, {r.seed: r.final_success() for r in snapshot.runs}
-            )
-            paired = f"{diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"
+            mine, reference = ({r.seed: r.final_success() for r in x.runs} for x in (g, snapshot))
+            diff = paired_difference(mine, reference)
+            shared = len(set(mine) & set(reference))
+            if shared >= MIN_RANKED_SEEDS:
+                paired = f"{diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"
+            elif shared:
+                paired = f"{diff.mean:+.3g} (1 seed, no interval)"
         collapses = [(r.seed, r.collapse_step()) for r in g.runs]
         steps = [f"seed {s} at step {c}" for s, c in collapses if c is not None]
         table.append(
@@ -195,7 +200,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
                 "best success": best.mean,
                 "best 95% CI": _interval_text(best),
                 "vs snapshot": paired,
-                "rank": ranks[g.label],
+                "rank": ranks.get(g.label, math.nan),
                 "collapsed": f"{len(steps)}/{len(g.runs)}" + (f" ({', '.join(steps)})" if steps else ""),
             }
         )
@@ -216,21 +221,33 @@ RANKING_COLUMNS = (
 
 
 def ranking_table(table: list[dict]) -> list[dict]:
-    """The source table's ranking columns, best rank first (then by final success)."""
-    rows = sorted(
-        table,
-        key=lambda r: (r["rank"], -(r["final success"] if r["final success"] == r["final success"] else -math.inf)),
-    )
+    """The source table's ranking columns, best rank first (then by final success), unranked sources last."""
+
+    def order(r: dict) -> tuple[float, float]:
+        rank = r["rank"] if r["rank"] == r["rank"] else math.inf
+        return (rank, -(r["final success"] if r["final success"] == r["final success"] else -math.inf))
+
+    rows = sorted(table, key=order)
     return [{k: r[k] for k in RANKING_COLUMNS} for r in rows]
 
 
 def recommendation(table: list[dict]) -> str:
-    """One paragraph: the best tied group by final success, and its cheapest member (time, then memory)."""
-    rows = [r for r in table if r["final success"] == r["final success"]]
-    if not rows:
+    """One paragraph: the best tied group by final success, and its cheapest member (time, then memory).
+    Sources with fewer than MIN_RANKED_SEEDS seeds are named as unranked, never recommended."""
+    finished = [r for r in table if r["final success"] == r["final success"]]
+    if not finished:
         return "No finished runs to recommend from."
+    rows = [r for r in finished if r["rank"] == r["rank"]]
+    unranked = [r["source"] for r in finished if r["rank"] != r["rank"]]
+    note = (
+        f" Not ranked (fewer than {MIN_RANKED_SEEDS} seeds): {', '.join(unranked)}; run more seeds to rank them."
+        if unranked
+        else ""
+    )
+    if not rows:
+        return f"No source has {MIN_RANKED_SEEDS} finished seeds yet: nothing to rank or recommend.{note}"
     best = sorted((r for r in rows if r["rank"] == 1), key=lambda r: (-r["final success"], r["source"]))
-    collapsed = [r["source"] for r in rows if not r["collapsed"].startswith("0/")]
+    collapsed = [r["source"] for r in finished if not r["collapsed"].startswith("0/")]
 
     def cost(r: dict) -> tuple[float, float]:
         step = r["s/step"] if r["s/step"] == r["s/step"] else math.inf
@@ -252,8 +269,8 @@ def recommendation(table: list[dict]) -> str:
     if collapsed:
         text += f" Collapsed runs: {', '.join(collapsed)} (valid-action rate under {COLLAPSE_VALID_RATE:.0%})."
     if len(best) == len(rows) and len(rows) > 1:
-        text += " Every source ties: more seeds or steps would be needed to separate them."
-    return text
+        text += " Every ranked source ties: more seeds or steps would be needed to separate them."
+    return text + note
 
 
 def regime_table(groups: list[Group]) -> list[dict]:
