@@ -172,7 +172,8 @@ def cli(*args, wait=True):
     return proc
 
 
-def test_resume_on_the_same_and_on_a_different_number_of_ranks(tmp_path, tiny_path):
+def test_resume_on_a_different_number_of_ranks(tmp_path, tiny_path):
+    # 2 -> 2 is test_reliability's two-rank SIGKILL test, which resumes each kill on the same two ranks
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
         dump_config(
@@ -183,12 +184,12 @@ def test_resume_on_the_same_and_on_a_different_number_of_ranks(tmp_path, tiny_pa
     )
     run = tmp_path / "run"
     assert cli("--config", str(cfg), f"run.dir={run}")[0] == 0
-    for world, steps in ((2, 3), (1, 4), (2, 5)):  # 2 -> 2, 2 -> 1, 1 -> 2
+    for world, steps in ((1, 3), (2, 4)):  # 2 -> 1, 1 -> 2
         code, err = cli("--resume", str(run), f"trainer.world_size={world}", f"trainer.steps={steps}")
         assert code == 0, err[-2000:]
         assert f"resumed from {run}/checkpoints/step_{steps - 1:06d} at step {steps - 1}" in err
     rows = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["version"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["version"] for r in rows] == [1, 2, 3, 4]
     assert all(verify(p) is None for p in checkpoints(run))
 
 
