@@ -21,16 +21,16 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
-    from twofold.pipeline.train import train
-
-    if args.resume:
-        run_dir = Path(args.resume)
+    run_dir = Path(args.resume) if args.resume else None
+    if run_dir is not None:
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError("--resume", f"{str(run_dir)!r} holds no config.yaml; give a run directory")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
-        run_dir, last = train(cfg, run_dir, resume=True)
     else:
-        run_dir, last = train(_config(args))
+        cfg = _config(args)
+    from twofold.pipeline.train import train  # after the config: a typo is reported in a second, not after torch
+
+    run_dir, last = train(cfg, run_dir, resume=run_dir is not None)
     print(f"run directory: {run_dir}")
     print(f"metrics:       {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tb'})")
     if last:
@@ -59,10 +59,10 @@ def _finish_grid(status: dict[str, int]) -> int:
 
 
 def cmd_compare(args) -> int:
+    cfg, out = _grid_config(args, "compare")
     from twofold.pipeline.grid import compare_cells, logged_runs, run_grid
     from twofold.report import write_report
 
-    cfg, out = _grid_config(args, "compare")
     cells = compare_cells([s for s in args.sources.split(",") if s], args.seeds, cfg.seed, args.audit)
     status = run_grid(cfg, cells, out, parallel=args.parallel, progress=cfg.run.progress)
     html_path, markdown = write_report(logged_runs(out, cells), out / "report")
@@ -86,10 +86,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    cfg, out = _grid_config(args, "throughput")
     from twofold.pipeline.grid import logged_runs, run_grid, throughput_cells
     from twofold.report import group_runs, load_runs, markdown_table, throughput_table
 
-    cfg, out = _grid_config(args, "throughput")
     cells = throughput_cells([int(w) for w in args.staleness.split(",") if w])
     status = run_grid(cfg, cells, out, progress=cfg.run.progress)
     runs = load_runs(logged_runs(out, cells))
@@ -104,9 +104,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_warmstart(args) -> int:
+    cfg = _config(args)
     from twofold.pipeline.resolve import resolve_model_path
 
-    cfg = _config(args)
     if not cfg.model.warmstart or cfg.model.path:
         raise ConfigError(
             "model.warmstart",
@@ -120,10 +120,10 @@ def cmd_warmstart(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    cfg = _config(args)
     from twofold.pipeline.resolve import resolve_model_path
     from twofold.trainer.warmstart import evaluate
 
-    cfg = _config(args)
     episodes = args.episodes or cfg.warmstart.eval_episodes
     if args.solver:
         from twofold.trainer.warmstart import solver_success_rate
@@ -148,13 +148,13 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     """Sample one episode opening with the engine and show tokens, behaviour log-probs and versions."""
+    cfg = _config(args)
     from twofold.engine import GenerationRequest, SamplingParams, make_engine
     from twofold.envs import env_from_config
     from twofold.models import load_tokenizer
     from twofold.pipeline.resolve import resolve_model_path
     from twofold.rollout.chat import first_prompt_ids
 
-    cfg = _config(args)
     path = resolve_model_path(cfg)
     tok = load_tokenizer(path)
     engine = make_engine(cfg.engine, path, tok, seed=cfg.seed)
