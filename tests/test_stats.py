@@ -7,6 +7,7 @@ import pytest
 import yaml
 from conftest import small_config
 
+from twofold import report
 from twofold.config import dump_config
 from twofold.report import (
     group_runs,
@@ -17,7 +18,7 @@ from twofold.report import (
     source_table,
     write_report,
 )
-from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, tied_ranks
+from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, stuck_step, tied_ranks
 
 
 def fields(iv: Interval) -> tuple[float, float, float]:
@@ -67,6 +68,14 @@ def test_collapse_is_the_first_window_under_the_threshold():
     assert collapse_step([0.9, 0.8, 0.9], 0.5) is None
 
 
+def test_stuck_is_a_final_stretch_of_zeros_after_success():
+    assert stuck_step([0.5, 0.2, 0, 0, 0], 3) == 3  # steps 3-5: three zeros, after success at steps 1-2
+    assert stuck_step([0.5, 0.2, 0, 0, 0], 4) is None  # the stretch is 3 steps, not 4
+    assert stuck_step([0.5, 0, 0.1, 0, 0], 2) == 4  # only the final stretch counts: the zero at step 2 recovered
+    assert stuck_step([0, 0, 0, 0], 2) is None  # never succeeded: not learning yet, not a collapse
+    assert stuck_step([0.5, 0.5], 1) is None
+
+
 # --------------------------------------------------------------------------- a synthetic grid
 
 
@@ -81,12 +90,12 @@ def fake_run(
     for i in range(6):
         row = {
             "step": i + 1,
-            "success/rate": success,
+            "success/rate": success[i] if isinstance(success, list) else success,
             "time/step": seconds,
             "time/generation": 1.0,
             "rollout/format_ok_rate": (valid or [1.0] * 6)[i],
             "memory/oldlogit_peak_bytes": peak_bytes,
-            "reward/mean": success,
+            "reward/mean": success[i] if isinstance(success, list) else success,
             **(regime or {}),
         }
         if audit:
@@ -141,7 +150,8 @@ def test_source_table_intervals_pairs_ranks_and_collapses(grid):
     # ewma - snapshot per seed: 0, -0.1, 0.1, 0 -> mean 0, an interval around it
     assert table["ewma"]["vs snapshot"].startswith("+0 [-") and table["snapshot"]["vs snapshot"] == "-"
     assert {s: table[s]["rank"] for s in table} == {"snapshot": 1, "ewma": 1, "behavior": 3, "recompute": 4}
-    assert table["recompute"]["collapsed"] == "1/4 (seed 0 at step 4)" and table["ewma"]["collapsed"] == "0/4"
+    assert table["recompute"]["collapsed"] == "1/4 (seed 0 at step 4, stopped answering)"
+    assert table["ewma"]["collapsed"] == "0/4"
     advice = recommendation(list(table.values()))
     assert "Best tied group" in advice and "ewma, snapshot." in advice  # by final success, then name
     assert "Recommended: ewma" in advice  # tied with snapshot, and cheaper: 2.0 vs 2.2 s/step
@@ -166,6 +176,17 @@ def test_sources_with_one_seed_are_neither_ranked_nor_recommended(tmp_path):
         shutil.rmtree(path)
     table = source_table(group_runs(load_runs([tmp_path])), [])
     assert recommendation(table).startswith("No source has 2 finished seeds yet")
+
+
+def test_a_run_whose_success_stays_at_zero_is_marked_collapsed(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "STUCK_STEPS", 3)
+    # seed 0 answers every step (valid 1.0) but fails every episode from step 3 to the end (4 steps >= 3);
+    # seed 1 dips to 0 at step 3 and recovers
+    fake_run(tmp_path / "recompute-seed0", "recompute", 0, [0.5, 0.4, 0, 0, 0, 0], 2.0)
+    fake_run(tmp_path / "recompute-seed1", "recompute", 1, [0.5, 0.4, 0, 0.3, 0.5, 0.5], 2.0)
+    (row,) = source_table(group_runs(load_runs([tmp_path])), [])
+    assert row["collapsed"] == "1/2 (seed 0 at step 3, success stuck at 0)"
+    assert "Collapsed runs: recompute" in recommendation([row])
 
 
 def test_report_shows_every_statistics_section(grid):

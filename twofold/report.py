@@ -21,7 +21,7 @@ import yaml
 
 from twofold.loss import LAG_BUCKETS
 from twofold.pipeline.rundir import read_metrics
-from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, tied_ranks
+from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, stuck_step, tied_ranks
 
 SMOOTH = 5  # moving-average window (steps) for success curves and "best success"
 SECTIONS = {
@@ -37,8 +37,10 @@ SECTIONS = {
     "regime": "The regime: staleness and discrepancy each source saw",
 }
 TIME_PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
-# A run has collapsed once its 3-step mean valid-action rate falls under this (the policy stopped answering).
+# A run has collapsed once its 3-step mean valid-action rate falls under this (the policy stopped answering),
+# or once it ends on at least STUCK_STEPS steps of 0 success after succeeding before (it stopped learning).
 COLLAPSE_VALID_RATE = 0.5
+STUCK_STEPS = 10
 MIN_RANKED_SEEDS = 2  # a one-seed "interval" is a point: it would order sources on noise alone
 
 
@@ -74,8 +76,17 @@ class Run:
         vals = [v for v in (sm[SMOOTH - 1 :] or sm) if v == v]
         return max(vals, default=math.nan)
 
+    def collapse(self) -> tuple[int, str] | None:
+        """(step, how) of the run's first collapse: it stopped answering, or stopped learning; None if neither."""
+        found = [
+            (collapse_step(self.series("rollout/format_ok_rate"), COLLAPSE_VALID_RATE), "stopped answering"),
+            (stuck_step(self.series("success/rate"), STUCK_STEPS), "success stuck at 0"),
+        ]
+        return min(((step, how) for step, how in found if step is not None), default=None)
+
     def collapse_step(self) -> int | None:
-        return collapse_step(self.series("rollout/format_ok_rate"), COLLAPSE_VALID_RATE)
+        found = self.collapse()
+        return found[0] if found else None
 
 
 @dataclass
@@ -156,8 +167,8 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
     Success columns: `final success` is the seed mean of each run's last SMOOTH steps, with its 95%
     bootstrap interval in `final 95% CI`; `vs snapshot` is the paired difference to `snapshot` on the
     same seeds; `rank` ties sources whose intervals overlap (`stats.tied_ranks`), among the sources with at
-    least MIN_RANKED_SEEDS seeds (the others' rank is NaN, shown '-'); `collapsed` counts runs
-    whose valid-action rate fell under COLLAPSE_VALID_RATE, with the step.
+    least MIN_RANKED_SEEDS seeds (the others' rank is NaN, shown '-'); `collapsed` counts runs that
+    collapsed (`Run.collapse`), with the step and how.
     """
     baseline = next((g.mean_of("time/step") for g in groups if g.label.endswith("behavior")), math.nan)
     audit = {g.label: g.mean_of("audit/abs_err_mean", skip_first=False) for g in audit_groups}
@@ -177,8 +188,8 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
                 paired = f"{diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"
             elif shared:
                 paired = f"{diff.mean:+.3g} (1 seed, no interval)"
-        collapses = [(r.seed, r.collapse_step()) for r in g.runs]
-        steps = [f"seed {s} at step {c}" for s, c in collapses if c is not None]
+        collapses = [(r.seed, r.collapse()) for r in g.runs]
+        steps = [f"seed {s} at step {c[0]}, {c[1]}" for s, c in collapses if c is not None]
         table.append(
             {
                 "source": g.label,
@@ -267,7 +278,10 @@ def recommendation(table: list[dict]) -> str:
         )
     text += f"Recommended: {pick['source']} (final success {pick['final 95% CI']})."
     if collapsed:
-        text += f" Collapsed runs: {', '.join(collapsed)} (valid-action rate under {COLLAPSE_VALID_RATE:.0%})."
+        text += (
+            f" Collapsed runs: {', '.join(collapsed)} (valid-action rate under {COLLAPSE_VALID_RATE:.0%}, or "
+            f"success 0 for the last {STUCK_STEPS}+ steps)."
+        )
     if len(best) == len(rows) and len(rows) > 1:
         text += " Every ranked source ties: more seeds or steps would be needed to separate them."
     return text + note

@@ -1,5 +1,5 @@
 """Statistics over seeds for `twofold report`: bootstrap confidence intervals, paired differences, a
-ranking that ties overlapping intervals, collapse detection.
+ranking that ties overlapping intervals, collapse detection (a run that stops answering, or stops learning).
 
 Bootstrap of a mean over n seeds: with n <= EXACT_MAX_SEEDS the bootstrap distribution is enumerated
 exactly (all n^n equally likely resamples; the multinomial counts make that cheap), so an interval is
@@ -109,3 +109,16 @@ def collapse_step(rates: list[float], threshold: float, window: int = 3) -> int 
         if chunk and sum(chunk) / len(chunk) < threshold:
             return i + 1
     return None
+
+
+def stuck_step(values: list[float], min_steps: int) -> int | None:
+    """The first step (1-based) of the run's final stretch of at least `min_steps` steps whose `values` are all
+    0, when some earlier step was above 0; else None. On success rates: a policy that succeeded before and
+    now fails every episode alike gets all-zero group advantages, so zero gradients: it cannot recover."""
+    n = len(values)
+    start = n
+    while start > 0 and values[start - 1] == 0:
+        start -= 1
+    if n - start < min_steps or not any(v > 0 for v in values[:start]):
+        return None
+    return start + 1
