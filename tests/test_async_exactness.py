@@ -3,8 +3,13 @@
 Every step, the old log-probs a source hands the trainer are compared with a brute-force reference:
 each agent token scored by a full forward of its own version's weights, kept at every publish. The
 long-tailed latency makes trajectories end after the weights they last sampled with were replaced
-(the event order that once killed the dedicated worker); the test checks that this happened.
+(the event order that once killed the dedicated worker); at each version one episode's final env step is
+also held until the next publish, so that order happens on a fast, quiet machine too, and the test checks
+that it did.
 """
+
+import threading
+import time
 
 import pytest
 import torch
@@ -86,6 +91,27 @@ def watch(pipe: Pipeline, brute: BruteForce) -> dict:
     return seen
 
 
+def hold_one_final_step_per_version(pipe: Pipeline, below: int) -> None:
+    """The first episode to finish at each engine version below `below` returns from its final env step only
+    once the weights are replaced (a slow last tool call): it ends after a publish, whatever the timing. It
+    runs in the env executor, so the rollout loop and the other episodes go on meanwhile."""
+    env_step, held, lock = pipe.worker._env_step, set(), threading.Lock()
+
+    def final_step_held(ep, text):
+        out = env_step(ep, text)
+        version = pipe.engine.version
+        with lock:
+            hold = out[2] and version < below and version not in held
+            if hold:
+                held.add(version)
+        deadline = time.monotonic() + 30  # a publish comes within a step; never hang the test on a bug
+        while hold and pipe.engine.version == version and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return out
+
+    pipe.worker._env_step = final_step_held
+
+
 @pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt"])
 def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, source):
     ended_after_publish = 0
@@ -109,6 +135,8 @@ def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, 
         pipe = Pipeline(cfg, tmp_path / f"{source}-{seed}", model_path=tiny_path)
         brute = BruteForce(pipe, tiny_path)
         seen = watch(pipe, brute)
+        # versions 0-2: each is followed by a publish while step 4 still needs trajectories
+        hold_one_final_step_per_version(pipe, below=cfg.trainer.steps - 1)
         pipe.run()
         rows = read_metrics(tmp_path / f"{source}-{seed}" / "metrics.jsonl")
         assert [r["step"] for r in rows] == [1, 2, 3, 4], f"{source} seed {seed} did not survive every step"
