@@ -28,8 +28,11 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/twofold train --config configs/frozenlake.yaml
 
+# Test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one process: most of the
+# suite's time is processes starting (Ray actors, ranks, vLLM) and env latency, which two workers overlap.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
 
 # ruff, configured in pyproject.toml: lint and formatting are both checked (CI runs this before the tests)
 lint: $(STAMP)
