@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from twofold.engine.base import GenerationRequest, SamplingParams
-from twofold.engine.builtin import BuiltinEngine, sample_from_logits
+from twofold.engine.builtin import (
+    BuiltinEngine,
+    accumulate_linears_in_float32_,
+    lacks_native_low_precision_matmul,
+    sample_from_logits,
+)
 from twofold.logprobs import Numerics, score_sequences
 from twofold.models import full_weights, load_model
 
@@ -55,6 +60,35 @@ def test_bfloat16_engine_differs_from_trainer(tiny_path, tokenizer):
     d = _deltas(load_model(tiny_path), reqs, engine.generate(reqs))
     print(f"bfloat16 engine vs trainer: mean |delta| {d.mean():.2e}, max {d.max():.2e}")
     assert d.mean() > 1e-5 and d.max() < 0.5
+
+
+def test_float32_accumulation_keeps_bf16_numerics_but_summation_order(tiny_path):
+    """The CPU fast path rounds the same bf16 inputs and outputs; only float32 partial sums are added in
+    another order, so outputs move by at most an ulp and the gap to the trainer stays the same."""
+    # Hand-checkable: 256 + 1 + 1 summed in float32 is 258, which bf16 holds exactly (ulp 2 at 256);
+    # bf16 running sums would round 256 + 1 back to 256 (tie to even) twice and give 256.
+    lin = torch.nn.Linear(3, 1, bias=False).to(torch.bfloat16)
+    lin.weight.data.fill_(1.0)
+    accumulate_linears_in_float32_(lin)
+    out = lin(torch.tensor([[256.0, 1.0, 1.0]], dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.item() == 258.0
+
+    trainer = load_model(tiny_path)
+    native, fast = load_model(tiny_path, torch.bfloat16), load_model(tiny_path, torch.bfloat16)
+    accumulate_linears_in_float32_(fast)
+    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, a, b = (m(input_ids=ids).logits.float().log_softmax(-1) for m in (trainer, native, fast))
+    kl = [(ref.exp() * (ref - x)).sum(-1).mean().item() for x in (a, b)]
+    assert kl[0] > 0 and kl[1] == pytest.approx(kl[0], rel=0.1)
+    assert (a - b).abs().max() < 0.05  # a few bf16 ulps of a logit of size ~5
+
+
+def test_only_cpu_low_precision_engines_take_the_float32_accumulation_path():
+    assert not lacks_native_low_precision_matmul(torch.device("cpu"), torch.float32)
+    assert not lacks_native_low_precision_matmul(torch.device("cuda"), torch.bfloat16)
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert lacks_native_low_precision_matmul(torch.device("cpu"), torch.bfloat16) == (not native_bf16)
 
 
 def test_int8_and_logit_noise_widen_the_gap(tiny_path, tokenizer):

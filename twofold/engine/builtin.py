@@ -8,6 +8,7 @@ That gap is the discrepancy r_d that twofold measures and corrects.
 from __future__ import annotations
 
 import inspect
+import types
 from itertools import groupby
 from pathlib import Path
 
@@ -67,6 +68,31 @@ def _round_int4(w: torch.Tensor, group_size: int = 32) -> torch.Tensor:
     return (torch.round(padded / scale).clamp(-7, 7) * scale).view(rows, -1)[:, :cols]
 
 
+def _linear_accumulating_in_float32(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """y = round_dtype(float32(x) @ float32(W)^T + b): low-precision inputs, float32 products and sums,
+    output rounded back, which is what a GPU bf16 GEMM (and oneDNN's own bf16 GEMM) computes. Only the
+    summation order differs (about 1 output in 10^4 moves by one bf16 ulp)."""
+    bias = None if self.bias is None else self.bias.float()
+    return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+def accumulate_linears_in_float32_(model: torch.nn.Module) -> None:
+    """Run every Linear of a bf16/fp16 model on CPU as `_linear_accumulating_in_float32`.
+
+    Why: a CPU without native bf16 matmul (no AVX512-BF16/AMX, e.g. AVX2) emulates bf16 GEMMs about 6x
+    slower than float32 ones, and the engine's prefill is nearly all GEMMs. The weights stay bf16
+    (the engine's numerics are unchanged but for summation order)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = types.MethodType(_linear_accumulating_in_float32, module)
+
+
+def lacks_native_low_precision_matmul(device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cpu" or dtype == torch.float32:
+        return False
+    return not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 QUANTIZERS = {"int8": _round_int8, "fp8": _round_fp8, "int4": _round_int4}
 
 
@@ -98,6 +124,8 @@ class BuiltinEngine(InferenceEngine):
         super().__init__()
         self.device = resolve_device(device)
         self.model = load_model(model_path, DTYPES[dtype]).to(self.device)
+        if lacks_native_low_precision_matmul(self.device, DTYPES[dtype]):
+            accumulate_linears_in_float32_(self.model)
         self.quantization = quantization
         self.logit_noise_std = logit_noise_std
         self.max_batch_size = max_batch_size
