@@ -9,7 +9,7 @@ from conftest import small_config
 
 from twofold.cli import main
 from twofold.config import dump_config
-from twofold.report import SECTIONS, group_runs, load_runs, source_table, throughput_table
+from twofold.report import SECTIONS, format_cell, group_runs, load_runs, source_table, throughput_table
 
 
 def _fake_run(path, source, mode, rows):
@@ -76,6 +76,7 @@ def test_source_table_overhead_memory_and_success(tmp_path):
     assert table["snapshot"]["final success"] == pytest.approx(0.3)
     assert table["snapshot"]["best success"] == pytest.approx(0.3)
     assert math.isnan(table["snapshot"]["audit err"])
+    assert [format_cell("extra vs behavior", v) for v in (0.1, -0.05, -0.004, math.nan)] == ["+10%", "-5%", "0%", "-"]
 
 
 def test_compare_grid_report_and_resume(tmp_path, tiny_path, capsys):

@@ -364,7 +364,7 @@ def format_cell(key: str, v) -> str:
     if math.isnan(v):
         return "-"
     if key == "extra vs behavior":
-        return f"{v:+.0%}"
+        return f"{v:+.0%}" if round(v, 2) != 0 else "0%"  # not "-0%" for a cost that rounds to nothing
     if key == "of ideal":
         return f"{v:.0%}"
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
