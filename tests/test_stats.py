@@ -18,7 +18,15 @@ from twofold.report import (
     source_table,
     write_report,
 )
-from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, stuck_step, tied_ranks
+from twofold.stats import (
+    Interval,
+    bootstrap_mean,
+    collapse_step,
+    paired_difference,
+    stuck_step,
+    t_interval,
+    tied_ranks,
+)
 
 
 def fields(iv: Interval) -> tuple[float, float, float]:
@@ -50,11 +58,20 @@ def test_many_seeds_use_scipy_and_bracket_the_mean():
     assert iv.low < iv.mean < iv.high and iv == bootstrap_mean(values)  # seeded: the same every time
 
 
+def test_t_interval_of_two_and_three_seeds():
+    # [0.2, 0.4]: mean 0.3, s = 0.1414 (ddof 1), t_{1, 0.975} = 12.7062: half width 12.7062 * 0.1414 / sqrt(2) = 1.2706
+    assert fields(t_interval([0.2, 0.4])) == pytest.approx((0.3, -0.97062, 1.57062), abs=1e-4)
+    # [1, 2, 3]: mean 2, s = 1, t_{2, 0.975} = 4.3027: half width 4.3027 / sqrt(3) = 2.4841
+    assert fields(t_interval([1.0, 2.0, 3.0, float("nan")])) == pytest.approx((2.0, -0.4841, 4.4841), abs=1e-4)
+    assert t_interval([0.4]) == Interval(0.4, 0.4, 0.4) and t_interval([0.0, 0.0]) == Interval(0.0, 0.0, 0.0)
+
+
 def test_paired_difference_uses_the_seeds_both_have():
-    # differences on seeds 0..3: 0, 0, 0, 0.4 -> mean 0.1, interval as [0, 0, 0, 1] x 0.4 = [0, 0.3]
+    # differences on seeds 0..3: 0, 0, 0, 0.4 -> mean 0.1, s = sqrt((3 * 0.01 + 0.09) / 3) = 0.2,
+    # t_{3, 0.975} = 3.1824: half width 3.1824 * 0.2 / 2 = 0.3182
     ours = {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.9, 9: 0.0}  # seed 9 has no reference: left out
     ref = {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.5}
-    assert fields(paired_difference(ours, ref)) == pytest.approx((0.1, 0.0, 0.3))
+    assert fields(paired_difference(ours, ref)) == pytest.approx((0.1, -0.2182, 0.4182), abs=1e-4)
 
 
 def test_ranks_tie_overlapping_intervals():
@@ -143,10 +160,12 @@ def grid(tmp_path):
 def test_source_table_intervals_pairs_ranks_and_collapses(grid):
     runs = load_runs([grid])
     table = {r["source"]: r for r in source_table(group_runs([r for r in runs if not r.audit]), [])}
-    # snapshot seeds 0.5, 0.6, 0.5, 0.6: a resample's mean is 0.5 + 0.1 k/4, k ~ Binomial(4, 1/2) with
-    # P(k = 0) = P(k = 4) = 1/16 > 2.5%: the interval is [0.5, 0.6]
+    # snapshot seeds 0.5, 0.6, 0.5, 0.6: mean 0.55, s = sqrt(4 * 0.05^2 / 3) = 0.05774, t_{3, 0.975} = 3.1824:
+    # half width 3.1824 * 0.05774 / 2 = 0.0919 -> [0.458, 0.642]. behavior (0.3, 0.4 x 2) gets [0.258, 0.442],
+    # wholly under snapshot's and ewma's; recompute [0.058, 0.242], under behavior's too.
     assert table["snapshot"]["final success"] == pytest.approx(0.55)
-    assert table["snapshot"]["final 95% CI"] == "0.55 [0.5, 0.6]"
+    assert table["snapshot"]["final 95% CI"] == "0.55 [0.458, 0.642]"
+    assert table["behavior"]["final 95% CI"] == "0.35 [0.258, 0.442]"
     # ewma - snapshot per seed: 0, -0.1, 0.1, 0 -> mean 0, an interval around it
     assert table["ewma"]["vs snapshot"].startswith("+0 [-") and table["snapshot"]["vs snapshot"] == "-"
     assert {s: table[s]["rank"] for s in table} == {"snapshot": 1, "ewma": 1, "behavior": 3, "recompute": 4}

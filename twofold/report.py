@@ -21,7 +21,15 @@ import yaml
 
 from twofold.loss import LAG_BUCKETS
 from twofold.pipeline.rundir import read_metrics
-from twofold.stats import Interval, bootstrap_mean, collapse_step, paired_difference, stuck_step, tied_ranks
+from twofold.stats import (
+    Interval,
+    bootstrap_mean,
+    collapse_step,
+    paired_difference,
+    stuck_step,
+    t_interval,
+    tied_ranks,
+)
 
 SMOOTH = 5  # moving-average window (steps) for success curves and "best success"
 SECTIONS = {
@@ -101,8 +109,10 @@ class Group:
         return [bootstrap_mean([c[i] for c in curves]) for i in range(n)]
 
     def interval_of(self, per_run) -> Interval:
-        """Mean over seeds of a per-run figure (e.g. `Run.final_success`), with its 95% bootstrap interval."""
-        return bootstrap_mean([per_run(r) for r in self.runs])
+        """Mean over seeds of a per-run success figure (e.g. `Run.final_success`), with its 95% t interval
+        cut to [0, 1], where a success rate lives."""
+        iv = t_interval([per_run(r) for r in self.runs])
+        return Interval(iv.mean, max(iv.low, 0.0), min(iv.high, 1.0))
 
     def mean_of(self, key: str, skip_first: bool = True) -> float:
         """Mean of a per-step metric over all steps and seeds (the first step, pipeline fill, left out)."""
@@ -165,7 +175,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
     """One row per label: seconds per step and its split, overhead vs `behavior`, memory, success.
 
     Success columns: `final success` is the seed mean of each run's last SMOOTH steps, with its 95%
-    bootstrap interval in `final 95% CI`; `vs snapshot` is the paired difference to `snapshot` on the
+    t interval in `final 95% CI`; `vs snapshot` is the paired difference to `snapshot` on the
     same seeds; `rank` ties sources whose intervals overlap (`stats.tied_ranks`), among the sources with at
     least MIN_RANKED_SEEDS seeds (the others' rank is NaN, shown '-'); `collapsed` counts runs that
     collapsed (`Run.collapse`), with the step and how.
@@ -183,6 +193,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
         if snapshot is not None and g is not snapshot:
             mine, reference = ({r.seed: r.final_success() for r in x.runs} for x in (g, snapshot))
             diff = paired_difference(mine, reference)
+            diff = Interval(diff.mean, max(diff.low, -1.0), min(diff.high, 1.0))  # a difference of two rates
             shared = len(set(mine) & set(reference))
             if shared >= MIN_RANKED_SEEDS:
                 paired = f"{diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"
