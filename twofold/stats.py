@@ -68,14 +68,23 @@ def _inverted_cdf(means: np.ndarray, probs: np.ndarray, q: float) -> float:
     return float(means[order][min(idx, len(order) - 1)])
 
 
-def bootstrap_mean(values: list[float], confidence: float = 0.95, seed: int = 0) -> Interval:
-    """Percentile bootstrap interval of the mean of `values` (NaNs dropped)."""
+def _without_spread(values: list[float]) -> tuple[np.ndarray, Interval | None]:
+    """The values without NaNs, and their interval when there is no spread to estimate: NaN for none, a
+    point for one value or n equal ones; None otherwise."""
     x = np.array([v for v in values if v == v], dtype=float)
     if len(x) == 0:
-        return Interval(math.nan, math.nan, math.nan)
-    mean = float(x.mean())
+        return x, Interval(math.nan, math.nan, math.nan)
     if len(x) == 1 or np.all(x == x[0]):
-        return Interval(mean, mean, mean)
+        return x, Interval(float(x[0]), float(x[0]), float(x[0]))
+    return x, None
+
+
+def bootstrap_mean(values: list[float], confidence: float = 0.95, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of the mean of `values` (NaNs dropped)."""
+    x, fixed = _without_spread(values)
+    if fixed is not None:
+        return fixed
+    mean = float(x.mean())
     alpha = 1.0 - confidence
     if len(x) <= EXACT_MAX_SEEDS:
         means, probs = _exact_bootstrap_means(x)
@@ -96,12 +105,10 @@ def bootstrap_mean(values: list[float], confidence: float = 0.95, seed: int = 0)
 def t_interval(values: list[float], confidence: float = 0.95) -> Interval:
     """mean +- t_{n-1, (1 + confidence) / 2} * s / sqrt(n), s the sample standard deviation (ddof 1), NaNs
     dropped; one value, or n equal ones, give a point."""
-    x = np.array([v for v in values if v == v], dtype=float)
-    if len(x) == 0:
-        return Interval(math.nan, math.nan, math.nan)
+    x, fixed = _without_spread(values)
+    if fixed is not None:
+        return fixed
     mean = float(x.mean())
-    if len(x) == 1 or np.all(x == x[0]):
-        return Interval(mean, mean, mean)
     from scipy.stats import t
 
     half = float(t.ppf((1 + confidence) / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
