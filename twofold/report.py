@@ -111,8 +111,7 @@ class Group:
     def interval_of(self, per_run) -> Interval:
         """Mean over seeds of a per-run success figure (e.g. `Run.final_success`), with its 95% t interval
         cut to [0, 1], where a success rate lives."""
-        iv = t_interval([per_run(r) for r in self.runs])
-        return Interval(iv.mean, max(iv.low, 0.0), min(iv.high, 1.0))
+        return t_interval([per_run(r) for r in self.runs]).within(0.0, 1.0)
 
     def mean_of(self, key: str, skip_first: bool = True) -> float:
         """Mean of a per-step metric over all steps and seeds (the first step, pipeline fill, left out)."""
@@ -192,8 +191,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
         paired = "-"
         if snapshot is not None and g is not snapshot:
             mine, reference = ({r.seed: r.final_success() for r in x.runs} for x in (g, snapshot))
-            diff = paired_difference(mine, reference)
-            diff = Interval(diff.mean, max(diff.low, -1.0), min(diff.high, 1.0))  # a difference of two rates
+            diff = paired_difference(mine, reference).within(-1.0, 1.0)  # a difference of two rates
             shared = len(set(mine) & set(reference))
             if shared >= MIN_RANKED_SEEDS:
                 paired = f"{diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"

@@ -38,6 +38,10 @@ class Interval:
     def overlaps(self, other: Interval) -> bool:
         return self.low <= other.high and other.low <= self.high
 
+    def within(self, low: float, high: float) -> Interval:
+        """The interval cut to [low, high], the range the quantity can take (a rate, a difference of rates)."""
+        return Interval(self.mean, max(self.low, low), min(self.high, high))
+
     def above(self, other: Interval) -> bool:
         """Wholly above `other`: its lower bound exceeds the other's upper bound."""
         return self.low > other.high
