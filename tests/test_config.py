@@ -53,6 +53,7 @@ def test_exponent_without_a_dot_is_a_number():
         ("engine.dtype=float8", "engine.dtype"),
         ("trainer.steps=abc", "trainer.steps"),
         ("loss.eps_low=1.5", "loss.eps_low"),
+        ("trainer.lr_warmup_steps=-1", "trainer.lr_warmup_steps"),
         ("model.path=/nonexistent/model", "model.path"),
         ("oldlogits.snapshot_budget=lots", "oldlogits.snapshot_budget"),
     ],

@@ -1,5 +1,5 @@
 """Real-hardware readiness on one process: chunked log-probs, token-budget micro-batches, gradient
-checkpointing, devices and mixed precision. GPU-marked tests skip without CUDA."""
+checkpointing, the learning-rate warm-up, devices and mixed precision. GPU-marked tests skip without CUDA."""
 
 import copy
 import random
@@ -13,7 +13,7 @@ from twofold.logprobs import Numerics, microbatches, pad_right, score_sequences,
 from twofold.models import load_model
 from twofold.oldlogits import BehaviorSource, SourceContext
 from twofold.rollout.trajectory import Batch, Trajectory
-from twofold.trainer.trainer import Trainer, token_advantages
+from twofold.trainer.trainer import Trainer, linear_warmup, token_advantages
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -108,6 +108,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_path, tokenizer):
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
     for n, g in grads[1].items():
         assert (g - grads[0][n]).abs().max() < 1e-6, n
+
+
+def test_linear_warmup_factors():
+    assert [linear_warmup(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert linear_warmup(0, 0) == 1.0  # no warm-up: lr from the first step
+
+
+def test_warmup_sets_each_optimizer_steps_lr_and_survives_a_restore(tiny_path, tokenizer):
+    base = load_model(tiny_path)
+    batch = seven_trajectory_batch(base, tokenizer, seed=2)
+    source = BehaviorSource(SourceContext(0, True, 2))
+    # one minibatch, one epoch: one optimizer step per train step
+    cfg = small_config(**{"trainer.lr": 1e-3, "trainer.lr_warmup_steps": 4, "trainer.num_minibatches": 1})
+    trainer = Trainer(copy.deepcopy(base), cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert trainer.train_step(batch, source)["trainer/lr"] == pytest.approx(0.25e-3)
+    # Adam's first step moves a weight by lr * g / (|g| + eps): the warmed lr wherever the gradient is not tiny
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in trainer.model.named_parameters())
+    assert moved == pytest.approx(0.25e-3, rel=1e-3)
+    assert trainer.train_step(batch, source)["trainer/lr"] == pytest.approx(0.5e-3)
+    restored = Trainer(copy.deepcopy(base), cfg)
+    restored.load_state_dict(trainer.state_dict())  # the step count travels in the optimizer's state
+    assert restored.optimizer_steps() == 2
+    lrs = [restored.train_step(batch, source)["trainer/lr"] for _ in range(3)]
+    assert lrs == pytest.approx([0.75e-3, 1e-3, 1e-3])
 
 
 @pytest.mark.parametrize("field", ["trainer.device", "engine.device", "oldlogits.device", "oldlogits.snapshot_device"])

@@ -128,6 +128,10 @@ class AdvantageConfig:
 class TrainerConfig:
     steps: int = 40
     lr: float = 2e-4
+    # Optimizer steps over which the learning rate rises linearly to `lr` (lr/N, 2 lr/N, ..., lr). Adam moves
+    # every weight by about lr on its first steps whatever the gradient's size, so a first batch with little
+    # signal can move the policy far; a warm-up bounds that. 0: `lr` from the first step.
+    lr_warmup_steps: int = 0
     weight_decay: float = 0.0
     ppo_epochs: int = 1
     num_minibatches: int = 2
@@ -475,6 +479,7 @@ def validate(cfg: Config) -> Config:
     t = cfg.trainer
     need(t.steps >= 1, "trainer.steps", "must be >= 1")
     need(t.lr > 0, "trainer.lr", "must be > 0")
+    need(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", "must be >= 0 optimizer steps (0: no warm-up)")
     need(t.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1")
     need(t.num_minibatches >= 1, "trainer.num_minibatches", "must be >= 1")
     need(

@@ -33,6 +33,12 @@ from twofold.oldlogits import OldLogitSource
 from twofold.rollout.trajectory import Batch
 
 
+def linear_warmup(step: int, warmup_steps: int) -> float:
+    """Learning-rate factor of optimizer step `step` (0-based): min(1, (step + 1) / warmup_steps), 1 when
+    `warmup_steps` is 0."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
 class TrainingHalted(RuntimeError):
     """Too many consecutive optimizer steps were skipped for non-finite loss or gradients."""
 
@@ -168,6 +174,7 @@ class Trainer:
                             f"(trainer.max_consecutive_skips={cfg.trainer.max_consecutive_skips})"
                         )
                     continue
+                lr = self.set_learning_rate()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.consecutive_skips = 0
@@ -175,6 +182,7 @@ class Trainer:
                 n_updates += 1
                 metrics["loss/value"] = loss
                 metrics["loss/grad_norm"] = float(grad_norm)
+                metrics["trainer/lr"] = lr
                 for k, v in metrics.items():
                     sums[k] += v
         out = {k: v / max(n_updates, 1) for k, v in sums.items()}
@@ -185,6 +193,22 @@ class Trainer:
         out["trainer/skipped_steps"] = float(self.skipped_steps)
         self.version += 1
         return out
+
+    def optimizer_steps(self) -> int:
+        """Optimizer steps taken so far, read from the optimizer's own state (so a restored checkpoint, of any
+        version, carries it): Adam's per-parameter step count."""
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return 0
+
+    def set_learning_rate(self) -> float:
+        """The learning rate of the next optimizer step, warm-up applied (`trainer.lr_warmup_steps`)."""
+        t = self.cfg.trainer
+        lr = t.lr * linear_warmup(self.optimizer_steps(), t.lr_warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def state_dict(self) -> dict:
         return {

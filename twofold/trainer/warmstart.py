@@ -27,6 +27,7 @@ from twofold.logprobs import pad_right, token_logprobs
 from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer
 from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_messages
 from twofold.rollout.worker import DEMO_SEED_OFFSET, EVAL_SEED_OFFSET, level_seed
+from twofold.trainer.trainer import linear_warmup
 
 WARMSTART_RECIPE = 1
 PROGRESS_SECONDS = 60.0  # how often an unfinished warm start saves where it is
@@ -122,7 +123,7 @@ def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> 
     demo_success = sum(s for _, _, s in demos) / len(demos)
     optimizer = torch.optim.AdamW(model.parameters(), lr=w.lr)
     total = w.epochs * ((len(demos) + w.batch_size - 1) // w.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: linear_warmup(i, 20) * max(0.05, 1 - i / total))
     done = 0  # batches trained so far
     saved = progress_path(out)
     if saved.exists():
