@@ -10,6 +10,7 @@ from conftest import small_config
 from twofold import report
 from twofold.config import dump_config
 from twofold.report import (
+    format_cell,
     group_runs,
     load_runs,
     ranking_table,
@@ -195,6 +196,26 @@ def test_sources_with_one_seed_are_neither_ranked_nor_recommended(tmp_path):
         shutil.rmtree(path)
     table = source_table(group_runs(load_runs([tmp_path])), [])
     assert recommendation(table).startswith("No source has 2 finished seeds yet")
+
+
+@pytest.mark.parametrize("snapshot_seconds", [(2.0, 2.0), (2.0, 2.4)])
+def test_the_cheapest_tied_source_is_fastest_unless_times_overlap_then_least_memory(tmp_path, snapshot_seconds):
+    # snapshot and behavior tie on success (0.5, 0.6 each). behavior: 2.4 s/step on both seeds, 0 MB;
+    # snapshot: 10 MB, and either 2.0 s on both seeds (a point interval under behavior's: faster, picked) or
+    # 2.0 and 2.4 s: mean 2.2, s = 0.2828, t_1 = 12.706 -> 2.2 +- 12.706 * 0.2828 / sqrt(2) = [-0.341, 4.74],
+    # overlapping behavior's 2.4: equally fast, and behavior's smaller memory decides
+    for source, seconds, mb in (("snapshot", snapshot_seconds, 10), ("behavior", (2.4, 2.4), 0)):
+        for seed, success in enumerate((0.5, 0.6)):
+            fake_run(tmp_path / f"{source}-seed{seed}", source, seed, success, seconds[seed], peak_bytes=2**20 * mb)
+    table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
+    advice = recommendation(list(table.values()))
+    if snapshot_seconds == (2.0, 2.0):
+        assert format_cell("", table["snapshot"]["s/step 95% CI"]) == "2 [2, 2]"
+        assert "Recommended: snapshot" in advice and "overlap at 95%" not in advice
+    else:
+        assert format_cell("", table["snapshot"]["s/step 95% CI"]) == "2.2 [-0.341, 4.74]"
+        assert "Recommended: behavior" in advice
+        assert "(s/step of behavior, snapshot overlap at 95%: memory, then old-logit work decide)" in advice
 
 
 def test_a_run_whose_success_stays_at_zero_is_marked_collapsed(tmp_path, monkeypatch):

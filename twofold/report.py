@@ -73,6 +73,14 @@ class Run:
     def series(self, key: str) -> list[float]:
         return [_num(r.get(key)) for r in self.rows]
 
+    def values(self, key: str, skip_first: bool = True) -> list[float]:
+        """A per-step metric's values, NaN left out, and the first step (pipeline fill) too when asked."""
+        return [v for v in self.series(key)[1 if skip_first and len(self.rows) > 1 else 0 :] if not math.isnan(v)]
+
+    def mean_of(self, key: str, skip_first: bool = True) -> float:
+        vals = self.values(key, skip_first)
+        return sum(vals) / len(vals) if vals else math.nan
+
     def final_success(self) -> float:
         """Mean success over the last SMOOTH steps."""
         tail = [v for v in self.series("success/rate")[-SMOOTH:] if v == v]
@@ -115,13 +123,13 @@ class Group:
 
     def mean_of(self, key: str, skip_first: bool = True) -> float:
         """Mean of a per-step metric over all steps and seeds (the first step, pipeline fill, left out)."""
-        vals = [
-            v
-            for r in self.runs
-            for v in r.series(key)[1 if skip_first and len(r.rows) > 1 else 0 :]
-            if not math.isnan(v)
-        ]
+        vals = [v for r in self.runs for v in r.values(key, skip_first)]
         return sum(vals) / len(vals) if vals else math.nan
+
+    def seed_interval(self, key: str) -> Interval:
+        """Mean over seeds of each run's mean of a per-step metric (e.g. seconds per step), with its 95% t
+        interval: how much of a difference between two labels is seed-to-seed noise."""
+        return t_interval([r.mean_of(key) for r in self.runs])
 
 
 def _num(v) -> float:
@@ -166,6 +174,11 @@ def group_runs(runs: list[Run]) -> list[Group]:
     return list(groups.values())
 
 
+def _nan_last(v: float) -> float:
+    """A sort key that puts a missing (NaN) figure after every real one."""
+    return math.inf if math.isnan(v) else v
+
+
 def _interval_text(iv: Interval) -> str:
     return "-" if math.isnan(iv.mean) else f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"
 
@@ -205,6 +218,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
                 "seeds": len(g.runs),
                 "steps": min(len(r.rows) for r in g.runs),
                 "s/step": step_s,
+                "s/step 95% CI": g.seed_interval("time/step"),
                 **{f"{p} s": g.mean_of(f"time/{p}") for p in TIME_PARTS},
                 "extra vs behavior": (step_s / baseline - 1) if baseline == baseline else math.nan,
                 "peak extra MB": max(
@@ -244,7 +258,7 @@ def ranking_table(table: list[dict]) -> list[dict]:
     """The source table's ranking columns, best rank first (then by final success), unranked sources last."""
 
     def order(r: dict) -> tuple[float, float]:
-        rank = r["rank"] if r["rank"] == r["rank"] else math.inf
+        rank = _nan_last(r["rank"])
         return (rank, -(r["final success"] if r["final success"] == r["final success"] else -math.inf))
 
     rows = sorted(table, key=order)
@@ -269,22 +283,26 @@ def recommendation(table: list[dict]) -> str:
     best = sorted((r for r in rows if r["rank"] == 1), key=lambda r: (-r["final success"], r["source"]))
     collapsed = [r["source"] for r in finished if not r["collapsed"].startswith("0/")]
 
-    def cost(r: dict) -> tuple[float, float]:
-        step = r["s/step"] if r["s/step"] == r["s/step"] else math.inf
-        return (round(step, 2), r["peak extra MB"])
-
-    pick = min(best, key=cost)
-    others = [r["source"] for r in best if r is not pick]
+    # Time first, tied like success: sources whose s/step intervals overlap the fastest one's are equally fast
+    # (async timing moves with each run's staleness), and extra memory, then old-logit work, decide among them.
+    fastest = min(best, key=lambda r: _nan_last(r["s/step"]))
+    as_fast = [r for r in best if r["s/step 95% CI"].overlaps(fastest["s/step 95% CI"])] or [fastest]
+    pick = min(as_fast, key=lambda r: (r["peak extra MB"], _nan_last(r["old_logits s"]), _nan_last(r["s/step"])))
     text = (
         f"Best tied group (95% intervals of final success overlap; no source is clearly better): "
         f"{', '.join(r['source'] for r in best)}. "
     )
-    if others:
+    if len(best) > 1:
         text += (
             f"Cheapest of them: {pick['source']} at {pick['s/step']:.3g} s/step "
-            f"({format_cell('extra vs behavior', pick['extra vs behavior'])} vs behavior) and "
-            f"{pick['peak extra MB']:.3g} MB of extra memory. "
+            f"({format_cell('extra vs behavior', pick['extra vs behavior'])} vs behavior), "
+            f"{pick['peak extra MB']:.3g} MB of extra memory and {format_cell('', pick['old_logits s'])} s of "
+            "old-logit work per step"
         )
+        if len(as_fast) > 1:
+            names = ", ".join(r["source"] for r in as_fast)
+            text += f" (s/step of {names} overlap at 95%: memory, then old-logit work decide)"
+        text += ". "
     text += f"Recommended: {pick['source']} (final success {pick['final 95% CI']})."
     if collapsed:
         text += (
@@ -368,6 +386,8 @@ def format_cell(key: str, v) -> str:
     """One table cell as text: NaN as '-', overheads and fractions as percentages, 3 significant digits."""
     if isinstance(v, str):
         return v
+    if isinstance(v, Interval):
+        return _interval_text(v)
     if isinstance(v, int):
         return str(v)
     if math.isnan(v):
