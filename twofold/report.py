@@ -258,8 +258,7 @@ def ranking_table(table: list[dict]) -> list[dict]:
     """The source table's ranking columns, best rank first (then by final success), unranked sources last."""
 
     def order(r: dict) -> tuple[float, float]:
-        rank = _nan_last(r["rank"])
-        return (rank, -(r["final success"] if r["final success"] == r["final success"] else -math.inf))
+        return (_nan_last(r["rank"]), _nan_last(-r["final success"]))
 
     rows = sorted(table, key=order)
     return [{k: r[k] for k in RANKING_COLUMNS} for r in rows]
