@@ -1,6 +1,7 @@
 """Statistics over seeds, checked against intervals derived by hand, and the report sections built on them."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from twofold.report import (
     format_cell,
     group_runs,
     load_runs,
+    log_scale_with_zero,
     ranking_table,
     recommendation,
     regime_table,
@@ -237,6 +239,14 @@ def test_report_shows_every_statistics_section(grid):
     assert "Recommended: ewma" in markdown and "final 95% CI" in markdown and "vs snapshot" in markdown
     assert (grid / "report" / "audit_error_vs_lag.png").exists()
     assert (grid / "report" / "curves_step.png").exists()
+
+
+def test_error_axis_is_log_unless_an_exact_zero_must_be_drawn():
+    # recompute's error is exactly 0 at lag 0 (its pi_old is the current weights); a log axis would clip it
+    assert log_scale_with_zero([0.02, 0.3, math.nan]) == ("log", {})
+    assert log_scale_with_zero([0.0, 0.33, 0.0008]) == ("symlog", {"linthresh": pytest.approx(1e-4)})
+    assert log_scale_with_zero([0.0, 0.01]) == ("symlog", {"linthresh": pytest.approx(0.01)})
+    assert log_scale_with_zero([0.0, 0.0]) == ("symlog", {"linthresh": 1.0})
 
 
 def test_regime_table_averages_lag_shares_and_kls_over_steps_and_seeds(tmp_path):

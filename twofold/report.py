@@ -410,6 +410,21 @@ def markdown_table(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------- plots
 
 
+def log_scale_with_zero(values: list[float]) -> tuple[str, dict]:
+    """Matplotlib y-scale for positive errors that may include exact zeros.
+
+    A log axis cannot place 0 (matplotlib clips it to the axis bottom, where it reads as a tiny
+    error). When a 0 is present, use symlog, linear below the decade of the smallest positive value
+    (a power of ten, so no decade tick falls inside the linear part), so an exact source sits at 0
+    and every positive value keeps its log position.
+    """
+    finite = [v for v in values if not math.isnan(v)]
+    if 0.0 not in finite:
+        return "log", {}
+    positive = [v for v in finite if v > 0]
+    return "symlog", {"linthresh": 10.0 ** math.floor(math.log10(min(positive))) if positive else 1.0}
+
+
 def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[str, list[Path]]:
     import matplotlib
 
@@ -425,6 +440,12 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
         plt.close(fig)
         figs[section].append(path)
 
+    def log_y_axis(ax, plotted: list[float]) -> None:
+        scale, kwargs = log_scale_with_zero(plotted)
+        ax.set_yscale(scale, **kwargs)
+        if scale == "symlog":  # errors are >= 0: no negative half
+            ax.set_ylim(bottom=0)
+
     def band(ax, xs, curve, label, smooth_it=False):
         """The seed mean with its 95% bootstrap band (each smoothed over SMOOTH steps when asked)."""
         m, lo, hi = ([getattr(iv, f) for iv in curve] for f in ("mean", "low", "high"))
@@ -437,16 +458,18 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
     def per_step(section, name, keys_titles, smooth_it=False, of=groups, log_y=False):
         fig, axes = plt.subplots(1, len(keys_titles), figsize=(5.5 * len(keys_titles), 3.8), squeeze=False)
         for ax, (key, title) in zip(axes[0], keys_titles, strict=True):
+            plotted = []
             for g in of:
                 curve = g.mean_curve(key)
                 line, m = band(ax, list(range(1, len(curve) + 1)), curve, g.label, smooth_it)
+                plotted += m
                 if key == "success/rate":  # mark where a run collapsed
                     steps = [c for c in (r.collapse_step() for r in g.runs) if c is not None and c <= len(m)]
                     ax.plot(steps, [m[c - 1] for c in steps], "x", color=line.get_color(), markersize=9)
             ax.set_title(title)
             ax.set_xlabel("step")
             if log_y:
-                ax.set_yscale("log")
+                log_y_axis(ax, plotted)
         axes[0][0].legend(fontsize=7)
         save(fig, section, name)
 
@@ -488,13 +511,15 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
             "audit", "audit_error", [("audit/abs_err_mean", "mean |old log-prob - exact|")], of=audit_groups, log_y=True
         )
         fig, ax = plt.subplots(figsize=(6, 3.8))
+        plotted = []
         for g in audit_groups:
             errors = [g.mean_of(f"audit/abs_err_lag{b}", skip_first=False) for b in LAG_BUCKETS]
             ax.plot(range(len(LAG_BUCKETS)), errors, "o-", label=g.label)
+            plotted += errors
         ax.set_xticks(range(len(LAG_BUCKETS)), [b.replace("plus", "+") for b in LAG_BUCKETS])
         ax.set_xlabel("token lag (trainer version - token version)")
         ax.set_ylabel("mean |old log-prob - exact|")
-        ax.set_yscale("log")
+        log_y_axis(ax, plotted)
         ax.set_title("approximation error against staleness")
         ax.legend(fontsize=7)
         save(fig, "audit", "audit_error_vs_lag")
