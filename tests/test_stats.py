@@ -170,7 +170,8 @@ def test_source_table_intervals_pairs_ranks_and_collapses(grid):
     assert table["snapshot"]["final 95% CI"] == "0.55 [0.458, 0.642]"
     assert table["behavior"]["final 95% CI"] == "0.35 [0.258, 0.442]"
     # ewma - snapshot per seed: 0, -0.1, 0.1, 0 -> mean 0, an interval around it
-    assert table["ewma"]["vs snapshot"].startswith("+0 [-") and table["snapshot"]["vs snapshot"] == "-"
+    assert format_cell("vs snapshot", table["ewma"]["vs snapshot"]).startswith("+0 [-")
+    assert table["snapshot"]["vs snapshot"] == "-"
     assert {s: table[s]["rank"] for s in table} == {"snapshot": 1, "ewma": 1, "behavior": 3, "recompute": 4}
     assert table["recompute"]["collapsed"] == "1/4 (seed 0 at step 4, stopped answering)"
     assert table["ewma"]["collapsed"] == "0/4"
@@ -178,6 +179,26 @@ def test_source_table_intervals_pairs_ranks_and_collapses(grid):
     assert "Best tied group" in advice and "ewma, snapshot." in advice  # by final success, then name
     assert "Recommended: ewma" in advice  # tied with snapshot, and cheaper: 2.0 vs 2.2 s/step
     assert "Collapsed runs: recompute" in advice
+    # behavior - snapshot is -0.2 on every seed, recompute - snapshot -0.4: zero-width intervals below 0
+    assert "Paired on the same seeds, behind snapshot: behavior (-0.2 [-0.2, -0.2]), recompute (-0.4" in advice
+    assert "ahead of snapshot" not in advice
+
+
+def test_paired_seeds_separate_sources_whose_own_intervals_overlap(tmp_path):
+    # Seed difficulty moves both sources alike: snapshot 0.3, 0.5, 0.7 and ewma 0.34, 0.56, 0.75. Own t
+    # intervals (t_2 = 4.303): snapshot 0.5 +- 4.303 * 0.2 / sqrt(3) = [0.003, 0.997] overlaps ewma's, so both
+    # rank 1. Paired: differences 0.04, 0.06, 0.05, mean 0.05, s = 0.01, 0.05 +- 4.303 * 0.01 / sqrt(3)
+    # = [0.0252, 0.0748], above 0.
+    for source, values in (("snapshot", [0.3, 0.5, 0.7]), ("ewma", [0.34, 0.56, 0.75])):
+        for seed, success in enumerate(values):
+            fake_run(tmp_path / f"{source}-seed{seed}", source, seed, success, 2.0)
+    table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
+    assert table["snapshot"]["rank"] == table["ewma"]["rank"] == 1
+    diff = table["ewma"]["vs snapshot"]
+    assert (diff.mean, diff.low, diff.high) == pytest.approx((0.05, 0.0252, 0.0748), abs=1e-4)
+    advice = recommendation(list(table.values()))
+    assert "Paired on the same seeds, ahead of snapshot: ewma (+0.05 [+0.0252, +0.0748])." in advice
+    assert "Every ranked source ties" not in advice
 
 
 def test_sources_with_one_seed_are_neither_ranked_nor_recommended(tmp_path):

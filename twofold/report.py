@@ -179,18 +179,20 @@ def _nan_last(v: float) -> float:
     return math.inf if math.isnan(v) else v
 
 
-def _interval_text(iv: Interval) -> str:
-    return "-" if math.isnan(iv.mean) else f"{iv.mean:.3g} [{iv.low:.3g}, {iv.high:.3g}]"
+def _interval_text(iv: Interval, signed: bool = False) -> str:
+    f = "+.3g" if signed else ".3g"
+    return "-" if math.isnan(iv.mean) else f"{iv.mean:{f}} [{iv.low:{f}}, {iv.high:{f}}]"
 
 
 def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
     """One row per label: seconds per step and its split, overhead vs `behavior`, memory, success.
 
     Success columns: `final success` is the seed mean of each run's last SMOOTH steps, with its 95%
-    t interval in `final 95% CI`; `vs snapshot` is the paired difference to `snapshot` on the
-    same seeds; `rank` ties sources whose intervals overlap (`stats.tied_ranks`), among the sources with at
-    least MIN_RANKED_SEEDS seeds (the others' rank is NaN, shown '-'); `collapsed` counts runs that
-    collapsed (`Run.collapse`), with the step and how.
+    t interval in `final 95% CI`; `vs snapshot` is the paired difference to `snapshot` on the same
+    seeds (an Interval from MIN_RANKED_SEEDS shared seeds, text below that); `rank` ties sources whose
+    intervals overlap (`stats.tied_ranks`), among the sources with at least MIN_RANKED_SEEDS seeds (the
+    others' rank is NaN, shown '-'); `collapsed` counts runs that collapsed (`Run.collapse`), with the
+    step and how.
     """
     baseline = next((g.mean_of("time/step") for g in groups if g.label.endswith("behavior")), math.nan)
     audit = {g.label: g.mean_of("audit/abs_err_mean", skip_first=False) for g in audit_groups}
@@ -207,7 +209,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
             diff = paired_difference(mine, reference).within(-1.0, 1.0)  # a difference of two rates
             shared = len(set(mine) & set(reference))
             if shared >= MIN_RANKED_SEEDS:
-                paired = f"{diff.mean:+.3g} [{diff.low:+.3g}, {diff.high:+.3g}]"
+                paired = diff
             elif shared:
                 paired = f"{diff.mean:+.3g} (1 seed, no interval)"
         collapses = [(r.seed, r.collapse()) for r in g.runs]
@@ -287,10 +289,7 @@ def recommendation(table: list[dict]) -> str:
     fastest = min(best, key=lambda r: _nan_last(r["s/step"]))
     as_fast = [r for r in best if r["s/step 95% CI"].overlaps(fastest["s/step 95% CI"])] or [fastest]
     pick = min(as_fast, key=lambda r: (r["peak extra MB"], _nan_last(r["old_logits s"]), _nan_last(r["s/step"])))
-    text = (
-        f"Best tied group (95% intervals of final success overlap; no source is clearly better): "
-        f"{', '.join(r['source'] for r in best)}. "
-    )
+    text = f"Best tied group (95% intervals of final success overlap): {', '.join(r['source'] for r in best)}. "
     if len(best) > 1:
         text += (
             f"Cheapest of them: {pick['source']} at {pick['s/step']:.3g} s/step "
@@ -308,7 +307,18 @@ def recommendation(table: list[dict]) -> str:
             f" Collapsed runs: {', '.join(collapsed)} (valid-action rate under {COLLAPSE_VALID_RATE:.0%}, or "
             f"success 0 for the last {STUCK_STEPS}+ steps)."
         )
-    if len(best) == len(rows) and len(rows) > 1:
+    # Seeds are matched across sources, so a paired difference can separate sources whose own intervals overlap.
+    paired = [r for r in finished if isinstance(r["vs snapshot"], Interval)]
+    separated = False
+    for side, names in (
+        ("ahead of", [r for r in paired if r["vs snapshot"].low > 0]),
+        ("behind", [r for r in paired if r["vs snapshot"].high < 0]),
+    ):
+        if names:
+            listed = ", ".join(f"{r['source']} ({format_cell('vs snapshot', r['vs snapshot'])})" for r in names)
+            text += f" Paired on the same seeds, {side} snapshot: {listed}."
+            separated = True
+    if len(best) == len(rows) and len(rows) > 1 and not separated:
         text += " Every ranked source ties: more seeds or steps would be needed to separate them."
     return text + note
 
@@ -386,7 +396,7 @@ def format_cell(key: str, v) -> str:
     if isinstance(v, str):
         return v
     if isinstance(v, Interval):
-        return _interval_text(v)
+        return _interval_text(v, signed=key == "vs snapshot")
     if isinstance(v, int):
         return str(v)
     if math.isnan(v):
