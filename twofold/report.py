@@ -309,16 +309,13 @@ def recommendation(table: list[dict]) -> str:
         )
     # Seeds are matched across sources, so a paired difference can separate sources whose own intervals overlap.
     paired = [r for r in finished if isinstance(r["vs snapshot"], Interval)]
-    separated = False
-    for side, names in (
-        ("ahead of", [r for r in paired if r["vs snapshot"].low > 0]),
-        ("behind", [r for r in paired if r["vs snapshot"].high < 0]),
-    ):
+    ahead = [r for r in paired if r["vs snapshot"].low > 0]
+    behind = [r for r in paired if r["vs snapshot"].high < 0]
+    for side, names in (("ahead of", ahead), ("behind", behind)):
         if names:
             listed = ", ".join(f"{r['source']} ({format_cell('vs snapshot', r['vs snapshot'])})" for r in names)
             text += f" Paired on the same seeds, {side} snapshot: {listed}."
-            separated = True
-    if len(best) == len(rows) and len(rows) > 1 and not separated:
+    if len(best) == len(rows) and len(rows) > 1 and not (ahead or behind):
         text += " Every ranked source ties: more seeds or steps would be needed to separate them."
     return text + note
 
