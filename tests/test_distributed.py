@@ -22,6 +22,7 @@ from twofold.oldlogits import BehaviorSource, SourceContext
 from twofold.pipeline.checkpoint import checkpoints, verify
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.rundir import read_metrics, summary
+from twofold.pipeline.train import rank_tracebacks
 from twofold.trainer.trainer import Trainer
 
 TWO = {"trainer.world_size": 2, "run.tensorboard": False}
@@ -278,3 +279,15 @@ def test_losing_a_rank_ends_the_run_with_a_clear_message_and_it_resumes(tmp_path
     code, err = cli("--resume", str(run))
     assert code == 0, err[-2000:]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_every_failed_rank_s_traceback_is_reported_not_only_the_first_seen(tmp_path):
+    # torch.multiprocessing writes a pickled traceback file only for a rank that raised; rank 1 here exited
+    # without raising (no file). A peer's "Connection closed" must not hide the rank that caused it.
+    files = [tmp_path / f"rank{r}.pickle" for r in range(3)]
+    files[0].write_bytes(pickle.dumps("Traceback ...\nValueError: the cause"))
+    files[2].write_bytes(pickle.dumps("Traceback ...\nRuntimeError: Connection closed by peer"))
+    assert rank_tracebacks([str(f) for f in files]) == {
+        0: "Traceback ...\nValueError: the cause",
+        2: "Traceback ...\nRuntimeError: Connection closed by peer",
+    }

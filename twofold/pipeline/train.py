@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import pickle
 import re
 import signal
 from pathlib import Path
@@ -96,9 +97,24 @@ def run_local_ranks(cfg: Config, run_dir: Path, model_path: Path, resume: bool) 
                 f"trainer rank {e.error_index} (pid {e.error_pid}) died ({how}); the other ranks were "
                 f"stopped. Resume from the last checkpoint with `twofold train --resume {run_dir}`"
             ) from None
-        except mp.ProcessRaisedException as e:
-            last = str(e).strip().splitlines()[-1]
-            m = re.match(r"twofold\.config\.ConfigError: config field '([^']*)': (.*)", last)
-            if m:
-                raise ConfigError(m.group(1), m.group(2)) from None
-            raise RuntimeError(f"a trainer rank failed; its traceback:\n{e}") from None
+        except mp.ProcessRaisedException:
+            tracebacks = rank_tracebacks(context.error_files)
+            for trace in tracebacks.values():
+                last = trace.strip().splitlines()[-1]
+                m = re.match(r"twofold\.config\.ConfigError: config field '([^']*)': (.*)", last)
+                if m:
+                    raise ConfigError(m.group(1), m.group(2)) from None
+            ends = {rank: f"exit code {p.exitcode}" for rank, p in enumerate(context.processes)} | tracebacks
+            listed = "\n".join(f"-- rank {rank}: {end}" for rank, end in ends.items())
+            raise RuntimeError(f"trainer ranks {sorted(tracebacks)} failed; every rank's end:\n{listed}") from None
+
+
+def rank_tracebacks(error_files: list[str]) -> dict[int, str]:
+    """The traceback of every rank that raised (torch.multiprocessing writes one file per failed rank). All of
+    them, not only the first seen: a rank whose peer died fails too ("Connection closed by peer"), and which of
+    the two the launcher notices first is a race, so the cause may be the other one."""
+    tracebacks = {}
+    for rank, path in enumerate(error_files):
+        with contextlib.suppress(OSError), open(path, "rb") as fh:
+            tracebacks[rank] = pickle.load(fh)
+    return tracebacks
