@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,6 +84,36 @@ def test_sigkill_at_random_points_then_resume(tmp_path, tiny_path, mode, kills, 
         assert json.loads((path / "run_state.json").read_text())["step"] == int(path.name.split("_")[1])
     if mode == "sync":  # deterministic on CPU: the killed-and-resumed run is the uninterrupted one, bit for bit
         assert _comparable(rows) == _comparable(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+
+
+def _running(pid) -> bool:
+    """The process exists and is not a zombie (an orphan's exit may stay unreaped in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_launcher_killed_while_its_ranks_start_leaves_no_rank_training(tmp_path, tiny_path):
+    # A rank takes seconds to start (a fresh interpreter importing torch) before it can ask for SIGKILL on
+    # the launcher's death. Killed in that window, the ranks used to be re-parented and train the whole
+    # run unobserved, beside the run resumed into the same directory.
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(dump_config(small_config(**{"trainer.steps": 6, "trainer.world_size": 2})))
+    run_dir = tmp_path / "run"
+    proc = _train(cfg_path, run_dir)
+    children = []
+    while not children and proc.poll() is None:  # kill the moment the first rank process exists
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert children, "the launcher ended before it started its ranks"
+    deadline = time.monotonic() + 60
+    while any(map(_running, children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(map(_running, children))
+    assert not list(run_dir.glob("rank*.pid")) and not (run_dir / "metrics.jsonl").exists()
 
 
 class RaisingLake(FrozenLake):

@@ -42,20 +42,34 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
         return run_dir, session.run()
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(launcher_pid: int) -> None:
     """Linux: this process gets SIGKILL when the launcher dies, so a killed run leaves no rank behind
-    (a leftover rank would go on writing into the run directory beside the resumed run)."""
+    (a leftover rank would go on writing into the run directory beside the resumed run).
+
+    The signal only covers a launcher that dies after the prctl call. A rank spends seconds starting
+    (a fresh interpreter importing torch) before it gets here; if the launcher was killed in that window
+    the rank has already been re-parented, so it leaves now instead of training on unobserved."""
     with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to set
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != launcher_pid:
+        os._exit(1)  # nobody waits for this exit code: the launcher is gone
 
 
 def _rank_main(
-    rank: int, world_size: int, address: str, port: int, cfg: Config, run_dir: str, model_path: str, resume: bool
+    rank: int,
+    launcher_pid: int,
+    world_size: int,
+    address: str,
+    port: int,
+    cfg: Config,
+    run_dir: str,
+    model_path: str,
+    resume: bool,
 ) -> None:
     """One local rank: join the group, build the Pipeline (rank 0 with the rollout side), run it."""
     from twofold.distributed import close_ranks, init_ranks, rank_device, threads_per_rank
 
-    _die_with_parent()
+    _die_with_parent(launcher_pid)
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(levelname)s rank{rank} %(name)s: %(message)s"
     )
@@ -79,7 +93,10 @@ def run_local_ranks(cfg: Config, run_dir: Path, model_path: Path, resume: bool) 
 
     n = cfg.trainer.world_size
     context = mp.spawn(
-        _rank_main, args=(n, "127.0.0.1", free_port(), cfg, str(run_dir), str(model_path), resume), nprocs=n, join=False
+        _rank_main,
+        args=(os.getpid(), n, "127.0.0.1", free_port(), cfg, str(run_dir), str(model_path), resume),
+        nprocs=n,
+        join=False,
     )
 
     def forward(signum, frame):
