@@ -3,6 +3,7 @@ behaviour log-probs), and a run that cannot make progress stopping with a clear 
 
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 from conftest import small_config
 
-from twofold.config import dump_config
+from twofold.config import ConfigError, dump_config
 from twofold.envs.frozenlake import FrozenLake
 from twofold.pipeline.checkpoint import checkpoints, verify
 from twofold.pipeline.loop import Pipeline
@@ -114,6 +115,25 @@ def test_launcher_killed_while_its_ranks_start_leaves_no_rank_training(tmp_path,
         time.sleep(0.2)
     assert not any(map(_running, children))
     assert not list(run_dir.glob("rank*.pid")) and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_run_being_written_refuses_a_second_writer_until_its_process_dies(tmp_path, tiny_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(dump_config(small_config(**{"trainer.steps": 50})))
+    run_dir = tmp_path / "run"
+    proc = _train(cfg_path, run_dir)
+    try:
+        while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None:
+            time.sleep(0.1)
+        with pytest.raises(ConfigError, match=rf"run.dir.*another twofold process \(pid {proc.pid}\)"):
+            Pipeline(small_config(**{"trainer.steps": 51}), run_dir, resume=True, model_path=tiny_path)
+    finally:
+        proc.kill()  # SIGKILL: the kernel drops the lock with the process
+        proc.wait()
+    assert "steps: 50" in (run_dir / "config.yaml").read_text()  # the refused writer wrote nothing
+    resumed = Pipeline(small_config(**{"trainer.steps": 1}), run_dir, resume=True, model_path=tiny_path)
+    resumed.close()
+    assert (run_dir / "run.lock").read_text() == str(os.getpid())
 
 
 class RaisingLake(FrozenLake):

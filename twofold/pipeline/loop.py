@@ -34,7 +34,7 @@ from twofold.pipeline.admission import Admission
 from twofold.pipeline.checkpoint import latest_checkpoint, restore_pipeline, restore_source, save_checkpoint
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
-from twofold.pipeline.rundir import MetricsSink, default_run_dir, refuse_existing_run, write_summary
+from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
 from twofold.pipeline.runtime import EmbeddedRuntime, Runtime
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.rollout.worker import RolloutWorker
@@ -110,9 +110,11 @@ class Pipeline:
         main = self.ranks.is_main
         self.runtime = runtime or EmbeddedRuntime()
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
+        self.run_lock = None
         if main:
             refuse_existing_run(self.run_dir, resume)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_lock = lock_run_dir(self.run_dir)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -448,3 +450,6 @@ class Pipeline:
         self.runtime.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.run_lock is not None:
+            self.run_lock.close()  # releases the flock
+            self.run_lock = None

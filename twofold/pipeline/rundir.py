@@ -4,12 +4,14 @@ Layout:
     config.yaml            the resolved config
     metrics.jsonl          one JSON object per train step, appended and flushed per line
     tb/                    TensorBoard event files
-    checkpoints/step_N.pt  the last `run.keep_checkpoints` checkpoints, each written atomically (checkpoint.py)
+    checkpoints/step_N/    the last `run.keep_checkpoints` checkpoints, each written atomically (checkpoint.py)
     summary.json           written when the run stops: finished (all steps) or stopped by a signal
+    run.lock               held (flock) by the process writing the run; holds its pid
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -33,6 +35,31 @@ def atomic_write_bytes(path: Path, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold `run_dir/run.lock` while this process writes the run, and return the open lock file.
+
+    A second writer (a cell left running by a killed `twofold compare`, a resume started twice) would
+    interleave its steps and checkpoints with this one's. flock goes with the process however it ends,
+    so a killed run never leaves the directory locked."""
+    fh = open(run_dir / "run.lock", "a+")  # noqa: SIM115 (held for the whole run; Pipeline.close closes it)
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise ConfigError(
+            "run.dir",
+            f"{str(run_dir)!r} is being written by another twofold process (pid {holder}); wait for it to end "
+            f"or stop it, then continue with `twofold train --resume {run_dir}`",
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def read_metrics(path: str | Path) -> list[dict]:
