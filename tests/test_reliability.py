@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import small_config
 
+from twofold.cli import main
 from twofold.config import ConfigError, dump_config
 from twofold.envs.frozenlake import FrozenLake
 from twofold.pipeline.checkpoint import checkpoints, verify
@@ -134,6 +135,42 @@ def test_a_run_being_written_refuses_a_second_writer_until_its_process_dies(tmp_
     resumed = Pipeline(small_config(**{"trainer.steps": 1}), run_dir, resume=True, model_path=tiny_path)
     resumed.close()
     assert (run_dir / "run.lock").read_text() == str(os.getpid())
+
+
+def test_a_killed_grid_takes_its_cells_a_stopped_one_checkpoints_them_and_both_resume(tmp_path, tiny_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(dump_config(small_config()))
+    out, steps = tmp_path / "grid", 40  # ~0.25 s each
+    argv = ["compare", "--config", str(cfg_path), "--sources", "behavior", "--seeds", "1", "--steps", str(steps)]
+    argv += ["--out", str(out), "run.progress=false"]
+    cell = out / "behavior-seed0"
+
+    def grid_with_a_step_done():
+        """The grid in a subprocess, once its cell has trained a step in this run; with the cell's pid."""
+        before = len(read_metrics(cell / "metrics.jsonl"))
+        proc = subprocess.Popen([sys.executable, "-m", "twofold.cli", *argv], stderr=subprocess.PIPE, text=True)
+        while proc.poll() is None and len(read_metrics(cell / "metrics.jsonl")) <= before:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the grid ended before its cell trained a step"
+        return proc, int((cell / "run.lock").read_text())
+
+    proc, pid = grid_with_a_step_done()
+    proc.kill()  # SIGKILL: no handler; the cell must die with the grid, not train on unobserved
+    proc.wait()
+    deadline = time.monotonic() + 2  # the kernel kills it at once; on its own it would train ~10 s more
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(pid)
+
+    proc, pid = grid_with_a_step_done()
+    proc.terminate()  # SIGTERM: passed on to the cell, which checkpoints and stops
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "grid stopped: 1 run(s) not finished (behavior-seed0)" in err
+    assert summary(cell)["stopped_by_signal"] == 15 and not summary(cell)["finished"]
+    assert not _running(pid)
+
+    assert main(argv) == 0  # the same command finishes the grid
+    assert [r["step"] for r in read_metrics(cell / "metrics.jsonl")] == list(range(1, steps + 1))
 
 
 class RaisingLake(FrozenLake):

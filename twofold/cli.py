@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from twofold.config import OLD_LOGIT_SOURCES, ConfigError, load_config
-from twofold.pipeline.progress import RankLost
+from twofold.pipeline.progress import PARENT_PID_VAR, RankLost, die_with_parent
 
 
 def _config(args):
@@ -21,6 +22,9 @@ def _config(args):
 
 
 def cmd_train(args) -> int:
+    parent = os.environ.pop(PARENT_PID_VAR, None)
+    if parent:  # a cell of `twofold compare`: SIGKILL of the grid takes it down too
+        die_with_parent(int(parent))
     run_dir = Path(args.resume) if args.resume else None
     if run_dir is not None:
         if not (run_dir / "config.yaml").is_file():
@@ -47,15 +51,22 @@ def _grid_config(args, default_out: str):
     return cfg, Path(args.out or f"runs/{default_out}-{cfg.env.name}")
 
 
-def _finish_grid(status: dict[str, int]) -> int:
-    failed = [name for name, rc in status.items() if rc != 0]
+def _finish_grid(status: dict[str, int | None]) -> int:
+    failed = [name for name, rc in status.items() if rc]
+    unfinished = [name for name, rc in status.items() if rc is None]
     if failed:
         print(
             f"{len(failed)} run(s) failed: {', '.join(failed)} (see train.log in each); "
             f"re-run the same command to retry them",
             file=sys.stderr,
         )
-    return 1 if failed else 0
+    if unfinished:
+        print(
+            f"grid stopped: {len(unfinished)} run(s) not finished ({', '.join(unfinished)}); "
+            f"re-run the same command to resume them",
+            file=sys.stderr,
+        )
+    return 1 if failed or unfinished else 0
 
 
 def cmd_compare(args) -> int:

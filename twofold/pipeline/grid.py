@@ -5,11 +5,13 @@ Every cell is an ordinary `twofold train` in its own subprocess and run director
 so a crashed cell fails alone, cells can run in parallel, and re-running the same command skips the
 finished cells and resumes the interrupted ones from their last checkpoint. The grid folder keeps the
 resolved base config (`base.yaml`); re-using the folder with a different config is refused, since the
-finished cells would no longer be comparable.
+finished cells would no longer be comparable. SIGINT/SIGTERM stop the grid: running cells get the signal
+(each checkpoints and stops), no new cell starts. SIGKILL takes the running cells with it.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from twofold.config import EXACT_SOURCES, OLD_LOGIT_SOURCES, Config, ConfigError, dump_config
+from twofold.pipeline.progress import PARENT_PID_VAR, stop_signals
 from twofold.pipeline.rundir import read_metrics, summary
 
 
@@ -89,8 +92,11 @@ def prepare_grid(cfg: Config, out: Path) -> Path:
     return base
 
 
-def run_grid(cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, progress: bool = True) -> dict[str, int]:
-    """Run every unfinished cell; returns {cell name: exit status} (0 also for cells already done)."""
+def run_grid(
+    cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, progress: bool = True
+) -> dict[str, int | None]:
+    """Run every unfinished cell; returns {cell name: exit status} (0 also for cells already done, None for
+    cells a stop signal left unfinished or unstarted)."""
     if parallel < 1:
         raise ConfigError("--parallel", "must be >= 1")
     base = prepare_grid(cfg, out)
@@ -129,7 +135,9 @@ def run_grid(cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, pr
             f"trainer.steps={steps}",
         ]
         with open(run_dir / "train.log", "a") as log_file:  # the child keeps its own descriptor
-            running[cell.name] = (subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT), run_dir)
+            env = {**os.environ, PARENT_PID_VAR: str(os.getpid())}  # compare killed: its cells too
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            running[cell.name] = (proc, run_dir)
 
     def poll() -> None:
         for name, (proc, run_dir) in list(running.items()):
@@ -150,10 +158,25 @@ def run_grid(cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, pr
         counted[cell.name] = len(read_metrics(out / cell.name / "metrics.jsonl"))
         bar.update(counted[cell.name])
     queue = list(todo)
-    while queue or running:
-        while queue and len(running) < parallel:
-            launch(queue.pop(0))
-        time.sleep(0.5)
-        poll()
+    stopped: set[str] = set()  # cells running when a stop signal came
+    stop_requested = False
+
+    def stop(signum, frame) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+        for name, (proc, _) in running.items():
+            stopped.add(name)
+            proc.send_signal(signum)  # the cell checkpoints at the end of its step and exits
+
+    with stop_signals(stop):
+        while (queue and not stop_requested) or running:
+            while queue and not stop_requested and len(running) < parallel:
+                launch(queue.pop(0))
+            time.sleep(0.5)
+            poll()
     bar.close()
+    for cell in cells:
+        # Stopped by the signal (a cell still starting dies of it: not a failure), or never started.
+        if (cell.name in stopped or cell.name not in status) and not cell_finished(out / cell.name, steps):
+            status[cell.name] = None
     return status

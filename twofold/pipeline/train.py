@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import pickle
 import re
-import signal
 from pathlib import Path
 
 from twofold.config import Config, ConfigError
 from twofold.pipeline.loop import Pipeline
-from twofold.pipeline.progress import RankLost, stop_signals
+from twofold.pipeline.progress import RankLost, die_with_parent, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import default_run_dir, refuse_existing_run, summary
 
@@ -42,19 +40,6 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
         return run_dir, session.run()
 
 
-def _die_with_parent(launcher_pid: int) -> None:
-    """Linux: this process gets SIGKILL when the launcher dies, so a killed run leaves no rank behind
-    (a leftover rank would go on writing into the run directory beside the resumed run).
-
-    The signal only covers a launcher that dies after the prctl call. A rank spends seconds starting
-    (a fresh interpreter importing torch) before it gets here; if the launcher was killed in that window
-    the rank has already been re-parented, so it leaves now instead of training on unobserved."""
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: nothing to set
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != launcher_pid:
-        os._exit(1)  # nobody waits for this exit code: the launcher is gone
-
-
 def _rank_main(
     rank: int,
     launcher_pid: int,
@@ -69,7 +54,7 @@ def _rank_main(
     """One local rank: join the group, build the Pipeline (rank 0 with the rollout side), run it."""
     from twofold.distributed import close_ranks, init_ranks, rank_device, threads_per_rank
 
-    _die_with_parent(launcher_pid)
+    die_with_parent(launcher_pid)  # before anything else: a rank of a killed launcher must not train
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(levelname)s rank{rank} %(name)s: %(message)s"
     )
