@@ -100,7 +100,17 @@ def test_stuck_is_a_final_stretch_of_zeros_after_success():
 
 
 def fake_run(
-    path, source, seed, success, seconds, peak_bytes=0.0, valid=None, audit=False, lag_errors=None, regime=None
+    path,
+    source,
+    seed,
+    success,
+    seconds,
+    peak_bytes=0.0,
+    valid=None,
+    audit=False,
+    lag_errors=None,
+    regime=None,
+    old_logits=0.0,
 ):
     path.mkdir(parents=True)
     cfg = yaml.safe_load(dump_config(small_config(seed=seed, **{"oldlogits.source": source})))
@@ -113,6 +123,7 @@ def fake_run(
             "success/rate": success[i] if isinstance(success, list) else success,
             "time/step": seconds,
             "time/generation": 1.0,
+            "time/old_logits": old_logits,
             "rollout/format_ok_rate": (valid or [1.0] * 6)[i],
             "memory/oldlogit_peak_bytes": peak_bytes,
             "reward/mean": success[i] if isinstance(success, list) else success,
@@ -239,6 +250,24 @@ def test_the_cheapest_tied_source_is_fastest_unless_times_overlap_then_least_mem
         assert format_cell("", table["snapshot"]["s/step 95% CI"]) == "2.2 [-0.341, 4.74]"
         assert "Recommended: behavior" in advice
         assert "(s/step of behavior, snapshot overlap at 95%: memory, then old-logit work decide)" in advice
+
+
+@pytest.mark.parametrize("recompute_work", [5e-5, 0.5])
+def test_old_logit_work_under_a_hundredth_of_a_step_ties_and_then_success_decides(tmp_path, recompute_work):
+    # Both tie on success (behavior 0.45, 0.55; recompute 0.5, 0.6: overlapping t intervals), on time (2 s/step)
+    # and memory (0 MB). behavior's old-logit work is 4e-5 s. recompute's is either 5e-5 s: more, but by
+    # 1e-5 s, under 1% of a step (0.02 s), so the higher mean success (recompute's 0.55) decides; or 0.5 s,
+    # a quarter of a step: then behavior is cheaper on work alone.
+    for source, finals, work in (("behavior", (0.45, 0.55), 4e-5), ("recompute", (0.5, 0.6), recompute_work)):
+        for seed, success in enumerate(finals):
+            fake_run(tmp_path / f"{source}-seed{seed}", source, seed, success, 2.0, old_logits=work)
+    table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
+    assert table["behavior"]["rank"] == table["recompute"]["rank"] == 1
+    advice = recommendation(list(table.values()))
+    negligible = recompute_work < 1e-3
+    assert f"Recommended: {'recompute' if negligible else 'behavior'}" in advice
+    tie = "recompute, behavior also tie on those, old-logit work within 1% of a step, so the higher mean final success"
+    assert (tie in advice) == negligible
 
 
 def test_a_run_whose_success_stays_at_zero_is_marked_collapsed(tmp_path, monkeypatch):

@@ -50,6 +50,7 @@ TIME_PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
 COLLAPSE_VALID_RATE = 0.5
 STUCK_STEPS = 10
 MIN_RANKED_SEEDS = 2  # a one-seed "interval" is a point: it would order sources on noise alone
+NEGLIGIBLE_WORK = 0.01  # old-logit work per step differing by less than this share of a step is no cost
 
 
 @dataclass
@@ -267,7 +268,8 @@ def ranking_table(table: list[dict]) -> list[dict]:
 
 
 def recommendation(table: list[dict]) -> str:
-    """One paragraph: the best tied group by final success, and its cheapest member (time, then memory).
+    """One paragraph: the best tied group by final success, and its cheapest member (time, then memory, then
+    old-logit work; among members that tie on all three, the higher mean final success).
     Sources with fewer than MIN_RANKED_SEEDS seeds are named as unranked, never recommended."""
     finished = [r for r in table if r["final success"] == r["final success"]]
     if not finished:
@@ -288,7 +290,11 @@ def recommendation(table: list[dict]) -> str:
     # (async timing moves with each run's staleness), and extra memory, then old-logit work, decide among them.
     fastest = min(best, key=lambda r: _nan_last(r["s/step"]))
     as_fast = [r for r in best if r["s/step 95% CI"].overlaps(fastest["s/step 95% CI"])] or [fastest]
-    pick = min(as_fast, key=lambda r: (r["peak extra MB"], _nan_last(r["old_logits s"]), _nan_last(r["s/step"])))
+    lightest = [r for r in as_fast if r["peak extra MB"] == min(x["peak extra MB"] for x in as_fast)]
+    least_work = min(_nan_last(r["old_logits s"]) for r in lightest)
+    # Old-logit work within 1% of a step (copying mu, say) is no cost: then the higher mean success decides.
+    as_cheap = [r for r in lightest if _nan_last(r["old_logits s"]) - least_work <= NEGLIGIBLE_WORK * fastest["s/step"]]
+    pick = min(as_cheap, key=lambda r: (-r["final success"], r["source"]))
     text = f"Best tied group (95% intervals of final success overlap): {', '.join(r['source'] for r in best)}. "
     if len(best) > 1:
         text += (
@@ -299,7 +305,14 @@ def recommendation(table: list[dict]) -> str:
         )
         if len(as_fast) > 1:
             names = ", ".join(r["source"] for r in as_fast)
-            text += f" (s/step of {names} overlap at 95%: memory, then old-logit work decide)"
+            text += f" (s/step of {names} overlap at 95%: memory, then old-logit work decide"
+            if len(as_cheap) > 1:
+                names = ", ".join(r["source"] for r in as_cheap)
+                text += (
+                    f"; {names} also tie on those, old-logit work within {NEGLIGIBLE_WORK:.0%} of a step, "
+                    "so the higher mean final success decides"
+                )
+            text += ")"
         text += ". "
     text += f"Recommended: {pick['source']} (final success {pick['final 95% CI']})."
     if collapsed:
