@@ -2,6 +2,7 @@
 
 import random
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -175,3 +176,23 @@ def test_tiny_tokenizer_learns_the_text_of_an_env_outside_its_fixed_corpus():
     with_tools = build_tokenizer(tokenizer_corpus(EnvConfig(name="tooluse")), 512).get_vocab()
     for word in ("customer", "tool", "order"):
         assert word in with_tools and word not in grid_only
+
+
+@pytest.mark.parametrize("config", ["configs/tooluse.yaml", "configs/study/tooluse-stale.yaml"])
+def test_the_shipped_tool_use_configs_leave_room_for_every_optimal_episode(config):
+    # The native tool-call prompt lists the tool schemas: ~800 tokens before the task. At
+    # rollout.max_total_tokens=1024 the optimal solver won only 48% of episodes: the rest were cut off, in the
+    # demonstrations and in the RL rollouts alike.
+    import dataclasses
+
+    from twofold.config import load_config
+    from twofold.envs import tokenizer_corpus
+    from twofold.models import ensure_tiny_model, load_tokenizer
+    from twofold.trainer.warmstart import demonstration
+
+    cfg = load_config(Path(__file__).parents[1] / config, ["model.warmstart=false"])
+    tokenizer = load_tokenizer(ensure_tiny_model(cfg.model, tokenizer_corpus(cfg.env)))
+    optimal = dataclasses.replace(cfg, warmstart=dataclasses.replace(cfg.warmstart, noise=0.0))
+    episodes = [demonstration(optimal, tokenizer, i) for i in range(40)]
+    assert all(success for _, _, success in episodes)
+    assert max(len(ids) for ids, _, _ in episodes) < cfg.rollout.max_total_tokens
