@@ -180,9 +180,9 @@ def test_tiny_tokenizer_learns_the_text_of_an_env_outside_its_fixed_corpus():
 
 @pytest.mark.parametrize("config", ["configs/tooluse.yaml", "configs/study/tooluse-stale.yaml"])
 def test_the_shipped_tool_use_configs_leave_room_for_every_optimal_episode(config):
-    # The native tool-call prompt lists the tool schemas: ~800 tokens before the task. At
-    # rollout.max_total_tokens=1024 the optimal solver won only 48% of episodes: the rest were cut off, in the
-    # demonstrations and in the RL rollouts alike.
+    # The native tool-call prompt lists the tool schemas: 803 tokens before the task with the default 512-token
+    # vocabulary. At rollout.max_total_tokens=1024 the optimal solver won only 48% of episodes: the rest were
+    # cut off, in the demonstrations and in the RL rollouts alike.
     import dataclasses
 
     from twofold.config import load_config
