@@ -133,8 +133,12 @@ def test_a_run_being_written_refuses_a_second_writer_until_its_process_dies(tmp_
         proc.wait()
     assert "steps: 50" in (run_dir / "config.yaml").read_text()  # the refused writer wrote nothing
     resumed = Pipeline(small_config(**{"trainer.steps": 1}), run_dir, resume=True, model_path=tiny_path)
-    resumed.close()
     assert (run_dir / "run.lock").read_text() == str(os.getpid())
+    # A second Pipeline in this same process (a notebook retrying while the first is still open) is told so.
+    with pytest.raises(ConfigError, match=r"held by this process: an earlier Pipeline on it was not closed"):
+        Pipeline(small_config(**{"trainer.steps": 1}), run_dir, resume=True, model_path=tiny_path)
+    resumed.close()
+    Pipeline(small_config(**{"trainer.steps": 1}), run_dir, resume=True, model_path=tiny_path).close()
 
 
 def test_a_killed_grid_takes_its_cells_a_stopped_one_checkpoints_them_and_both_resume(tmp_path, tiny_path):

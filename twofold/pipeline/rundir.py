@@ -50,6 +50,12 @@ def lock_run_dir(run_dir: Path):
         fh.seek(0)
         holder = fh.read().strip() or "unknown"
         fh.close()
+        if holder == str(os.getpid()):  # flock is per open file: this process holds it through another one
+            raise ConfigError(
+                "run.dir",
+                f"{str(run_dir)!r} is held by this process: an earlier Pipeline on it was not closed "
+                "(call its close(), as run() does when it ends)",
+            ) from None
         raise ConfigError(
             "run.dir",
             f"{str(run_dir)!r} is being written by another twofold process (pid {holder}); wait for it to end "
