@@ -9,6 +9,7 @@ from conftest import small_config
 
 from twofold.cli import main
 from twofold.config import dump_config
+from twofold.pipeline.grid import compare_cells, started_first
 from twofold.report import SECTIONS, format_cell, group_runs, load_runs, source_table, throughput_table
 
 
@@ -77,6 +78,36 @@ def test_source_table_overhead_memory_and_success(tmp_path):
     assert table["snapshot"]["best success"] == pytest.approx(0.3)
     assert math.isnan(table["snapshot"]["audit err"])
     assert [format_cell("extra vs behavior", v) for v in (0.1, -0.05, -0.004, math.nan)] == ["+10%", "-5%", "0%", "-"]
+
+
+def test_grid_cells_come_seed_major_and_a_resumed_grid_finishes_its_started_cells_first(tmp_path):
+    cells = compare_cells(["snapshot", "ewma", "behavior"], seeds=2, base_seed=3, audit=True)
+    names = [c.name for c in cells]
+    assert names == [
+        "snapshot-seed3",
+        "ewma-seed3",
+        "behavior-seed3",
+        "snapshot-seed4",
+        "ewma-seed4",
+        "behavior-seed4",
+        "ewma-seed3-audit",
+        "behavior-seed3-audit",
+    ]
+    assert cells[4].overrides == ("oldlogits.source=ewma", "seed=4")
+    # A stopped grid had begun behavior-seed4 and ewma-seed3 (config written); ewma-seed4 has only a folder.
+    for name in ("behavior-seed4", "ewma-seed3"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "ewma-seed4").mkdir()
+    assert [c.name for c in started_first(cells[1:], tmp_path)] == [
+        "ewma-seed3",
+        "behavior-seed4",
+        "behavior-seed3",
+        "snapshot-seed4",
+        "ewma-seed4",
+        "ewma-seed3-audit",
+        "behavior-seed3-audit",
+    ]
 
 
 def test_compare_grid_report_and_resume(tmp_path, tiny_path, capsys):

@@ -34,6 +34,8 @@ class Cell:
 def compare_cells(sources: list[str], seeds: int, base_seed: int, audit: bool) -> list[Cell]:
     """source x seed, same seeds (hence the same level order) for every source.
 
+    Seed-major: every source of the first seed, then of the next. A grid stopped part-way (a long study run
+    in pieces) then holds whole seeds, and every whole seed is a paired comparison of all the sources.
     With `audit`, each approximate source also gets one run on the first seed that measures its error
     against exact old log-probs; audit runs keep snapshots, so they are kept out of the timing table.
     """
@@ -44,8 +46,8 @@ def compare_cells(sources: list[str], seeds: int, base_seed: int, audit: bool) -
         raise ConfigError("--seeds", "must be >= 1")
     cells = [
         Cell(f"{src}-seed{base_seed + i}", (f"oldlogits.source={src}", f"seed={base_seed + i}"))
-        for src in sources
         for i in range(seeds)
+        for src in sources
     ]
     if audit:
         cells += [
@@ -92,6 +94,13 @@ def prepare_grid(cfg: Config, out: Path) -> Path:
     return base
 
 
+def started_first(cells: list[Cell], out: Path) -> list[Cell]:
+    """`cells` with those a stopped grid had started (their run folder holds a config) moved to the front, each
+    group in its own order: a resumed grid finishes what it has begun before it begins more."""
+    started = [c for c in cells if (out / c.name / "config.yaml").exists()]
+    return started + [c for c in cells if c not in started]
+
+
 def run_grid(
     cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, progress: bool = True
 ) -> dict[str, int | None]:
@@ -108,6 +117,7 @@ def run_grid(
             status[cell.name] = 0
         else:
             todo.append(cell)
+    todo = started_first(todo, out)
     bar = tqdm(
         total=len(cells) * steps,
         disable=not progress,
