@@ -36,6 +36,7 @@ def compare_cells(sources: list[str], seeds: int, base_seed: int, audit: bool) -
 
     Seed-major: every source of the first seed, then of the next. A grid stopped part-way (a long study run
     in pieces) then holds whole seeds, and every whole seed is a paired comparison of all the sources.
+
     With `audit`, each approximate source also gets one run on the first seed that measures its error
     against exact old log-probs; audit runs keep snapshots, so they are kept out of the timing table.
     """
