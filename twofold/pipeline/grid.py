@@ -68,6 +68,11 @@ def throughput_cells(windows: list[int]) -> list[Cell]:
     return [Cell("sync", ("mode=sync",))] + [Cell(f"async-W{w}", ("mode=async", f"max_staleness={w}")) for w in windows]
 
 
+def cell_started(run_dir: Path) -> bool:
+    """A cell whose run has begun (its resolved config is written): resumed with `--resume`, not started anew."""
+    return (run_dir / "config.yaml").exists()
+
+
 def cell_finished(run_dir: Path, steps: int) -> bool:
     s = summary(run_dir)
     return bool(s and s.get("finished") and s.get("steps", 0) >= steps)
@@ -98,7 +103,7 @@ def prepare_grid(cfg: Config, out: Path) -> Path:
 def started_first(cells: list[Cell], out: Path) -> list[Cell]:
     """`cells` with those a stopped grid had started (their run folder holds a config) moved to the front, each
     group in its own order: a resumed grid finishes what it has begun before it begins more."""
-    started = [c for c in cells if (out / c.name / "config.yaml").exists()]
+    started = [c for c in cells if cell_started(out / c.name)]
     return started + [c for c in cells if c not in started]
 
 
@@ -133,7 +138,7 @@ def run_grid(
         run_dir = out / cell.name
         run_dir.mkdir(parents=True, exist_ok=True)
         # started before: resume (from step 0 if no checkpoint yet)
-        args = ["--resume", str(run_dir)] if (run_dir / "config.yaml").exists() else ["--config", str(base)]
+        args = ["--resume", str(run_dir)] if cell_started(run_dir) else ["--config", str(base)]
         cmd = [
             sys.executable,
             "-m",
