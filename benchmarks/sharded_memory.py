@@ -84,9 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=512)
     args = ap.parse_args()
-    import torch.multiprocessing as mp
-
-    from twofold.distributed import free_port
+    from twofold.distributed import spawn_ranks
     from twofold.envs import tokenizer_corpus
     from twofold.models import save_random_model
 
@@ -105,7 +103,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for n in (1, 2):
             out = Path(tmp) / f"n{n}.json"
-            mp.spawn(measure, args=(n, "127.0.0.1", free_port(), str(Path(tmp) / "m"), str(out)), nprocs=n, join=True)
+            spawn_ranks(measure, n, str(Path(tmp) / "m"), str(out))
             for row in json.loads(out.read_text()):
                 cells = " | ".join(
                     f"{row[k] / 2**20:.1f} MiB" for k in ("params", "grads", "optimizer", "snapshot", "ewma")

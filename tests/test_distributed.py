@@ -1,6 +1,7 @@
 """The sharded trainer on 2 local CPU ranks (gloo): the same step as one rank, half the old-logit state per
 rank, exact old logits, distributed checkpoints that reshard, and losing a rank."""
 
+import gc
 import json
 import os
 import pickle
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from test_async_exactness import BruteForce, watch
 from test_scale import seven_trajectory_batch
 
 from twofold.config import dump_config
-from twofold.distributed import close_ranks, free_port, init_ranks
+from twofold.distributed import close_ranks, init_ranks, spawn_ranks
 from twofold.models import gathered_state, load_model, versioned_state
 from twofold.oldlogits import BehaviorSource, SourceContext
 from twofold.pipeline.checkpoint import checkpoints, verify
@@ -29,9 +31,7 @@ TWO = {"trainer.world_size": 2, "run.tensorboard": False}
 
 
 def spawn(fn, *args):
-    import torch.multiprocessing as mp
-
-    mp.spawn(fn, args=(2, "127.0.0.1", free_port(), *args), nprocs=2, join=True)
+    spawn_ranks(fn, 2, *args)
 
 
 # --------------------------------------------------------------------------- one step, one rank or two
@@ -58,9 +58,13 @@ def take_step(model, cfg, ranks, tokenizer_path):
 def _two_rank_step(rank, world, address, port, tiny_path, out):
     ranks = init_ranks(rank, world, address, port, torch.device("cpu"))
     torch.set_num_threads(1)
-    metrics, params = take_step(load_model(tiny_path), step_config(), ranks, tiny_path)
+    model = load_model(tiny_path)
+    metrics, params = take_step(model, step_config(), ranks, tiny_path)
+    sharded = weakref.ref(model)
+    del model
+    gc.collect()
     if ranks.is_main:
-        torch.save({"metrics": metrics, "params": params}, out)
+        torch.save({"metrics": metrics, "params": params, "freed": sharded() is None}, out)
     close_ranks(ranks)
 
 
@@ -81,6 +85,7 @@ def test_two_ranks_take_the_step_one_rank_takes(tmp_path, tiny_path):
     # 5e-5 is 0.25% of the most two steps at lr 1e-2 can move an element.
     for name, p in params.items():
         assert (two["params"][name] - p).abs().max() < 5e-5, name
+    assert two["freed"]  # a sharded policy dies with its last reference (its FSDP root is not kept elsewhere)
     moved = max(
         (p - q).abs().max()
         for p, q in zip(params.values(), versioned_state(load_model(tiny_path)).values(), strict=True)

@@ -16,9 +16,10 @@ collective locally and nothing is sharded.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
-import weakref
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -123,11 +124,8 @@ class ShardedLogprobs(torch.nn.Module):
         return policy_logprobs(self.policy, input_ids, attention_mask, temperature, chunk_size)
 
 
-_ROOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def sharded_root(policy: torch.nn.Module) -> ShardedLogprobs | None:
-    return _ROOTS.get(policy)
+    return policy.__dict__.get("_sharded_root")
 
 
 def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:
@@ -159,7 +157,9 @@ def shard(policy: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.
         if isinstance(unit, FSDPModule):
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)
-    _ROOTS[policy] = root
+    # A plain attribute, not a submodule (the root contains the policy): the two form a cycle that dies with
+    # the policy. A weak-keyed table would keep both forever, its value holding its key.
+    object.__setattr__(policy, "_sharded_root", root)
     return policy
 
 
@@ -182,13 +182,29 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- local ranks
 
 
-def spawn_ranks(fn: Callable, world_size: int, *args) -> None:
-    """Run fn(rank, world_size, address, port, *args) in `world_size` processes and wait for them. When one
-    dies the others are stopped and the death is raised (torch.multiprocessing.spawn's contract)."""
+def spawn_ranks(fn: Callable, world_size: int, *args, join: bool = True):
+    """Run fn(rank, world_size, address, port, *args) in `world_size` processes. join=True waits for them: when
+    one dies the others are stopped and the death is raised (torch.multiprocessing.spawn's contract); join=False
+    returns the spawn context to wait on. A rank whose fn returns leaves without the interpreter's teardown
+    (`_rank_process`)."""
     import torch.multiprocessing as mp
 
     port = free_port()
-    mp.spawn(fn, args=(world_size, "127.0.0.1", port, *args), nprocs=world_size, join=True)
+    return mp.spawn(_rank_process, args=(fn, world_size, "127.0.0.1", port, *args), nprocs=world_size, join=join)
+
+
+def _rank_process(rank: int, fn: Callable, *args) -> None:
+    """A spawned rank: fn, then exit at once. FSDP2's DTensor caches keep the device mesh, and with it the gloo
+    process group and its threads, alive after `close_ranks`; tearing them down in the interpreter's exit
+    aborts the process now and then ("terminate called without an active exception", SIGABRT: once in 80
+    two-rank runs on 2 busy cores), which the launcher must report as a lost rank. When fn returns,
+    everything of the rank's is written and closed, so skipping the teardown loses nothing. A rank that
+    raises does not get here: torch.multiprocessing records its traceback as usual."""
+    fn(rank, *args)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 @contextlib.contextmanager

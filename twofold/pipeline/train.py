@@ -42,10 +42,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
 
 def _rank_main(
     rank: int,
-    launcher_pid: int,
     world_size: int,
     address: str,
     port: int,
+    launcher_pid: int,
     cfg: Config,
     run_dir: str,
     model_path: str,
@@ -74,15 +74,10 @@ def run_local_ranks(cfg: Config, run_dir: Path, model_path: Path, resume: bool) 
     run: the others are stopped and the error says which rank and how to resume."""
     import torch.multiprocessing as mp
 
-    from twofold.distributed import free_port
+    from twofold.distributed import spawn_ranks
 
     n = cfg.trainer.world_size
-    context = mp.spawn(
-        _rank_main,
-        args=(os.getpid(), n, "127.0.0.1", free_port(), cfg, str(run_dir), str(model_path), resume),
-        nprocs=n,
-        join=False,
-    )
+    context = spawn_ranks(_rank_main, n, os.getpid(), cfg, str(run_dir), str(model_path), resume, join=False)
 
     def forward(signum, frame):
         for p in context.processes:
