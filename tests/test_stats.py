@@ -26,6 +26,7 @@ from twofold.stats import (
     bootstrap_mean,
     collapse_step,
     paired_difference,
+    recovery_step,
     stuck_step,
     t_interval,
     tied_ranks,
@@ -86,6 +87,13 @@ def test_collapse_is_the_first_window_under_the_threshold():
     # 3-step means: (0.9+0.9+0.4)/3 = 0.73, (0.9+0.4+0.3)/3 = 0.53, (0.4+0.3+0.2)/3 = 0.3 < 0.5 at step 5
     assert collapse_step([0.9, 0.9, 0.4, 0.3, 0.2], 0.5) == 5
     assert collapse_step([0.9, 0.8, 0.9], 0.5) is None
+
+
+def test_recovery_is_the_step_after_the_last_window_under_the_threshold():
+    # 3-step means at steps 3..7: 0.73, 0.53, 0.3, 0.47, 0.67: last under 0.5 at step 6, so back from step 7
+    assert recovery_step([0.9, 0.9, 0.4, 0.3, 0.2, 0.9, 0.9], 0.5) == 7
+    assert recovery_step([0.9, 0.9, 0.4, 0.3, 0.2], 0.5) is None  # ends under it
+    assert recovery_step([0.9, 0.8, 0.9], 0.5) is None  # never fell
 
 
 def test_stuck_is_a_final_stretch_of_zeros_after_success():
@@ -149,7 +157,11 @@ def grid(tmp_path):
     for source, values in finals.items():
         for seed, success in enumerate(values):
             # recompute seed 0 stops answering from step 3: 3-step valid means 0.73 (step 3), 0.47 (step 4)
-            valid = [1.0, 1.0, 0.2, 0.2, 0.2, 0.2] if (source, seed) == ("recompute", 0) else None
+            # behavior seed 1 dips and comes back: 0.53 (step 3), 0.3 (step 4), 0.53 (step 5), 0.77 (step 6)
+            valid = {
+                ("recompute", 0): [1.0, 1.0, 0.2, 0.2, 0.2, 0.2],
+                ("behavior", 1): [1.0, 0.3, 0.3, 0.3, 1.0, 1.0],
+            }.get((source, seed))
             fake_run(
                 tmp_path / f"{source}-seed{seed}",
                 source,
@@ -185,11 +197,12 @@ def test_source_table_intervals_pairs_ranks_and_collapses(grid):
     assert table["snapshot"]["vs snapshot"] == "-"
     assert {s: table[s]["rank"] for s in table} == {"snapshot": 1, "ewma": 1, "behavior": 3, "recompute": 4}
     assert table["recompute"]["collapsed"] == "1/4 (seed 0 at step 4, stopped answering)"
+    assert table["behavior"]["collapsed"] == "1/4 (seed 1 at step 4, stopped answering, answering again from step 5)"
     assert table["ewma"]["collapsed"] == "0/4"
     advice = recommendation(list(table.values()))
     assert "Best tied group" in advice and "ewma, snapshot." in advice  # by final success, then name
     assert "Recommended: ewma" in advice  # tied with snapshot, and cheaper: 2.0 vs 2.2 s/step
-    assert "Collapsed runs: recompute" in advice
+    assert "Collapsed runs: behavior, recompute" in advice  # behavior seed 1 came back, the table says so
     # behavior - snapshot is -0.2 on every seed, recompute - snapshot -0.4: zero-width intervals below 0
     assert "Paired on the same seeds, behind snapshot: behavior (-0.2 [-0.2, -0.2]), recompute (-0.4" in advice
     assert "ahead of snapshot" not in advice

@@ -26,6 +26,7 @@ from twofold.stats import (
     bootstrap_mean,
     collapse_step,
     paired_difference,
+    recovery_step,
     stuck_step,
     t_interval,
     tied_ranks,
@@ -95,8 +96,13 @@ class Run:
 
     def collapse(self) -> tuple[int, str] | None:
         """(step, how) of the run's first collapse: it stopped answering, or stopped learning; None if neither."""
+        valid = self.series("rollout/format_ok_rate")
+        recovered = recovery_step(valid, COLLAPSE_VALID_RATE)
         found = [
-            (collapse_step(self.series("rollout/format_ok_rate"), COLLAPSE_VALID_RATE), "stopped answering"),
+            (
+                collapse_step(valid, COLLAPSE_VALID_RATE),
+                "stopped answering" + (f", answering again from step {recovered}" if recovered else ""),
+            ),
             (stuck_step(self.series("success/rate"), STUCK_STEPS), "success stuck at 0"),
         ]
         return min(((step, how) for step, how in found if step is not None), default=None)

@@ -134,13 +134,29 @@ def tied_ranks(intervals: dict[str, Interval]) -> dict[str, int]:
     }
 
 
-def collapse_step(rates: list[float], threshold: float, window: int = 3) -> int | None:
-    """The first step (1-based) whose `window`-step mean of `rates` falls under `threshold`, or None."""
+def window_means(rates: list[float], window: int) -> list[tuple[int, float]]:
+    """(step, mean of the `window` steps ending there) for each full window, NaN entries left out."""
+    means = []
     for i in range(window - 1, len(rates)):
         chunk = [r for r in rates[i - window + 1 : i + 1] if r == r]
-        if chunk and sum(chunk) / len(chunk) < threshold:
-            return i + 1
-    return None
+        means.append((i + 1, sum(chunk) / len(chunk) if chunk else math.nan))
+    return means
+
+
+def collapse_step(rates: list[float], threshold: float, window: int = 3) -> int | None:
+    """The first step (1-based) whose `window`-step mean of `rates` falls under `threshold`, or None."""
+    return next((step for step, m in window_means(rates, window) if m < threshold), None)
+
+
+def recovery_step(rates: list[float], threshold: float, window: int = 3) -> int | None:
+    """The first step (1-based) from which every `window`-step mean of `rates` to the end is back at or over
+    `threshold`, when an earlier one fell under it; None if the run ends under it, or never fell. A dip from a
+    hard batch (tool-use tasks differ a lot step to step) then reads apart from a policy that stays broken."""
+    means = window_means(rates, window)
+    last_under = max((step for step, m in means if m < threshold), default=None)
+    if last_under is None or last_under == means[-1][0]:
+        return None
+    return last_under + 1
 
 
 def stuck_step(values: list[float], min_steps: int) -> int | None:
