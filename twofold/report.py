@@ -30,6 +30,7 @@ from twofold.stats import (
     stuck_step,
     t_interval,
     tied_ranks,
+    trailing_means,
 )
 
 SMOOTH = 5  # moving-average window (steps) for success curves and "best success"
@@ -90,7 +91,7 @@ class Run:
 
     def best_success(self) -> float:
         """Best SMOOTH-step mean of success (full windows only, unless the run is shorter)."""
-        sm = smooth(self.series("success/rate"))
+        sm = trailing_means(self.series("success/rate"), SMOOTH)
         vals = [v for v in (sm[SMOOTH - 1 :] or sm) if v == v]
         return max(vals, default=math.nan)
 
@@ -141,14 +142,6 @@ class Group:
 
 def _num(v) -> float:
     return float(v) if isinstance(v, (int, float)) else math.nan
-
-
-def smooth(values: list[float], window: int = SMOOTH) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if not math.isnan(v)]
-        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
-    return out
 
 
 def load_runs(paths: list[Path]) -> list[Run]:
@@ -476,7 +469,7 @@ def _plots(groups: list[Group], audit_groups: list[Group], out: Path) -> dict[st
         """The seed mean with its 95% bootstrap band (each smoothed over SMOOTH steps when asked)."""
         m, lo, hi = ([getattr(iv, f) for iv in curve] for f in ("mean", "low", "high"))
         if smooth_it:
-            m, lo, hi = smooth(m), smooth(lo), smooth(hi)
+            m, lo, hi = (trailing_means(x, SMOOTH) for x in (m, lo, hi))
         line = ax.plot(xs, m, label=label)[0]
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
         return line, m

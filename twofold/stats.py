@@ -134,13 +134,18 @@ def tied_ranks(intervals: dict[str, Interval]) -> dict[str, int]:
     }
 
 
+def trailing_means(values: list[float], window: int) -> list[float]:
+    """Each value's mean with the `window - 1` before it (fewer at the start), NaN entries left out."""
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if v == v]
+        out.append(sum(chunk) / len(chunk) if chunk else math.nan)
+    return out
+
+
 def window_means(rates: list[float], window: int) -> list[tuple[int, float]]:
     """(step, mean of the `window` steps ending there) for each full window, NaN entries left out."""
-    means = []
-    for i in range(window - 1, len(rates)):
-        chunk = [r for r in rates[i - window + 1 : i + 1] if r == r]
-        means.append((i + 1, sum(chunk) / len(chunk) if chunk else math.nan))
-    return means
+    return [(i + 1, m) for i, m in enumerate(trailing_means(rates, window)) if i >= window - 1]
 
 
 def collapse_step(rates: list[float], threshold: float, window: int = 3) -> int | None:
