@@ -202,7 +202,10 @@ def test_source_table_intervals_pairs_ranks_and_collapses(grid):
     advice = recommendation(list(table.values()))
     assert "Best tied group" in advice and "ewma, snapshot." in advice  # by final success, then name
     assert "Recommended: ewma" in advice  # tied with snapshot, and cheaper: 2.0 vs 2.2 s/step
-    assert "Collapsed runs: behavior, recompute" in advice  # behavior seed 1 came back, the table says so
+    assert table["recompute"]["ended collapsed"] == 1 and table["behavior"]["ended collapsed"] == 0
+    # behavior's one collapse came back, recompute's did not: the paragraph names them apart
+    assert "Collapsed runs: recompute (" in advice
+    assert "Collapsed and answering again at the end (every collapsed run came back): behavior." in advice
     # behavior - snapshot is -0.2 on every seed, recompute - snapshot -0.4: zero-width intervals below 0
     assert "Paired on the same seeds, behind snapshot: behavior (-0.2 [-0.2, -0.2]), recompute (-0.4" in advice
     assert "ahead of snapshot" not in advice
@@ -291,6 +294,7 @@ def test_a_run_whose_success_stays_at_zero_is_marked_collapsed(tmp_path, monkeyp
     fake_run(tmp_path / "recompute-seed1", "recompute", 1, [0.5, 0.4, 0, 0.3, 0.5, 0.5], 2.0)
     (row,) = source_table(group_runs(load_runs([tmp_path])), [])
     assert row["collapsed"] == "1/2 (seed 0 at step 3, success stuck at 0)"
+    assert row["ended collapsed"] == 1  # stuck to the last step; seed 1's dip came back
     assert "Collapsed runs: recompute" in recommendation([row])
 
 

@@ -112,6 +112,14 @@ class Run:
         found = self.collapse()
         return found[0] if found else None
 
+    def ended_collapsed(self) -> bool:
+        """Whether the run ends collapsed: success stuck at 0, or valid answers under the threshold with no
+        recovery to the end (a dip it came back from does not count)."""
+        valid = self.series("rollout/format_ok_rate")
+        stopped = collapse_step(valid, COLLAPSE_VALID_RATE) is not None
+        stuck = stuck_step(self.series("success/rate"), STUCK_STEPS) is not None
+        return stuck or (stopped and recovery_step(valid, COLLAPSE_VALID_RATE) is None)
+
 
 @dataclass
 class Group:
@@ -192,7 +200,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
     seeds (an Interval from MIN_RANKED_SEEDS shared seeds, text below that); `rank` ties sources whose
     intervals overlap (`stats.tied_ranks`), among the sources with at least MIN_RANKED_SEEDS seeds (the
     others' rank is NaN, shown '-'); `collapsed` counts runs that collapsed (`Run.collapse`), with the
-    step and how.
+    step and how; `ended collapsed` counts those still collapsed at their last step (`Run.ended_collapsed`).
     """
     baseline = next((g.mean_of("time/step") for g in groups if g.label.endswith("behavior")), math.nan)
     audit = {g.label: g.mean_of("audit/abs_err_mean", skip_first=False) for g in audit_groups}
@@ -238,6 +246,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
                 "vs snapshot": paired,
                 "rank": ranks.get(g.label, math.nan),
                 "collapsed": f"{len(steps)}/{len(g.runs)}" + (f" ({', '.join(steps)})" if steps else ""),
+                "ended collapsed": sum(r.ended_collapsed() for r in g.runs),
             }
         )
     return table
@@ -284,6 +293,8 @@ def recommendation(table: list[dict]) -> str:
         return f"No source has {MIN_RANKED_SEEDS} finished seeds yet: nothing to rank or recommend.{note}"
     best = sorted((r for r in rows if r["rank"] == 1), key=lambda r: (-r["final success"], r["source"]))
     collapsed = [r["source"] for r in finished if not r["collapsed"].startswith("0/")]
+    ended = [r["source"] for r in finished if r["ended collapsed"]]
+    came_back = [s for s in collapsed if s not in ended]
 
     # Time first, tied like success: sources whose s/step intervals overlap the fastest one's are equally fast
     # (async timing moves with each run's staleness), and extra memory, then old-logit work, decide among them.
@@ -314,11 +325,13 @@ def recommendation(table: list[dict]) -> str:
             text += ")"
         text += ". "
     text += f"Recommended: {pick['source']} (final success {pick['final 95% CI']})."
-    if collapsed:
+    if ended:
         text += (
-            f" Collapsed runs: {', '.join(collapsed)} (valid-action rate under {COLLAPSE_VALID_RATE:.0%}, or "
+            f" Collapsed runs: {', '.join(ended)} (valid-action rate under {COLLAPSE_VALID_RATE:.0%}, or "
             f"success 0 for the last {STUCK_STEPS}+ steps)."
         )
+    if came_back:
+        text += f" Collapsed and answering again at the end (every collapsed run came back): {', '.join(came_back)}."
     # Seeds are matched across sources, so a paired difference can separate sources whose own intervals overlap.
     paired = [r for r in finished if isinstance(r["vs snapshot"], Interval)]
     ahead = [r for r in paired if r["vs snapshot"].low > 0]
