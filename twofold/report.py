@@ -95,16 +95,21 @@ class Run:
         vals = [v for v in (sm[SMOOTH - 1 :] or sm) if v == v]
         return max(vals, default=math.nan)
 
+    def _collapse_steps(self) -> tuple[int | None, int | None, int | None]:
+        """(stopped answering, answering again, success stuck at 0): the step of each, None where it did not."""
+        valid = self.series("rollout/format_ok_rate")
+        return (
+            collapse_step(valid, COLLAPSE_VALID_RATE),
+            recovery_step(valid, COLLAPSE_VALID_RATE),
+            stuck_step(self.series("success/rate"), STUCK_STEPS),
+        )
+
     def collapse(self) -> tuple[int, str] | None:
         """(step, how) of the run's first collapse: it stopped answering, or stopped learning; None if neither."""
-        valid = self.series("rollout/format_ok_rate")
-        recovered = recovery_step(valid, COLLAPSE_VALID_RATE)
+        stopped, recovered, stuck = self._collapse_steps()
         found = [
-            (
-                collapse_step(valid, COLLAPSE_VALID_RATE),
-                "stopped answering" + (f", answering again from step {recovered}" if recovered else ""),
-            ),
-            (stuck_step(self.series("success/rate"), STUCK_STEPS), "success stuck at 0"),
+            (stopped, "stopped answering" + (f", answering again from step {recovered}" if recovered else "")),
+            (stuck, "success stuck at 0"),
         ]
         return min(((step, how) for step, how in found if step is not None), default=None)
 
@@ -115,10 +120,8 @@ class Run:
     def ended_collapsed(self) -> bool:
         """Whether the run ends collapsed: success stuck at 0, or valid answers under the threshold with no
         recovery to the end (a dip it came back from does not count)."""
-        valid = self.series("rollout/format_ok_rate")
-        stopped = collapse_step(valid, COLLAPSE_VALID_RATE) is not None
-        stuck = stuck_step(self.series("success/rate"), STUCK_STEPS) is not None
-        return stuck or (stopped and recovery_step(valid, COLLAPSE_VALID_RATE) is None)
+        stopped, recovered, stuck = self._collapse_steps()
+        return stuck is not None or (stopped is not None and recovered is None)
 
 
 @dataclass
