@@ -27,9 +27,9 @@ def measure(rank: int, world: int, address: str, port: int, model_dir: str, out:
     from test_scale import seven_trajectory_batch
 
     from twofold.distributed import close_ranks, init_ranks, local_tensor
-    from twofold.loss import ParameterEWMA
     from twofold.models import load_model, state_dict_bytes, versioned_state
     from twofold.oldlogits import BehaviorSource, SourceContext
+    from twofold.oldlogits.ewma import ParameterEWMA
     from twofold.trainer.trainer import Trainer
 
     ranks = init_ranks(rank, world, address, port, torch.device("cpu"))

@@ -9,8 +9,8 @@ from conftest import small_config
 
 from twofold.cli import main
 from twofold.config import dump_config
-from twofold.pipeline.grid import compare_cells, started_first
-from twofold.report import SECTIONS, format_cell, group_runs, load_runs, source_table, throughput_table
+from twofold.study.grid import compare_cells, started_first
+from twofold.study.report import SECTIONS, format_cell, group_runs, load_runs, source_table, throughput_table
 
 
 def _fake_run(path, source, mode, rows):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import small_config
 
-from twofold.loss import ParameterEWMA, staleness_beta
 from twofold.models import load_model, load_parameters, versioned_state
 from twofold.oldlogits import EWMASource, OldLogitSource, SourceContext, make_source
+from twofold.oldlogits.approximate import interpolate_proximal_logprobs
+from twofold.oldlogits.ewma import ParameterEWMA, staleness_beta
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.trainer.trainer import Trainer
 
@@ -155,3 +156,37 @@ def test_ewma_source_state_survives_a_roundtrip(tiny_path):
     assert isinstance(b, EWMASource) and b.ewma.total == pytest.approx(a.ewma.total)
     for name, t in a.ewma.params.items():
         assert torch.equal(b.ewma.params[name], t)
+
+
+# --------------------------------------------------------------------------- interpolation
+
+T = torch.tensor
+
+
+def close(a, b, tol=1e-6):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol)
+
+
+def test_loglinear_and_linear_interpolation_with_mixed_versions():
+    # current version 4: v_prox = 3. versions: prompt(-1), 4 (current), 3, 1
+    # alpha = 0, 0, (3-3)/(4-3)=0, (3-1)/(4-1)=2/3
+    beh = T([[-1.0, -1.0, -1.0, -1.0, -2.0]])
+    cur = T([[-3.0, -0.5, -0.5, -0.5, -0.5]])
+    ver = T([[-1, 4, 3, 1, 2]])
+    out = interpolate_proximal_logprobs(beh, cur, ver, 4, method="loglinear")
+    # v=2: alpha = (3-2)/(4-2) = 1/2 -> -2 + 0.5*(-0.5+2) = -1.25
+    assert close(out, [[-1.0, -1.0, -1.0, -1.0 + (2 / 3) * 0.5, -1.25]])
+    lin = interpolate_proximal_logprobs(beh, cur, ver, 4, method="linear")
+    p = math.log((1 / 3) * math.exp(-1.0) + (2 / 3) * math.exp(-0.5))
+    q = math.log(0.5 * math.exp(-2.0) + 0.5 * math.exp(-0.5))
+    assert close(lin, [[-1.0, -1.0, -1.0, p, q]])
+
+
+def test_interpolation_is_detached_and_finite_for_impossible_tokens():
+    cur = torch.zeros(1, 2, requires_grad=True)
+    out = interpolate_proximal_logprobs(T([[-math.inf, -math.inf]]), cur, T([[0, 3]]), 4, method="loglinear")
+    assert not out.requires_grad
+    assert out[0, 1] == -math.inf  # alpha = 0: stays mu
+    assert not torch.isnan(out).any()
+    lin = interpolate_proximal_logprobs(T([[-math.inf]]), torch.zeros(1, 1), T([[0]]), 4, method="linear")
+    assert lin.item() == pytest.approx(math.log(3 / 4))

@@ -13,7 +13,8 @@ from twofold.logprobs import Numerics, microbatches, pad_right, score_sequences,
 from twofold.models import load_model
 from twofold.oldlogits import BehaviorSource, SourceContext
 from twofold.rollout.trajectory import Batch, Trajectory
-from twofold.trainer.trainer import Trainer, linear_warmup, token_advantages
+from twofold.trainer.advantages import token_advantages
+from twofold.trainer.trainer import Trainer, linear_warmup
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

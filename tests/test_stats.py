@@ -8,9 +8,9 @@ import pytest
 import yaml
 from conftest import small_config
 
-from twofold import report
 from twofold.config import dump_config
-from twofold.report import (
+from twofold.study import report
+from twofold.study.report import (
     format_cell,
     group_runs,
     load_runs,
@@ -21,7 +21,7 @@ from twofold.report import (
     source_table,
     write_report,
 )
-from twofold.stats import (
+from twofold.study.stats import (
     Interval,
     bootstrap_mean,
     collapse_step,

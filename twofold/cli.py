@@ -71,8 +71,8 @@ def _finish_grid(status: dict[str, int | None]) -> int:
 
 def cmd_compare(args) -> int:
     cfg, out = _grid_config(args, "compare")
-    from twofold.pipeline.grid import compare_cells, logged_runs, run_grid
-    from twofold.report import write_report
+    from twofold.study.grid import compare_cells, logged_runs, run_grid
+    from twofold.study.report import write_report
 
     cells = compare_cells([s for s in args.sources.split(",") if s], args.seeds, cfg.seed, args.audit)
     status = run_grid(cfg, cells, out, parallel=args.parallel, progress=cfg.run.progress)
@@ -83,7 +83,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from twofold.report import write_report
+    from twofold.study.report import write_report
 
     paths = [Path(p) for p in args.run_dirs]
     out = Path(args.out) if args.out else (paths[0] if len(paths) == 1 else Path("runs")) / "report"
@@ -98,8 +98,8 @@ def cmd_report(args) -> int:
 
 def cmd_bench(args) -> int:
     cfg, out = _grid_config(args, "throughput")
-    from twofold.pipeline.grid import logged_runs, run_grid, throughput_cells
-    from twofold.report import group_runs, load_runs, markdown_table, throughput_table
+    from twofold.study.grid import logged_runs, run_grid, throughput_cells
+    from twofold.study.report import group_runs, load_runs, markdown_table, throughput_table
 
     cells = throughput_cells([int(w) for w in args.staleness.split(",") if w])
     status = run_grid(cfg, cells, out, progress=cfg.run.progress)

@@ -8,12 +8,48 @@ ewma        revised PPO-EWMA: pi_prox from a bias-corrected EWMA of the paramete
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 
-from twofold.loss import ParameterEWMA, interpolate_proximal_logprobs, staleness_beta
 from twofold.models import model_bytes, state_dict_bytes
 from twofold.oldlogits.base import CapturingSource, OldLogitSource, SourceContext, capture
+from twofold.oldlogits.ewma import ParameterEWMA, staleness_beta
 from twofold.rollout.trajectory import Batch
+
+
+def interpolate_proximal_logprobs(
+    behavior_logprobs: torch.Tensor,
+    current_logprobs: torch.Tensor,
+    token_versions: torch.Tensor,
+    current_version: int,
+    method: Literal["loglinear", "linear"] = "loglinear",
+) -> torch.Tensor:
+    """AReaL-style proximal log-probs interpolated by per-token version.
+
+        alpha_t = clamp((v_prox - v_t) / (v_theta - v_t), 0, 1),  v_theta = current_version,
+                  v_prox = v_theta - 1;  alpha_t = 0 where v_t == v_theta or v_t < 0 (prompt)
+        loglinear: log pi_prox = (1 - alpha) log mu + alpha log pi_theta
+        linear:    log pi_prox = log((1 - alpha) mu + alpha pi_theta)
+    log pi_theta is detached. Loglinear is written as (1-alpha) log mu + alpha log pi_theta, equal to
+    log mu + alpha (log pi_theta - log mu) but finite when mu = 0 and alpha > 0. By the paper's
+    Proposition 1, loglinear gives r_s = r^(1-alpha), r_d = r^alpha of the total ratio r.
+    """
+    lmu = behavior_logprobs.detach()
+    lpt = current_logprobs.detach()
+    v = token_versions.to(lmu.dtype)
+    v_theta = float(current_version)
+    gap = v_theta - v
+    valid = (token_versions >= 0) & (gap > 0)
+    alpha = torch.where(valid, ((v_theta - 1.0) - v) / gap.clamp(min=1.0), torch.zeros_like(v)).clamp(0.0, 1.0)
+    if method == "loglinear":
+        return torch.where(alpha > 0, (1.0 - alpha) * lmu + alpha * lpt, lmu)
+    if method == "linear":
+        log_one_minus = torch.log1p(-alpha)
+        log_alpha = torch.where(alpha > 0, torch.log(alpha.clamp(min=1e-30)), torch.full_like(alpha, -math.inf))
+        return torch.logaddexp(log_one_minus + lmu, log_alpha + lpt)
+    raise ValueError(f"method must be loglinear or linear, got {method!r}")
 
 
 class BehaviorSource(OldLogitSource):

@@ -27,16 +27,16 @@ from tqdm import tqdm
 from twofold.config import Config, dump_config, to_dict
 from twofold.distributed import Ranks, shard
 from twofold.logprobs import DTYPES, microbatches, resolve_device
-from twofold.loss import LAG_BUCKETS, kl_estimates, lag_bucket
+from twofold.loss import kl_estimates
 from twofold.models import full_weights, load_parameters, load_policy, load_tokenizer, versioned_state
 from twofold.oldlogits import OldLogitSource, SourceContext, make_source
-from twofold.pipeline.admission import Admission
 from twofold.pipeline.checkpoint import latest_checkpoint, restore_pipeline, restore_source, save_checkpoint
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
 from twofold.pipeline.runtime import EmbeddedRuntime, Runtime
 from twofold.rollout.trajectory import Batch, Trajectory
+from twofold.rollout.versions import LAG_BUCKETS, Admission, lag_bucket
 from twofold.rollout.worker import RolloutWorker
 from twofold.trainer.trainer import Trainer
 

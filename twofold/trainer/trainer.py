@@ -17,20 +17,11 @@ import torch
 from twofold.config import Config
 from twofold.distributed import Ranks, full_tensor, shard
 from twofold.logprobs import Numerics, microbatches, token_logprobs
-from twofold.loss import (
-    COUNT_METRICS,
-    broadcast_turn_values,
-    combine_metrics,
-    decoupled_ppo_loss,
-    discounted_returns,
-    group_advantages,
-    lag_fractions,
-    loss_denominator,
-    reinforce_advantages,
-    version_staleness,
-)
+from twofold.loss import COUNT_METRICS, combine_metrics, decoupled_ppo_loss, loss_denominator
 from twofold.oldlogits import OldLogitSource
 from twofold.rollout.trajectory import Batch
+from twofold.rollout.versions import lag_fractions, version_staleness
+from twofold.trainer.advantages import token_advantages
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:
@@ -41,29 +32,6 @@ def linear_warmup(step: int, warmup_steps: int) -> float:
 
 class TrainingHalted(RuntimeError):
     """Too many consecutive optimizer steps were skipped for non-finite loss or gradients."""
-
-
-def token_advantages(batch: Batch, estimator: str, normalize_std: bool, gamma: float) -> torch.Tensor:
-    """Per-token advantages [B, T] on agent tokens (0 elsewhere)."""
-    trajs = batch.trajectories
-    if estimator == "discounted":
-        # A at turn k = G_k - mean over the group of G_0: per-turn credit, a GRPO-style baseline.
-        returns = [discounted_returns(t.turn_rewards, gamma) or [0.0] for t in trajs]
-        baseline: dict[int, list[float]] = defaultdict(list)
-        for t, g in zip(trajs, returns, strict=True):
-            baseline[t.group_id].append(g[0])
-        width = max(len(g) for g in returns)
-        per_turn = torch.zeros((len(trajs), width))
-        for i, (t, g) in enumerate(zip(trajs, returns, strict=True)):
-            b = sum(baseline[t.group_id]) / len(baseline[t.group_id])
-            per_turn[i, : len(g)] = torch.tensor(g) - b
-        return broadcast_turn_values(per_turn, batch.turns.clamp(max=width - 1)) * batch.loss_mask
-    rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float32)
-    if estimator == "grpo":
-        adv = group_advantages(rewards, torch.tensor([t.group_id for t in trajs]), normalize_std)
-    else:
-        adv = reinforce_advantages(rewards)
-    return adv[:, None] * batch.loss_mask
 
 
 class Trainer:

@@ -1,10 +1,15 @@
-"""Admission control counts from the version the engine stamps, not from the trainer's bumped one."""
+"""Versions: admission control counts from the version the engine stamps, not from the trainer's bumped one;
+the stale rule; the staleness metrics."""
 
+import pytest
+import torch
 from conftest import small_config
 
-from twofold.pipeline.admission import Admission
 from twofold.pipeline.loop import Pipeline
 from twofold.rollout.trajectory import Trajectory
+from twofold.rollout.versions import Admission, version_staleness
+
+T = torch.tensor
 
 
 def test_bound_moves_only_when_a_version_is_published():
@@ -47,3 +52,8 @@ def test_group_admitted_between_bump_and_publish_is_not_started(tmp_path, tiny_p
         assert pipe.engine.version == 1 and pipe._admit()
     finally:
         pipe.close()
+
+
+def test_version_staleness_ignores_prompt_tokens():
+    m = version_staleness(T([[-1, 3, 5, 5]]), T([[0.0, 1.0, 1.0, 1.0]]), current_version=6)
+    assert m == {"version/staleness_mean": pytest.approx((3 + 1 + 1) / 3), "version/staleness_max": 3.0}

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from twofold.loss import LAG_BUCKETS
 from twofold.pipeline.rundir import read_metrics
-from twofold.stats import (
+from twofold.rollout.versions import LAG_BUCKETS
+from twofold.study.stats import (
     Interval,
     bootstrap_mean,
     collapse_step,

@@ -1,4 +1,4 @@
-"""Policy versions and admission control: the lifecycle of a version, in one place.
+"""Policy versions: the lifecycle of a version, admission control, and how stale a batch's tokens are.
 
     stamped    the engine stamps every sampled token with `engine.version`, the version of the weights that
                produced it; a reply paused by an update and continued carries several versions
@@ -13,9 +13,14 @@
     stale      at train time, a group whose oldest trajectory started more than W versions before the
                trainer's version is dropped (counted) or trained, as `rollout.stale_policy` says
 Sync mode is W = 0: one step of groups, generated after the previous publish, never stale.
+
+A token's lag at train time is the trainer's version minus the version that sampled it; the staleness metrics
+(`version/staleness_mean|max`, `version/lag{0,1,2,3,4plus}_frac`) describe a batch by it.
 """
 
 from __future__ import annotations
+
+import torch
 
 from twofold.rollout.trajectory import Trajectory
 
@@ -59,3 +64,29 @@ class Admission:
 
     def load_state_dict(self, state: dict) -> None:
         self.dropped_groups, self.stale_dropped = state["dropped_groups"], state["stale_dropped"]
+
+
+LAG_BUCKETS = ("0", "1", "2", "3", "4plus")  # token lag in versions; the last bucket is 4 and more
+
+
+def lag_bucket(lag: torch.Tensor) -> torch.Tensor:
+    """Index into LAG_BUCKETS of each lag (versions >= 0)."""
+    return lag.clamp(min=0, max=len(LAG_BUCKETS) - 1).long()
+
+
+def version_staleness(token_versions: torch.Tensor, mask: torch.Tensor, current_version: int) -> dict[str, float]:
+    """Mean and max of current_version - v_t over agent tokens (`version/staleness_mean|max`)."""
+    sel = (mask > 0) & (token_versions >= 0)
+    if not sel.any():
+        return {"version/staleness_mean": 0.0, "version/staleness_max": 0.0}
+    lag = (current_version - token_versions[sel]).to(torch.float32)
+    return {"version/staleness_mean": float(lag.mean()), "version/staleness_max": float(lag.max())}
+
+
+def lag_fractions(token_versions: torch.Tensor, mask: torch.Tensor, current_version: int) -> dict[str, float]:
+    """The token lag's distribution: `version/lag{0,1,2,3,4plus}_frac`, shares of agent tokens per bucket."""
+    sel = (mask > 0) & (token_versions >= 0)
+    if not sel.any():
+        return {}
+    counts = torch.bincount(lag_bucket(current_version - token_versions[sel]), minlength=len(LAG_BUCKETS))
+    return {f"version/lag{b}_frac": float(c) / int(sel.sum()) for b, c in zip(LAG_BUCKETS, counts, strict=True)}
