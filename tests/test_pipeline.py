@@ -1,6 +1,7 @@
 import pytest
 from conftest import small_config
 
+from twofold.metrics import declared
 from twofold.pipeline.checkpoint import checkpoints, verify
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.rundir import read_metrics
@@ -65,6 +66,7 @@ def test_short_async_run_for_each_source(tmp_path, tiny_path, source):
     assert [r["step"] for r in rows] == [1, 2]
     for key in DOCUMENTED:
         assert key in rows[-1], key
+    assert [k for k in rows[-1] if declared(k) is None] == []  # every logged name is in twofold.metrics
     assert rows[-1]["version"] == 2
     assert (tmp_path / "run" / "config.yaml").exists() and list((tmp_path / "run" / "tb").iterdir())
     assert checkpoints(tmp_path / "run") and verify(checkpoints(tmp_path / "run")[-1]) is None
@@ -128,6 +130,7 @@ def test_audit_logs_approximation_error(tmp_path, tiny_path):
         },
     )
     assert all("audit/abs_err_mean" in r for r in rows)
+    assert [k for r in rows for k in r if declared(k) is None] == []
     assert rows[0]["audit/abs_err_max"] < 1e-5  # step 1: nothing is stale yet
     stale = [r for r in rows if r["version/staleness_max"] > 0]
     assert stale, "the run should have trained on stale tokens"

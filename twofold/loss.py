@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from twofold import metrics as M
 from twofold.config import LossConfig
 
 # exp() of a log-ratio beyond this overflows float32 products; ratios that far out are clipped,
@@ -118,10 +119,10 @@ def discrepancy_correction(
         n = mask.sum().clamp(min=1.0)
         outside = (~in_band).to(mask.dtype) * mask
         metrics = {
-            "discrepancy/mask_frac": float(((mask > 0) & ~keep).sum() / n),
-            "discrepancy/trunc_frac": float(outside.sum() / n) if action == "truncate" else 0.0,
-            "discrepancy/catastrophic_seqs": float(vetoed.sum()),
-            "discrepancy/nonfinite_tokens": float(nonfinite.sum()),
+            M.MASK_FRAC: float(((mask > 0) & ~keep).sum() / n),
+            M.TRUNC_FRAC: float(outside.sum() / n) if action == "truncate" else 0.0,
+            M.CATASTROPHIC_SEQS: float(vetoed.sum()),
+            M.NONFINITE_TOKENS: float(nonfinite.sum()),
         }
     return weights, keep_f, metrics
 
@@ -129,18 +130,13 @@ def discrepancy_correction(
 # --------------------------------------------------------------------------- staleness + loss
 
 
-# Metrics that count things (sequences, tokens) rather than measure a rate or a mean: a train step sums
-# them over its minibatches (per pass over the batch) where it averages every other metric.
-COUNT_METRICS = frozenset({"discrepancy/catastrophic_seqs", "discrepancy/nonfinite_tokens", "loss/tokens"})
-
-
 def combine_metrics(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
-    """Metrics of the pieces of a batch, each with its agent-token count, as one: counts (`COUNT_METRICS`)
+    """Metrics of the pieces of a batch, each with its agent-token count, as one: counts (`metrics.COUNT_METRICS`)
     summed, every other metric averaged weighted by tokens (exact for token shares and token means)."""
     tokens = sum(n for _, n in parts)
     out: dict[str, float] = {}
     for key in parts[0][0] if parts else ():
-        if key in COUNT_METRICS:
+        if key in M.COUNT_METRICS:
             out[key] = sum(m[key] for m, _ in parts)
         else:
             out[key] = sum(m[key] * n for m, n in parts) / tokens if tokens > 0 else parts[0][0][key]
@@ -273,20 +269,20 @@ def decoupled_ppo_loss(
         t1, t3 = kl_estimates(log_total, mask)
         metrics.update(
             {
-                "ppo/clip_frac_low": float((clip_low & kept).sum() / n),
-                "ppo/clip_frac_high": float((clip_high & kept).sum() / n),
-                "ppo/dual_clip_frac": float((dual & kept).sum() / n),
-                "ppo/active_token_ratio": float((active & (mask > 0)).sum() / n),
-                "ppo/staleness_ratio_mean": float(_masked_mean(r, mask)),
-                "kl/discrepancy_k1": d1,
-                "kl/discrepancy_k3": d3,
-                "kl/staleness_k1": s1,
-                "kl/staleness_k3": s3,
-                "kl/total_k1": t1,
-                "kl/total_k3": t3,
-                "is/ess": ess,
-                "is/weight_mean": float(_masked_mean(weights, mask)),
-                "loss/tokens": float(mask.sum()),
+                M.CLIP_FRAC_LOW: float((clip_low & kept).sum() / n),
+                M.CLIP_FRAC_HIGH: float((clip_high & kept).sum() / n),
+                M.DUAL_CLIP_FRAC: float((dual & kept).sum() / n),
+                M.ACTIVE_TOKEN_RATIO: float((active & (mask > 0)).sum() / n),
+                M.STALENESS_RATIO_MEAN: float(_masked_mean(r, mask)),
+                M.KL_DISCREPANCY_K1: d1,
+                M.KL_DISCREPANCY_K3: d3,
+                M.KL_STALENESS_K1: s1,
+                M.KL_STALENESS_K3: s3,
+                M.KL_TOTAL_K1: t1,
+                M.KL_TOTAL_K3: t3,
+                M.IS_ESS: ess,
+                M.IS_WEIGHT_MEAN: float(_masked_mean(weights, mask)),
+                M.LOSS_TOKENS: float(mask.sum()),
             }
         )
     return loss, metrics

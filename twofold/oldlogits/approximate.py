@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from twofold import metrics as M
 from twofold.models import model_bytes, state_dict_bytes
 from twofold.oldlogits.base import CapturingSource, OldLogitSource, SourceContext, capture
 from twofold.oldlogits.ewma import ParameterEWMA, staleness_beta
@@ -119,7 +120,7 @@ class EWMASource(OldLogitSource):
         self._proximal_current = False
 
     def after_step(self, model, metrics):
-        ratio = metrics.get("ppo/active_token_ratio", 1.0)
+        ratio = metrics.get(M.ACTIVE_TOKEN_RATIO, 1.0)
         self.last_reset = self.auto_reset and self.ewma.maybe_reset(model, ratio, self.tau)
         self._proximal_current &= not self.last_reset
 
@@ -128,11 +129,11 @@ class EWMASource(OldLogitSource):
 
     def metrics(self):
         return {
-            "ewma/resets": float(self.ewma.num_resets),
-            "ewma/reset_this_step": float(self.last_reset),
-            "ewma/center_of_mass": self.ewma.center_of_mass,  # in optimizer steps
-            "ewma/center_of_mass_versions": self.ewma.center_of_mass / self.ctx.updates_per_version,
-            "ewma/beta": self.ewma.beta,
+            M.EWMA_RESETS: float(self.ewma.num_resets),
+            M.EWMA_RESET_THIS_STEP: float(self.last_reset),
+            M.EWMA_CENTER_OF_MASS: self.ewma.center_of_mass,  # in optimizer steps
+            M.EWMA_CENTER_OF_MASS_VERSIONS: self.ewma.center_of_mass / self.ctx.updates_per_version,
+            M.EWMA_BETA: self.ewma.beta,
         }
 
     def state_dict(self):

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from twofold import metrics as M
 from twofold.distributed import Ranks
 from twofold.models import gathered_state, load_parameters, model_bytes
 from twofold.oldlogits.base import CapturingSource, SourceContext, capture
@@ -179,9 +180,9 @@ class DedicatedSource(CapturingSource):
 
     def metrics(self):
         return {
-            "dedicated/lag_versions": float(self.events.qsize()),
-            "dedicated/wait_seconds": self.wait_seconds,
-            "dedicated/segments": float(self.segments),
+            M.DEDICATED_LAG_VERSIONS: float(self.events.qsize()),
+            M.DEDICATED_WAIT_SECONDS: self.wait_seconds,
+            M.DEDICATED_SEGMENTS: float(self.segments),
         }
 
     def close(self):

@@ -6,6 +6,7 @@ import threading
 
 import torch
 
+from twofold import metrics as M
 from twofold.config import ConfigError
 from twofold.distributed import local_tensor
 from twofold.models import load_parameters, model_bytes, state_dict_bytes, versioned_state
@@ -174,13 +175,13 @@ class SnapshotSource(CapturingSource):
 
     def metrics(self):
         out = {
-            "snapshot/versions_held": float(len(self.store.snapshots)),
-            "snapshot/bytes": float(self.store.bytes),
-            "snapshot/peak_bytes": float(self.store.peak_bytes),
-            "snapshot/freed": float(self.store.freed),
-            "snapshot/budget_captures": float(self.budget_captures),
-            "snapshot/version_bytes": float(self.snapshot_bytes),  # one version, this rank's shards
-            "snapshot/fallback_tokens": float(self.fallback_tokens),
+            M.SNAPSHOT_VERSIONS_HELD: float(len(self.store.snapshots)),
+            M.SNAPSHOT_BYTES: float(self.store.bytes),
+            M.SNAPSHOT_PEAK_BYTES: float(self.store.peak_bytes),
+            M.SNAPSHOT_FREED: float(self.store.freed),
+            M.SNAPSHOT_BUDGET_CAPTURES: float(self.budget_captures),
+            M.SNAPSHOT_VERSION_BYTES: float(self.snapshot_bytes),  # one version, this rank's shards
+            M.SNAPSHOT_FALLBACK_TOKENS: float(self.fallback_tokens),
         }
         if self.fallback is not None:
             out.update(self.fallback.metrics())

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from twofold import metrics as M
 from twofold.config import Config, dump_config, to_dict
 from twofold.distributed import Ranks, shard
 from twofold.logprobs import DTYPES, microbatches, resolve_device
@@ -291,11 +292,11 @@ class Pipeline:
             log_ratios.append((exact - approx)[sel])
         delta, lag, log_ratio = torch.cat(deltas), torch.cat(lags), torch.cat(log_ratios)
         _, k3 = kl_estimates(log_ratio, torch.ones_like(log_ratio))
-        out = {"audit/abs_err_mean": float(delta.mean()), "audit/abs_err_max": float(delta.max()), "audit/kl_k3": k3}
+        out = {M.AUDIT_ABS_ERR_MEAN: float(delta.mean()), M.AUDIT_ABS_ERR_MAX: float(delta.max()), M.AUDIT_KL_K3: k3}
         buckets = lag_bucket(lag)  # the error against staleness, per token lag
         for i, name in enumerate(LAG_BUCKETS):
             if (buckets == i).any():
-                out[f"audit/abs_err_lag{name}"] = float(delta[buckets == i].mean())
+                out[M.audit_error_at_lag(name)] = float(delta[buckets == i].mean())
         return out
 
     def train_step(self) -> dict[str, float]:
@@ -330,7 +331,7 @@ class Pipeline:
         self._release(trajs)
         self.step += 1
         if not main:
-            return {"step": self.step, **metrics}
+            return {M.STEP: self.step, **metrics}
 
         wall = time.perf_counter() - t_step
         c = self.worker.counters
@@ -339,36 +340,35 @@ class Pipeline:
         self.peak_extra_bytes = max(self.peak_extra_bytes, extra)
         n = len(trajs)
         row = {
-            "step": self.step,
-            "version": self.trainer.version,
-            "reward/mean": sum(t.reward for t in trajs) / n,
-            "success/rate": sum(t.success for t in trajs) / n,
-            "rollout/format_ok_rate": sum(sum(t.format_ok) for t in trajs)
-            / max(1, sum(len(t.format_ok) for t in trajs)),
-            "rollout/turns_mean": sum(t.num_turns for t in trajs) / n,
-            "rollout/trajectories": float(n),
-            "rollout/agent_tokens": float(batch.loss_mask.sum()),
-            "rollout/tokens": float(batch.attention_mask.sum()),
-            "rollout/multi_version_frac": sum(len(t.agent_versions()) > 1 for t in trajs) / n,
-            "rollout/env_errors": float(c.env_errors),
-            "rollout/env_timeouts": float(c.env_timeouts),
-            "rollout/nonfinite_dropped": float(c.nonfinite_dropped),
-            "rollout/truncated": float(c.truncated),
-            "rollout/discarded_tokens": float(c.discarded_tokens),
-            "rollout/stale_dropped_groups": float(self.admission.stale_dropped),
-            "time/step": wall,
-            "time/generation": c.generate_seconds - gen0,
-            "time/old_logits": max(times.old_logits, source_seconds),
-            "time/training": times.training,
-            "time/weight_sync": times.weight_sync,
-            "time/idle": times.idle,
-            "throughput/samples_per_s": n / wall,
-            "throughput/tokens_per_s": (c.generated_tokens - tok0) / wall,
-            "memory/oldlogit_extra_bytes": float(extra),
-            "memory/oldlogit_peak_bytes": float(self.peak_extra_bytes),
+            M.STEP: self.step,
+            M.VERSION: self.trainer.version,
+            M.REWARD_MEAN: sum(t.reward for t in trajs) / n,
+            M.SUCCESS_RATE: sum(t.success for t in trajs) / n,
+            M.FORMAT_OK_RATE: sum(sum(t.format_ok) for t in trajs) / max(1, sum(len(t.format_ok) for t in trajs)),
+            M.TURNS_MEAN: sum(t.num_turns for t in trajs) / n,
+            M.TRAJECTORIES: float(n),
+            M.AGENT_TOKENS: float(batch.loss_mask.sum()),
+            M.TOKENS: float(batch.attention_mask.sum()),
+            M.MULTI_VERSION_FRAC: sum(len(t.agent_versions()) > 1 for t in trajs) / n,
+            M.ENV_ERRORS: float(c.env_errors),
+            M.ENV_TIMEOUTS: float(c.env_timeouts),
+            M.NONFINITE_DROPPED: float(c.nonfinite_dropped),
+            M.TRUNCATED: float(c.truncated),
+            M.DISCARDED_TOKENS: float(c.discarded_tokens),
+            M.STALE_DROPPED_GROUPS: float(self.admission.stale_dropped),
+            M.STEP_SECONDS: wall,
+            M.time_part("generation"): c.generate_seconds - gen0,
+            M.time_part("old_logits"): max(times.old_logits, source_seconds),
+            M.time_part("training"): times.training,
+            M.time_part("weight_sync"): times.weight_sync,
+            M.time_part("idle"): times.idle,
+            M.SAMPLES_PER_S: n / wall,
+            M.TOKENS_PER_S: (c.generated_tokens - tok0) / wall,
+            M.OLDLOGIT_EXTRA_BYTES: float(extra),
+            M.OLDLOGIT_PEAK_BYTES: float(self.peak_extra_bytes),
         }
         if self.trainer.numerics.device.type == "cuda":  # everything this process put on its GPU, at its peak
-            row["memory/device_peak_bytes"] = float(torch.cuda.max_memory_allocated(self.trainer.numerics.device))
+            row[M.DEVICE_PEAK_BYTES] = float(torch.cuda.max_memory_allocated(self.trainer.numerics.device))
         row.update(metrics)
         row.update(audit)
         row.update(self.runtime.metrics())

@@ -33,6 +33,7 @@ import torch
 from ray.exceptions import GetTimeoutError
 from tqdm import tqdm
 
+from twofold import metrics as M
 from twofold.config import Config, EngineConfig
 from twofold.distributed import Ranks, close_ranks, free_port, init_ranks, rank_device
 from twofold.engine import make_engine
@@ -243,10 +244,10 @@ class RayEngine(InferenceEngine):
 
     def metrics(self) -> dict[str, float]:
         out = {
-            "ray/engine_replica_failures": float(self.replica_failures),
-            "ray/engine_retried_requests": float(self.retried_requests),
+            M.RAY_ENGINE_REPLICA_FAILURES: float(self.replica_failures),
+            M.RAY_ENGINE_RETRIED_REQUESTS: float(self.retried_requests),
         }
-        out.update({f"ray/engine{i}_requests": float(n) for i, n in enumerate(self.requests)})
+        out.update({M.engine_requests(i): float(n) for i, n in enumerate(self.requests)})
         return out
 
 
@@ -295,7 +296,7 @@ class RayRuntime:
         return None if actor is None else (lambda state, ctx: RayLogprobWorker(actor, state, ctx, self.timeout_s))
 
     def metrics(self) -> dict[str, float]:
-        out = {"ray/env_worker_failures": float(self.envs.failures)}
+        out = {M.RAY_ENV_WORKER_FAILURES: float(self.envs.failures)}
         if self.engine is not None:
             out.update(self.engine.metrics())
         return out

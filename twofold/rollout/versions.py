@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from twofold import metrics as M
 from twofold.rollout.trajectory import Trajectory
 
 
@@ -78,9 +79,9 @@ def version_staleness(token_versions: torch.Tensor, mask: torch.Tensor, current_
     """Mean and max of current_version - v_t over agent tokens (`version/staleness_mean|max`)."""
     sel = (mask > 0) & (token_versions >= 0)
     if not sel.any():
-        return {"version/staleness_mean": 0.0, "version/staleness_max": 0.0}
+        return {M.STALENESS_MEAN: 0.0, M.STALENESS_MAX: 0.0}
     lag = (current_version - token_versions[sel]).to(torch.float32)
-    return {"version/staleness_mean": float(lag.mean()), "version/staleness_max": float(lag.max())}
+    return {M.STALENESS_MEAN: float(lag.mean()), M.STALENESS_MAX: float(lag.max())}
 
 
 def lag_fractions(token_versions: torch.Tensor, mask: torch.Tensor, current_version: int) -> dict[str, float]:
@@ -89,4 +90,4 @@ def lag_fractions(token_versions: torch.Tensor, mask: torch.Tensor, current_vers
     if not sel.any():
         return {}
     counts = torch.bincount(lag_bucket(current_version - token_versions[sel]), minlength=len(LAG_BUCKETS))
-    return {f"version/lag{b}_frac": float(c) / int(sel.sum()) for b, c in zip(LAG_BUCKETS, counts, strict=True)}
+    return {M.lag_fraction(b): float(c) / int(sel.sum()) for b, c in zip(LAG_BUCKETS, counts, strict=True)}

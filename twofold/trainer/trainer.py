@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 import torch
 
+from twofold import metrics as M
 from twofold.config import Config
 from twofold.distributed import Ranks, full_tensor, shard
 from twofold.logprobs import Numerics, microbatches, token_logprobs
-from twofold.loss import COUNT_METRICS, combine_metrics, decoupled_ppo_loss, loss_denominator
+from twofold.loss import combine_metrics, decoupled_ppo_loss, loss_denominator
 from twofold.oldlogits import OldLogitSource
 from twofold.rollout.trajectory import Batch
 from twofold.rollout.versions import lag_fractions, version_staleness
@@ -112,7 +113,7 @@ class Trainer:
     ) -> dict[str, float]:
         """One step over `batch`: pi_old of each minibatch from `source`, then the decoupled loss.
 
-        Metrics: counts (`COUNT_METRICS`) are summed over the minibatches of a pass over the batch
+        Metrics: counts (`metrics.COUNT_METRICS`) are summed over the minibatches of a pass over the batch
         (averaged over epochs); every other metric is the mean over the step's optimizer steps.
         """
         cfg = self.cfg
@@ -126,7 +127,7 @@ class Trainer:
             order = torch.randperm(len(batch.trajectories), generator=self.generator)
             for rows in torch.chunk(order, cfg.trainer.num_minibatches):
                 loss, metrics = self.accumulate_gradients(batch.select(rows), adv[rows], source)
-                for k in COUNT_METRICS & metrics.keys():
+                for k in M.COUNT_METRICS & metrics.keys():
                     counts[k] += metrics.pop(k) / cfg.trainer.ppo_epochs
                 grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, cfg.trainer.max_grad_norm))
                 if first:
@@ -148,17 +149,17 @@ class Trainer:
                 self.consecutive_skips = 0
                 after_optimizer_step()
                 n_updates += 1
-                metrics["loss/value"] = loss
-                metrics["loss/grad_norm"] = float(grad_norm)
-                metrics["trainer/lr"] = lr
+                metrics[M.LOSS_VALUE] = loss
+                metrics[M.GRAD_NORM] = float(grad_norm)
+                metrics[M.LEARNING_RATE] = lr
                 for k, v in metrics.items():
                     sums[k] += v
         out = {k: v / max(n_updates, 1) for k, v in sums.items()}
         out.update(counts)
         out.update(version_staleness(batch.versions, batch.loss_mask, self.version))
         out.update(lag_fractions(batch.versions, batch.loss_mask, self.version))
-        out["trainer/optimizer_steps"] = float(n_updates)
-        out["trainer/skipped_steps"] = float(self.skipped_steps)
+        out[M.OPTIMIZER_STEPS] = float(n_updates)
+        out[M.SKIPPED_STEPS] = float(self.skipped_steps)
         self.version += 1
         return out
 
