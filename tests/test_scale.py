@@ -130,7 +130,8 @@ def test_warmup_sets_each_optimizer_steps_lr_and_survives_a_restore(tiny_path, t
     assert moved == pytest.approx(0.25e-3, rel=1e-3)
     assert trainer.train_step(batch, source)["trainer/lr"] == pytest.approx(0.5e-3)
     restored = Trainer(copy.deepcopy(base), cfg)
-    restored.load_state_dict(trainer.state_dict())  # the step count travels in the optimizer's state
+    restored.model.load_state_dict(trainer.model.state_dict())
+    restored.optimizer.load_state_dict(trainer.optimizer.state_dict())  # the step count travels in its state
     assert restored.optimizer_steps() == 2
     lrs = [restored.train_step(batch, source)["trainer/lr"] for _ in range(3)]
     assert lrs == pytest.approx([0.75e-3, 1e-3, 1e-3])

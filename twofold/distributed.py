@@ -1,5 +1,5 @@
-"""Ranks of a sharded trainer: the process group, the few collectives the pipeline needs, FSDP2 sharding,
-and starting local ranks.
+"""Ranks of a sharded trainer: the process group, the few collectives the pipeline needs, sharded tensors,
+and starting local ranks (FSDP2 sharding of a policy is `sharding.py`).
 
 `trainer.world_size: N` runs N ranks (torch.distributed: gloo on CPU, NCCL on GPUs) that each run the same
 step loop (SPMD, as torchtitan does). Rank 0 alone owns the rollout side (engine, rollout worker, envs),
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -106,66 +108,10 @@ def rank_device(name: str, rank: int) -> torch.device:
     return torch.device("cpu" if name == "auto" else name)
 
 
-# --------------------------------------------------------------------------- FSDP2
-
-
-class ShardedLogprobs(torch.nn.Module):
-    """The FSDP2 root around a policy: its forward is the chunked `token_logprobs`, so the decoder and the
-    LM head run inside one forward and FSDP's hooks gather (and free) the root's parameters around it.
-    Calls of `token_logprobs(policy, ...)` on a sharded policy are routed here (`sharded_root`)."""
-
-    def __init__(self, policy: torch.nn.Module):
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, input_ids, attention_mask, temperature: float, chunk_size: int) -> torch.Tensor:
-        from twofold.logprobs import policy_logprobs
-
-        return policy_logprobs(self.policy, input_ids, attention_mask, temperature, chunk_size)
-
-
-def sharded_root(policy: torch.nn.Module) -> ShardedLogprobs | None:
-    return policy.__dict__.get("_sharded_root")
-
-
-def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks FSDP2 shards one by one: the decoder's `layers` (Hugging Face causal LMs,
-    LoRA-wrapped or not)."""
-    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-    layers = getattr(base.get_decoder(), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(base).__name__}: no decoder `layers` to shard")
-    return list(layers)
-
-
-def shard(policy: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
-    """Shard `policy` in place across `ranks` (per decoder layer, then a root holding the embeddings, the
-    final norm and the LM head) and return it. Gradients are summed across ranks, not averaged: each rank's
-    loss is already divided by the whole minibatch's denominator."""
-    if not ranks.sharded:
-        return policy
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    mesh = init_device_mesh(device.type, (ranks.world_size,))
-    for layer in decoder_layers(policy):
-        fully_shard(layer, mesh=mesh)
-    # The root reshards after every forward too (FSDP2 keeps a root gathered by default, expecting a backward):
-    # scoring forwards have none, and parameters read between forwards (snapshots, the EWMA) must be shards.
-    root = fully_shard(ShardedLogprobs(policy), mesh=mesh, reshard_after_forward=True)
-    for unit in root.modules():  # every unit (each layer, the root) sums; plain SUM: gloo has no PREMUL_SUM
-        if isinstance(unit, FSDPModule):
-            unit.set_gradient_divide_factor(1.0)
-            unit.set_force_sum_reduction_for_comms(True)
-    # A plain attribute, not a submodule (the root contains the policy): the two form a cycle that dies with
-    # the policy. A weak-keyed table would keep both forever, its value holding its key.
-    object.__setattr__(policy, "_sharded_root", root)
-    return policy
+# --------------------------------------------------------------------------- sharded tensors
 
 
 def is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(t, DTensor)
 
 
@@ -187,8 +133,6 @@ def spawn_ranks(fn: Callable, world_size: int, *args, join: bool = True):
     one dies the others are stopped and the death is raised (torch.multiprocessing.spawn's contract); join=False
     returns the spawn context to wait on. A rank whose fn returns leaves without the interpreter's teardown
     (`_rank_process`)."""
-    import torch.multiprocessing as mp
-
     port = free_port()
     return mp.spawn(_rank_process, args=(fn, world_size, "127.0.0.1", port, *args), nprocs=world_size, join=join)
 

@@ -14,12 +14,16 @@ agent trajectories:
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from twofold.distributed import Ranks, sharded_root
+from twofold.distributed import Ranks, rank_device
+
+# The attribute of a sharded policy that holds its FSDP root (`twofold.sharding.shard` sets it).
+SHARDED_ROOT = "_sharded_root"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,8 +50,6 @@ class Numerics:
     def from_config(cls, cfg, rank: int = 0) -> Numerics:
         """The trainer's numerics as a `twofold.config.Config` describes them (for rank `rank`: with several
         ranks, `auto` and `cuda` mean the rank's own GPU)."""
-        from twofold.distributed import rank_device
-
         t = cfg.trainer
         return cls(
             device=rank_device(t.device, rank) if t.world_size > 1 else resolve_device(t.device),
@@ -85,6 +87,10 @@ def _head_logprobs(
     return chosen - torch.logsumexp(logits, dim=-1)
 
 
+def sharded_root(policy: torch.nn.Module) -> torch.nn.Module | None:
+    return policy.__dict__.get(SHARDED_ROOT)
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -92,7 +98,7 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 512,
 ) -> torch.Tensor:
-    """`policy_logprobs`, through the policy's FSDP root when it is sharded (`twofold.distributed.shard`)."""
+    """`policy_logprobs`, through the policy's FSDP root when it is sharded (`twofold.sharding.shard`)."""
     root = sharded_root(model)
     if root is not None:
         return root(input_ids, attention_mask, temperature, chunk_size)
@@ -152,6 +158,23 @@ def microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
+def deal_rows(
+    lengths: list[int], ranks: Ranks, group: Callable[[list[int]], list[list[int]]]
+) -> list[list[int] | None]:
+    """This rank's share of the rows, in groups, padded with None to the group count of the rank that has most.
+
+    Rows are dealt round-robin to ranks, longest first (every rank gets a similar number of tokens); `group`
+    splits this rank's rows, given their lengths, into lists of positions among them. Every rank returns as
+    many groups as the others, since FSDP's collectives pair up forward by forward: a None is a forward the
+    rank runs with no rows of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    mine = order[ranks.rank :: ranks.world_size]
+    groups: list[list[int] | None] = [[mine[j] for j in g] for g in group([lengths[i] for i in mine])]
+    count = int(ranks.all_reduce(len(groups), "max"))
+    return groups + [None] * (count - len(groups))
+
+
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -184,13 +207,9 @@ def score_sequences(
     """
     ranks = ranks or Ranks()
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    mine = order[ranks.rank :: ranks.world_size]
-    plan = [[mine[j] for j in group] for group in _forwards([len(sequences[i]) for i in mine], numerics)]
-    count = int(ranks.all_reduce(len(plan), "max"))
     out: dict[int, torch.Tensor] = {}
-    for k in range(count):
-        rows = plan[k] if k < len(plan) else []
+    for rows in deal_rows([len(s) for s in sequences], ranks, lambda lengths: _forwards(lengths, numerics)):
+        rows = rows or []
         ids, attn = pad_right([sequences[i] for i in rows] or [[pad_id, pad_id]], pad_id)
         with numerics.autocast(device):
             lp = token_logprobs(model, ids.to(device), attn.to(device), numerics.temperature, numerics.chunk_size).cpu()

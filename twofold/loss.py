@@ -199,6 +199,21 @@ def kl_estimates(log_ratio: torch.Tensor, mask: torch.Tensor) -> tuple[float, fl
     return float(k1), float(k3)
 
 
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float, dual_clip: float | None
+) -> torch.Tensor:
+    """PPO's clipped surrogate of the staleness ratio r_s = pi_theta / pi_old, per token [B, T]:
+
+    s = min(r_s A, clip(r_s, 1 - eps_low, 1 + eps_high) A)
+    s = max(s, c A)   where A < 0, with the dual clip c > 1 (Ye et al. 2020); dual_clip None: no dual clip
+    """
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    surrogate = torch.minimum(ratio * advantages, clipped * advantages)
+    if dual_clip is not None:
+        surrogate = torch.where(advantages < 0, torch.maximum(surrogate, dual_clip * advantages), surrogate)
+    return surrogate
+
+
 def decoupled_ppo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -238,51 +253,58 @@ def decoupled_ppo_loss(
         catastrophic=cfg.catastrophic,
     )
     log_rs = (logprobs - old).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO) * (mask > 0)
-    ratio = torch.exp(log_rs)
-    clipped_ratio = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-    surrogate = torch.minimum(ratio * advantages, clipped_ratio * advantages)
-    negative = advantages < 0
-    if cfg.dual_clip is not None:
-        surrogate = torch.where(negative, torch.maximum(surrogate, cfg.dual_clip * advantages), surrogate)
+    surrogate = clipped_surrogate(torch.exp(log_rs), advantages, cfg.eps_low, cfg.eps_high, cfg.dual_clip)
     per_token = -weights * surrogate * keep
     loss = aggregate(per_token, mask, cfg.aggregation, cfg.normalizer, denominator)
-
-    with torch.no_grad():
-        r = ratio.detach()
-        positive = advantages > 0
-        clip_high = positive & (r > 1.0 + cfg.eps_high)
-        clip_low = negative & (r < 1.0 - cfg.eps_low)
-        dual = negative & (r > cfg.dual_clip) if cfg.dual_clip is not None else torch.zeros_like(clip_low)
-        kept = keep > 0
-        active = kept & ~clip_high & ~clip_low & ~dual
-        n = mask.sum().clamp(min=1.0)
-        w_kept = weights[kept]
-        ess = (
-            float(w_kept.sum() ** 2 / (w_kept.numel() * (w_kept**2).sum()))
-            if w_kept.numel() and w_kept.abs().sum() > 0
-            else 1.0
-        )
-        log_rd, _ = _finite_log_ratio(old, behavior_logprobs.detach(), mask)
-        log_total, _ = _finite_log_ratio(logprobs.detach(), behavior_logprobs.detach(), mask)
-        d1, d3 = kl_estimates(log_rd, mask)
-        s1, s3 = kl_estimates(log_rs.detach(), mask)
-        t1, t3 = kl_estimates(log_total, mask)
-        metrics.update(
-            {
-                M.CLIP_FRAC_LOW: float((clip_low & kept).sum() / n),
-                M.CLIP_FRAC_HIGH: float((clip_high & kept).sum() / n),
-                M.DUAL_CLIP_FRAC: float((dual & kept).sum() / n),
-                M.ACTIVE_TOKEN_RATIO: float((active & (mask > 0)).sum() / n),
-                M.STALENESS_RATIO_MEAN: float(_masked_mean(r, mask)),
-                M.KL_DISCREPANCY_K1: d1,
-                M.KL_DISCREPANCY_K3: d3,
-                M.KL_STALENESS_K1: s1,
-                M.KL_STALENESS_K3: s3,
-                M.KL_TOTAL_K1: t1,
-                M.KL_TOTAL_K3: t3,
-                M.IS_ESS: ess,
-                M.IS_WEIGHT_MEAN: float(_masked_mean(weights, mask)),
-                M.LOSS_TOKENS: float(mask.sum()),
-            }
-        )
+    metrics.update(_ppo_metrics(logprobs, old, behavior_logprobs, log_rs, advantages, mask, weights, keep, cfg))
     return loss, metrics
+
+
+@torch.no_grad()
+def _ppo_metrics(
+    logprobs: torch.Tensor,
+    old: torch.Tensor,
+    behavior_logprobs: torch.Tensor,
+    log_rs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    keep: torch.Tensor,
+    cfg: LossConfig,
+) -> dict[str, float]:
+    """Clip fractions, the active-token ratio, the three KLs and the weights' ESS of one decoupled loss."""
+    r = torch.exp(log_rs.detach())
+    positive, negative = advantages > 0, advantages < 0
+    clip_high = positive & (r > 1.0 + cfg.eps_high)
+    clip_low = negative & (r < 1.0 - cfg.eps_low)
+    dual = negative & (r > cfg.dual_clip) if cfg.dual_clip is not None else torch.zeros_like(clip_low)
+    kept = keep > 0
+    active = kept & ~clip_high & ~clip_low & ~dual
+    n = mask.sum().clamp(min=1.0)
+    w_kept = weights[kept]
+    ess = (
+        float(w_kept.sum() ** 2 / (w_kept.numel() * (w_kept**2).sum()))
+        if w_kept.numel() and w_kept.abs().sum() > 0
+        else 1.0
+    )
+    log_rd, _ = _finite_log_ratio(old, behavior_logprobs.detach(), mask)
+    log_total, _ = _finite_log_ratio(logprobs.detach(), behavior_logprobs.detach(), mask)
+    d1, d3 = kl_estimates(log_rd, mask)
+    s1, s3 = kl_estimates(log_rs.detach(), mask)
+    t1, t3 = kl_estimates(log_total, mask)
+    return {
+        M.CLIP_FRAC_LOW: float((clip_low & kept).sum() / n),
+        M.CLIP_FRAC_HIGH: float((clip_high & kept).sum() / n),
+        M.DUAL_CLIP_FRAC: float((dual & kept).sum() / n),
+        M.ACTIVE_TOKEN_RATIO: float((active & (mask > 0)).sum() / n),
+        M.STALENESS_RATIO_MEAN: float(_masked_mean(r, mask)),
+        M.KL_DISCREPANCY_K1: d1,
+        M.KL_DISCREPANCY_K3: d3,
+        M.KL_STALENESS_K1: s1,
+        M.KL_STALENESS_K3: s3,
+        M.KL_TOTAL_K1: t1,
+        M.KL_TOTAL_K3: t3,
+        M.IS_ESS: ess,
+        M.IS_WEIGHT_MEAN: float(_masked_mean(weights, mask)),
+        M.LOSS_TOKENS: float(mask.sum()),
+    }

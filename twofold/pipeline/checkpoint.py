@@ -16,7 +16,9 @@ written, so a half-written step is never loaded. Checked: resuming verifies the 
 manifest and falls back to the previous one (with a warning) when it is truncated or corrupt. Safe: tensors
 load with `weights_only=True` and DCP's metadata file with an unpickler that admits only DCP's own
 metadata classes, so a run directory from elsewhere cannot run code. DCP reshards on load: a run saved
-with N ranks resumes on M. Checkpoints of earlier versions (`step_N.pt`, one file) still load.
+with N ranks resumes on M.
+
+The pipeline hands over the parts a checkpoint holds (`RunParts`); this module knows nothing else of it.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ import pickle
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -43,11 +46,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from twofold.models import full_weights
+from twofold.distributed import Ranks
+from twofold.engine.base import InferenceEngine
+from twofold.oldlogits import OldLogitSource
 from twofold.pipeline.rundir import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from twofold.pipeline.loop import Pipeline
+from twofold.rollout.versions import Admission
+from twofold.trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
 MANIFEST, RUN_STATE = "manifest.json", "run_state.json"
@@ -90,8 +94,6 @@ class SafeFileSystemReader(FileSystemReader):
         path = self._get_metadata_path(rank)
         with self.fs.create_stream(path, "rb") as f:
             metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -128,30 +130,44 @@ def join_tensors(plain, tensors: dict[str, torch.Tensor]):
     return plain
 
 
-# --------------------------------------------------------------------------- save
+# --------------------------------------------------------------------------- what is saved
 
 
-def _run_state(pipe: Pipeline) -> dict:
+@dataclass
+class RunParts:
+    """The parts of a run that a checkpoint saves and restores, as the pipeline hands them over."""
+
+    run_dir: Path
+    trainer: Trainer
+    admission: Admission
+    ranks: Ranks
+    engine: InferenceEngine | None  # rank 0's; its sampling RNG is saved when it has one
+    keep_checkpoints: int
+
+
+def _run_state(parts: RunParts, step: int) -> dict:
+    python_rng = random.getstate()
     return {
-        "step": pipe.step,
-        "version": pipe.trainer.version,
-        "skipped_steps": pipe.trainer.skipped_steps,
-        "admission": pipe.admission.state_dict(),
-        "python_rng": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        "world_size": pipe.ranks.world_size,
+        "step": step,
+        "version": parts.trainer.version,
+        "skipped_steps": parts.trainer.skipped_steps,
+        "admission": parts.admission.state_dict(),
+        "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
+        "world_size": parts.ranks.world_size,
     }
 
 
-def _tensor_state(pipe: Pipeline) -> dict:
-    t = pipe.trainer
-    state = {
-        "model": get_model_state_dict(t.model),
-        "optim": get_optimizer_state_dict(t.model, t.optimizer)["state"],
-        "rng": {"torch": torch.get_rng_state(), "minibatch": t.generator.get_state()},
+def _tensor_state(trainer: Trainer) -> dict:
+    """The trainer's tensors as DCP saves and loads them (this rank's shards when sharded)."""
+    return {
+        "model": get_model_state_dict(trainer.model),
+        "optim": get_optimizer_state_dict(trainer.model, trainer.optimizer)["state"],
+        "rng": {"torch": torch.get_rng_state(), "minibatch": trainer.generator.get_state()},
     }
-    if pipe.engine is not None and hasattr(pipe.engine, "generator"):
-        state["rng"]["engine"] = pipe.engine.generator.get_state().cpu()
-    return state
+
+
+def _engine_generator(engine: InferenceEngine | None) -> torch.Generator | None:
+    return getattr(engine, "generator", None) if engine is not None else None
 
 
 def _digest(path: Path) -> str:
@@ -162,27 +178,31 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(pipe: Pipeline) -> Path:
-    """Write `checkpoints/step_N/` (a collective: every rank calls it) and keep the last `run.keep_checkpoints`."""
-    ranks, folder = pipe.ranks, pipe.run_dir / "checkpoints"
-    final = folder / f"step_{pipe.step:06d}"
-    tmp = folder / f"step_{pipe.step:06d}.tmp"
+def save_checkpoint(parts: RunParts, step: int, source: OldLogitSource) -> Path:
+    """Write `checkpoints/step_N/` (a collective: every rank calls it) and keep the last `keep_checkpoints`."""
+    ranks, folder = parts.ranks, parts.run_dir / "checkpoints"
+    final = folder / f"step_{step:06d}"
+    tmp = folder / f"step_{step:06d}.tmp"
     if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ranks.barrier()
-    source_tensors, source_plain = split_tensors(pipe.source.state_dict())
-    dcp.save({**_tensor_state(pipe), "source": source_tensors}, checkpoint_id=str(tmp), no_dist=not ranks.sharded)
+    tensors = _tensor_state(parts.trainer)
+    generator = _engine_generator(parts.engine)
+    if generator is not None:
+        tensors["rng"]["engine"] = generator.get_state().cpu()
+    source_tensors, source_plain = split_tensors(source.state_dict())
+    dcp.save({**tensors, "source": source_tensors}, checkpoint_id=str(tmp), no_dist=not ranks.sharded)
     ranks.barrier()
     if ranks.is_main:
-        run_state = {**_run_state(pipe), "source": source_plain}
+        run_state = {**_run_state(parts, step), "source": source_plain}
         atomic_write_bytes(tmp / RUN_STATE, lambda f: f.write(json.dumps(run_state).encode()))
         files = {p.name: [p.stat().st_size, _digest(p)] for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         atomic_write_bytes(tmp / MANIFEST, lambda f: f.write(json.dumps(files, indent=1).encode()))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoints(pipe.run_dir)[: -pipe.cfg.run.keep_checkpoints]:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        for old in checkpoints(parts.run_dir)[: -parts.keep_checkpoints]:
+            shutil.rmtree(old)
     ranks.barrier()
     return final
 
@@ -191,22 +211,16 @@ def save_checkpoint(pipe: Pipeline) -> Path:
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first: `step_N/` folders (and `step_N.pt` files of earlier versions)."""
+    """Finished checkpoints, oldest first: `step_N/` folders."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [
-        p
-        for p in folder.iterdir()
-        if p.name.startswith("step_") and not p.name.endswith(".tmp") and (p.is_dir() or p.suffix == ".pt")
-    ]
+    found = [p for p in folder.iterdir() if p.name.startswith("step_") and not p.name.endswith(".tmp") and p.is_dir()]
     return sorted(found, key=lambda p: p.name)
 
 
 def verify(path: Path) -> str | None:
     """None when the checkpoint is whole, else why not."""
-    if path.suffix == ".pt":
-        return None  # an earlier version's single file: torch.load checks it
     try:
         files = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as e:
@@ -236,80 +250,52 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def restore_pipeline(pipe: Pipeline, path: Path) -> object:
-    """Restore trainer, admission, engine weights and RNGs from `path` (a collective when sharded); returns
-    the source's saved state, loaded once the source is built (`restore_source`)."""
-    if path.suffix == ".pt":
-        return _restore_legacy(pipe, path)
-    run_state = json.loads((path / RUN_STATE).read_text())
-    t = pipe.trainer
-    state = {
-        "model": get_model_state_dict(t.model),
-        "optim": get_optimizer_state_dict(t.model, t.optimizer)["state"],
-        "rng": {"torch": torch.get_rng_state(), "minibatch": t.generator.get_state()},
-    }
+def _load(path: Path, state: dict, ranks: Ranks, partial: bool = False) -> None:
+    """Fill `state`'s tensors in place from the checkpoint at `path` (a collective when `ranks` are sharded)."""
     dcp.load(
-        state, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)), no_dist=not pipe.ranks.sharded
+        state,
+        checkpoint_id=str(path),
+        storage_reader=SafeFileSystemReader(str(path)),
+        planner=dcp.DefaultLoadPlanner(allow_partial_load=True) if partial else None,
+        no_dist=not ranks.sharded,
     )
+
+
+@dataclass
+class Restored:
+    step: int
+    source_state: tuple[Path, object]  # for `restore_source`, once the source is built
+
+
+def restore_run(parts: RunParts, path: Path) -> Restored:
+    """Restore the trainer, admission counters and every RNG from `path` (a collective when sharded). The
+    engine's weights are the caller's to publish: the trainer now holds them."""
+    run_state = json.loads((path / RUN_STATE).read_text())
+    t = parts.trainer
+    state = _tensor_state(t)
+    _load(path, state, parts.ranks)
     set_model_state_dict(t.model, state["model"])
     groups = get_optimizer_state_dict(t.model, t.optimizer)["param_groups"]
     set_optimizer_state_dict(t.model, t.optimizer, {"state": state["optim"], "param_groups": groups})
     torch.set_rng_state(state["rng"]["torch"])
     t.generator.set_state(state["rng"]["minibatch"])
     t.version, t.skipped_steps = run_state["version"], run_state["skipped_steps"]
-    pipe.step = run_state["step"]
-    pipe.admission.load_state_dict(run_state["admission"])
-    pipe.admission.publish(t.version)
+    parts.admission.load_state_dict(run_state["admission"])
+    parts.admission.publish(t.version)
     version, internal, gauss = run_state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    if pipe.engine is not None and hasattr(pipe.engine, "generator"):
-        engine_rng = {"engine": pipe.engine.generator.get_state().cpu()}
-        dcp.load(
-            {"rng": engine_rng},
-            checkpoint_id=str(path),
-            storage_reader=SafeFileSystemReader(str(path)),
-            planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
-            no_dist=True,
-        )
-        pipe.engine.generator.set_state(engine_rng["engine"].to(pipe.engine.generator.device))
-    _publish_restored(pipe)
-    return (path, run_state["source"])
+    generator = _engine_generator(parts.engine)
+    if generator is not None:
+        engine_rng = {"engine": generator.get_state().cpu()}
+        _load(path, {"rng": engine_rng}, Ranks(), partial=True)
+        generator.set_state(engine_rng["engine"].to(generator.device))
+    return Restored(step=run_state["step"], source_state=(path, run_state["source"]))
 
 
-def restore_source(pipe: Pipeline, saved) -> None:
-    """Load the source's saved state (after `restore_pipeline`, once the source exists)."""
-    if isinstance(saved, dict):  # an earlier version's single file
-        pipe.source.load_state_dict(saved)
-        return
+def restore_source(source: OldLogitSource, saved: tuple[Path, object], ranks: Ranks) -> None:
+    """Load the source's saved state (after `restore_run`, once the source exists)."""
     path, plain = saved
-    targets, _ = split_tensors(pipe.source.state_dict())
+    targets, _ = split_tensors(source.state_dict())
     if targets:
-        dcp.load(
-            {"source": targets},
-            checkpoint_id=str(path),
-            storage_reader=SafeFileSystemReader(str(path)),
-            planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
-            no_dist=not pipe.ranks.sharded,
-        )
-    pipe.source.load_state_dict(join_tensors(plain, targets))
-
-
-def _publish_restored(pipe: Pipeline) -> None:
-    weights = full_weights(pipe.trainer.model, keep=pipe.ranks.is_main)
-    if pipe.engine is not None:
-        pipe.engine.update_weights(weights, pipe.trainer.version)
-
-
-def _restore_legacy(pipe: Pipeline, path: Path) -> dict:
-    """A `step_N.pt` file of an earlier twofold version (one process)."""
-    state = torch.load(path, weights_only=True)
-    pipe.step = state["step"]
-    pipe.trainer.load_state_dict(state["trainer"])
-    pipe.admission.load_state_dict(state.get("admission") or state)
-    pipe.admission.publish(pipe.trainer.version)
-    if state["engine_rng"] is not None:
-        pipe.engine.generator.set_state(state["engine_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    _publish_restored(pipe)
-    return state["source"]
+        _load(path, {"source": targets}, ranks, partial=True)
+    source.load_state_dict(join_tensors(plain, targets))

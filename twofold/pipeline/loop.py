@@ -26,12 +26,19 @@ from tqdm import tqdm
 
 from twofold import metrics as M
 from twofold.config import Config, dump_config, to_dict
-from twofold.distributed import Ranks, shard
+from twofold.distributed import Ranks
 from twofold.logprobs import DTYPES, microbatches, resolve_device
 from twofold.loss import kl_estimates
 from twofold.models import full_weights, load_parameters, load_policy, load_tokenizer, versioned_state
 from twofold.oldlogits import OldLogitSource, SourceContext, make_source
-from twofold.pipeline.checkpoint import latest_checkpoint, restore_pipeline, restore_source, save_checkpoint
+from twofold.pipeline.checkpoint import (
+    Restored,
+    RunParts,
+    latest_checkpoint,
+    restore_run,
+    restore_source,
+    save_checkpoint,
+)
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
@@ -39,6 +46,7 @@ from twofold.pipeline.runtime import EmbeddedRuntime, Runtime
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.rollout.versions import LAG_BUCKETS, Admission, lag_bucket
 from twofold.rollout.worker import RolloutWorker
+from twofold.sharding import shard
 from twofold.trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -111,38 +119,27 @@ class Pipeline:
         main = self.ranks.is_main
         self.runtime = runtime or EmbeddedRuntime()
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
-        self.run_lock = None
-        if main:
-            refuse_existing_run(self.run_dir, resume)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.run_lock = lock_run_dir(self.run_dir)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.run_lock = self._open_run_dir(resume) if main else None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.async_mode = cfg.mode == "async"
-        window = cfg.max_staleness if self.async_mode else 0
-        path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main)
-        self.model_path = path
-        self.tokenizer = load_tokenizer(path)
-        self.trainer = Trainer(load_policy(path, cfg.model), cfg, seed=cfg.seed, ranks=self.ranks)
-        self.engine = self.runtime.make_engine(cfg, path, self.tokenizer) if main else None
+        self.model_path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.trainer = Trainer(load_policy(self.model_path, cfg.model), cfg, seed=cfg.seed, ranks=self.ranks)
+        self.engine = self.runtime.make_engine(cfg, self.model_path, self.tokenizer) if main else None
         self.engine_dtype = DTYPES[cfg.engine.dtype]
+        window = cfg.max_staleness if self.async_mode else 0
         self.admission = Admission(window, cfg.rollout.groups_per_step, cfg.rollout.stale_policy)
         self.step = 0
-        source_state = None
-        checkpoint = self.ranks.broadcast(latest_checkpoint(self.run_dir) if resume and main else None)
-        if checkpoint is not None:
-            source_state = restore_pipeline(self, checkpoint)
-            if main:
-                log.info("resumed from %s at step %d", checkpoint, self.step)
+        restored = self._restore() if resume else None
         # Sources are built after the checkpoint so that model copies (dedicated worker, EWMA) start
         # from the resumed weights and version.
-        self.ctx = source_context(cfg, self.trainer, self.tokenizer.pad_token_id or 0, path)
+        self.ctx = source_context(cfg, self.trainer, self.tokenizer.pad_token_id or 0, self.model_path)
         self.source: OldLogitSource = make_source(
             cfg, self.ctx, self.trainer.model, version=self.trainer.version, logprob_worker=self.runtime.logprob_worker
         )
-        if source_state is not None:
-            restore_source(self, source_state)
+        if restored is not None:
+            restore_source(self.source, restored.source_state, self.ranks)
         self.auditor: OldLogitSource | None = (
             make_source(cfg, self.ctx, self.trainer.model, kind="snapshot") if cfg.oldlogits.audit else None
         )
@@ -155,21 +152,52 @@ class Pipeline:
         self.peak_extra_bytes = 0
         self._paused = False
         self._stop_signal: int | None = None
-        self.metrics = None
-        self.worker = None
-        if not main:
-            return
-        self.metrics = MetricsSink(
-            self.run_dir,
-            cfg.run.tensorboard,
-            resume_step=self.step if resume else None,
-            wandb=cfg.run.wandb,
-            config=to_dict(cfg),
+        self.metrics = (
+            MetricsSink(
+                self.run_dir,
+                cfg.run.tensorboard,
+                resume_step=self.step if resume else None,
+                wandb=cfg.run.wandb,
+                config=to_dict(cfg),
+            )
+            if main
+            else None
         )
-        self.worker = RolloutWorker(
+        self.worker = self._rollout_worker() if main else None
+
+    def _open_run_dir(self, resume: bool):
+        """Rank 0: create (or, resuming, reopen) the run directory, lock it, write the resolved config."""
+        refuse_existing_run(self.run_dir, resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_run_dir(self.run_dir)
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        return lock
+
+    def _checkpoint_parts(self) -> RunParts:
+        return RunParts(
+            self.run_dir, self.trainer, self.admission, self.ranks, self.engine, self.cfg.run.keep_checkpoints
+        )
+
+    def _restore(self) -> Restored | None:
+        """Resume from the newest whole checkpoint, if there is one, and hand its weights to the engine."""
+        main = self.ranks.is_main
+        checkpoint = self.ranks.broadcast(latest_checkpoint(self.run_dir) if main else None)
+        if checkpoint is None:
+            return None
+        restored = restore_run(self._checkpoint_parts(), checkpoint)
+        self.step = restored.step
+        weights = full_weights(self.trainer.model, keep=main)
+        if self.engine is not None:
+            self.engine.update_weights(weights, self.trainer.version)
+        if main:
+            log.info("resumed from %s at step %d", checkpoint, self.step)
+        return restored
+
+    def _rollout_worker(self) -> RolloutWorker:
+        return RolloutWorker(
             self.engine,
             self.tokenizer,
-            cfg,
+            self.cfg,
             admit=self._admit,
             on_group=self._on_group,
             on_episode_start=self._on_episode_start,
@@ -177,7 +205,7 @@ class Pipeline:
             on_trajectory_end=self._on_trajectory_end,
             start_group=self.admission.next_group(self.step),
             lockstep=not self.async_mode,
-            make_env=lambda: self.runtime.make_env(cfg),
+            make_env=lambda: self.runtime.make_env(self.cfg),
         )
 
     # ------------------------------------------------------------------ rollout-thread callbacks
@@ -381,7 +409,7 @@ class Pipeline:
 
     def checkpoint(self) -> Path:
         """Save this step (every rank takes part)."""
-        return save_checkpoint(self)
+        return save_checkpoint(self._checkpoint_parts(), self.step, self.source)
 
     def request_stop(self, signum: int) -> None:
         """Checkpoint and stop after the current step (SIGINT/SIGTERM here, or forwarded by the Ray driver)."""

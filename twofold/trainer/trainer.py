@@ -16,12 +16,13 @@ import torch
 
 from twofold import metrics as M
 from twofold.config import Config
-from twofold.distributed import Ranks, full_tensor, shard
-from twofold.logprobs import Numerics, microbatches, token_logprobs
+from twofold.distributed import Ranks, full_tensor
+from twofold.logprobs import Numerics, deal_rows, microbatches, token_logprobs
 from twofold.loss import combine_metrics, decoupled_ppo_loss, loss_denominator
 from twofold.oldlogits import OldLogitSource
 from twofold.rollout.trajectory import Batch
 from twofold.rollout.versions import lag_fractions, version_staleness
+from twofold.sharding import shard
 from twofold.trainer.advantages import token_advantages
 
 
@@ -61,13 +62,7 @@ class Trainer:
         that has the most, so every rank runs as many forwards and backwards as the others (FSDP's
         collectives pair up). Rows go to ranks round-robin, longest first."""
         lengths = mb.attention_mask.sum(dim=1).tolist()
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        mine = order[self.ranks.rank :: self.ranks.world_size]
-        groups: list[list[int] | None] = [
-            [mine[j] for j in g] for g in microbatches([lengths[i] for i in mine], self.numerics.max_tokens)
-        ]
-        count = int(self.ranks.all_reduce(len(groups), "max"))
-        return groups + [None] * (count - len(groups))
+        return deal_rows(lengths, self.ranks, lambda mine: microbatches(mine, self.numerics.max_tokens))
 
     def accumulate_gradients(self, mb: Batch, advantages: torch.Tensor, source: OldLogitSource) -> tuple[float, dict]:
         """Forward and backward of one minibatch, micro-batch by micro-batch; gradients add up in `.grad`.
@@ -178,19 +173,3 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
-
-    def state_dict(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "version": self.version,
-            "skipped_steps": self.skipped_steps,
-            "generator": self.generator.get_state(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.version = state["version"]
-        self.skipped_steps = state["skipped_steps"]
-        self.generator.set_state(state["generator"])
