@@ -6,14 +6,13 @@ from pathlib import Path
 
 from twofold.config import ConfigError, EngineConfig
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
+from twofold.engine.builtin import BuiltinEngine
 
 __all__ = ["GenerationRequest", "GenerationResult", "InferenceEngine", "SamplingParams", "make_engine"]
 
 
 def make_engine(cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int = 0) -> InferenceEngine:
     if cfg.backend == "builtin":
-        from twofold.engine.builtin import BuiltinEngine
-
         return BuiltinEngine(
             model_path,
             dtype=cfg.dtype,

@@ -5,18 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from twofold.config import Config
+from twofold.envs import tokenizer_corpus
+from twofold.models import ensure_tiny_model
+from twofold.trainer.warmstart import ensure_warmstart
 
 
 def resolve_model_path(cfg: Config, progress: bool = True) -> Path:
     """The model to start from: `model.path`, else the tiny model (warm-started when configured)."""
     if cfg.model.path:
         return Path(cfg.model.path)
-    from twofold.envs import tokenizer_corpus
-    from twofold.models import ensure_tiny_model
-
     base = ensure_tiny_model(cfg.model, tokenizer_corpus(cfg.env))
     if not cfg.model.warmstart:
         return base
-    from twofold.trainer.warmstart import ensure_warmstart
-
     return ensure_warmstart(cfg, base, progress=progress)

@@ -9,7 +9,10 @@ import pickle
 import re
 from pathlib import Path
 
+import torch.multiprocessing as mp
+
 from twofold.config import Config, ConfigError
+from twofold.distributed import close_ranks, init_ranks, rank_device, spawn_ranks, threads_per_rank
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.progress import RankLost, die_with_parent, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
@@ -52,8 +55,6 @@ def _rank_main(
     resume: bool,
 ) -> None:
     """One local rank: join the group, build the Pipeline (rank 0 with the rollout side), run it."""
-    from twofold.distributed import close_ranks, init_ranks, rank_device, threads_per_rank
-
     die_with_parent(launcher_pid)  # before anything else: a rank of a killed launcher must not train
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(levelname)s rank{rank} %(name)s: %(message)s"
@@ -72,10 +73,6 @@ def run_local_ranks(cfg: Config, run_dir: Path, model_path: Path, resume: bool) 
     """`trainer.world_size` processes on this machine (torch.multiprocessing, one process group). SIGINT and
     SIGTERM are passed on (rank 0 decides when every rank stops, after a checkpoint). A rank that dies ends the
     run: the others are stopped and the error says which rank and how to resume."""
-    import torch.multiprocessing as mp
-
-    from twofold.distributed import spawn_ranks
-
     n = cfg.trainer.world_size
     context = spawn_ranks(_rank_main, n, os.getpid(), cfg, str(run_dir), str(model_path), resume, join=False)
 
