@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from twofold.config import EXACT_SOURCES, OLD_LOGIT_SOURCES, Config, ConfigError, dump_config
 from twofold.pipeline.progress import PARENT_PID_VAR, stop_signals
+from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import read_metrics, summary
 
 
@@ -85,8 +86,6 @@ def logged_runs(out: Path, cells: list[Cell]) -> list[Path]:
 
 def prepare_grid(cfg: Config, out: Path) -> Path:
     """Write (or check) the grid's base config and build the starting checkpoint once for all cells."""
-    from twofold.pipeline.resolve import resolve_model_path
-
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base.yaml"
     text = dump_config(cfg)
@@ -107,6 +106,73 @@ def started_first(cells: list[Cell], out: Path) -> list[Cell]:
     return started + [c for c in cells if c not in started]
 
 
+def _train_command(cell: Cell, run_dir: Path, base: Path, steps: int) -> list[str]:
+    """`twofold train` for one cell: resumed where it had started (from step 0 if it has no checkpoint yet),
+    else started from the grid's base config."""
+    args = ["--resume", str(run_dir)] if cell_started(run_dir) else ["--config", str(base)]
+    return [
+        sys.executable,
+        "-m",
+        "twofold.cli",
+        "train",
+        *args,
+        *cell.overrides,
+        f"run.dir={run_dir}",
+        "run.progress=false",
+        f"trainer.steps={steps}",
+    ]
+
+
+class _CellProcesses:
+    """The cells' training subprocesses: started, watched for the steps they log (on one progress bar over the
+    grid) and for their exit status, and handed a stop signal."""
+
+    def __init__(self, out: Path, base: Path, steps: int, bar: tqdm) -> None:
+        self.out, self.base, self.steps, self.bar = out, base, steps, bar
+        self.running: dict[str, subprocess.Popen] = {}
+        self.counted: dict[str, int] = {}  # steps of each cell already on the bar
+        self.status: dict[str, int | None] = {}
+        self.stopped: set[str] = set()  # cells running when a stop signal came
+        self.stop_requested = False
+
+    def count_logged(self, cell: Cell) -> None:
+        """Put the steps a cell logged before this grid run on the bar."""
+        self.counted[cell.name] = len(read_metrics(self.out / cell.name / "metrics.jsonl"))
+        self.bar.update(self.counted[cell.name])
+
+    def launch(self, cell: Cell) -> None:
+        run_dir = self.out / cell.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "a") as log_file:  # the child keeps its own descriptor
+            env = {**os.environ, PARENT_PID_VAR: str(os.getpid())}  # compare killed: its cells too
+            self.running[cell.name] = subprocess.Popen(
+                _train_command(cell, run_dir, self.base, self.steps), stdout=log_file, stderr=subprocess.STDOUT, env=env
+            )
+
+    def poll(self) -> None:
+        """Advance the bar by the steps logged since the last poll; record the cells that ended."""
+        for name, proc in list(self.running.items()):
+            run_dir = self.out / name
+            done = len(read_metrics(run_dir / "metrics.jsonl"))
+            self.bar.update(max(0, done - self.counted[name]))
+            self.counted[name] = max(self.counted[name], done)  # a resumed run first trims to its checkpoint
+            if proc.poll() is not None:
+                self.status[name] = proc.returncode
+                del self.running[name]
+                if proc.returncode != 0:
+                    tail = (run_dir / "train.log").read_text().splitlines()[-5:]
+                    self.bar.write(
+                        f"run {name} failed (exit {proc.returncode}); last lines of {run_dir / 'train.log'}:\n  "
+                        + "\n  ".join(tail)
+                    )
+
+    def stop(self, signum, frame) -> None:
+        self.stop_requested = True
+        for name, proc in self.running.items():
+            self.stopped.add(name)
+            proc.send_signal(signum)  # the cell checkpoints at the end of its step and exits
+
+
 def run_grid(
     cfg: Config, cells: list[Cell], out: Path, *, parallel: int = 1, progress: bool = True
 ) -> dict[str, int | None]:
@@ -116,83 +182,29 @@ def run_grid(
         raise ConfigError("--parallel", "must be >= 1")
     base = prepare_grid(cfg, out)
     steps = cfg.trainer.steps
-    status: dict[str, int] = {}
-    todo = []
-    for cell in cells:
-        if cell_finished(out / cell.name, steps):
-            status[cell.name] = 0
-        else:
-            todo.append(cell)
-    todo = started_first(todo, out)
+    done = [c for c in cells if cell_finished(out / c.name, steps)]
+    todo = started_first([c for c in cells if c not in done], out)
     bar = tqdm(
         total=len(cells) * steps,
         disable=not progress,
         unit="step",
-        desc=f"grid ({len(cells) - len(todo)}/{len(cells)} runs already done)",
+        desc=f"grid ({len(done)}/{len(cells)} runs already done)",
     )
-    bar.update((len(cells) - len(todo)) * steps)
-    running: dict[str, tuple[subprocess.Popen, Path]] = {}
-    counted: dict[str, int] = {}
-
-    def launch(cell: Cell) -> None:
-        run_dir = out / cell.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # started before: resume (from step 0 if no checkpoint yet)
-        args = ["--resume", str(run_dir)] if cell_started(run_dir) else ["--config", str(base)]
-        cmd = [
-            sys.executable,
-            "-m",
-            "twofold.cli",
-            "train",
-            *args,
-            *cell.overrides,
-            f"run.dir={run_dir}",
-            "run.progress=false",
-            f"trainer.steps={steps}",
-        ]
-        with open(run_dir / "train.log", "a") as log_file:  # the child keeps its own descriptor
-            env = {**os.environ, PARENT_PID_VAR: str(os.getpid())}  # compare killed: its cells too
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-            running[cell.name] = (proc, run_dir)
-
-    def poll() -> None:
-        for name, (proc, run_dir) in list(running.items()):
-            done = len(read_metrics(run_dir / "metrics.jsonl"))
-            bar.update(max(0, done - counted[name]))
-            counted[name] = max(counted[name], done)  # a resumed run first trims to its checkpoint
-            if proc.poll() is not None:
-                status[name] = proc.returncode
-                del running[name]
-                if proc.returncode != 0:
-                    tail = (run_dir / "train.log").read_text().splitlines()[-5:]
-                    bar.write(
-                        f"run {name} failed (exit {proc.returncode}); last lines of {run_dir / 'train.log'}:\n  "
-                        + "\n  ".join(tail)
-                    )
-
+    bar.update(len(done) * steps)
+    procs = _CellProcesses(out, base, steps, bar)
+    procs.status.update((c.name, 0) for c in done)
     for cell in todo:
-        counted[cell.name] = len(read_metrics(out / cell.name / "metrics.jsonl"))
-        bar.update(counted[cell.name])
+        procs.count_logged(cell)
     queue = list(todo)
-    stopped: set[str] = set()  # cells running when a stop signal came
-    stop_requested = False
-
-    def stop(signum, frame) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-        for name, (proc, _) in running.items():
-            stopped.add(name)
-            proc.send_signal(signum)  # the cell checkpoints at the end of its step and exits
-
-    with stop_signals(stop):
-        while (queue and not stop_requested) or running:
-            while queue and not stop_requested and len(running) < parallel:
-                launch(queue.pop(0))
+    with stop_signals(procs.stop):
+        while (queue and not procs.stop_requested) or procs.running:
+            while queue and not procs.stop_requested and len(procs.running) < parallel:
+                procs.launch(queue.pop(0))
             time.sleep(0.5)
-            poll()
+            procs.poll()
     bar.close()
     for cell in cells:
         # Stopped by the signal (a cell still starting dies of it: not a failure), or never started.
-        if (cell.name in stopped or cell.name not in status) and not cell_finished(out / cell.name, steps):
-            status[cell.name] = None
-    return status
+        if (cell.name in procs.stopped or cell.name not in procs.status) and not cell_finished(out / cell.name, steps):
+            procs.status[cell.name] = None
+    return procs.status
