@@ -1,11 +1,16 @@
+import dataclasses
 import subprocess
 import sys
+import typing
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twofold.config import Config, ConfigError, config_from_dict, load_config, parse_bytes, validate
+from twofold.cli import main
+from twofold.config import Config, ConfigError, config_from_dict, load_config, parse_bytes, schema_fields, validate
+from twofold.envs import env_class, known_envs
 from twofold.models import load_model, load_tokenizer
 
 
@@ -162,8 +167,6 @@ def test_fuzz_config_errors_are_named(section, data, value):
 
 def _schema():
     """{section: [keys]} of the real config, with "" for top-level scalars."""
-    import dataclasses
-
     out, default = {"": []}, Config()
     for f in dataclasses.fields(Config):
         value = getattr(default, f.name)
@@ -216,3 +219,93 @@ def test_fuzz_whole_config_dicts_give_named_errors(d):
     else:
         assert isinstance(cfg, Config)
         assert validate(cfg) is cfg
+
+
+# --------------------------------------------------------------------------- help, show, did-you-mean
+
+
+def _nested_dataclasses(cls, seen):
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp) and tp not in seen:
+            seen.append(tp)
+            _nested_dataclasses(tp, seen)
+    return seen
+
+
+def test_every_field_of_every_config_dataclass_has_help():
+    option_schemas = [env_class(name).options_schema for name in known_envs() if env_class(name).options_schema]
+    classes = _nested_dataclasses(Config, [Config]) + option_schemas
+    assert {"LoraConfig", "RayConfig", "WandbConfig", "FrozenLakeOptions", "DatasetOptions"} <= {
+        c.__name__ for c in classes
+    }
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help", "").strip(), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_every_range_in_the_schema_is_enforced_at_load():
+    # Just past each bound is an error naming the field: ge 1 -> 0, gt 0 -> 0, le 1 -> 2 (int) or 1.5, lt 1 -> 1.
+    checked = 0
+    for key, f, tp in schema_fields():
+        step = 1 if tp is int else 0.5
+        past = {"ge": -step, "gt": 0, "le": step, "lt": 0}
+        for bound in past.keys() & f.metadata.keys():
+            with pytest.raises(ConfigError) as e:
+                load_config(None, [f"{key}={f.metadata[bound] + past[bound]}"])
+            assert e.value.field == key and "must be" in e.value.message
+            checked += 1
+    assert checked > 50
+
+
+def _cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_config_help_of_a_field_gives_type_default_choices_and_help(capsys):
+    rc, out, _ = _cli(capsys, "config", "--help", "trainer.steps")
+    assert rc == 0 and out.splitlines()[:4] == ["trainer.steps", "  type:    int", "  default: 40", "  valid:   >= 1"]
+    assert "Train steps of the run" in out
+    rc, out, _ = _cli(capsys, "config", "help", "engine.dtype")
+    assert rc == 0 and "type:    str" in out and "default: bfloat16" in out
+    assert "valid:   float32 | bfloat16 | float16" in out and "Engine numerics" in out
+
+
+def test_config_help_of_a_section_lists_its_fields_one_line_each(capsys):
+    rc, out, _ = _cli(capsys, "config", "--help", "advantage")
+    lines = out.splitlines()
+    assert rc == 0 and lines[0].startswith("advantage: ")
+    assert [line.split()[0] for line in lines[1:4]] == ["estimator", "normalize_std", "gamma"]
+    assert "str = grpo (grpo | reinforce | discounted)" in lines[1] and "float = 1.0 (in (0, 1])" in lines[3]
+
+
+def test_config_help_of_an_env_option_names_each_env_that_takes_it(capsys):
+    rc, out, _ = _cli(capsys, "config", "--help", "env.options.size")
+    assert rc == 0 and "(env.name=frozenlake)" in out and "(env.name=sokoban)" in out
+    assert "default: 4" in out and "default: 6" in out
+
+
+def test_config_show_prints_the_resolved_config_with_overrides(capsys):
+    rc, out, _ = _cli(capsys, "config", "show", "configs/sokoban.yaml", "trainer.steps=7", "env.max_turns=3")
+    shown = yaml.safe_load(out)
+    assert rc == 0 and shown["trainer"]["steps"] == 7 and shown["env"]["max_turns"] == 3
+    assert shown["env"]["name"] == "sokoban" and shown["trainer"]["lr_warmup_steps"] == 0  # file, then defaults
+    rc, out, _ = _cli(capsys, "config", "show", "--config", "configs/sokoban.yaml")
+    assert rc == 0 and yaml.safe_load(out)["trainer"]["steps"] == 30
+
+
+def test_a_misspelt_key_gets_a_suggestion(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="did you mean 'trainer.steps'\\? valid keys here") as e:
+        load_config(None, ["trainer.stepz=3"])
+    assert e.value.field == "trainer.stepz"
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("trainr:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'trainer'\\?"):
+        load_config(bad)
+    bad.write_text("rollout:\n  group_sise: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'rollout.group_size'\\?"):
+        load_config(bad)
+    rc, out, err = _cli(capsys, "config", "--help", "trainer.stpes")
+    assert rc == 2 and out == "" and err.strip().count("\n") == 0 and "did you mean 'trainer.steps'?" in err

@@ -8,8 +8,8 @@ from conftest import small_config
 from twofold.config import ConfigError
 from twofold.envs import make_env
 from twofold.envs.dataset import exact_reward, extract_answer, math_reward, split_rows, write_example
+from twofold.envs.seeding import EVAL_SEED_OFFSET, level_seed
 from twofold.envs.tools import format_call
-from twofold.rollout.worker import EVAL_SEED_OFFSET, level_seed
 
 
 @pytest.fixture(scope="module")

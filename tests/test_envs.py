@@ -1,3 +1,5 @@
+import dataclasses
+import inspect
 import random
 
 import pytest
@@ -5,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twofold.config import ConfigError
-from twofold.envs import make_env, parse_answer
+from twofold.envs import env_class, make_env, parse_answer
 from twofold.envs.sokoban import BOX_OFF, BOX_ON, SOLVED, STEP_PENALTY
 
 
@@ -143,3 +145,31 @@ def test_solver_success_rate_is_optimal_rate_of_the_level_set():
     assert solver_success_rate(cfg, 10) == 1.0
     # Random moves only: a 4x4 lake is rarely crossed in 16 turns, never always.
     assert solver_success_rate(cfg, 10, noise=1.0) < 1.0
+
+
+def test_env_settings_and_options_default_to_the_config_schema():
+    env = make_env("sokoban")
+    assert (env.max_turns, env.format_penalty, env.invalid_action) == (8, -0.1, "continue")  # EnvConfig's
+    assert (env.size, env.num_boxes, env.reverse_steps, env.inner_walls) == (6, 1, 30, 1)  # SokobanOptions'
+    for name in ("arithmetic", "dataset", "frozenlake", "sokoban", "tooluse"):
+        schema = env_class(name).options_schema
+        params = inspect.signature(env_class(name)).parameters
+        for f in dataclasses.fields(schema):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            given = params[f.name].default
+            assert (list(given) if isinstance(default, list) else given) == default, (name, f.name)
+
+
+@pytest.mark.parametrize(
+    "name,options,field",
+    [
+        ("frozenlake", {"size": 1}, "env.options.size"),
+        ("sokoban", {"num_boxes": 0}, "env.options.num_boxes"),
+        ("arithmetic", {"num_terms": 1}, "env.options.num_terms"),
+        ("tooluse", {"num_customers": 0}, "env.options.num_customers"),
+    ],
+)
+def test_an_option_out_of_its_range_is_an_error_naming_it(name, options, field):
+    with pytest.raises(ConfigError) as e:
+        make_env(name, options=options)
+    assert e.value.field == field and "must be >=" in e.value.message

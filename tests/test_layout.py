@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "twofold"
 LAYERS = [
     {"config", "metrics"},
     {"distributed"},
-    {"models", "logprobs"},
+    {"models", "modelpath", "logprobs"},
     {"sharding", "loss", "envs", "engine"},
     {"rollout"},
     {"oldlogits"},

@@ -17,7 +17,7 @@ def test_families_match_their_members_only():
 
 
 def test_counts_are_the_three_summed_metrics():
-    assert M.COUNT_METRICS == {"discrepancy/catastrophic_seqs", "discrepancy/nonfinite_tokens", "loss/tokens"}
+    assert {"discrepancy/catastrophic_seqs", "discrepancy/nonfinite_tokens", "loss/tokens"} == M.COUNT_METRICS
 
 
 def test_a_name_cannot_be_declared_twice():

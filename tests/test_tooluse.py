@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from twofold.config import TOOLUSE_TEMPLATES as TEMPLATES
 from twofold.envs import make_env
 from twofold.envs.tools import format_call
-from twofold.envs.tooluse import TEMPLATES, ToolUse
+from twofold.envs.tooluse import ToolUse
 
 
 def _seed_for(template):

@@ -1,19 +1,34 @@
-"""`twofold` command line: train, compare, report, bench, warmstart, eval, generate.
+"""`twofold` command line: train, compare, report, bench, warmstart, eval, generate, config, dataset.
 
-Every command takes `--config FILE` and any number of `key.sub=value` overrides.
-A bad config prints one line naming the field and exits with status 2.
+Every command that runs takes `--config FILE` and any number of `key.sub=value` overrides;
+`twofold config --help KEY` describes a key. A bad config prints one line naming the field and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from twofold.config import OLD_LOGIT_SOURCES, ConfigError, load_config
+import yaml
+
+from twofold.config import (
+    CONFIG_KEYS,
+    DATASET_LAYOUTS,
+    OLD_LOGIT_SOURCES,
+    Config,
+    ConfigError,
+    describe_type,
+    describe_valid,
+    did_you_mean,
+    dump_config,
+    load_config,
+    schema_fields,
+)
 from twofold.pipeline.progress import PARENT_PID_VAR, RankLost, die_with_parent
 
 
@@ -196,20 +211,142 @@ def cmd_dataset_example(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="twofold", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+# --------------------------------------------------------------------------- twofold config
 
-    def add(name, fn, help_text):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--config", default=None, help="YAML config (see configs/)")
-        p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-        p.set_defaults(fn=fn)
-        return p
 
-    p = add("train", cmd_train, "Train with RL (sync or async) and write a run directory")
+def _yaml_value(value) -> str:
+    """A value as it is written in a config file: 40, '', null, [q_proj, v_proj]."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).split("\n...")[0].strip()
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _describe_field(key: str, f: dataclasses.Field, tp) -> str:
+    """Every line `config --help KEY` prints for one field: name, type, default, valid values, help."""
+    lines = [key, f"  type:    {describe_type(tp)}", f"  default: {_yaml_value(_default(f))}"]
+    if describe_valid(tp, f.metadata):
+        lines.append(f"  valid:   {describe_valid(tp, f.metadata)}")
+    return "\n".join([*lines, f"  {f.metadata['help']}"])
+
+
+def _field_line(name: str, f: dataclasses.Field, tp) -> str:
+    """One line of a section's listing: name, type and default, the first sentence of the help."""
+    if dataclasses.is_dataclass(tp):
+        kind = "section"
+    else:
+        valid = describe_valid(tp, f.metadata)
+        kind = f"{describe_type(tp)} = {_yaml_value(_default(f))}" + (f" ({valid})" if valid else "")
+    summary = f.metadata["help"].split(". ")[0].rstrip(".")
+    return f"  {name:<26} {kind:<32} {summary}"
+
+
+def _section_lines(prefix: str, cls: type) -> list[str]:
+    """One line per field of the section `cls` (its sub-sections as one line each)."""
+    return [_field_line(f.name, f, tp) for key, f, tp in schema_fields(cls, prefix) if "." not in key[len(prefix) :]]
+
+
+def _env_options() -> dict[str, type]:
+    """{env name: the dataclass of its `env.options`} of the registered envs that document theirs."""
+    from twofold.envs import env_class, known_envs  # the envs import gymnasium: only when asked for
+
+    return {name: env_class(name).options_schema for name in known_envs() if env_class(name).options_schema}
+
+
+_MORE = "`twofold config --help {}KEY` describes one in full."
+
+
+def describe_key(key: str) -> str:
+    """The text of `twofold config --help KEY`: a field in full, a section's fields one line each, or (no KEY)
+    the top level."""
+    if not key:
+        usage = "twofold config --help KEY | twofold config show [CONFIG] [key.sub=value ...]"
+        return "\n".join([usage, "", "Top-level keys and sections:", *_section_lines("", Config), _MORE.format("")])
+    fields = {k: (f, tp) for k, f, tp in schema_fields()}
+    if key in fields:
+        f, tp = fields[key]
+        if dataclasses.is_dataclass(tp):
+            return "\n".join([f"{key}: {f.metadata['help']}", *_section_lines(f"{key}.", tp), _MORE.format(f"{key}.")])
+        if key != "env.options":
+            return _describe_field(key, f, tp)
+        built_in = [f"{name}:\n" + "\n".join(_section_lines("", cls)) for name, cls in _env_options().items()]
+        heading = "Options of the built-in envs, by env.name:"
+        return "\n\n".join([_describe_field(key, f, tp), heading, *built_in, _MORE.format("env.options.")])
+    if key.startswith("env.options."):
+        return _describe_env_option(key)
+    raise ConfigError(key, f"unknown key; {did_you_mean(key, CONFIG_KEYS)}`twofold config --help` lists the sections")
+
+
+def _describe_env_option(key: str) -> str:
+    """`env.options.KEY` of every built-in env that takes it (`size` means one thing for FrozenLake, another
+    for Sokoban)."""
+    options = [(name, schema_fields(cls, "env.options.")) for name, cls in _env_options().items()]
+    found = [(name, k, f, tp) for name, fields in options for k, f, tp in fields]
+    matches = [_describe_field(f"{k} (env.name={name})", f, tp) for name, k, f, tp in found if k == key]
+    if not matches:
+        hint = did_you_mean(key, {k for _, k, _, _ in found})
+        raise ConfigError(key, f"unknown key; {hint}`twofold config --help env.options` lists them")
+    return "\n\n".join(matches)
+
+
+def cmd_config_help(args) -> int:
+    print(describe_key(args.key or ""))
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    files = ([args.config] if args.config else []) + [item for item in args.items if "=" not in item]
+    if len(files) > 1:
+        raise ConfigError("--config", f"give one config file, got {', '.join(files)}")
+    print(dump_config(load_config(files[0] if files else None, [item for item in args.items if "=" in item])), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------- the parser
+
+CONFIG_EPILOG = (
+    "Config keys: `twofold config --help KEY` describes one (e.g. trainer.steps); "
+    "`twofold config show CONFIG [key.sub=value ...]` prints the resolved config."
+)
+
+
+def _add_config_command(sub) -> None:
+    config = sub.add_parser(
+        "config",
+        add_help=False,
+        help="Config keys: `config --help KEY` describes one, `config show` prints a resolved config",
+        description="Describe config keys, or print a resolved config as YAML.",
+    )
+    config.add_argument(
+        "-h", "--help", nargs="?", const="", dest="key", metavar="KEY", help="describe KEY (a field or a section)"
+    )
+    config.set_defaults(fn=cmd_config_help)
+    actions = config.add_subparsers(dest="action", metavar="ACTION")
+    p = actions.add_parser("help", help="describe KEY: type, default, valid values, help; a section lists its fields")
+    p.add_argument("key", nargs="?", default="", metavar="KEY")
+    p.set_defaults(fn=cmd_config_help)
+    p = actions.add_parser("show", help="print the resolved config (defaults <- CONFIG <- overrides) as YAML")
+    p.add_argument("--config", default=None, help="YAML config (see configs/)")
+    p.add_argument("items", nargs="*", metavar="CONFIG | key.sub=value", help="a config file and overrides")
+    p.set_defaults(fn=cmd_config_show)
+
+
+def _with_config(subparsers, name: str, fn, help_text: str) -> argparse.ArgumentParser:
+    """A command that reads a config: `--config FILE` and any number of `key.sub=value` overrides."""
+    p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=CONFIG_EPILOG)
+    p.add_argument("--config", default=None, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(fn=fn)
+    return p
+
+
+def _add_training_commands(sub) -> None:
+    p = _with_config(sub, "train", cmd_train, "Train with RL (sync or async) and write a run directory")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    p = add("compare", cmd_compare, "Train every old-logit source x seed (same data) and write a comparison report")
+    p = _with_config(
+        sub, "compare", cmd_compare, "Train every old-logit source x seed (same data) and write a comparison report"
+    )
     p.add_argument("--sources", default=",".join(OLD_LOGIT_SOURCES), help="old-logit sources to compare")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="train steps per run (default: the config's)")
@@ -220,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also one audit run per approximate source, measuring its error against exact old log-probs",
     )
     p.add_argument("--out", default=None, help="grid folder (default runs/compare-ENV); re-use it to resume")
+
+
+def _add_study_commands(sub) -> None:
     p = sub.add_parser("report", help="HTML + Markdown report over run directories (or grid folders)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="report folder (default RUN_DIR/report)")
@@ -227,17 +367,20 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser(
         "bench", help="Benchmarks: `bench throughput` runs sync vs async at several staleness windows"
     )
-    p = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK").add_parser(
-        "throughput", help="sync vs async samples/s and tokens/s, time split, ideal overlap bound"
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    p = _with_config(
+        benchmarks, "throughput", cmd_bench, "sync vs async samples/s and tokens/s, time split, ideal overlap bound"
     )
-    p.add_argument("--config", default=None, help="YAML config (see configs/)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    p.set_defaults(fn=cmd_bench)
     p.add_argument("--staleness", default="1,2,4", help="async staleness windows to run")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default=None, help="grid folder (default runs/throughput-ENV)")
-    add("warmstart", cmd_warmstart, "Build (or reuse) the SFT warm-start checkpoint and print its evaluation")
-    p = add("eval", cmd_eval, "Valid-action and success rate of a checkpoint on held-out levels")
+
+
+def _add_model_commands(sub) -> None:
+    _with_config(
+        sub, "warmstart", cmd_warmstart, "Build (or reuse) the SFT warm-start checkpoint and print its evaluation"
+    )
+    p = _with_config(sub, "eval", cmd_eval, "Valid-action and success rate of a checkpoint on held-out levels")
     p.add_argument("--model", default=None, help="model directory (default: the config's model)")
     p.add_argument("--episodes", type=int, default=None)
     p.add_argument(
@@ -245,7 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="instead of a model, report the reference solver's optimal (and noisy) success rate",
     )
-    add("generate", cmd_generate, "Sample one reply and show per-token behaviour log-probs and versions")
+    _with_config(sub, "generate", cmd_generate, "Sample one reply and show per-token behaviour log-probs and versions")
+
+
+def _add_dataset_command(sub) -> None:
     data = sub.add_parser(
         "dataset", help="Datasets: `dataset example OUT` writes word problems in verl's or TRL's layout"
     )
@@ -253,12 +399,25 @@ def main(argv: list[str] | None = None) -> int:
         "example", help="arithmetic word problems as JSONL (.jsonl) or Parquet (.parquet)"
     )
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--layout", choices=["verl", "trl"], default="verl")
+    p.add_argument("--layout", choices=[layout for layout in DATASET_LAYOUTS if layout != "auto"], default="verl")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_dataset_example)
 
-    args = parser.parse_args(argv)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twofold", description=__doc__.split("\n")[0], epilog=CONFIG_EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_training_commands(sub)
+    _add_study_commands(sub)
+    _add_model_commands(sub)
+    _add_config_command(sub)
+    _add_dataset_command(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

@@ -1,16 +1,21 @@
 """One config schema for every command: typed dataclasses, YAML files, `key.sub=value` overrides.
 
-Every field is checked at load. A bad value raises `ConfigError` whose message names the dotted
-field and says how to fix it, so a run never starts with a config that fails later.
+Every field carries its help text and, where it has one, its valid range in `metadata`
+(`twofold config --help KEY` prints them). Every field is checked at load. A bad value raises
+`ConfigError` whose message names the dotted field and says how to fix it, so a run never starts
+with a config that fails later.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import operator
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,132 +33,271 @@ class ConfigError(ValueError):
         return type(self), (self.field, self.message)
 
 
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    note: str = "",
+) -> Any:
+    """A dataclass field whose `metadata` holds its help text and its valid range (`ge`/`gt`/`le`/`lt`, as
+    pydantic names them); `note` says what a boundary value means, for the error message."""
+    bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt}
+    metadata = {"help": help, **{k: v for k, v in bounds.items() if v is not None}, **({"note": note} if note else {})}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# --------------------------------------------------------------------------- the schema
+
+
 @dataclass
 class LoraConfig:
-    # Rank of the adapters; 0 trains the full model. With r > 0 only the adapters train (peft), and the
-    # versioned state kept for old logits (snapshots, the dedicated worker's versions, the EWMA) is adapters only.
-    r: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    r: int = setting(
+        0,
+        "Rank of the LoRA adapters; 0 trains the full model. With r > 0 only the adapters train (peft), and the "
+        "versioned state kept for old logits (snapshots, the dedicated worker's versions, the EWMA) is adapters only.",
+        ge=0,
+        note="0: train the full model",
+    )
+    alpha: float = setting(16.0, "LoRA scale numerator: an adapter's update is scaled by alpha / r.", gt=0)
+    dropout: float = setting(0.0, "Dropout on the adapters' input.", ge=0, lt=1)
+    target_modules: list[str] = setting(
+        help="Modules (by name) that get adapters, e.g. [q_proj, v_proj]; at least one.",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
 
 
 @dataclass
 class ModelConfig:
-    # A local Hugging Face causal LM directory. Empty: the built-in tiny model (built locally).
-    path: str = ""
-    # Start from the SFT warm-start checkpoint of the configured env (built and cached on first use).
-    warmstart: bool = True
-    # Shape of the built-in tiny model (ignored when `path` is set).
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    vocab_size: int = 512
-    max_positions: int = 2048
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    path: str = setting(
+        "",
+        "A local Hugging Face causal LM directory (with a chat template). Empty: the built-in tiny model, built "
+        "locally in the shape hidden_size ... max_positions give.",
+    )
+    warmstart: bool = setting(
+        True,
+        "Start from the SFT warm-start checkpoint of the configured env (built and cached on first use); "
+        "built-in tiny model only.",
+    )
+    hidden_size: int = setting(128, "Built-in tiny model: width of the residual stream.", gt=0)
+    num_layers: int = setting(4, "Built-in tiny model: transformer layers.", gt=0)
+    num_heads: int = setting(4, "Built-in tiny model: attention heads; must divide hidden_size.", gt=0)
+    num_kv_heads: int = setting(
+        2, "Built-in tiny model: key/value heads (grouped-query attention); must divide num_heads.", gt=0
+    )
+    intermediate_size: int = setting(384, "Built-in tiny model: hidden width of each MLP.", gt=0)
+    vocab_size: int = setting(
+        512,
+        "Built-in tiny model: tokens of its byte-level BPE tokenizer, trained on the envs' text.",
+        ge=300,
+        note="256 byte tokens + merges + specials",
+    )
+    max_positions: int = setting(
+        2048, "Built-in tiny model: longest sequence in tokens; rollout.max_total_tokens must fit in it."
+    )
+    lora: LoraConfig = setting(help="LoRA adapters (r = 0: full fine-tune).", factory=LoraConfig)
 
 
 @dataclass
 class EngineConfig:
-    backend: Literal["builtin", "vllm"] = "builtin"
-    # auto: CUDA when available, else CPU; or an explicit "cpu", "cuda", "cuda:1" (built-in engine).
-    device: str = "auto"
-    # Engine numerics differ from the trainer's float32 on purpose, as vLLM's do from FSDP's.
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    # Weight-only quantisation of the engine's copy, as rollouts are quantised in practice: int8 (per channel),
-    # fp8 (e4m3 with a per-channel scale), int4 (group-wise, 32 weights per scale). The trainer stays unquantised.
-    quantization: Literal["none", "int8", "fp8", "int4"] = "none"
-    # Gaussian noise added to the engine's logits: an experiment knob for a stronger mismatch.
-    logit_noise_std: float = 0.0
-    max_batch_size: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 16
-    # vLLM only: fraction of accelerator memory for weights + KV cache (on vLLM's CPU build: of CPU memory).
-    gpu_memory_utilization: float = 0.9
-    # vLLM only: eager mode (no CUDA graphs). Empty: eager on CPU, graphs on a GPU.
-    enforce_eager: bool | None = None
+    backend: Literal["builtin", "vllm"] = setting(
+        "builtin", "Inference engine: the built-in PyTorch one, or vLLM behind the same interface."
+    )
+    device: str = setting(
+        "auto", "Where the built-in engine runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = setting(
+        "bfloat16", "Engine numerics; they differ from the trainer's float32 on purpose, as vLLM's do from FSDP's."
+    )
+    quantization: Literal["none", "int8", "fp8", "int4"] = setting(
+        "none",
+        "Built-in engine: weight-only quantisation of the engine's copy, as rollouts are quantised in practice: "
+        "int8 (per channel), fp8 (e4m3 with a per-channel scale), int4 (group-wise, 32 weights per scale). The "
+        "trainer stays unquantised.",
+    )
+    logit_noise_std: float = setting(
+        0.0, "Std of Gaussian noise added to the engine's logits: an experiment knob for a stronger mismatch.", ge=0
+    )
+    max_batch_size: int = setting(64, "Most sequences the engine generates at once.", gt=0)
+    temperature: float = setting(1.0, "Sampling temperature.", gt=0)
+    top_p: float = setting(
+        1.0, "Nucleus sampling: the smallest set of tokens with this much probability; 1: all.", gt=0, le=1
+    )
+    top_k: int = setting(0, "Sample among the k most likely tokens.", ge=0, note="0 disables top-k")
+    max_new_tokens: int = setting(16, "Most tokens of one reply (one agent turn).", gt=0)
+    gpu_memory_utilization: float = setting(
+        0.9,
+        "vLLM only: fraction of accelerator memory for weights and KV cache (on vLLM's CPU build: of CPU memory).",
+        gt=0,
+        le=1,
+    )
+    enforce_eager: bool | None = setting(
+        None, "vLLM only: eager mode (no CUDA graphs). Empty (null): eager on CPU, CUDA graphs on a GPU."
+    )
 
 
 @dataclass
 class EnvConfig:
-    name: str = "frozenlake"
-    max_turns: int = 8
-    format_penalty: float = -0.1
-    invalid_action: Literal["continue", "end"] = "continue"
-    # Simulated tool latency per step: fixed when sigma is 0, else log-normal with this median.
-    step_latency_ms: float = 0.0
-    step_latency_sigma: float = 0.0
-    step_timeout_s: float = 30.0
-    # Environment-specific options (for example size, slippery), passed to the env's constructor.
-    options: dict = field(default_factory=dict)
+    name: str = setting(
+        "frozenlake",
+        "A registered env (`twofold config --help env.options` lists the built-in ones), or package.module:Class "
+        "for your own twofold.envs.TextEnv subclass.",
+    )
+    max_turns: int = setting(8, "Most agent turns of an episode.", gt=0)
+    format_penalty: float = setting(
+        -0.1, "Reward of a reply that cannot be parsed or names an action the env does not know."
+    )
+    invalid_action: Literal["continue", "end"] = setting(
+        "continue", "After an invalid reply (format_penalty): continue the episode, or end it."
+    )
+    step_latency_ms: float = setting(
+        0.0,
+        "Simulated tool latency per env step, in milliseconds: fixed when step_latency_sigma is 0, else the "
+        "median of a log-normal.",
+        ge=0,
+    )
+    step_latency_sigma: float = setting(0.0, "Sigma of the log-normal tool latency (0: a fixed latency).", ge=0)
+    step_timeout_s: float = setting(
+        30.0, "Seconds an env step may take; a longer one ends its episode as an env error.", gt=0
+    )
+    options: dict = setting(
+        help="Env-specific options, passed to the env's constructor (for example size, slippery); "
+        "`twofold config --help env.options` lists the built-in envs' options.",
+        factory=dict,
+    )
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = 4
-    groups_per_step: int = 8
-    max_total_tokens: int = 1024
-    partial_rollout: Literal["continue", "regenerate_turn"] = "continue"
-    # Trajectories more than max_staleness versions old when their step comes: train or drop them.
-    stale_policy: Literal["train", "drop"] = "drop"
+    group_size: int = setting(4, "Trajectories per task instance (G): GRPO compares the members of a group.", ge=1)
+    groups_per_step: int = setting(
+        8, "Groups per train step: a step trains on groups_per_step x group_size trajectories.", ge=1
+    )
+    max_total_tokens: int = setting(
+        1024,
+        "Longest trajectory in tokens (prompt, replies, observations); an episode that would grow past it is "
+        "truncated.",
+        ge=64,
+    )
+    partial_rollout: Literal["continue", "regenerate_turn"] = setting(
+        "continue",
+        "A reply cut by a weight update: continue it under the new version, or regenerate the whole turn "
+        "(its tokens are thrown away, and counted).",
+    )
+    stale_policy: Literal["train", "drop"] = setting(
+        "drop", "Trajectories more than max_staleness versions old when their step comes: train or drop them."
+    )
 
 
 @dataclass
 class LossConfig:
-    discrepancy_level: Literal["token", "sequence", "geometric"] = "token"
-    discrepancy_action: Literal["truncate", "mask", "none"] = "mask"
-    discrepancy_low: float = 0.5
-    discrepancy_high: float = 2.0
-    catastrophic: float | None = 1e-4
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip: float | None = 3.0
-    aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "token-sum-norm"] = "token-mean"
-    # Fixed denominator for `token-sum-norm` (tokens per batch you normalise by).
-    normalizer: float = 1024.0
+    discrepancy_level: Literal["token", "sequence", "geometric"] = setting(
+        "token",
+        "What of r_d = pi_old / mu is compared to the band: each token's ratio, the sequence's product, or its "
+        "geometric mean per token.",
+    )
+    discrepancy_action: Literal["truncate", "mask", "none"] = setting(
+        "mask",
+        "Outside the band: truncate the weight to the band (TIS), mask the token (MIS), or none (weight 1).",
+    )
+    discrepancy_low: float = setting(
+        0.5, "Lower edge of the r_d band, in [0, 1]; 0: no lower bound (one-sided truncation)."
+    )
+    discrepancy_high: float = setting(2.0, "Upper edge of the r_d band, >= 1.")
+    catastrophic: float | None = setting(
+        1e-4,
+        "Sequence veto: a sequence with any token's r_d below this is dropped whole; in (0, discrepancy_low), "
+        "null: no veto.",
+    )
+    eps_low: float = setting(0.2, "PPO clip of r_s = pi_theta / pi_old from below: 1 - eps_low.", ge=0, lt=1)
+    eps_high: float = setting(0.28, "PPO clip of r_s from above: 1 + eps_high (clip-higher when > eps_low).", ge=0)
+    dual_clip: float | None = setting(
+        3.0,
+        "Dual clip c: with a negative advantage A the loss is at most -c A (Ye et al. 2020); null: off.",
+        gt=1,
+    )
+    aggregation: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "token-sum-norm"] = setting(
+        "token-mean",
+        "How per-token losses reduce: the mean over tokens; over sequences, the mean of each one's sum or mean; "
+        "or the sum divided by `normalizer`.",
+    )
+    normalizer: float = setting(
+        1024.0, "Fixed denominator of token-sum-norm (the tokens per batch you normalise by).", gt=0
+    )
 
 
 @dataclass
 class AdvantageConfig:
-    estimator: Literal["grpo", "reinforce", "discounted"] = "grpo"
-    normalize_std: bool = False
-    gamma: float = 1.0
+    estimator: Literal["grpo", "reinforce", "discounted"] = setting(
+        "grpo",
+        "grpo: reward minus its group's mean; reinforce: reward minus the batch mean; discounted: per-turn "
+        "discounted returns minus the group's mean return.",
+    )
+    normalize_std: bool = setting(False, "grpo: also divide by the group's reward std.")
+    gamma: float = setting(1.0, "Discount per turn of the discounted estimator.", gt=0, le=1)
 
 
 @dataclass
 class TrainerConfig:
-    steps: int = 40
-    lr: float = 2e-4
-    # Optimizer steps over which the learning rate rises linearly to `lr` (lr/N, 2 lr/N, ..., lr). Adam moves
-    # every weight by about lr on its first steps whatever the gradient's size, so a first batch with little
-    # signal can move the policy far; a warm-up bounds that. 0: `lr` from the first step.
-    lr_warmup_steps: int = 0
-    weight_decay: float = 0.0
-    ppo_epochs: int = 1
-    num_minibatches: int = 2
-    max_grad_norm: float = 1.0
-    max_consecutive_skips: int = 5
-    # auto: CUDA when available, else CPU; or "cpu", "cuda", "cuda:1". With world_size > 1, auto and cuda
-    # mean each rank's own GPU (cuda:rank).
-    device: str = "auto"
-    # Ranks of the sharded trainer (FSDP2 over torch.distributed: gloo on CPU, NCCL on GPUs). Rank 0 also runs
-    # the rollout side. 1: one process, nothing sharded.
-    world_size: int = 1
-    # Compute precision: bfloat16 autocast over float32 master weights and optimizer state, or float32.
-    # Old-logit scoring (exact sources, recompute, EWMA, audit) uses the same numerics.
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # Padded tokens per forward/backward: a minibatch is split into micro-batches under this budget (a longer
-    # trajectory goes alone) with gradient accumulation; it also bounds old-logit scoring forwards. 0: no limit.
-    max_tokens_per_microbatch: int = 0
-    # Positions per chunk of the LM head when computing log-probs: [B, T, V] float32 logits are never held
-    # whole (the chunk is recomputed in backward). 0: the whole sequence at once.
-    logprob_chunk_size: int = 512
-    # Hugging Face's activation checkpointing (recompute each layer in backward).
-    gradient_checkpointing: bool = False
+    steps: int = setting(40, "Train steps of the run; each publishes a new policy version.", ge=1)
+    lr: float = setting(2e-4, "AdamW learning rate.", gt=0)
+    lr_warmup_steps: int = setting(
+        0,
+        "Optimizer steps over which the learning rate rises linearly to `lr` (lr/N, 2 lr/N, ..., lr). Adam moves "
+        "every weight by about lr on its first steps whatever the gradient's size, so a first batch with little "
+        "signal can move the policy far; a warm-up bounds that.",
+        ge=0,
+        note="0: no warm-up",
+    )
+    weight_decay: float = setting(0.0, "AdamW weight decay.")
+    ppo_epochs: int = setting(1, "Passes over each step's batch.", ge=1)
+    num_minibatches: int = setting(
+        2, "Minibatches (optimizer steps) per pass; at most the trajectories of a step.", ge=1
+    )
+    max_grad_norm: float = setting(1.0, "Gradients are clipped to this global norm.", gt=0)
+    max_consecutive_skips: int = setting(
+        5, "Optimizer steps in a row with a non-finite loss or gradient (each skipped) that halt the run.", ge=1
+    )
+    device: str = setting(
+        "auto",
+        "auto: CUDA when available, else CPU; or cpu, cuda, cuda:N. With world_size > 1, auto and cuda mean each "
+        "rank's own GPU (cuda:rank).",
+    )
+    world_size: int = setting(
+        1,
+        "Ranks of the sharded trainer (FSDP2 over torch.distributed: gloo on CPU, NCCL on GPUs). Rank 0 also runs "
+        "the rollout side.",
+        ge=1,
+        note="1: one process, nothing sharded",
+    )
+    dtype: Literal["float32", "bfloat16"] = setting(
+        "float32",
+        "Compute precision: bfloat16 autocast over float32 master weights and optimizer state, or float32. "
+        "Old-logit scoring (exact sources, recompute, EWMA, audit) uses the same numerics.",
+    )
+    max_tokens_per_microbatch: int = setting(
+        0,
+        "Padded tokens per forward/backward: a minibatch is split into micro-batches under this budget (a longer "
+        "trajectory goes alone) with gradient accumulation; it also bounds old-logit scoring forwards.",
+        ge=0,
+        note="0: no limit",
+    )
+    logprob_chunk_size: int = setting(
+        512,
+        "Positions per chunk of the LM head when computing log-probs: [B, T, V] float32 logits are never held "
+        "whole (the chunk is recomputed in backward). 0: the whole sequence at once.",
+        ge=0,
+        note="0: no chunking",
+    )
+    gradient_checkpointing: bool = setting(
+        False, "Hugging Face's activation checkpointing (recompute each layer in backward)."
+    )
 
 
 # The old-logit sources, by name: the one list that configs, `twofold compare` and the CLI read.
@@ -166,112 +310,311 @@ EXACT_SOURCES: tuple[str, ...] = ("snapshot", "dedicated", "interrupt")
 
 @dataclass
 class OldLogitsConfig:
-    source: OldLogitSourceName = "ewma"
-    # Also compute the exact old log-probs (via snapshots) and log the approximation's error.
-    audit: bool = False
-    # Bytes of weight snapshots held at once, e.g. "256MB". Empty: no limit.
-    snapshot_budget: str = ""
-    # When a snapshot would exceed the budget: capture that version's tokens now (wait) or use EWMA.
-    on_budget: Literal["wait", "ewma"] = "wait"
-    # EWMA decay per optimizer step; empty: the staleness-aware kW/(kW+2), k optimizer steps per version.
-    ewma_beta: float | None = None
-    ewma_reset_tau: float = 0.9
-    ewma_auto_reset: bool = True
-    # Sequences per forward when a source scores old log-probs (exact capture, recompute, EWMA, audit).
-    max_sequences_per_forward: int = 16
-    # Where the sources' model copies (snapshot scratch, dedicated worker, EWMA average and proxy) live.
-    # auto: the trainer's device.
-    device: str = "auto"
-    # Where weight snapshots are kept; the snapshot budget counts bytes there. auto: CPU (pinned memory)
-    # when the trainer is on a GPU, else the trainer's device.
-    snapshot_device: str = "auto"
+    source: OldLogitSourceName = setting(
+        "ewma",
+        f"Where pi_old, the old log-probs of the PPO clip, comes from: {', '.join(EXACT_SOURCES)} are exact, the "
+        "others approximate (README: choosing the old-logit source).",
+    )
+    audit: bool = setting(
+        False,
+        "Also compute the exact old log-probs (via snapshots) and log the approximation's error (audit/*); "
+        "approximate sources only.",
+    )
+    snapshot_budget: str = setting("", "Bytes of weight snapshots held at once, e.g. 256MB or 2GiB. Empty: no limit.")
+    on_budget: Literal["wait", "ewma"] = setting(
+        "wait", "When a snapshot would exceed the budget: capture that version's tokens now (wait) or use EWMA."
+    )
+    ewma_beta: float | None = setting(
+        None,
+        "EWMA decay per optimizer step; null: the staleness-aware kW/(kW+2), k optimizer steps per version.",
+        ge=0,
+        lt=1,
+    )
+    ewma_reset_tau: float = setting(
+        0.9,
+        "The EWMA restarts from the current weights when the share of tokens that carry gradient "
+        "(ppo/active_token_ratio) falls below this.",
+        gt=0,
+        le=1,
+    )
+    ewma_auto_reset: bool = setting(True, "Reset the EWMA by the ewma_reset_tau rule; false: never reset.")
+    max_sequences_per_forward: int = setting(
+        16, "Sequences per forward when a source scores old log-probs (exact capture, recompute, EWMA, audit).", ge=1
+    )
+    device: str = setting(
+        "auto",
+        "Where the sources' model copies (snapshot scratch, dedicated worker, EWMA average and proxy) live: auto "
+        "(the trainer's device), cpu, cuda or cuda:N.",
+    )
+    snapshot_device: str = setting(
+        "auto",
+        "Where weight snapshots are kept; the snapshot budget counts bytes there. auto: CPU (pinned memory) when "
+        "the trainer is on a GPU, else the trainer's device.",
+    )
 
 
 @dataclass
 class WandbConfig:
-    # A Weights & Biases project to log to; empty: W&B off (TensorBoard and metrics.jsonl stay on).
-    project: str = ""
-    entity: str = ""
-    # The W&B run's name; empty: the run directory's name.
-    name: str = ""
-    # online, or offline (written under RUN_DIR/wandb, `wandb sync` later), or disabled
-    mode: Literal["online", "offline", "disabled"] = "online"
+    project: str = setting(
+        "", "A Weights & Biases project to log to; empty: W&B off (TensorBoard and metrics.jsonl stay on)."
+    )
+    entity: str = setting("", "The W&B team or user that owns the project; empty: your default entity.")
+    name: str = setting("", "The W&B run's name; empty: the run directory's name.")
+    mode: Literal["online", "offline", "disabled"] = setting(
+        "online", "online; offline (written under RUN_DIR/wandb, `wandb sync` later); or disabled."
+    )
 
 
 @dataclass
 class RunConfig:
-    dir: str = ""
-    checkpoint_every: int = 10
-    keep_checkpoints: int = 2
-    tensorboard: bool = True
-    progress: bool = True
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    dir: str = setting("", "Run directory (config, metrics, checkpoints). Empty: runs/ENV-MODE-SOURCE-seedN-TIMESTAMP.")
+    checkpoint_every: int = setting(
+        10, "Train steps between checkpoints.", ge=0, note="0 disables periodic checkpoints"
+    )
+    keep_checkpoints: int = setting(2, "Newest checkpoints kept on disk.", ge=1)
+    tensorboard: bool = setting(True, "Write TensorBoard events under RUN_DIR/tb.")
+    progress: bool = setting(True, "Show progress bars.")
+    wandb: WandbConfig = setting(help="Weights & Biases logging (off unless `project` is set).", factory=WandbConfig)
 
 
 @dataclass
 class WarmstartConfig:
-    episodes: int = 3000
-    noise: float = 0.35
-    epochs: int = 2
-    lr: float = 2e-3
-    batch_size: int = 32
-    eval_episodes: int = 200
-    # Seed of the demonstrations and SFT, separate from the run's `seed`: every RL seed of a
-    # comparison starts from the same warm-start checkpoint.
-    seed: int = 0
+    episodes: int = setting(3000, "Demonstrations of the noisy solver to fine-tune on.", ge=1)
+    noise: float = setting(
+        0.35, "Probability that the solver takes a random move instead of its plan's, per turn.", ge=0, le=1
+    )
+    epochs: int = setting(2, "Passes over the demonstrations.", ge=1)
+    lr: float = setting(2e-3, "AdamW learning rate of the fine-tuning (a short warm-up, then linear decay).", gt=0)
+    batch_size: int = setting(32, "Demonstrations per optimizer step.", ge=1)
+    eval_episodes: int = setting(
+        200, "Held-out levels the warm start is evaluated on (and `twofold eval`'s default).", ge=1
+    )
+    seed: int = setting(
+        0,
+        "Seed of the demonstrations and SFT, separate from the run's `seed`: every RL seed of a comparison starts "
+        "from the same warm-start checkpoint.",
+    )
 
 
 @dataclass
 class RayConfig:
-    # An existing cluster to join ("auto" or "ray://host:10001"). Empty: start a local one for the run.
-    address: str = ""
-    engine_replicas: int = 2
-    env_workers: int = 2
-    # Resources per actor, as Ray schedules them (logical CPUs, GPUs or fractions).
-    trainer_num_cpus: float = 1.0
-    trainer_num_gpus: float = 0.0
-    engine_num_cpus: float = 1.0
-    engine_num_gpus: float = 0.0
-    env_num_cpus: float = 0.0
-    oldlogit_num_cpus: float = 1.0
-    oldlogit_num_gpus: float = 0.0
-    # A call to an engine replica or the old-logit actor that takes longer fails over (the run never hangs).
-    request_timeout_s: float = 300.0
+    address: str = setting(
+        "", "An existing cluster to join (auto or ray://host:10001). Empty: start a local one for the run."
+    )
+    engine_replicas: int = setting(2, "Engine actors; generation is spread over them.", ge=1)
+    env_workers: int = setting(2, "Env actors; env steps are spread over them.", ge=1)
+    trainer_num_cpus: float = setting(1.0, "Logical CPUs Ray reserves for each trainer actor.", ge=0)
+    trainer_num_gpus: float = setting(0.0, "GPUs (or a fraction) Ray reserves for each trainer actor.", ge=0)
+    engine_num_cpus: float = setting(1.0, "Logical CPUs Ray reserves for each engine replica.", ge=0)
+    engine_num_gpus: float = setting(0.0, "GPUs (or a fraction) Ray reserves for each engine replica.", ge=0)
+    env_num_cpus: float = setting(0.0, "Logical CPUs Ray reserves for each env worker.", ge=0)
+    oldlogit_num_cpus: float = setting(1.0, "Logical CPUs Ray reserves for the dedicated old-logit actor.", ge=0)
+    oldlogit_num_gpus: float = setting(
+        0.0, "GPUs (or a fraction) Ray reserves for the dedicated old-logit actor.", ge=0
+    )
+    request_timeout_s: float = setting(
+        300.0,
+        "Seconds a call to an engine replica or the old-logit actor may take before it fails over (the run never "
+        "hangs).",
+        gt=0,
+    )
 
 
 @dataclass
 class RuntimeConfig:
-    # embedded: every part in this process (the default). ray: engine replicas, env workers, trainer and
-    # the dedicated old-logit worker as Ray actors.
-    backend: Literal["embedded", "ray"] = "embedded"
-    ray: RayConfig = field(default_factory=RayConfig)
+    backend: Literal["embedded", "ray"] = setting(
+        "embedded",
+        "embedded: every part in this process. ray: engine replicas, env workers, trainer and the dedicated "
+        "old-logit worker as Ray actors.",
+    )
+    ray: RayConfig = setting(help="Ray actors and their resources (runtime.backend=ray).", factory=RayConfig)
 
 
 @dataclass
 class Config:
-    seed: int = 0
-    mode: Literal["sync", "async"] = "async"
-    max_staleness: int = 2
-    model: ModelConfig = field(default_factory=ModelConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    env: EnvConfig = field(default_factory=EnvConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    oldlogits: OldLogitsConfig = field(default_factory=OldLogitsConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    seed: int = setting(
+        0,
+        "Seed of the run's levels, sampling and shuffles: runs with the same seed play the same levels, whatever "
+        "the old-logit source.",
+    )
+    mode: Literal["sync", "async"] = setting(
+        "async", "sync: generate a batch, then train on it; async: the rollout thread keeps sampling meanwhile."
+    )
+    max_staleness: int = setting(
+        2,
+        "W: admission control keeps every trained token within W policy versions of the trainer.",
+        ge=0,
+        note="0 means on-policy batches",
+    )
+    model: ModelConfig = setting(
+        help="The policy: a local Hugging Face model or the built-in tiny one.", factory=ModelConfig
+    )
+    engine: EngineConfig = setting(help="The inference engine that samples rollouts.", factory=EngineConfig)
+    env: EnvConfig = setting(help="The environment the agent plays.", factory=EnvConfig)
+    rollout: RolloutConfig = setting(help="Groups, batch size and trajectory length.", factory=RolloutConfig)
+    loss: LossConfig = setting(
+        help="Decoupled PPO: the discrepancy correction r_d and the staleness clip r_s.", factory=LossConfig
+    )
+    advantage: AdvantageConfig = setting(help="How rewards become advantages.", factory=AdvantageConfig)
+    trainer: TrainerConfig = setting(
+        help="Optimizer, steps, devices and memory knobs of the trainer.", factory=TrainerConfig
+    )
+    oldlogits: OldLogitsConfig = setting(
+        help="The source of the old log-probs pi_old, and its memory.", factory=OldLogitsConfig
+    )
+    run: RunConfig = setting(help="Run directory, checkpoints and logging.", factory=RunConfig)
+    warmstart: WarmstartConfig = setting(
+        help="The SFT warm start of the built-in tiny model on noisy-solver demonstrations.", factory=WarmstartConfig
+    )
+    runtime: RuntimeConfig = setting(help="Where the parts run: this process, or Ray actors.", factory=RuntimeConfig)
+
+
+# --------------------------------------------------------------------------- env.options of the built-in envs
+# Each built-in env takes these keyword arguments (its defaults are read from here); `env.options` itself stays a
+# plain mapping, so an env of your own takes whatever options its constructor does.
+
+
+@dataclass
+class FrozenLakeOptions:
+    size: int = setting(
+        4, "Side of the square lake in cells; the start is the top-left, the goal the bottom-right.", ge=2
+    )
+    frozen_prob: float = setting(0.8, "Probability that a cell is ice rather than a hole (maps are always solvable).")
+    slippery: bool = setting(False, "gymnasium's slippery ice: a move may slide to either side.")
+
+
+@dataclass
+class SokobanOptions:
+    size: int = setting(6, "Side of the square level in cells, the outer walls included.", ge=4)
+    num_boxes: int = setting(1, "Boxes (and targets) per level.", ge=1)
+    reverse_steps: int = setting(30, "Random moves of the reverse play that makes a level from its solved state.")
+    inner_walls: int = setting(1, "Wall cells placed inside the outer walls.")
+
+
+@dataclass
+class ArithmeticOptions:
+    num_terms: int = setting(3, "Integers in the expression.", ge=2)
+    max_value: int = setting(20, "Largest integer of the expression (each is drawn from 0..max_value).", ge=1)
+
+
+# The tool-use task templates: 1 to 6 tool calls each (`twofold.envs.tooluse`).
+ToolUseTemplate = Literal["status", "count", "total", "latest_item", "cancel_latest", "cancel_pending"]
+TOOLUSE_TEMPLATES: tuple[str, ...] = typing.get_args(ToolUseTemplate)
+
+
+@dataclass
+class ToolUseOptions:
+    num_customers: int = setting(4, "Customers of each episode's shop, each with 1-3 orders.", ge=1)
+    templates: list[ToolUseTemplate] = setting(
+        help="Task templates the episodes draw from (a non-empty subset).", factory=lambda: list(TOOLUSE_TEMPLATES)
+    )
+
+
+DatasetLayout = Literal["auto", "verl", "trl"]
+DATASET_LAYOUTS: tuple[str, ...] = typing.get_args(DatasetLayout)
+
+
+@dataclass
+class DatasetOptions:
+    path: str = setting(
+        "", "A .jsonl, .json or .parquet file, a folder of them or a glob, read with Hugging Face datasets (needed)."
+    )
+    layout: DatasetLayout = setting("auto", "The columns' layout: verl's, TRL's, or auto (told from the columns).")
+    reward: str = setting(
+        "exact",
+        "exact (the final answer against the ground truth), math (math-verify's equivalence), or "
+        "package.module:function taking (completion, ground_truth, **row) and returning a float.",
+    )
+    tools: list[str] = setting(
+        help="Tools the model may call natively, as package.module:function (or :LIST of functions).", factory=list
+    )
+    eval_fraction: float = setting(0.1, "Share of rows held out for `twofold eval`.", ge=0, lt=1)
+    system_prompt: str = setting("", "System prompt before each row's messages; empty: none.")
+    success_threshold: float = setting(1.0, "An episode succeeds when its reward is at least this.")
+
+
+# --------------------------------------------------------------------------- the schema as keys
+
+
+def schema_fields(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, type) of every field of `cls`, depth first through its sections."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, f, hints[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from schema_fields(hints[f.name], f"{prefix}{f.name}.")
+
+
+CONFIG_KEYS: tuple[str, ...] = tuple(key for key, _, _ in schema_fields())
+
+
+def did_you_mean(key: str, keys: Iterable[str]) -> str:
+    """The hint "did you mean 'trainer.steps'? " for the key of `keys` closest to a misspelt `key`, or ""."""
+    close = difflib.get_close_matches(key, list(keys), n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def describe_type(tp: Any) -> str:
+    """A type as a config user writes it: int, float or null, list of str (a Literal is the type of its choices)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(dict.fromkeys(type(a).__name__ for a in typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else describe_type(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {describe_type(typing.get_args(tp)[0])}"
+    if tp is dict or origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _choices(tp: Any) -> tuple:
+    """The values a Literal (or a list of one, or one or null) allows; () for any other type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType, list):
+        return tuple(c for arg in typing.get_args(tp) for c in _choices(arg))
+    return ()
+
+
+_BOUNDS = {"ge": (operator.ge, ">="), "gt": (operator.gt, ">"), "le": (operator.le, "<="), "lt": (operator.lt, "<")}
+
+
+def describe_range(metadata: Mapping) -> str:
+    """The valid range a field's metadata gives: '>= 1', 'in (0, 1]', or '' for none."""
+    low = next((k for k in ("ge", "gt") if k in metadata), None)
+    high = next((k for k in ("le", "lt") if k in metadata), None)
+    if low and high:
+        return f"in {'[' if low == 'ge' else '('}{metadata[low]}, {metadata[high]}{']' if high == 'le' else ')'}"
+    bound = low or high
+    return f"{_BOUNDS[bound][1]} {metadata[bound]}" if bound else ""
+
+
+def describe_valid(tp: Any, metadata: Mapping) -> str:
+    """What a field accepts beyond its type: its choices ('grpo | reinforce'), or its range ('>= 1'); '' for any."""
+    return " | ".join(map(str, _choices(tp))) or describe_range(metadata)
+
+
+def _in_range(value: Any, metadata: Mapping) -> bool:
+    # Written as what must hold, so NaN (which fails every comparison) is out of any range.
+    return all(compare(value, metadata[k]) for k, (compare, _) in _BOUNDS.items() if k in metadata)
+
+
+def check_ranges(section: Any, prefix: str = "") -> None:
+    """Every field of the dataclass `section`, and of its sub-sections, inside the range its metadata gives."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+        elif value is not None and not _in_range(value, f.metadata):
+            note = f" ({f.metadata['note']})" if "note" in f.metadata else ""
+            nullable = ", or null" if type(None) in typing.get_args(hints[f.name]) else ""
+            raise ConfigError(key, f"must be {describe_range(f.metadata)}{note}{nullable}")
 
 
 # --------------------------------------------------------------------------- conversion
-
-
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
 
 
 _EXPONENT = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+$")
@@ -291,7 +634,7 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 return _coerce(arg, value, path)
             except ConfigError:
                 pass
-        raise ConfigError(path, f"expected {' or '.join(_describe(a) for a in args)}, got {value!r}")
+        raise ConfigError(path, f"expected {describe_type(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -338,7 +681,9 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         path = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(path, f"unknown key; valid keys here: {', '.join(names)}")
+            raise ConfigError(
+                path, f"unknown key; {did_you_mean(path, CONFIG_KEYS)}valid keys here: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(hints[key], value, path)
     return cls(**kwargs)
 
@@ -376,7 +721,19 @@ def parse_bytes(text: str, path: str = "oldlogits.snapshot_budget") -> int | Non
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
+# --------------------------------------------------------------------------- validation
+
+
+def _cuda():
+    # torch is imported only when a config may use CUDA (a cuda device, or several trainer ranks on auto): it
+    # takes seconds to import, and `twofold --help` and a config error should not wait for it.
+    import torch
+
+    return torch.cuda
+
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE_FIELDS = ("trainer.device", "engine.device", "oldlogits.device", "oldlogits.snapshot_device")
 
 
 def check_device(name: str, path: str) -> None:
@@ -384,172 +741,128 @@ def check_device(name: str, path: str) -> None:
     if not _DEVICE.match(name):
         raise ConfigError(path, f"got {name!r}; write auto, cpu, cuda or cuda:N")
     if name.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
+        cuda = _cuda()
+        if not cuda.is_available():
             raise ConfigError(path, f"{name!r} asked for, but this machine has no CUDA device; use auto or cpu")
         index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(path, f"{name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if index >= cuda.device_count():
+            raise ConfigError(path, f"{name!r}: only {cuda.device_count()} CUDA device(s) here")
 
 
-def validate(cfg: Config) -> Config:
-    """Ranges and combinations that the types alone cannot express."""
+def _need(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(path, message)
 
-    def need(ok: bool, path: str, message: str) -> None:
-        if not ok:
-            raise ConfigError(path, message)
 
-    need(cfg.max_staleness >= 0, "max_staleness", "must be >= 0 (0 means on-policy batches)")
-    m = cfg.model
-    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
-        need(getattr(m, name) > 0, f"model.{name}", "must be a positive integer")
-    need(m.hidden_size % m.num_heads == 0, "model.hidden_size", "must be divisible by model.num_heads")
-    need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", "must divide model.num_heads")
-    need(m.vocab_size >= 300, "model.vocab_size", "must be >= 300 (256 byte tokens + merges + specials)")
+def _check_model(m: ModelConfig) -> None:
+    _need(m.hidden_size % m.num_heads == 0, "model.hidden_size", "must be divisible by model.num_heads")
+    _need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", "must divide model.num_heads")
     if m.path:
-        need(
+        _need(
             Path(m.path).is_dir(),
             "model.path",
             f"no directory at {m.path!r}; give a local Hugging Face "
             "model directory, or leave it empty for the built-in tiny model",
         )
-        need(
+        _need(
             not m.warmstart,
             "model.warmstart",
             "the warm start trains the built-in tiny model; set model.warmstart=false when model.path is given",
         )
-    lora = m.lora
-    need(lora.r >= 0, "model.lora.r", "must be >= 0 (0: train the full model)")
-    need(lora.alpha > 0, "model.lora.alpha", "must be > 0")
-    need(0 <= lora.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
-    need(bool(lora.target_modules), "model.lora.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
-    for name in ("trainer.device", "engine.device", "oldlogits.device", "oldlogits.snapshot_device"):
-        section, key = name.split(".")
-        check_device(getattr(getattr(cfg, section), key), name)
-    e = cfg.engine
-    need(e.temperature > 0, "engine.temperature", "must be > 0")
-    need(0 < e.top_p <= 1, "engine.top_p", "must be in (0, 1]")
-    need(e.top_k >= 0, "engine.top_k", "must be >= 0 (0 disables top-k)")
-    need(e.max_new_tokens > 0, "engine.max_new_tokens", "must be > 0")
-    need(e.max_batch_size > 0, "engine.max_batch_size", "must be > 0")
-    need(e.logit_noise_std >= 0, "engine.logit_noise_std", "must be >= 0")
-    need(0 < e.gpu_memory_utilization <= 1, "engine.gpu_memory_utilization", "must be in (0, 1]")
-    need(
-        e.quantization == "none" or e.backend == "builtin",
-        "engine.quantization",
-        "quantisation is a built-in engine option; for vLLM use its own quantised checkpoints",
-    )
-    v = cfg.env
-    need(v.max_turns > 0, "env.max_turns", "must be > 0")
-    need(v.step_latency_ms >= 0, "env.step_latency_ms", "must be >= 0")
-    need(v.step_latency_sigma >= 0, "env.step_latency_sigma", "must be >= 0")
-    need(v.step_timeout_s > 0, "env.step_timeout_s", "must be > 0")
-    r = cfg.rollout
-    need(r.group_size >= 1, "rollout.group_size", "must be >= 1")
-    need(r.groups_per_step >= 1, "rollout.groups_per_step", "must be >= 1")
-    need(r.max_total_tokens >= 64, "rollout.max_total_tokens", "must be >= 64")
-    need(
-        r.max_total_tokens <= m.max_positions,
-        "rollout.max_total_tokens",
-        f"must be <= model.max_positions ({m.max_positions})",
-    )
-    if cfg.advantage.estimator == "grpo":
-        need(
-            r.group_size >= 2,
-            "rollout.group_size",
-            "GRPO compares trajectories of a group: use >= 2, or advantage.estimator=reinforce",
-        )
-    lo = cfg.loss
-    need(
-        0 <= lo.discrepancy_low <= 1 <= lo.discrepancy_high,
-        "loss.discrepancy_low",
-        "need 0 <= discrepancy_low <= 1 <= discrepancy_high (a band around ratio 1; 0: no lower bound)",
-    )
-    need(
-        lo.catastrophic is None or 0 < lo.catastrophic < (lo.discrepancy_low or 1.0),
-        "loss.catastrophic",
-        "must be in (0, discrepancy_low) (in (0, 1) when discrepancy_low is 0), or null to disable the veto",
-    )
-    need(0 <= lo.eps_low < 1, "loss.eps_low", "must be in [0, 1)")
-    need(lo.eps_high >= 0, "loss.eps_high", "must be >= 0")
-    need(lo.dual_clip is None or lo.dual_clip > 1, "loss.dual_clip", "must be > 1 (Ye et al. 2020), or null")
-    need(lo.normalizer > 0, "loss.normalizer", "must be > 0")
-    need(0 < cfg.advantage.gamma <= 1, "advantage.gamma", "must be in (0, 1]")
-    t = cfg.trainer
-    need(t.steps >= 1, "trainer.steps", "must be >= 1")
-    need(t.lr > 0, "trainer.lr", "must be > 0")
-    need(t.lr_warmup_steps >= 0, "trainer.lr_warmup_steps", "must be >= 0 optimizer steps (0: no warm-up)")
-    need(t.ppo_epochs >= 1, "trainer.ppo_epochs", "must be >= 1")
-    need(t.num_minibatches >= 1, "trainer.num_minibatches", "must be >= 1")
-    need(
-        t.num_minibatches <= r.groups_per_step * r.group_size,
-        "trainer.num_minibatches",
-        "must be <= trajectories per step (rollout.groups_per_step * rollout.group_size)",
-    )
-    need(t.max_grad_norm > 0, "trainer.max_grad_norm", "must be > 0")
-    need(t.max_consecutive_skips >= 1, "trainer.max_consecutive_skips", "must be >= 1")
-    need(t.world_size >= 1, "trainer.world_size", "must be >= 1 (1: one process, nothing sharded)")
-    if t.world_size > 1 and t.device != "cpu":
-        import torch
+    _need(bool(m.lora.target_modules), "model.lora.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
 
-        gpus = torch.cuda.device_count()
-        need(
+
+def _check_devices(cfg: Config) -> None:
+    for key in _DEVICE_FIELDS:
+        section, name = key.split(".")
+        check_device(getattr(getattr(cfg, section), name), key)
+    t = cfg.trainer
+    if t.world_size > 1 and t.device != "cpu":
+        gpus = _cuda().device_count()
+        _need(
             (t.device == "auto" and gpus == 0) or gpus >= t.world_size,
             "trainer.world_size",
             f"{t.world_size} ranks on CUDA need {t.world_size} GPUs; this machine has {gpus} "
             "(or set trainer.device=cpu)",
         )
-    need(t.max_tokens_per_microbatch >= 0, "trainer.max_tokens_per_microbatch", "must be >= 0 (0: no limit)")
-    need(t.logprob_chunk_size >= 0, "trainer.logprob_chunk_size", "must be >= 0 (0: no chunking)")
+
+
+def _check_engine(e: EngineConfig) -> None:
+    _need(
+        e.quantization == "none" or e.backend == "builtin",
+        "engine.quantization",
+        "quantisation is a built-in engine option; for vLLM use its own quantised checkpoints",
+    )
+
+
+def _check_rollout(cfg: Config) -> None:
+    r = cfg.rollout
+    _need(
+        r.max_total_tokens <= cfg.model.max_positions,
+        "rollout.max_total_tokens",
+        f"must be <= model.max_positions ({cfg.model.max_positions})",
+    )
+    if cfg.advantage.estimator == "grpo":
+        _need(
+            r.group_size >= 2,
+            "rollout.group_size",
+            "GRPO compares trajectories of a group: use >= 2, or advantage.estimator=reinforce",
+        )
+    _need(
+        not (cfg.mode == "sync" and r.partial_rollout != "continue"),
+        "rollout.partial_rollout",
+        "sync mode never interrupts a rollout; leave it at 'continue'",
+    )
+
+
+def _check_loss(lo: LossConfig) -> None:
+    _need(
+        0 <= lo.discrepancy_low <= 1 <= lo.discrepancy_high,
+        "loss.discrepancy_low",
+        "need 0 <= discrepancy_low <= 1 <= discrepancy_high (a band around ratio 1; 0: no lower bound)",
+    )
+    _need(
+        lo.catastrophic is None or 0 < lo.catastrophic < (lo.discrepancy_low or 1.0),
+        "loss.catastrophic",
+        "must be in (0, discrepancy_low) (in (0, 1) when discrepancy_low is 0), or null to disable the veto",
+    )
+
+
+def _check_trainer(cfg: Config) -> None:
+    r = cfg.rollout
+    _need(
+        cfg.trainer.num_minibatches <= r.groups_per_step * r.group_size,
+        "trainer.num_minibatches",
+        "must be <= trajectories per step (rollout.groups_per_step * rollout.group_size)",
+    )
+
+
+def _check_oldlogits(cfg: Config) -> None:
     o = cfg.oldlogits
     parse_bytes(o.snapshot_budget)
-    need(
-        o.ewma_beta is None or 0 <= o.ewma_beta < 1,
-        "oldlogits.ewma_beta",
-        "must be in [0, 1), or null for the staleness-aware W/(W+2)",
-    )
-    need(0 < o.ewma_reset_tau <= 1, "oldlogits.ewma_reset_tau", "must be in (0, 1]")
-    need(o.max_sequences_per_forward >= 1, "oldlogits.max_sequences_per_forward", "must be >= 1")
-    need(
+    _need(
         not (cfg.mode == "sync" and o.source == "interrupt"),
         "oldlogits.source",
         "'interrupt' captures tokens of in-flight rollouts, which sync mode never has; use mode=async "
         "or a source such as 'snapshot'",
     )
-    need(
+    _need(
         not (o.audit and o.source in EXACT_SOURCES),
         "oldlogits.audit",
         f"'{o.source}' is already exact; audit compares approximate sources against snapshots",
     )
-    need(
-        not (cfg.mode == "sync" and r.partial_rollout != "continue"),
-        "rollout.partial_rollout",
-        "sync mode never interrupts a rollout; leave it at 'continue'",
-    )
-    need(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0 disables periodic checkpoints)")
-    need(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
-    ray = cfg.runtime.ray
-    need(ray.engine_replicas >= 1, "runtime.ray.engine_replicas", "must be >= 1")
-    need(ray.env_workers >= 1, "runtime.ray.env_workers", "must be >= 1")
-    for name in (
-        "trainer_num_cpus",
-        "trainer_num_gpus",
-        "engine_num_cpus",
-        "engine_num_gpus",
-        "env_num_cpus",
-        "oldlogit_num_cpus",
-        "oldlogit_num_gpus",
-    ):
-        need(getattr(ray, name) >= 0, f"runtime.ray.{name}", "must be >= 0")
-    need(ray.request_timeout_s > 0, "runtime.ray.request_timeout_s", "must be > 0")
-    w = cfg.warmstart
-    need(w.episodes >= 1, "warmstart.episodes", "must be >= 1")
-    need(0 <= w.noise <= 1, "warmstart.noise", "must be in [0, 1]")
-    need(w.epochs >= 1, "warmstart.epochs", "must be >= 1")
-    need(w.lr > 0, "warmstart.lr", "must be > 0")
-    need(w.batch_size >= 1, "warmstart.batch_size", "must be >= 1")
-    need(w.eval_episodes >= 1, "warmstart.eval_episodes", "must be >= 1")
+
+
+def validate(cfg: Config) -> Config:
+    """Each field's own range (from its metadata), then the combinations that the types alone cannot express."""
+    check_ranges(cfg)
+    _check_model(cfg.model)
+    _check_devices(cfg)
+    _check_engine(cfg.engine)
+    _check_rollout(cfg)
+    _check_loss(cfg.loss)
+    _check_trainer(cfg)
+    _check_oldlogits(cfg)
     return cfg
 
 
@@ -590,24 +903,26 @@ def config_from_dict(data: dict) -> Config:
     return validate(_from_dict(Config, data))
 
 
+def _read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", f"no file at {str(p)!r}; see configs/ for the shipped ones")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            "--config", f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); give a YAML file"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{p} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError("--config", f"{p} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- overrides, then type and range checks."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", f"no file at {str(p)!r}; see configs/ for the shipped ones")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(
-                "--config", f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); give a YAML file"
-            ) from None
-        except yaml.YAMLError as e:
-            raise ConfigError("--config", f"{p} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError("--config", f"{p} must hold a mapping at the top level")
-        data = _merge(data, loaded)
+    data: dict = {} if path is None else _read_yaml(path)
     for override in overrides:
         apply_override(data, override)
     return config_from_dict(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from twofold.config import ArithmeticOptions, check_ranges
 from twofold.envs.base import TextEnv, register
 
 
@@ -12,11 +13,14 @@ class Arithmetic(TextEnv):
     system_prompt = "Compute the value of the expression. Answer with the integer only, like <answer>42</answer>."
     action_help = "Answer with an integer, like <answer>42</answer>."
 
-    def __init__(self, num_terms: int = 3, max_value: int = 20, **kw):
+    options_schema = ArithmeticOptions
+
+    def __init__(
+        self, num_terms: int = ArithmeticOptions.num_terms, max_value: int = ArithmeticOptions.max_value, **kw
+    ):
         kw["max_turns"] = 1  # one question, one answer
         super().__init__(**kw)
-        if num_terms < 2 or max_value < 1:
-            raise TypeError("num_terms must be >= 2 and max_value >= 1")
+        check_ranges(ArithmeticOptions(num_terms=num_terms, max_value=max_value), "env.options.")
         self.num_terms, self.max_value = num_terms, max_value
 
     def _reset(self, seed: int) -> str:

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any
 
+from twofold.config import ConfigError, EnvConfig
+
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
@@ -58,8 +60,16 @@ class TextEnv(ABC):
     action_help: str = ""
     # JSON schemas of the env's tools for the chat template (`tools=`); None: an env without tools
     tool_schemas: list[dict] | None = None
+    # The dataclass (help, defaults, ranges) of the keyword options the env takes from `env.options`, for
+    # `twofold config --help env.options`; None: undocumented options
+    options_schema: type | None = None
 
-    def __init__(self, max_turns: int = 8, format_penalty: float = -0.1, invalid_action: str = "continue"):
+    def __init__(
+        self,
+        max_turns: int = EnvConfig.max_turns,
+        format_penalty: float = EnvConfig.format_penalty,
+        invalid_action: str = EnvConfig.invalid_action,
+    ):
         self.max_turns = max_turns
         self.format_penalty = format_penalty
         self.invalid_action = invalid_action
@@ -172,8 +182,6 @@ def known_envs() -> list[str]:
 
 def env_class(name: str) -> type[TextEnv]:
     """A registered name, or `package.module:ClassName` for a user's own env class."""
-    from twofold.config import ConfigError
-
     if name in _REGISTRY:
         return _REGISTRY[name]
     if ":" in name:
@@ -190,29 +198,20 @@ def env_class(name: str) -> type[TextEnv]:
     )
 
 
-def env_from_config(env_cfg) -> TextEnv:
+def env_from_config(env_cfg: EnvConfig) -> TextEnv:
     """The env a config's `env` section describes (name, turns, penalties, options)."""
-    return make_env(
-        env_cfg.name,
-        max_turns=env_cfg.max_turns,
-        format_penalty=env_cfg.format_penalty,
-        invalid_action=env_cfg.invalid_action,
-        options=env_cfg.options,
-    )
-
-
-def make_env(
-    name: str,
-    *,
-    max_turns: int = 8,
-    format_penalty: float = -0.1,
-    invalid_action: str = "continue",
-    options: dict | None = None,
-) -> TextEnv:
-    from twofold.config import ConfigError
-
-    cls = env_class(name)
+    cls = env_class(env_cfg.name)
     try:
-        return cls(max_turns=max_turns, format_penalty=format_penalty, invalid_action=invalid_action, **(options or {}))
+        return cls(
+            max_turns=env_cfg.max_turns,
+            format_penalty=env_cfg.format_penalty,
+            invalid_action=env_cfg.invalid_action,
+            **env_cfg.options,
+        )
     except TypeError as e:
-        raise ConfigError("env.options", f"{name}: {e}") from None
+        raise ConfigError("env.options", f"{env_cfg.name}: {e}") from None
+
+
+def make_env(name: str, **settings: Any) -> TextEnv:
+    """The env `name` with `EnvConfig`'s settings, any of them given here instead (max_turns=..., options={...})."""
+    return env_from_config(EnvConfig(name=name, **settings))

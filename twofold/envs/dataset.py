@@ -15,7 +15,7 @@ Layouts, as users already have them:
     trl    `prompt` (a string or chat messages) or `messages`, and `solution` / `answer` / `ground_truth`
 The answer is read from `<answer>...</answer>`, `\\boxed{...}` or GSM8K's `#### ...` (exact and math
 rewards); a reply with none costs the format penalty. A custom reward is `function(completion,
-ground_truth, **row) -> float`. Success means reward >= `success_threshold` (1.0).
+ground_truth, **row) -> float`. Success means reward >= `success_threshold`.
 
 Rows: episode k of seed s draws from the train split (or the eval split, for `twofold eval`'s level seeds),
 shuffled by seed and by epoch, so every source of a comparison sees the same rows in the same order.
@@ -31,10 +31,13 @@ import json
 import math
 import random
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from twofold.envs.base import TextEnv, register
+from twofold.config import DATASET_LAYOUTS, ConfigError, DatasetOptions, check_ranges
+from twofold.envs.base import TextEnv, parse_answer, register
+from twofold.envs.seeding import split_of_level
 from twofold.envs.tools import ToolEnv, load_tools
 
 BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
@@ -43,8 +46,6 @@ ANSWER_COLUMNS = ("ground_truth", "solution", "answer")
 
 
 def _files(path: str) -> list[str]:
-    from twofold.config import ConfigError
-
     p = Path(path)
     if p.is_dir():
         found = sorted(str(f) for f in p.iterdir() if f.suffix in (".jsonl", ".json", ".parquet"))
@@ -59,8 +60,6 @@ def _files(path: str) -> list[str]:
 
 
 def detect_layout(columns: list[str]) -> str:
-    from twofold.config import ConfigError
-
     if "prompt" in columns and "reward_model" in columns:
         return "verl"
     if ("prompt" in columns or "messages" in columns) and any(c in columns for c in ANSWER_COLUMNS):
@@ -79,8 +78,6 @@ def _as_messages(prompt) -> list[dict]:
 
 def row_of(row: dict, layout: str) -> tuple[list[dict], str]:
     """(opening messages, ground truth) of one row in `layout`."""
-    from twofold.config import ConfigError
-
     if layout == "verl":
         truth = (row.get("reward_model") or {}).get("ground_truth")
         if truth is None:
@@ -113,8 +110,6 @@ def load_rows(path: str, layout: str) -> tuple[str, tuple[dict, ...]]:
 
 def extract_answer(text: str) -> str | None:
     """The final answer of a reply: <answer>...</answer>, else the last \\boxed{...}, else GSM8K's #### line."""
-    from twofold.envs.base import parse_answer
-
     for found in (parse_answer(text), *(BOXED.findall(text)[-1:] or [None]), *(GSM8K.findall(text)[-1:] or [None])):
         if found is not None and found.strip():
             return found.strip()
@@ -142,8 +137,6 @@ def math_reward(completion: str, ground_truth: str, **row) -> float:
 
 
 def reward_function(spec: str):
-    from twofold.config import ConfigError
-
     if spec == "exact":
         return exact_reward
     if spec == "math":
@@ -171,26 +164,25 @@ def split_rows(n: int, eval_fraction: float) -> tuple[list[int], list[int]]:
 class DatasetEnv(ToolEnv, TextEnv):
     action_help = "Give the final answer in <answer>...</answer>."
 
+    options_schema = DatasetOptions
+
     def __init__(
         self,
-        path: str = "",
-        layout: str = "auto",
-        reward: str = "exact",
-        tools: list[str] | tuple = (),
-        eval_fraction: float = 0.1,
-        system_prompt: str = "",
-        success_threshold: float = 1.0,
+        path: str = DatasetOptions.path,
+        layout: str = DatasetOptions.layout,
+        reward: str = DatasetOptions.reward,
+        tools: Sequence[str] = (),
+        eval_fraction: float = DatasetOptions.eval_fraction,
+        system_prompt: str = DatasetOptions.system_prompt,
+        success_threshold: float = DatasetOptions.success_threshold,
         **kw,
     ):
-        from twofold.config import ConfigError
-
         super().__init__(**kw)
         if not path:
             raise ConfigError("env.options.path", "the dataset env needs a file, folder or glob: env.options.path=...")
-        if layout not in ("auto", "verl", "trl"):
-            raise ConfigError("env.options.layout", f"got {layout!r}; valid values: auto, verl, trl")
-        if not 0 <= eval_fraction < 1:
-            raise ConfigError("env.options.eval_fraction", "must be in [0, 1)")
+        if layout not in DATASET_LAYOUTS:
+            raise ConfigError("env.options.layout", f"got {layout!r}; valid values: {', '.join(DATASET_LAYOUTS)}")
+        check_ranges(DatasetOptions(eval_fraction=eval_fraction), "env.options.")
         self.layout, self.rows = load_rows(path, layout)
         self.splits = dict(zip(("train", "eval"), split_rows(len(self.rows), eval_fraction), strict=True))
         self.reward_fn = reward_function(reward)
@@ -214,8 +206,6 @@ class DatasetEnv(ToolEnv, TextEnv):
         return self.tool_functions
 
     def _reset(self, seed: int) -> str:
-        from twofold.rollout.worker import split_of_level
-
         split, run_seed, k = split_of_level(seed)
         rows = self.splits[split] or self.splits["train"]
         epoch, index = divmod(k, len(rows))

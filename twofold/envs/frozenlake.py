@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from gymnasium.envs.toy_text.frozen_lake import FrozenLakeEnv, generate_random_map
 
+from twofold.config import FrozenLakeOptions, check_ranges
 from twofold.envs.base import GridMoveEnv, bfs_moves, register
 
 
@@ -29,10 +30,17 @@ class FrozenLake(GridMoveEnv):
         "<answer>Left</answer>, <answer>Down</answer>, <answer>Right</answer> or <answer>Up</answer>."
     )
 
-    def __init__(self, size: int = 4, frozen_prob: float = 0.8, slippery: bool = False, **kw):
+    options_schema = FrozenLakeOptions
+
+    def __init__(
+        self,
+        size: int = FrozenLakeOptions.size,
+        frozen_prob: float = FrozenLakeOptions.frozen_prob,
+        slippery: bool = FrozenLakeOptions.slippery,
+        **kw,
+    ):
         super().__init__(**kw)
-        if size < 2:
-            raise TypeError("size must be >= 2")
+        check_ranges(FrozenLakeOptions(size=size, frozen_prob=frozen_prob, slippery=slippery), "env.options.")
         self.size, self.frozen_prob, self.slippery = size, frozen_prob, slippery
         self.desc: list[str] = []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from twofold.config import SokobanOptions, check_ranges
 from twofold.envs.base import GridMoveEnv, bfs_moves, register
 
 Cell = tuple[int, int]
@@ -42,10 +43,21 @@ class Sokoban(GridMoveEnv):
         "<answer>Right</answer> or <answer>Up</answer>."
     )
 
-    def __init__(self, size: int = 6, num_boxes: int = 1, reverse_steps: int = 30, inner_walls: int = 1, **kw):
+    options_schema = SokobanOptions
+
+    def __init__(
+        self,
+        size: int = SokobanOptions.size,
+        num_boxes: int = SokobanOptions.num_boxes,
+        reverse_steps: int = SokobanOptions.reverse_steps,
+        inner_walls: int = SokobanOptions.inner_walls,
+        **kw,
+    ):
         super().__init__(**kw)
-        if size < 4 or num_boxes < 1:
-            raise TypeError("size must be >= 4 and num_boxes >= 1")
+        check_ranges(
+            SokobanOptions(size=size, num_boxes=num_boxes, reverse_steps=reverse_steps, inner_walls=inner_walls),
+            "env.options.",
+        )
         self.size, self.num_boxes, self.reverse_steps, self.inner_walls = size, num_boxes, reverse_steps, inner_walls
 
     def set_level(self, rows: list[str]) -> str:

@@ -23,6 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
+
+from twofold.config import ConfigError
+from twofold.envs.base import parse_answer
+
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -47,8 +52,6 @@ def tool_schema(fn: Callable) -> dict:
 
 def load_tools(specs: list[str] | tuple[str, ...]) -> list[Callable]:
     """Tools by import path: 'package.module:function', or 'package.module:NAME' for a list of functions."""
-    from twofold.config import ConfigError
-
     tools: list[Callable] = []
     for spec in specs:
         module, _, attr = spec.partition(":")
@@ -111,8 +114,6 @@ class Toolbox:
             return None, f"unknown tool {name!r}; the tools are {', '.join(self.functions)}"
         if not isinstance(args, dict):
             return None, f"the arguments of {name!r} must be an object"
-        import jsonschema
-
         try:
             jsonschema.validate(args, self._parameters[name])
         except jsonschema.ValidationError as e:
@@ -156,8 +157,6 @@ class ToolEnv:
         raise NotImplementedError
 
     def parse_reply(self, text: str):
-        from twofold.envs.base import parse_answer
-
         calls, why = self.toolbox.parse(text)
         if calls is None:
             return None, why

@@ -17,15 +17,16 @@ episode goes on. A well-formed call that fails (an unknown id) is a normal tool 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from twofold.config import TOOLUSE_TEMPLATES, ToolUseOptions, check_ranges
 from twofold.envs.base import TextEnv, register
 from twofold.envs.tools import ToolEnv
 
 NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lea")
 ITEMS = ("lamp", "chair", "kettle", "rug", "desk", "mug", "clock", "shelf")
 STATUSES = ("pending", "shipped", "delivered")
-TEMPLATES = ("status", "count", "total", "latest_item", "cancel_latest", "cancel_pending")
 
 
 @dataclass
@@ -46,11 +47,15 @@ class ToolUse(ToolEnv, TextEnv):
     )
     action_help = "Call a tool in <tool_call>...</tool_call> or finish with <answer>...</answer>."
 
-    def __init__(self, num_customers: int = 4, templates: list[str] | tuple[str, ...] = TEMPLATES, **kw):
+    options_schema = ToolUseOptions
+
+    def __init__(
+        self, num_customers: int = ToolUseOptions.num_customers, templates: Sequence[str] = TOOLUSE_TEMPLATES, **kw
+    ):
         super().__init__(**kw)
-        bad = [t for t in templates if t not in TEMPLATES]
-        if num_customers < 1 or not templates or bad:
-            raise TypeError(f"num_customers must be >= 1 and templates a non-empty subset of {TEMPLATES}")
+        check_ranges(ToolUseOptions(num_customers=num_customers, templates=list(templates)), "env.options.")
+        if not templates or any(t not in TOOLUSE_TEMPLATES for t in templates):
+            raise TypeError(f"templates must be a non-empty subset of {TOOLUSE_TEMPLATES}")
         self.num_customers, self.templates = num_customers, tuple(templates)
 
     # ------------------------------------------------------------------ world and goal

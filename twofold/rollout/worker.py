@@ -24,27 +24,11 @@ from dataclasses import dataclass, field
 from twofold.config import Config
 from twofold.engine.base import GenerationRequest, InferenceEngine, SamplingParams
 from twofold.envs import TextEnv, env_from_config
+from twofold.envs.seeding import level_seed
 from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_messages
 from twofold.rollout.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
-
-
-LEVELS_PER_SEED = 1_000_003
-# Run seeds are offset for held-out evaluation and for warm-start demonstrations, so their levels never
-# overlap training's (and a dataset env serves its eval split to evaluation).
-DEMO_SEED_OFFSET, EVAL_SEED_OFFSET = 200_000, 100_000
-
-
-def level_seed(seed: int, group_index: int) -> int:
-    """Task instance of the k-th group: the same for every old-logit source, so comparisons are paired."""
-    return seed * LEVELS_PER_SEED + group_index
-
-
-def split_of_level(level: int) -> tuple[str, int, int]:
-    """(split, run seed, group index) of a level seed: "eval" for `twofold eval`'s levels, else "train"."""
-    seed, k = divmod(level, LEVELS_PER_SEED)
-    return ("eval" if EVAL_SEED_OFFSET <= seed < DEMO_SEED_OFFSET else "train"), seed, k
 
 
 @dataclass
@@ -61,8 +45,6 @@ class Episode:
 
 @dataclass
 class RolloutCounters:
-    episodes_started: int = 0
-    episodes_finished: int = 0
     env_errors: int = 0
     env_timeouts: int = 0
     nonfinite_dropped: int = 0
@@ -138,7 +120,6 @@ class RolloutWorker:
             ep = Episode(traj, env, random.Random(seed * 31 + k))
             ep.request = GenerationRequest(traj.uid, list(traj.token_ids), self._params_for(traj))
             self.episodes[traj.uid] = ep
-            self.counters.episodes_started += 1
             self.on_episode_start(traj)
 
     def _params_for(self, traj: Trajectory) -> SamplingParams:
@@ -225,7 +206,6 @@ class RolloutWorker:
     def _finish(self, ep: Episode, status: str) -> None:
         ep.traj.status = status
         del self.episodes[ep.traj.uid]
-        self.counters.episodes_finished += 1
         self.on_trajectory_end(ep.traj)
         members = self.group_members[ep.traj.group_id]
         members.append(ep.traj)

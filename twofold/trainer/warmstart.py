@@ -22,11 +22,13 @@ import torch
 from tqdm import tqdm
 
 from twofold.config import Config, EnvConfig
+from twofold.engine import make_engine
 from twofold.envs import env_class, env_from_config
+from twofold.envs.seeding import DEMO_SEED_OFFSET, EVAL_SEED_OFFSET, level_seed
 from twofold.logprobs import pad_right, token_logprobs
 from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer
 from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_messages
-from twofold.rollout.worker import DEMO_SEED_OFFSET, EVAL_SEED_OFFSET, level_seed
+from twofold.rollout.worker import RolloutWorker
 from twofold.trainer.trainer import linear_warmup
 
 WARMSTART_RECIPE = 1
@@ -90,7 +92,7 @@ TIMING_FIELDS = ("step_latency_ms", "step_latency_sigma", "step_timeout_s")
 
 def warmstart_path(cfg: Config, base: Path) -> Path:
     recipe = dataclasses.asdict(cfg.warmstart)
-    seed = recipe.pop("seed")  # hashed last, where the run seed used to be: existing caches stay valid
+    seed = recipe.pop("seed")  # hashed last: the key layout existing caches are stored under
     # Timing fields are hashed at their defaults, so keys made without latency stay valid and a latency
     # change never retrains the warm start.
     env = dataclasses.asdict(dataclasses.replace(cfg.env, **{f: getattr(EnvConfig(), f) for f in TIMING_FIELDS}))
@@ -182,9 +184,6 @@ def _save_progress(path: Path, model, optimizer, schedule, batches: int) -> None
 
 def evaluate(cfg: Config, model_path: Path, episodes: int) -> dict[str, float]:
     """Valid-action rate and success rate of a checkpoint over `episodes` held-out levels (engine sampling)."""
-    from twofold.engine import make_engine
-    from twofold.rollout.worker import RolloutWorker
-
     eval_cfg = dataclasses.replace(
         cfg, seed=cfg.seed + EVAL_SEED_OFFSET, rollout=dataclasses.replace(cfg.rollout, group_size=1)
     )
