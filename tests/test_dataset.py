@@ -1,4 +1,5 @@
-"""`env.name: dataset`: users' own files in verl's and TRL's layouts, rewards, splits, tools, a training run."""
+"""`env.name: dataset`: users' own files in verl's and TRL's layouts, splits, tools, a training run (rewards:
+test_rewards.py)."""
 
 import json
 
@@ -7,7 +8,7 @@ from conftest import small_config
 
 from twofold.config import ConfigError
 from twofold.envs import make_env
-from twofold.envs.dataset import exact_reward, extract_answer, math_reward, split_rows, write_example
+from twofold.envs.dataset import split_rows, write_example
 from twofold.envs.seeding import EVAL_SEED_OFFSET, level_seed
 from twofold.envs.tools import format_call
 
@@ -59,34 +60,6 @@ def test_missing_columns_are_named(tmp_path):
         env(verl_without_truth)
     with pytest.raises(ConfigError, match="env.options.path"):
         env(tmp_path / "nothing-here-*.parquet")
-
-
-def test_final_answers_are_read_from_tags_boxes_and_gsm8k_lines():
-    assert extract_answer("so <answer> 42 </answer>") == "42"
-    assert extract_answer("thus \\boxed{\\frac{1}{2}} and done") == "\\frac{1}{2}"
-    assert extract_answer("work...\n#### 1,024") == "1,024"
-    assert extract_answer("no answer at all") is None
-    # exact: spacing, case, a trailing period and thousands separators do not count
-    assert (
-        exact_reward("<answer>1,024.</answer>", "1024") == 1.0 and exact_reward("<answer>1025</answer>", "1024") == 0.0
-    )
-    # math-verify: equivalent forms
-    assert math_reward("\\boxed{\\frac{1}{2}}", "0.5") == 1.0 and math_reward("<answer>0.25</answer>", "1/2") == 0.0
-
-
-def length_reward(completion, ground_truth, **row):
-    """A user's reward: 1 for the right answer, minus a cent per character of reply."""
-    return exact_reward(completion, ground_truth) - 0.01 * len(completion)
-
-
-def test_a_reward_function_by_import_path_sees_the_row(files):
-    e = env(files["trl"], reward="test_dataset:length_reward", success_threshold=0.5)
-    e.reset(level_seed(0, 0))
-    reply = f"<answer>{e.ground_truth}</answer>"
-    _, reward, _, info = e.step(reply)
-    assert reward == pytest.approx(1.0 - 0.01 * len(reply)) and info["success"]
-    with pytest.raises(ConfigError, match="env.options.reward"):
-        env(files["trl"], reward="no_such_module:f")
 
 
 def test_a_reply_without_a_final_answer_costs_the_format_penalty(files):

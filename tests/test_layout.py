@@ -35,6 +35,8 @@ DEFERRED = {
     ("twofold.cli", "twofold.models"): "the same",
     ("twofold.cli", "twofold.rollout.chat"): "the same",
     ("twofold.cli", "twofold.envs.dataset"): "the same",
+    ("twofold.cli", "twofold.modelpath"): "the same",
+    ("twofold.cli", "twofold.pipeline.export"): "the same",
     ("twofold.engine", "twofold.engine.vllm"): "vLLM is an optional install",
     ("twofold.pipeline.train", "twofold.pipeline.ray_runtime"): "Ray is an optional install",
 }

@@ -1,4 +1,4 @@
-"""`twofold` command line: train, compare, report, bench, warmstart, eval, generate, config, dataset.
+"""`twofold` command line: train, compare, report, bench, warmstart, eval, generate, export, config, dataset.
 
 Every command that runs takes `--config FILE` and any number of `key.sub=value` overrides;
 `twofold config --help KEY` describes a key. A bad config prints one line naming the field and exits with status 2.
@@ -147,6 +147,7 @@ def cmd_warmstart(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = _config(args)
+    from twofold.modelpath import resolve_model_source
     from twofold.pipeline.resolve import resolve_model_path
     from twofold.trainer.warmstart import evaluate
 
@@ -167,8 +168,20 @@ def cmd_eval(args) -> int:
             )
         )
         return 0
-    path = Path(args.model) if args.model else resolve_model_path(cfg)
+    path = resolve_model_source(args.model, cfg.model.revision) if args.model else resolve_model_path(cfg)
     print(json.dumps({"model": str(path), **evaluate(cfg, path, episodes)}, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from twofold.pipeline.export import export_run
+
+    try:
+        out = export_run(args.run_dir, args.out, step=args.step, merge=args.merge)
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"twofold: {e}", file=sys.stderr)
+        return 2
+    print(out)
     return 0
 
 
@@ -381,7 +394,11 @@ def _add_model_commands(sub) -> None:
         sub, "warmstart", cmd_warmstart, "Build (or reuse) the SFT warm-start checkpoint and print its evaluation"
     )
     p = _with_config(sub, "eval", cmd_eval, "Valid-action and success rate of a checkpoint on held-out levels")
-    p.add_argument("--model", default=None, help="model directory (default: the config's model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a model folder (e.g. `twofold export`'s), .gguf file or Hub ID (default: the config's)",
+    )
     p.add_argument("--episodes", type=int, default=None)
     p.add_argument(
         "--solver",
@@ -389,6 +406,14 @@ def _add_model_commands(sub) -> None:
         help="instead of a model, report the reference solver's optimal (and noisy) success rate",
     )
     _with_config(sub, "generate", cmd_generate, "Sample one reply and show per-token behaviour log-probs and versions")
+    p = sub.add_parser(
+        "export", help="Write a run's trained model as a Hugging Face folder (LoRA: its adapters, or merged weights)"
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("out", metavar="OUT", help="a new (or empty) folder")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
+    p.add_argument("--merge", action="store_true", help="LoRA: merge the adapters into the base weights")
+    p.set_defaults(fn=cmd_export)
 
 
 def _add_dataset_command(sub) -> None:

@@ -77,9 +77,12 @@ class LoraConfig:
 class ModelConfig:
     path: str = setting(
         "",
-        "A local Hugging Face causal LM directory (with a chat template). Empty: the built-in tiny model, built "
-        "locally in the shape hidden_size ... max_positions give.",
+        "The model to train: a local Hugging Face causal LM folder (with a chat template), a .gguf file (converted "
+        "once to a float32 folder in the cache), or a Hub ID org/name (from huggingface_hub's cache, fetched when "
+        "the hub is reachable). Empty: the built-in tiny model, built locally in the shape hidden_size ... "
+        "max_positions give.",
     )
+    revision: str = setting("", "Hub ID only: the branch, tag or commit to use. Empty: the default branch.")
     warmstart: bool = setting(
         True,
         "Start from the SFT warm-start checkpoint of the configured env (built and cached on first use); "
@@ -374,6 +377,9 @@ class RunConfig:
     keep_checkpoints: int = setting(2, "Newest checkpoints kept on disk.", ge=1)
     tensorboard: bool = setting(True, "Write TensorBoard events under RUN_DIR/tb.")
     progress: bool = setting(True, "Show progress bars.")
+    export_final: bool = setting(
+        False, "At the end of the run, export the final weights as a Hugging Face folder to RUN_DIR/export."
+    )
     wandb: WandbConfig = setting(help="Weights & Biases logging (off unless `project` is set).", factory=WandbConfig)
 
 
@@ -520,10 +526,17 @@ class DatasetOptions:
         "", "A .jsonl, .json or .parquet file, a folder of them or a glob, read with Hugging Face datasets (needed)."
     )
     layout: DatasetLayout = setting("auto", "The columns' layout: verl's, TRL's, or auto (told from the columns).")
-    reward: str = setting(
+    reward: str | list[str] = setting(
         "exact",
         "exact (the final answer against the ground truth), math (math-verify's equivalence), or "
-        "package.module:function taking (completion, ground_truth, **row) and returning a float.",
+        "package.module:function in twofold's (completion, ground_truth, **row), verl's compute_score(data_source, "
+        "solution_str, ground_truth, extra_info) or TRL's (completions, **kwargs) signature; or a list of these, "
+        "summed with reward_weights.",
+    )
+    reward_weights: list[float] | None = setting(
+        None,
+        "With a list of rewards (reward: [math, mypkg.rewards:fmt]), the weight of each in their sum, one per reward; "
+        "null: each 1.0.",
     )
     tools: list[str] = setting(
         help="Tools the model may call natively, as package.module:function (or :LIST of functions).", factory=list
@@ -749,6 +762,10 @@ def check_device(name: str, path: str) -> None:
             raise ConfigError(path, f"{name!r}: only {cuda.device_count()} CUDA device(s) here")
 
 
+# A Hugging Face Hub model ID, org/name (`model.path`).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def _need(ok: bool, path: str, message: str) -> None:
     if not ok:
         raise ConfigError(path, message)
@@ -758,11 +775,12 @@ def _check_model(m: ModelConfig) -> None:
     _need(m.hidden_size % m.num_heads == 0, "model.hidden_size", "must be divisible by model.num_heads")
     _need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", "must divide model.num_heads")
     if m.path:
+        local = Path(m.path).expanduser()
         _need(
-            Path(m.path).is_dir(),
+            local.is_dir() or (local.suffix == ".gguf" and local.is_file()) or bool(HUB_ID.fullmatch(m.path)),
             "model.path",
-            f"no directory at {m.path!r}; give a local Hugging Face "
-            "model directory, or leave it empty for the built-in tiny model",
+            f"no folder or .gguf file at {m.path!r}, and not a Hub ID (org/name); give a local Hugging Face model "
+            "folder, a .gguf file or a Hub ID, or leave it empty for the built-in tiny model",
         )
         _need(
             not m.warmstart,

@@ -6,7 +6,8 @@
       options:
         path: data/train.parquet           # a file, a folder or a glob, read with Hugging Face `datasets`
         layout: auto                       # or verl, trl (detected from the columns)
-        reward: exact                      # or math (math-verify), or package.module:function
+        reward: exact                      # or math, your own function, or a list (`twofold.envs.rewards`)
+        reward_weights: null               # a list's weights, one per reward; null: each 1.0
         tools: [mypkg.tools:search]        # optional: native tool calls (`twofold.envs.tools`)
         eval_fraction: 0.1                 # rows held out for `twofold eval`
 
@@ -14,8 +15,9 @@ Layouts, as users already have them:
     verl   `prompt` (chat messages), `reward_model.ground_truth`, `data_source` (optional)
     trl    `prompt` (a string or chat messages) or `messages`, and `solution` / `answer` / `ground_truth`
 The answer is read from `<answer>...</answer>`, `\\boxed{...}` or GSM8K's `#### ...` (exact and math
-rewards); a reply with none costs the format penalty. A custom reward is `function(completion,
-ground_truth, **row) -> float`. Success means reward >= `success_threshold`.
+rewards); with only those rewards, a reply with none costs the format penalty. A reward function of your own
+may have twofold's, verl's or TRL's signature (`twofold.envs.rewards`). Success means reward >=
+`success_threshold`.
 
 Rows: episode k of seed s draws from the train split (or the eval split, for `twofold eval`'s level seeds),
 shuffled by seed and by epoch, so every source of a comparison sees the same rows in the same order.
@@ -26,22 +28,19 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
-import importlib
 import json
 import math
 import random
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from twofold.config import DATASET_LAYOUTS, ConfigError, DatasetOptions, check_ranges
-from twofold.envs.base import TextEnv, parse_answer, register
+from twofold.envs.base import TextEnv, register
+from twofold.envs.rewards import Sample, extract_answer, load_reward
 from twofold.envs.seeding import split_of_level
 from twofold.envs.tools import ToolEnv, load_tools
 
-BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
-GSM8K = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
 ANSWER_COLUMNS = ("ground_truth", "solution", "answer")
 
 
@@ -103,53 +102,17 @@ def load_rows(path: str, layout: str) -> tuple[str, tuple[dict, ...]]:
     data = datasets.load_dataset(kind, data_files=files, split="train")
     layout = detect_layout(data.column_names) if layout == "auto" else layout
     rows = tuple(data.to_list())
-    for row in rows[:1]:
-        row_of(row, layout)  # a missing column is an error now, naming it, not at the first episode
+    if not rows:
+        raise ConfigError("env.options.path", f"{path!r} has no rows")
+    row_of(rows[0], layout)  # a missing column is an error now, naming it, not at the first episode
     return layout, rows
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer of a reply: <answer>...</answer>, else the last \\boxed{...}, else GSM8K's #### line."""
-    for found in (parse_answer(text), *(BOXED.findall(text)[-1:] or [None]), *(GSM8K.findall(text)[-1:] or [None])):
-        if found is not None and found.strip():
-            return found.strip()
-    return None
-
-
-def normalize(answer: str) -> str:
-    """Case, spaces, a trailing period and thousands separators do not matter: '1,024.' == '1024'."""
-    text = answer.strip().lower().rstrip(".").replace("$", "")
-    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", re.sub(r"\s+", " ", text))
-
-
-def exact_reward(completion: str, ground_truth: str, **row) -> float:
-    answer = extract_answer(completion)
-    return float(answer is not None and normalize(answer) == normalize(ground_truth))
-
-
-def math_reward(completion: str, ground_truth: str, **row) -> float:
-    """math-verify's equivalence of the reply's final answer and the ground truth (1/2 == 0.5, \\frac{1}{2})."""
-    from math_verify import parse, verify
-
-    answer = extract_answer(completion)
-    gold, guess = parse(ground_truth), parse(f"${answer}$" if answer is not None else completion)
-    return float(bool(gold) and bool(guess) and verify(gold, guess))
-
-
-def reward_function(spec: str):
-    if spec == "exact":
-        return exact_reward
-    if spec == "math":
-        return math_reward
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(
-            "env.options.reward",
-            f"{spec!r}: {e}; use exact, math or package.module:function "
-            "taking (completion, ground_truth, **row) and returning a float",
-        ) from None
+def sample_of(row: dict, layout: str, completion: str = "") -> Sample:
+    """What a reward reads of an episode on `row` that ended with `completion`."""
+    messages, truth = row_of(row, layout)
+    prompt = row["prompt"] if "prompt" in row else row["messages"]
+    return Sample(completion, truth, prompt if isinstance(prompt, str) else messages, row)
 
 
 def split_rows(n: int, eval_fraction: float) -> tuple[list[int], list[int]]:
@@ -170,7 +133,8 @@ class DatasetEnv(ToolEnv, TextEnv):
         self,
         path: str = DatasetOptions.path,
         layout: str = DatasetOptions.layout,
-        reward: str = DatasetOptions.reward,
+        reward: str | Sequence[str] = DatasetOptions.reward,
+        reward_weights: Sequence[float] | None = DatasetOptions.reward_weights,
         tools: Sequence[str] = (),
         eval_fraction: float = DatasetOptions.eval_fraction,
         system_prompt: str = DatasetOptions.system_prompt,
@@ -185,8 +149,7 @@ class DatasetEnv(ToolEnv, TextEnv):
         check_ranges(DatasetOptions(eval_fraction=eval_fraction), "env.options.")
         self.layout, self.rows = load_rows(path, layout)
         self.splits = dict(zip(("train", "eval"), split_rows(len(self.rows), eval_fraction), strict=True))
-        self.reward_fn = reward_function(reward)
-        self.exact_answer = reward in ("exact", "math")  # a reply must carry a readable final answer
+        self.reward = load_reward(reward, reward_weights, sample_of(self.rows[0], self.layout))
         self.tool_functions = load_tools(list(tools))
         self.system_prompt, self.success_threshold = system_prompt, success_threshold
 
@@ -229,13 +192,12 @@ class DatasetEnv(ToolEnv, TextEnv):
                 return None, why
             if calls:
                 return ("calls", calls), ""
-        if self.exact_answer and extract_answer(text) is None:
+        if self.reward.needs_final_answer and extract_answer(text) is None:
             return None, "no final answer found: write it in <answer>...</answer> or \\boxed{...}"
         return ("answer", text), ""
 
     def _answer(self, completion: str) -> tuple[str, float, bool, bool]:
-        row = {k: v for k, v in self.row.items() if k not in ("completion", "ground_truth")}
-        reward = float(self.reward_fn(completion, self.ground_truth, **row))
+        reward = self.reward(sample_of(self.row, self.layout, completion))
         ok = reward >= self.success_threshold
         return ("Correct." if ok else "Not correct."), reward, True, ok
 

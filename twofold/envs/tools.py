@@ -51,7 +51,9 @@ def tool_schema(fn: Callable) -> dict:
 
 
 def load_tools(specs: list[str] | tuple[str, ...]) -> list[Callable]:
-    """Tools by import path: 'package.module:function', or 'package.module:NAME' for a list of functions."""
+    """Tools by import path: 'package.module:function', or 'package.module:NAME' for a list of functions. A tool
+    function may carry a `preflight()` that raises `ConfigError` when it cannot run here (the sandboxed `python`
+    tool does); it is called as the tools load, with the env."""
     tools: list[Callable] = []
     for spec in specs:
         module, _, attr = spec.partition(":")
@@ -64,6 +66,10 @@ def load_tools(specs: list[str] | tuple[str, ...]) -> list[Callable]:
         found = list(obj) if isinstance(obj, (list, tuple)) else [obj]
         if not all(callable(f) for f in found):
             raise ConfigError("env.options.tools", f"{spec!r} is not a function (or a list of functions)")
+        for tool in found:  # a tool that cannot run on this machine says so now, not at its first call
+            preflight = getattr(tool, "preflight", None)
+            if preflight is not None:
+                preflight()
         tools += found
     return tools
 

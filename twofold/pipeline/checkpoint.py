@@ -299,3 +299,26 @@ def restore_source(source: OldLogitSource, saved: tuple[Path, object], ranks: Ra
     if targets:
         _load(path, {"source": targets}, ranks, partial=True)
     source.load_state_dict(join_tensors(plain, targets))
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """The trained weights of the checkpoint at `path` into `model` (one process, whole tensors; a checkpoint
+    written by several ranks is resharded on load), for export and evaluation."""
+    state = {"model": get_model_state_dict(model)}
+    _load(path, state, Ranks(), partial=True)
+    set_model_state_dict(model, state["model"])
+
+
+def checkpoint_at(run_dir: Path, step: int | None) -> Path:
+    """The checkpoint of `step`, or the newest whole one; a missing one is an error naming what there is."""
+    if step is None:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"{run_dir} has no whole checkpoint (train it first, or check the path)")
+        return found
+    path = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    problem = verify(path) if path.is_dir() else "it does not exist"
+    if problem is not None:
+        kept = ", ".join(str(int(p.name.split("_")[1])) for p in checkpoints(run_dir)) or "none"
+        raise FileNotFoundError(f"no usable checkpoint of step {step} in {run_dir} ({problem}); kept steps: {kept}")
+    return path

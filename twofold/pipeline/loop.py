@@ -39,6 +39,7 @@ from twofold.pipeline.checkpoint import (
     restore_source,
     save_checkpoint,
 )
+from twofold.pipeline.export import export_run
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
@@ -455,6 +456,8 @@ class Pipeline:
                     "stopped_by_signal": self._stop_signal,
                     "last": last,
                 }
+                if cfg.run.export_final and outcome["finished"]:
+                    outcome["export"] = str(export_run(self.run_dir, self.run_dir / "export"))
                 write_summary(self.run_dir, outcome)
                 self.metrics.summary(outcome)
         except BaseException:

@@ -1,0 +1,97 @@
+"""`twofold export`: a run's checkpoint as a Hugging Face folder whose log-probs are the trainer's."""
+
+import json
+
+import pytest
+import torch
+from conftest import small_config
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from twofold.cli import main
+from twofold.logprobs import policy_logprobs
+from twofold.pipeline.export import EXPORT_INFO, export_run
+from twofold.pipeline.loop import Pipeline
+
+SEQUENCES = torch.tensor([[5, 17, 42, 8, 99, 3, 61, 7], [11, 12, 13, 14, 15, 16, 17, 18]])
+
+
+def logprobs(model) -> torch.Tensor:
+    with torch.no_grad():
+        return policy_logprobs(model.eval(), SEQUENCES, torch.ones_like(SEQUENCES))
+
+
+def train(tmp_path, tiny_path, **overrides):
+    """Two async steps (discounted returns, so the weights move); the trainer's log-probs after the last."""
+    cfg = small_config(mode="async", **{"advantage.estimator": "discounted", "run.keep_checkpoints": 3, **overrides})
+    pipe = Pipeline(cfg, tmp_path / "run", model_path=tiny_path)
+    pipe.run()
+    return tmp_path / "run", logprobs(pipe.trainer.model)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_path):
+    return train(tmp_path_factory.mktemp("full"), tiny_path, **{"model.path": str(tiny_path)})
+
+
+def test_exported_model_scores_as_the_trainer_did(full_run, tmp_path, tiny_path):
+    run_dir, trainer_logprobs = full_run
+    out = export_run(run_dir, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert (logprobs(model) - trainer_logprobs).abs().max() <= 1e-6
+    assert (logprobs(AutoModelForCausalLM.from_pretrained(tiny_path)) - trainer_logprobs).abs().max() > 1e-4
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template and model.generation_config.eos_token_id == tokenizer.eos_token_id
+    info = json.loads((out / EXPORT_INFO).read_text())
+    assert (info["step"], info["version"], info["contents"]) == (2, 2, "full model")
+
+
+def test_an_earlier_step_exports_its_own_weights(full_run, tmp_path):
+    run_dir, trainer_logprobs = full_run
+    out = export_run(run_dir, tmp_path / "step1", step=1)
+    assert json.loads((out / EXPORT_INFO).read_text())["step"] == 1
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert (logprobs(model) - trainer_logprobs).abs().max() > 1e-4
+
+
+def test_export_refuses_a_used_folder_and_a_missing_step(full_run, tmp_path):
+    run_dir, _ = full_run
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_run(run_dir, tmp_path / "used")
+    assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match=r"step 7 .* kept steps: 1, 2"):
+        export_run(run_dir, tmp_path / "none", step=7)
+
+
+def test_lora_exports_adapters_and_merged_weights(tmp_path, tiny_path):
+    run_dir, trainer_logprobs = train(tmp_path, tiny_path, **{"model.path": str(tiny_path), "model.lora.r": 4})
+    adapters = export_run(run_dir, tmp_path / "adapters")
+    assert (adapters / "adapter_config.json").is_file() and not (adapters / "model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    assert (logprobs(PeftModel.from_pretrained(base, adapters)) - trainer_logprobs).abs().max() <= 1e-6
+    merged = export_run(run_dir, tmp_path / "merged", merge=True)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert (logprobs(model) - trainer_logprobs).abs().max() <= 1e-5  # W + s B A rounds once per weight
+    assert json.loads((merged / EXPORT_INFO).read_text())["contents"] == "merged lora"
+
+
+def test_the_cli_exports_and_evaluates_the_exported_model(full_run, tmp_path, capsys):
+    run_dir, _ = full_run
+    assert main(["export", str(run_dir), str(tmp_path / "cli")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
+    assert main(["export", str(run_dir), str(tmp_path / "cli")]) == 2  # the folder is used now
+    assert "not empty" in capsys.readouterr().err
+    config = str(run_dir / "config.yaml")
+    assert main(["eval", "--config", config, "--model", str(tmp_path / "cli"), "--episodes", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == str(tmp_path / "cli") and 0 <= report["success_rate"] <= 1
+
+
+def test_export_final_writes_the_export_at_the_end_of_a_run(tmp_path, tiny_path):
+    cfg = small_config(**{"model.path": str(tiny_path), "run.export_final": True, "trainer.steps": 1})
+    Pipeline(cfg, tmp_path / "run", model_path=tiny_path).run()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["export"] == str(tmp_path / "run" / "export")
+    assert json.loads((tmp_path / "run" / "export" / EXPORT_INFO).read_text())["step"] == 1

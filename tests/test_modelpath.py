@@ -1,0 +1,60 @@
+"""`model.path` as a folder, a GGUF file or a Hub ID, each resolved to a local Hugging Face folder."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from twofold.config import ConfigError, load_config
+from twofold.modelpath import resolve_model_source
+
+COMMIT_MAIN, COMMIT_V1 = "a" * 40, "b" * 40
+
+
+def hub_cache(home, tiny_path):
+    """huggingface_hub's cache layout for `org/tiny`: two commits, `main` and the tag `v1`, laid out by hand."""
+    repo = home / "hub" / "models--org--tiny"
+    for commit, ref in ((COMMIT_MAIN, "main"), (COMMIT_V1, "v1")):
+        shutil.copytree(tiny_path, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return repo
+
+
+def resolve_in_child(home, *args) -> subprocess.CompletedProcess:
+    """huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported: resolve in a fresh process, as a run would."""
+    code = "import sys; from twofold.modelpath import resolve_model_source; print(resolve_model_source(*sys.argv[1:]))"
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_folder_is_used_as_it_is(tiny_path):
+    assert resolve_model_source(str(tiny_path)) == tiny_path
+
+
+def test_a_hub_id_resolves_to_its_cached_snapshot_at_a_revision(tmp_path, tiny_path):
+    repo = hub_cache(tmp_path, tiny_path)
+    main = resolve_in_child(tmp_path, "org/tiny")
+    assert main.returncode == 0, main.stderr
+    assert main.stdout.strip() == str(repo / "snapshots" / COMMIT_MAIN)
+    tagged = resolve_in_child(tmp_path, "org/tiny", "v1")
+    assert tagged.stdout.strip() == str(repo / "snapshots" / COMMIT_V1)
+
+
+def test_an_uncached_hub_id_offline_says_how_to_fetch_it(tmp_path):
+    missing = resolve_in_child(tmp_path, "Qwen/Qwen2.5-0.5B-Instruct")
+    assert missing.returncode != 0
+    last = missing.stderr.strip().splitlines()[-1]
+    assert "config field 'model.path'" in last and "HF_HUB_OFFLINE" in last
+    assert "`hf download Qwen/Qwen2.5-0.5B-Instruct`" in last
+
+
+def test_model_path_is_checked_at_load(tmp_path, tiny_path):
+    assert load_config(None, [f"model.path={tiny_path}", "model.warmstart=false"]).model.path == str(tiny_path)
+    assert load_config(None, ["model.path=org/name", "model.warmstart=false"]).model.revision == ""
+    with pytest.raises(ConfigError, match="model.path.*no folder or .gguf file"):
+        load_config(None, [f"model.path={tmp_path / 'absent.gguf'}", "model.warmstart=false"])
+    with pytest.raises(ConfigError, match="model.path.*neither a folder"):
+        resolve_model_source(str(tmp_path / "a" / "b" / "c"))
