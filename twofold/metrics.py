@@ -94,6 +94,9 @@ ENV_TIMEOUTS = _metric("rollout/env_timeouts", "env steps past env.step_timeout_
 NONFINITE_DROPPED = _metric("rollout/nonfinite_dropped", "episodes dropped for a non-finite behaviour log-prob")
 TRUNCATED = _metric("rollout/truncated", "episodes cut at rollout.max_total_tokens, so far")
 DISCARDED_TOKENS = _metric("rollout/discarded_tokens", "tokens generated and then thrown away (regenerated turns)")
+ZERO_VARIANCE_GROUP_FRAC = _metric(
+    "rollout/zero_variance_group_frac", "share of the batch's groups whose episodes all got the same reward"
+)
 STALE_DROPPED_GROUPS = _metric("rollout/stale_dropped_groups", "groups dropped as more than W versions old, so far")
 
 # --------------------------------------------------------------------------- time, throughput, memory

@@ -40,6 +40,7 @@ from twofold.pipeline.checkpoint import (
     save_checkpoint,
 )
 from twofold.pipeline.export import export_run
+from twofold.pipeline.learning_signal import LearningSignalWatch, zero_variance_group_fraction
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
@@ -151,6 +152,7 @@ class Pipeline:
         self.ready_cond = threading.Condition()
         self.failed_in_a_row = 0  # groups in which no episode finished
         self.peak_extra_bytes = 0
+        self.signal_watch = LearningSignalWatch()
         self._paused = False
         self._stop_signal: int | None = None
         self.metrics = (
@@ -373,6 +375,7 @@ class Pipeline:
             M.VERSION: self.trainer.version,
             M.REWARD_MEAN: sum(t.reward for t in trajs) / n,
             M.SUCCESS_RATE: sum(t.success for t in trajs) / n,
+            M.ZERO_VARIANCE_GROUP_FRAC: zero_variance_group_fraction(trajs),
             M.FORMAT_OK_RATE: sum(sum(t.format_ok) for t in trajs) / max(1, sum(len(t.format_ok) for t in trajs)),
             M.TURNS_MEAN: sum(t.num_turns for t in trajs) / n,
             M.TRAJECTORIES: float(n),
@@ -404,6 +407,9 @@ class Pipeline:
         for s in self.sources:
             row.update(s.metrics())
         self.metrics.log(row)
+        warning = self.signal_watch.update(self.step, row[M.ZERO_VARIANCE_GROUP_FRAC], row[M.FORMAT_OK_RATE])
+        if warning is not None:
+            log.warning(warning)
         return row
 
     # ------------------------------------------------------------------ the run
@@ -435,7 +441,7 @@ class Pipeline:
                 last = self.train_step()
                 bar.update(1)
                 if main:
-                    bar.set_postfix(progress_postfix(last))
+                    bar.set_postfix(progress_postfix(last, no_signal=self.signal_watch.warning is not None))
                 if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0:
                     self.checkpoint()
                 stop = self.ranks.broadcast(self._stop_signal)  # rank 0's signal stops every rank at one step
@@ -455,6 +461,7 @@ class Pipeline:
                     "steps": self.step,
                     "stopped_by_signal": self._stop_signal,
                     "last": last,
+                    "no_learning_signal": self.signal_watch.warning,
                 }
                 if cfg.run.export_final and outcome["finished"]:
                     outcome["export"] = str(export_run(self.run_dir, self.run_dir / "export"))

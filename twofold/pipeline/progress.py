@@ -8,6 +8,8 @@ import os
 import signal
 import threading
 
+from twofold import metrics as M
+
 
 class RankLost(RuntimeError):
     """A trainer rank died (killed, or its process exited): the run stopped, and is resumable."""
@@ -42,11 +44,15 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)  # nobody waits for this exit code: the parent is gone
 
 
-def progress_postfix(row: dict) -> dict[str, str]:
-    """What the progress bar shows of a step's metrics row (embedded bar and the Ray driver's)."""
-    return {
-        "success": f"{row['success/rate']:.2f}",
-        "reward": f"{row['reward/mean']:.2f}",
-        "active": f"{row.get('ppo/active_token_ratio', 0):.2f}",
-        "s_step": f"{row['time/step']:.1f}",
+def progress_postfix(row: dict, no_signal: bool = False) -> dict[str, str]:
+    """What the progress bar shows of a step's metrics row (embedded bar and the Ray driver's); `no_signal`
+    flags a run that has stopped learning (`learning_signal.py`)."""
+    fields = {
+        "success": f"{row[M.SUCCESS_RATE]:.2f}",
+        "reward": f"{row[M.REWARD_MEAN]:.2f}",
+        "active": f"{row.get(M.ACTIVE_TOKEN_RATIO, 0):.2f}",
+        "s_step": f"{row[M.STEP_SECONDS]:.1f}",
     }
+    if no_signal:
+        fields["signal"] = "NONE (see log)"
+    return fields

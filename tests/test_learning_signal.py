@@ -1,0 +1,45 @@
+"""A run that learns nothing says so: most groups with one reward for several steps in a row."""
+
+import json
+
+import pytest
+from conftest import small_config
+
+from twofold.pipeline.learning_signal import LearningSignalWatch, zero_variance_group_fraction
+from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.rundir import read_metrics
+from twofold.rollout.trajectory import Trajectory
+
+
+def episode(group: int, reward: float) -> Trajectory:
+    t = Trajectory(uid=0, group_id=group, level_seed=0)
+    t.turn_rewards.append(reward)
+    return t
+
+
+def test_zero_variance_groups_are_those_with_one_reward():
+    # group 0: 1, 1 (one reward); group 1: 0, 1; group 2: 0, 0 (one reward) -> 2 of 3
+    trajs = [episode(0, 1.0), episode(0, 1.0), episode(1, 0.0), episode(1, 1.0), episode(2, 0.0), episode(2, 0.0)]
+    assert zero_variance_group_fraction(trajs) == pytest.approx(2 / 3)
+    assert zero_variance_group_fraction([]) == 0.0
+
+
+def test_the_warning_needs_three_steps_in_a_row_and_comes_once():
+    watch = LearningSignalWatch(share=0.9, steps=3)
+    said = [watch.update(step, frac, 0.1) for step, frac in enumerate([0.95, 1.0, 0.5, 0.9, 1.0, 1.0, 1.0], start=1)]
+    assert [s is not None for s in said] == [False, False, False, False, False, True, False]  # steps 4-6, once
+    assert watch.warning == {"from_step": 4, "steps": 3, "zero_variance_group_frac": 1.0, "format_ok_rate": 0.1}
+    assert "10% of replies are in the format" in said[5]
+
+
+def test_a_run_where_every_reward_is_zero_records_it(tmp_path, tiny_path, caplog):
+    # The untrained tiny model never computes the sum, and a wrong or unparsed answer scores 0 here: every
+    # group has one reward, every step.
+    cfg = small_config(**{"env.name": "arithmetic", "env.options": {}, "env.format_penalty": 0.0, "trainer.steps": 3})
+    with caplog.at_level("WARNING"):
+        Pipeline(cfg, tmp_path / "run", model_path=tiny_path).run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["rollout/zero_variance_group_frac"] for r in rows] == [1.0, 1.0, 1.0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["no_learning_signal"]["from_step"] == 1
+    assert sum("no learning signal" in r.message for r in caplog.records) == 1
