@@ -6,9 +6,9 @@ import json
 import pytest
 from conftest import small_config
 
-from twofold.config import ConfigError
+from twofold.config import DATASET_EXAMPLES, ConfigError
 from twofold.envs import make_env
-from twofold.envs.dataset import split_rows, write_example
+from twofold.envs.dataset import EXAMPLE_TASKS, larger_number_problems, split_rows, write_example
 from twofold.envs.seeding import EVAL_SEED_OFFSET, level_seed
 from twofold.envs.tools import format_call
 
@@ -132,3 +132,13 @@ def test_training_on_a_dataset(tmp_path, files):
     Pipeline(cfg, tmp_path / "run").run()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["rollout/turns_mean"] == 1.0
+
+
+def test_larger_number_example_asks_for_the_larger_of_two(tmp_path):
+    assert set(EXAMPLE_TASKS) == set(DATASET_EXAMPLES)
+    for question, answer in larger_number_problems(50, seed=3):
+        a, b = (int(x) for x in question.removeprefix("Which number is larger, ").split("?")[0].split(" or "))
+        assert a != b and answer == str(max(a, b))
+    rows = [json.loads(line) for line in write_example(tmp_path / "l.jsonl", n=3, task="larger_number").open()]
+    assert rows[0]["data_source"] == "twofold/larger_number"
+    assert rows[0]["prompt"][0]["content"].endswith("Reply with only the number.")

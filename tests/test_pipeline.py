@@ -144,3 +144,27 @@ def test_snapshot_budget_below_one_model_is_a_named_error(tmp_path, tiny_path):
 
     with pytest.raises(ConfigError, match="oldlogits.snapshot_budget.*cannot hold one snapshot"):
         Pipeline(small_config(**{"oldlogits.source": "snapshot", "oldlogits.snapshot_budget": "10KB"}), tmp_path / "r")
+
+
+def test_memory_metrics_name_where_the_bytes_go(tmp_path, tiny_path):
+    rows, pipe = run(tmp_path, tiny_path, mode="sync", **{"trainer.steps": 1, "oldlogits.source": "snapshot"})
+    row = rows[-1]
+    params = sum(p.numel() for p in pipe.trainer.model.parameters())
+    tensors = len(list(pipe.trainer.model.parameters()))
+    assert row["memory/trainer_parameter_bytes"] == 4 * params  # float32 master weights
+    assert row["memory/trainer_gradient_bytes"] == 4 * params  # every parameter trains
+    assert row["memory/optimizer_state_bytes"] == 2 * 4 * params + 4 * tensors  # AdamW moments + a step count each
+    engine = sum(p.numel() * p.element_size() for p in pipe.engine.model.parameters())
+    assert row["memory/engine_weight_bytes"] == engine and engine < 4 * params  # the bfloat16 engine's own copy
+    assert row["memory/step_peak_rss_bytes"] >= row["memory/rss_bytes"] > 0
+    named = sum(
+        row[k]
+        for k in (
+            "memory/trainer_parameter_bytes",
+            "memory/trainer_gradient_bytes",
+            "memory/optimizer_state_bytes",
+            "memory/engine_weight_bytes",
+            "memory/oldlogit_extra_bytes",
+        )
+    )
+    assert row["memory/step_transient_bytes"] == row["memory/step_peak_rss_bytes"] - named

@@ -12,6 +12,7 @@ from test_async_exactness import BruteForce, watch
 from transformers import AutoModelForCausalLM
 
 from twofold.logprobs import Numerics, score_sequences
+from twofold.modelpath import resolve_model_source
 from twofold.models import load_model, load_tokenizer
 from twofold.pipeline.export import EXPORT_INFO, export_run
 from twofold.pipeline.loop import Pipeline
@@ -27,6 +28,7 @@ def real_config(**overrides):
         max_staleness=2,
         **{
             "engine.max_new_tokens": 6,
+            "engine.dtype": "float32",  # exactness is trainer-side: the faster engine on this CPU
             "env.max_turns": 2,
             "env.step_latency_ms": 30.0,
             "rollout.max_total_tokens": 1024,
@@ -49,7 +51,9 @@ def noise_floor(model, sequences, pad_id) -> float:
     return max(float((a - b).abs().max()) for a, b in zip(together, alone, strict=True))
 
 
-def test_gguf_resolves_to_the_real_model(smollm2_path):
+def test_gguf_resolves_to_the_real_model(smollm2_path, monkeypatch):
+    monkeypatch.setenv("TWOFOLD_CACHE", str(smollm2_path.parents[1]))  # the fixture's cache: no second conversion
+    assert resolve_model_source("smollm2-135m-instruct") == smollm2_path
     config = json.loads((smollm2_path / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["vocab_size"]) == ("llama", 30, 49152)
     assert "quantization_config" not in config  # dequantised to float32 on conversion

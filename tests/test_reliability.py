@@ -23,7 +23,8 @@ from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.rundir import read_metrics, summary
 from twofold.trainer.trainer import TrainingHalted
 
-VOLATILE = ("time/", "throughput/")  # wall-clock measurements differ between any two runs
+# wall-clock measurements, and the process's resident size, differ between any two runs
+VOLATILE = ("time/", "throughput/", "memory/rss_bytes", "memory/step_peak_rss_bytes", "memory/step_transient_bytes")
 
 
 def _comparable(rows):

@@ -41,6 +41,19 @@ def test_chunked_logprobs_equal_the_full_computation_gradients_included(tiny_pat
             assert (g - full_grads[n]).abs().max() < 1e-6, n
 
 
+def test_the_head_sees_only_real_tokens_a_chunk_at_a_time(tiny_path):
+    # rows of 70, 41 and 9 tokens predict 69 + 40 + 8 = 117 real tokens; padded they would be 3 x 69 = 207
+    ids, attn = pad_right(random_sequences([70, 41, 9]), 0)
+    model = load_model(tiny_path)
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].shape[:-1].numel()))
+    token_logprobs(model, ids, attn, chunk_size=50)
+    assert calls == [50, 50, 17]
+    calls.clear()
+    token_logprobs(model, ids, attn, chunk_size=0)
+    assert calls == [117]
+
+
 def test_microbatches_pack_longest_first_under_the_budget():
     lengths = [10, 50, 30, 20, 40]
     assert microbatches(lengths, 0) == [[1, 4, 2, 3, 0]]  # one group, longest first

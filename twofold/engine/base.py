@@ -119,5 +119,10 @@ class InferenceEngine(ABC):
         with self._cond:
             self._paused = False
 
+    def resident_weight_bytes(self) -> int:
+        """Bytes of this process's memory the engine's weights take: 0 where they live in another process (vLLM's
+        engine core, a Ray replica)."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 (optional for engines: the built-in one holds nothing to release)
         """Release resources (processes, GPU memory); the built-in engine holds none."""

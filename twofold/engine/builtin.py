@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
 from twofold.logprobs import DTYPES, resolve_device
-from twofold.models import load_model
+from twofold.models import load_model, model_bytes
 
 
 def sample_from_logits(
@@ -134,6 +134,9 @@ class BuiltinEngine(InferenceEngine):
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         quantize_(self.model, quantization)
+
+    def resident_weight_bytes(self) -> int:
+        return model_bytes(self.model)
 
     @torch.no_grad()
     def update_weights(self, state_dict: dict, version: int) -> None:

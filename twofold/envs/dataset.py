@@ -231,15 +231,37 @@ def word_problems(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-def write_example(path: str | Path, layout: str = "verl", n: int = 500, seed: int = 0) -> Path:
-    """Word problems in verl's or TRL's layout, as JSONL (.jsonl) or Parquet (.parquet)."""
-    instruction = " Answer in <answer>...</answer>."
+def larger_number_problems(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Which of two numbers (1-99, distinct) is larger, asked the way an instruct model answers in a sentence or
+    a bare number: (question, answer). Small instruct models get a share of these right from the start, so RL
+    has a signal to work with."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(range(1, 100), 2)
+        out.append((f"Which number is larger, {a} or {b}? Reply with only the number.", str(max(a, b))))
+    return out
+
+
+# `twofold dataset example --task` (config.DATASET_EXAMPLES): the problems, the instruction appended to each,
+# and what they are.
+EXAMPLE_TASKS = {
+    "word_problems": (word_problems, " Answer in <answer>...</answer>.", "arithmetic word problems"),
+    "larger_number": (larger_number_problems, "", "which-number-is-larger questions"),
+}
+
+
+def write_example(
+    path: str | Path, layout: str = "verl", n: int = 500, seed: int = 0, task: str = "word_problems"
+) -> Path:
+    """An example task (`EXAMPLE_TASKS`) in verl's or TRL's layout, as JSONL (.jsonl) or Parquet (.parquet)."""
+    problems, instruction, _ = EXAMPLE_TASKS[task]
     rows: list[dict[str, Any]] = []
-    for i, (question, answer) in enumerate(word_problems(n, seed)):
+    for i, (question, answer) in enumerate(problems(n, seed)):
         if layout == "verl":
             rows.append(
                 {
-                    "data_source": "twofold/word_problems",
+                    "data_source": f"twofold/{task}",
                     "ability": "math",
                     "extra_info": {"index": i},
                     "prompt": [{"role": "user", "content": question + instruction}],

@@ -15,7 +15,8 @@ Atomic: the folder is written as `step_N.tmp` and renamed when every rank has fi
 written, so a half-written step is never loaded. Checked: resuming verifies the newest folder against its
 manifest and falls back to the previous one (with a warning) when it is truncated or corrupt. Safe: tensors
 load with `weights_only=True` and DCP's metadata file with an unpickler that admits only DCP's own
-metadata classes, so a run directory from elsewhere cannot run code. DCP reshards on load: a run saved
+metadata classes; metadata that lists pickled bytes (which DCP loads with `weights_only=False`, and twofold
+never saves) is refused, so a run directory from elsewhere cannot run code. DCP reshards on load: a run saved
 with N ranks resumes on M.
 
 The pipeline hands over the parts a checkpoint holds (`RunParts`); this module knows nothing else of it.
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -88,13 +89,26 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint metadata names {module}.{name}: not a checkpoint class, refused")
 
 
+def _checked_metadata(data: bytes) -> Metadata:
+    """DCP's `.metadata`, refused (`pickle.UnpicklingError`) when it names a class that is not DCP's, or lists an
+    entry saved as pickled bytes: DCP loads those with `torch.load(weights_only=False)`, which runs whatever the
+    pickle says. Everything twofold saves through DCP is a tensor (the rest is JSON in run_state.json)."""
+    metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"checkpoint metadata is a {type(metadata).__name__}, not DCP's Metadata")
+    for key, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, BytesStorageMetadata):
+            raise pickle.UnpicklingError(f"checkpoint metadata lists {key} as pickled bytes: not twofold's, refused")
+    return metadata
+
+
 class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self, *args, **kwargs):
         rank = kwargs.get("rank")
         path = self._get_metadata_path(rank)
         with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        if getattr(metadata, "storage_meta", None) is None:
+            metadata = _checked_metadata(f.read())
+        if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
@@ -157,6 +171,27 @@ def _run_state(parts: RunParts, step: int) -> dict:
     }
 
 
+def _device_rngs(parts: RunParts) -> dict[str, torch.Tensor]:
+    """The RNG states a run has only on some machines, as CPU ByteTensors (all a CUDA generator's `set_state`
+    takes): the engine's sampling generator, and the default generator of the trainer's GPU (dropout, anything
+    sampled on the device)."""
+    rngs = {}
+    generator = getattr(parts.engine, "generator", None)
+    if generator is not None:
+        rngs["engine"] = generator.get_state().cpu()
+    device = parts.trainer.numerics.device
+    if device.type == "cuda":
+        rngs["cuda"] = torch.cuda.get_rng_state(device)
+    return rngs
+
+
+def _set_device_rngs(parts: RunParts, rngs: dict[str, torch.Tensor]) -> None:
+    if "engine" in rngs:
+        parts.engine.generator.set_state(rngs["engine"])
+    if "cuda" in rngs:
+        torch.cuda.set_rng_state(rngs["cuda"], parts.trainer.numerics.device)
+
+
 def _tensor_state(trainer: Trainer) -> dict:
     """The trainer's tensors as DCP saves and loads them (this rank's shards when sharded)."""
     return {
@@ -164,10 +199,6 @@ def _tensor_state(trainer: Trainer) -> dict:
         "optim": get_optimizer_state_dict(trainer.model, trainer.optimizer)["state"],
         "rng": {"torch": torch.get_rng_state(), "minibatch": trainer.generator.get_state()},
     }
-
-
-def _engine_generator(engine: InferenceEngine | None) -> torch.Generator | None:
-    return getattr(engine, "generator", None) if engine is not None else None
 
 
 def _digest(path: Path) -> str:
@@ -188,9 +219,7 @@ def save_checkpoint(parts: RunParts, step: int, source: OldLogitSource) -> Path:
         tmp.mkdir(parents=True)
     ranks.barrier()
     tensors = _tensor_state(parts.trainer)
-    generator = _engine_generator(parts.engine)
-    if generator is not None:
-        tensors["rng"]["engine"] = generator.get_state().cpu()
+    tensors["rng"].update(_device_rngs(parts))
     source_tensors, source_plain = split_tensors(source.state_dict())
     dcp.save({**tensors, "source": source_tensors}, checkpoint_id=str(tmp), no_dist=not ranks.sharded)
     ranks.barrier()
@@ -233,8 +262,8 @@ def verify(path: Path) -> str | None:
             return f"{name} is {p.stat().st_size} bytes, the manifest says {size}"
         if _digest(p) != digest:
             return f"{name} does not match its checksum"
-    try:  # the metadata must read under the restricted unpickler: refused means not ours, not loaded
-        _MetadataUnpickler(io.BytesIO((path / ".metadata").read_bytes())).load()
+    try:  # refused metadata means not ours: not loaded
+        _checked_metadata((path / ".metadata").read_bytes())
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
         return f"its metadata is refused ({e})"
     return None
@@ -284,11 +313,10 @@ def restore_run(parts: RunParts, path: Path) -> Restored:
     parts.admission.publish(t.version)
     version, internal, gauss = run_state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    generator = _engine_generator(parts.engine)
-    if generator is not None:
-        engine_rng = {"engine": generator.get_state().cpu()}
-        _load(path, {"rng": engine_rng}, Ranks(), partial=True)
-        generator.set_state(engine_rng["engine"].to(generator.device))
+    rngs = _device_rngs(parts)
+    if rngs:  # partial: one the checkpoint lacks (saved on a CPU, say) stays as it is
+        _load(path, {"rng": rngs}, Ranks(), partial=True)
+        _set_device_rngs(parts, rngs)
     return Restored(step=run_state["step"], source_state=(path, run_state["source"]))
 
 

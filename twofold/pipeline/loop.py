@@ -41,6 +41,7 @@ from twofold.pipeline.checkpoint import (
 )
 from twofold.pipeline.export import export_run
 from twofold.pipeline.learning_signal import LearningSignalWatch, zero_variance_group_fraction
+from twofold.pipeline.memory import memory_metrics, reset_peak
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
@@ -334,6 +335,7 @@ class Pipeline:
         times = StepTimes()
         t_step = time.perf_counter()
         main = self.ranks.is_main
+        reset_peak()
         gen0, tok0 = (self.worker.counters.generate_seconds, self.worker.counters.generated_tokens) if main else (0, 0)
         src0 = sum(s.seconds for s in self.sources)
         trajs = self.ranks.broadcast(self._collect_batch() if main else None)
@@ -396,8 +398,8 @@ class Pipeline:
             M.time_part("idle"): times.idle,
             M.SAMPLES_PER_S: n / wall,
             M.TOKENS_PER_S: (c.generated_tokens - tok0) / wall,
-            M.OLDLOGIT_EXTRA_BYTES: float(extra),
             M.OLDLOGIT_PEAK_BYTES: float(self.peak_extra_bytes),
+            **memory_metrics(self.trainer.model, self.trainer.optimizer, self.engine.resident_weight_bytes(), extra),
         }
         if self.trainer.numerics.device.type == "cuda":  # everything this process put on its GPU, at its peak
             row[M.DEVICE_PEAK_BYTES] = float(torch.cuda.max_memory_allocated(self.trainer.numerics.device))
