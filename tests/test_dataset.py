@@ -142,3 +142,16 @@ def test_larger_number_example_asks_for_the_larger_of_two(tmp_path):
     rows = [json.loads(line) for line in write_example(tmp_path / "l.jsonl", n=3, task="larger_number").open()]
     assert rows[0]["data_source"] == "twofold/larger_number"
     assert rows[0]["prompt"][0]["content"].endswith("Reply with only the number.")
+
+
+def test_free_answers_are_read_whole_and_tagged_ones_need_their_tag(tmp_path):
+    path = write_example(tmp_path / "l.jsonl", n=20, task="larger_number")
+    free = env(path, reward="math", answer="free")
+    free.reset(level_seed(0, 0))
+    reply = f"The larger number is {free.ground_truth}."
+    assert free.parse_reply(reply)[0] == ("answer", reply)
+    tagged = env(path, reward="math")
+    tagged.reset(level_seed(0, 0))
+    assert tagged.parse_reply(reply)[0] is None  # no <answer>: a format error
+    with pytest.raises(ConfigError, match="env.options.answer"):
+        env(path, answer="loose")

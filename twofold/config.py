@@ -540,6 +540,12 @@ class DatasetOptions:
         "With a list of rewards (reward: [math, mypkg.rewards:fmt]), the weight of each in their sum, one per reward; "
         "null: each 1.0.",
     )
+    answer: Literal["tagged", "free"] = setting(
+        "tagged",
+        "tagged: with exact or math rewards, a reply must give its final answer in <answer>...</answer>, \\boxed{} "
+        "or a #### line, else it is a format error; free: the whole reply is read (math finds its last "
+        "expression), for instruct models that answer in a sentence.",
+    )
     tools: list[str] = setting(
         help="Tools the model may call natively, as package.module:function (or :LIST of functions).", factory=list
     )

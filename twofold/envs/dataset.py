@@ -135,6 +135,7 @@ class DatasetEnv(ToolEnv, TextEnv):
         layout: str = DatasetOptions.layout,
         reward: str | Sequence[str] = DatasetOptions.reward,
         reward_weights: Sequence[float] | None = DatasetOptions.reward_weights,
+        answer: str = DatasetOptions.answer,
         tools: Sequence[str] = (),
         eval_fraction: float = DatasetOptions.eval_fraction,
         system_prompt: str = DatasetOptions.system_prompt,
@@ -149,7 +150,10 @@ class DatasetEnv(ToolEnv, TextEnv):
         check_ranges(DatasetOptions(eval_fraction=eval_fraction), "env.options.")
         self.layout, self.rows = load_rows(path, layout)
         self.splits = dict(zip(("train", "eval"), split_rows(len(self.rows), eval_fraction), strict=True))
+        if answer not in ("tagged", "free"):
+            raise ConfigError("env.options.answer", f"got {answer!r}; valid values: tagged, free")
         self.reward = load_reward(reward, reward_weights, sample_of(self.rows[0], self.layout))
+        self.needs_final_answer = self.reward.needs_final_answer and answer == "tagged"
         self.tool_functions = load_tools(list(tools))
         self.system_prompt, self.success_threshold = system_prompt, success_threshold
 
@@ -192,7 +196,7 @@ class DatasetEnv(ToolEnv, TextEnv):
                 return None, why
             if calls:
                 return ("calls", calls), ""
-        if self.reward.needs_final_answer and extract_answer(text) is None:
+        if self.needs_final_answer and extract_answer(text) is None:
             return None, "no final answer found: write it in <answer>...</answer> or \\boxed{...}"
         return ("answer", text), ""
 

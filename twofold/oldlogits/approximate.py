@@ -15,7 +15,7 @@ import torch
 
 from twofold import metrics as M
 from twofold.models import model_bytes, state_dict_bytes
-from twofold.oldlogits.base import CapturingSource, OldLogitSource, SourceContext, capture
+from twofold.oldlogits.base import CapturingSource, OldLogitSource, SourceContext, capture, with_parameters
 from twofold.oldlogits.ewma import ParameterEWMA, staleness_beta
 from twofold.rollout.trajectory import Batch
 
@@ -101,13 +101,18 @@ class EWMASource(OldLogitSource):
         if beta is None:
             beta = staleness_beta(ctx.max_staleness, ctx.updates_per_version)
         self.ewma = ParameterEWMA(model, beta, device=ctx.device)
-        self.proximal_model = ctx.copy_of(model)
+        self.model = model
+        # pi_prox scores through the trainer's own model with the average standing in for its parameters
+        # (`with_parameters`); a sharded model's parameters are DTensors, so there a proxy copy is kept.
+        self.proximal_model = ctx.copy_of(model) if ctx.ranks.sharded else None
         self._proximal_current = True  # proximal_model holds the average as it is now
         self.tau, self.auto_reset = tau, auto_reset
         self.last_reset = False
 
     def old_logprobs(self, batch: Batch, current_logprobs, version):
         def proximal():
+            if self.proximal_model is None:
+                return with_parameters(self.model, self.ewma.params, lambda m: self.ctx.score_rows(m, batch))
             if not self._proximal_current:
                 self.ewma.copy_to(self.proximal_model)
                 self._proximal_current = True
@@ -125,7 +130,8 @@ class EWMASource(OldLogitSource):
         self._proximal_current &= not self.last_reset
 
     def extra_bytes(self):
-        return state_dict_bytes(self.ewma.params) + model_bytes(self.proximal_model)
+        proxy = model_bytes(self.proximal_model) if self.proximal_model is not None else 0
+        return state_dict_bytes(self.ewma.params) + proxy
 
     def metrics(self):
         return {

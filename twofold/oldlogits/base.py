@@ -16,11 +16,13 @@ on_trajectory_end(traj) when its episode ends.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -28,12 +30,46 @@ from twofold.distributed import Ranks
 from twofold.logprobs import Numerics, score_sequences, token_logprobs
 from twofold.rollout.trajectory import Batch, Trajectory
 
+T = TypeVar("T")
+
 # token prefixes -> per-position log-probs of each (a model here, or a worker elsewhere)
 Scorer = Callable[[list[list[int]]], list[torch.Tensor]]
 
 
 def _copy_here(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return copy.deepcopy(model).to(device).float().eval()
+
+
+class _Scoring(torch.nn.Module):
+    """A forward that runs `score(policy)`, so that `torch.func.functional_call` can stand other tensors in for
+    the policy's parameters while it runs (`SourceContext.scorer_with`)."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, score: Callable[[torch.nn.Module], object]):
+        return score(self.policy)
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module):
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
+def with_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor], score: Callable[[torch.nn.Module], T]) -> T:
+    """`score(model)` with the tensors of `state` (a `versioned_state`: every trained parameter, or the LoRA
+    adapters alone) in place of the model's own for the call, in eval mode; nothing is copied into the model,
+    so a held version needs no model of its own, and under LoRA it shares the frozen base."""
+    device = next(model.parameters()).device
+    params = {f"policy.{n}": t.to(device, non_blocking=True) for n, t in state.items()}
+    with _evaluating(model):
+        return torch.func.functional_call(_Scoring(model), params, (score,), strict=False)
 
 
 @dataclass
@@ -61,6 +97,11 @@ class SourceContext:
     def whole_copy_of(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         """An unsharded policy holding `state` (the gathered weights of `model`)."""
         return self.whole_policy(state) if self.whole_policy is not None else _copy_here(model, self.device)
+
+    def scorer_with(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Scorer:
+        """`scorer(model)` with `state` standing in for its trained parameters (`with_parameters`): one process's
+        model only (a sharded one keeps a copy to load versions into)."""
+        return lambda prefixes: with_parameters(model, state, lambda m: self.scorer(m)(prefixes))
 
     def scorer(self, model: torch.nn.Module) -> Scorer:
         """Trainer-side log-probs of token prefixes under `model` (no grad, the trainer's numerics). Sharded:

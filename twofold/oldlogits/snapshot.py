@@ -95,7 +95,9 @@ class SnapshotSource(CapturingSource):
         self.store = SnapshotStore(budget_bytes)
         self.on_budget = on_budget
         self.fallback = fallback
-        self.scratch = ctx.copy_of(model)  # loads each held version to score it
+        # Held versions score through the trainer's own model with their tensors standing in (`scorer_with`); a
+        # sharded model's parameters are DTensors, so there a copy is kept to load each version into.
+        self.scratch = ctx.copy_of(model) if ctx.ranks.sharded else None
         # a snapshot is what changes between versions (the whole model, or the LoRA adapters alone), in this
         # rank's shards: the budget is per rank
         self.snapshot_bytes = sum(local_tensor(p).numel() * 4 for p in model.parameters() if p.requires_grad)
@@ -140,12 +142,17 @@ class SnapshotSource(CapturingSource):
                 if v == version:
                     capture(self.ctx.scorer(model), self.captured, trajs, v)
                 elif v in self.store.snapshots:
-                    load_parameters(self.scratch, self.store.snapshots[v])
-                    capture(self.ctx.scorer(self.scratch), self.captured, trajs, v)
+                    capture(self._scorer_at(model, v), self.captured, trajs, v)
             if self.fallback is not None:
                 self.fallback_tokens += sum(len(self.captured.missing(t)) for t in trajs)
 
         self._timed(exact)
+
+    def _scorer_at(self, model, version):
+        if self.scratch is None:
+            return self.ctx.scorer_with(model, self.store.snapshots[version])
+        load_parameters(self.scratch, self.store.snapshots[version])
+        return self.ctx.scorer(self.scratch)
 
     def old_logprobs(self, batch, current_logprobs, version):
         if self.fallback is None:
@@ -171,7 +178,8 @@ class SnapshotSource(CapturingSource):
 
     def extra_bytes(self):
         fb = self.fallback.extra_bytes() if self.fallback is not None else 0
-        return self.store.bytes + model_bytes(self.scratch) + fb
+        scratch = model_bytes(self.scratch) if self.scratch is not None else 0
+        return self.store.bytes + scratch + fb
 
     def metrics(self):
         out = {

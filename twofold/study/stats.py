@@ -1,32 +1,29 @@
-"""Statistics over seeds for `twofold report`: confidence intervals of a seed mean (Student t for the
-figures that rank sources, bootstrap for the bands on curves), paired differences, a ranking that ties
-overlapping intervals, collapse detection (a run that stops answering, or stops learning).
+"""Statistics over seeds for `twofold report`: t intervals of a seed mean, exact paired tests, Holm's
+adjustment over a family of tests, Fisher's exact test of collapse counts, a ranking that ties overlapping
+intervals, collapse detection (a run that stops answering, or stops learning).
 
-Why t and not the bootstrap for ranking: with n seeds the percentile bootstrap interval is the range of the
-seeds up to n = 3 (each extreme resample has probability n^-n > 2.5%) and still too narrow at 5, so two
-tied sources would look separated by chance (for 2 seeds each, 1 time in 3). The t interval widens with the
-few degrees of freedom that a handful of seeds gives.
+Why t and not a percentile bootstrap: with n seeds the percentile bootstrap interval is the range of the
+seeds up to n = 3 and still too narrow at 5 (it covers about 84% of the time for normal data, not 95%),
+so two tied sources would look separated by chance. The t interval widens with the few degrees of freedom
+a handful of seeds gives; it is still only nominally 95% when seeds collapse (a bimodal sample), which
+the report says next to it.
 
-Bootstrap of a mean over n seeds: with n <= EXACT_MAX_SEEDS the bootstrap distribution is enumerated
-exactly (all n^n equally likely resamples; the multinomial counts make that cheap), so an interval is
-deterministic and can be checked by hand; with more seeds `scipy.stats.bootstrap` draws resamples (fixed
-seed). Intervals are percentile intervals: the lower bound is the smallest resample mean whose
-cumulative probability reaches alpha/2, the upper the smallest reaching 1 - alpha/2 (numpy's
-"inverted_cdf" quantile). The enumeration is written here because scipy has no exact bootstrap, and
-with the 3-6 seeds of a typical comparison a random bootstrap would move its bounds between runs.
+Why exact tests: at 3-6 seeds no large-sample approximation holds. The sign-flip test enumerates every
+one of the 2^n sign assignments of the paired differences, the sign test counts signs against
+Binomial(m, 1/2); both are exact at any n, and both have a floor: with n pairs no two-sided p can be under
+2 / 2^n (0.0625 at 5 pairs), which is what "no significant difference" means at that n.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-EXACT_MAX_SEEDS = 6
-SCIPY_RESAMPLES = 10_000
+SIGN_FLIP_EXACT_MAX = 16  # 2^16 sign assignments enumerated; more pairs draw SIGN_FLIP_DRAWS of them
+SIGN_FLIP_DRAWS = 2**16
 
 
 @dataclass(frozen=True)
@@ -47,83 +44,102 @@ class Interval:
         return self.low > other.high
 
 
-@functools.cache
-def _compositions(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every way to draw n seeds from n with replacement, as counts [K, n], and each one's probability
-    n! / prod(c!) / n^n (K = C(2n-1, n): 10 for 3 seeds, 462 for 6)."""
-    counts, probs = [], []
-    for combo in itertools.combinations_with_replacement(range(n), n):
-        c = np.bincount(combo, minlength=n)
-        counts.append(c)
-        probs.append(math.factorial(n) / math.prod(math.factorial(int(k)) for k in c) / n**n)
-    return np.array(counts, dtype=float), np.array(probs)
+@dataclass(frozen=True)
+class PValues:
+    """A test's p-values against each alternative: `greater` (the effect is above 0, or the first count is
+    larger), `less`, and `two_sided`."""
+
+    greater: float
+    less: float
+    two_sided: float
 
 
-def _exact_bootstrap_means(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(means, probabilities) of every distinct resample (with replacement, size n) of `values`."""
-    counts, probs = _compositions(len(values))
-    return counts @ values / len(values), probs
-
-
-def _inverted_cdf(means: np.ndarray, probs: np.ndarray, q: float) -> float:
-    order = np.argsort(means, kind="stable")
-    cdf = np.cumsum(probs[order])
-    idx = int(np.searchsorted(cdf, q - 1e-12))  # the first whose cumulative probability reaches q
-    return float(means[order][min(idx, len(order) - 1)])
-
-
-def _without_spread(values: list[float]) -> tuple[np.ndarray, Interval | None]:
-    """The values without NaNs, and their interval when there is no spread to estimate: NaN for none, a
-    point for one value or n equal ones; None otherwise."""
-    x = np.array([v for v in values if v == v], dtype=float)
-    if len(x) == 0:
-        return x, Interval(math.nan, math.nan, math.nan)
-    if len(x) == 1 or np.all(x == x[0]):
-        return x, Interval(float(x[0]), float(x[0]), float(x[0]))
-    return x, None
-
-
-def bootstrap_mean(values: list[float], confidence: float = 0.95, seed: int = 0) -> Interval:
-    """Percentile bootstrap interval of the mean of `values` (NaNs dropped)."""
-    x, fixed = _without_spread(values)
-    if fixed is not None:
-        return fixed
-    mean = float(x.mean())
-    alpha = 1.0 - confidence
-    if len(x) <= EXACT_MAX_SEEDS:
-        means, probs = _exact_bootstrap_means(x)
-        return Interval(mean, _inverted_cdf(means, probs, alpha / 2), _inverted_cdf(means, probs, 1 - alpha / 2))
-    from scipy.stats import bootstrap
-
-    res = bootstrap(
-        (x,),
-        np.mean,
-        confidence_level=confidence,
-        n_resamples=SCIPY_RESAMPLES,
-        method="percentile",
-        random_state=np.random.default_rng(seed),
-    )
-    return Interval(mean, float(res.confidence_interval.low), float(res.confidence_interval.high))
+def _without_nans(values: list[float]) -> np.ndarray:
+    return np.array([v for v in values if v == v], dtype=float)
 
 
 def t_interval(values: list[float], confidence: float = 0.95) -> Interval:
     """mean +- t_{n-1, (1 + confidence) / 2} * s / sqrt(n), s the sample standard deviation (ddof 1), NaNs
-    dropped; one value, or n equal ones, give a point."""
-    x, fixed = _without_spread(values)
-    if fixed is not None:
-        return fixed
+    dropped; one value, or n equal ones, give a point; none gives NaN."""
+    x = _without_nans(values)
+    if len(x) == 0:
+        return Interval(math.nan, math.nan, math.nan)
     mean = float(x.mean())
+    if len(x) == 1 or np.all(x == x[0]):
+        return Interval(mean, mean, mean)
     from scipy.stats import t
 
     half = float(t.ppf((1 + confidence) / 2, len(x) - 1)) * float(x.std(ddof=1)) / math.sqrt(len(x))
     return Interval(mean, mean - half, mean + half)
 
 
-def paired_difference(values: dict[int, float], reference: dict[int, float], confidence: float = 0.95) -> Interval:
-    """t interval of mean(values[s] - reference[s]) over the seeds s both have (a paired comparison: the same
-    seed sees the same levels in the same order under every source)."""
-    seeds = sorted(set(values) & set(reference))
-    return t_interval([values[s] - reference[s] for s in seeds], confidence)
+def paired_differences(values: dict[int, float], reference: dict[int, float]) -> list[float]:
+    """values[s] - reference[s] over the seeds s both have, in seed order (a paired comparison: the same seed
+    sees the same levels in the same order under every source)."""
+    return [values[s] - reference[s] for s in sorted(set(values) & set(reference))]
+
+
+def sign_flip_test(differences: list[float], seed: int = 0) -> PValues:
+    """Exact permutation test of paired differences d_1..d_n (NaNs dropped). Under H0 each d_i is symmetric
+    about 0, so each of the 2^n sign assignments e of S(e) = sum e_i |d_i| is equally likely; p is the share
+    of them with S >= sum d (greater), S <= sum d (less), |S| >= |sum d| (two-sided). Enumerated up to
+    SIGN_FLIP_EXACT_MAX pairs; beyond, SIGN_FLIP_DRAWS random assignments (seeded), p = (1 + hits) / (1 + draws).
+    No pairs: p = 1 (no evidence)."""
+    d = _without_nans(differences)
+    if len(d) == 0:
+        return PValues(1.0, 1.0, 1.0)
+    if len(d) <= SIGN_FLIP_EXACT_MAX:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    else:
+        signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(SIGN_FLIP_DRAWS, len(d)))
+    sums = signs @ np.abs(d)
+    observed = float(d.sum())
+    tol = 1e-9 * max(1.0, float(np.abs(d).sum()))  # sums of the same terms in another order may differ in ulps
+    hits = (np.sum(sums >= observed - tol), np.sum(sums <= observed + tol), np.sum(np.abs(sums) >= abs(observed) - tol))
+    if len(d) <= SIGN_FLIP_EXACT_MAX:
+        return PValues(*(float(h) / len(sums) for h in hits))
+    return PValues(*(float(1 + h) / (1 + len(sums)) for h in hits))
+
+
+def sign_test(differences: list[float]) -> PValues:
+    """Exact sign test of paired differences (NaNs and zeros dropped): k positives among the m others, against
+    K ~ Binomial(m, 1/2): greater = P(K >= k), less = P(K <= k), two-sided = min(1, 2 min(greater, less)).
+    No nonzero difference: p = 1."""
+    d = _without_nans(differences)
+    k, m = int(np.sum(d > 0)), int(np.sum(d != 0))
+    if m == 0:
+        return PValues(1.0, 1.0, 1.0)
+    greater = sum(math.comb(m, i) for i in range(k, m + 1)) / 2**m
+    less = sum(math.comb(m, i) for i in range(k + 1)) / 2**m
+    return PValues(greater, less, min(1.0, 2 * min(greater, less)))
+
+
+def smallest_two_sided_p(pairs: int) -> float:
+    """The smallest two-sided p an exact paired test (sign-flip or sign) can give with `pairs` pairs: every
+    difference of one sign, 2 / 2^n."""
+    return min(1.0, 2.0 / 2**pairs)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment over a family of m tests (NaNs are not tests: they stay NaN and do not
+    count in m). With the p sorted p_(1) <= ... <= p_(m): adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)),
+    returned in the input order. Rejecting where adj <= alpha keeps the family-wise error <= alpha."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p == p)
+    out = [math.nan] * len(p_values)
+    running = 0.0
+    for j, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - j) * p))
+        out[i] = running
+    return out
+
+
+def fisher_collapses(collapsed: int, runs: int, ref_collapsed: int, ref_runs: int) -> PValues:
+    """Fisher's exact test on the 2x2 table [[collapsed, runs - collapsed], [ref_collapsed, ref_runs -
+    ref_collapsed]]: `greater` is the alternative that the first source's runs collapse more often."""
+    from scipy.stats import fisher_exact
+
+    table = [[collapsed, runs - collapsed], [ref_collapsed, ref_runs - ref_collapsed]]
+    return PValues(*(float(fisher_exact(table, alternative=a).pvalue) for a in ("greater", "less", "two-sided")))
 
 
 def tied_ranks(intervals: dict[str, Interval]) -> dict[str, int]:
