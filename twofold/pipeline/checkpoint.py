@@ -24,7 +24,6 @@ The pipeline hands over the parts a checkpoint holds (`RunParts`); this module k
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -49,6 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from twofold.distributed import Ranks
 from twofold.engine.base import InferenceEngine
+from twofold.models import file_sha256
 from twofold.oldlogits import OldLogitSource
 from twofold.pipeline.rundir import atomic_write_bytes
 from twofold.rollout.versions import Admission
@@ -201,14 +201,6 @@ def _tensor_state(trainer: Trainer) -> dict:
     }
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(parts: RunParts, step: int, source: OldLogitSource) -> Path:
     """Write `checkpoints/step_N/` (a collective: every rank calls it) and keep the last `keep_checkpoints`."""
     ranks, folder = parts.ranks, parts.run_dir / "checkpoints"
@@ -226,7 +218,7 @@ def save_checkpoint(parts: RunParts, step: int, source: OldLogitSource) -> Path:
     if ranks.is_main:
         run_state = {**_run_state(parts, step), "source": source_plain}
         atomic_write_bytes(tmp / RUN_STATE, lambda f: f.write(json.dumps(run_state).encode()))
-        files = {p.name: [p.stat().st_size, _digest(p)] for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+        files = {p.name: [p.stat().st_size, file_sha256(p)] for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         atomic_write_bytes(tmp / MANIFEST, lambda f: f.write(json.dumps(files, indent=1).encode()))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -260,7 +252,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != size:
             return f"{name} is {p.stat().st_size} bytes, the manifest says {size}"
-        if _digest(p) != digest:
+        if file_sha256(p) != digest:
             return f"{name} does not match its checksum"
     try:  # refused metadata means not ours: not loaded
         _checked_metadata((path / ".metadata").read_bytes())

@@ -102,6 +102,22 @@ def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path)
     )
 
 
+def batch_metrics(batch: Batch) -> dict[str, float]:
+    """What a step's batch says about the episodes: outcome, format, length, tokens, versions."""
+    trajs, n = batch.trajectories, len(batch.trajectories)
+    return {
+        M.REWARD_MEAN: sum(t.reward for t in trajs) / n,
+        M.SUCCESS_RATE: sum(t.success for t in trajs) / n,
+        M.ZERO_VARIANCE_GROUP_FRAC: zero_variance_group_fraction(trajs),
+        M.FORMAT_OK_RATE: sum(sum(t.format_ok) for t in trajs) / max(1, sum(len(t.format_ok) for t in trajs)),
+        M.TURNS_MEAN: sum(t.num_turns for t in trajs) / n,
+        M.TRAJECTORIES: float(n),
+        M.AGENT_TOKENS: float(batch.loss_mask.sum()),
+        M.TOKENS: float(batch.attention_mask.sum()),
+        M.MULTI_VERSION_FRAC: sum(len(t.agent_versions()) > 1 for t in trajs) / n,
+    }
+
+
 class Pipeline:
     """One run. With sharded ranks every rank builds a Pipeline and runs the same loop; rank 0 alone owns the
     rollout side (engine, rollout worker), the run directory and the metrics, and broadcasts what only it
@@ -371,19 +387,10 @@ class Pipeline:
         source_seconds = sum(s.seconds for s in self.sources) - src0
         extra = self.source.extra_bytes()
         self.peak_extra_bytes = max(self.peak_extra_bytes, extra)
-        n = len(trajs)
         row = {
             M.STEP: self.step,
             M.VERSION: self.trainer.version,
-            M.REWARD_MEAN: sum(t.reward for t in trajs) / n,
-            M.SUCCESS_RATE: sum(t.success for t in trajs) / n,
-            M.ZERO_VARIANCE_GROUP_FRAC: zero_variance_group_fraction(trajs),
-            M.FORMAT_OK_RATE: sum(sum(t.format_ok) for t in trajs) / max(1, sum(len(t.format_ok) for t in trajs)),
-            M.TURNS_MEAN: sum(t.num_turns for t in trajs) / n,
-            M.TRAJECTORIES: float(n),
-            M.AGENT_TOKENS: float(batch.loss_mask.sum()),
-            M.TOKENS: float(batch.attention_mask.sum()),
-            M.MULTI_VERSION_FRAC: sum(len(t.agent_versions()) > 1 for t in trajs) / n,
+            **batch_metrics(batch),
             M.ENV_ERRORS: float(c.env_errors),
             M.ENV_TIMEOUTS: float(c.env_timeouts),
             M.NONFINITE_DROPPED: float(c.nonfinite_dropped),
@@ -396,7 +403,7 @@ class Pipeline:
             M.time_part("training"): times.training,
             M.time_part("weight_sync"): times.weight_sync,
             M.time_part("idle"): times.idle,
-            M.SAMPLES_PER_S: n / wall,
+            M.SAMPLES_PER_S: len(trajs) / wall,
             M.TOKENS_PER_S: (c.generated_tokens - tok0) / wall,
             M.OLDLOGIT_PEAK_BYTES: float(self.peak_extra_bytes),
             **memory_metrics(self.trainer.model, self.trainer.optimizer, self.engine.resident_weight_bytes(), extra),
