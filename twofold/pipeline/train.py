@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from twofold.config import Config, ConfigError
 from twofold.distributed import close_ranks, init_ranks, rank_device, spawn_ranks, threads_per_rank
 from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.plan import check_memory_plan
 from twofold.pipeline.progress import RankLost, die_with_parent, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import default_run_dir, refuse_existing_run, summary
@@ -23,12 +24,13 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> tuple[Path, dict]:
     """Run (or resume) one training run; return (run directory, last metrics)."""
+    model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # the warm start is built once, here
+    check_memory_plan(cfg, model_path)  # logged; a run that cannot fit this machine stops before it loads a weight
     if cfg.runtime.backend == "embedded" and cfg.trainer.world_size == 1:
-        pipeline = Pipeline(cfg, run_dir, resume=resume)
+        pipeline = Pipeline(cfg, run_dir, resume=resume, model_path=model_path)
         return pipeline.run_dir, pipeline.run()
     run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
     refuse_existing_run(run_dir, resume)  # before any rank or actor starts
-    model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # the warm start is built once, here
     if cfg.runtime.backend == "embedded":
         run_local_ranks(cfg, run_dir, model_path, resume)
         return run_dir, (summary(run_dir) or {}).get("last", {})

@@ -1,0 +1,324 @@
+"""The memory plan (`twofold.pipeline.plan`): parameter counts from config.json, bytes per device and part,
+the verdict, `twofold plan`, the refusal at train start, and the plan against a measured run's memory/* metrics."""
+
+import json
+
+import pytest
+from conftest import SMALL, small_config
+
+from twofold.cli import main
+from twofold.config import ConfigError, LoraConfig, ModelConfig, load_config
+from twofold.pipeline import plan as P
+from twofold.pipeline.plan import (
+    Machine,
+    format_plan,
+    lora_parameter_count,
+    memory_plan,
+    model_shapes,
+    parameter_count,
+    parameter_tensors,
+    plan_error,
+    planned_config,
+    read_model_shapes,
+)
+
+GIB = 2**30
+# Qwen2.5's public config.json values (the keys the plan reads).
+QWEN = {
+    "0.5B": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "1.5B": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+}  # fmt: skip
+P_7B, A_7B = 7_615_616_512, 10_092_544  # 7B parameters; its LoRA r=16 adapters on q/k/v/o
+ONE_GPU = Machine(gpus=1, gpu_memory=80 * GIB, host_memory=2**40)
+
+
+def qwen(size: str) -> dict:
+    return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **QWEN[size]}
+
+
+@pytest.fixture
+def qwen7b(tmp_path):
+    """A folder holding only Qwen2.5-7B's config.json: all a plan reads."""
+    folder = tmp_path / "Qwen2.5-7B-Instruct"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(qwen("7B")))
+    return folder
+
+
+def plan_7b(folder, *overrides, machine=ONE_GPU, config=None):
+    cfg = planned_config(config, [f"model.path={folder}", "model.warmstart=false", *overrides])
+    return memory_plan(cfg, read_model_shapes(folder), machine)
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+
+def test_parameter_count_of_a_hand_written_config():
+    # vocab 100, hidden 8, 2 layers, 2 heads x head_dim 4 (q: 8), 1 kv head (kv: 4), intermediate 16, untied:
+    #   embeddings 100*8 = 800, LM head 800, final norm 8
+    #   per layer: q 8*8 = 64, k 8*4 = 32, v 32, o 8*8 = 64 -> 192; MLP 3*8*16 = 384; 2 norms 16 -> 592
+    #   800 + 800 + 8 + 2*592 = 2792
+    config = dict(model_type="llama", vocab_size=100, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=16, tie_word_embeddings=False)  # fmt: skip
+    assert parameter_count(model_shapes(config)) == 2792
+    # 2 embedding-sized + final norm, and per layer 7 weights + 2 norms: 3 + 2*9 = 21 tensors
+    assert parameter_tensors(model_shapes(config)) == 21
+    # Qwen2 has q/k/v biases: 8 + 4 + 4 = 16 per layer, 2792 + 32 = 2824 (3 more tensors a layer: 27)
+    qwen2 = model_shapes({**config, "model_type": "qwen2"})
+    assert (parameter_count(qwen2), parameter_tensors(qwen2)) == (2824, 27)
+    # a tied head is the embedding matrix: 2824 - 800 = 2024
+    assert parameter_count(model_shapes({**config, "model_type": "qwen2", "tie_word_embeddings": True})) == 2024
+
+
+@pytest.mark.parametrize(("size", "published"), [("0.5B", 494_032_768), ("1.5B", 1_543_714_304), ("7B", P_7B)])
+def test_qwen25_parameter_counts_are_the_published_ones(size, published):
+    # 7B by hand: embeddings 152064*3584 = 544,997,376, twice (untied); per layer q 3584*3584 + 3584 =
+    # 12,848,640, k and v 3584*512 + 512 = 1,835,520 each, o 12,845,056, MLP 3*3584*18944 = 203,685,888,
+    # norms 7168 -> 233,057,792; 28 layers 6,525,618,176; + 1,089,994,752 + 3584 = 7,615,616,512
+    assert parameter_count(model_shapes(qwen(size))) == published
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(model_type="llama", attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
+        dict(model_type="qwen2", tie_word_embeddings=True),
+        dict(model_type="qwen3", head_dim=24, tie_word_embeddings=False),  # head_dim != hidden / heads, q/k norms
+        dict(model_type="mistral", num_key_value_heads=1, tie_word_embeddings=False),
+    ],
+)
+def test_formula_counts_what_transformers_builds(config):
+    """The formula against transformers' own modules of each supported type (built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=48)  # fmt: skip
+    values = {**shape, **config}
+    hf = AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf)
+    params = list(model.parameters())  # tied weights once
+    shapes = model_shapes(hf.to_dict())
+    assert (parameter_count(shapes), parameter_tensors(shapes)) == (sum(p.numel() for p in params), len(params))
+
+
+def test_lora_adapter_counts():
+    # r (in + out) per targeted projection per layer. 7B, r=16 on q/k/v/o: q 16*(3584+3584) = 114,688,
+    # k and v 16*(3584+512) = 65,536 each, o 114,688 -> 360,448 x 28 layers = 10,092,544
+    assert lora_parameter_count(model_shapes(qwen("7B")), LoraConfig(r=16)) == A_7B
+    # 0.5B: q 16*(896+896) = 28,672, k and v 16*(896+128) = 16,384, o 28,672 -> 90,112 x 24 = 2,162,688
+    assert lora_parameter_count(model_shapes(qwen("0.5B")), LoraConfig(r=16)) == 2_162_688
+    assert lora_parameter_count(model_shapes(qwen("7B")), LoraConfig(r=0)) == 0
+
+
+def test_lora_count_is_what_peft_trains(tiny_path):
+    from twofold.models import load_policy
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=4, target_modules=targets)
+    # the tiny model: hidden 64, 4 heads x 16 (q: 64), 2 kv heads (kv: 32), intermediate 128, 2 layers:
+    # q 4*(64+64) = 512, k and v 4*(64+32) = 384, o 512, gate and up 4*(64+128) = 768, down 768 -> 4096 x 2
+    assert lora_parameter_count(read_model_shapes(tiny_path), lora) == 8192
+    policy = load_policy(tiny_path, ModelConfig(**SMALL, lora=lora))
+    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) == 8192
+
+
+def printed(nbytes: int, unit: int, figure: float) -> bool:
+    """`nbytes` is `figure` units as the README prints it: to one decimal (a float) or a whole number (an int)."""
+    return abs(nbytes / unit - figure) <= (0.05 if isinstance(figure, float) else 0.5)
+
+
+@pytest.mark.parametrize(
+    ("size", "full", "lora_base", "engine", "snapshot", "lora_snapshot_mib"),
+    # the README prints 114 for 7B's 16 bytes per parameter, 113.48 GiB: 113.5
+    [("0.5B", 7.4, 1.8, 0.9, 1.8, 8), ("1.5B", 23, 5.8, 2.9, 5.8, 17), ("7B", 113.5, 28, 14, 28, 39)],
+)
+def test_the_readme_gpu_table(tmp_path, size, full, lora_base, engine, snapshot, lora_snapshot_mib):
+    """README's "Your own model on a GPU" figures (GiB unless named), at the precision it prints them."""
+    folder = tmp_path / size
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(qwen(size)))
+    base = plan_7b(folder, "oldlogits.source=snapshot")
+    lora = plan_7b(folder, "oldlogits.source=snapshot", "model.lora.r=16")
+    assert printed(base.bytes_of(P.TRAINER_WEIGHTS, P.GRADIENTS, P.OPTIMIZER_STATE), GIB, full)
+    assert printed(lora.bytes_of(P.TRAINER_WEIGHTS), GIB, lora_base)
+    assert printed(base.bytes_of(P.ENGINE_WEIGHTS), GIB, engine)
+    assert printed(base.bytes_of(P.SNAPSHOTS) // 3, GIB, snapshot)  # one of the W + 1 = 3 versions held
+    assert printed(lora.bytes_of(P.SNAPSHOTS) // 3, 2**20, lora_snapshot_mib)
+
+
+def test_a_missing_shape_is_a_named_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    with pytest.raises(ConfigError, match="model.path.*no vocab_size, num_hidden_layers"):
+        read_model_shapes(tmp_path)
+
+
+def test_an_unknown_model_type_is_counted_the_same_with_a_warning(qwen7b):
+    config = {**qwen("7B"), "model_type": "phi3"}
+    (qwen7b / "config.json").write_text(json.dumps(config))
+    plan = plan_7b(qwen7b, "model.lora.r=16")
+    # phi3 has no q/k/v biases in the formula: 7B - 28 layers x (3584 + 512 + 512) = 7,615,487,488
+    assert plan.counts.base == P_7B - 28 * (3584 + 2 * 512)
+    assert "model_type 'phi3' is not one of llama, mistral, qwen2, qwen3" in format_plan(plan)
+
+
+# --------------------------------------------------------------------------- placements and verdicts
+
+
+def test_7b_full_fine_tune_with_snapshots_on_one_80gib_gpu_is_refused_with_the_overflow(qwen7b):
+    plan = plan_7b(qwen7b, "oldlogits.source=snapshot")
+    gpu = plan.device("cuda:0")
+    # always: weights 4P = 30,462,466,048; AdamW 8P + 4 x 339 tensors = 60,924,933,452; built-in engine 2P
+    #   = 15,231,233,024; its KV cache 2 x 28 layers x 4 kv heads x 128 x 2 B x 64 x 1024 tokens = 3,758,096,384
+    #   -> 110,376,728,908
+    # train step: gradients 4P + AdamW's foreach buffer 4P + logits 3 x 512 x 152,064 x 4 = 934,281,216
+    #   -> 61,859,213,312 (scoring: one snapshot moved in, 4P: smaller)
+    assert gpu.held(P.ALWAYS) == 110_376_728_908
+    assert gpu.held(P.TRAIN_STEP) == 61_859_213_312
+    assert gpu.peak == 172_235_942_220
+    assert gpu.overflow == 172_235_942_220 - 80 * GIB == 86_336_596_300
+    # W + 1 = 3 snapshots of 4P in host memory: 91,387,398,144 bytes, which 1 TiB holds
+    assert plan.bytes_of(P.SNAPSHOTS, device="cpu") == 3 * 4 * P_7B and plan.device("cpu").fits
+    assert not plan.fits
+    error = plan_error(plan)
+    assert error.field == "model.lora.r"  # the largest part on the GPU: AdamW's moments
+    assert "86,336,596,300 bytes" in str(error)
+
+
+def test_7b_lora_with_snapshots_fits_one_80gib_gpu(qwen7b):
+    plan = plan_7b(qwen7b, "oldlogits.source=snapshot", "model.lora.r=16")
+    gpu = plan.device("cuda:0")
+    # always: weights 4(P + A) = 30,502,836,224; AdamW 8A + 4 x 224 tensors = 80,741,248; engine weights and
+    #   KV cache as for the full fine-tune, 18,989,329,408 -> 49,572,906,880
+    # train step: gradients 4A + AdamW buffer 4A + logits = 40,370,176 x 2 + 934,281,216 = 1,015,021,568
+    assert gpu.peak == 49_572_906_880 + 1_015_021_568 < 80 * GIB
+    assert plan.bytes_of(P.SNAPSHOTS) == 3 * 4 * A_7B  # three versions of the adapters: 121,110,528 bytes
+    assert plan.fits
+
+
+def test_readme_7b_lora_vllm_command_is_refused_at_vllms_default_share(qwen7b):
+    """vLLM needs its share free when it starts, after the trainer's 28 GiB base is on the GPU."""
+    readme = ["trainer.device=cuda:0", "trainer.dtype=bfloat16", "engine.backend=vllm", "model.lora.r=16",
+              "model.lora.alpha=32", "trainer.max_tokens_per_microbatch=8192"]  # fmt: skip
+    plan = plan_7b(qwen7b, *readme, config="configs/frozenlake.yaml")  # oldlogits.source: ewma
+    # always: weights 30,502,836,224 + AdamW 80,741,248 + EWMA average 4A 40,370,176 + int(0.9 x 80 GiB)
+    #   77,309,411,328; train step 1,015,021,568 -> 108,948,380,544, over 80 GiB by 23,049,034,624
+    assert plan.bytes_of(P.VLLM_SHARE) == 77_309_411_328
+    assert plan.device("cuda:0").overflow == 23_049_034_624
+    assert plan_error(plan).field == "engine.gpu_memory_utilization"
+    # a 0.3 share (25,769,803,776) leaves 80 GiB - 57,408,772,992 free
+    assert plan_7b(qwen7b, *readme, "engine.gpu_memory_utilization=0.3", config="configs/frozenlake.yaml").fits
+
+
+def test_8_ranks_shard_the_trainer_and_keep_every_ranks_snapshots_in_host_memory(qwen7b):
+    readme = ["trainer.world_size=8", "trainer.device=cuda", "engine.backend=vllm",
+              "engine.gpu_memory_utilization=0.3", "oldlogits.source=snapshot"]  # fmt: skip
+    plan = plan_7b(qwen7b, *readme, machine=Machine(8, 80 * GIB, 2**40))
+    # 16 bytes per parameter over 8 ranks: 2P + 4 x 339 step counts = 15,231,234,380 bytes (14.2 GiB)
+    assert plan.bytes_of(P.TRAINER_WEIGHTS, P.GRADIENTS, P.OPTIMIZER_STATE, device="cuda:1") == 2 * P_7B + 4 * 339
+    # every rank keeps a scratch copy of its shard, 4P / 8; the vLLM share is on rank 0's GPU alone
+    assert plan.bytes_of(P.SCRATCH_COPY, device="cuda:1") == 4 * P_7B // 8
+    assert plan.bytes_of(P.VLLM_SHARE, device="cuda:1") == 0 < plan.bytes_of(P.VLLM_SHARE, device="cuda:0")
+    # host: 8 ranks x 3 versions x 4P / 8 = 3 x 4P
+    assert plan.bytes_of(P.SNAPSHOTS, device="cpu") == 3 * 4 * P_7B
+    assert [d.device for d in plan.devices] == [*(f"cuda:{i}" for i in range(8)), "cpu"]
+    assert plan.fits
+    assert "fits: cuda:0 46.1 GiB of 80.0 GiB, cuda:1-7 each 22.1 GiB of 80.0 GiB" in format_plan(plan)
+
+
+def test_placements_that_cannot_work(qwen7b):
+    keys = {p.key for p in plan_7b(qwen7b, "trainer.device=cuda:1").problems}
+    assert keys == {"trainer.device"}  # GPU 1 of a one-GPU machine
+    keys = {p.key for p in plan_7b(qwen7b, "trainer.world_size=8", machine=Machine(4, 80 * GIB, 2**40)).problems}
+    assert keys == {"trainer.world_size"}
+    budget = plan_7b(qwen7b, "oldlogits.source=snapshot", "oldlogits.snapshot_budget=1GiB")
+    assert {p.key for p in budget.problems} == {"oldlogits.snapshot_budget"}  # one version is 28.4 GiB
+    # 0.1 x 80 GiB = 8 GiB cannot hold 7B's 14.2 GiB of bfloat16 weights
+    small = plan_7b(qwen7b, "model.lora.r=16", "engine.backend=vllm", "engine.gpu_memory_utilization=0.1")
+    assert {p.key for p in small.problems} == {"engine.gpu_memory_utilization"} and not small.fits
+
+
+def test_a_cpu_machine_holds_everything_in_host_memory(qwen7b):
+    plan = plan_7b(qwen7b, "oldlogits.source=snapshot", machine=Machine(0, 0, None))
+    assert [d.device for d in plan.devices] == ["cpu"]
+    assert plan.fits  # host memory unknown: not checked
+    # on the CPU, snapshots stay with the trainer: no version is moved in to score, no foreach buffer
+    assert plan.bytes_of(P.SNAPSHOT_IN_USE, P.OPTIMIZER_TEMPORARIES) == 0
+    tight = plan_7b(qwen7b, "oldlogits.source=snapshot", machine=Machine(0, 0, 64 * GIB))
+    assert not tight.fits and plan_error(tight).field == "oldlogits.snapshot_budget"  # 3 x 28.4 GiB of snapshots
+
+
+def test_planned_config_keeps_device_names_of_another_machine():
+    # this machine has no GPU: load_config refuses cuda:3, a plan for another machine takes it
+    cfg = planned_config(None, ["trainer.device=cuda:3", "oldlogits.snapshot_device=cpu"])
+    assert (cfg.trainer.device, cfg.oldlogits.snapshot_device, cfg.runtime.backend) == ("cuda:3", "cpu", "embedded")
+    with pytest.raises(ConfigError, match="trainer.device"):
+        planned_config(None, ["trainer.device=gpu0"])
+
+
+# --------------------------------------------------------------------------- `twofold plan`
+
+
+def test_plan_command_exit_codes(qwen7b, capsys):
+    common = [f"model.path={qwen7b}", "model.warmstart=false", "oldlogits.source=snapshot", "trainer.device=cuda:0"]
+    machine = ["--gpus", "1", "--gpu-memory", "80GiB", "--host-memory", "1TiB"]
+    assert main(["plan", *common, *machine]) == 1
+    out, err = capsys.readouterr()
+    assert "DOES NOT FIT: 86,336,596,300 bytes" in out
+    assert err.count("\n") == 1 and "86,336,596,300 bytes (80.4 GiB) over" in err  # the overflow, one line
+    assert main(["plan", *common, "model.lora.r=16", *machine]) == 0
+    assert "fits: cuda:0 47.1 GiB of 80.0 GiB" in capsys.readouterr().out
+    assert main(["plan", *common, "--gpu-memory", "lots"]) == 2  # a size it cannot read: a config error
+    assert "--gpu-memory" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- against a measured run
+
+
+@pytest.mark.parametrize("source", ["ewma", "snapshot", "dedicated"])
+def test_plan_is_within_15_percent_of_a_measured_run(tmp_path, tiny_path, source):
+    """One sync step of the tiny model on the CPU: the memory/* metrics against the plan's parts."""
+    from twofold.pipeline.loop import Pipeline
+    from twofold.pipeline.rundir import read_metrics
+
+    overrides = {"trainer.steps": 1, "oldlogits.source": source, "run.checkpoint_every": 0, "run.tensorboard": False}
+    cfg = small_config(mode="sync", **overrides)
+    Pipeline(cfg, tmp_path / "run", model_path=tiny_path).run()
+    row = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    plan = memory_plan(cfg, read_model_shapes(tiny_path), Machine(0, 0, None))
+    pairs = {
+        "memory/trainer_parameter_bytes": plan.bytes_of(P.TRAINER_WEIGHTS),
+        "memory/trainer_gradient_bytes": plan.bytes_of(P.GRADIENTS),
+        "memory/optimizer_state_bytes": plan.bytes_of(P.OPTIMIZER_STATE),
+        "memory/engine_weight_bytes": plan.bytes_of(P.ENGINE_WEIGHTS),
+        # sync mode holds one snapshot version, as planned
+        "memory/oldlogit_peak_bytes": plan.bytes_of(*P.OLDLOGIT_STATE),
+    }
+    for metric, planned in pairs.items():
+        assert planned == pytest.approx(row[metric], rel=0.15), metric
+    assert row["memory/oldlogit_peak_bytes"] > 0
+
+
+# --------------------------------------------------------------------------- at train start
+
+
+def test_train_refuses_a_run_larger_than_this_machine_before_building_it(tmp_path, tiny_path, monkeypatch):
+    from twofold.pipeline.train import train
+
+    monkeypatch.setattr(P, "this_machine", lambda: Machine(0, 0, host_memory=2**20))  # 1 MiB of RAM
+    cfg = small_config(**{"model.path": str(tiny_path)})
+    with pytest.raises(ConfigError, match=r"does not fit: cpu needs [\d,]+ bytes .* of 1.0 MiB"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_plan_of_a_run_on_this_cpu_is_logged_and_fits(tiny_path, caplog):
+    cfg = load_config(None, [f"model.path={tiny_path}", "model.warmstart=false", "trainer.device=cpu"])
+    with caplog.at_level("INFO", logger="twofold.pipeline.plan"):
+        plan = P.check_memory_plan(cfg, tiny_path)
+    assert plan.fits and "memory plan: " in caplog.text
