@@ -13,9 +13,9 @@ from twofold.study.grid import compare_cells, started_first
 from twofold.study.report import SECTIONS, format_cell, group_runs, load_runs, source_table, throughput_table
 
 
-def _fake_run(path, source, mode, rows):
+def _fake_run(path, source, mode, rows, seed=0):
     path.mkdir(parents=True)
-    cfg = yaml.safe_load(dump_config(small_config(**{"oldlogits.source": source, "mode": mode})))
+    cfg = yaml.safe_load(dump_config(small_config(seed=seed, **{"oldlogits.source": source, "mode": mode})))
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
     (path / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **r}) + "\n" for i, r in enumerate(rows)))
 
@@ -78,6 +78,23 @@ def test_source_table_overhead_memory_and_success(tmp_path):
     assert table["snapshot"]["best success"] == pytest.approx(0.3)
     assert math.isnan(table["snapshot"]["audit err"])
     assert [format_cell("extra vs behavior", v) for v in (0.1, -0.05, -0.004, math.nan)] == ["+10%", "-5%", "0%", "-"]
+
+
+def test_report_margin_sets_the_non_inferiority_margin(tmp_path, capsys):
+    # behavior is cheaper (1 s/step against 2) and 0.1 behind snapshot on both seeds: a point interval at -0.1,
+    # outside the default margin 0.05, inside 0.15
+    for seed, (snapshot, behavior) in enumerate([(0.5, 0.4), (0.6, 0.5)]):
+        for source, success, seconds in (("snapshot", snapshot, 2.0), ("behavior", behavior, 1.0)):
+            rows = [{"success/rate": success, "time/step": seconds}] * 3
+            _fake_run(tmp_path / f"{source}-seed{seed}", source, "async", rows, seed=seed)
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 0
+    assert "Recommended: snapshot, by the exact-source rule" in (out / "summary.md").read_text()
+    assert main(["report", str(tmp_path), "--out", str(out), "--margin", "0.15"]) == 0
+    assert "Recommended: behavior, by non-inferiority (margin 0.15)" in (out / "summary.md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--out", str(out), "--margin", "1.5"]) == 2
+    assert "--margin" in capsys.readouterr().err
 
 
 def test_grid_cells_come_seed_major_and_a_resumed_grid_finishes_its_started_cells_first(tmp_path):

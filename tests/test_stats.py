@@ -9,12 +9,17 @@ import yaml
 from conftest import small_config
 
 from twofold.config import dump_config
-from twofold.study import report
+from twofold.study import report, stats
 from twofold.study.report import (
+    SECTIONS,
+    Run,
+    best_exact,
     format_cell,
     group_runs,
     load_runs,
     log_scale_with_zero,
+    paired_table,
+    pairings,
     ranking_table,
     recommendation,
     regime_table,
@@ -23,10 +28,15 @@ from twofold.study.report import (
 )
 from twofold.study.stats import (
     Interval,
-    bootstrap_mean,
+    PValues,
     collapse_step,
-    paired_difference,
+    fisher_collapses,
+    holm,
+    paired_differences,
     recovery_step,
+    sign_flip_test,
+    sign_test,
+    smallest_two_sided_p,
     stuck_step,
     t_interval,
     tied_ranks,
@@ -37,31 +47,6 @@ def fields(iv: Interval) -> tuple[float, float, float]:
     return iv.mean, iv.low, iv.high
 
 
-def test_exact_bootstrap_of_four_seeds():
-    # [0, 0, 0, 1]: a resample's mean is k/4 with k ~ Binomial(4, 1/4): P(k) = 81, 108, 54, 12, 1 (/256),
-    # cumulative 0.316, 0.738, 0.949, 0.996, 1. The 2.5% point is k = 0; the 97.5% point is the first k whose
-    # cumulative probability reaches 0.975: k = 3, mean 0.75 (not the maximum, 1).
-    assert bootstrap_mean([0.0, 0.0, 0.0, 1.0]) == Interval(0.25, 0.0, 0.75)
-
-
-def test_exact_bootstrap_of_five_seeds():
-    # k ~ Binomial(5, 1/5): cumulative 0.328, 0.737, 0.942, 0.993, ...: upper point k = 3 -> 0.6
-    assert fields(bootstrap_mean([0.0, 0.0, 0.0, 0.0, 1.0])) == pytest.approx((0.2, 0.0, 0.6))
-
-
-def test_three_seeds_give_the_range_and_one_seed_gives_a_point():
-    # with 3 seeds each extreme resample has probability 1/27 = 3.7% > 2.5%: the interval is [min, max]
-    assert fields(bootstrap_mean([0.1, 0.2, 0.6])) == pytest.approx((0.3, 0.1, 0.6))
-    assert bootstrap_mean([0.4]) == Interval(0.4, 0.4, 0.4)
-    assert bootstrap_mean([0.4, float("nan"), 0.4]) == Interval(0.4, 0.4, 0.4)  # NaNs dropped
-
-
-def test_many_seeds_use_scipy_and_bracket_the_mean():
-    values = [0.1 * (i % 7) for i in range(20)]
-    iv = bootstrap_mean(values)
-    assert iv.low < iv.mean < iv.high and iv == bootstrap_mean(values)  # seeded: the same every time
-
-
 def test_t_interval_of_two_and_three_seeds():
     # [0.2, 0.4]: mean 0.3, s = 0.1414 (ddof 1), t_{1, 0.975} = 12.7062: half width 12.7062 * 0.1414 / sqrt(2) = 1.2706
     assert fields(t_interval([0.2, 0.4])) == pytest.approx((0.3, -0.97062, 1.57062), abs=1e-4)
@@ -70,12 +55,56 @@ def test_t_interval_of_two_and_three_seeds():
     assert t_interval([0.4]) == Interval(0.4, 0.4, 0.4) and t_interval([0.0, 0.0]) == Interval(0.0, 0.0, 0.0)
 
 
-def test_paired_difference_uses_the_seeds_both_have():
+def test_paired_differences_use_the_seeds_both_have():
     # differences on seeds 0..3: 0, 0, 0, 0.4 -> mean 0.1, s = sqrt((3 * 0.01 + 0.09) / 3) = 0.2,
     # t_{3, 0.975} = 3.1824: half width 3.1824 * 0.2 / 2 = 0.3182
     ours = {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.9, 9: 0.0}  # seed 9 has no reference: left out
     ref = {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.5}
-    assert fields(paired_difference(ours, ref)) == pytest.approx((0.1, -0.2182, 0.4182), abs=1e-4)
+    assert paired_differences(ours, ref) == pytest.approx([0.0, 0.0, 0.0, 0.4])
+    assert fields(t_interval(paired_differences(ours, ref))) == pytest.approx((0.1, -0.2182, 0.4182), abs=1e-4)
+
+
+def test_sign_flip_test_counts_sign_assignments():
+    # d = 0.1, 0.2, -0.05, 0.3, 0.15: sum 0.7, sum |d| = 0.8. Negating a subset B of the |d| gives 0.8 - 2 sum(B),
+    # >= 0.7 only for B = {} or {0.05}: 2 of 32 -> greater 0.0625. <= -0.7 needs sum(B) >= 0.75: the complements
+    # of those two, so two-sided 4/32 = 0.125; less: every assignment but the all-positive one (sum 0.8), 31/32.
+    assert sign_flip_test([0.1, 0.2, -0.05, 0.3, 0.15]) == PValues(2 / 32, 31 / 32, 4 / 32)
+    # five differences of one sign: the floor of any exact paired test at 5 pairs, 2 / 2^5
+    assert sign_flip_test([0.1, 0.2, 0.05, 0.3, 0.15]).two_sided == smallest_two_sided_p(5) == 0.0625
+    assert sign_flip_test([]) == PValues(1.0, 1.0, 1.0) and smallest_two_sided_p(1) == 1.0
+
+
+def test_sign_flip_test_draws_past_the_exact_limit_and_lands_near_the_exact_p(monkeypatch):
+    monkeypatch.setattr(stats, "SIGN_FLIP_EXACT_MAX", 3)  # the 5-pair example now draws 2^16 assignments
+    drawn = sign_flip_test([0.1, 0.2, -0.05, 0.3, 0.15])
+    assert drawn.greater == pytest.approx(0.0625, abs=0.005) and drawn.two_sided == pytest.approx(0.125, abs=0.005)
+    assert drawn == sign_flip_test([0.1, 0.2, -0.05, 0.3, 0.15])  # seeded: the same every time
+
+
+def test_sign_test_against_binomial_half():
+    # 4 positives of 5: P(K >= 4) = (5 + 1) / 32 = 0.1875, P(K <= 4) = 31/32, two-sided 2 * 0.1875 = 0.375
+    assert sign_test([0.1, 0.2, -0.05, 0.3, 0.15]) == PValues(6 / 32, 31 / 32, 0.375)
+    # the zero is dropped: 2 positives of 2, P(K >= 2) = 1/4, two-sided 1/2
+    assert sign_test([0.1, 0.0, 0.2]) == PValues(0.25, 1.0, 0.5)
+    assert sign_test([0.0, 0.0]) == PValues(1.0, 1.0, 1.0)
+
+
+def test_holm_steps_down_over_the_family():
+    # sorted 0.01, 0.03, 0.04 (m = 3): 3 * 0.01 = 0.03; 2 * 0.03 = 0.06; 1 * 0.04 = 0.04, raised to 0.06 so the
+    # adjusted values keep the order of the raw ones
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    # a NaN is not a test: m = 2
+    adjusted = holm([0.01, math.nan, 0.04])
+    assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.04)
+    assert holm([0.4, 0.6]) == [0.8, 0.8]  # 2 * 0.4, then max(0.8, 0.6)
+
+
+def test_fisher_exact_test_of_collapse_counts():
+    # 4 of 5 runs against 0 of 5: 4 collapses among 10 runs, the first row holding 5. P(X = 4) = C(4,4) C(6,1) /
+    # C(10,5) = 6/252, and P(X = 0) = C(6,5) / 252 = 6/252 is as extreme: two-sided 12/252 = 0.0476
+    assert fisher_collapses(4, 5, 0, 5) == PValues(pytest.approx(6 / 252), 1.0, pytest.approx(12 / 252))
+    # 1 of 5 against 0 of 5: P(X = 1) = P(X = 0) = 126/252: the counts differ, the test cannot tell them apart
+    assert fisher_collapses(1, 5, 0, 5).two_sided == pytest.approx(1.0)
 
 
 def test_ranks_tie_overlapping_intervals():
@@ -183,32 +212,106 @@ def grid(tmp_path):
     return tmp_path
 
 
-def test_source_table_intervals_pairs_ranks_and_collapses(grid):
-    runs = load_runs([grid])
-    table = {r["source"]: r for r in source_table(group_runs([r for r in runs if not r.audit]), [])}
+def _table_and_pairings(path, margin=0.05):
+    groups = group_runs([r for r in load_runs([path]) if not r.audit])
+    found = pairings(groups, best_exact(groups))
+    table = source_table(groups, [])
+    return {r["source"]: r for r in table}, found, recommendation(table, found, margin)
+
+
+def test_source_table_intervals_ranks_and_collapses(grid):
+    table, found, advice = _table_and_pairings(grid)
     # snapshot seeds 0.5, 0.6, 0.5, 0.6: mean 0.55, s = sqrt(4 * 0.05^2 / 3) = 0.05774, t_{3, 0.975} = 3.1824:
     # half width 3.1824 * 0.05774 / 2 = 0.0919 -> [0.458, 0.642]. behavior (0.3, 0.4 x 2) gets [0.258, 0.442],
     # wholly under snapshot's and ewma's; recompute [0.058, 0.242], under behavior's too.
     assert table["snapshot"]["final success"] == pytest.approx(0.55)
-    assert table["snapshot"]["final 95% CI"] == "0.55 [0.458, 0.642]"
-    assert table["behavior"]["final 95% CI"] == "0.35 [0.258, 0.442]"
-    # ewma - snapshot per seed: 0, -0.1, 0.1, 0 -> mean 0, an interval around it
-    assert format_cell("vs snapshot", table["ewma"]["vs snapshot"]).startswith("+0 [-")
-    assert table["snapshot"]["vs snapshot"] == "-"
+    assert table["snapshot"]["final 95% t CI"] == "0.55 [0.458, 0.642]"
+    assert table["behavior"]["final 95% t CI"] == "0.35 [0.258, 0.442]"
     assert {s: table[s]["rank"] for s in table} == {"snapshot": 1, "ewma": 1, "behavior": 3, "recompute": 4}
     assert table["recompute"]["collapsed"] == "1/4 (seed 0 at step 4, stopped answering)"
     assert table["behavior"]["collapsed"] == "1/4 (seed 1 at step 4, stopped answering, answering again from step 5)"
     assert table["ewma"]["collapsed"] == "0/4"
-    advice = recommendation(list(table.values()))
-    assert "Best tied group" in advice and "ewma, snapshot." in advice  # by final success, then name
-    assert "Recommended: ewma" in advice  # tied with snapshot, and cheaper: 2.0 vs 2.2 s/step
     assert table["recompute"]["ended collapsed"] == 1 and table["behavior"]["ended collapsed"] == 0
     # behavior's one collapse came back, recompute's did not: the paragraph names them apart
     assert "Collapsed runs: recompute (" in advice
     assert "Collapsed and answering again at the end (every collapsed run came back): behavior." in advice
-    # behavior - snapshot is -0.2 on every seed, recompute - snapshot -0.4: zero-width intervals below 0
-    assert "Paired on the same seeds, behind snapshot: behavior (-0.2 [-0.2, -0.2]), recompute (-0.4" in advice
-    assert "ahead of snapshot" not in advice
+    # 1 of 4 against snapshot's 0 of 4: P(X = 1) = P(X = 0) = 35/70, two-sided p 1
+    assert (
+        "Runs ending collapsed against snapshot's 0/4 (Fisher's exact test, two-sided): recompute 1/4 (p 1," in advice
+    )
+
+
+def test_nothing_cheaper_non_inferior_recommends_the_exact_source(grid):
+    # Cheapest first: behavior (1.9 s/step) is 0.2 behind snapshot on every seed: a point interval at -0.2.
+    # Then ewma and recompute (2.0 s/step; recompute holds no memory): recompute ends collapsed on seed 0,
+    # 1/4 against snapshot's 0/4. Then ewma (5 MB): differences 0, -0.1, +0.1, 0, mean 0, s = 0.08165,
+    # 0 +- 3.1824 * 0.08165 / 2 = [-0.13, +0.13]: not above -0.05. That leaves snapshot.
+    table, found, advice = _table_and_pairings(grid)
+    assert best_exact(group_runs(load_runs([grid]))).label == "snapshot"
+    assert advice.startswith("Recommended: snapshot, by the exact-source rule: no cheaper source passes")
+    assert (
+        "behavior (paired lower bound -0.2, not above -0.05); recompute (more runs ending collapsed: 1/4 against "
+        "0/4); ewma (paired lower bound -0.13, not above -0.05)."
+    ) in advice
+    rows = {r["source"]: r for r in paired_table(found)}
+    assert rows["snapshot"]["non-inferior (margin 0.05)"] == "reference"
+    assert rows["ewma"]["non-inferior (margin 0.05)"] == "no: paired lower bound -0.13, not above -0.05"
+    assert format_cell("vs reference, 95% t CI", rows["behavior"]["vs reference, 95% t CI"]) == "-0.2 [-0.2, -0.2]"
+    # recompute is paired on the 3 seeds where neither run ended collapsed (seed 0 is left out): -0.4 on each
+    assert rows["recompute"]["pairs"] == 3 and rows["recompute"]["ended collapsed"] == "1/4"
+    assert format_cell("", rows["recompute"]["success if not collapsed, 95% t CI"]).startswith("0.167 [")
+    # sign-flip p: behavior's 4 pairs of one sign give the floor, 2/2^4 = 0.125; recompute's 3, 2/2^3 = 0.25;
+    # ewma's differences sum to 0, which every assignment's |S| reaches: 1. Holm over the three:
+    # 3 * 0.125 = 0.375, 2 * 0.25 = 0.5, 1 * 1 = 1
+    assert rows["behavior"]["sign-flip p"] == rows["behavior"]["smallest p"] == 0.125
+    assert rows["recompute"]["sign-flip p"] == 0.25 and rows["ewma"]["sign-flip p"] == 1.0
+    assert [rows[s]["sign-flip Holm"] for s in ("behavior", "recompute", "ewma")] == pytest.approx([0.375, 0.5, 1.0])
+    assert (
+        "Paired on the seeds where neither run ended collapsed: behind it, behavior (-0.2 [-0.2, -0.2] on 4" in advice
+    )
+    assert "With 4 pairs no exact paired test can give a two-sided p under 2/2^4 = 0.125" in advice
+
+
+@pytest.mark.parametrize(
+    ("case", "margin", "recommended"),
+    [
+        ("within margin", 0.05, "behavior"),
+        ("within margin, one more collapse", 0.05, "snapshot"),
+        ("0.1 behind", 0.05, "snapshot"),
+        ("0.1 behind", 0.15, "behavior"),
+    ],
+)
+def test_non_inferiority_picks_the_cheapest_source_within_the_margin(tmp_path, case, margin, recommended):
+    # snapshot: 2.2 s/step, 10 MB; behavior: 2.0 s/step, no memory: behavior is cheaper.
+    snapshot = [0.5, 0.6, 0.55, 0.45, 0.5]
+    behind = {
+        "within margin": [0.01, -0.01, 0.02, 0.0, 0.03],
+        "within margin, one more collapse": [0.01, -0.01, 0.02, 0.0, 0.03],
+        "0.1 behind": [-0.1] * 5,
+    }[case]
+    for seed, (s, d) in enumerate(zip(snapshot, behind, strict=True)):
+        fake_run(tmp_path / f"snapshot-seed{seed}", "snapshot", seed, s, 2.2, peak_bytes=2**20 * 10)
+        valid = [1.0, 1.0, 0.2, 0.2, 0.2, 0.2] if case.endswith("collapse") and seed == 4 else None
+        fake_run(tmp_path / f"behavior-seed{seed}", "behavior", seed, s + d, 2.0, valid=valid)
+    _, found, advice = _table_and_pairings(tmp_path, margin)
+    assert advice.startswith(f"Recommended: {recommended}, by ")
+    behavior = next(p for p in found if p.label == "behavior")
+    if case == "within margin":
+        # d = 0.01, -0.01, 0.02, 0, 0.03: mean 0.01, s = sqrt(0.001 / 4) = 0.01581, t_{4, 0.975} = 2.7764:
+        # 0.01 +- 2.7764 * 0.01581 / sqrt(5) = [-0.0096, +0.0296], above -0.05
+        assert fields(behavior.difference) == pytest.approx((0.01, -0.0096, 0.0296), abs=1e-4)
+        assert "Recommended: behavior, by non-inferiority (margin 0.05) to snapshot, the best exact source" in advice
+        assert "behavior: +0.01 [-0.00963, +0.0296] on 5 seeds, 0/5 runs ending collapsed against 0/5." in advice
+    elif case.endswith("collapse"):
+        # the 4 seeds left (0.01, -0.01, 0.02, 0) are within the margin; the collapse alone rules behavior out
+        assert behavior.difference.low > -0.05 and len(behavior.differences) == 4
+        assert "by the exact-source rule" in advice
+        assert "behavior (more runs ending collapsed: 1/5 against 0/5)" in advice
+    elif margin == 0.05:
+        assert "by the exact-source rule" in advice and "behavior (paired lower bound -0.1, not above -0.05)" in advice
+    else:
+        assert "Recommended: behavior, by non-inferiority (margin 0.15)" in advice
+        assert "With 5 pairs no exact paired test can give a two-sided p under 2/2^5 = 0.0625:" in advice
 
 
 def test_paired_seeds_separate_sources_whose_own_intervals_overlap(tmp_path):
@@ -219,13 +322,14 @@ def test_paired_seeds_separate_sources_whose_own_intervals_overlap(tmp_path):
     for source, values in (("snapshot", [0.3, 0.5, 0.7]), ("ewma", [0.34, 0.56, 0.75])):
         for seed, success in enumerate(values):
             fake_run(tmp_path / f"{source}-seed{seed}", source, seed, success, 2.0)
-    table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
+    table, found, advice = _table_and_pairings(tmp_path)
     assert table["snapshot"]["rank"] == table["ewma"]["rank"] == 1
-    diff = table["ewma"]["vs snapshot"]
+    diff = next(p for p in found if p.label == "ewma").difference
     assert (diff.mean, diff.low, diff.high) == pytest.approx((0.05, 0.0252, 0.0748), abs=1e-4)
-    advice = recommendation(list(table.values()))
-    assert "Paired on the same seeds, ahead of snapshot: ewma (+0.05 [+0.0252, +0.0748])." in advice
-    assert "Every ranked source ties" not in advice
+    # three positive differences: sign-flip p 2/8 = 0.25 (the floor at 3 pairs), one test so Holm changes nothing
+    assert "ahead of snapshot, ewma (+0.05 [+0.0252, +0.0748] on 3 pairs, sign-flip p 0.25, Holm 0.25)." in advice
+    # equally cheap (2 s/step, no memory, no old-logit work): the higher mean success, ewma's, comes first
+    assert advice.startswith("Recommended: ewma, by non-inferiority (margin 0.05)")
 
 
 def test_sources_with_one_seed_are_neither_ranked_nor_recommended(tmp_path):
@@ -234,18 +338,18 @@ def test_sources_with_one_seed_are_neither_ranked_nor_recommended(tmp_path):
     for source, values, seconds in (("snapshot", [0.4, 0.6], 2.0), ("recompute", [0.9], 1.0)):
         for seed, success in enumerate(values):
             fake_run(tmp_path / f"{source}-seed{seed}", source, seed, success, seconds)
-    table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
+    table, found, advice = _table_and_pairings(tmp_path)
     assert table["snapshot"]["rank"] == 1 and table["recompute"]["rank"] != table["recompute"]["rank"]  # NaN
-    assert table["recompute"]["vs snapshot"] == "+0.5 (1 seed, no interval)"  # 0.9 - 0.4 on seed 0
-    advice = recommendation(list(table.values()))
-    assert "Recommended: snapshot" in advice
+    rows = {r["source"]: r for r in paired_table(found)}
+    assert rows["recompute"]["vs reference, 95% t CI"] == "+0.5 (1 pair, no interval)"  # 0.9 - 0.4 on seed 0
+    assert advice.startswith("Recommended: snapshot, by non-inferiority (margin 0.05): snapshot, the best exact ")
     assert "Not ranked (fewer than 2 seeds): recompute" in advice
     ranking = [r["source"] for r in ranking_table(list(table.values()))]
     assert ranking == ["snapshot", "recompute"]  # unranked last although its one run scored higher
     for path in tmp_path.glob("snapshot-seed1"):
         shutil.rmtree(path)
-    table = source_table(group_runs(load_runs([tmp_path])), [])
-    assert recommendation(table).startswith("No source has 2 finished seeds yet")
+    _, found, advice = _table_and_pairings(tmp_path)
+    assert found == [] and advice.startswith("No source has 2 finished seeds yet")  # 1 snapshot seed: no reference
 
 
 @pytest.mark.parametrize("snapshot_seconds", [(2.0, 2.0), (2.0, 2.4)])
@@ -257,14 +361,13 @@ def test_the_cheapest_tied_source_is_fastest_unless_times_overlap_then_least_mem
     for source, seconds, mb in (("snapshot", snapshot_seconds, 10), ("behavior", (2.4, 2.4), 0)):
         for seed, success in enumerate((0.5, 0.6)):
             fake_run(tmp_path / f"{source}-seed{seed}", source, seed, success, seconds[seed], peak_bytes=2**20 * mb)
-    table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
-    advice = recommendation(list(table.values()))
+    table, _, advice = _table_and_pairings(tmp_path)
     if snapshot_seconds == (2.0, 2.0):
-        assert format_cell("", table["snapshot"]["s/step 95% CI"]) == "2 [2, 2]"
+        assert format_cell("", table["snapshot"]["s/step 95% t CI"]) == "2 [2, 2]"
         assert "Recommended: snapshot" in advice and "overlap at 95%" not in advice
     else:
-        assert format_cell("", table["snapshot"]["s/step 95% CI"]) == "2.2 [-0.341, 4.74]"
-        assert "Recommended: behavior" in advice
+        assert format_cell("", table["snapshot"]["s/step 95% t CI"]) == "2.2 [-0.341, 4.74]"
+        assert "Recommended: behavior, by non-inferiority" in advice  # equal success on both seeds: difference 0
         assert "(s/step of behavior, snapshot overlap at 95%: memory, then old-logit work decide)" in advice
 
 
@@ -277,11 +380,11 @@ def test_old_logit_work_under_a_hundredth_of_a_step_ties_and_then_success_decide
     for source, finals, work in (("behavior", (0.45, 0.55), 4e-5), ("recompute", (0.5, 0.6), recompute_work)):
         for seed, success in enumerate(finals):
             fake_run(tmp_path / f"{source}-seed{seed}", source, seed, success, 2.0, old_logits=work)
-    table = {r["source"]: r for r in source_table(group_runs(load_runs([tmp_path])), [])}
+    table, found, advice = _table_and_pairings(tmp_path)
     assert table["behavior"]["rank"] == table["recompute"]["rank"] == 1
-    advice = recommendation(list(table.values()))
     negligible = recompute_work < 1e-3
-    assert f"Recommended: {'recompute' if negligible else 'behavior'}" in advice
+    # no exact source to pair against: the cheapest of the best tied group, and the summary says so
+    assert found == [] and f"Recommended: {'recompute' if negligible else 'behavior'}, by the tied-group rule" in advice
     tie = "recompute, behavior also tie on those, old-logit work within 1% of a step, so the higher mean final success"
     assert (tie in advice) == negligible
 
@@ -295,7 +398,7 @@ def test_a_run_whose_success_stays_at_zero_is_marked_collapsed(tmp_path, monkeyp
     (row,) = source_table(group_runs(load_runs([tmp_path])), [])
     assert row["collapsed"] == "1/2 (seed 0 at step 3, success stuck at 0)"
     assert row["ended collapsed"] == 1  # stuck to the last step; seed 1's dip came back
-    assert "Collapsed runs: recompute" in recommendation([row])
+    assert "Collapsed runs: recompute" in recommendation([row], [])
 
 
 def test_report_shows_every_statistics_section(grid):
@@ -303,7 +406,9 @@ def test_report_shows_every_statistics_section(grid):
     page = html_path.read_text()
     for section in ("recommendation", "learning-curves", "audit"):
         assert f'id="{section}"' in page
-    assert "Recommended: ewma" in markdown and "final 95% CI" in markdown and "vs snapshot" in markdown
+    assert "Recommended: snapshot, by the exact-source rule" in markdown
+    assert "final 95% t CI" in markdown and "### Collapses and paired comparisons against snapshot" in markdown
+    assert "bootstrap" not in markdown and "bootstrap" not in page
     assert (grid / "report" / "audit_error_vs_lag.png").exists()
     assert (grid / "report" / "curves_step.png").exists()
 
@@ -340,3 +445,39 @@ def test_regime_table_averages_lag_shares_and_kls_over_steps_and_seeds(tmp_path)
     _, markdown = write_report([tmp_path], tmp_path / "report")
     assert "## The regime: staleness and discrepancy each source saw" in markdown
     assert "| snapshot | 1.5 | 5 | 0.5 | 0.25 | 0.25 | 0 | 0 | 0.2 | 1e-05 | 0.03 |" in markdown
+
+
+def test_stale_dropped_groups_and_mean_lag_per_source(tmp_path):
+    # the counter is cumulative ("so far"): a run's count is its last value, not the sum over steps
+    run = Run(tmp_path, {}, [{"rollout/stale_dropped_groups": v} for v in (1.0, 3.0, 4.0)])
+    assert run.stale_dropped_groups() == 4.0
+    for seed, (dropped, lag) in enumerate([(61, 4.0), (84, 6.0)]):
+        regime = {"rollout/stale_dropped_groups": dropped, "version/staleness_mean": lag}
+        fake_run(tmp_path / f"behavior-seed{seed}", "behavior", seed, 0.5, 2.0, regime=regime)
+        regime = {"rollout/stale_dropped_groups": 5, "version/staleness_mean": 7.0}
+        fake_run(tmp_path / f"snapshot-seed{seed}", "snapshot", seed, 0.5, 2.0, regime=regime)
+    fake_run(tmp_path / "ewma-seed0", "ewma", 0, 0.5, 2.0)  # logged neither
+    table, _, advice = _table_and_pairings(tmp_path)
+    # behavior: (61 + 84) / 2 = 72.5 per run, 61-84 over seeds; lag (4 + 6) / 2 = 5. snapshot: 5 on both seeds.
+    assert table["behavior"]["stale-dropped/run"] == "72.5 (61-84)" and table["behavior"]["lag mean"] == 5.0
+    assert table["snapshot"]["stale-dropped/run"] == "5" and table["snapshot"]["lag mean"] == 7.0
+    assert table["ewma"]["stale-dropped/run"] == "-" and math.isnan(table["ewma"]["lag mean"])
+    ranking = ranking_table(list(table.values()))
+    assert {"lag mean", "stale-dropped/run"} <= set(ranking[0])
+    assert "(stale-dropped groups per run: behavior 72.5 (61-84), snapshot 5)" in advice
+
+
+def test_bands_and_intervals_say_what_they_are(tmp_path):
+    # the curve bands are t intervals per step: at a step where the two seeds score 0.2 and 0.4, the band is
+    # 0.3 +- 12.7062 * 0.1414 / sqrt(2) = [-0.9706, 1.5706] (t_1: two seeds say little), not a bootstrap's [0.2, 0.4]
+    fake_run(tmp_path / "snapshot-seed0", "snapshot", 0, 0.2, 2.0)
+    fake_run(tmp_path / "snapshot-seed1", "snapshot", 1, 0.4, 2.0)
+    (group,) = group_runs(load_runs([tmp_path]))
+    assert fields(group.mean_curve("reward/mean")[2]) == pytest.approx((0.3, -0.97062, 1.57062), abs=1e-4)
+    assert fields(group.mean_curve("success/rate")[2]) == pytest.approx((0.3, 0.0, 1.0))  # a share: cut to [0, 1]
+    title = SECTIONS["learning-curves"]
+    assert "t band" in title and "nominal 95%" in title and "covers less" in title and "bootstrap" not in title
+    (row,) = source_table([group], [])
+    assert {"final 95% t CI", "best 95% t CI", "s/step 95% t CI"} <= set(row)
+    advice = recommendation([row], pairings([group], best_exact([group])))
+    assert "Intervals are Student t over seeds at nominal 95%; with few seeds, and runs that collapse" in advice

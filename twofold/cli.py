@@ -28,8 +28,10 @@ from twofold.config import (
     did_you_mean,
     dump_config,
     load_config,
+    parse_bytes,
     schema_fields,
 )
+from twofold.pipeline.plan import Machine, format_plan, memory_plan, planned_config, read_model_shapes, verdict
 from twofold.pipeline.progress import PARENT_PID_VAR, RankLost, die_with_parent
 
 
@@ -59,6 +61,28 @@ def cmd_train(args) -> int:
             f"{last['time/step']:.2f} s/step"
         )
     return 0
+
+
+def cmd_plan(args) -> int:
+    """Print the memory plan of a config on a machine described by --gpus, --gpu-memory, --host-memory; exit 1
+    when it does not fit. A model folder's config.json is the one file read."""
+    cfg = planned_config(args.config, args.overrides)
+    gpu_memory = parse_bytes(args.gpu_memory, "--gpu-memory")
+    machine = Machine(args.gpus, gpu_memory or 0, parse_bytes(args.host_memory, "--host-memory"))
+    folder = Path(cfg.model.path).expanduser()
+    if not (cfg.model.path and folder.is_dir()):
+        # the tiny model, a .gguf file or a Hub ID, resolved as a run would; the tiny model's shapes do not
+        # depend on its warm start, so none is trained for a plan
+        from twofold.pipeline.resolve import resolve_model_path
+
+        unwarmed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, warmstart=False))
+        folder = resolve_model_path(unwarmed, progress=False)
+    plan = memory_plan(cfg, read_model_shapes(folder), machine)
+    print(format_plan(plan))
+    if plan.fits:
+        return 0
+    print(f"twofold: {verdict(plan)}", file=sys.stderr)
+    return 1
 
 
 def _grid_config(args, default_out: str):
@@ -92,7 +116,7 @@ def cmd_compare(args) -> int:
 
     cells = compare_cells([s for s in args.sources.split(",") if s], args.seeds, cfg.seed, args.audit)
     status = run_grid(cfg, cells, out, parallel=args.parallel, progress=cfg.run.progress)
-    html_path, markdown = write_report(logged_runs(out, cells), out / "report")
+    html_path, markdown = write_report(logged_runs(out, cells), out / "report", margin=args.margin)
     print(markdown)
     print(f"report: {html_path}")
     return _finish_grid(status)
@@ -104,7 +128,7 @@ def cmd_report(args) -> int:
     paths = [Path(p) for p in args.run_dirs]
     out = Path(args.out) if args.out else (paths[0] if len(paths) == 1 else Path("runs")) / "report"
     try:
-        html_path, markdown = write_report(paths, out)
+        html_path, markdown = write_report(paths, out, margin=args.margin)
     except FileNotFoundError as e:
         raise ConfigError("RUN_DIR", str(e)) from None
     print(markdown)
@@ -359,6 +383,12 @@ def _add_training_commands(sub) -> None:
     p = _with_config(sub, "train", cmd_train, "Train with RL (sync or async) and write a run directory")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p = _with_config(
+        sub, "plan", cmd_plan, "Memory plan: bytes per device and part on a machine; exit 1 if it overflows"
+    )
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the machine (default 1; 0: a CPU machine)")
+    p.add_argument("--gpu-memory", default="80GiB", help="memory of each GPU, e.g. 80GiB (default) or 24GB")
+    p.add_argument("--host-memory", default="1TiB", help="host memory, e.g. 1TiB (default) or 512GB")
+    p = _with_config(
         sub, "compare", cmd_compare, "Train every old-logit source x seed (same data) and write a comparison report"
     )
     p.add_argument("--sources", default=",".join(OLD_LOGIT_SOURCES), help="old-logit sources to compare")
@@ -371,12 +401,26 @@ def _add_training_commands(sub) -> None:
         help="also one audit run per approximate source, measuring its error against exact old log-probs",
     )
     p.add_argument("--out", default=None, help="grid folder (default runs/compare-ENV); re-use it to resume")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.05,
+        help="non-inferiority margin of the recommendation: the final success a cheaper source may lose against "
+        "the best exact source (paired 95%% t lower bound above -margin)",
+    )
 
 
 def _add_study_commands(sub) -> None:
     p = sub.add_parser("report", help="HTML + Markdown report over run directories (or grid folders)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="report folder (default RUN_DIR/report)")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.05,
+        help="non-inferiority margin of the recommendation: the final success a cheaper source may lose against "
+        "the best exact source (paired 95%% t lower bound above -margin)",
+    )
     p.set_defaults(fn=cmd_report)
     bench = sub.add_parser(
         "bench", help="Benchmarks: `bench throughput` runs sync vs async at several staleness windows"

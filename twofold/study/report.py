@@ -4,6 +4,11 @@ Runs are grouped by label (the old-logit source, plus mode and window when those
 seeds of one label are averaged (mean and spread). Runs made with `oldlogits.audit=true` feed only the
 approximation-error section, since their snapshots distort timing.
 
+The recommendation is by non-inferiority to the best exact source: the cheapest source whose paired
+difference in final success to it has a 95% t lower bound above -margin and which has no more runs ending
+collapsed (`recommendation`). Collapses are counted and tested apart (Fisher's exact test) from the success
+of the runs that did not collapse, since a collapsed run's 0 would otherwise dominate a 5-seed mean.
+
 Outputs: `report.html` (self-contained: the PNGs are embedded), the PNGs themselves, and `summary.md`
 (the tables, also printed to the terminal).
 """
@@ -11,6 +16,7 @@ Outputs: `report.html` (self-contained: the PNGs are embedded), the PNGs themsel
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import itertools
 import math
@@ -20,14 +26,19 @@ from pathlib import Path
 import yaml
 
 from twofold import metrics as M
+from twofold.config import EXACT_SOURCES, ConfigError
 from twofold.pipeline.rundir import read_metrics
 from twofold.rollout.versions import LAG_BUCKETS
 from twofold.study.stats import (
     Interval,
-    bootstrap_mean,
     collapse_step,
-    paired_difference,
+    fisher_collapses,
+    holm,
+    paired_differences,
     recovery_step,
+    sign_flip_test,
+    sign_test,
+    smallest_two_sided_p,
     stuck_step,
     t_interval,
     tied_ranks,
@@ -36,9 +47,10 @@ from twofold.study.stats import (
 
 SMOOTH = 5  # moving-average window (steps) for success curves and "best success"
 SECTIONS = {
-    "recommendation": "Which source: ranking and recommendation",
-    "learning-curves": "Success and reward vs step (95% bootstrap bands over seeds; x: a run's collapse)",
-    "wall-clock": "Success and reward vs wall-clock",
+    "recommendation": "Which source: recommendation, ranking, collapses and paired comparisons",
+    "learning-curves": "Success and reward vs step (seed mean and its t band over seeds, nominal 95%: with few "
+    "seeds, and runs that collapse, it covers less; x: a run's collapse)",
+    "wall-clock": "Success and reward vs wall-clock (the same t bands)",
     "active-ratio": "Active-token ratio (tokens surviving both the r_d mask and the PPO clip)",
     "kl-split": "Discrepancy KL vs staleness KL",
     "clip-mask": "Clip and mask fractions",
@@ -53,6 +65,11 @@ COLLAPSE_VALID_RATE = 0.5
 STUCK_STEPS = 10
 MIN_RANKED_SEEDS = 2  # a one-seed "interval" is a point: it would order sources on noise alone
 NEGLIGIBLE_WORK = 0.01  # old-logit work per step differing by less than this share of a step is no cost
+# Shares, whose t bands are cut to [0, 1]: a symmetric band around a mean near 0 would reach below it.
+SHARES = frozenset(
+    {M.SUCCESS_RATE, M.FORMAT_OK_RATE, M.ACTIVE_TOKEN_RATIO, M.CLIP_FRAC_LOW, M.CLIP_FRAC_HIGH, M.MASK_FRAC}
+)
+NONINFERIORITY_MARGIN = 0.05  # `--margin`: the final success a cheaper source may lose against the exact one
 
 
 @dataclass
@@ -123,22 +140,45 @@ class Run:
         stopped, recovered, stuck = self._collapse_steps()
         return stuck is not None or (stopped is not None and recovered is None)
 
+    def stale_dropped_groups(self) -> float:
+        """Groups the run dropped as more than W versions old (the counter is cumulative: its last value)."""
+        counts = self.values(M.STALE_DROPPED_GROUPS, skip_first=False)
+        return counts[-1] if counts else math.nan
+
 
 @dataclass
 class Group:
     label: str
     runs: list[Run] = field(default_factory=list)
 
+    @property
+    def source(self) -> str:
+        return self.runs[0].source
+
     def mean_curve(self, key: str) -> list[Interval]:
-        """Per step, the mean over seeds with its 95% bootstrap interval, up to the shortest run."""
+        """Per step, the mean over seeds with its t interval (nominal 95%; cut to [0, 1] for SHARES), up to the
+        shortest run."""
         curves = [r.series(key) for r in self.runs]
         n = min(len(c) for c in curves)
-        return [bootstrap_mean([c[i] for c in curves]) for i in range(n)]
+        bands = [t_interval([c[i] for c in curves]) for i in range(n)]
+        return [iv.within(0.0, 1.0) for iv in bands] if key in SHARES else bands
 
-    def interval_of(self, per_run) -> Interval:
-        """Mean over seeds of a per-run success figure (e.g. `Run.final_success`), with its 95% t interval
-        cut to [0, 1], where a success rate lives."""
-        return t_interval([per_run(r) for r in self.runs]).within(0.0, 1.0)
+    def kept_runs(self) -> list[Run]:
+        """The runs that did not end collapsed."""
+        return [r for r in self.runs if not r.ended_collapsed()]
+
+    def interval_of(self, per_run, runs: list[Run] | None = None) -> Interval:
+        """Mean over seeds of a per-run success figure (e.g. `Run.final_success`) of `runs` (default: all),
+        with its 95% t interval cut to [0, 1], where a success rate lives."""
+        return t_interval([per_run(r) for r in (self.runs if runs is None else runs)]).within(0.0, 1.0)
+
+    def stale_dropped_text(self) -> str:
+        """Stale-dropped groups per run: the mean, and the range over seeds when they differ; '-' if not logged."""
+        counts = [c for c in (r.stale_dropped_groups() for r in self.runs) if c == c]
+        if not counts:
+            return "-"
+        mean = f"{sum(counts) / len(counts):.3g}"
+        return mean if min(counts) == max(counts) else f"{mean} ({min(counts):.0f}-{max(counts):.0f})"
 
     def mean_of(self, key: str, skip_first: bool = True) -> float:
         """Mean of a per-step metric over all steps and seeds (the first step, pipeline fill, left out)."""
@@ -195,36 +235,21 @@ def _interval_text(iv: Interval, signed: bool = False) -> str:
     return "-" if math.isnan(iv.mean) else f"{iv.mean:{f}} [{iv.low:{f}}, {iv.high:{f}}]"
 
 
-def _vs_snapshot(g: Group, snapshot: Group | None) -> Interval | str:
-    """The paired difference of final success to `snapshot` on the seeds both have: an Interval from
-    MIN_RANKED_SEEDS shared seeds, the bare difference from one, '-' without a shared seed or a snapshot."""
-    if snapshot is None or g is snapshot:
-        return "-"
-    mine, reference = ({r.seed: r.final_success() for r in x.runs} for x in (g, snapshot))
-    diff = paired_difference(mine, reference).within(-1.0, 1.0)  # a difference of two rates
-    shared = len(set(mine) & set(reference))
-    if shared >= MIN_RANKED_SEEDS:
-        return diff
-    if shared:
-        return f"{diff.mean:+.3g} (1 seed, no interval)"
-    return "-"
-
-
 def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
-    """One row per label: seconds per step and its split, overhead vs `behavior`, memory, success.
+    """One row per label: seconds per step and its split, overhead vs `behavior`, memory, regime, success.
 
-    Success columns: `final success` is the seed mean of each run's last SMOOTH steps, with its 95%
-    t interval in `final 95% CI`; `vs snapshot` is the paired difference to `snapshot` on the same
-    seeds (an Interval from MIN_RANKED_SEEDS shared seeds, text below that); `rank` ties sources whose
-    intervals overlap (`stats.tied_ranks`), among the sources with at least MIN_RANKED_SEEDS seeds (the
-    others' rank is NaN, shown '-'); `collapsed` counts runs that collapsed (`Run.collapse`), with the
-    step and how; `ended collapsed` counts those still collapsed at their last step (`Run.ended_collapsed`).
+    Success columns: `final success` is the seed mean of each run's last SMOOTH steps, with its t interval
+    (nominal 95%) in `final 95% t CI`; `rank` ties sources whose intervals overlap (`stats.tied_ranks`),
+    among the sources with at least MIN_RANKED_SEEDS seeds (the others' rank is NaN, shown '-');
+    `collapsed` counts runs that collapsed (`Run.collapse`), with the step and how; `ended collapsed`
+    counts those still collapsed at their last step (`Run.ended_collapsed`). `lag mean` and
+    `stale-dropped/run` say what the training stream held: success is measured on the groups that
+    finished in time, and which groups those are differs by source.
     """
     baseline = next((g.mean_of(M.STEP_SECONDS) for g in groups if g.label.endswith("behavior")), math.nan)
     audit = {g.label: g.mean_of(M.AUDIT_ABS_ERR_MEAN, skip_first=False) for g in audit_groups}
     finals = {g.label: g.interval_of(Run.final_success) for g in groups}
     ranks = tied_ranks({g.label: finals[g.label] for g in groups if len(g.runs) >= MIN_RANKED_SEEDS})
-    snapshot = next((g for g in groups if g.label.endswith("snapshot")), None)
     table = []
     for g in groups:
         step_s = g.mean_of(M.STEP_SECONDS)
@@ -237,22 +262,23 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
                 "seeds": len(g.runs),
                 "steps": min(len(r.rows) for r in g.runs),
                 "s/step": step_s,
-                "s/step 95% CI": g.seed_interval(M.STEP_SECONDS),
+                "s/step 95% t CI": g.seed_interval(M.STEP_SECONDS),
                 **{f"{p} s": g.mean_of(M.time_part(p)) for p in M.TIME_PARTS},
                 "extra vs behavior": (step_s / baseline - 1) if baseline == baseline else math.nan,
                 "peak extra MB": max(
                     max((v for v in r.series(M.OLDLOGIT_PEAK_BYTES) if v == v), default=0) for r in g.runs
                 )
                 / 2**20,
+                "lag mean": g.mean_of(M.STALENESS_MEAN, skip_first=False),
+                "stale-dropped/run": g.stale_dropped_text(),
                 "active ratio": g.mean_of(M.ACTIVE_TOKEN_RATIO, skip_first=False),
                 "KL disc": g.mean_of(M.KL_DISCREPANCY_K3, skip_first=False),
                 "KL stale": g.mean_of(M.KL_STALENESS_K3, skip_first=False),
                 "audit err": audit.get(g.label, math.nan),
                 "final success": finals[g.label].mean,
-                "final 95% CI": _interval_text(finals[g.label]),
+                "final 95% t CI": _interval_text(finals[g.label]),
                 "best success": best.mean,
-                "best 95% CI": _interval_text(best),
-                "vs snapshot": _vs_snapshot(g, snapshot),
+                "best 95% t CI": _interval_text(best),
                 "rank": ranks.get(g.label, math.nan),
                 "collapsed": f"{len(steps)}/{len(g.runs)}" + (f" ({', '.join(steps)})" if steps else ""),
                 "ended collapsed": sum(r.ended_collapsed() for r in g.runs),
@@ -265,11 +291,12 @@ RANKING_COLUMNS = (
     "rank",
     "source",
     "seeds",
-    "final 95% CI",
-    "vs snapshot",
+    "final 95% t CI",
     "s/step",
     "extra vs behavior",
     "peak extra MB",
+    "lag mean",
+    "stale-dropped/run",
     "collapsed",
 )
 
@@ -284,23 +311,224 @@ def ranking_table(table: list[dict]) -> list[dict]:
     return [{k: r[k] for k in RANKING_COLUMNS} for r in rows]
 
 
+# ------------------------------------------------------------------ collapses and paired comparisons
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """One label against the reference (the best exact source): its runs ending collapsed, tested against the
+    reference's by Fisher's exact test, and the paired differences of final success on the seeds where
+    neither run ended collapsed, tested by the exact sign-flip and sign tests. Every p is two-sided; the
+    `*_holm` ones are Holm-adjusted over the labels tested (the reference is not tested; NaN there)."""
+
+    label: str
+    is_reference: bool
+    runs: int
+    collapsed: int  # runs ending collapsed
+    kept_success: Interval  # final success of the runs that did not end collapsed
+    differences: tuple[float, ...]
+    collapse_p: float = math.nan
+    collapse_holm: float = math.nan
+    sign_flip_p: float = math.nan
+    sign_flip_holm: float = math.nan
+    sign_p: float = math.nan
+    sign_holm: float = math.nan
+
+    @property
+    def tested(self) -> bool:
+        """Enough pairs for an interval (a one-pair "interval" is a point)."""
+        return not self.is_reference and len(self.differences) >= MIN_RANKED_SEEDS
+
+    @property
+    def difference(self) -> Interval:
+        """Paired t interval (nominal 95%) of the mean difference, cut to [-1, 1] (a difference of two rates)."""
+        return t_interval(list(self.differences)).within(-1.0, 1.0)
+
+    def shortfall(self, reference: Pairing, margin: float) -> str | None:
+        """Why this label is not non-inferior to `reference` at `margin`; None when it is: no larger share of
+        runs ending collapsed, and a paired difference whose lower 95% t bound is above -margin."""
+        if self.is_reference:
+            return None
+        if self.collapsed * reference.runs > reference.collapsed * self.runs:
+            return (
+                f"more runs ending collapsed: {self.collapsed}/{self.runs} against "
+                f"{reference.collapsed}/{reference.runs}"
+            )
+        if not self.tested:
+            return f"{len(self.differences)} seed(s) where neither run ended collapsed, too few for an interval"
+        if self.difference.low <= -margin:
+            return f"paired lower bound {self.difference.low:+.3g}, not above {-margin:+.3g}"
+        return None
+
+
+def best_exact(groups: list[Group]) -> Group | None:
+    """The reference of the paired comparisons: among the labels of an exact source (`EXACT_SOURCES`) with at
+    least MIN_RANKED_SEEDS seeds, the one with the smallest share of runs ending collapsed, then the highest
+    mean final success of the runs that did not; None without one."""
+
+    def order(g: Group) -> tuple[float, float, str]:
+        kept = g.kept_runs()
+        return (1 - len(kept) / len(g.runs), _nan_last(-g.interval_of(Run.final_success, kept).mean), g.label)
+
+    exact = [g for g in groups if g.source in EXACT_SOURCES and len(g.runs) >= MIN_RANKED_SEEDS]
+    return min(exact, key=order, default=None)
+
+
+def pairings(groups: list[Group], reference: Group | None) -> list[Pairing]:
+    """Every label paired with `reference` (see `Pairing`); none without a reference."""
+    if reference is None:
+        return []
+
+    def kept_finals(g: Group) -> dict[int, float]:
+        return {r.seed: r.final_success() for r in g.kept_runs()}
+
+    ref_collapsed = len(reference.runs) - len(reference.kept_runs())
+    found = []
+    for g in groups:
+        mine = g is reference
+        collapsed = len(g.runs) - len(g.kept_runs())
+        diffs = () if mine else tuple(paired_differences(kept_finals(g), kept_finals(reference)))
+        p = Pairing(g.label, mine, len(g.runs), collapsed, g.interval_of(Run.final_success, g.kept_runs()), diffs)
+        tests = {}
+        if not mine:
+            tests["collapse_p"] = fisher_collapses(collapsed, len(g.runs), ref_collapsed, len(reference.runs)).two_sided
+        if p.tested:
+            tests["sign_flip_p"] = sign_flip_test(list(diffs)).two_sided
+            tests["sign_p"] = sign_test(list(diffs)).two_sided
+        found.append(dataclasses.replace(p, **tests))
+    for name in ("collapse", "sign_flip", "sign"):
+        adjusted = holm([getattr(p, f"{name}_p") for p in found])
+        found = [dataclasses.replace(p, **{f"{name}_holm": a}) for p, a in zip(found, adjusted, strict=True)]
+    return found
+
+
+def paired_table(found: list[Pairing], margin: float = NONINFERIORITY_MARGIN) -> list[dict]:
+    """One row per label: `Pairing`'s figures, the smallest two-sided p its number of pairs allows (2 / 2^n),
+    and whether it is non-inferior to the reference at `margin` (with the reason when not)."""
+    reference = next((p for p in found if p.is_reference), None)
+    rows = []
+    for p in found:
+        if p.tested:
+            diff = p.difference
+        elif p.differences:
+            diff = f"{p.differences[0]:+.3g} (1 pair, no interval)"
+        else:
+            diff = "-"
+        why = p.shortfall(reference, margin) if reference else None
+        rows.append(
+            {
+                "source": p.label,
+                "ended collapsed": f"{p.collapsed}/{p.runs}",
+                "Fisher p": p.collapse_p,
+                "Fisher Holm": p.collapse_holm,
+                "success if not collapsed, 95% t CI": p.kept_success,
+                "pairs": "-" if p.is_reference else len(p.differences),
+                "vs reference, 95% t CI": diff,
+                "sign-flip p": p.sign_flip_p,
+                "sign-flip Holm": p.sign_flip_holm,
+                "sign p": p.sign_p,
+                "sign Holm": p.sign_holm,
+                "smallest p": smallest_two_sided_p(len(p.differences)) if p.tested else math.nan,
+                f"non-inferior (margin {margin:g})": "reference"
+                if p.is_reference
+                else (f"no: {why}" if why else "yes"),
+            }
+        )
+    return rows
+
+
+# ------------------------------------------------------------------ the recommendation
+
+
 def _cheapest(best: list[dict]) -> tuple[dict, list[dict], list[dict]]:
-    """(pick, as fast, as cheap): the cheapest source of the best tied group, the sources as fast as the
-    fastest, and those of them that also tie on memory and old-logit work."""
+    """(pick, as fast, as cheap): the cheapest source of `best`, the sources as fast as the fastest, and
+    those of them that also tie on memory and old-logit work."""
     # Time first, tied like success: sources whose s/step intervals overlap the fastest one's are equally fast
     # (async timing moves with each run's staleness), and extra memory, then old-logit work, decide among them.
     fastest = min(best, key=lambda r: _nan_last(r["s/step"]))
-    as_fast = [r for r in best if r["s/step 95% CI"].overlaps(fastest["s/step 95% CI"])] or [fastest]
+    as_fast = [r for r in best if r["s/step 95% t CI"].overlaps(fastest["s/step 95% t CI"])] or [fastest]
     lightest = [r for r in as_fast if r["peak extra MB"] == min(x["peak extra MB"] for x in as_fast)]
     least_work = min(_nan_last(r["old_logits s"]) for r in lightest)
     # Old-logit work within 1% of a step (copying mu, say) is no cost: then the higher mean success decides.
-    as_cheap = [r for r in lightest if _nan_last(r["old_logits s"]) - least_work <= NEGLIGIBLE_WORK * fastest["s/step"]]
+    as_cheap = [r for r in lightest if _nan_last(r["old_logits s"]) <= least_work + NEGLIGIBLE_WORK * fastest["s/step"]]
     pick = min(as_cheap, key=lambda r: (-r["final success"], r["source"]))
     return pick, as_fast, as_cheap
 
 
-def _collapse_text(finished: list[dict]) -> str:
-    """The sentences naming the sources with runs that ended collapsed, and those whose collapses all recovered."""
+def _cost_text(pick: dict, as_fast: list[dict], as_cheap: list[dict]) -> str:
+    """The pick's cost, and the ties on cost that `_cheapest` broke to reach it."""
+    text = (
+        f"Its cost: {pick['s/step']:.3g} s/step ({format_cell('extra vs behavior', pick['extra vs behavior'])} vs "
+        f"behavior), {pick['peak extra MB']:.3g} MB of extra memory and {format_cell('', pick['old_logits s'])} s "
+        "of old-logit work per step"
+    )
+    if len(as_fast) > 1:
+        names = ", ".join(r["source"] for r in as_fast)
+        text += f" (s/step of {names} overlap at 95%: memory, then old-logit work decide"
+        if len(as_cheap) > 1:
+            names = ", ".join(r["source"] for r in as_cheap)
+            text += (
+                f"; {names} also tie on those, old-logit work within {NEGLIGIBLE_WORK:.0%} of a step, "
+                "so the higher mean final success decides"
+            )
+        text += ")"
+    return text + "."
+
+
+def _tied_group_rule(rows: list[dict]) -> str:
+    """Without an exact source to pair against: the cheapest of the best tied group by final success."""
+    best = sorted((r for r in rows if r["rank"] == 1), key=lambda r: (-r["final success"], r["source"]))
+    pick, as_fast, as_cheap = _cheapest(best)
+    exact = ", ".join(EXACT_SOURCES)
+    text = (
+        f"Recommended: {pick['source']}, by the tied-group rule: no exact source ({exact}) has "
+        f"{MIN_RANKED_SEEDS} seeds here to test non-inferiority against, so the cheapest of the best tied group "
+        f"(95% t intervals of final success overlap): {', '.join(r['source'] for r in best)}. "
+        f"Final success {pick['final 95% t CI']}."
+    )
+    return text + (" " + _cost_text(pick, as_fast, as_cheap) if len(best) > 1 else "")
+
+
+def _noninferiority_rule(rows: list[dict], found: list[Pairing], margin: float) -> str:
+    """The cheapest source non-inferior to the reference at `margin`; the reference itself when none is."""
+    by_label = {p.label: p for p in found}
+    reference = next(p for p in found if p.is_reference)
+    candidates, passed_over = list(rows), []
+    while True:
+        pick, as_fast, as_cheap = _cheapest(candidates)
+        why = by_label[pick["source"]].shortfall(reference, margin)
+        if why is None:
+            break
+        passed_over.append(f"{pick['source']} ({why})")
+        candidates.remove(pick)
+    ref, chosen = reference.label, by_label[pick["source"]]
+    rule = (
+        f"non-inferiority (margin {margin:g}) to {ref}, the best exact source: the cheapest source whose paired "
+        f"difference in final success to {ref} has a 95% t lower bound above {-margin:+.3g} (on the seeds where "
+        "neither run ended collapsed) and with no more runs ending collapsed"
+    )
+    cost = _cost_text(pick, as_fast, as_cheap)
+    if chosen.is_reference and passed_over:
+        return (
+            f"Recommended: {ref}, by the exact-source rule: no cheaper source passes {rule}: "
+            f"{'; '.join(passed_over)}. {cost}"
+        )
+    if chosen.is_reference:
+        return (
+            f"Recommended: {ref}, by non-inferiority (margin {margin:g}): {ref}, the best exact source, is itself "
+            f"the cheapest ranked source. {cost}"
+        )
+    text = (
+        f"Recommended: {chosen.label}, by {rule}. {chosen.label}: {format_cell('vs', chosen.difference)} on "
+        f"{len(chosen.differences)} seeds, {chosen.collapsed}/{chosen.runs} runs ending collapsed against "
+        f"{reference.collapsed}/{reference.runs}. {cost}"
+    )
+    return text + (f" Cheaper, not non-inferior: {'; '.join(passed_over)}." if passed_over else "")
+
+
+def _collapse_text(finished: list[dict], found: list[Pairing]) -> str:
+    """The sentences naming the sources with runs that ended collapsed (with Fisher's test against the
+    reference), and those whose collapses all recovered."""
     collapsed = [r["source"] for r in finished if not r["collapsed"].startswith("0/")]
     ended = [r["source"] for r in finished if r["ended collapsed"]]
     came_back = [s for s in collapsed if s not in ended]
@@ -310,15 +538,76 @@ def _collapse_text(finished: list[dict]) -> str:
             f" Collapsed runs: {', '.join(ended)} (valid-action rate under {COLLAPSE_VALID_RATE:.0%}, or "
             f"success 0 for the last {STUCK_STEPS}+ steps)."
         )
+    reference = next((p for p in found if p.is_reference), None)
+    tested = [p for p in found if not p.is_reference and p.label in ended]
+    if reference and tested:
+        listed = ", ".join(
+            f"{p.label} {p.collapsed}/{p.runs} (p {p.collapse_p:.3g}, Holm {p.collapse_holm:.3g})" for p in tested
+        )
+        text += (
+            f" Runs ending collapsed against {reference.label}'s {reference.collapsed}/{reference.runs} "
+            f"(Fisher's exact test, two-sided): {listed}."
+        )
     if came_back:
         text += f" Collapsed and answering again at the end (every collapsed run came back): {', '.join(came_back)}."
     return text
 
 
-def recommendation(table: list[dict]) -> str:
-    """One paragraph: the best tied group by final success, and its cheapest member (time, then memory, then
-    old-logit work; among members that tie on all three, the higher mean final success).
-    Sources with fewer than MIN_RANKED_SEEDS seeds are named as unranked, never recommended."""
+def _paired_text(found: list[Pairing]) -> str:
+    """The labels whose paired interval excludes 0, with their exact tests, and what the number of pairs
+    allows at best: a difference not found is absence of evidence, not evidence of equality."""
+    reference = next((p for p in found if p.is_reference), None)
+    tested = [p for p in found if p.tested]
+    if reference is None or not tested:
+        return ""
+    sides = []
+    for side, names in (
+        (f"ahead of {reference.label}", [p for p in tested if p.difference.low > 0]),
+        ("behind it", [p for p in tested if p.difference.high < 0]),
+    ):
+        if names:
+            listed = ", ".join(
+                f"{p.label} ({format_cell('vs', p.difference)} on {len(p.differences)} pairs, sign-flip p "
+                f"{p.sign_flip_p:.3g}, Holm {p.sign_flip_holm:.3g})"
+                for p in names
+            )
+            sides.append(f"{side}, {listed}")
+    text = f" Paired on the seeds where neither run ended collapsed: {'; '.join(sides)}." if sides else ""
+    pairs = max(len(p.differences) for p in tested)
+    floor = smallest_two_sided_p(pairs)
+    family = f" (after Holm over {len(tested)} tests: {min(1.0, len(tested) * floor):.3g})" if len(tested) > 1 else ""
+    text += (
+        f" With {pairs} pairs no exact paired test can give a two-sided p under 2/2^{pairs} = {floor:.3g}{family}: "
+        "a difference not found here is absence of evidence, not evidence of equality."
+    )
+    return text
+
+
+def _caveats(finished: list[dict]) -> str:
+    """What the intervals and the endpoint can and cannot carry."""
+    text = (
+        " Intervals are Student t over seeds at nominal 95%; with few seeds, and runs that collapse (a "
+        "two-mode sample), they cover less than that."
+    )
+    dropped = [f"{r['source']} {r['stale-dropped/run']}" for r in finished if r["stale-dropped/run"] != "-"]
+    if dropped:
+        text += (
+            f" Final success is measured on the training stream (its last {SMOOTH} steps), so it depends on "
+            "which groups finish first and on the groups dropped as stale, which differ by source "
+            f"(stale-dropped groups per run: {', '.join(dropped)})."
+        )
+    return text
+
+
+def recommendation(table: list[dict], found: list[Pairing], margin: float = NONINFERIORITY_MARGIN) -> str:
+    """One paragraph, led by the recommendation and the rule that decided it.
+
+    With an exact source (`best_exact`) among the ranked sources: non-inferiority. Sources are taken cheapest
+    first (time, with overlapping s/step intervals tied; then memory; then old-logit work, ties within
+    NEGLIGIBLE_WORK of a step broken by the higher mean final success); the first that `Pairing.shortfall`
+    passes is recommended, which at the latest is the exact source itself. Without one: the cheapest of the
+    best tied group by final success. Sources with fewer than MIN_RANKED_SEEDS seeds are named as
+    unranked, never recommended. Then collapses, paired differences and what the statistics can carry."""
     finished = [r for r in table if r["final success"] == r["final success"]]
     if not finished:
         return "No finished runs to recommend from."
@@ -331,40 +620,12 @@ def recommendation(table: list[dict]) -> str:
     )
     if not rows:
         return f"No source has {MIN_RANKED_SEEDS} finished seeds yet: nothing to rank or recommend.{note}"
-    best = sorted((r for r in rows if r["rank"] == 1), key=lambda r: (-r["final success"], r["source"]))
-    pick, as_fast, as_cheap = _cheapest(best)
-    text = f"Best tied group (95% intervals of final success overlap): {', '.join(r['source'] for r in best)}. "
-    if len(best) > 1:
-        text += (
-            f"Cheapest of them: {pick['source']} at {pick['s/step']:.3g} s/step "
-            f"({format_cell('extra vs behavior', pick['extra vs behavior'])} vs behavior), "
-            f"{pick['peak extra MB']:.3g} MB of extra memory and {format_cell('', pick['old_logits s'])} s of "
-            "old-logit work per step"
-        )
-        if len(as_fast) > 1:
-            names = ", ".join(r["source"] for r in as_fast)
-            text += f" (s/step of {names} overlap at 95%: memory, then old-logit work decide"
-            if len(as_cheap) > 1:
-                names = ", ".join(r["source"] for r in as_cheap)
-                text += (
-                    f"; {names} also tie on those, old-logit work within {NEGLIGIBLE_WORK:.0%} of a step, "
-                    "so the higher mean final success decides"
-                )
-            text += ")"
-        text += ". "
-    text += f"Recommended: {pick['source']} (final success {pick['final 95% CI']})."
-    text += _collapse_text(finished)
-    # Seeds are matched across sources, so a paired difference can separate sources whose own intervals overlap.
-    paired = [r for r in finished if isinstance(r["vs snapshot"], Interval)]
-    ahead = [r for r in paired if r["vs snapshot"].low > 0]
-    behind = [r for r in paired if r["vs snapshot"].high < 0]
-    for side, names in (("ahead of", ahead), ("behind", behind)):
-        if names:
-            listed = ", ".join(f"{r['source']} ({format_cell('vs snapshot', r['vs snapshot'])})" for r in names)
-            text += f" Paired on the same seeds, {side} snapshot: {listed}."
-    if len(best) == len(rows) and len(rows) > 1 and not (ahead or behind):
-        text += " Every ranked source ties: more seeds or steps would be needed to separate them."
-    return text + note
+    reference = next((p for p in found if p.is_reference), None)
+    if reference is not None and reference.label in {r["source"] for r in rows}:
+        text = _noninferiority_rule(rows, found, margin)
+    else:
+        text = _tied_group_rule(rows)
+    return text + _collapse_text(finished, found) + _paired_text(found) + _caveats(finished) + note
 
 
 def regime_table(groups: list[Group]) -> list[dict]:
@@ -437,7 +698,7 @@ def format_cell(key: str, v) -> str:
     if isinstance(v, str):
         return v
     if isinstance(v, Interval):
-        return _interval_text(v, signed=key == "vs snapshot")
+        return _interval_text(v, signed=key.startswith("vs"))
     if isinstance(v, int):
         return str(v)
     if math.isnan(v):
@@ -508,7 +769,7 @@ def _log_y_axis(ax, plotted: list[float]) -> None:
 
 
 def _band(ax, xs, curve: list[Interval], label: str, smooth_it: bool = False):
-    """The seed mean with its 95% bootstrap band (each smoothed over SMOOTH steps when asked)."""
+    """The seed mean with its t band, nominal 95% (each smoothed over SMOOTH steps when asked)."""
     m, lo, hi = ([getattr(iv, f) for iv in curve] for f in ("mean", "low", "high"))
     if smooth_it:
         m, lo, hi = (trailing_means(x, SMOOTH) for x in (m, lo, hi))
@@ -642,23 +903,51 @@ class _Findings:
 
     source: list[dict]
     ranking: list[dict]
+    reference: str | None  # the best exact source, against which `paired` compares
+    paired: list[dict]
+    margin: float
     regime: list[dict]
     throughput: list[dict] | None  # only when the runs differ in mode (sync vs async)
     advice: str
 
 
-def _findings(runs: list[Run], groups: list[Group], audit_groups: list[Group]) -> _Findings:
+def _findings(runs: list[Run], groups: list[Group], audit_groups: list[Group], margin: float) -> _Findings:
     table = source_table(groups, audit_groups)
+    reference = best_exact(groups)
+    found = pairings(groups, reference)
     return _Findings(
         source=table,
         ranking=ranking_table(table),
+        reference=reference.label if reference else None,
+        paired=paired_table(found, margin),
+        margin=margin,
         regime=regime_table(groups),
         throughput=throughput_table(groups) if len({r.config["mode"] for r in runs}) > 1 else None,
-        advice=recommendation(table),
+        advice=recommendation(table, found, margin),
+    )
+
+
+def _paired_caption(found: _Findings) -> tuple[str, str]:
+    """(title, text) above the table of collapses and paired comparisons."""
+    exact = ", ".join(EXACT_SOURCES)
+    if found.reference is None:
+        return "Collapses and paired comparisons", (
+            f"No exact source ({exact}) with {MIN_RANKED_SEEDS} seeds among these runs: nothing to pair against."
+        )
+    return f"Collapses and paired comparisons against {found.reference}", (
+        f"The reference is {found.reference}, the best exact source (the smallest share of runs ending collapsed, "
+        "then the highest final success of the others). `ended collapsed`: runs stuck at 0 success or not "
+        "answering at their last step, tested against the reference's by Fisher's exact test. "
+        "`success if not collapsed`: final success of the other runs. `vs reference`: the paired difference "
+        "of final success on the seeds where neither run ended collapsed, with exact sign-flip and sign "
+        "tests. Every p is two-sided; `Holm` columns adjust over this table's tests, one family per test; "
+        "`smallest p` is the least a test on that many pairs can give (2/2^n). Non-inferior: no larger share "
+        f"of runs ending collapsed and a paired 95% t lower bound above -{found.margin:g}."
     )
 
 
 def _summary_markdown(runs: list[Run], found: _Findings) -> str:
+    paired_title, paired_caption = _paired_caption(found)
     md = [
         "# twofold report",
         "",
@@ -669,6 +958,11 @@ def _summary_markdown(runs: list[Run], found: _Findings) -> str:
         found.advice,
         "",
         markdown_table(found.ranking),
+        "### " + paired_title,
+        "",
+        paired_caption,
+        "",
+        markdown_table(found.paired) if found.paired else "",
         "## " + SECTIONS["overhead-table"],
         "",
         "Seconds are means per step after the first; `extra vs behavior` is the wall-clock cost over the "
@@ -727,6 +1021,9 @@ def _html_page(runs: list[Run], groups: list[Group], found: _Findings, figs: dic
             continue
         if key == "recommendation":
             body.append(f"<p>{html.escape(found.advice)}</p>{_html_table(found.ranking)}")
+            title, caption = _paired_caption(found)
+            body.append(f"<h3>{html.escape(title)}</h3><p>{html.escape(caption)}</p>")
+            body.append(_html_table(found.paired) if found.paired else "")
             body.append("</section>")
             continue
         body += [_img(p) for p in figs[key]] or [f"<p>{html.escape(notes.get(key, 'No data.'))}</p>"]
@@ -741,15 +1038,18 @@ def _html_page(runs: list[Run], groups: list[Group], found: _Findings, figs: dic
     )
 
 
-def write_report(paths: list[Path], out: Path) -> tuple[Path, str]:
-    """Write report.html, its PNGs and summary.md into `out`; returns (html path, markdown text)."""
+def write_report(paths: list[Path], out: Path, margin: float = NONINFERIORITY_MARGIN) -> tuple[Path, str]:
+    """Write report.html, its PNGs and summary.md into `out`; returns (html path, markdown text). `margin`:
+    the non-inferiority margin of the recommendation, in final success."""
+    if not 0 <= margin < 1:
+        raise ConfigError("--margin", f"must be in [0, 1) (a difference of success rates), got {margin}")
     runs = load_runs(paths)
     if not runs:
         raise FileNotFoundError(f"no run directories with metrics under {', '.join(map(str, paths))}")
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs([r for r in runs if not r.audit])
     audit_groups = group_runs([r for r in runs if r.audit])
-    found = _findings(runs, groups, audit_groups)
+    found = _findings(runs, groups, audit_groups, margin)
     figs = _plots(groups, audit_groups, out)
     markdown = _summary_markdown(runs, found)
     (out / "summary.md").write_text(markdown)
