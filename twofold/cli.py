@@ -1,4 +1,4 @@
-"""`twofold` command line: train, compare, report, bench, warmstart, eval, generate, export, config, dataset.
+"""`twofold` command line: train, plan, compare, report, bench, warmstart, eval, generate, export, config, dataset.
 
 Every command that runs takes `--config FILE` and any number of `key.sub=value` overrides;
 `twofold config --help KEY` describes a key. A bad config prints one line naming the field and exits with status 2.
