@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from twofold import metrics as M
+
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = [
     "model.path=smollm2-135m-instruct",
@@ -32,15 +34,15 @@ PROBE = [
     "run.checkpoint_every=0",
 ]
 LORA = ["model.lora.r=16", "model.lora.alpha=32", "model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]
-PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
+PARTS = M.TIME_PARTS
 MEMORY = (
-    "trainer_parameter_bytes",
-    "trainer_gradient_bytes",
-    "optimizer_state_bytes",
-    "engine_weight_bytes",
-    "oldlogit_extra_bytes",
-    "step_peak_rss_bytes",
-    "step_transient_bytes",
+    M.MEMORY_TRAINER_PARAMETERS,
+    M.MEMORY_TRAINER_GRADIENTS,
+    M.MEMORY_OPTIMIZER_STATE,
+    M.MEMORY_ENGINE_WEIGHTS,
+    M.OLDLOGIT_EXTRA_BYTES,
+    M.MEMORY_STEP_PEAK_RSS,
+    M.MEMORY_STEP_TRANSIENT,
 )
 
 
@@ -69,10 +71,10 @@ def cell(data: Path, source: str, lora: bool, steps: int, out: Path) -> dict:
     return {
         "source": source,
         "weights": "LoRA r=16" if lora else "full",
-        "s/step": mean("time/step"),
-        **{p: mean(f"time/{p}") for p in PARTS},
-        "tokens/s": mean("throughput/tokens_per_s"),
-        **{m: max(r[f"memory/{m}"] for r in rows) for m in MEMORY},
+        "s/step": mean(M.STEP_SECONDS),
+        **{p: mean(M.time_part(p)) for p in M.TIME_PARTS},
+        "tokens/s": mean(M.TOKENS_PER_S),
+        **{m: max(r[m] for r in rows) for m in MEMORY},
     }
 
 
@@ -100,13 +102,13 @@ def main() -> None:
     )
     print("|" + "---|" * (9 + len(PARTS)))
     for c in cells:
-        trainer = c["trainer_parameter_bytes"] + c["trainer_gradient_bytes"] + c["optimizer_state_bytes"]
+        trainer = c[M.MEMORY_TRAINER_PARAMETERS] + c[M.MEMORY_TRAINER_GRADIENTS] + c[M.MEMORY_OPTIMIZER_STATE]
         print(
             f"| {c['source']} | {c['weights']} | {c['s/step']:.1f} | "
             + " | ".join(f"{c[p]:.1f}" for p in PARTS)
-            + f" | {c['tokens/s']:.0f} | {trainer / gib:.2f} | {c['engine_weight_bytes'] / gib:.2f} | "
-            f"{c['oldlogit_extra_bytes'] / gib:.2f} | {c['step_peak_rss_bytes'] / gib:.2f} | "
-            f"{c['step_transient_bytes'] / gib:.2f} |"
+            + f" | {c['tokens/s']:.0f} | {trainer / gib:.2f} | {c[M.MEMORY_ENGINE_WEIGHTS] / gib:.2f} | "
+            f"{c[M.OLDLOGIT_EXTRA_BYTES] / gib:.2f} | {c[M.MEMORY_STEP_PEAK_RSS] / gib:.2f} | "
+            f"{c[M.MEMORY_STEP_TRANSIENT] / gib:.2f} |"
         )
 
 

@@ -14,10 +14,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from twofold.config import ConfigError, load_config
 from twofold.distributed import Ranks, collective_device, init_ranks, spawn_ranks
+from twofold.models import file_sha256
 from twofold.pipeline.checkpoint import (
     MANIFEST,
     RunParts,
-    _digest,
     _tensor_state,
     latest_checkpoint,
     restore_run,
@@ -181,7 +181,7 @@ def crafted_checkpoint(tmp_path):
     for p in path.glob("*.distcp"):
         p.unlink()
     dcp.save({**state, "source": {}}, checkpoint_id=str(path), no_dist=True)
-    files = {p.name: [p.stat().st_size, _digest(p)] for p in sorted(path.iterdir()) if p.name != MANIFEST}
+    files = {p.name: [p.stat().st_size, file_sha256(p)] for p in sorted(path.iterdir()) if p.name != MANIFEST}
     (path / MANIFEST).write_text(json.dumps(files))
     return parts, path, marker
 

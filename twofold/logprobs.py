@@ -139,7 +139,9 @@ def policy_logprobs(
             pieces.append(checkpoint(_head_logprobs, head, h, t, temperature, softcap, scale, use_reentrant=False))
         else:
             pieces.append(_head_logprobs(head, h, t, temperature, softcap, scale))
-    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    if not pieces:  # no real token: the head still runs (on none), so the result has a graph and FSDP's
+        pieces.append(_head_logprobs(head, tokens, targets, temperature, softcap, scale))  # collectives pair up
+    flat = torch.cat(pieces)
     out = torch.zeros(real.shape, dtype=torch.float32, device=hidden.device)
     out = out.masked_scatter(real, flat)
     return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)

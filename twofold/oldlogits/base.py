@@ -65,8 +65,13 @@ def _evaluating(model: torch.nn.Module):
 def with_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor], score: Callable[[torch.nn.Module], T]) -> T:
     """`score(model)` with the tensors of `state` (a `versioned_state`: every trained parameter, or the LoRA
     adapters alone) in place of the model's own for the call, in eval mode; nothing is copied into the model,
-    so a held version needs no model of its own, and under LoRA it shares the frozen base."""
-    device = next(model.parameters()).device
+    so a held version needs no model of its own, and under LoRA it shares the frozen base. It swaps the
+    model's attributes for the call: only the thread that trains the model may use it (the trainer's)."""
+    own = dict(model.named_parameters())
+    unknown = state.keys() - own.keys()
+    if unknown:  # functional_call would ignore them and score with the model's own weights
+        raise KeyError(f"state names parameters the model does not have: {sorted(unknown)[:3]}")
+    device = next(iter(own.values())).device
     params = {f"policy.{n}": t.to(device, non_blocking=True) for n, t in state.items()}
     with _evaluating(model):
         return torch.func.functional_call(_Scoring(model), params, (score,), strict=False)

@@ -325,7 +325,7 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     """The trained weights of the checkpoint at `path` into `model` (one process, whole tensors; a checkpoint
     written by several ranks is resharded on load), for export and evaluation."""
     state = {"model": get_model_state_dict(model)}
-    _load(path, state, Ranks(), partial=True)
+    _load(path, state, Ranks())
     set_model_state_dict(model, state["model"])
 
 

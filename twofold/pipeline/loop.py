@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from twofold import metrics as M
-from twofold.config import Config, dump_config, to_dict
+from twofold.config import Config, ConfigError, dump_config, to_dict
 from twofold.distributed import Ranks
 from twofold.logprobs import DTYPES, microbatches, resolve_device
 from twofold.loss import kl_estimates
@@ -351,7 +351,7 @@ class Pipeline:
         times = StepTimes()
         t_step = time.perf_counter()
         main = self.ranks.is_main
-        reset_peak()
+        peak_was_reset = reset_peak()
         gen0, tok0 = (self.worker.counters.generate_seconds, self.worker.counters.generated_tokens) if main else (0, 0)
         src0 = sum(s.seconds for s in self.sources)
         trajs = self.ranks.broadcast(self._collect_batch() if main else None)
@@ -406,7 +406,9 @@ class Pipeline:
             M.SAMPLES_PER_S: len(trajs) / wall,
             M.TOKENS_PER_S: (c.generated_tokens - tok0) / wall,
             M.OLDLOGIT_PEAK_BYTES: float(self.peak_extra_bytes),
-            **memory_metrics(self.trainer.model, self.trainer.optimizer, self.engine.resident_weight_bytes(), extra),
+            **memory_metrics(
+                self.trainer.model, self.trainer.optimizer, self.engine.resident_weight_bytes(), extra, peak_was_reset
+            ),
         }
         if self.trainer.numerics.device.type == "cuda":  # everything this process put on its GPU, at its peak
             row[M.DEVICE_PEAK_BYTES] = float(torch.cuda.max_memory_allocated(self.trainer.numerics.device))
@@ -473,7 +475,7 @@ class Pipeline:
                     "no_learning_signal": self.signal_watch.warning,
                 }
                 if cfg.run.export_final and outcome["finished"]:
-                    outcome["export"] = str(export_run(self.run_dir, self.run_dir / "export"))
+                    outcome.update(self._export_final())
                 write_summary(self.run_dir, outcome)
                 self.metrics.summary(outcome)
         except BaseException:
@@ -486,6 +488,15 @@ class Pipeline:
             bar.close()
             self.close()
         return last
+
+    def _export_final(self) -> dict:
+        """`run.export_final`: the last checkpoint as RUN_DIR/export; a failure is logged and recorded, and the
+        finished run stays finished (`twofold export` can be run again by hand)."""
+        try:
+            return {"export": str(export_run(self.run_dir, self.run_dir / "export"))}
+        except (OSError, ConfigError) as e:
+            log.warning("run.export_final: the export failed (%s); run `twofold export %s OUT`", e, self.run_dir)
+            return {"export_error": str(e)}
 
     def close(self) -> None:
         if self.worker is not None:

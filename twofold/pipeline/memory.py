@@ -14,28 +14,20 @@ from pathlib import Path
 import torch
 
 from twofold import metrics as M
-from twofold.distributed import local_tensor
+from twofold.models import model_bytes, state_dict_bytes
 
 STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
-def tensor_bytes(tensors) -> int:
-    """Bytes this process holds for `tensors` (a sharded one counts its local shard)."""
-    return sum(local_tensor(t).numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def parameter_bytes(model: torch.nn.Module) -> int:
-    return tensor_bytes(model.parameters())
-
-
 def gradient_bytes(model: torch.nn.Module) -> int:
     """Bytes of the gradients a step holds: one per parameter that trains, in the parameter's dtype."""
-    return tensor_bytes(p for p in model.parameters() if p.requires_grad)
+    return state_dict_bytes({n: p for n, p in model.named_parameters() if p.requires_grad})
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's state tensors (AdamW: two moments per trained parameter, and step counts)."""
-    return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+    tensors = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return state_dict_bytes(dict(enumerate(tensors)))
 
 
 def _status_bytes(field: str) -> int | None:
@@ -60,10 +52,13 @@ def memory_metrics(
     optimizer: torch.optim.Optimizer,
     engine_bytes: int,
     oldlogit_bytes: int,
+    peak_was_reset: bool,
 ) -> dict[str, float]:
-    """The `memory/*` metrics of a step (see twofold/metrics.py), the peak since the last `reset_peak`."""
+    """The `memory/*` metrics of a step (see twofold/metrics.py). The step's peak needs `reset_peak` to have
+    worked at its start; its transient part is only defined when the named parts live in host memory (a
+    trainer on a GPU holds its parts there, not in the process's resident size)."""
     parts = {
-        M.MEMORY_TRAINER_PARAMETERS: parameter_bytes(trainer_model),
+        M.MEMORY_TRAINER_PARAMETERS: model_bytes(trainer_model),
         M.MEMORY_TRAINER_GRADIENTS: gradient_bytes(trainer_model),
         M.MEMORY_OPTIMIZER_STATE: optimizer_bytes(optimizer),
         M.MEMORY_ENGINE_WEIGHTS: engine_bytes,
@@ -71,8 +66,10 @@ def memory_metrics(
     }
     out = {k: float(v) for k, v in parts.items()}
     peak, resident = _status_bytes("VmHWM"), _status_bytes("VmRSS")
-    if peak is not None and resident is not None:
+    if resident is not None:
         out[M.MEMORY_RSS] = float(resident)
+    if peak is not None and peak_was_reset:
         out[M.MEMORY_STEP_PEAK_RSS] = float(peak)
-        out[M.MEMORY_STEP_TRANSIENT] = float(max(peak - sum(parts.values()), 0))
+        if next(trainer_model.parameters()).device.type == "cpu":
+            out[M.MEMORY_STEP_TRANSIENT] = float(max(peak - sum(parts.values()), 0))
     return out
