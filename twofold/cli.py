@@ -401,6 +401,10 @@ def _add_training_commands(sub) -> None:
         help="also one audit run per approximate source, measuring its error against exact old log-probs",
     )
     p.add_argument("--out", default=None, help="grid folder (default runs/compare-ENV); re-use it to resume")
+    _add_margin(p)
+
+
+def _add_margin(p) -> None:
     p.add_argument(
         "--margin",
         type=float,
@@ -414,13 +418,7 @@ def _add_study_commands(sub) -> None:
     p = sub.add_parser("report", help="HTML + Markdown report over run directories (or grid folders)")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default=None, help="report folder (default RUN_DIR/report)")
-    p.add_argument(
-        "--margin",
-        type=float,
-        default=0.05,
-        help="non-inferiority margin of the recommendation: the final success a cheaper source may lose against "
-        "the best exact source (paired 95%% t lower bound above -margin)",
-    )
+    _add_margin(p)
     p.set_defaults(fn=cmd_report)
     bench = sub.add_parser(
         "bench", help="Benchmarks: `bench throughput` runs sync vs async at several staleness windows"
