@@ -56,8 +56,11 @@ def test_ranks_all_reduce_on_a_cpu_group():
 
 
 def _all_reduce_without_a_cpu_backend(rank, world, address, port):
-    # 'cuda:gloo' maps only CUDA tensors to a backend, as NCCL's group does
-    dist.init_process_group("cuda:gloo", init_method=f"tcp://{address}:{port}", rank=rank, world_size=world)
+    # 'cuda:gloo' maps only CUDA tensors to a backend, as NCCL's group does. The store is our own so that the
+    # ranks can wait for each other at the end: this group has no barrier (it serves no CPU tensor), and rank 0
+    # leaving first would take the store away from a rank still connecting.
+    store = dist.TCPStore(address, port, world, is_master=rank == 0)
+    dist.init_process_group("cuda:gloo", store=store, rank=rank, world_size=world)
     with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
         dist.all_reduce(torch.tensor([1.0], dtype=torch.float64))
     ranks = Ranks(rank, world)
@@ -66,6 +69,8 @@ def _all_reduce_without_a_cpu_backend(rank, world, address, port):
         ranks.all_reduce(1.0)
     assert "No backend type" not in str(refused.value)
     assert "CUDA" in str(refused.value)
+    store.set(f"done{rank}", "1")
+    store.wait([f"done{r}" for r in range(world)])
 
 
 def test_ranks_all_reduce_hands_the_group_a_tensor_on_the_device_it_serves():
