@@ -71,7 +71,7 @@ def record(engine, tiny_path, tokenizer):
     return events, states
 
 
-def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget="wait"):
+def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget="wait", batch_rows=None):
     events, states = recording
     cfg = config_from_dict({"oldlogits": {"snapshot_budget": budget, "on_budget": on_budget}})
     model = policy(tiny_path)
@@ -96,7 +96,7 @@ def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget
             source.on_publish(model, version, trajs)
         if kind == "snapshot":
             peak = max(peak, source.store.bytes)
-    batch = Batch.from_trajectories(trajs, pad_id=0)
+    batch = Batch.from_trajectories([trajs[i] for i in batch_rows or range(len(trajs))], pad_id=0)
     source.prepare(batch, model, version)
     old = source.old_logprobs(batch, ctx.score_batch(model, batch), version)
     source.close()
@@ -184,11 +184,10 @@ def test_snapshot_budget_with_ewma_fallback_scores_only_what_did_not_fit(recordi
     assert peak <= one
 
 
-def test_snapshot_store_frees_versions_nobody_needs(recording, tiny_path):
-    batch, _, source, peak = replay("snapshot", recording, tiny_path)
-    store = source.store
-    assert set(store.snapshots) == {0, 1}  # trajectory 0 still references versions 0 and 1
+def test_snapshot_store_frees_versions_once_their_tokens_are_scored(recording, tiny_path):
+    """Trajectory 0 refers to versions 0 and 1 until a batch that holds it is scored; then nothing does."""
+    _, _, source, peak = replay("snapshot", recording, tiny_path, batch_rows=[1, 2])
+    assert set(source.store.snapshots) == {0, 1}  # trajectory 0 is still pending
     assert peak == 2 * source.snapshot_bytes
-    source.release(batch.trajectories)
-    store.gc(live_version=2)
-    assert store.snapshots == {} and store.bytes == 0
+    _, _, source, _ = replay("snapshot", recording, tiny_path)
+    assert source.store.snapshots == {} and source.store.bytes == 0  # scored in prepare, freed before training

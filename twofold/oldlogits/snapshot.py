@@ -110,6 +110,7 @@ class SnapshotSource(CapturingSource):
             )
         self.budget_captures = 0
         self.fallback_tokens = 0
+        self.live_version = 0  # the version the engine samples with (the last published)
 
     def on_new_version(self, traj, version):
         self.store.add_ref(version, traj.uid)
@@ -133,7 +134,12 @@ class SnapshotSource(CapturingSource):
             self.budget_captures += 1
 
     def on_publish(self, model, new_version, pending):
-        self.store.free(self.ctx.ranks.broadcast(self.store.unneeded(new_version)), new_version)
+        self.live_version = new_version
+        self._free_unneeded()
+
+    def _free_unneeded(self) -> None:
+        # rank 0 holds the refs: its list holds for every rank's shards
+        self.store.free(self.ctx.ranks.broadcast(self.store.unneeded(self.live_version)), self.live_version)
 
     def prepare(self, batch, model, version):
         def exact():
@@ -147,6 +153,12 @@ class SnapshotSource(CapturingSource):
                 self.fallback_tokens += sum(len(self.captured.missing(t)) for t in trajs)
 
         self._timed(exact)
+        # The batch's old log-probs are captured, so its trajectories no longer need their versions: an older
+        # version that nothing else refers to goes now, before the update adds this version's snapshot, and the
+        # store peaks at the versions still in flight plus this one rather than also the batch's oldest.
+        for t in batch.trajectories:
+            self.store.drop_refs(t.uid, t.agent_versions())
+        self._free_unneeded()
 
     def _scorer_at(self, model, version):
         if self.scratch is None:
