@@ -165,6 +165,8 @@ def test_memory_metrics_name_where_the_bytes_go(tmp_path, tiny_path):
             "memory/optimizer_state_bytes",
             "memory/engine_weight_bytes",
             "memory/oldlogit_extra_bytes",
+            "memory/process_baseline_bytes",
         )
     )
+    assert 0 < row["memory/process_baseline_bytes"] < row["memory/rss_bytes"]  # the interpreter and libraries
     assert row["memory/step_transient_bytes"] == row["memory/step_peak_rss_bytes"] - named

@@ -113,18 +113,27 @@ def time_part(part: str) -> str:
 TIME_PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
 SAMPLES_PER_S = _metric("throughput/samples_per_s", "episodes trained per wall-clock second")
 TOKENS_PER_S = _metric("throughput/tokens_per_s", "tokens generated per wall-clock second")
+ENGINE_PREFILLED_TOKENS = _metric(
+    "engine/prefilled_tokens", "context tokens the built-in engine ran through its model before sampling, so far"
+)
+ENGINE_REUSED_TOKENS = _metric(
+    "engine/reused_tokens", "context tokens whose KV the built-in engine's prefix cache supplied instead, so far"
+)
 OLDLOGIT_EXTRA_BYTES = _metric("memory/oldlogit_extra_bytes", "bytes the old-logit source holds now (copies, versions)")
 OLDLOGIT_PEAK_BYTES = _metric("memory/oldlogit_peak_bytes", "the most bytes the old-logit source has held")
 MEMORY_TRAINER_PARAMETERS = _metric("memory/trainer_parameter_bytes", "the trainer's weights (this rank's shards)")
 MEMORY_TRAINER_GRADIENTS = _metric("memory/trainer_gradient_bytes", "the gradients a step holds (trained parameters)")
 MEMORY_OPTIMIZER_STATE = _metric("memory/optimizer_state_bytes", "the optimizer's state (AdamW: two moments)")
 MEMORY_ENGINE_WEIGHTS = _metric("memory/engine_weight_bytes", "the built-in engine's copy of the weights (rank 0)")
+MEMORY_PROCESS_BASELINE = _metric(
+    "memory/process_baseline_bytes", "the process's resident size before the run built anything: interpreter, libraries"
+)
 MEMORY_RSS = _metric("memory/rss_bytes", "the process's resident size at the step's end (Linux)")
 MEMORY_STEP_PEAK_RSS = _metric("memory/step_peak_rss_bytes", "the process's peak resident size during the step")
 MEMORY_STEP_TRANSIENT = _metric(
     "memory/step_transient_bytes",
-    "step peak minus the named parts (weights, gradients, optimizer, engine, old-logit state): activations, "
-    "logits, copies in flight, and the interpreter and libraries",
+    "step peak minus the named parts (weights, gradients, optimizer, engine, old-logit state, process baseline): "
+    "activations, logits, copies in flight, libraries loaded since the start",
 )
 DEVICE_PEAK_BYTES = _metric("memory/device_peak_bytes", "peak bytes this process allocated on its GPU")
 

@@ -41,7 +41,7 @@ from twofold.pipeline.checkpoint import (
 )
 from twofold.pipeline.export import export_run
 from twofold.pipeline.learning_signal import LearningSignalWatch, zero_variance_group_fraction
-from twofold.pipeline.memory import memory_metrics, reset_peak
+from twofold.pipeline.memory import memory_metrics, reset_peak, resident_bytes, return_freed_memory_to_os
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
@@ -136,6 +136,8 @@ class Pipeline:
         self.cfg = cfg
         self.ranks = ranks or Ranks()
         main = self.ranks.is_main
+        return_freed_memory_to_os()
+        self.baseline_bytes = resident_bytes()
         self.runtime = runtime or EmbeddedRuntime()
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
         self.run_lock = self._open_run_dir(resume) if main else None
@@ -407,7 +409,12 @@ class Pipeline:
             M.TOKENS_PER_S: (c.generated_tokens - tok0) / wall,
             M.OLDLOGIT_PEAK_BYTES: float(self.peak_extra_bytes),
             **memory_metrics(
-                self.trainer.model, self.trainer.optimizer, self.engine.resident_weight_bytes(), extra, peak_was_reset
+                self.trainer.model,
+                self.trainer.optimizer,
+                self.engine.resident_weight_bytes(),
+                extra,
+                peak_was_reset,
+                self.baseline_bytes,
             ),
         }
         if self.trainer.numerics.device.type == "cuda":  # everything this process put on its GPU, at its peak

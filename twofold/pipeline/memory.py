@@ -4,11 +4,19 @@ difference is the step's transient memory (activations, logits, copies in flight
 
 The peak is Linux's VmHWM, reset at each step's start by writing 5 to /proc/self/clear_refs, so each step
 reports its own peak rather than the run's. Elsewhere (no /proc) the peak metrics are left out.
+
+glibc's malloc keeps what a step frees (activations, logits) in its arenas for reuse, and raises its mmap
+threshold each time a large block is freed, so blocks up to 32 MiB end up in arenas that never shrink: on
+SmolLM2-135M that held ~1 GiB resident between steps (docs/benchmarks.md). `return_freed_memory_to_os` fixes
+the threshold, so every block of 1 MiB or more is its own mapping and goes back to the system when freed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import os
 from pathlib import Path
 
 import torch
@@ -17,6 +25,26 @@ from twofold import metrics as M
 from twofold.models import model_bytes, state_dict_bytes
 
 STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory_to_os() -> bool:
+    """Make glibc serve blocks of MMAP_THRESHOLD_BYTES or more from their own mappings (unmapped when freed),
+    unless the user set MALLOC_MMAP_THRESHOLD_ themselves; True when glibc took it. Elsewhere a no-op."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS)
+        return False
+
+
+def resident_bytes() -> int | None:
+    """The process's resident size now (Linux), None elsewhere."""
+    return _status_bytes("VmRSS")
 
 
 def gradient_bytes(model: torch.nn.Module) -> int:
@@ -53,10 +81,12 @@ def memory_metrics(
     engine_bytes: int,
     oldlogit_bytes: int,
     peak_was_reset: bool,
+    baseline_bytes: int | None = None,
 ) -> dict[str, float]:
     """The `memory/*` metrics of a step (see twofold/metrics.py). The step's peak needs `reset_peak` to have
     worked at its start; its transient part is only defined when the named parts live in host memory (a
-    trainer on a GPU holds its parts there, not in the process's resident size)."""
+    trainer on a GPU holds its parts there, not in the process's resident size). `baseline_bytes` is the
+    resident size before the run built anything (the interpreter and libraries), a named part when known."""
     parts = {
         M.MEMORY_TRAINER_PARAMETERS: model_bytes(trainer_model),
         M.MEMORY_TRAINER_GRADIENTS: gradient_bytes(trainer_model),
@@ -64,6 +94,8 @@ def memory_metrics(
         M.MEMORY_ENGINE_WEIGHTS: engine_bytes,
         M.OLDLOGIT_EXTRA_BYTES: oldlogit_bytes,
     }
+    if baseline_bytes is not None:
+        parts[M.MEMORY_PROCESS_BASELINE] = baseline_bytes
     out = {k: float(v) for k, v in parts.items()}
     peak, resident = _status_bytes("VmHWM"), _status_bytes("VmRSS")
     if resident is not None:
