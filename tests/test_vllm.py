@@ -28,6 +28,7 @@ from twofold.models import (  # noqa: E402
     load_tokenizer,
     versioned_state,
 )
+from twofold.pipeline.export import export_run  # noqa: E402
 from twofold.pipeline.loop import Pipeline  # noqa: E402
 from twofold.pipeline.rundir import read_metrics  # noqa: E402
 
@@ -135,7 +136,7 @@ def test_bfloat16_vllm_vs_trainer_float32_is_the_real_discrepancy(vllm_path, vll
     assert d.mean() > 1e-5 and d.max() < 0.5
 
 
-def test_short_async_run_with_vllm(tmp_path, vllm_path):
+def test_short_async_run_with_vllm_and_vllm_serves_its_export(tmp_path, vllm_path, vllm_tokenizer):
     # snapshot: exact old log-probs isolate the engine's numerics (the sources' code does not touch the engine)
     source = "snapshot"
     shape = {
@@ -161,5 +162,15 @@ def test_short_async_run_with_vllm(tmp_path, vllm_path):
     print(f"{source}: kl/discrepancy_k3 per step {[round(r['kl/discrepancy_k3'], 6) for r in rows]}")
     if source == "snapshot":  # exact old log-probs: r_d is bfloat16 vLLM vs float32 trainer only, small and real
         assert all(0 < r["kl/discrepancy_k3"] < 1e-3 for r in rows)
+    trained = pipe.trainer.model
     del pipe
     gc.collect()
+    # the exported folder is what vLLM serves: its tokens score as the trained weights score them
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    eng = VLLMEngine(out, EngineConfig(backend="vllm", dtype="float32", gpu_memory_utilization=MEMORY), seed=0)
+    try:
+        reqs = requests(vllm_tokenizer, 4)
+        d = deltas(trained, reqs, eng.generate(reqs), 1.0)
+    finally:
+        eng.close()
+    assert d.max() < 1e-3
