@@ -9,7 +9,10 @@ from conftest import small_config
 
 from twofold.cli import main
 from twofold.config import dump_config
-from twofold.study.grid import compare_cells, started_first
+from twofold.envs.seeding import EVAL_SEED_OFFSET
+from twofold.study import grid as grid_module
+from twofold.study.grid import Cell, compare_cells, prepare_grid, run_grid, started_first
+from twofold.study.heldout import HELDOUT_FILE, HeldoutSpec, heldout_config
 from twofold.study.report import SECTIONS, format_cell, group_runs, load_runs, source_table, throughput_table
 
 
@@ -190,3 +193,48 @@ def test_bench_throughput_parses_overrides_after_options_and_checks_windows(tmp_
     assert main(argv) == 2
     assert "--staleness" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()  # refused before anything ran
+
+
+def test_a_warm_start_per_seed_is_built_once_per_seed_before_any_cell(tmp_path, monkeypatch):
+    cells = compare_cells(["snapshot", "ewma"], seeds=2, base_seed=5, audit=True, warmstart_per_seed=True)
+    assert cells[0].overrides == ("oldlogits.source=snapshot", "seed=5", "warmstart.seed=5")
+    assert cells[-1].overrides == ("oldlogits.source=ewma", "seed=5", "warmstart.seed=5", "oldlogits.audit=true")
+    shared = compare_cells(["ewma"], seeds=1, base_seed=5, audit=False)
+    assert shared[0].overrides == ("oldlogits.source=ewma", "seed=5")
+    built = []
+    monkeypatch.setattr(grid_module, "resolve_model_path", lambda cfg, progress: built.append(cfg.warmstart.seed))
+    prepare_grid(small_config(seed=5), tmp_path, cells)
+    # the base config's (warmstart.seed 0), then each of the 5 cells' in order: seeds 5, 5, 6, 6 and the audit's 5
+    assert built == [0, 5, 5, 6, 6, 5]
+
+
+def test_heldout_levels_are_the_same_for_every_run_seed():
+    spec = HeldoutSpec(episodes=256, seed=1000)
+    a = heldout_config(small_config(seed=5, **{"env.step_latency_ms": 50.0}), spec)
+    b = heldout_config(small_config(seed=14), spec)
+    # evaluate() plays levels level_seed(cfg.seed + EVAL_SEED_OFFSET, k) and seeds its engine with cfg.seed
+    assert a.seed == b.seed == 1000
+    assert a.env.step_latency_ms == 0.0
+    assert spec.levels() == f"level_seed(1000 + {EVAL_SEED_OFFSET}, k) for k < 256"
+
+
+def test_grid_evaluates_finished_cells_on_the_heldout_set_once(tmp_path, tiny_path):
+    cfg, out = small_config(), tmp_path / "grid"
+    cells = [Cell("behavior-seed0", ("oldlogits.source=behavior", "seed=0"))]
+    assert run_grid(cfg, cells, out, progress=False) == {"behavior-seed0": 0}
+    run = out / "behavior-seed0"
+    trained = (run / "metrics.jsonl").stat().st_mtime_ns
+    assert not (run / HELDOUT_FILE).exists()
+
+    # The same grid asked for a held-out evaluation: the finished cell is evaluated, not trained again.
+    spec = HeldoutSpec(episodes=4, seed=7)
+    assert run_grid(cfg, cells, out, progress=False, heldout=spec) == {"behavior-seed0": 0}
+    assert (run / "metrics.jsonl").stat().st_mtime_ns == trained
+    result = json.loads((run / HELDOUT_FILE).read_text())
+    assert (result["checkpoint_step"], result["eval_seed"], result["episodes_requested"]) == (2, 7, 4)
+    assert result["episodes"] == 4.0 and 0.0 <= result["success_rate"] <= 1.0
+    assert result["levels"] == spec.levels()
+
+    evaluated = (run / HELDOUT_FILE).stat().st_mtime_ns
+    assert run_grid(cfg, cells, out, progress=False, heldout=spec) == {"behavior-seed0": 0}
+    assert (run / HELDOUT_FILE).stat().st_mtime_ns == evaluated

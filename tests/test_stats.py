@@ -9,7 +9,7 @@ import yaml
 from conftest import small_config
 
 from twofold.config import dump_config
-from twofold.study import report, stats
+from twofold.study import confirm, report, stats
 from twofold.study.report import (
     SECTIONS,
     Run,
@@ -481,3 +481,53 @@ def test_bands_and_intervals_say_what_they_are(tmp_path):
     assert {"final 95% t CI", "best 95% t CI", "s/step 95% t CI"} <= set(row)
     advice = recommendation([row], pairings([group], best_exact([group])))
     assert "Intervals are Student t over seeds at nominal 95%; with few seeds, and runs that collapse" in advice
+
+
+def _confirm_cell(grid, name, heldout=None, stream=None, steps=60):
+    """A cell folder with a held-out success (heldout.json) and/or a constant training-stream success."""
+    cell = grid / name
+    cell.mkdir(parents=True)
+    if heldout is not None:
+        (cell / "heldout.json").write_text(json.dumps({"success_rate": heldout}))
+    if stream is not None:
+        rows = [{"step": i, "success/rate": stream} for i in range(1, steps + 1)]
+        (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_confirmation_family_one_sided_sign_flip_tests_with_holm(tmp_path):
+    grids = {g: tmp_path / g for g in confirm.GRIDS}
+    for s in range(5, 15):
+        # H1: snapshot 0.30, recompute 0.20 on every seed: 10 positive differences, and of the 2^10 sign
+        # assignments only the observed one reaches its sum: p = 1/1024.
+        _confirm_cell(grids["tooluse"], f"snapshot-seed{s}", heldout=0.30)
+        _confirm_cell(grids["tooluse"], f"recompute-seed{s}", heldout=0.20)
+        # H2: +0.10 on nine seeds, -0.05 on seed 5 (sum 0.85): the observed signs and all-plus (0.95) reach it,
+        # flipping any 0.10 gives 0.75: p = 2/1024.
+        _confirm_cell(grids["stale"], f"snapshot-seed{s}", heldout=0.40)
+        _confirm_cell(grids["stale"], f"recompute-seed{s}", heldout=0.45 if s == 5 else 0.30)
+        # H3: ewma 0.02 below snapshot, inside the margin 0.05: shifted differences all +0.03, p = 1/1024.
+        _confirm_cell(grids["stale"], f"ewma-seed{s}", heldout=0.38)
+        # H4: without the reset rule +0.01 on seeds 5-9, -0.01 on 10-13, seed 14 never evaluated: 9 pairs of
+        # equal size, sum +0.01, reached by the assignments with 5 or more plus signs: 256/512 = 0.5.
+        if s < 14:
+            _confirm_cell(grids["stale_noreset"], f"ewma-seed{s}", heldout=0.39 if s < 10 else 0.37)
+    _confirm_cell(grids["stale"], "ewma-seed5-audit", heldout=0.0)  # an audit cell is not an arm
+
+    results = confirm.analyse(grids, confirm.heldout_success)
+    assert [r.p for r in results] == pytest.approx([1 / 1024, 2 / 1024, 1 / 1024, 0.5])
+    # Holm: sorted 1/1024, 1/1024, 2/1024, 0.5 -> 4/1024, max(3/1024, 4/1024), max(4/1024, 4/1024), 0.5
+    assert [r.p_holm for r in results] == pytest.approx([4 / 1024, 4 / 1024, 4 / 1024, 0.5])
+    assert [r.rejected for r in results] == [True, True, True, False]
+    assert [len(r.seeds) for r in results] == [10, 10, 10, 9] and results[3].missing == (14,)
+    assert results[2].differences == pytest.approx([-0.02] * 10)  # reported unshifted
+    table = confirm.results_table(results)
+    assert "| H4: ewma without the reset rule > ewma with it, FrozenLake (b) | 9 | 14 |" in table
+
+
+def test_secondary_endpoint_is_the_mean_over_steps_21_to_60_of_finished_runs(tmp_path):
+    _confirm_cell(tmp_path, "a", stream=0.0)
+    rows = [{"step": i, "success/rate": 1.0 if 21 <= i <= 40 else 0.0} for i in range(1, 61)]
+    (tmp_path / "a" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert confirm.stream_success(tmp_path / "a") == pytest.approx(20 / 40)
+    _confirm_cell(tmp_path, "b", stream=0.5, steps=59)  # not finished: no value
+    assert confirm.stream_success(tmp_path / "b") is None

@@ -112,10 +112,13 @@ def _finish_grid(status: dict[str, int | None]) -> int:
 def cmd_compare(args) -> int:
     cfg, out = _grid_config(args, "compare")
     from twofold.study.grid import compare_cells, logged_runs, run_grid
+    from twofold.study.heldout import HeldoutSpec
     from twofold.study.report import write_report
 
-    cells = compare_cells([s for s in args.sources.split(",") if s], args.seeds, cfg.seed, args.audit)
-    status = run_grid(cfg, cells, out, parallel=args.parallel, progress=cfg.run.progress)
+    sources = [s for s in args.sources.split(",") if s]
+    cells = compare_cells(sources, args.seeds, cfg.seed, args.audit, warmstart_per_seed=args.warmstart_per_seed)
+    heldout = HeldoutSpec(args.heldout, args.heldout_seed) if args.heldout else None
+    status = run_grid(cfg, cells, out, parallel=args.parallel, progress=cfg.run.progress, heldout=heldout)
     html_path, markdown = write_report(logged_runs(out, cells), out / "report", margin=args.margin)
     print(markdown)
     print(f"report: {html_path}")
@@ -399,6 +402,24 @@ def _add_training_commands(sub) -> None:
         "--audit",
         action="store_true",
         help="also one audit run per approximate source, measuring its error against exact old log-probs",
+    )
+    p.add_argument(
+        "--warmstart-per-seed",
+        action="store_true",
+        help="start the cells of seed S from the warm start of warmstart.seed=S (default: one warm start for all)",
+    )
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=0,
+        metavar="EPISODES",
+        help="after training, score each cell's final checkpoint on EPISODES held-out levels (RUN_DIR/heldout.json)",
+    )
+    p.add_argument(
+        "--heldout-seed",
+        type=int,
+        default=1000,
+        help="evaluation seed of --heldout: every cell plays the same levels (default 1000)",
     )
     p.add_argument("--out", default=None, help="grid folder (default runs/compare-ENV); re-use it to resume")
     _add_margin(p)

@@ -1,0 +1,175 @@
+"""The analysis of the pre-registered confirmation (docs/results.md, "Pre-registered confirmation"), fixed
+before any of its runs.
+
+Four one-sided hypotheses (`FAMILY`), each an exact paired sign-flip test of the differences d_s = better_s -
+other_s + margin over the seeds both arms finished: under H0 each d_s is symmetric about 0 and p is the share
+of the 2^n sign assignments whose sum is at least the observed one. Holm over the four keeps the family-wise
+error at ALPHA. The primary endpoint is the held-out success of each run's final checkpoint (heldout.json,
+`study.heldout`); the secondary is the mean training-stream success over steps 21-60, tested the same way as
+a family of its own. A run that collapsed is an outcome and is scored like any other; only a seed where one
+arm has no value (a run that failed twice, or has not finished) leaves its pair out, and the table says so.
+
+    python -m twofold.study.confirm --tooluse runs/confirm-tooluse-stale --stale runs/confirm-frozenlake-stale \\
+        --stale-noreset runs/confirm-frozenlake-stale-noreset
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from twofold import metrics as M
+from twofold.pipeline.rundir import read_metrics
+from twofold.study.heldout import HELDOUT_FILE
+from twofold.study.stats import holm, sign_flip_test, t_interval
+
+ALPHA = 0.05
+SEEDS = tuple(range(5, 15))  # the registered seeds
+SECONDARY_STEPS = (21, 60)  # first and last step of the secondary endpoint's window
+GRIDS = ("tooluse", "stale", "stale_noreset")  # the grid folders the family reads, by role
+
+
+@dataclass(frozen=True)
+class Arm:
+    grid: str  # one of GRIDS
+    source: str
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """H1 of a one-sided test: mean(better - other) > -margin (margin 0: `better` is better; margin > 0: it is
+    not worse by `margin` or more, a non-inferiority test)."""
+
+    name: str
+    statement: str
+    better: Arm
+    other: Arm
+    margin: float = 0.0
+
+
+FAMILY = (
+    Hypothesis("H1", "snapshot > recompute, tool use (b)", Arm("tooluse", "snapshot"), Arm("tooluse", "recompute")),
+    Hypothesis("H2", "snapshot > recompute, FrozenLake (b)", Arm("stale", "snapshot"), Arm("stale", "recompute")),
+    Hypothesis(
+        "H3",
+        "ewma non-inferior to snapshot (margin 0.05), FrozenLake (b)",
+        Arm("stale", "ewma"),
+        Arm("stale", "snapshot"),
+        margin=0.05,
+    ),
+    Hypothesis(
+        "H4",
+        "ewma without the reset rule > ewma with it, FrozenLake (b)",
+        Arm("stale_noreset", "ewma"),
+        Arm("stale", "ewma"),
+    ),
+)
+
+Endpoint = Callable[[Path], "float | None"]
+
+
+def heldout_success(run_dir: Path) -> float | None:
+    """The primary endpoint: held-out success of the final checkpoint; None where not evaluated."""
+    try:
+        return float(json.loads((run_dir / HELDOUT_FILE).read_text())["success_rate"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def stream_success(run_dir: Path, first: int = SECONDARY_STEPS[0], last: int = SECONDARY_STEPS[1]) -> float | None:
+    """The secondary endpoint: mean training-stream success over steps first..last; None unless the run logged
+    every one of them."""
+    by_step = {r["step"]: r.get(M.SUCCESS_RATE) for r in read_metrics(run_dir / "metrics.jsonl")}
+    values = [by_step.get(step) for step in range(first, last + 1)]
+    if any(not isinstance(v, (int, float)) for v in values):
+        return None
+    return sum(values) / len(values)
+
+
+def arm_values(grid: Path, source: str, endpoint: Endpoint) -> dict[int, float]:
+    """{seed: endpoint} over the learning cells `SOURCE-seedN` of a grid folder (audit cells are not arms)."""
+    pattern = re.compile(rf"^{re.escape(source)}-seed(\d+)$")
+    values = {}
+    for cell in sorted(grid.iterdir()) if grid.is_dir() else []:
+        found = pattern.match(cell.name)
+        value = endpoint(cell) if found else None
+        if value is not None:
+            values[int(found.group(1))] = value
+    return values
+
+
+@dataclass(frozen=True)
+class Result:
+    hypothesis: Hypothesis
+    seeds: tuple[int, ...]  # the registered seeds both arms have
+    missing: tuple[int, ...]  # the registered seeds one arm or both lack
+    differences: tuple[float, ...]  # better - other, per seed in `seeds`
+    p: float  # one-sided exact sign-flip p of differences + margin
+    p_holm: float = math.nan
+
+    @property
+    def rejected(self) -> bool:
+        return self.p_holm <= ALPHA
+
+
+def paired_test(h: Hypothesis, grids: dict[str, Path], endpoint: Endpoint) -> Result:
+    better = arm_values(grids[h.better.grid], h.better.source, endpoint)
+    other = arm_values(grids[h.other.grid], h.other.source, endpoint)
+    seeds = tuple(s for s in SEEDS if s in better and s in other)
+    differences = tuple(better[s] - other[s] for s in seeds)
+    p = sign_flip_test([d + h.margin for d in differences]).greater
+    return Result(h, seeds, tuple(s for s in SEEDS if s not in seeds), differences, p)
+
+
+def analyse(grids: dict[str, Path], endpoint: Endpoint) -> list[Result]:
+    """Every hypothesis of FAMILY on one endpoint, with Holm's adjustment over the four."""
+    results = [paired_test(h, grids, endpoint) for h in FAMILY]
+    adjusted = holm([r.p for r in results])
+    return [dataclasses.replace(r, p_holm=a) for r, a in zip(results, adjusted, strict=True)]
+
+
+def results_table(results: list[Result]) -> str:
+    head = (
+        "| hypothesis | pairs | missing seeds | mean difference, 95% t CI (descriptive) | one-sided sign-flip p "
+        "| Holm p | at alpha 0.05 |\n|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        iv = t_interval(list(r.differences))
+        interval = "-" if math.isnan(iv.mean) else f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+        missing = ", ".join(map(str, r.missing)) or "none"
+        verdict = "H0 rejected" if r.rejected else "not rejected"
+        h = r.hypothesis
+        rows.append(
+            f"| {h.name}: {h.statement} | {len(r.seeds)} | {missing} | {interval} | {r.p:.4g} | {r.p_holm:.4g} "
+            f"| {verdict} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m twofold.study.confirm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tooluse", required=True, help="grid folder of configs/study/confirm-tooluse-stale.yaml")
+    p.add_argument("--stale", required=True, help="grid folder of configs/study/confirm-frozenlake-stale.yaml")
+    p.add_argument(
+        "--stale-noreset", required=True, help="grid folder of configs/study/confirm-frozenlake-stale-noreset.yaml"
+    )
+    args = p.parse_args(argv)
+    grids = {"tooluse": Path(args.tooluse), "stale": Path(args.stale), "stale_noreset": Path(args.stale_noreset)}
+    first, last = SECONDARY_STEPS
+    print("Primary endpoint: held-out success of the final checkpoint (Holm over H1-H4)\n")
+    print(results_table(analyse(grids, heldout_success)))
+    print(f"Secondary endpoint: mean training-stream success over steps {first}-{last} (Holm over H1-H4)\n")
+    print(results_table(analyse(grids, stream_success)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
