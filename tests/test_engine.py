@@ -1,17 +1,19 @@
 import threading
+import types
 
 import pytest
 import torch
 
+from twofold.engine import builtin
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import (
     BuiltinEngine,
-    accumulate_linears_in_float32_,
+    hold_weights_in_float32_,
     lacks_native_low_precision_matmul,
     sample_from_logits,
 )
 from twofold.logprobs import Numerics, score_sequences
-from twofold.models import full_weights, load_model
+from twofold.models import full_weights, load_model, load_tokenizer
 
 
 def _requests(tokenizer, n, max_new=12, **kw):
@@ -69,19 +71,75 @@ def test_float32_accumulation_keeps_bf16_numerics_but_summation_order(tiny_path)
     # bf16 running sums would round 256 + 1 back to 256 (tie to even) twice and give 256.
     lin = torch.nn.Linear(3, 1, bias=False).to(torch.bfloat16)
     lin.weight.data.fill_(1.0)
-    accumulate_linears_in_float32_(lin)
+    hold_weights_in_float32_(lin, torch.bfloat16)
     out = lin(torch.tensor([[256.0, 1.0, 1.0]], dtype=torch.bfloat16))
-    assert out.dtype == torch.bfloat16 and out.item() == 258.0
+    assert lin.weight.dtype == torch.float32 and out.dtype == torch.bfloat16 and out.item() == 258.0
 
     trainer = load_model(tiny_path)
     native, fast = load_model(tiny_path, torch.bfloat16), load_model(tiny_path, torch.bfloat16)
-    accumulate_linears_in_float32_(fast)
+    hold_weights_in_float32_(fast, torch.bfloat16)
     ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, a, b = (m(input_ids=ids).logits.float().log_softmax(-1) for m in (trainer, native, fast))
     kl = [(ref.exp() * (ref - x)).sum(-1).mean().item() for x in (a, b)]
     assert kl[0] > 0 and kl[1] == pytest.approx(kl[0], rel=0.1)
     assert (a - b).abs().max() < 0.05  # a few bf16 ulps of a logit of size ~5
+
+
+def _linear_converting_weights(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The path the engine took before holding weights in float32: bf16 weights converted on every call."""
+    bias = None if self.bias is None else self.bias.float()
+    return torch.nn.functional.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+
+def test_weights_held_in_float32_give_the_numbers_of_converting_them_per_call(tiny_path):
+    """Tolerance 0: both paths hand the same float32 GEMM the same operands (the float32 copy of a bf16 value is
+    exact, whether made once at load or on every call), so the logits agree bit for bit."""
+    converting = load_model(tiny_path, torch.bfloat16)
+    for module in converting.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.forward = types.MethodType(_linear_converting_weights, module)
+    held = load_model(tiny_path, torch.bfloat16)
+    hold_weights_in_float32_(held, torch.bfloat16)
+    assert held.lm_head.weight is held.model.embed_tokens.weight  # still tied: one float32 tensor
+    assert held.lm_head.weight.dtype == torch.float32 and held.model.norm.weight.dtype == torch.bfloat16
+    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before, after = converting(input_ids=ids).logits, held(input_ids=ids).logits
+    assert after.dtype == torch.bfloat16 and torch.equal(before, after)
+
+
+def _weight_bytes_held(model: torch.nn.Module, wide: bool) -> int:
+    """4 bytes for a Linear or Embedding weight held in float32 (`wide`), 2 for everything else (bf16)."""
+    wide_modules = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
+    held = {id(p) for m in wide_modules for p in m.parameters()}
+    return sum(p.numel() * (4 if wide and id(p) in held else 2) for p in model.parameters())
+
+
+@pytest.mark.parametrize("held_in_float32", [True, False])
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_update_weights_then_generate_matches_an_engine_built_from_those_weights(
+    tiny_path, tmp_path, monkeypatch, quantization, held_in_float32
+):
+    """update_weights rounds the new float32 weights to bf16 (then int8 and back) into whatever storage the engine
+    holds, as loading them from disk does: the same tokens and bit-identical log-probs from the same RNG state.
+    Both storages on any CPU: the float32 one is what a CPU without native bf16 matmul gets."""
+    monkeypatch.setattr(builtin, "lacks_native_low_precision_matmul", lambda device, dtype: held_in_float32)
+    model = load_model(tiny_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    model.save_pretrained(tmp_path)
+    updated = BuiltinEngine(tiny_path, dtype="bfloat16", quantization=quantization)
+    updated.update_weights(full_weights(model), 1)
+    fresh = BuiltinEngine(tmp_path, dtype="bfloat16", quantization=quantization)
+    fresh.version = 1
+    reqs = _requests(load_tokenizer(tiny_path), 3)
+    a, b = updated.generate(reqs), fresh.generate(reqs)
+    assert [(o.output_ids, o.output_logprobs, o.output_versions) for o in a] == [
+        (o.output_ids, o.output_logprobs, o.output_versions) for o in b
+    ]
+    assert updated.resident_weight_bytes() == _weight_bytes_held(model, held_in_float32)
 
 
 def test_only_cpu_low_precision_engines_take_the_float32_accumulation_path():

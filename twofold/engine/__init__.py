@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twofold.config import ConfigError, EngineConfig
+from twofold.config import ConfigError, EngineConfig, parse_bytes
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
 from twofold.engine.builtin import BuiltinEngine
 
@@ -22,6 +22,7 @@ def make_engine(cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int 
             seed=seed,
             tokenizer=tokenizer,
             device=cfg.device,
+            prefix_cache_bytes=parse_bytes(cfg.prefix_cache, "engine.prefix_cache") or 0,
         )
     if cfg.backend == "vllm":
         try:

@@ -124,5 +124,10 @@ class InferenceEngine(ABC):
         engine core, a Ray replica)."""
         return 0
 
+    def prefill_metrics(self) -> dict[str, int]:
+        """Counters of the context the engine ran through its model and the context it reused (engine/* metrics);
+        none for an engine that does not count them."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 (optional for engines: the built-in one holds nothing to release)
         """Release resources (processes, GPU memory); the built-in engine holds none."""
