@@ -24,7 +24,15 @@ from twofold.pipeline.rundir import read_metrics, summary
 from twofold.trainer.trainer import TrainingHalted
 
 # wall-clock measurements, and the process's resident size, differ between any two runs
-VOLATILE = ("time/", "throughput/", "memory/rss_bytes", "memory/step_peak_rss_bytes", "memory/step_transient_bytes")
+VOLATILE = (
+    "time/",
+    "throughput/",
+    "memory/rss_bytes",
+    "memory/step_peak_rss_bytes",
+    "memory/step_transient_bytes",
+    "memory/process_baseline_bytes",
+    "engine/",  # a resumed engine starts with an empty prefix cache: it prefills what it would have reused
+)
 
 
 def _comparable(rows):

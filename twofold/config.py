@@ -83,6 +83,11 @@ class ModelConfig:
         "Empty: the built-in tiny model, built locally in the shape hidden_size ... max_positions give.",
     )
     revision: str = setting("", "Hub ID only: the branch, tag or commit to use. Empty: the default branch.")
+    trust_remote_code: bool = setting(
+        False,
+        "Allow a model whose folder brings its own Python code (an auto_map in config.json) to run it. Off: such "
+        "a model is refused, naming its code files.",
+    )
     warmstart: bool = setting(
         True,
         "Start from the SFT warm-start checkpoint of the configured env (built and cached on first use); "
@@ -128,6 +133,12 @@ class EngineConfig:
         0.0, "Std of Gaussian noise added to the engine's logits: an experiment knob for a stronger mismatch.", ge=0
     )
     max_batch_size: int = setting(64, "Most sequences the engine generates at once.", gt=0)
+    prefix_cache: str = setting(
+        "1GiB",
+        "Built-in engine: KV kept across generate calls, keyed by (weights version, token prefix), so an episode's "
+        "next turn prefills only its new tokens and prompts shared by rows are prefilled once; emptied at every "
+        "weight update. A size such as 512MB or 2GiB; 0 keeps nothing.",
+    )
     temperature: float = setting(1.0, "Sampling temperature.", gt=0)
     top_p: float = setting(
         1.0, "Nucleus sampling: the smallest set of tokens with this much probability; 1: all.", gt=0, le=1
@@ -279,6 +290,13 @@ class TrainerConfig:
         ge=1,
         note="1: one process, nothing sharded",
     )
+    fsdp_param_dtype: Literal["float32", "bfloat16"] = setting(
+        "float32",
+        "With world_size > 1: the dtype FSDP2 all-gathers parameters in for each forward and backward "
+        "(MixedPrecisionPolicy param_dtype; gradients are reduced in float32). bfloat16 halves the all-gather "
+        "traffic and the gathered copies, and the forward computes with bfloat16 weights; the master weights, "
+        "gradients and AdamW state each rank keeps stay float32. No effect on one process.",
+    )
     dtype: Literal["float32", "bfloat16"] = setting(
         "float32",
         "Compute precision: bfloat16 autocast over float32 master weights and optimizer state, or float32. "
@@ -398,7 +416,7 @@ class WarmstartConfig:
     seed: int = setting(
         0,
         "Seed of the demonstrations and SFT, separate from the run's `seed`: every RL seed of a comparison starts "
-        "from the same warm-start checkpoint.",
+        "from the same warm-start checkpoint, unless `twofold compare --warmstart-per-seed` sets it to each seed.",
     )
 
 
@@ -880,6 +898,7 @@ def _check_trainer(cfg: Config) -> None:
 def _check_oldlogits(cfg: Config) -> None:
     o = cfg.oldlogits
     parse_bytes(o.snapshot_budget)
+    parse_bytes(cfg.engine.prefix_cache, "engine.prefix_cache")
     _need(
         not (cfg.mode == "sync" and o.source == "interrupt"),
         "oldlogits.source",

@@ -29,7 +29,7 @@ from twofold.config import Config, ConfigError, dump_config, to_dict
 from twofold.distributed import Ranks
 from twofold.logprobs import DTYPES, microbatches, resolve_device
 from twofold.loss import kl_estimates
-from twofold.models import full_weights, load_parameters, load_policy, load_tokenizer, versioned_state
+from twofold.models import full_weights, load_parameters, load_policy, load_tokenizer
 from twofold.oldlogits import OldLogitSource, SourceContext, make_source
 from twofold.pipeline.checkpoint import (
     Restored,
@@ -49,7 +49,7 @@ from twofold.pipeline.runtime import EmbeddedRuntime, Runtime
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.rollout.versions import LAG_BUCKETS, Admission, lag_bucket
 from twofold.rollout.worker import RolloutWorker
-from twofold.sharding import shard
+from twofold.sharding import sharded_copy
 from twofold.trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,9 @@ class StepTimes:
 def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path) -> SourceContext:
     """How and where the old-logit sources score and keep state: the trainer's numerics and ranks; model copies
     on `oldlogits.device`; snapshots on `oldlogits.snapshot_device` (host memory when the trainer is on a GPU).
-    With sharded ranks, model copies are built fresh from `model_path` and sharded the same way (a sharded
-    module cannot be deep-copied), or gathered whole on rank 0 for the dedicated worker."""
+    With sharded ranks, model copies are built on the meta device and sharded on the trainer's mesh, each rank
+    copying its own shards (a sharded module cannot be deep-copied), or gathered whole on rank 0 for the
+    dedicated worker."""
     o, t, ranks = cfg.oldlogits, cfg.trainer, trainer.ranks
     device = trainer.numerics.device if o.device == "auto" else resolve_device(o.device)
     if o.snapshot_device != "auto":
@@ -79,9 +80,7 @@ def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path)
     if ranks.sharded:
 
         def replicate(model: torch.nn.Module) -> torch.nn.Module:
-            copy = shard(load_policy(model_path, cfg.model).to(device), ranks, device)
-            load_parameters(copy, versioned_state(model, device))
-            return copy.eval()
+            return sharded_copy(model, DTYPES[t.fsdp_param_dtype]).eval()
 
         def whole_policy(state: dict[str, torch.Tensor]) -> torch.nn.Module:
             copy = load_policy(model_path, cfg.model).to(device).eval()
@@ -146,7 +145,7 @@ class Pipeline:
         self.async_mode = cfg.mode == "async"
         self.model_path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main)
         self.tokenizer = load_tokenizer(self.model_path)
-        self.trainer = Trainer(load_policy(self.model_path, cfg.model), cfg, seed=cfg.seed, ranks=self.ranks)
+        self.trainer = Trainer.from_pretrained(self.model_path, cfg, seed=cfg.seed, ranks=self.ranks)
         self.engine = self.runtime.make_engine(cfg, self.model_path, self.tokenizer) if main else None
         self.engine_dtype = DTYPES[cfg.engine.dtype]
         window = cfg.max_staleness if self.async_mode else 0
@@ -419,6 +418,7 @@ class Pipeline:
         }
         if self.trainer.numerics.device.type == "cuda":  # everything this process put on its GPU, at its peak
             row[M.DEVICE_PEAK_BYTES] = float(torch.cuda.max_memory_allocated(self.trainer.numerics.device))
+        row.update(self.engine.prefill_metrics())
         row.update(metrics)
         row.update(audit)
         row.update(self.runtime.metrics())

@@ -56,6 +56,7 @@ OPTIMIZER_TEMPORARIES = "AdamW temporaries"
 LOGITS = "logits"
 ENGINE_WEIGHTS = "engine weights"
 ENGINE_KV_CACHE = "engine KV cache"
+ENGINE_PREFIX_CACHE = "engine prefix cache"
 VLLM_SHARE = "vLLM share"
 SNAPSHOTS = "snapshots"
 SNAPSHOT_IN_USE = "snapshot in use"
@@ -230,6 +231,9 @@ class Machine:
     host_memory: int | None
     # vLLM's CPU build reserves VLLM_CPU_KVCACHE_SPACE GiB for its KV cache (twofold sets 1 unless you do).
     vllm_cpu_kv_cache: int = GIB
+    # The host CPU multiplies bf16 natively (AVX512-BF16, AMX); without it the built-in engine holds its bf16
+    # weights as float32 (`engine.builtin.hold_weights_in_float32_`), twice the bytes.
+    host_bf16_matmul: bool = True
 
 
 @dataclass(frozen=True)
@@ -364,17 +368,23 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
     device = _placed(e.device, 0, machine.gpus)
     tokens = e.max_batch_size * cfg.rollout.max_total_tokens
     kv_bytes = 2 * s.num_layers * s.num_kv_heads * s.head_dim * width * tokens
+    held = e.dtype
+    if device == HOST and width < 4 and not machine.host_bf16_matmul:
+        weights, held = n.base * 4, f"{e.dtype} values held as float32 (no native bf16 matmul)"
+    prefix = parse_bytes(e.prefix_cache, "engine.prefix_cache") or 0
     return [
         *out,
-        (device, Part(ENGINE_WEIGHTS, e.dtype, weights, "engine.device")),
+        (device, Part(ENGINE_WEIGHTS, held, weights, "engine.device")),
         (device, Part(ENGINE_KV_CACHE, f"{tokens:,} tokens x {e.dtype}", kv_bytes, "engine.max_batch_size")),
+        (device, Part(ENGINE_PREFIX_CACHE, "at most", prefix, "engine.prefix_cache")),
     ]
 
 
 def snapshot_versions(cfg: Config, version_bytes: int) -> int:
-    """Versions held at once: W + 1 in async mode (the trainer's and the W the engine may still sample with),
-    one in sync mode; at most what `oldlogits.snapshot_budget` (per rank) holds."""
-    versions = cfg.max_staleness + 1 if cfg.mode == "async" else 1
+    """Versions held at once: at most W + 1 in async mode (the trainer's and the W the engine may still sample
+    with), none in sync mode (every token is the trainer's version, scored before the update); at most what
+    `oldlogits.snapshot_budget` (per rank) holds."""
+    versions = cfg.max_staleness + 1 if cfg.mode == "async" else 0
     budget = parse_bytes(cfg.oldlogits.snapshot_budget)
     return versions if budget is None else min(versions, budget // max(version_bytes, 1))
 
@@ -413,7 +423,7 @@ def oldlogit_parts(
         add(snapshots, SNAPSHOTS, f"{held} x {format_bytes(version)}", held * version, "oldlogits.snapshot_budget")
         if sharded:
             add(copies, SCRATCH_COPY, f"float32, 1/{ws} shard", model_copy, "oldlogits.device")
-        elif snapshots != trainer:
+        elif snapshots != trainer and held:
             add(trainer, SNAPSHOT_IN_USE, "one version", version, "oldlogits.snapshot_device", SCORING)
         if o.on_budget == "ewma":
             out += oldlogit_parts(cfg, "ewma", n, rank, trainer, gpus, f"{label}fallback: ")
@@ -625,7 +635,8 @@ def this_machine() -> Machine:
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     memory = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
-    return Machine(gpus, memory, total_ram())
+    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return Machine(gpus, memory, total_ram(), host_bf16_matmul=bf16)
 
 
 def check_memory_plan(cfg: Config, model_path: Path) -> MemoryPlan:
