@@ -28,6 +28,7 @@ DEFERRED = {
     ("twofold.cli", "twofold.pipeline.train"): "a config error is reported before torch loads",
     ("twofold.cli", "twofold.study.grid"): "the same: commands import only what they run",
     ("twofold.cli", "twofold.study.report"): "matplotlib and scipy only for `report`, `compare`, `bench`",
+    ("twofold.cli", "twofold.study.heldout"): "the same: only `compare --heldout` evaluates",
     ("twofold.cli", "twofold.pipeline.resolve"): "torch and transformers only for commands that load a model",
     ("twofold.cli", "twofold.trainer.warmstart"): "the same",
     ("twofold.cli", "twofold.engine"): "the same",

@@ -258,6 +258,54 @@ def load_policy(path: str | Path, cfg: ModelConfig) -> torch.nn.Module:
         raise ConfigError("model.lora.target_modules", f"{e}".splitlines()[0]) from None
 
 
+def with_lora(model: torch.nn.Module, lora_cfg) -> torch.nn.Module:
+    """`model` with the LoRA adapters `lora_cfg` (a `LoraConfig` of twofold's, or peft's own) describes, base
+    frozen; `model` itself when its rank is 0 (peft is not imported). On the meta device the adapters are meta
+    too (nothing drawn)."""
+    if lora_cfg.r == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if not isinstance(lora_cfg, LoraConfig):
+        lora_cfg = LoraConfig(
+            r=lora_cfg.r,
+            lora_alpha=lora_cfg.alpha,
+            lora_dropout=lora_cfg.dropout,
+            target_modules=list(lora_cfg.target_modules),
+            bias="none",
+        )
+    try:
+        return get_peft_model(model, lora_cfg)
+    except ValueError as e:
+        raise ConfigError("model.lora.target_modules", f"{e}".splitlines()[0]) from None
+
+
+def _empty_model(config: transformers.PretrainedConfig) -> torch.nn.Module:
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def empty_policy(path: str | Path, cfg: ModelConfig) -> torch.nn.Module:
+    """The policy `load_policy(path, cfg)` builds, with every parameter and buffer on the meta device: its
+    modules, names, shapes and tied weights, no memory and no values (read: `config.json` alone). A sharded
+    trainer shards this and then fills its shards (`sharding.load_sharded_policy`)."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(Path(path))
+    except (ValueError, OSError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("model.path", f"{str(path)!r} has no usable config.json ({first})") from None
+    return with_lora(_empty_model(config), cfg.lora)
+
+
+def empty_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A policy of `model`'s architecture and LoRA adapters, every parameter and buffer on the meta device."""
+    if not is_lora(model):
+        return _empty_model(model.config)
+    import copy
+
+    return with_lora(_empty_model(model.get_base_model().config), copy.deepcopy(model.peft_config["default"]))
+
+
 def versioned_state(model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """A detached float32 copy of what changes between policy versions: the parameters that train.
 

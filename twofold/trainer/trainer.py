@@ -11,18 +11,20 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from twofold import metrics as M
 from twofold.config import Config
 from twofold.distributed import Ranks, full_tensor
-from twofold.logprobs import Numerics, deal_rows, microbatches, token_logprobs
+from twofold.logprobs import DTYPES, Numerics, deal_rows, microbatches, sharded_root, token_logprobs
 from twofold.loss import combine_metrics, decoupled_ppo_loss, loss_denominator
+from twofold.models import load_policy
 from twofold.oldlogits import OldLogitSource
 from twofold.rollout.trajectory import Batch
 from twofold.rollout.versions import lag_fractions, version_staleness
-from twofold.sharding import shard
+from twofold.sharding import load_sharded_policy, shard
 from twofold.trainer.advantages import token_advantages
 
 
@@ -39,7 +41,10 @@ class TrainingHalted(RuntimeError):
 class Trainer:
     """The policy being optimised: its model (float32 master weights on the trainer's device, sharded across
     `ranks` with FSDP2 when there are several), the optimizer over the parameters that train, and the
-    version counter."""
+    version counter.
+
+    `model` is a whole policy (moved to the trainer's device and sharded here), or one already sharded
+    (`from_pretrained` builds it so, and a one-rank mesh shards it in one process), used as it is."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config, seed: int = 0, ranks: Ranks | None = None):
         self.cfg = cfg
@@ -48,14 +53,28 @@ class Trainer:
         self.numerics = Numerics.from_config(cfg, self.ranks.rank)
         if t.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = model.to(device=self.numerics.device, dtype=torch.float32).train()
-        self.model = shard(model, self.ranks, self.numerics.device)
+        if sharded_root(model) is None:
+            model = model.to(device=self.numerics.device, dtype=torch.float32)
+            model = shard(model, self.ranks, self.numerics.device, DTYPES[t.fsdp_param_dtype])
+        self.model = model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
         self.version = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, cfg: Config, seed: int = 0, ranks: Ranks | None = None) -> Trainer:
+        """The trainer of the policy at `path` (`model.lora` applied). One process loads it whole; several ranks
+        build it on the meta device, shard it and fill their shards from rank 0's copy
+        (`sharding.load_sharded_policy`), so no rank's device ever holds the whole model."""
+        ranks = ranks or Ranks()
+        if not ranks.sharded:
+            return cls(load_policy(path, cfg.model), cfg, seed, ranks)
+        device = Numerics.from_config(cfg, ranks.rank).device
+        param_dtype = DTYPES[cfg.trainer.fsdp_param_dtype]
+        return cls(load_sharded_policy(path, cfg.model, ranks, device, param_dtype), cfg, seed, ranks)
 
     def my_microbatches(self, mb: Batch) -> list[list[int] | None]:
         """This rank's micro-batches of a minibatch (row indices), padded with None to the count of the rank

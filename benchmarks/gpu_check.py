@@ -1,0 +1,545 @@
+"""The GPU paths on a GPU, in one short run: what to run first whenever a GPU machine is lent (issue #35).
+
+    python benchmarks/gpu_check.py --out runs/gpu_check.jsonl                  # one GPU, a random 0.5B model
+    python benchmarks/gpu_check.py --device cpu --out /tmp/gpu_check.jsonl     # the same checks, tiny, on CPU
+
+Needs no network: the model is a random one of Qwen2.5-0.5B's shape (`--size 0.5b`; `tiny` on CPU), built from a
+config and saved to a temporary folder with a BPE tokenizer trained here. Each check is independent: it builds
+what it needs, and a check that fails (or raises) is recorded with its error and the next one runs. One JSON line
+per check goes to `--out` as soon as it finishes (so a run cut short keeps what it did), with its status
+(passed / failed / skipped), its seconds and its numbers; the exit code is 1 when any check failed.
+
+Checks:
+  bf16_step               a training step in bfloat16 autocast with micro-batches and gradient checkpointing
+  snapshot_exact          old log-probs rescored from a snapshot in host memory equal, bit for bit, what the
+                          live weights gave before the update
+  chunked_logprob_memory  chunked log-probs equal the full computation, and their peak memory is lower by at
+                          least half a [tokens, vocabulary] float32 logits tensor (torch.cuda.max_memory_allocated;
+                          not measured on CPU)
+  fsdp_one_rank           a trainer built on the meta device and sharded by FSDP2 over a one-rank NCCL group
+                          (gloo on CPU) takes the step the plain trainer takes
+  checkpoint_resume       save, keep training, restore into fresh parts: the same next step, the same engine
+                          samples (the engine's device RNG), the same EWMA average
+  vllm_weights            vLLM on the GPU (when importable): version stamps before and after a weight update,
+                          and behaviour log-probs that follow the new weights (skipped on CPU: tests/test_vllm.py
+                          runs vLLM's CPU build)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.metadata
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# The repository root, so that the check runs from a copy of the working tree without an install.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from twofold.config import Config, config_from_dict  # noqa: E402
+from twofold.distributed import Ranks, free_port, is_sharded  # noqa: E402
+from twofold.logprobs import Numerics, pad_right, score_sequences, token_logprobs  # noqa: E402
+from twofold.models import full_weights, gathered_state, load_model, load_policy, save_random_model  # noqa: E402
+from twofold.oldlogits import BehaviorSource, SnapshotSource, SourceContext, make_source  # noqa: E402
+from twofold.rollout.trajectory import Batch, Trajectory  # noqa: E402
+from twofold.trainer.trainer import Trainer  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Size:
+    """A model shape and the work each check does with it."""
+
+    model: dict
+    reply_lengths: tuple[int, ...]  # agent tokens of each trajectory (after a prompt a quarter as long)
+    microbatch_tokens: int  # trainer.max_tokens_per_microbatch: several micro-batches per minibatch
+    memory_tokens: int  # the sequence of the log-prob memory check
+    chunk: int  # trainer.logprob_chunk_size
+
+
+SIZES = {
+    # Qwen2.5-0.5B's shape (494M parameters with the tied head)
+    "0.5b": Size(
+        model=dict(
+            vocab_size=151936,
+            hidden_size=896,
+            num_layers=24,
+            num_heads=14,
+            num_kv_heads=2,
+            intermediate_size=4864,
+            tie_word_embeddings=True,
+        ),
+        reply_lengths=(900, 700, 520, 400, 330, 260, 200, 150),
+        microbatch_tokens=2048,
+        memory_tokens=4096,
+        chunk=512,
+    ),
+    "tiny": Size(
+        model=dict(
+            vocab_size=2048,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            tie_word_embeddings=True,
+        ),
+        reply_lengths=(24, 20, 17, 14, 12, 10, 8, 6),
+        microbatch_tokens=64,
+        memory_tokens=128,
+        chunk=32,
+    ),
+}
+
+
+@dataclass
+class Setup:
+    path: Path
+    device: torch.device
+    size: Size
+    workdir: Path
+
+    def config(self, **trainer) -> Config:
+        """A run's config for this model and device: bfloat16 autocast, gradient checkpointing, micro-batches
+        (overridable per check)."""
+        dev = str(self.device)
+        return config_from_dict(
+            {
+                "model": {"path": str(self.path), "warmstart": False},
+                "engine": {"device": dev, "dtype": "bfloat16"},
+                "trainer": {
+                    "device": dev,
+                    "dtype": "bfloat16",
+                    "gradient_checkpointing": True,
+                    "max_tokens_per_microbatch": self.size.microbatch_tokens,
+                    "logprob_chunk_size": self.size.chunk,
+                    "num_minibatches": 2,
+                    "lr": 1e-4,
+                    **trainer,
+                },
+                "loss": {"aggregation": "seq-mean-token-mean"},
+                "oldlogits": {"source": "ewma", "snapshot_device": "cpu"},
+            }
+        )
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def random_batch(model: torch.nn.Module, size: Size, numerics: Numerics, version: int = 0, seed: int = 0) -> Batch:
+    """Trajectories of random tokens (groups of two, random rewards), behaviour log-probs = the model's own plus
+    noise, every agent token of `version`."""
+    vocab = model.config.vocab_size
+    rng = random.Random(seed)
+    trajectories = []
+    for i, n in enumerate(size.reply_lengths):
+        t = Trajectory(uid=i, group_id=i // 2, level_seed=0)
+        t.append([rng.randrange(vocab) for _ in range(max(2, n // 4))], agent=False)
+        t.append([rng.randrange(vocab) for _ in range(n)], agent=True, logprobs=[0.0] * n, versions=[version] * n)
+        t.turn_rewards.append(rng.random())
+        trajectories.append(t)
+    noise = torch.Generator().manual_seed(seed)
+    for t, lp in zip(trajectories, score_sequences(model, [t.token_ids for t in trajectories], numerics), strict=True):
+        lp = lp + 0.05 * torch.randn(len(lp), generator=noise)
+        t.behavior_logprobs = [float(v) if m else 0.0 for v, m in zip(lp, t.loss_mask, strict=True)]
+    return Batch.from_trajectories(trajectories, pad_id=0)
+
+
+def source_context(trainer: Trainer, async_mode: bool = True) -> SourceContext:
+    """Where the sources score and keep state: the trainer's numerics and device; snapshots in host memory."""
+    t = trainer.cfg.trainer
+    return SourceContext(
+        pad_id=0,
+        async_mode=async_mode,
+        max_staleness=1,
+        updates_per_version=t.ppo_epochs * t.num_minibatches,
+        numerics=trainer.numerics,
+        device=trainer.numerics.device,
+        snapshot_device=torch.device("cpu"),
+    )
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[n].detach().cpu().float() - b[n].detach().cpu().float()).abs().max()) for n in a)
+
+
+def update_difference(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], start: dict) -> float:
+    """||got - expected|| / ||expected - start|| over all weights: how far apart two runs' updates from the same
+    `start` are, relative to the update itself. 0 when bit-identical (as on CPU); a GPU's atomic adds (embedding
+    and attention backward) can make two runs of one step differ by rounding, which should stay far below the
+    1e-2 the checks allow (not yet measured on a GPU)."""
+
+    def sq(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.detach().cpu().double() - b.detach().cpu().double()).square().sum())
+
+    apart = sum(sq(got[n], expected[n]) for n in expected)
+    moved = sum(sq(expected[n], start[n]) for n in expected)
+    return math.sqrt(apart / moved) if moved > 0 else math.inf
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_bytes(device: torch.device, run: Callable[[], object]) -> int | None:
+    """Peak allocated bytes on `device` while `run()` runs, above what was allocated before; None off CUDA."""
+    if device.type != "cuda":
+        run()
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def check_bf16_step(s: Setup) -> dict:
+    cfg = s.config()
+    trainer = Trainer(load_policy(s.path, cfg.model), cfg)
+    batch = random_batch(trainer.model, s.size, trainer.numerics)
+    before = gathered_state(trainer.model)
+    half = batch.select(list(range(len(batch.trajectories) // 2)))
+    microbatches = len(trainer.my_microbatches(half))
+    metrics = {}
+    start = time.perf_counter()
+    peak = peak_bytes(
+        s.device, lambda: metrics.update(trainer.train_step(batch, BehaviorSource(source_context(trainer))))
+    )
+    seconds = time.perf_counter() - start
+    moved = max_difference(gathered_state(trainer.model), before)
+    ok = (
+        math.isfinite(metrics["loss/value"])
+        and math.isfinite(metrics["loss/grad_norm"])
+        and metrics["trainer/optimizer_steps"] == 2
+        and microbatches > 1
+        and moved > 0
+    )
+    return {
+        "ok": ok,
+        "step_seconds": seconds,
+        "peak_bytes": peak,
+        "microbatches_of_half_the_rows": microbatches,
+        "loss": metrics["loss/value"],
+        "grad_norm": metrics["loss/grad_norm"],
+        "optimizer_steps": metrics["trainer/optimizer_steps"],
+        "max_weight_change": moved,
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+    }
+
+
+def check_snapshot_exact(s: Setup) -> dict:
+    cfg = s.config()
+    trainer = Trainer(load_policy(s.path, cfg.model), cfg)
+    ctx = source_context(trainer)
+    batch = random_batch(trainer.model, s.size, trainer.numerics)
+    source = SnapshotSource(ctx, trainer.model, budget_bytes=None)
+    source.prepare(batch, trainer.model, 0)  # captured with the live weights W_0
+    live = source.old_logprobs(batch, None, 0)
+    source.release(batch.trajectories)
+    source.before_update(trainer.model, 0, [])  # the snapshot of W_0, in (pinned) host memory
+    trainer.train_step(batch, BehaviorSource(ctx))
+    source.prepare(batch, trainer.model, 1)  # W_0's tokens, now scored from the snapshot
+    rescored = source.old_logprobs(batch, None, 1)
+    now = ctx.score_batch(trainer.model, batch)
+    tokens = int(batch.loss_mask.sum())
+    return {
+        "ok": torch.equal(rescored, live) and float((now - live).abs().max()) > 0,
+        "tokens": tokens,
+        "max_difference": float((rescored - live).abs().max()),
+        "max_difference_after_update": float((now - live).abs().max()),
+        "snapshot_bytes": source.store.bytes,
+    }
+
+
+def check_chunked_logprob_memory(s: Setup) -> dict:
+    model = load_model(s.path).to(s.device).train()
+    vocab = model.config.vocab_size
+    ids, attn = pad_right([[random.Random(1).randrange(vocab) for _ in range(s.size.memory_tokens)]], 0)
+    ids, attn = ids.to(s.device), attn.to(s.device)
+    results = {}
+
+    def forward_backward(chunk: int) -> None:
+        lp = token_logprobs(model, ids, attn, 1.0, chunk)
+        lp.sum().backward()
+        results[chunk] = lp.detach()
+        model.zero_grad(set_to_none=True)
+
+    forward_backward(s.size.chunk)  # warm-up: kernels, allocator
+    chunked = peak_bytes(s.device, lambda: forward_backward(s.size.chunk))
+    full = peak_bytes(s.device, lambda: forward_backward(0))
+    logits_bytes = (s.size.memory_tokens - 1) * vocab * 4  # one [tokens, V] float32 logits tensor
+    difference = float((results[s.size.chunk] - results[0]).abs().max())
+    saved = None if full is None else full - chunked
+    return {
+        "ok": difference < 1e-4 and (saved is None or saved > logits_bytes / 2),
+        "tokens": s.size.memory_tokens,
+        "chunk": s.size.chunk,
+        "max_difference": difference,
+        "peak_bytes_chunked": chunked,
+        "peak_bytes_full": full,
+        "one_logits_tensor_bytes": logits_bytes,
+        "memory": "measured" if full is not None else "not measured (no CUDA allocator statistics on CPU)",
+    }
+
+
+def check_fsdp_one_rank(s: Setup) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from twofold.logprobs import DTYPES
+    from twofold.sharding import load_sharded_policy
+
+    cfg = s.config(dtype="float32")  # float32, to compare the two steps closely
+    plain = Trainer(load_policy(s.path, cfg.model), cfg)
+    batch = random_batch(plain.model, s.size, plain.numerics)
+    start = gathered_state(plain.model)
+    expected = plain.train_step(batch, BehaviorSource(source_context(plain)))
+    expected_weights = gathered_state(plain.model)
+    del plain
+    gc.collect()
+    backend = "nccl" if s.device.type == "cuda" else "gloo"
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
+    dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh(s.device.type, (1,))
+        policy = load_sharded_policy(s.path, cfg.model, Ranks(), s.device, DTYPES[cfg.trainer.fsdp_param_dtype], mesh)
+        sharded = Trainer(policy, cfg)
+        got = sharded.train_step(batch, BehaviorSource(source_context(sharded)))
+        weights = gathered_state(sharded.model)
+        sharded_parameters = all(is_sharded(p) for p in sharded.model.parameters())
+    finally:
+        dist.destroy_process_group()
+    relative = update_difference(weights, expected_weights, start)
+    return {
+        "ok": (
+            sharded_parameters
+            and math.isclose(got["loss/value"], expected["loss/value"], rel_tol=1e-5, abs_tol=1e-6)
+            and math.isclose(got["loss/grad_norm"], expected["loss/grad_norm"], rel_tol=1e-4)
+            and relative < 1e-2
+        ),
+        "backend": backend,
+        "loss": [got["loss/value"], expected["loss/value"]],
+        "grad_norm": [got["loss/grad_norm"], expected["loss/grad_norm"]],
+        "max_weight_difference": max_difference(weights, expected_weights),
+        "update_difference": relative,
+    }
+
+
+def check_checkpoint_resume(s: Setup) -> dict:
+    from twofold.engine.base import GenerationRequest, SamplingParams
+    from twofold.engine.builtin import BuiltinEngine
+    from twofold.pipeline.checkpoint import RunParts, restore_run, restore_source, save_checkpoint
+    from twofold.rollout.versions import Admission
+
+    cfg = s.config()
+    request = GenerationRequest(0, [1, 2, 3, 4], SamplingParams(max_new_tokens=8))
+
+    def parts(run_dir: Path, engine_seed: int):
+        trainer = Trainer(load_policy(s.path, cfg.model), cfg, seed=0)
+        engine = BuiltinEngine(s.path, dtype="bfloat16", device=str(s.device), seed=engine_seed)
+        source = make_source(cfg, source_context(trainer), trainer.model)
+        return RunParts(run_dir, trainer, Admission(1, 2, "drop"), Ranks(), engine, keep_checkpoints=1), source
+
+    def step(p: RunParts, source, batch) -> dict:
+        model = p.trainer.model
+        return p.trainer.train_step(batch, source, after_optimizer_step=lambda: source.after_optimizer_step(model))
+
+    run_dir = s.workdir / "resume"
+    straight, source = parts(run_dir, engine_seed=0)
+    batches = [random_batch(straight.trainer.model, s.size, straight.trainer.numerics, seed=k) for k in (1, 2)]
+    step(straight, source, batches[0])
+    saved = save_checkpoint(straight, 1, source)
+    at_save = gathered_state(straight.trainer.model)
+    samples = straight.engine.generate([request])[0].output_ids
+    expected = step(straight, source, batches[1])
+    expected_weights, expected_average = gathered_state(straight.trainer.model), source.ewma.params
+    del straight
+
+    resumed, source = parts(run_dir, engine_seed=12345)  # the engine's generator must come from the checkpoint
+    restored = restore_run(resumed, saved)
+    restore_source(source, restored.source_state, Ranks())
+    resumed_samples = resumed.engine.generate([request])[0].output_ids
+    restored_weights = max_difference(gathered_state(resumed.trainer.model), at_save)
+    got = step(resumed, source, batches[1])
+    weights = gathered_state(resumed.trainer.model)
+    relative = update_difference(weights, expected_weights, at_save)
+    return {
+        "ok": (
+            restored.step == 1
+            and restored_weights == 0.0
+            and resumed_samples == samples
+            and math.isclose(got["loss/value"], expected["loss/value"], rel_tol=1e-4, abs_tol=1e-6)
+            and relative < 1e-2
+            and update_difference(source.ewma.params, expected_average, at_save) < 1e-2
+        ),
+        "restored_step": restored.step,
+        "restored_weight_difference": restored_weights,
+        "engine_samples_equal": resumed_samples == samples,
+        "loss": [got["loss/value"], expected["loss/value"]],
+        "max_weight_difference": max_difference(weights, expected_weights),
+        "update_difference": relative,
+        "max_ewma_difference": max_difference(source.ewma.params, expected_average),
+        "ewma_difference": update_difference(source.ewma.params, expected_average, at_save),
+        "checkpoint_bytes": sum(f.stat().st_size for f in saved.iterdir()),
+    }
+
+
+def check_vllm_weights(s: Setup) -> dict:
+    if s.device.type != "cuda":
+        return {"skipped": "vLLM's GPU path; on CPU, tests/test_vllm.py runs vLLM's CPU build"}
+    try:
+        from twofold.engine.vllm import VLLMEngine
+    except ImportError as e:
+        return {"skipped": f"vLLM is not importable here ({e})"}
+    from twofold.config import EngineConfig
+    from twofold.engine.base import GenerationRequest, SamplingParams
+
+    engine = VLLMEngine(s.path, EngineConfig(dtype="bfloat16", gpu_memory_utilization=0.3, max_batch_size=4))
+    try:
+        model = load_model(s.path).to(s.device)
+        prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+
+        def sample() -> tuple[list[int], list[float], list[int]]:
+            r = engine.generate([GenerationRequest(0, prompt, SamplingParams(max_new_tokens=32))])[0]
+            return r.output_ids, r.output_logprobs, r.output_versions
+
+        def scored(ids: list[int]) -> torch.Tensor:
+            ids_t, attn = pad_right([prompt + ids], 0)
+            with torch.no_grad():
+                return token_logprobs(model, ids_t.to(s.device), attn.to(s.device))[0, len(prompt) :].cpu()
+
+        ids0, lps0, versions0 = sample()
+        gap_before = float((torch.tensor(lps0) - scored(ids0)).abs().mean())
+        with torch.no_grad():  # new weights that change every distribution: the (tied) embedding x 4
+            model.get_input_embeddings().weight.mul_(4.0)
+        t0 = time.perf_counter()
+        engine.update_weights(full_weights(model, dtype=torch.bfloat16), 1)
+        update_seconds = time.perf_counter() - t0
+        ids1, lps1, versions1 = sample()
+        gap_after = float((torch.tensor(lps1) - scored(ids1)).abs().mean())
+        with torch.no_grad():
+            model.get_input_embeddings().weight.div_(4.0)
+        gap_to_old_weights = float((torch.tensor(lps1) - scored(ids1)).abs().mean())
+    finally:
+        engine.close()
+    return {
+        "ok": (
+            set(versions0) == {0}
+            and set(versions1) == {1}
+            and gap_before < 0.25  # bfloat16 vLLM against float32 scoring of the same weights
+            and gap_after < 0.25
+            and gap_to_old_weights > 3 * gap_after
+        ),
+        "update_seconds": update_seconds,
+        "mean_logprob_gap_before_update": gap_before,
+        "mean_logprob_gap_after_update": gap_after,
+        "mean_logprob_gap_to_the_old_weights": gap_to_old_weights,
+    }
+
+
+CHECKS: dict[str, Callable[[Setup], dict]] = {
+    "bf16_step": check_bf16_step,
+    "snapshot_exact": check_snapshot_exact,
+    "chunked_logprob_memory": check_chunked_logprob_memory,
+    "fsdp_one_rank": check_fsdp_one_rank,
+    "checkpoint_resume": check_checkpoint_resume,
+    "vllm_weights": check_vllm_weights,
+}
+
+
+# --------------------------------------------------------------------------- running them
+
+
+def run_check(name: str, check: Callable[[Setup], dict], setup: Setup) -> dict:
+    """One check's JSON record: passed / failed / skipped, its seconds and numbers; an exception is a failure
+    with its traceback's last lines."""
+    start = time.perf_counter()
+    try:
+        result = check(setup)
+        if "skipped" in result:
+            record = {"check": name, "status": "skipped", "reason": result["skipped"]}
+        else:
+            ok = result.pop("ok")
+            record = {"check": name, "status": "passed" if ok else "failed", **result}
+    except Exception:  # a failing check is recorded and the next one runs
+        record = {"check": name, "status": "failed", "error": traceback.format_exc()[-3000:]}
+    record["seconds"] = round(time.perf_counter() - start, 2)
+    gc.collect()
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return record
+
+
+def environment(device: torch.device, size: str) -> dict:
+    """What ran the checks: versions as installed (read without importing), the GPU."""
+    info = {"check": "environment", "device": str(device), "size": size, "python": sys.version.split()[0]}
+    for package in ("torch", "transformers", "peft", "vllm"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[package] = importlib.metadata.version(package)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON lines file the results go to (appended)")
+    ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (the dry run)")
+    ap.add_argument("--size", choices=sorted(SIZES), help="model shape: 0.5b on CUDA, tiny on CPU by default")
+    ap.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated, of: {', '.join(CHECKS)}")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # `torch.cuda.set_device` wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
+    size = args.size or ("0.5b" if device.type == "cuda" else "tiny")
+    names = [n for n in args.checks.split(",") if n]
+    unknown = set(names) - CHECKS.keys()
+    if unknown:
+        ap.error(f"unknown checks {sorted(unknown)}; known: {', '.join(CHECKS)}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # the tiny dry run: one thread beats several on cores other work shares (5 ms -> 0.3 ms a matmul)
+        torch.set_num_threads(1)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp, out_path.open("a") as out_file:
+
+        def write(record: dict) -> None:
+            records.append(record)
+            out_file.write(json.dumps(record) + "\n")
+            out_file.flush()
+            print(json.dumps({k: v for k, v in record.items() if k != "error"}), flush=True)
+            if "error" in record:
+                print(record["error"], file=sys.stderr, flush=True)
+
+        write(environment(device, size))
+        start = time.perf_counter()
+        path = save_random_model(Path(tmp) / "model", **SIZES[size].model)
+        write({"check": "build_model", "status": "passed", "seconds": round(time.perf_counter() - start, 2)})
+        setup = Setup(path, device, SIZES[size], Path(tmp))
+        for name in names:
+            write(run_check(name, CHECKS[name], setup))
+    failed = [r["check"] for r in records if r.get("status") == "failed"]
+    print(f"{len(failed)} failed: {', '.join(failed)}" if failed else "no check failed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
