@@ -1,5 +1,6 @@
 """`model.path` as a folder, a GGUF file or a Hub ID, each resolved to a local Hugging Face folder."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -58,3 +59,70 @@ def test_model_path_is_checked_at_load(tmp_path, tiny_path):
         load_config(None, [f"model.path={tmp_path / 'absent.gguf'}", "model.warmstart=false"])
     with pytest.raises(ConfigError, match="model.path.*neither a folder"):
         resolve_model_source(str(tmp_path / "a" / "b" / "c"))
+
+
+CONFIG_CODE = """from transformers import Qwen2Config
+
+
+class CustomConfig(Qwen2Config):
+    model_type = "twofold-custom"
+"""
+MODEL_CODE = """from transformers import Qwen2ForCausalLM
+
+from .configuration_custom import CustomConfig
+
+
+class CustomForCausalLM(Qwen2ForCausalLM):
+    config_class = CustomConfig
+"""
+LOAD_IN_CHILD = """
+import sys
+from twofold.config import ConfigError, load_config
+from twofold.engine import make_engine
+from twofold.engine.base import GenerationRequest, SamplingParams
+from twofold.models import load_policy, load_tokenizer
+from twofold.pipeline.resolve import resolve_model_path
+
+cfg = load_config(None, [f"model.path={sys.argv[1]}", "model.warmstart=false", f"model.trust_remote_code={sys.argv[2]}"])
+try:
+    path = resolve_model_path(cfg)
+except ConfigError as e:
+    print("refused:", e)
+    raise SystemExit(0)
+policy, tokenizer = load_policy(path, cfg.model), load_tokenizer(path)
+engine = make_engine(cfg.engine, path, tokenizer)
+out = engine.generate([GenerationRequest(0, [1, 2, 3], SamplingParams(max_new_tokens=2))])[0]
+print(type(policy).__name__, type(engine.model).__name__, len(out.output_ids))
+"""
+
+
+def test_a_model_with_its_own_code_runs_only_when_trusted(tmp_path, tiny_path):
+    """A folder whose config.json maps the Auto classes to its own files: refused by default, naming the key;
+    trusted, its classes load the policy, the tokenizer and the engine, with no other flag."""
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_path, folder)
+    (folder / "configuration_custom.py").write_text(CONFIG_CODE)
+    (folder / "modeling_custom.py").write_text(MODEL_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "twofold-custom"
+    config["architectures"] = ["CustomForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+
+    def load(trust: str) -> str:
+        env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+        done = subprocess.run(
+            [sys.executable, "-c", LOAD_IN_CHILD, str(folder), trust], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    refused = load("false")
+    assert (
+        refused.startswith("refused: config field 'model.trust_remote_code'")
+        and "modeling_custom.CustomForCausalLM" in refused
+    )
+    assert load("true") == "CustomForCausalLM CustomForCausalLM 2"

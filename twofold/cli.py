@@ -175,7 +175,7 @@ def cmd_warmstart(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = _config(args)
-    from twofold.modelpath import resolve_model_source
+    from twofold.modelpath import allow_model_code, resolve_model_source
     from twofold.pipeline.resolve import resolve_model_path
     from twofold.trainer.warmstart import evaluate
 
@@ -196,7 +196,11 @@ def cmd_eval(args) -> int:
             )
         )
         return 0
-    path = resolve_model_source(args.model, cfg.model.revision) if args.model else resolve_model_path(cfg)
+    if args.model:
+        path = resolve_model_source(args.model, cfg.model.revision)
+        allow_model_code(path, cfg.model.trust_remote_code)
+    else:
+        path = resolve_model_path(cfg)
     print(json.dumps({"model": str(path), **evaluate(cfg, path, episodes)}, indent=2))
     return 0
 

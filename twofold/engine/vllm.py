@@ -26,6 +26,7 @@ from pathlib import Path
 from twofold.config import EngineConfig
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
 from twofold.engine.vllm_worker import pack
+from twofold.modelpath import has_model_code
 
 # vLLM's CPU build sizes its KV cache from the process's memory use unless given a size (GiB): a fixed
 # size keeps a second engine in the same process (tests, grids) from failing. Ignored on GPUs.
@@ -57,6 +58,7 @@ class VLLMEngine(InferenceEngine):
             max_num_seqs=cfg.max_batch_size,
             enable_prefix_caching=True,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            trust_remote_code=has_model_code(Path(model_path)),  # allowed by `modelpath.allow_model_code`
         )
         self.engine = self.llm.llm_engine
         self._serial = itertools.count()
