@@ -4,6 +4,7 @@ source, full fine-tune and LoRA.
 
     python benchmarks/real_model.py                                   # snapshot and ewma, full and LoRA, 4 steps
     python benchmarks/real_model.py --sources snapshot,behavior,recompute --steps 6
+    python benchmarks/real_model.py --sources snapshot --no-lora trainer.gradient_checkpointing=true
 
 Each cell is one `twofold train` process on the issue's probe config: word problems, 4 groups of 4 per step,
 48 new tokens, async W = 2, the bfloat16 built-in engine against the float32 trainer. Figures are means over
@@ -41,12 +42,13 @@ MEMORY = (
     M.MEMORY_OPTIMIZER_STATE,
     M.MEMORY_ENGINE_WEIGHTS,
     M.OLDLOGIT_EXTRA_BYTES,
+    M.MEMORY_PROCESS_BASELINE,
     M.MEMORY_STEP_PEAK_RSS,
     M.MEMORY_STEP_TRANSIENT,
 )
 
 
-def cell(data: Path, source: str, lora: bool, steps: int, out: Path) -> dict:
+def cell(data: Path, source: str, lora: bool, steps: int, out: Path, overrides: list[str]) -> dict:
     run_dir = out / f"{source}-{'lora' if lora else 'full'}"
     command = [
         sys.executable,
@@ -61,6 +63,7 @@ def cell(data: Path, source: str, lora: bool, steps: int, out: Path) -> dict:
         f"run.dir={run_dir}",
         *PROBE,
         *(LORA if lora else []),
+        *overrides,
     ]
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--sources", default="snapshot,ewma")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--no-lora", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value for every cell")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -91,23 +95,24 @@ def main() -> None:
             [sys.executable, "-m", "twofold.cli", "dataset", "example", str(data)], check=True, capture_output=True
         )
         cells = [
-            cell(data, source, lora, args.steps, out)
+            cell(data, source, lora, args.steps, out, args.overrides)
             for source in args.sources.split(",")
             for lora in ((False,) if args.no_lora else (False, True))
         ]
     gib = 2**30
     print(
         "| source | weights | s/step | " + " | ".join(PARTS) + " | tokens/s | trainer weights+grads+AdamW GiB "
-        "| engine GiB | old-logit GiB | step peak RSS GiB | transient GiB |"
+        "| engine GiB | old-logit GiB | interpreter and libraries GiB | step peak RSS GiB | transient GiB |"
     )
-    print("|" + "---|" * (9 + len(PARTS)))
+    print("|" + "---|" * (10 + len(PARTS)))
     for c in cells:
         trainer = c[M.MEMORY_TRAINER_PARAMETERS] + c[M.MEMORY_TRAINER_GRADIENTS] + c[M.MEMORY_OPTIMIZER_STATE]
         print(
             f"| {c['source']} | {c['weights']} | {c['s/step']:.1f} | "
             + " | ".join(f"{c[p]:.1f}" for p in PARTS)
             + f" | {c['tokens/s']:.0f} | {trainer / gib:.2f} | {c[M.MEMORY_ENGINE_WEIGHTS] / gib:.2f} | "
-            f"{c[M.OLDLOGIT_EXTRA_BYTES] / gib:.2f} | {c[M.MEMORY_STEP_PEAK_RSS] / gib:.2f} | "
+            f"{c[M.OLDLOGIT_EXTRA_BYTES] / gib:.2f} | {c[M.MEMORY_PROCESS_BASELINE] / gib:.2f} | "
+            f"{c[M.MEMORY_STEP_PEAK_RSS] / gib:.2f} | "
             f"{c[M.MEMORY_STEP_TRANSIENT] / gib:.2f} |"
         )
 
