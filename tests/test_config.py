@@ -20,6 +20,22 @@ def test_shipped_configs_load():
         assert cfg.env.name == name
 
 
+@pytest.mark.parametrize(
+    ("variant", "field", "value"),
+    [
+        ("confirm-frozenlake-stale-noreset", "ewma_auto_reset", False),
+        ("explore-frozenlake-stale-cooldown", "ewma_reset_cooldown", 8),
+    ],
+)
+def test_a_registered_reset_arm_differs_from_its_base_in_one_field(variant, field, value):
+    """The pre-registered EWMA reset arms (docs/results.md) are confirm-frozenlake-stale.yaml but for one
+    oldlogits field, so a paired difference between them is that field's effect."""
+    base = load_config("configs/study/confirm-frozenlake-stale.yaml")
+    arm = load_config(f"configs/study/{variant}.yaml")
+    assert getattr(arm.oldlogits, field) == value != getattr(base.oldlogits, field)
+    assert dataclasses.replace(arm, oldlogits=base.oldlogits) == base
+
+
 def test_overrides_are_typed():
     cfg = load_config(
         "configs/frozenlake.yaml",

@@ -61,6 +61,31 @@ def test_ewma_auto_reset_below_tau_only():
     assert ewma.params["weight"].item() == 3.0
 
 
+def test_ewma_reset_cooldown_blocks_the_next_k_steps_and_survives_a_resume():
+    """Cool-down 2: the rule fires on every step (ratio 0.5 < tau), yet after the reset at step 1 steps 2 and
+    3 keep the average; step 4 resets again. A restored average keeps counting from where it was."""
+    m = _module(1.0)
+    ewma = ParameterEWMA(m, 0.5)
+    fired = []
+    for step in range(1, 8):
+        m.weight.data.fill_(float(step))
+        ewma.update(m)
+        fired.append(ewma.maybe_reset(m, active_token_ratio=0.5, tau=0.9, cooldown=2))
+        if step == 2:
+            restored = ParameterEWMA(_module(0.0), 0.5)
+            restored.load_state_dict(ewma.state_dict())
+            assert restored.steps_since_reset == 1
+            assert restored.maybe_reset(m, active_token_ratio=0.5, tau=0.9, cooldown=2) is False  # step 3
+    assert fired == [True, False, False, True, False, False, True]
+    assert ewma.num_resets == 3 and ewma.params["weight"].item() == 7.0
+
+
+def test_ewma_reset_cooldown_zero_is_the_plain_rule():
+    m = _module(1.0)
+    ewma = ParameterEWMA(m, 0.5)
+    assert [ewma.maybe_reset(m, active_token_ratio=0.5, tau=0.9) for _ in range(3)] == [True, True, True]
+
+
 def test_ewma_copy_to_and_state_dict_roundtrip():
     m = _module(1.0)
     ewma = ParameterEWMA(m, 0.5)

@@ -83,7 +83,8 @@ from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.models import load_policy, load_tokenizer
 from twofold.pipeline.resolve import resolve_model_path
 
-cfg = load_config(None, [f"model.path={sys.argv[1]}", "model.warmstart=false", f"model.trust_remote_code={sys.argv[2]}"])
+overrides = [f"model.path={sys.argv[1]}", "model.warmstart=false", f"model.trust_remote_code={sys.argv[2]}"]
+cfg = load_config(None, overrides)
 try:
     path = resolve_model_path(cfg)
 except ConfigError as e:

@@ -359,6 +359,12 @@ class OldLogitsConfig:
         le=1,
     )
     ewma_auto_reset: bool = setting(True, "Reset the EWMA by the ewma_reset_tau rule; false: never reset.")
+    ewma_reset_cooldown: int = setting(
+        0,
+        "After an EWMA reset, no other reset for this many steps (the rule can otherwise fire on every step of a "
+        "loop in which few tokens carry gradient); 0: a reset may follow on the next step.",
+        ge=0,
+    )
     max_sequences_per_forward: int = setting(
         16, "Sequences per forward when a source scores old log-probs (exact capture, recompute, EWMA, audit).", ge=1
     )

@@ -63,7 +63,7 @@ def make_source(
     kind = kind or o.source
 
     def ewma() -> EWMASource:
-        return EWMASource(ctx, model, o.ewma_beta, o.ewma_reset_tau, o.ewma_auto_reset)
+        return EWMASource(ctx, model, o.ewma_beta, o.ewma_reset_tau, o.ewma_auto_reset, o.ewma_reset_cooldown)
 
     if kind == "snapshot":
         return SnapshotSource(

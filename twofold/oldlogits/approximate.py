@@ -96,7 +96,15 @@ class EWMASource(OldLogitSource):
 
     name = "ewma"
 
-    def __init__(self, ctx: SourceContext, model: torch.nn.Module, beta: float | None, tau: float, auto_reset: bool):
+    def __init__(
+        self,
+        ctx: SourceContext,
+        model: torch.nn.Module,
+        beta: float | None,
+        tau: float,
+        auto_reset: bool,
+        reset_cooldown: int = 0,
+    ):
         super().__init__(ctx)
         if beta is None:
             beta = staleness_beta(ctx.max_staleness, ctx.updates_per_version)
@@ -106,7 +114,7 @@ class EWMASource(OldLogitSource):
         # (`with_parameters`); a sharded model's parameters are DTensors, so there a proxy copy is kept.
         self.proximal_model = ctx.copy_of(model) if ctx.ranks.sharded else None
         self._proximal_current = True  # proximal_model holds the average as it is now
-        self.tau, self.auto_reset = tau, auto_reset
+        self.tau, self.auto_reset, self.reset_cooldown = tau, auto_reset, reset_cooldown
         self.last_reset = False
 
     def old_logprobs(self, batch: Batch, current_logprobs, version):
@@ -126,7 +134,7 @@ class EWMASource(OldLogitSource):
 
     def after_step(self, model, metrics):
         ratio = metrics.get(M.ACTIVE_TOKEN_RATIO, 1.0)
-        self.last_reset = self.auto_reset and self.ewma.maybe_reset(model, ratio, self.tau)
+        self.last_reset = self.auto_reset and self.ewma.maybe_reset(model, ratio, self.tau, self.reset_cooldown)
         self._proximal_current &= not self.last_reset
 
     def extra_bytes(self):

@@ -49,6 +49,7 @@ class ParameterEWMA:
         self._age_sum = 0.0  # sum_k beta^(t-k) (t-k): numerator of the centre of mass
         self.num_updates = 1  # parameter sets averaged in, theta_0 included
         self.num_resets = 0
+        self.steps_since_reset: int | None = None  # None: never reset
         self.device = None if device is None else torch.device(device)
         self.params = {n: self._copy(p) for n, p in module.named_parameters() if p.requires_grad}
 
@@ -72,10 +73,16 @@ class ParameterEWMA:
         self.update(module, beta=0.0)
         self.num_resets += 1
 
-    def maybe_reset(self, module: torch.nn.Module, active_token_ratio: float, tau: float) -> bool:
-        """Revision 2 of the paper: reset to the current weights when too few tokens carry gradient."""
-        if active_token_ratio < tau:
+    def maybe_reset(self, module: torch.nn.Module, active_token_ratio: float, tau: float, cooldown: int = 0) -> bool:
+        """Revision 2 of the paper: reset to the current weights when too few tokens carry gradient. Call once
+        per step. With `cooldown` = k, no reset within k steps of the last one: a reset at step s blocks steps
+        s+1 ... s+k (a rule that fires on every step of a loop restarts the average at most every k + 1)."""
+        if self.steps_since_reset is not None:
+            self.steps_since_reset += 1
+        cooling = self.steps_since_reset is not None and self.steps_since_reset <= cooldown
+        if active_token_ratio < tau and not cooling:
             self.reset(module)
+            self.steps_since_reset = 0
             return True
         return False
 
@@ -97,12 +104,14 @@ class ParameterEWMA:
             "age_sum": self._age_sum,
             "num_updates": self.num_updates,
             "num_resets": self.num_resets,
+            "steps_since_reset": self.steps_since_reset,
             "params": {n: t.clone() for n, t in self.params.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.total, self._age_sum = state["beta"], state["total"], state["age_sum"]
         self.num_updates, self.num_resets = state["num_updates"], state["num_resets"]
+        self.steps_since_reset = state.get("steps_since_reset")  # absent in checkpoints from before the cool-down
         self.params = {
             n: t.to(device=self.device or self.params[n].device, copy=True) for n, t in state["params"].items()
         }
