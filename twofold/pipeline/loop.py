@@ -135,7 +135,8 @@ class Pipeline:
         self.cfg = cfg
         self.ranks = ranks or Ranks()
         main = self.ranks.is_main
-        return_freed_memory_to_os()
+        if cfg.run.return_freed_memory:
+            return_freed_memory_to_os()
         self.baseline_bytes = resident_bytes()
         self.runtime = runtime or EmbeddedRuntime()
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))

@@ -8,7 +8,8 @@ reports its own peak rather than the run's. Elsewhere (no /proc) the peak metric
 glibc's malloc keeps what a step frees (activations, logits) in its arenas for reuse, and raises its mmap
 threshold each time a large block is freed, so blocks up to 32 MiB end up in arenas that never shrink: on
 SmolLM2-135M that held ~1 GiB resident between steps (docs/benchmarks.md). `return_freed_memory_to_os` fixes
-the threshold, so every block of 1 MiB or more is its own mapping and goes back to the system when freed.
+the threshold, so every block of 1 MiB or more is its own mapping and goes back to the system when freed; each
+such block is then page-faulted in afresh, which costs time, so it is opt-in (`run.return_freed_memory`).
 """
 
 from __future__ import annotations
