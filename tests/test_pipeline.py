@@ -169,4 +169,6 @@ def test_memory_metrics_name_where_the_bytes_go(tmp_path, tiny_path):
         )
     )
     assert 0 < row["memory/process_baseline_bytes"] < row["memory/rss_bytes"]  # the interpreter and libraries
-    assert row["memory/step_transient_bytes"] == row["memory/step_peak_rss_bytes"] - named
+    # the peak minus the named parts, or 0 where the baseline held something the run has since freed (on a tiny
+    # model the difference is a fraction of a MiB of allocator noise)
+    assert row["memory/step_transient_bytes"] == max(row["memory/step_peak_rss_bytes"] - named, 0.0)
