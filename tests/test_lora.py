@@ -12,7 +12,7 @@ from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import BuiltinEngine
 from twofold.logprobs import Numerics, score_sequences
 from twofold.models import full_weights, load_model, load_parameters, load_policy, model_bytes, versioned_state
-from twofold.oldlogits import BehaviorSource, SourceContext
+from twofold.oldlogits import BehaviorSource, DedicatedSource, SourceContext
 from twofold.trainer.trainer import Trainer
 
 LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj"]}
@@ -76,6 +76,25 @@ def test_a_snapshot_is_the_adapters_alone(tiny_path):
     adapters = sum(p.numel() * 4 for n, p in lora.named_parameters() if "lora_" in n)
     assert source.snapshot_bytes == adapters
     assert adapters * 20 < model_bytes(load_model(tiny_path))  # far smaller than a model
+
+
+def test_the_dedicated_copy_shares_the_frozen_base_and_holds_its_own_adapters(tiny_path):
+    lora = moved_adapters(lora_policy(tiny_path))
+    source = DedicatedSource(SourceContext(0, True, 2), lora)
+    try:
+        copy = source.worker.model
+        base = {n: p for n, p in lora.named_parameters() if not p.requires_grad}
+        adapters = {n: p for n, p in lora.named_parameters() if p.requires_grad}
+        mine = dict(copy.named_parameters())
+        assert all(mine[n] is p for n, p in base.items())  # the trainer's tensors, not copies
+        assert all(mine[n] is not p and torch.equal(mine[n], p) for n, p in adapters.items())
+        assert source.extra_bytes() == sum(p.numel() * 4 for p in adapters.values())
+        # a version loaded into the copy moves its adapters only; the trainer's stay where they are
+        before = {n: p.clone() for n, p in adapters.items()}
+        source.worker.load({n: torch.zeros_like(p) for n, p in adapters.items()}, 1)
+        assert all(not mine[n].any() for n in adapters) and all(torch.equal(before[n], adapters[n]) for n in adapters)
+    finally:
+        source.close()
 
 
 @pytest.fixture(scope="module")

@@ -201,6 +201,19 @@ def test_7b_lora_with_snapshots_fits_one_80gib_gpu(qwen7b):
     assert plan.fits
 
 
+def test_the_dedicated_copy_under_lora_is_its_adapters_unless_sharded_or_elsewhere(qwen7b):
+    lora = ["oldlogits.source=dedicated", "model.lora.r=16"]
+    assert plan_7b(qwen7b, *lora).bytes_of(P.DEDICATED_COPY) == 4 * A_7B  # beside the trainer's frozen base
+    assert plan_7b(qwen7b, "oldlogits.source=dedicated").bytes_of(P.DEDICATED_COPY) == 4 * P_7B  # full: whole
+    two = Machine(2, 80 * GIB, 2**40)
+    # on a device of its own, or gathered whole on rank 0 of a sharded trainer: a base of its own
+    assert plan_7b(qwen7b, *lora, "oldlogits.device=cuda:1", machine=two).bytes_of(P.DEDICATED_COPY) == 4 * (
+        P_7B + A_7B
+    )
+    sharded = ["trainer.world_size=2", "trainer.device=cuda"]
+    assert plan_7b(qwen7b, *lora, *sharded, machine=two).bytes_of(P.DEDICATED_COPY) == 4 * (P_7B + A_7B)
+
+
 def test_readme_7b_lora_vllm_command_is_refused_at_vllms_default_share(qwen7b):
     """vLLM needs its share free when it starts, after the trainer's 28 GiB base is on the GPU."""
     readme = ["trainer.device=cuda:0", "trainer.dtype=bfloat16", "engine.backend=vllm", "model.lora.r=16",

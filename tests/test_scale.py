@@ -54,6 +54,23 @@ def test_the_head_sees_only_real_tokens_a_chunk_at_a_time(tiny_path):
     assert calls == [117]
 
 
+def test_the_head_runs_only_on_wanted_positions_with_the_same_values_there(tiny_path):
+    # wanted: the last 30, 10 and 3 tokens of the rows (a loss mask on replies) -> 30 + 10 + 3 = 43 head rows
+    ids, attn = pad_right(random_sequences([70, 41, 9]), 0)
+    wanted = torch.zeros_like(attn)
+    for row, (n, k) in enumerate([(70, 30), (41, 10), (9, 3)]):
+        wanted[row, n - k : n] = 1
+    model = load_model(tiny_path)
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].shape[:-1].numel()))
+    full = token_logprobs(model, ids, attn, chunk_size=20)
+    calls.clear()
+    some = token_logprobs(model, ids, attn, chunk_size=20, wanted=wanted)
+    assert calls == [20, 20, 3]
+    on = wanted.bool()
+    assert (some[on] - full[on]).abs().max() < 1e-6 and not some[~on].any()
+
+
 def test_microbatches_pack_longest_first_under_the_budget():
     lengths = [10, 50, 30, 20, 40]
     assert microbatches(lengths, 0) == [[1, 4, 2, 3, 0]]  # one group, longest first

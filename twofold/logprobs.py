@@ -98,12 +98,13 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = 512,
+    wanted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`policy_logprobs`, through the policy's FSDP root when it is sharded (`twofold.sharding.shard`)."""
     root = sharded_root(model)
     if root is not None:
-        return root(input_ids, attention_mask, temperature, chunk_size)
-    return policy_logprobs(model, input_ids, attention_mask, temperature, chunk_size)
+        return root(input_ids, attention_mask, temperature, chunk_size, wanted)
+    return policy_logprobs(model, input_ids, attention_mask, temperature, chunk_size, wanted)
 
 
 def policy_logprobs(
@@ -112,16 +113,18 @@ def policy_logprobs(
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = 512,
+    wanted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """log p(x_t | x_<t) for every position of right-padded sequences, [B, T] float32; position 0 and padding
-    get 0.
+    get 0, and so does every position outside `wanted` ([B, T], e.g. a loss mask) when it is given.
 
     The distribution the engine samples from before top-k/top-p: log_softmax(logits / temperature), as in
-    verl and AReaL. The decoder runs once; the LM head runs only on the positions that predict a real token,
-    flattened across rows and taken `chunk_size` tokens at a time (0: all at once), each chunk recomputed in
-    backward when gradients are needed: logits never exist for padding, and at most [chunk_size, V] float32
-    logits exist at once whatever the batch's shape. Logit scaling and final soft-capping (Cohere, Gemma 2)
-    are applied as the model's own forward does.
+    verl and AReaL. The decoder runs once; the LM head runs only on the positions that predict a real token
+    (a wanted one), flattened across rows and taken `chunk_size` tokens at a time (0: all at once), each chunk
+    recomputed in backward when gradients are needed: logits never exist for padding (nor for prompt and
+    observation tokens that carry no loss), and at most [chunk_size, V] float32 logits exist at once whatever
+    the batch's shape. Logit scaling and final soft-capping (Cohere, Gemma 2) are applied as the model's own
+    forward does.
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
@@ -129,6 +132,8 @@ def policy_logprobs(
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
     real = attention_mask[:, 1:].bool()
+    if wanted is not None:
+        real = real & wanted[:, 1:].bool()
     tokens, targets = hidden[real], input_ids[:, 1:][real]  # [N, H], [N]
     count = tokens.shape[0]
     step = count if chunk_size <= 0 else chunk_size

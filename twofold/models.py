@@ -221,9 +221,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes this process holds for `model`'s parameters (its shards, when sharded)."""
-    return sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
+def model_bytes(model: torch.nn.Module, sharing_with: torch.nn.Module | None = None) -> int:
+    """Bytes this process holds for `model`'s parameters (its shards, when sharded), leaving out the parameters
+    that are `sharing_with`'s own (a copy sharing a frozen base counts only what it adds)."""
+    shared = {id(p) for p in sharing_with.parameters()} if sharing_with is not None else set()
+    return sum(local_tensor(p).numel() * p.element_size() for p in model.parameters() if id(p) not in shared)
 
 
 def state_dict_bytes(state: dict[str, torch.Tensor]) -> int:

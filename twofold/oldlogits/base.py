@@ -37,7 +37,13 @@ Scorer = Callable[[list[list[int]]], list[torch.Tensor]]
 
 
 def _copy_here(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    return copy.deepcopy(model).to(device).float().eval()
+    """A float32 copy of `model` on `device` whose frozen parameters (a LoRA base) are `model`'s own tensors where
+    they already are float32 on `device`: nothing writes them, so a copy that follows other versions of the
+    trained parameters needs only those."""
+    frozen = {
+        id(p): p for p in model.parameters() if not p.requires_grad and p.device == device and p.dtype == torch.float32
+    }
+    return copy.deepcopy(model, frozen).to(device).float().eval()
 
 
 class _Scoring(torch.nn.Module):
@@ -135,6 +141,7 @@ class SourceContext:
                 batch.attention_mask.to(device),
                 self.numerics.temperature,
                 self.numerics.chunk_size,
+                batch.loss_mask.to(device),
             )
         return lp.to(batch.loss_mask.device) * batch.loss_mask
 

@@ -35,8 +35,9 @@ class LogprobWorker(Protocol):
 class LocalLogprobWorker:
     """A `LogprobWorker` on a model in this process (the embedded dedicated source, or inside the Ray actor)."""
 
-    def __init__(self, model: torch.nn.Module, ctx: SourceContext):
+    def __init__(self, model: torch.nn.Module, ctx: SourceContext, sharing_with: torch.nn.Module | None = None):
         self.model = model
+        self.sharing_with = sharing_with  # the trainer's policy, whose frozen base the copy may share
         # a whole model in one process: it scores alone, never in the trainer ranks' collectives
         self.score = dataclasses.replace(ctx, ranks=Ranks()).scorer(model)
 
@@ -47,7 +48,7 @@ class LocalLogprobWorker:
         load_parameters(self.model, state)
 
     def nbytes(self):
-        return model_bytes(self.model)
+        return model_bytes(self.model, self.sharing_with)
 
     def close(self):
         pass
@@ -60,7 +61,8 @@ class DedicatedSource(CapturingSource):
     either by its trajectory's end (while the engine is still at v) or by the publish of v+1, whichever
     comes first, and is sent once. The worker scores each segment with W_v before loading W_{v+1},
     overlapped with training; `prepare` only waits for the batch's last segments. The model copy is a
-    `LogprobWorker`: in this process (embedded) or in a Ray actor of its own.
+    `LogprobWorker`: in this process (embedded) or in a Ray actor of its own. In this process under LoRA the
+    copy shares the trainer's frozen base and holds its own adapters (versions load adapters only).
 
     With a sharded trainer the worker is a group of its own with one rank: a whole (unsharded) model copy
     next to rank 0, where the rollout is. Every rank takes part in gathering each version's weights for it,
@@ -81,7 +83,9 @@ class DedicatedSource(CapturingSource):
         state = gathered_state(model, keep=self.main)  # every rank takes part; rank 0 keeps the weights
         self.worker = None
         if self.main:
-            self.worker = worker(state, ctx) if worker else LocalLogprobWorker(ctx.whole_copy_of(model, state), ctx)
+            self.worker = (
+                worker(state, ctx) if worker else LocalLogprobWorker(ctx.whole_copy_of(model, state), ctx, model)
+            )
         self.worker_bytes = self.worker.nbytes() if self.worker is not None else 0  # fixed: asked once
         self.version = version  # the worker thread's: the weights its model copy holds
         self.published = version  # the engine's: segments of this version are still open

@@ -399,8 +399,9 @@ def oldlogit_parts(
                     the policy, 4 (P + A) / N, to load versions into)
         ewma        the float32 average, 4 T / N, on `oldlogits.device` (moved to the trainer's device to score
                     when it lives elsewhere); sharded, also a proxy copy of the policy, 4 (P + A) / N
-        dedicated   rank 0: a whole float32 policy, 4 (P + A), on `oldlogits.device`, and each version's
-                    gathered trained parameters, 4 T, on their way to it through host memory
+        dedicated   rank 0: a whole float32 policy, 4 (P + A), on `oldlogits.device` (under LoRA, unsharded
+                    and on the trainer's device: its adapters, 4 T, beside the trainer's frozen base), and
+                    each version's gathered trained parameters, 4 T, on their way to it through host memory
         interrupt, recompute, behavior, linear, loglinear: nothing (they score with the trainer's own model)
     An approximate source with `oldlogits.audit` also keeps the auditing snapshot source's state.
     """
@@ -434,7 +435,10 @@ def oldlogit_parts(
         elif copies != trainer:
             add(trainer, EWMA_IN_USE, "float32", version, "oldlogits.device", TRAIN_STEP)
     elif kind == "dedicated" and rank == 0:
-        add(copies, DEDICATED_COPY, "float32, whole", FLOAT32 * n.model, "oldlogits.device")
+        if n.adapters and not sharded and copies == trainer:  # the copy shares the trainer's frozen base
+            add(copies, DEDICATED_COPY, "float32, adapters (base shared)", FLOAT32 * n.trained, "oldlogits.device")
+        else:
+            add(copies, DEDICATED_COPY, "float32, whole", FLOAT32 * n.model, "oldlogits.device")
         add(HOST, TO_WORKER, "float32, one version", FLOAT32 * n.trained, "oldlogits.source", PUBLISH)
     if o.audit and not label:
         out += oldlogit_parts(cfg, "snapshot", n, rank, trainer, gpus, "audit: ")

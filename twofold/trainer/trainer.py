@@ -101,8 +101,8 @@ class Trainer:
                 micro.loss_mask = torch.zeros_like(micro.loss_mask)
             adv = advantages[rows if rows is not None else [0]][:, : micro.input_ids.shape[1]].to(num.device)
             with num.autocast():
-                logprobs = token_logprobs(
-                    self.model, micro.input_ids, micro.attention_mask, num.temperature, num.chunk_size
+                logprobs = token_logprobs(  # the LM head only where the loss is taken
+                    self.model, micro.input_ids, micro.attention_mask, num.temperature, num.chunk_size, micro.loss_mask
                 )
             old = source.old_logprobs(micro, logprobs.detach(), self.version).to(num.device)
             loss, metrics = decoupled_ppo_loss(
