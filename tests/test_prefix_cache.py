@@ -105,7 +105,11 @@ def test_counters_across_calls_and_episodes(tiny_path):
     assert (engine.prefilled_tokens, engine.reused_tokens) == (48 + 8 + 9, 40 + 51)
     # kept: episode 1's turn 2 (60 + 3 tokens: it replaced its turn 1) and episode 2's turn 1 (48 + 3)
     assert engine.prefix_cache.bytes == (63 + 51) * KV_BYTES_PER_TOKEN
-    assert engine.prefill_metrics() == {"engine/prefilled_tokens": 65, "engine/reused_tokens": 91}
+    assert engine.prefill_metrics() == {
+        "engine/prefilled_tokens": 65,
+        "engine/reused_tokens": 91,
+        "engine/joined_requests": 0,
+    }
 
 
 def test_a_batch_prefills_a_shared_prompt_once(tiny_path):

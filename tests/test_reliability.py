@@ -278,13 +278,14 @@ def test_nonfinite_behavior_logprobs_drop_the_trajectory(tmp_path, tiny_path):
     p = Pipeline(small_config(), tmp_path / "run")
     real, hits = p.engine.generate, []
 
-    def corrupt(requests):
-        results = real(requests)
-        for res in results:
+    def corrupt(requests, joiners=None, on_result=None):  # each result as the engine hands it to the rollout
+        def corrupted(res):
             if res.finish_reason != "paused" and res.output_logprobs and len(hits) < 2:
                 res.output_logprobs[-1] = math.nan
                 hits.append(res.request_id)
-        return results
+            on_result(res)
+
+        return real(requests, joiners, corrupted)
 
     p.engine.generate = corrupt
     p.run()

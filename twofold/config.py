@@ -133,6 +133,19 @@ class EngineConfig:
         0.0, "Std of Gaussian noise added to the engine's logits: an experiment knob for a stronger mismatch.", ge=0
     )
     max_batch_size: int = setting(64, "Most sequences the engine generates at once.", gt=0)
+    continuous_batching: bool = setting(
+        True,
+        "Built-in engine, async mode: an episode back from its env step joins the running batch as rows finish, "
+        "and a finished row's env step starts at once, rather than every row waiting for the batch's longest. "
+        "Sync mode never joins (its batches must not depend on thread timing).",
+    )
+    max_batch_tokens: int = setting(
+        0,
+        "Built-in engine, continuous batching: a request joins a running batch only while the rows' context tokens "
+        "(prompt and output so far, summed) stay within this.",
+        ge=0,
+        note="0: no bound beyond max_batch_size",
+    )
     prefix_cache: str = setting(
         "1GiB",
         "Built-in engine: KV kept across generate calls, keyed by (weights version, token prefix), so an episode's "

@@ -19,6 +19,7 @@ def make_engine(cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int 
             quantization=cfg.quantization,
             logit_noise_std=cfg.logit_noise_std,
             max_batch_size=cfg.max_batch_size,
+            max_batch_tokens=cfg.max_batch_tokens,
             seed=seed,
             tokenizer=tokenizer,
             device=cfg.device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -69,8 +70,19 @@ class GenerationResult:
         )
 
 
+# Continuous batching: `joiners(room)` hands a running batch up to `room` requests that became ready while it ran
+# (an episode back from its env step); `on_result` receives each request's result as soon as it is done.
+Joiners = Callable[[int], list[GenerationRequest]]
+OnResult = Callable[[GenerationResult], None]
+
+
+def sampling_key(params: SamplingParams) -> tuple[float, float, int]:
+    """What one vectorised sampler needs to be equal across a batch's rows (lengths and stops are per row)."""
+    return (params.temperature, params.top_p, params.top_k)
+
+
 class InferenceEngine(ABC):
-    """Pause protocol shared by every engine.
+    """Pause protocol shared by every engine, and the continuous-batching contract.
 
     `pause()` asks running `generate` calls to stop at the next token boundary and returns once none
     is running: each hands back its partial output with finish_reason "paused". Until `resume()`,
@@ -86,8 +98,12 @@ class InferenceEngine(ABC):
     # ---- the part each engine implements
 
     @abstractmethod
-    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Run until each request stops, hits its length, or `self.pause_requested` turns true."""
+    def _generate(
+        self, requests: list[GenerationRequest], joiners: Joiners | None, on_result: OnResult | None
+    ) -> list[GenerationResult]:
+        """Run until each request stops, hits its length, or `self.pause_requested` turns true; results of
+        `requests` in order. An engine that batches continuously takes `joiners` into its running batch and
+        reports every result (joined ones too) to `on_result` as it finishes; one that does not ignores both."""
 
     @abstractmethod
     def update_weights(self, state_dict: dict, version: int) -> None:
@@ -99,11 +115,31 @@ class InferenceEngine(ABC):
     def pause_requested(self) -> bool:
         return self._paused
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        joiners: Joiners | None = None,
+        on_result: OnResult | None = None,
+    ) -> list[GenerationResult]:
+        """Results of `requests`, in order. With `on_result`, every result (of `requests` and of what `joiners`
+        handed in) also goes to `on_result`, once, as soon as the engine has it; `joiners` needs `on_result`,
+        which is the only place a joined request's result goes."""
+        if joiners is not None and on_result is None:
+            raise ValueError("generate: `joiners` needs `on_result`, where joined requests' results go")
+        reported: set[int] = set()
+
+        def report(result: GenerationResult) -> None:
+            reported.add(result.request_id)
+            on_result(result)
+
         with self._cond:
             self._running += 1
         try:
-            return self._generate(requests)
+            results = self._generate(requests, joiners, report if on_result is not None else None)
+            for result in results if on_result is not None else ():
+                if result.request_id not in reported:  # an engine that reports only at the end
+                    report(result)
+            return results
         finally:
             with self._cond:
                 self._running -= 1

@@ -10,16 +10,25 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from itertools import groupby
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from twofold import metrics as M
-from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
+from twofold.engine.base import (
+    GenerationRequest,
+    GenerationResult,
+    InferenceEngine,
+    Joiners,
+    OnResult,
+    SamplingParams,
+    sampling_key,
+)
 from twofold.engine.prefix_cache import (
     BLOCK,
     DEFAULT_MAX_BYTES,
+    CachedPrefix,
     PrefixCache,
     reusable_kv,
     row_kv,
@@ -133,13 +142,38 @@ def quantize_(model: torch.nn.Module, mode: str, dtype: torch.dtype) -> None:
             module.weight.copy_(rounding(module.weight.float()).to(dtype))
 
 
+@dataclass
+class _Row:
+    """A request in a running batch: what it has generated so far (continuing a paused request's output)."""
+
+    request: GenerationRequest
+    ids: list[int] = field(init=False)
+    logprobs: list[float] = field(init=False)
+    versions: list[int] = field(init=False)
+    finish: str | None = None
+
+    def __post_init__(self):
+        r = self.request
+        self.ids, self.logprobs, self.versions = list(r.output_ids), list(r.output_logprobs), list(r.output_versions)
+
+    def sequence(self) -> list[int]:
+        """What the row has fed or will feed: the prompt and every token generated for it."""
+        return self.request.prompt_ids + self.ids
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            self.request.request_id, self.ids, self.logprobs, self.versions, self.finish or "length"
+        )
+
+
 class BuiltinEngine(InferenceEngine):
     """Batches of requests sampled on one transformers model with a KV cache, and a prefix cache across calls.
 
     `prefix_cache_bytes` bounds the KV kept across calls (`prefix_cache.py`; default 1 GiB, about 46k tokens of
     SmolLM2-135M in bfloat16; 0 keeps nothing). `prefilled_tokens` counts the tokens run through the model before
-    sampling and `reused_tokens` the context tokens whose KV came from the prefix cache instead, since the engine
-    was built (`prefill_metrics`)."""
+    sampling, `reused_tokens` the context tokens whose KV came from the prefix cache instead, and `joined_requests`
+    the requests that joined a running batch (continuous batching), since the engine was built (`prefill_metrics`).
+    """
 
     def __init__(
         self,
@@ -149,6 +183,7 @@ class BuiltinEngine(InferenceEngine):
         quantization: str = "none",
         logit_noise_std: float = 0.0,
         max_batch_size: int = 64,
+        max_batch_tokens: int = 0,
         seed: int = 0,
         tokenizer=None,
         device: str = "auto",
@@ -163,6 +198,7 @@ class BuiltinEngine(InferenceEngine):
         self.quantization = quantization
         self.logit_noise_std = logit_noise_std
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens  # continuous batching's bound on a batch's context tokens (0: none)
         self.tokenizer = tokenizer
         self.generator = torch.Generator(self.device).manual_seed(seed)
         params = inspect.signature(self.model.forward).parameters
@@ -170,13 +206,18 @@ class BuiltinEngine(InferenceEngine):
         self.prefix_cache = PrefixCache(prefix_cache_bytes if reusable_kv(self.model.config) else 0)
         self.prefilled_tokens = 0
         self.reused_tokens = 0
+        self.joined_requests = 0
         quantize_(self.model, quantization, self.dtype)
 
     def resident_weight_bytes(self) -> int:
         return model_bytes(self.model)
 
     def prefill_metrics(self) -> dict[str, int]:
-        return {M.ENGINE_PREFILLED_TOKENS: self.prefilled_tokens, M.ENGINE_REUSED_TOKENS: self.reused_tokens}
+        return {
+            M.ENGINE_PREFILLED_TOKENS: self.prefilled_tokens,
+            M.ENGINE_REUSED_TOKENS: self.reused_tokens,
+            M.ENGINE_JOINED_REQUESTS: self.joined_requests,
+        }
 
     @torch.no_grad()
     def update_weights(self, state_dict: dict, version: int) -> None:
@@ -187,15 +228,29 @@ class BuiltinEngine(InferenceEngine):
         quantize_(self.model, self.quantization, self.dtype)
         self.version = version
 
-    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def _generate(
+        self, requests: list[GenerationRequest], joiners: Joiners | None, on_result: OnResult | None
+    ) -> list[GenerationResult]:
         results: dict[int, GenerationResult] = {}
-        # Requests with the same sampling params share a batch (one vectorised sampler per batch).
-        keyed = sorted(requests, key=lambda r: repr(r.params))
-        for _, same in groupby(keyed, key=lambda r: repr(r.params)):
-            same = list(same)
-            for start in range(0, len(same), self.max_batch_size):
-                for res in self._run_batch(same[start : start + self.max_batch_size]):
-                    results[res.request_id] = res
+
+        def finished(result: GenerationResult) -> None:
+            results[result.request_id] = result
+            if on_result is not None:
+                on_result(result)
+
+        # Requests with the same sampling key share a batch (one vectorised sampler per batch); joined requests of
+        # another key wait in `queue` for a batch of their own, in this call.
+        queue = list(requests)
+        while queue:
+            if self.pause_requested:
+                for r in queue:
+                    finished(r.unchanged("length" if len(r.output_ids) >= r.params.max_new_tokens else "paused"))
+                break
+            key = sampling_key(queue[0].params)
+            batch = [r for r in queue if sampling_key(r.params) == key][: self.max_batch_size]
+            taken = {id(r) for r in batch}
+            queue = [r for r in queue if id(r) not in taken]
+            self._run_batch(batch, joiners, queue, finished)
         return [results[r.request_id] for r in requests]
 
     def _forward(self, ids, attn, pos, cache, keep_last: bool):
@@ -210,15 +265,17 @@ class BuiltinEngine(InferenceEngine):
         )
         return out.logits[:, -1].float()
 
-    def _prefill(self, seqs: list[list[int]]):
+    def _prefill(self, seqs: list[list[int]], carried: list[tuple[CachedPrefix, int]] = ()):
         """One forward over `seqs` that takes each one's longest cached prefix (all but its last token at most: the
-        last one's logits are needed) from the prefix cache and feeds only the rest.
+        last one's logits are needed) from the prefix cache and feeds only the rest. The first len(`carried`) rows
+        bring their own (KV, n) instead: rows of a running batch whose last sampled token is still to be fed
+        (they count as neither prefilled nor reused tokens).
 
         Row r of the batch cache is [padding | cached n_r tokens | padding | new tokens], both parts left-padded so
         every row's last token is the batch's last column; the mask is 0 on padding and positions count real tokens
         only, so each row computes what a prefill of its own tokens would. Returns (cache, attention mask over the
         cache [B, width], last-position logits [B, V])."""
-        hits = [self.prefix_cache.longest_prefix(self.version, s[:-1]) for s in seqs]
+        hits = list(carried) + [self.prefix_cache.longest_prefix(self.version, s[:-1]) for s in seqs[len(carried) :]]
         new = [s[n:] for s, (_, n) in zip(seqs, hits, strict=True)]
         past, width = max(n for _, n in hits), max(len(x) for x in new)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -231,8 +288,8 @@ class BuiltinEngine(InferenceEngine):
         pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, past:]
         cache = stacked_cache(hits, past)
         logits = self._forward(ids, attn, pos, cache, keep_last=True)
-        self.prefilled_tokens += sum(len(x) for x in new)
-        self.reused_tokens += sum(n for _, n in hits)
+        self.prefilled_tokens += sum(len(x) for x in new[len(carried) :])
+        self.reused_tokens += sum(n for _, n in hits[len(carried) :])
         return cache, attn, logits
 
     def _prefill_shared_prefixes(self, seqs: list[list[int]]) -> None:
@@ -262,31 +319,74 @@ class BuiltinEngine(InferenceEngine):
             return any(s in text for s in req.params.stop)
         return False
 
+    def _join(self, active: list[_Row], fresh: list[_Row], cache, attn: torch.Tensor | None):
+        """The batch of `active` rows (running: their KV so far carried over, their last sampled token fed) and
+        `fresh` ones (prefilled, from the prefix cache where it holds their context): (cache, attention mask,
+        last-position logits), rows in that order."""
+        carried = []
+        for row, r in enumerate(active):
+            columns = attn[row].nonzero().squeeze(-1)
+            tokens = r.sequence()[:-1]
+            carried.append((CachedPrefix(tokens, row_kv(cache, row, columns), 0, []), len(tokens)))
+        self._prefill_shared_prefixes([r.sequence()[:-1] for r in fresh])
+        return self._prefill([r.sequence() for r in active + fresh], carried)
+
+    def _take_joiners(self, joiners: Joiners, active: list[_Row], key, queue: list[GenerationRequest]) -> list[_Row]:
+        """Requests handed in by `joiners` for the room left under `max_batch_size` and `max_batch_tokens`: those of
+        the batch's sampling key join it (within the token budget), the rest wait in `queue` for a later batch."""
+        room = self.max_batch_size - len(active)
+        if room <= 0 or self.pause_requested:
+            return []
+        tokens = sum(len(r.sequence()) for r in active)
+        fresh = []
+        for request in joiners(room):
+            size = len(request.prompt_ids) + len(request.output_ids)
+            fits = not self.max_batch_tokens or tokens + size <= self.max_batch_tokens
+            if sampling_key(request.params) == key and fits and len(request.output_ids) < request.params.max_new_tokens:
+                fresh.append(_Row(request))
+                tokens += size
+                self.joined_requests += 1
+            else:
+                queue.append(request)
+        return fresh
+
     @torch.no_grad()
-    def _run_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def _run_batch(
+        self,
+        requests: list[GenerationRequest],
+        joiners: Joiners | None,
+        queue: list[GenerationRequest],
+        finished: OnResult,
+    ) -> None:
+        """Sample `requests` (one sampling key) in one batch until every row stops, hits its length or is paused,
+        handing each result to `finished` as its row ends. With `joiners` (continuous batching), after every token
+        the rows that ended make room for requests that became ready meanwhile: the running rows' KV is carried
+        into a new batch beside the newcomers' prefill, so no row waits for the longest one to end."""
         params = requests[0].params
-        outs = [(list(r.output_ids), list(r.output_logprobs), list(r.output_versions)) for r in requests]
-        finish: list[str | None] = [None] * len(requests)
-        for i, r in enumerate(requests):
-            if len(r.output_ids) >= r.params.max_new_tokens:
-                finish[i] = "length"
-        active = [i for i in range(len(requests)) if finish[i] is None]
-        if not active:
-            return self._results(requests, outs, finish)
-
-        def sequence(i: int) -> list[int]:  # what request i's row has fed or will feed
-            return requests[i].prompt_ids + outs[i][0]
-
-        contexts = [sequence(i) for i in active]
-        self._prefill_shared_prefixes([c[:-1] for c in contexts])
-        cache, attn, logits = self._prefill(contexts)
-        next_pos = attn.sum(-1, keepdim=True)
-        while active:
+        key = sampling_key(params)
+        rows = [_Row(r) for r in requests]
+        for r in rows:
+            if len(r.ids) >= r.request.params.max_new_tokens:
+                r.finish = "length"
+                finished(r.result())
+        fresh = [r for r in rows if r.finish is None]
+        active: list[_Row] = []
+        cache = attn = tokens = next_pos = None
+        while fresh or active:
+            if fresh:
+                cache, attn, logits = self._join(active, fresh, cache, attn)
+                active, fresh = active + fresh, []
+                next_pos = attn.sum(-1, keepdim=True)
+            else:
+                attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long, device=self.device)], dim=1)
+                logits = self._forward(tokens[:, None], attn, next_pos, cache, keep_last=True)
+                next_pos = next_pos + 1
             if self.pause_requested:
-                for i in active:
-                    finish[i] = "paused"
-                self._keep(cache, attn, range(len(active)), [sequence(i) for i in active])
-                break
+                for r in active:
+                    r.finish = "paused"
+                    finished(r.result())
+                self._keep(cache, attn, range(len(active)), [r.sequence() for r in active])
+                return
             if self.logit_noise_std > 0:
                 logits = logits + self.logit_noise_std * torch.randn(
                     logits.shape, generator=self.generator, device=self.device
@@ -294,33 +394,22 @@ class BuiltinEngine(InferenceEngine):
             tokens, logprobs = sample_from_logits(logits, params, self.generator)
             sampled, sampled_lps = tokens.tolist(), logprobs.tolist()  # one device sync per token step
             still, done = [], []
-            for row, i in enumerate(active):
-                tok = sampled[row]
-                out_ids, out_lps, out_vers = outs[i]
-                out_ids.append(tok)
-                out_lps.append(sampled_lps[row])
-                out_vers.append(self.version)
-                if self._stopped(requests[i], out_ids, tok):
-                    finish[i] = "stop"
-                elif len(out_ids) >= requests[i].params.max_new_tokens:
-                    finish[i] = "length"
-                (done if finish[i] else still).append(row)
-            self._keep(cache, attn, done, [sequence(active[row]) for row in done])
-            if not still:
-                break
-            if done:
+            for row, r in enumerate(active):
+                r.ids.append(sampled[row])
+                r.logprobs.append(sampled_lps[row])
+                r.versions.append(self.version)
+                if self._stopped(r.request, r.ids, sampled[row]):
+                    r.finish = "stop"
+                elif len(r.ids) >= r.request.params.max_new_tokens:
+                    r.finish = "length"
+                (done if r.finish else still).append(row)
+            self._keep(cache, attn, done, [active[row].sequence() for row in done])
+            for row in done:
+                finished(active[row].result())
+            if done and still:
                 sel = torch.tensor(still, dtype=torch.long, device=self.device)
                 cache.batch_select_indices(sel)
                 tokens, attn, next_pos = tokens[sel], attn[sel], next_pos[sel]
             active = [active[row] for row in still]
-            attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long, device=self.device)], dim=1)
-            logits = self._forward(tokens[:, None], attn, next_pos, cache, keep_last=True)
-            next_pos = next_pos + 1
-        return self._results(requests, outs, finish)
-
-    @staticmethod
-    def _results(requests, outs, finish) -> list[GenerationResult]:
-        return [
-            GenerationResult(r.request_id, o[0], o[1], o[2], f or "length")
-            for r, o, f in zip(requests, outs, finish, strict=True)
-        ]
+            if joiners is not None:
+                fresh = self._take_joiners(joiners, active, key, queue)

@@ -77,7 +77,7 @@ class VLLMEngine(InferenceEngine):
             ignore_eos=True,
         )  # stop only where asked (stop_token_ids), as the built-in engine
 
-    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def _generate(self, requests: list[GenerationRequest], joiners=None, on_result=None) -> list[GenerationResult]:
         by_id: dict[str, GenerationRequest] = {}
         for r in requests:
             if len(r.output_ids) >= r.params.max_new_tokens or self.pause_requested:

@@ -168,7 +168,7 @@ class RayEngine(InferenceEngine):
         self.replica_failures = 0
         self.retried_requests = 0
 
-    def _generate(self, requests):
+    def _generate(self, requests, joiners=None, on_result=None):  # replicas batch statically
         n = len(self.replicas)
         self.calls += 1
         start = self.calls % n  # rotate, so a lone request does not always land on replica 0

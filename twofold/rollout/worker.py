@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from twofold.config import Config
-from twofold.engine.base import GenerationRequest, InferenceEngine, SamplingParams
+from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
 from twofold.envs import TextEnv, env_from_config
 from twofold.envs.seeding import level_seed
 from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_messages
@@ -240,11 +240,8 @@ class RolloutWorker:
         ready = [ep for ep in self.episodes.values() if ep.request is not None]
         if ready and not self.engine.pause_requested:
             t0 = time.perf_counter()
-            results = self.engine.generate([ep.request for ep in ready])
+            self._generate(ready)
             self.counters.generate_seconds += time.perf_counter() - t0
-            for ep, res in zip(ready, results, strict=True):
-                self.counters.generated_tokens += len(res.output_ids) - len(ep.request.output_ids)
-                self._on_generated(ep, res)
         else:
             pending = [ep.future for ep in self.episodes.values() if ep.future is not None]
             if pending:
@@ -252,6 +249,28 @@ class RolloutWorker:
             elif not ready:
                 time.sleep(0.002)  # nothing admitted yet: the trainer will raise the admission bound
         self._absorb_env_steps()
+
+    def _generate(self, ready: list[Episode]) -> None:
+        """One engine call for the `ready` episodes. Each result is handled as the engine hands it back, so a
+        finished reply's env step starts while the batch runs on; under continuous batching (async mode) episodes
+        that become ready meanwhile (back from their env step, or newly admitted) join the running batch."""
+        in_flight = {ep.traj.uid: ep for ep in ready}
+
+        def joiners(room: int) -> list[GenerationRequest]:
+            while self.admit():
+                self._start_group()
+            self._absorb_env_steps()
+            new = [ep for ep in self.episodes.values() if ep.request is not None and ep.traj.uid not in in_flight]
+            in_flight.update((ep.traj.uid, ep) for ep in new[:room])
+            return [ep.request for ep in new[:room]]
+
+        def on_result(res: GenerationResult) -> None:
+            ep = in_flight.pop(res.request_id)
+            self.counters.generated_tokens += len(res.output_ids) - len(ep.request.output_ids)
+            self._on_generated(ep, res)
+
+        joining = self.cfg.engine.continuous_batching and not self.lockstep
+        self.engine.generate([ep.request for ep in ready], joiners if joining else None, on_result)
 
     def _absorb_env_steps(self) -> None:
         for ep in list(self.episodes.values()):
