@@ -20,7 +20,7 @@ from twofold.pipeline.rundir import read_metrics
 
 
 def real_config(**overrides):
-    """Two steps of two-turn FrozenLake episodes, short replies, two groups of two per step, async W = 2 with
+    """Two steps of two-turn FrozenLake episodes, short replies, one group of two per step, async W = 2 with
     tool latency, so that the second step trains tokens a version stale; lr high enough that versions differ
     by far more than the noise floor."""
     return small_config(
@@ -35,6 +35,7 @@ def real_config(**overrides):
             "trainer.lr": 1e-4,
             "trainer.steps": 2,
             "trainer.num_minibatches": 1,
+            "rollout.groups_per_step": 1,
             "advantage.estimator": "discounted",
             "run.checkpoint_every": 0,
             "run.tensorboard": False,
@@ -94,6 +95,7 @@ def test_lora_on_the_real_model_exports_and_reloads(tmp_path, smollm2_path):
             "model.lora.r": 4,
             "model.lora.target_modules": ["q_proj", "v_proj"],
             "run.checkpoint_every": 1,
+            "trainer.steps": 1,  # one update moves the adapters
             "trainer.lr": 1e-3,
         }
     )
