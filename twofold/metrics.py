@@ -120,7 +120,7 @@ ENGINE_REUSED_TOKENS = _metric(
     "engine/reused_tokens", "context tokens whose KV the built-in engine's prefix cache supplied instead, so far"
 )
 ENGINE_JOINED_REQUESTS = _metric(
-    "engine/joined_requests", "requests that joined a running batch of the built-in engine (continuous batching), so far"
+    "engine/joined_requests", "requests that joined a running batch of the built-in engine (continuous batching)"
 )
 OLDLOGIT_EXTRA_BYTES = _metric("memory/oldlogit_extra_bytes", "bytes the old-logit source holds now (copies, versions)")
 OLDLOGIT_PEAK_BYTES = _metric("memory/oldlogit_peak_bytes", "the most bytes the old-logit source has held")
