@@ -28,8 +28,8 @@ from twofold.engine.base import (
 from twofold.engine.prefix_cache import (
     BLOCK,
     DEFAULT_MAX_BYTES,
-    CachedPrefix,
     PrefixCache,
+    concatenated_caches,
     reusable_kv,
     row_kv,
     shared_prefixes,
@@ -265,17 +265,15 @@ class BuiltinEngine(InferenceEngine):
         )
         return out.logits[:, -1].float()
 
-    def _prefill(self, seqs: list[list[int]], carried: list[tuple[CachedPrefix, int]] = ()):
+    def _prefill(self, seqs: list[list[int]]):
         """One forward over `seqs` that takes each one's longest cached prefix (all but its last token at most: the
-        last one's logits are needed) from the prefix cache and feeds only the rest. The first len(`carried`) rows
-        bring their own (KV, n) instead: rows of a running batch whose last sampled token is still to be fed
-        (they count as neither prefilled nor reused tokens).
+        last one's logits are needed) from the prefix cache and feeds only the rest.
 
         Row r of the batch cache is [padding | cached n_r tokens | padding | new tokens], both parts left-padded so
         every row's last token is the batch's last column; the mask is 0 on padding and positions count real tokens
         only, so each row computes what a prefill of its own tokens would. Returns (cache, attention mask over the
         cache [B, width], last-position logits [B, V])."""
-        hits = list(carried) + [self.prefix_cache.longest_prefix(self.version, s[:-1]) for s in seqs[len(carried) :]]
+        hits = [self.prefix_cache.longest_prefix(self.version, s[:-1]) for s in seqs]
         new = [s[n:] for s, (_, n) in zip(seqs, hits, strict=True)]
         past, width = max(n for _, n in hits), max(len(x) for x in new)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -288,8 +286,8 @@ class BuiltinEngine(InferenceEngine):
         pos = (attn.cumsum(-1) - 1).clamp(min=0)[:, past:]
         cache = stacked_cache(hits, past)
         logits = self._forward(ids, attn, pos, cache, keep_last=True)
-        self.prefilled_tokens += sum(len(x) for x in new[len(carried) :])
-        self.reused_tokens += sum(n for _, n in hits[len(carried) :])
+        self.prefilled_tokens += sum(len(x) for x in new)
+        self.reused_tokens += sum(n for _, n in hits)
         return cache, attn, logits
 
     def _prefill_shared_prefixes(self, seqs: list[list[int]]) -> None:
@@ -319,17 +317,10 @@ class BuiltinEngine(InferenceEngine):
             return any(s in text for s in req.params.stop)
         return False
 
-    def _join(self, active: list[_Row], fresh: list[_Row], cache, attn: torch.Tensor | None):
-        """The batch of `active` rows (running: their KV so far carried over, their last sampled token fed) and
-        `fresh` ones (prefilled, from the prefix cache where it holds their context): (cache, attention mask,
-        last-position logits), rows in that order."""
-        carried = []
-        for row, r in enumerate(active):
-            columns = attn[row].nonzero().squeeze(-1)
-            tokens = r.sequence()[:-1]
-            carried.append((CachedPrefix(tokens, row_kv(cache, row, columns), 0, []), len(tokens)))
-        self._prefill_shared_prefixes([r.sequence()[:-1] for r in fresh])
-        return self._prefill([r.sequence() for r in active + fresh], carried)
+    def _prefill_rows(self, rows: list[_Row]):
+        """(cache, attention mask, last-position logits) of `rows` prefilled, shared prefixes first."""
+        self._prefill_shared_prefixes([r.sequence()[:-1] for r in rows])
+        return self._prefill([r.sequence() for r in rows])
 
     def _take_joiners(self, joiners: Joiners, active: list[_Row], key, queue: list[GenerationRequest]) -> list[_Row]:
         """Requests handed in by `joiners` for the room left under `max_batch_size` and `max_batch_tokens`: those of
@@ -360,8 +351,9 @@ class BuiltinEngine(InferenceEngine):
     ) -> None:
         """Sample `requests` (one sampling key) in one batch until every row stops, hits its length or is paused,
         handing each result to `finished` as its row ends. With `joiners` (continuous batching), after every token
-        the rows that ended make room for requests that became ready meanwhile: the running rows' KV is carried
-        into a new batch beside the newcomers' prefill, so no row waits for the longest one to end."""
+        the rows that ended make room for requests that became ready meanwhile: the newcomers are prefilled apart
+        (their padding never touches the running rows' compute) and their KV joins the running rows' in one cache
+        (`concatenated_caches`), so no row waits for the longest one to end."""
         params = requests[0].params
         key = sampling_key(params)
         rows = [_Row(r) for r in requests]
@@ -371,16 +363,21 @@ class BuiltinEngine(InferenceEngine):
                 finished(r.result())
         fresh = [r for r in rows if r.finish is None]
         active: list[_Row] = []
-        cache = attn = tokens = next_pos = None
+        cache = attn = tokens = next_pos = logits = None
         while fresh or active:
-            if fresh:
-                cache, attn, logits = self._join(active, fresh, cache, attn)
-                active, fresh = active + fresh, []
-                next_pos = attn.sum(-1, keepdim=True)
-            else:
+            if active:  # every running row feeds the token it sampled last
                 attn = torch.cat([attn, torch.ones((len(active), 1), dtype=torch.long, device=self.device)], dim=1)
                 logits = self._forward(tokens[:, None], attn, next_pos, cache, keep_last=True)
                 next_pos = next_pos + 1
+            if fresh:  # newcomers prefilled apart, then their rows join the running ones in one cache
+                new_cache, new_attn, new_logits = self._prefill_rows(fresh)
+                new_pos = new_attn.sum(-1, keepdim=True)
+                if active:
+                    cache, attn = concatenated_caches(cache, attn, new_cache, new_attn)
+                    logits, next_pos = torch.cat([logits, new_logits]), torch.cat([next_pos, new_pos])
+                else:
+                    cache, attn, logits, next_pos = new_cache, new_attn, new_logits, new_pos
+                active, fresh = active + fresh, []
             if self.pause_requested:
                 for r in active:
                     r.finish = "paused"

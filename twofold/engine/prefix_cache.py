@@ -176,3 +176,27 @@ def stacked_cache(hits: list[tuple[CachedPrefix | None, int]], width: int) -> Dy
 def row_kv(cache: DynamicCache, row: int, columns: torch.Tensor) -> list[LayerKV]:
     """Row `row`'s KV at `columns` (its real tokens, in order), copied out of the batch cache."""
     return [(keys[row][:, columns], values[row][:, columns]) for keys, values, *_ in cache]
+
+
+def concatenated_caches(
+    a: DynamicCache, attn_a: torch.Tensor, b: DynamicCache, attn_b: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
+    """The rows of batch caches `a` and `b` in one cache (a's rows first) with its attention mask: the narrower one
+    left-padded to the other's width, the padding masked out, so each row attends to what it did before (positions
+    are the caller's, counted over real tokens)."""
+    width = max(attn_a.shape[1], attn_b.shape[1])
+
+    def padded(x: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - x.shape[dim]
+        if not missing:
+            return x
+        shape = list(x.shape)
+        shape[dim] = missing
+        return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+    cache = DynamicCache()
+    for layer, ((ka, va, *_), (kb, vb, *_)) in enumerate(zip(a, b, strict=True)):
+        keys = torch.cat([padded(ka, 2), padded(kb, 2)])
+        values = torch.cat([padded(va, 2), padded(vb, 2)])
+        cache.update(keys, values, layer)
+    return cache, torch.cat([padded(attn_a, 1), padded(attn_b, 1)])
