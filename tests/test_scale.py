@@ -141,6 +141,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_path, tokenizer):
         assert (g - grads[0][n]).abs().max() < 1e-6, n
 
 
+def test_the_fused_optimizer_takes_the_steps_of_the_default_loop(tiny_path, tokenizer):
+    base = load_model(tiny_path)
+    batch = seven_trajectory_batch(base, tokenizer, seed=3)
+    source = BehaviorSource(SourceContext(0, True, 2))
+    weights = []
+    for fused in (False, True):
+        cfg = small_config(**{"trainer.fused_optimizer": fused, "trainer.weight_decay": 0.1})
+        trainer = Trainer(copy.deepcopy(base), cfg)
+        assert bool(trainer.optimizer.defaults["fused"]) == fused
+        for _ in range(2):  # two train steps of two minibatches: four AdamW updates, moments carried
+            trainer.train_step(batch, source)
+        weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    moved = max((weights[0][n] - p.detach()).abs().max().item() for n, p in base.named_parameters())
+    assert moved > 1e-3  # the steps moved the weights by about lr each
+    for n, w in weights[1].items():
+        assert (w - weights[0][n]).abs().max() < 1e-6, n
+
+
 def test_linear_warmup_factors():
     assert [linear_warmup(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert linear_warmup(0, 0) == 1.0  # no warm-up: lr from the first step

@@ -283,6 +283,12 @@ class TrainerConfig:
         note="0: no warm-up",
     )
     weight_decay: float = setting(0.0, "AdamW weight decay.")
+    fused_optimizer: bool = setting(
+        False,
+        "AdamW's fused kernel (torch's `fused=True`, on CPU and GPU): the update in place, parameter by parameter, "
+        "without the two parameter-sized temporaries of the default loop (for SmolLM2's 113 MB embedding: 0.2 GiB "
+        "at the step's peak); the same formula, summed in another order.",
+    )
     ppo_epochs: int = setting(1, "Passes over each step's batch.", ge=1)
     num_minibatches: int = setting(
         2, "Minibatches (optimizer steps) per pass; at most the trajectories of a step.", ge=1

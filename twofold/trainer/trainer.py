@@ -58,7 +58,9 @@ class Trainer:
             model = shard(model, self.ranks, self.numerics.device, DTYPES[t.fsdp_param_dtype])
         self.model = model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=t.lr, weight_decay=t.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            trainable, lr=t.lr, weight_decay=t.weight_decay, fused=True if t.fused_optimizer else None
+        )
         self.version = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
