@@ -48,6 +48,11 @@ def resident_bytes() -> int | None:
     return _status_bytes("VmRSS")
 
 
+def peak_resident_bytes() -> int | None:
+    """The process's largest resident size since the last `reset_peak` (Linux's VmHWM), None elsewhere."""
+    return _status_bytes("VmHWM")
+
+
 def gradient_bytes(model: torch.nn.Module) -> int:
     """Bytes of the gradients a step holds: one per parameter that trains, in the parameter's dtype."""
     return state_dict_bytes({n: p for n, p in model.named_parameters() if p.requires_grad})
@@ -98,7 +103,7 @@ def memory_metrics(
     if baseline_bytes is not None:
         parts[M.MEMORY_PROCESS_BASELINE] = baseline_bytes
     out = {k: float(v) for k, v in parts.items()}
-    peak, resident = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    peak, resident = peak_resident_bytes(), resident_bytes()
     if resident is not None:
         out[M.MEMORY_RSS] = float(resident)
     if peak is not None and peak_was_reset:
