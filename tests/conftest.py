@@ -1,3 +1,4 @@
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,14 @@ def _cache(tmp_path_factory):
     torch.set_num_threads(2)
     yield
     mp.undo()
+
+
+def pause_from_another_thread(engine) -> None:
+    """Ask `engine` to pause as a weight update does (from another thread, which waits until no call runs) and
+    return once the request is visible, so the running call stops at its next token boundary."""
+    threading.Thread(target=engine.pause).start()
+    while not engine.pause_requested:
+        pass
 
 
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)

@@ -1,10 +1,9 @@
 """Continuous batching in the built-in engine: requests join a running batch as rows finish, each result is handed
 back as its row ends, and what a row samples does not depend on when it joined (tiny model, float32)."""
 
-import threading
-
 import pytest
 import torch
+from conftest import pause_from_another_thread
 from test_prefix_cache import SYSTEM, A, B, C, D
 
 from twofold.engine.base import GenerationRequest, SamplingParams
@@ -109,9 +108,7 @@ def test_a_pause_stops_the_running_rows_and_hands_back_the_waiting_ones_untouche
     waiting = GenerationRequest(1, SYSTEM + B, SamplingParams(max_new_tokens=12, stop_token_ids=[], temperature=0.5))
 
     def joiners(room):  # hands in a request for a later batch, then an update asks for a pause
-        threading.Thread(target=engine.pause).start()
-        while not engine.pause_requested:
-            pass
+        pause_from_another_thread(engine)
         return [waiting]
 
     reported = []

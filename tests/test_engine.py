@@ -1,8 +1,8 @@
-import threading
 import types
 
 import pytest
 import torch
+from conftest import pause_from_another_thread
 
 from twofold.engine import builtin
 from twofold.engine.base import GenerationRequest, SamplingParams
@@ -188,9 +188,7 @@ def test_pause_continue_under_new_version_keeps_prefix_and_stamps(tiny_path, tok
     def spy(request, ids, token):
         seen.append(len(ids))
         if len(ids) == k:
-            threading.Thread(target=engine.pause).start()
-            while not engine.pause_requested:
-                pass
+            pause_from_another_thread(engine)
         return original(request, ids, token)
 
     engine._stopped = spy

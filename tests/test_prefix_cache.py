@@ -1,10 +1,9 @@
 """The built-in engine's prefix cache: reused KV gives the numbers of a fresh prefill, never outlives the weights
 that made it, and saves the prefill the counters say (tiny model: 2 layers, 2 KV heads of 16 dims)."""
 
-import threading
-
 import pytest
 import torch
+from conftest import pause_from_another_thread
 
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import BuiltinEngine
@@ -133,9 +132,7 @@ def test_a_paused_request_continues_on_its_own_kv_as_if_never_paused(tiny_path):
 
     def pause_at_five(req, ids, token):
         if len(ids) == 5:
-            threading.Thread(target=engine.pause).start()
-            while not engine.pause_requested:
-                pass
+            pause_from_another_thread(engine)
         return original(req, ids, token)
 
     engine._stopped = pause_at_five
