@@ -286,8 +286,8 @@ class TrainerConfig:
     fused_optimizer: bool = setting(
         False,
         "AdamW's fused kernel (torch's `fused=True`, on CPU and GPU): the update in place, parameter by parameter, "
-        "without the two parameter-sized temporaries of the default loop (for SmolLM2's 113 MB embedding: 0.2 GiB "
-        "at the step's peak); the same formula, summed in another order.",
+        "without the two parameter-sized temporaries of the default loop (0.21 GiB for SmolLM2's 113 MB embedding, "
+        "benchmarks/memory_phases.py); the same formula, summed in another order.",
     )
     ppo_epochs: int = setting(1, "Passes over each step's batch.", ge=1)
     num_minibatches: int = setting(
