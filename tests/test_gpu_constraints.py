@@ -71,6 +71,11 @@ def _all_reduce_without_a_cpu_backend(rank, world, address, port):
     assert "CUDA" in str(refused.value)
     store.set(f"done{rank}", "1")
     store.wait([f"done{r}" for r in range(world)])
+    # the store lives in rank 0: it must outlive every other rank's last request, or that request's reply is cut
+    if rank:
+        store.set(f"left{rank}", "1")
+    else:
+        store.wait([f"left{r}" for r in range(1, world)])
 
 
 def test_ranks_all_reduce_hands_the_group_a_tensor_on_the_device_it_serves():

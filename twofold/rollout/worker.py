@@ -257,6 +257,8 @@ class RolloutWorker:
         in_flight = {ep.traj.uid: ep for ep in ready}
 
         def joiners(room: int) -> list[GenerationRequest]:
+            if self._stop.is_set() or self._pause_requested:  # let the running batch end
+                return []
             while self.admit():
                 self._start_group()
             self._absorb_env_steps()
