@@ -46,6 +46,11 @@ class GenerationRequest:
             finish_reason,
         )
 
+    def untouched(self) -> GenerationResult:
+        """The output so far, handed back by a call that generated nothing for the request: "length" when it was
+        already full, else "paused" (the call stopped, or never started, for a weight update)."""
+        return self.unchanged("length" if len(self.output_ids) >= self.params.max_new_tokens else "paused")
+
 
 FinishReason = Literal["stop", "length", "paused"]
 

@@ -160,6 +160,9 @@ class _Row:
         """What the row has fed or will feed: the prompt and every token generated for it."""
         return self.request.prompt_ids + self.ids
 
+    def length(self) -> int:
+        return len(self.request.prompt_ids) + len(self.ids)
+
     def result(self) -> GenerationResult:
         return GenerationResult(
             self.request.request_id, self.ids, self.logprobs, self.versions, self.finish or "length"
@@ -244,7 +247,7 @@ class BuiltinEngine(InferenceEngine):
         while queue:
             if self.pause_requested:
                 for r in queue:
-                    finished(r.unchanged("length" if len(r.output_ids) >= r.params.max_new_tokens else "paused"))
+                    finished(r.untouched())
                 break
             key = sampling_key(queue[0].params)
             batch = [r for r in queue if sampling_key(r.params) == key][: self.max_batch_size]
@@ -328,14 +331,14 @@ class BuiltinEngine(InferenceEngine):
         room = self.max_batch_size - len(active)
         if room <= 0 or self.pause_requested:
             return []
-        tokens = sum(len(r.sequence()) for r in active)
+        tokens = sum(r.length() for r in active) if self.max_batch_tokens else 0
         fresh = []
         for request in joiners(room):
-            size = len(request.prompt_ids) + len(request.output_ids)
-            fits = not self.max_batch_tokens or tokens + size <= self.max_batch_tokens
-            if sampling_key(request.params) == key and fits and len(request.output_ids) < request.params.max_new_tokens:
-                fresh.append(_Row(request))
-                tokens += size
+            row = _Row(request)
+            fits = not self.max_batch_tokens or tokens + row.length() <= self.max_batch_tokens
+            if sampling_key(request.params) == key and fits and len(row.ids) < request.params.max_new_tokens:
+                fresh.append(row)
+                tokens += row.length()
                 self.joined_requests += 1
             else:
                 queue.append(request)

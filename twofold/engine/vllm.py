@@ -93,11 +93,7 @@ class VLLMEngine(InferenceEngine):
             for out in self.engine.step():
                 latest[out.request_id] = out
         results = {r.request_id: self._result(r, latest.get(rid)) for rid, r in by_id.items()}
-        return [
-            results.get(r.request_id)
-            or r.unchanged("length" if len(r.output_ids) >= r.params.max_new_tokens else "paused")
-            for r in requests
-        ]
+        return [results.get(r.request_id) or r.untouched() for r in requests]
 
     def _result(self, r: GenerationRequest, out) -> GenerationResult:
         if out is None:  # paused before its first step
