@@ -1,4 +1,5 @@
-"""The exact sources under real async timing: env latency with a long tail, weights that move, several seeds.
+"""The exact sources under real async timing: env latency with a long tail, weights that move, several seeds,
+continuous batching on (episodes back from their env step join running batches).
 
 Every step, the old log-probs a source hands the trainer are compared with a brute-force reference:
 each agent token scored by a full forward of its own version's weights, kept at every publish. The
@@ -16,7 +17,7 @@ import torch
 from conftest import small_config
 
 from twofold.logprobs import Numerics, score_sequences
-from twofold.models import load_model, load_parameters, versioned_state
+from twofold.models import load_model, load_parameters, load_policy, versioned_state
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.rundir import read_metrics
 
@@ -114,7 +115,7 @@ def hold_one_final_step_per_version(pipe: Pipeline, below: int) -> None:
 
 @pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt"])
 def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, source):
-    ended_after_publish = 0
+    ended_after_publish = joined = 0
     for seed in (0, 1, 2):
         cfg = small_config(
             mode="async",
@@ -144,4 +145,42 @@ def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, 
         assert brute.max_err < 2e-6, f"{source} seed {seed}: max |old - brute force| = {brute.max_err:.2e}"
         assert rows[-1]["version/staleness_max"] >= 1  # weights moved under the rollouts
         ended_after_publish += seen["ended_after_publish"]
+        joined += rows[-1]["engine/joined_requests"]
     assert ended_after_publish > 0, "no trajectory ended after a publish: the test lost its point"
+    assert joined > 0, "no request joined a running batch: continuous batching went unchecked"
+
+
+def test_dedicated_under_lora_shares_the_frozen_base_and_stays_exact_under_async(tmp_path, tiny_path):
+    """The dedicated worker's copy scores on its own thread with the trainer's frozen base tensors while the
+    trainer trains its adapters beside it: still the brute-force old log-probs, while the adapters move."""
+    lora = {"model.lora.r": 4, "model.lora.alpha": 8.0, "model.lora.target_modules": ["q_proj", "v_proj"]}
+    cfg = small_config(
+        mode="async",
+        max_staleness=2,
+        **{
+            "oldlogits.source": "dedicated",
+            "trainer.steps": 4,
+            "trainer.lr": 1e-2,
+            "env.step_latency_ms": 30.0,
+            "env.step_latency_sigma": 1.0,
+            "env.max_turns": 4,
+            "rollout.groups_per_step": 3,
+            "advantage.estimator": "discounted",
+            "run.checkpoint_every": 0,
+            "run.tensorboard": False,
+            **lora,
+        },
+    )
+    pipe = Pipeline(cfg, tmp_path / "run", model_path=tiny_path)
+    brute = BruteForce(pipe, tiny_path)
+    brute.model = load_policy(tiny_path, cfg.model)  # versions are adapters: they load into a LoRA policy
+    watch(pipe, brute)
+    base = {n: p for n, p in pipe.trainer.model.named_parameters() if not p.requires_grad}
+    copy = dict(pipe.source.worker.model.named_parameters())
+    assert base and all(copy[n] is p for n, p in base.items())
+    pipe.run()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["version/staleness_max"] >= 1
+    assert brute.checked_tokens > 0 and brute.max_err < 2e-6, f"max |old - brute force| = {brute.max_err:.2e}"
+    first, last = brute.states[min(brute.states)], brute.states[max(brute.states)]
+    assert max(float((first[k] - last[k]).abs().max()) for k in first) > 1e-3  # the adapters moved
