@@ -18,8 +18,9 @@ Checks:
                           not measured on CPU)
   fsdp_one_rank           a trainer built on the meta device and sharded by FSDP2 over a one-rank NCCL group
                           (gloo on CPU) takes the step the plain trainer takes
-  checkpoint_resume       save, keep training, restore into fresh parts: the same next step, the same engine
-                          samples (the engine's device RNG), the same EWMA average
+  checkpoint_resume       save, keep training, restore into fresh parts (twice): the same engine samples (the
+                          engine's device RNG), and the same next step and EWMA average as the straight run,
+                          within the spread of the two restored runs (0 on CPU: bit-identical)
   vllm_weights            vLLM on the GPU (when importable): version stamps before and after a weight update,
                           and behaviour log-probs that follow the new weights (skipped on CPU: tests/test_vllm.py
                           runs vLLM's CPU build)
@@ -370,31 +371,51 @@ def check_checkpoint_resume(s: Setup) -> dict:
     expected_weights, expected_average = gathered_state(straight.trainer.model), source.ewma.params
     del straight
 
-    resumed, source = parts(run_dir, engine_seed=12345)  # the engine's generator must come from the checkpoint
-    restored = restore_run(resumed, saved)
-    restore_source(source, restored.source_state, Ranks())
-    resumed_samples = resumed.engine.generate([request])[0].output_ids
-    restored_weights = max_difference(gathered_state(resumed.trainer.model), at_save)
-    got = step(resumed, source, batches[1])
-    weights = gathered_state(resumed.trainer.model)
-    relative = update_difference(weights, expected_weights, at_save)
+    def resume_and_step() -> dict:
+        resumed, source = parts(run_dir, engine_seed=12345)  # the engine's generator must come from the checkpoint
+        restored = restore_run(resumed, saved)
+        restore_source(source, restored.source_state, Ranks())
+        out = {
+            "step": restored.step,
+            "samples": resumed.engine.generate([request])[0].output_ids,
+            "restored_weights": max_difference(gathered_state(resumed.trainer.model), at_save),
+        }
+        out["metrics"] = step(resumed, source, batches[1])
+        out["weights"], out["average"] = gathered_state(resumed.trainer.model), source.ewma.params
+        return out
+
+    # The same step from the same checkpoint twice: how far two runs of one step drift apart on this device
+    # (0 on CPU; a GPU's atomic adds in the backward, amplified by Adam's normalisation of near-zero gradients,
+    # can move them apart), the floor the resumed run is held to.
+    first = resume_and_step()
+    second = resume_and_step()
+    got = first["metrics"]
+    relative = update_difference(first["weights"], expected_weights, at_save)
+    floor = update_difference(second["weights"], first["weights"], at_save)
+    ewma_relative = update_difference(first["average"], expected_average, at_save)
+    ewma_floor = update_difference(second["average"], first["average"], at_save)
     return {
         "ok": (
-            restored.step == 1
-            and restored_weights == 0.0
-            and resumed_samples == samples
-            and math.isclose(got["loss/value"], expected["loss/value"], rel_tol=1e-4, abs_tol=1e-6)
-            and relative < 1e-2
-            and update_difference(source.ewma.params, expected_average, at_save) < 1e-2
+            first["step"] == 1
+            and first["restored_weights"] == 0.0
+            and first["samples"] == samples == second["samples"]
+            # within the device's own run-to-run spread (3x, and never more than 1e-2 of the update): a resume
+            # that lost the optimizer state or the EWMA average moves the update by O(1)
+            and relative <= min(3 * floor + 1e-6, 1e-2)
+            and ewma_relative <= min(3 * ewma_floor + 1e-6, 1e-2)
         ),
-        "restored_step": restored.step,
-        "restored_weight_difference": restored_weights,
-        "engine_samples_equal": resumed_samples == samples,
-        "loss": [got["loss/value"], expected["loss/value"]],
-        "max_weight_difference": max_difference(weights, expected_weights),
+        "restored_step": first["step"],
+        "restored_weight_difference": first["restored_weights"],
+        "engine_samples_equal": first["samples"] == samples,
+        # resumed, straight, resumed again: a scalar of cancelling terms (advantages sum to 0 per group), so its
+        # rounding spread is reported, not bounded
+        "loss": [got["loss/value"], expected["loss/value"], second["metrics"]["loss/value"]],
+        "max_weight_difference": max_difference(first["weights"], expected_weights),
         "update_difference": relative,
-        "max_ewma_difference": max_difference(source.ewma.params, expected_average),
-        "ewma_difference": update_difference(source.ewma.params, expected_average, at_save),
+        "update_difference_run_to_run": floor,
+        "max_ewma_difference": max_difference(first["average"], expected_average),
+        "ewma_difference": ewma_relative,
+        "ewma_difference_run_to_run": ewma_floor,
         "checkpoint_bytes": sum(f.stat().st_size for f in saved.iterdir()),
     }
 
