@@ -204,8 +204,23 @@ def test_a_warm_start_per_seed_is_built_once_per_seed_before_any_cell(tmp_path, 
     built = []
     monkeypatch.setattr(grid_module, "resolve_model_path", lambda cfg, progress: built.append(cfg.warmstart.seed))
     prepare_grid(small_config(seed=5), tmp_path, cells)
-    # the base config's (warmstart.seed 0), then each of the 5 cells' in order: seeds 5, 5, 6, 6 and the audit's 5
-    assert built == [0, 5, 5, 6, 6, 5]
+    # each of the 5 cells' in order: seeds 5, 5, 6, 6 and the audit's 5 (the base config's own, warmstart.seed
+    # 0, is no cell's and is not built)
+    assert built == [5, 5, 6, 6, 5]
+
+
+def test_a_resumed_grid_builds_no_warm_start_for_its_done_cells(tmp_path, monkeypatch):
+    cfg = small_config(seed=5, **{"trainer.steps": 3})
+    cells = compare_cells(["snapshot"], seeds=2, base_seed=5, audit=False, warmstart_per_seed=True)
+    done = tmp_path / cells[0].name
+    done.mkdir()
+    (done / "summary.json").write_text(json.dumps({"finished": True, "steps": 3}))
+    built = []
+    monkeypatch.setattr(grid_module, "resolve_model_path", lambda cfg, progress: built.append(cfg.warmstart.seed))
+    monkeypatch.setattr(grid_module._CellProcesses, "launch", lambda self, cell: self.status.update({cell.name: 0}))
+    status = run_grid(cfg, cells, tmp_path, progress=False)
+    assert built == [6]  # seed 5's only cell is done: its warm start is not rebuilt
+    assert status == {"snapshot-seed5": 0, "snapshot-seed6": 0}
 
 
 def test_heldout_levels_are_the_same_for_every_run_seed():

@@ -106,9 +106,10 @@ def logged_runs(out: Path, cells: list[Cell]) -> list[Path]:
 
 
 def prepare_grid(cfg: Config, out: Path, cells: list[Cell]) -> Path:
-    """Write (or check) the grid's base config and build every starting checkpoint the cells need, each once
-    and one after another, before any cell starts (two cells building the same warm start at once would
-    write one folder together)."""
+    """Write (or check) the grid's base config and build every starting checkpoint that `cells` (the cells
+    still to run) need, each once and one after another, before any cell starts (two cells building the same
+    warm start at once would write one folder together). A done cell needs none: a grid resumed on a fresh
+    machine, its finished cells copied back, builds only the warm starts of the seeds still to run."""
     out.mkdir(parents=True, exist_ok=True)
     base = out / "base.yaml"
     text = dump_config(cfg)
@@ -118,7 +119,7 @@ def prepare_grid(cfg: Config, out: Path, cells: list[Cell]) -> Path:
             f"{str(out)!r} holds a grid made with a different config; choose another --out or delete that folder",
         )
     base.write_text(text)
-    for cell_cfg in [cfg, *(load_config(base, c.overrides) for c in cells)]:
+    for cell_cfg in (load_config(base, c.overrides) for c in cells):
         resolve_model_path(cell_cfg, progress=cfg.run.progress)  # trained at the first call, cached after
     return base
 
@@ -250,10 +251,10 @@ def run_grid(
         raise ConfigError("--parallel", "must be >= 1")
     if heldout is not None and heldout.episodes < 1:
         raise ConfigError("--heldout", "must be >= 1 episodes")
-    base = prepare_grid(cfg, out, cells)
     steps = cfg.trainer.steps
     done = [c for c in cells if cell_done(out / c.name, steps, heldout)]
     todo = started_first([c for c in cells if c not in done], out)
+    base = prepare_grid(cfg, out, todo)
     bar = tqdm(
         total=len(cells) * steps,
         disable=not progress,
