@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import operator
 import re
 import types
@@ -334,6 +335,13 @@ class TrainerConfig:
         "flattened: at most [chunk, V] float32 logits at once (each chunk recomputed in backward). 0: all at once.",
         ge=0,
         note="0: no chunking",
+    )
+    pack_sequences: bool = setting(
+        False,
+        "Pack each forward's rows into as few rows of the longest one's width as they fit (first-fit decreasing), "
+        "position ids restarting per row and attention kept inside each row (transformers' packed-sequence "
+        "masks): fewer padded tokens through the decoder; the micro-batch budget counts packed rows. Training "
+        "and every old-logit path use it alike.",
     )
     gradient_checkpointing: bool = setting(
         False, "Hugging Face's activation checkpointing (recompute each layer in backward)."
@@ -925,6 +933,21 @@ def _check_trainer(cfg: Config) -> None:
         "trainer.num_minibatches",
         "must be <= trajectories per step (rollout.groups_per_step * rollout.group_size)",
     )
+    # Packed rows are kept apart by transformers' packed-sequence masks; a version without them would let
+    # attention cross from one row into the next.
+    _need(
+        not cfg.trainer.pack_sequences or _has_packed_sequence_masks(),
+        "trainer.pack_sequences",
+        "needs transformers' packed-sequence masks (masking_utils.find_packed_sequence_indices); upgrade "
+        "transformers or set false",
+    )
+
+
+def _has_packed_sequence_masks() -> bool:
+    try:
+        return hasattr(importlib.import_module("transformers.masking_utils"), "find_packed_sequence_indices")
+    except ImportError:
+        return False
 
 
 def _check_oldlogits(cfg: Config) -> None:

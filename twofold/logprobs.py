@@ -9,7 +9,10 @@ agent trajectories:
   tokens: logits of a chunk -> logsumexp and the chosen token's logit -> discard; with gradient, each chunk
   is recomputed in backward (activation checkpointing), so [B, T, V] float32 logits never exist (8k tokens
   x 150k vocabulary would be 4.8 GB), and a chunk's logits are [chunk, V] whatever the batch's shape;
-- forwards are split into micro-batches under a padded-token budget (`microbatches`).
+- forwards are split into micro-batches under a padded-token budget (`microbatches`);
+- with `packed`, a forward's rows are packed into as few rows of the longest one's width as hold them
+  (`pack_rows`), so fewer padded tokens go through the decoder; position ids restart per row and
+  transformers' packed-sequence masks keep attention inside each row (`packed_decoder_states`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Numerics:
     chunk_size: int = 512  # positions per LM-head chunk; 0: all at once
     max_tokens: int = 0  # padded tokens per forward; 0: no limit
     max_sequences: int = 16  # sequences per scoring forward
+    packed: bool = False  # rows packed into fewer rows per forward (`pack_rows`)
 
     @classmethod
     def from_config(cls, cfg, rank: int = 0) -> Numerics:
@@ -59,6 +63,7 @@ class Numerics:
             chunk_size=t.logprob_chunk_size,
             max_tokens=t.max_tokens_per_microbatch,
             max_sequences=cfg.oldlogits.max_sequences_per_forward,
+            packed=t.pack_sequences,
         )
 
     def autocast(self, device: torch.device | None = None):
@@ -99,12 +104,61 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 512,
     wanted: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """`policy_logprobs`, through the policy's FSDP root when it is sharded (`twofold.sharding.shard`)."""
     root = sharded_root(model)
     if root is not None:
-        return root(input_ids, attention_mask, temperature, chunk_size, wanted)
-    return policy_logprobs(model, input_ids, attention_mask, temperature, chunk_size, wanted)
+        return root(input_ids, attention_mask, temperature, chunk_size, wanted, packed)
+    return policy_logprobs(model, input_ids, attention_mask, temperature, chunk_size, wanted, packed)
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """Row indices in bins of at most `width` tokens, first-fit decreasing: each row, longest first, goes into
+    the first bin with room for it, else opens a new one. A row longer than `width` goes alone."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(width - lengths[i])
+    return bins
+
+
+def packed_decoder_states(
+    decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The decoder's last hidden states of right-padded rows, [B, T, H], computed with the rows packed into
+    `pack_rows(lengths, T)` rows of width T.
+
+    Each packed row holds whole rows one after another, their position ids restarting at 0, then a tail whose
+    positions restart again. With no attention mask, transformers reads a restart of the position ids as the
+    start of a new sequence and masks attention to stay inside it (`masking_utils.find_packed_sequence_indices`),
+    so every row sees exactly its own prefix, as when padded; no real token attends to a tail. Padding
+    positions of the result hold some other position's state (they carry no loss)."""
+    rows, width = input_ids.shape
+    lengths = attention_mask.sum(dim=1).tolist()
+    bins = pack_rows(lengths, width)
+    ids = torch.zeros((len(bins), width), dtype=input_ids.dtype, device=input_ids.device)
+    positions = torch.zeros_like(ids)
+    where = torch.zeros((rows, width), dtype=torch.long)  # flat index into the packed states, per row position
+    for b, members in enumerate(bins):
+        at = 0
+        for r in members:
+            n = lengths[r]
+            ids[b, at : at + n] = input_ids[r, :n]
+            positions[b, at : at + n] = torch.arange(n)
+            where[r, :n] = torch.arange(b * width + at, b * width + at + n)
+            at += n
+        positions[b, at:] = torch.arange(width - at)
+    # no cache: transformers reads packed position ids only when there is none
+    states = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    return states.reshape(len(bins) * width, -1)[where.to(states.device)]
 
 
 def policy_logprobs(
@@ -114,6 +168,7 @@ def policy_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 512,
     wanted: torch.Tensor | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """log p(x_t | x_<t) for every position of right-padded sequences, [B, T] float32; position 0 and padding
     get 0, and so does every position outside `wanted` ([B, T], e.g. a loss mask) when it is given.
@@ -124,9 +179,14 @@ def policy_logprobs(
     recomputed in backward when gradients are needed: logits never exist for padding (nor for prompt and
     observation tokens that carry no loss), and at most [chunk_size, V] float32 logits exist at once whatever
     the batch's shape. Logit scaling and final soft-capping (Cohere, Gemma 2) are applied as the model's own
-    forward does.
+    forward does. `packed`: the decoder runs on the rows packed (`packed_decoder_states`); the same values up
+    to float rounding (the products have other shapes).
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    decoder = model.get_decoder()
+    if packed:
+        hidden = packed_decoder_states(decoder, input_ids, attention_mask)[:, :-1]
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
     head = model.get_output_embeddings()
     config = model.config
     softcap = getattr(config, "final_logit_softcapping", None)
@@ -152,8 +212,9 @@ def policy_logprobs(
     return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
 
 
-def microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Row indices grouped so that rows x longest row <= max_tokens per group (0: one group).
+def microbatches(lengths: list[int], max_tokens: int, packed: bool = False) -> list[list[int]]:
+    """Row indices grouped so that rows x longest row <= max_tokens per group (0: one group); `packed`: packed
+    rows (`pack_rows` at the longest row's width) x longest row.
 
     Rows are taken longest first, so that rows of similar length share a group (less padding); a row
     longer than the budget goes alone.
@@ -161,9 +222,15 @@ def microbatches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     if max_tokens <= 0:
         return [order] if order else []
+
+    def padded_tokens(group: list[int]) -> int:
+        longest = lengths[group[0]]
+        forward_rows = len(pack_rows([lengths[i] for i in group], longest)) if packed else len(group)
+        return forward_rows * longest
+
     groups: list[list[int]] = []
     for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+        if groups and padded_tokens(groups[-1] + [i]) <= max_tokens:
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -200,7 +267,7 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 def _forwards(lengths: list[int], numerics: Numerics) -> list[list[int]]:
     """Index groups, one per forward: under the token budget, at most `max_sequences` each."""
     out = []
-    for group in microbatches(lengths, numerics.max_tokens):
+    for group in microbatches(lengths, numerics.max_tokens, numerics.packed):
         out += [group[i : i + numerics.max_sequences] for i in range(0, len(group), numerics.max_sequences)]
     return out
 
@@ -224,7 +291,14 @@ def score_sequences(
         rows = rows or []
         ids, attn = pad_right([sequences[i] for i in rows] or [[pad_id, pad_id]], pad_id)
         with numerics.autocast(device):
-            lp = token_logprobs(model, ids.to(device), attn.to(device), numerics.temperature, numerics.chunk_size).cpu()
+            lp = token_logprobs(
+                model,
+                ids.to(device),
+                attn.to(device),
+                numerics.temperature,
+                numerics.chunk_size,
+                packed=numerics.packed,
+            ).cpu()
         for r, i in enumerate(rows):
             out[i] = lp[r, : len(sequences[i])].clone()
     if ranks.sharded:

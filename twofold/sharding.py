@@ -30,8 +30,10 @@ class ShardedLogprobs(torch.nn.Module):
         super().__init__()
         self.policy = policy
 
-    def forward(self, input_ids, attention_mask, temperature: float, chunk_size: int, wanted=None) -> torch.Tensor:
-        return policy_logprobs(self.policy, input_ids, attention_mask, temperature, chunk_size, wanted)
+    def forward(
+        self, input_ids, attention_mask, temperature: float, chunk_size: int, wanted=None, packed: bool = False
+    ) -> torch.Tensor:
+        return policy_logprobs(self.policy, input_ids, attention_mask, temperature, chunk_size, wanted, packed)
 
 
 def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:

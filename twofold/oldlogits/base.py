@@ -142,6 +142,7 @@ class SourceContext:
                 self.numerics.temperature,
                 self.numerics.chunk_size,
                 batch.loss_mask.to(device),
+                self.numerics.packed,
             )
         return lp.to(batch.loss_mask.device) * batch.loss_mask
 

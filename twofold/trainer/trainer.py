@@ -83,7 +83,9 @@ class Trainer:
         that has the most, so every rank runs as many forwards and backwards as the others (FSDP's
         collectives pair up). Rows go to ranks round-robin, longest first."""
         lengths = mb.attention_mask.sum(dim=1).tolist()
-        return deal_rows(lengths, self.ranks, lambda mine: microbatches(mine, self.numerics.max_tokens))
+        return deal_rows(
+            lengths, self.ranks, lambda mine: microbatches(mine, self.numerics.max_tokens, self.numerics.packed)
+        )
 
     def accumulate_gradients(self, mb: Batch, advantages: torch.Tensor, source: OldLogitSource) -> tuple[float, dict]:
         """Forward and backward of one minibatch, micro-batch by micro-batch; gradients add up in `.grad`.
@@ -104,7 +106,13 @@ class Trainer:
             adv = advantages[rows if rows is not None else [0]][:, : micro.input_ids.shape[1]].to(num.device)
             with num.autocast():
                 logprobs = token_logprobs(  # the LM head only where the loss is taken
-                    self.model, micro.input_ids, micro.attention_mask, num.temperature, num.chunk_size, micro.loss_mask
+                    self.model,
+                    micro.input_ids,
+                    micro.attention_mask,
+                    num.temperature,
+                    num.chunk_size,
+                    micro.loss_mask,
+                    num.packed,
                 )
             old = source.old_logprobs(micro, logprobs.detach(), self.version).to(num.device)
             loss, metrics = decoupled_ppo_loss(

@@ -1,0 +1,120 @@
+"""Packed forwards (`trainer.pack_sequences`): rows packed into fewer rows give the padded rows' log-probs and
+gradients, attention never crosses from one packed row into another, and the micro-batch budget counts
+packed rows."""
+
+import pytest
+import torch
+from conftest import small_config
+
+from twofold.logprobs import microbatches, pack_rows, pad_right, token_logprobs
+from twofold.models import load_model, save_random_model
+from twofold.oldlogits import BehaviorSource, SourceContext
+from twofold.rollout.trajectory import Batch, Trajectory
+from twofold.trainer.trainer import Trainer
+
+SHAPE = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+def test_rows_go_first_fit_decreasing_into_bins_of_the_width():
+    # longest first: 5 -> bin 0 (room 1), 4 -> bin 1 (room 2), 3 -> bin 2 (fits neither), 2 -> bin 1 (room 0),
+    # 1 -> bin 0 (room 0)
+    assert pack_rows([5, 3, 2, 4, 1], 6) == [[0, 4], [3, 2], [1]]
+    assert pack_rows([7, 2], 5) == [[0], [1]]  # longer than the width: alone
+    assert pack_rows([], 4) == []
+
+
+def test_the_microbatch_budget_counts_packed_rows_when_packing():
+    lengths = [8, 4, 4, 3, 1]
+    # padded: [8] 8, [8,4] 2x8=16, +4 -> 3x8=24 > 16; then [4] 4, [4,3] 8, [4,3,1] 3x4=12
+    assert microbatches(lengths, 16) == [[0, 1], [2, 3, 4]]
+    # packed: [8,4] -> bins [8],[4] 2x8=16, [8,4,4] -> [8],[4,4] 16, +3 -> 3 bins 24 > 16; then [3,1] -> 2x3=6
+    assert microbatches(lengths, 16, packed=True) == [[0, 1, 2], [3, 4]]
+    assert microbatches(lengths, 0, packed=True) == [[0, 1, 2, 3, 4]]
+
+
+def _rows(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
+def test_packed_logprobs_and_gradients_equal_the_padded_ones(tmp_path, arch, tied):
+    model = load_model(save_random_model(tmp_path / arch, arch=arch, tie_word_embeddings=tied, **SHAPE))
+    ids, attn = pad_right(_rows(512, [23, 9, 14, 5, 8]), 0)  # width 23: [23], [14, 9], [8, 5] -> 3 rows, not 5
+    wanted = attn.clone()
+    wanted[:, :3] = 0  # a "prompt" without loss
+    seen = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        results = {}
+        for packed in (False, True):
+            model.zero_grad(set_to_none=True)
+            lp = token_logprobs(model, ids, attn, 1.0, 8, wanted, packed=packed)
+            (lp * torch.linspace(0.5, 1.5, lp.numel()).reshape(lp.shape)).sum().backward()
+            results[packed] = (lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([5, 23]), torch.Size([3, 23])]
+    (padded, padded_grads), (packed, packed_grads) = results[False], results[True]
+    assert torch.equal(padded == 0, packed == 0)  # the same positions carry log-probs
+    assert (padded != 0).sum() == (23 - 3) + (9 - 3) + (14 - 3) + (5 - 3) + (8 - 3)
+    assert torch.allclose(packed, padded, atol=2e-5, rtol=0)
+    for name, grad in padded_grads.items():
+        assert torch.allclose(packed_grads[name], grad, atol=2e-5, rtol=1e-4), name
+
+
+def test_attention_stays_inside_each_packed_row(tmp_path):
+    model = load_model(save_random_model(tmp_path / "m", **SHAPE))
+    rows = _rows(512, [12, 7, 5])  # width 12: [12], [7, 5]: rows 1 and 2 share a packed row
+    ids, attn = pad_right(rows, 0)
+    with torch.no_grad():
+        before = token_logprobs(model, ids, attn, packed=True)
+        rows[1] = _rows(512, [7], seed=1)[0]  # the row packed before row 2 changes
+        ids, attn = pad_right(rows, 0)
+        after = token_logprobs(model, ids, attn, packed=True)
+    assert torch.equal(after[2], before[2])  # row 2 saw none of it
+    assert not torch.equal(after[1], before[1])
+
+
+def _batch(lengths: list[int]) -> Batch:
+    trajectories = []
+    for i, (tokens, n) in enumerate(zip(_rows(512, lengths, seed=3), lengths, strict=True)):
+        t = Trajectory(uid=i, group_id=i // 2, level_seed=0)
+        t.append(tokens[:3], agent=False)
+        t.append(tokens[3:], agent=True, logprobs=[-1.0] * (n - 3), versions=[0] * (n - 3))
+        t.turn_rewards.append(float(i % 3))
+        trajectories.append(t)
+    return Batch.from_trajectories(trajectories, pad_id=0)
+
+
+def test_a_packed_train_step_takes_the_padded_step(tmp_path):
+    path = save_random_model(tmp_path / "m", **SHAPE)
+    steps = {}
+    for packed in (False, True):
+        cfg = small_config(
+            **{"model.path": str(path), "trainer.pack_sequences": packed, "trainer.max_tokens_per_microbatch": 64}
+        )
+        trainer = Trainer(load_model(path), cfg)
+        ctx = SourceContext(pad_id=0, async_mode=False, max_staleness=0, numerics=trainer.numerics)
+        batch = _batch([16, 16, 8, 8, 8, 8, 16, 8])
+        # 64 tokens: padded, 4 rows x 16 then 2 x 8; packed, [16], [16], [8, 8], [8, 8]: 4 rows x 16 in one
+        micro = trainer.my_microbatches(batch.select(list(range(6))))
+        metrics = trainer.train_step(batch, BehaviorSource(ctx))
+        steps[packed] = (len(micro), metrics, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    (padded_micro, padded, padded_weights), (packed_micro, packed, packed_weights) = steps[False], steps[True]
+    assert (padded_micro, packed_micro) == (2, 1)
+    assert packed["loss/value"] == pytest.approx(padded["loss/value"], rel=1e-4, abs=1e-6)
+    assert packed["loss/grad_norm"] == pytest.approx(padded["loss/grad_norm"], rel=1e-4)
+    for name, weight in padded_weights.items():
+        assert torch.allclose(packed_weights[name], weight, atol=1e-6), name
+
+
+def test_packing_without_transformers_packed_masks_is_refused_at_config_time(monkeypatch):
+    from twofold import config
+
+    monkeypatch.setattr(config, "_has_packed_sequence_masks", lambda: False)
+    with pytest.raises(config.ConfigError, match="trainer.pack_sequences"):
+        small_config(**{"trainer.pack_sequences": True})
+    assert not small_config().trainer.pack_sequences  # off: nothing is asked of transformers
