@@ -249,12 +249,12 @@ def check_snapshot_exact(s: Setup) -> dict:
     ctx = source_context(trainer)
     batch = random_batch(trainer.model, s.size, trainer.numerics)
     source = SnapshotSource(ctx, trainer.model, budget_bytes=None)
-    source.prepare(batch, trainer.model, 0)  # captured with the live weights W_0
+    source.prepare(batch, trainer.model, 0, [])  # captured with the live weights W_0
     live = source.old_logprobs(batch, None, 0)
     source.release(batch.trajectories)
     source.before_update(trainer.model, 0, [])  # the snapshot of W_0, in (pinned) host memory
     trainer.train_step(batch, BehaviorSource(ctx))
-    source.prepare(batch, trainer.model, 1)  # W_0's tokens, now scored from the snapshot
+    source.prepare(batch, trainer.model, 1, [])  # W_0's tokens, now scored from the snapshot
     rescored = source.old_logprobs(batch, None, 1)
     now = ctx.score_batch(trainer.model, batch)
     tokens = int(batch.loss_mask.sum())

@@ -115,7 +115,7 @@ def hold_one_final_step_per_version(pipe: Pipeline, below: int) -> None:
 
 @pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt"])
 def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, source):
-    ended_after_publish = joined = 0
+    ended_after_publish = joined = in_flight = 0
     for seed in (0, 1, 2):
         cfg = small_config(
             mode="async",
@@ -146,7 +146,11 @@ def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, 
         assert rows[-1]["version/staleness_max"] >= 1  # weights moved under the rollouts
         ended_after_publish += seen["ended_after_publish"]
         joined += rows[-1]["engine/joined_requests"]
+        if source == "snapshot":  # versions the engine moved past are scored in flight: one version held at most
+            in_flight += rows[-1]["snapshot/in_flight_tokens"]
+            assert max(r["snapshot/peak_bytes"] for r in rows) == rows[-1]["snapshot/version_bytes"]
     assert ended_after_publish > 0, "no trajectory ended after a publish: the test lost its point"
+    assert source != "snapshot" or in_flight > 0, "no in-flight token of a past version was scored early"
     assert joined > 0, "no request joined a running batch: continuous batching went unchecked"
 
 

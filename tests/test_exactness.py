@@ -97,7 +97,8 @@ def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget
         if kind == "snapshot":
             peak = max(peak, source.store.bytes)
     batch = Batch.from_trajectories([trajs[i] for i in batch_rows or range(len(trajs))], pad_id=0)
-    source.prepare(batch, model, version)
+    in_batch = {t.uid for t in batch.trajectories}
+    source.prepare(batch, model, version, [t for t in trajs if t.uid not in in_batch])
     old = source.old_logprobs(batch, ctx.score_batch(model, batch), version)
     source.close()
     return batch, old, source, peak
@@ -185,9 +186,27 @@ def test_snapshot_budget_with_ewma_fallback_scores_only_what_did_not_fit(recordi
 
 
 def test_snapshot_store_frees_versions_once_their_tokens_are_scored(recording, tiny_path):
-    """Trajectory 0 refers to versions 0 and 1 until a batch that holds it is scored; then nothing does."""
+    """Trajectory 0, left out of the batch, still refers to versions 0 and 1; the engine has moved past both
+    (it samples with 2), so the step's start scores its tokens of 0 and 1 from the snapshots and frees them."""
     _, _, source, peak = replay("snapshot", recording, tiny_path, batch_rows=[1, 2])
-    assert set(source.store.snapshots) == {0, 1}  # trajectory 0 is still pending
-    assert peak == 2 * source.snapshot_bytes
+    assert peak == 2 * source.snapshot_bytes  # both held until a step started
+    assert source.store.snapshots == {} and source.store.bytes == 0
+    pending = Batch.from_trajectories([source_trajectory(recording, 0)], pad_id=0)
+    early = (pending.loss_mask > 0) & (pending.versions < 2)
+    assert source.in_flight_tokens == int(early.sum()) > 0
+    captured, missing = source.captured.gather(pending)
+    ref = brute_force(pending, recording[1], tiny_path)
+    assert (captured - ref)[early].abs().max() < 1e-6
+    assert torch.equal(missing, (pending.loss_mask > 0) & (pending.versions == 2))  # its version-2 tokens: later
     _, _, source, _ = replay("snapshot", recording, tiny_path)
     assert source.store.snapshots == {} and source.store.bytes == 0  # scored in prepare, freed before training
+    assert source.in_flight_tokens == 0  # nothing was in flight
+
+
+def source_trajectory(recording, uid):
+    """Trajectory `uid` of the recording, rebuilt from its events."""
+    t = Trajectory(uid=uid, group_id=0, level_seed=0)
+    for ev in recording[0]:
+        if ev[0] == "append" and ev[1] == uid:
+            t.append(ev[2], agent=ev[3], logprobs=ev[4], versions=ev[5])
+    return t

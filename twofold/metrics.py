@@ -168,6 +168,10 @@ SNAPSHOT_BUDGET_CAPTURES = _metric(
 )
 SNAPSHOT_VERSION_BYTES = _metric("snapshot/version_bytes", "bytes of one version (this rank's shards)")
 SNAPSHOT_FALLBACK_TOKENS = _metric("snapshot/fallback_tokens", "tokens scored by the fallback, not a kept version")
+SNAPSHOT_IN_FLIGHT_TOKENS = _metric(
+    "snapshot/in_flight_tokens",
+    "tokens of versions the engine has moved past, captured while their trajectory was still in flight (so far)",
+)
 DEDICATED_LAG_VERSIONS = _metric("dedicated/lag_versions", "versions the dedicated worker has yet to apply")
 DEDICATED_WAIT_SECONDS = _metric("dedicated/wait_seconds", "seconds the trainer waited for the dedicated worker")
 DEDICATED_SEGMENTS = _metric("dedicated/segments", "trajectory segments the dedicated worker scored, so far")

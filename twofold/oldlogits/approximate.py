@@ -81,7 +81,7 @@ class RecomputeSource(CapturingSource):
 
     name = "recompute"
 
-    def prepare(self, batch, model, version):
+    def prepare(self, batch, model, version, pending):
         self._timed(capture, self.ctx.scorer(model), self.captured, batch.trajectories, None)
 
 

@@ -159,7 +159,7 @@ class DedicatedSource(CapturingSource):
             with self.done:
                 self.done.notify_all()
 
-    def prepare(self, batch, model, version):
+    def prepare(self, batch, model, version, pending):
         t0 = time.perf_counter()
         if self.main:
             with self.done:

@@ -17,5 +17,5 @@ class InterruptSource(CapturingSource):
     def before_update(self, model, version, pending):
         self._timed(capture, self.ctx.scorer(model), self.captured, pending, version)
 
-    def prepare(self, batch, model, version):
+    def prepare(self, batch, model, version, pending):
         self._timed(capture, self.ctx.scorer(model), self.captured, batch.trajectories, version)

@@ -110,6 +110,7 @@ class SnapshotSource(CapturingSource):
             )
         self.budget_captures = 0
         self.fallback_tokens = 0
+        self.in_flight_tokens = 0  # tokens of complete versions captured while their trajectory was in flight
         self.live_version = 0  # the version the engine samples with (the last published)
 
     def on_new_version(self, traj, version):
@@ -141,7 +142,13 @@ class SnapshotSource(CapturingSource):
         # rank 0 holds the refs: its list holds for every rank's shards
         self.store.free(self.ctx.ranks.broadcast(self.store.unneeded(self.live_version)), self.live_version)
 
-    def prepare(self, batch, model, version):
+    def prepare(self, batch, model, version, pending):
+        # Versions the engine has moved past are complete: no token of theirs is sampled any more, so their
+        # tokens in the trajectories still in flight are scored now, from the snapshot, and the version need
+        # not be held through the update. The store then holds one version across each update (the one
+        # trained), not every version the in-flight trajectories span.
+        complete = [v for v in self.store.snapshots if v < self.live_version]
+
         def exact():
             trajs = batch.trajectories
             for v in sorted({v for t in trajs for v in t.agent_versions()}):
@@ -151,13 +158,17 @@ class SnapshotSource(CapturingSource):
                     capture(self._scorer_at(model, v), self.captured, trajs, v)
             if self.fallback is not None:
                 self.fallback_tokens += sum(len(self.captured.missing(t)) for t in trajs)
+            for v in complete:
+                self.in_flight_tokens += capture(self._scorer_at(model, v), self.captured, pending, v)
 
         self._timed(exact)
-        # The batch's old log-probs are captured, so its trajectories no longer need their versions: an older
-        # version that nothing else refers to goes now, before the update adds this version's snapshot, and the
-        # store peaks at the versions still in flight plus this one rather than also the batch's oldest.
+        # The batch's old log-probs are captured, and the in-flight tokens of complete versions: those
+        # trajectories no longer need those versions, and a version nothing refers to goes now, before the
+        # update adds this version's snapshot.
         for t in batch.trajectories:
             self.store.drop_refs(t.uid, t.agent_versions())
+        for t in pending:
+            self.store.drop_refs(t.uid, set(complete))
         self._free_unneeded()
 
     def _scorer_at(self, model, version):
@@ -202,6 +213,7 @@ class SnapshotSource(CapturingSource):
             M.SNAPSHOT_BUDGET_CAPTURES: float(self.budget_captures),
             M.SNAPSHOT_VERSION_BYTES: float(self.snapshot_bytes),  # one version, this rank's shards
             M.SNAPSHOT_FALLBACK_TOKENS: float(self.fallback_tokens),
+            M.SNAPSHOT_IN_FLIGHT_TOKENS: float(self.in_flight_tokens),
         }
         if self.fallback is not None:
             out.update(self.fallback.metrics())

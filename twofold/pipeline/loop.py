@@ -361,8 +361,14 @@ class Pipeline:
         batch = Batch.from_trajectories(trajs, self.ctx.pad_id)
 
         t0 = time.perf_counter()
+        # rank 0's trajectories still in flight (every rank scores the same ones); the rollout thread adds to
+        # the dict (copied at once: `list` of its values takes no thread switch) and appends to the trajectories
+        # meanwhile, so a source reads only tokens of versions the engine has moved past
+        in_batch = {t.uid for t in trajs}
+        started = list(self.pending.values()) if main else []
+        pending = self.ranks.broadcast([t for t in started if t.uid not in in_batch] if main else None)
         for s in self.sources:
-            s.prepare(batch, self.trainer.model, self.trainer.version)
+            s.prepare(batch, self.trainer.model, self.trainer.version, pending)
         audit = self._audit(batch) if self.auditor is not None else {}
         times.old_logits += time.perf_counter() - t0
 

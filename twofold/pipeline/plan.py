@@ -381,10 +381,11 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
 
 
 def snapshot_versions(cfg: Config, version_bytes: int) -> int:
-    """Versions held at once: at most W + 1 in async mode (the trainer's and the W the engine may still sample
-    with), none in sync mode (every token is the trainer's version, scored before the update); at most what
-    `oldlogits.snapshot_budget` (per rank) holds."""
-    versions = cfg.max_staleness + 1 if cfg.mode == "async" else 0
+    """Versions held at once: one in async mode whatever W (the version being trained, taken before the update
+    and freed at the next step's start, once the tokens it sampled in trajectories still in flight are scored:
+    `SnapshotSource.prepare`), none in sync mode (every token is the trainer's version, scored before the
+    update); at most what `oldlogits.snapshot_budget` (per rank) holds."""
+    versions = 1 if cfg.mode == "async" else 0
     budget = parse_bytes(cfg.oldlogits.snapshot_budget)
     return versions if budget is None else min(versions, budget // max(version_bytes, 1))
 
