@@ -210,3 +210,19 @@ def source_trajectory(recording, uid):
         if ev[0] == "append" and ev[1] == uid:
             t.append(ev[2], agent=ev[3], logprobs=ev[4], versions=ev[5])
     return t
+
+
+def test_captured_values_are_kept_only_for_the_batch_and_the_trajectories_in_flight():
+    """A rank other than 0 never hears that a group was dropped: `retain` at each step's start forgets it."""
+    store = CapturedLogprobs()
+    trajectories = []
+    for uid in range(3):
+        t = Trajectory(uid=uid, group_id=0, level_seed=0)
+        t.append([5, 6], agent=False)
+        t.append([7, 8], agent=True, logprobs=[-1.0, -1.0], versions=[0, 0])
+        store.write(uid, torch.tensor([2, 3]), torch.tensor([-0.5, -0.25]) * (uid + 1))
+        trajectories.append(t)
+    store.retain({0, 2})
+    assert [len(store.missing(t)) for t in trajectories] == [0, 2, 0]  # trajectory 1's values are gone
+    values, missing = store.gather(Batch.from_trajectories(trajectories, pad_id=0))
+    assert values[2, 2:].tolist() == [-1.5, -0.75] and missing[1].tolist() == [False, False, True, True]

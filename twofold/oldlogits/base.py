@@ -4,7 +4,8 @@ pi_old enters the loss through one method: `OldLogitSource.old_logprobs(batch, c
 called by the trainer for every minibatch (and by the audit, on the source it audits). Everything else
 a source does happens in hooks the pipeline calls at fixed points of a train step (trainer at version v):
 
-    prepare(batch, model, v)       step start, weights W_v: exact sources finish capturing, recompute scores
+    prepare(batch, model, v, pending) step start, weights W_v: exact sources finish capturing (snapshot: also
+                                   the in-flight tokens of versions the engine has moved past), recompute scores
     before_update(model, v, pending) right before the first optimizer step; weights still W_v
     after_optimizer_step(model)    after each optimizer step (the EWMA's clock)
     on_publish(model, v+1, pending) rollouts paused, trainer weights W_{v+1}, before the engine gets them
@@ -162,7 +163,8 @@ class CapturedLogprobs:
 
     def missing(self, traj: Trajectory, version: int | None = None) -> torch.Tensor:
         """Agent positions of `traj` (of `version`, or of any) that have no value yet, ascending."""
-        versions = torch.tensor(traj.versions, dtype=torch.long)
+        # `list` copies in one step (no thread switch), while the rollout thread may be appending to it
+        versions = torch.tensor(list(traj.versions), dtype=torch.long)
         wanted = versions >= 0 if version is None else versions == version
         with self._lock:
             have = self._values.get(traj.uid)
@@ -214,6 +216,13 @@ class CapturedLogprobs:
         with self._lock:
             for t in trajectories:
                 self._values.pop(t.uid, None)
+
+    def retain(self, uids: set[int]) -> None:
+        """Forget every trajectory but `uids` (those of the batch and those still in flight): on a rank other
+        than 0, which never hears of a group dropped there, values captured in flight would otherwise stay."""
+        with self._lock:
+            for uid in [u for u in self._values if u not in uids]:
+                del self._values[uid]
 
 
 def capture(scorer: Scorer, store: CapturedLogprobs, trajectories: list[Trajectory], version: int | None) -> int:

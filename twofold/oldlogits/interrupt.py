@@ -19,3 +19,4 @@ class InterruptSource(CapturingSource):
 
     def prepare(self, batch, model, version, pending):
         self._timed(capture, self.ctx.scorer(model), self.captured, batch.trajectories, version)
+        self.captured.retain({t.uid for t in batch.trajectories} | {t.uid for t in pending})

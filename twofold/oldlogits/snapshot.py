@@ -170,6 +170,7 @@ class SnapshotSource(CapturingSource):
         for t in pending:
             self.store.drop_refs(t.uid, set(complete))
         self._free_unneeded()
+        self.captured.retain({t.uid for t in batch.trajectories} | {t.uid for t in pending})
 
     def _scorer_at(self, model, version):
         if self.scratch is None:
