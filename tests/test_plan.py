@@ -347,3 +347,39 @@ def test_the_plan_of_a_run_on_this_cpu_is_logged_and_fits(tiny_path, caplog):
     with caplog.at_level("INFO", logger="twofold.pipeline.plan"):
         plan = P.check_memory_plan(cfg, tiny_path)
     assert plan.fits and "memory plan: " in caplog.text
+
+
+# --------------------------------------------------------------------------- vLLM placement (issue 35, item 8)
+
+
+def test_vllm_on_its_own_gpu_takes_its_share_there_not_beside_the_trainer(qwen7b):
+    lora = ["model.lora.r=16", "trainer.device=cuda:0", "engine.backend=vllm"]
+    plan = plan_7b(qwen7b, *lora, "engine.device=cuda:1", machine=Machine(2, 80 * GIB, 2**40))
+    # int(0.9 x 80 GiB) = 77,309,411,328 on GPU 1; GPU 0 keeps the trainer alone
+    assert plan.bytes_of(P.VLLM_SHARE, device="cuda:1") == 77_309_411_328
+    assert plan.bytes_of(P.VLLM_SHARE, device="cuda:0") == 0
+    assert plan.fits  # beside the trainer (the default, GPU 0) the same share did not: see the README test above
+
+
+def test_vllm_tensor_parallel_takes_a_share_of_each_of_its_gpus(qwen7b):
+    over = ["engine.backend=vllm", "engine.device=cuda:2", "engine.tensor_parallel_size=2", "model.lora.r=16"]
+    plan = plan_7b(qwen7b, *over, "engine.gpu_memory_utilization=0.5", machine=Machine(4, 80 * GIB, 2**40))
+    assert [plan.bytes_of(P.VLLM_SHARE, device=f"cuda:{g}") for g in range(4)] == [0, 0, 40 * GIB, 40 * GIB]
+    assert "1/2 of the weights 14.2 GiB" in format_plan(plan)
+    beyond = plan_7b(qwen7b, *over[:1], "engine.device=cuda:3", *over[2:], machine=Machine(4, 80 * GIB, 2**40))
+    assert [p.key for p in beyond.problems] == ["engine.device"]
+    assert "needs GPUs 3-4; the machine has 4" in beyond.problems[0].message
+
+
+def test_tensor_parallelism_is_refused_for_the_builtin_engine():
+    with pytest.raises(ConfigError, match="engine.tensor_parallel_size"):
+        planned_config(None, ["engine.tensor_parallel_size=2"])
+
+
+def test_the_engine_process_sees_exactly_its_gpus():
+    from twofold.engine.placement import visible_devices
+
+    assert visible_devices([2, 3], {}) == "2,3"
+    assert visible_devices([1, 2], {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == "5,6"  # this process sees 4-7
+    with pytest.raises(ConfigError, match="engine.device.*shows 1"):
+        visible_devices([1], {"CUDA_VISIBLE_DEVICES": "0"})

@@ -119,7 +119,14 @@ class EngineConfig:
         "builtin", "Inference engine: the built-in PyTorch one, or vLLM behind the same interface."
     )
     device: str = setting(
-        "auto", "Where the built-in engine runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+        "auto",
+        "Where the engine runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N. vLLM on GPUs takes "
+        "cuda:N to cuda:N+tensor_parallel_size-1 (auto and cuda: from GPU 0, beside the trainer's).",
+    )
+    tensor_parallel_size: int = setting(
+        1,
+        "vLLM only: GPUs one engine spreads its weights over (vLLM's tensor parallelism), from engine.device's on.",
+        gt=0,
     )
     dtype: Literal["float32", "bfloat16", "float16"] = setting(
         "bfloat16", "Engine numerics; they differ from the trainer's float32 on purpose, as vLLM's do from FSDP's."
@@ -168,6 +175,12 @@ class EngineConfig:
     enforce_eager: bool | None = setting(
         None, "vLLM only: eager mode (no CUDA graphs). Empty (null): eager on CPU, CUDA graphs on a GPU."
     )
+
+    def gpu_indices(self) -> list[int]:
+        """GPU indices, as this process numbers them, of the engine on GPUs: cuda:N takes N to
+        N + tensor_parallel_size - 1; auto and cuda start at GPU 0 (beside rank 0's trainer)."""
+        first = int(self.device.split(":")[1]) if self.device.startswith("cuda:") else 0
+        return list(range(first, first + self.tensor_parallel_size))
 
 
 @dataclass
@@ -890,6 +903,11 @@ def _check_engine(e: EngineConfig) -> None:
         e.quantization == "none" or e.backend == "builtin",
         "engine.quantization",
         "quantisation is a built-in engine option; for vLLM use its own quantised checkpoints",
+    )
+    _need(
+        e.tensor_parallel_size == 1 or e.backend == "vllm",
+        "engine.tensor_parallel_size",
+        "tensor parallelism is vLLM's; the built-in engine runs on one device (set engine.backend=vllm or 1)",
     )
 
 

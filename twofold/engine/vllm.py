@@ -18,6 +18,7 @@ default) and with CUDA graphs: `engine.enforce_eager` (default: eager on CPU onl
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from twofold.config import EngineConfig
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
+from twofold.engine.placement import visible_devices
 from twofold.engine.vllm_worker import pack
 from twofold.modelpath import has_model_code
 
@@ -44,22 +46,44 @@ def default_enforce_eager() -> bool:
     return not current_platform.is_cuda_alike()
 
 
+@contextlib.contextmanager
+def placed_on(cfg: EngineConfig):
+    """On a GPU machine, the engine's processes (vLLM's engine core and its workers, started inside this block)
+    see only the engine's GPUs (`EngineConfig.gpu_indices`); this process's own view is left as it was."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(cfg.gpu_indices(), os.environ)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES")
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 class VLLMEngine(InferenceEngine):
     def __init__(self, model_path: str | Path, cfg: EngineConfig, seed: int = 0, max_model_len: int | None = None):
         super().__init__()
-        self.llm = vllm.LLM(
-            model=str(model_path),
-            dtype=cfg.dtype,
-            seed=seed,
-            enforce_eager=default_enforce_eager() if cfg.enforce_eager is None else cfg.enforce_eager,
-            worker_extension_cls=WORKER_EXTENSION,
-            logprobs_mode="processed_logprobs",
-            max_model_len=max_model_len,
-            max_num_seqs=cfg.max_batch_size,
-            enable_prefix_caching=True,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            trust_remote_code=has_model_code(Path(model_path)),  # allowed by `modelpath.allow_model_code`
-        )
+        with placed_on(cfg):
+            self.llm = vllm.LLM(
+                model=str(model_path),
+                dtype=cfg.dtype,
+                seed=seed,
+                enforce_eager=default_enforce_eager() if cfg.enforce_eager is None else cfg.enforce_eager,
+                worker_extension_cls=WORKER_EXTENSION,
+                logprobs_mode="processed_logprobs",
+                max_model_len=max_model_len,
+                max_num_seqs=cfg.max_batch_size,
+                enable_prefix_caching=True,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                tensor_parallel_size=cfg.tensor_parallel_size,
+                trust_remote_code=has_model_code(Path(model_path)),  # allowed by `modelpath.allow_model_code`
+            )
         self.engine = self.llm.llm_engine
         self._serial = itertools.count()
 

@@ -349,8 +349,9 @@ def trainer_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, on_cuda: bool
 def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machine) -> list[tuple[str, Part]]:
     """The engine, in rank 0's process: (device, part) pairs. The built-in engine holds its weights in
     `engine.dtype` (quantisation is simulated in it) and a KV cache of 2 L kv_heads head_dim values per token
-    for `max_batch_size` sequences of `rollout.max_total_tokens`; vLLM on a GPU takes its share of GPU 0,
-    on its CPU build its weights and a fixed KV cache in host memory."""
+    for `max_batch_size` sequences of `rollout.max_total_tokens`; vLLM on GPUs takes its share of each of its
+    GPUs (`engine.device` on, `engine.tensor_parallel_size` of them: `EngineConfig.gpu_indices`), on its CPU build
+    its weights and a fixed KV cache in host memory."""
     e = cfg.engine
     width = DTYPE_BYTES[e.dtype]
     weights = n.base * width  # LoRA policies reach the engine merged: the base's shapes
@@ -358,10 +359,13 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
     out = [(HOST, Part(TO_ENGINE, f"{e.dtype} x {in_flight}, rank 0", weights * in_flight, "engine.dtype", PUBLISH))]
     if e.backend == "vllm" and machine.gpus > 0:
         share = int(e.gpu_memory_utilization * machine.gpu_memory)
+        gpus = e.gpu_indices()
+        per_gpu = f"1/{len(gpus)} of the " if len(gpus) > 1 else ""
         detail = (
-            f"{e.gpu_memory_utilization:g} x {format_bytes(machine.gpu_memory)}, weights {format_bytes(weights)} in it"
+            f"{e.gpu_memory_utilization:g} x {format_bytes(machine.gpu_memory)}, "
+            f"{per_gpu}weights {format_bytes(weights)} in it"
         )
-        return [*out, ("cuda:0", Part(VLLM_SHARE, detail, share, "engine.gpu_memory_utilization"))]
+        return [*out, *((f"cuda:{g}", Part(VLLM_SHARE, detail, share, "engine.gpu_memory_utilization")) for g in gpus)]
     if e.backend == "vllm":
         kv = Part(ENGINE_KV_CACHE, "VLLM_CPU_KVCACHE_SPACE", machine.vllm_cpu_kv_cache, "engine.max_batch_size")
         return [*out, (HOST, Part(ENGINE_WEIGHTS, e.dtype, weights, "engine.dtype")), (HOST, kv)]
@@ -475,7 +479,16 @@ def placement_problems(cfg: Config, s: ModelShapes, n: ParameterCounts, machine:
         )
     e = cfg.engine
     if e.backend == "vllm" and machine.gpus > 0:
-        weights = n.base * DTYPE_BYTES[e.dtype]
+        gpus = e.gpu_indices()
+        if max(gpus) >= machine.gpus:
+            out.append(
+                Problem(
+                    "engine.device",
+                    f"vLLM on {e.device} with tensor_parallel_size {e.tensor_parallel_size} needs GPUs "
+                    f"{gpus[0]}-{gpus[-1]}; the machine has {machine.gpus}",
+                )
+            )
+        weights = n.base * DTYPE_BYTES[e.dtype] // len(gpus)
         share = int(e.gpu_memory_utilization * machine.gpu_memory)
         if share <= weights:
             out.append(
