@@ -113,6 +113,19 @@ def hold_one_final_step_per_version(pipe: Pipeline, below: int) -> None:
     pipe.worker._env_step = final_step_held
 
 
+# 4 async steps of multi-turn episodes under random env latency: tokens of several versions in every batch
+LATENCY_RUN = {
+    "trainer.steps": 4,
+    "env.step_latency_ms": 30.0,
+    "env.step_latency_sigma": 1.0,
+    "env.max_turns": 4,
+    "rollout.groups_per_step": 3,
+    "advantage.estimator": "discounted",
+    "run.checkpoint_every": 0,
+    "run.tensorboard": False,
+}
+
+
 @pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt"])
 def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, source):
     ended_after_publish = joined = in_flight = 0
@@ -121,17 +134,7 @@ def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, 
             mode="async",
             seed=seed,
             max_staleness=2,
-            **{
-                "oldlogits.source": source,
-                "trainer.steps": 4,
-                "env.step_latency_ms": 30.0,
-                "env.step_latency_sigma": 1.0,
-                "env.max_turns": 4,
-                "rollout.groups_per_step": 3,
-                "advantage.estimator": "discounted",
-                "run.checkpoint_every": 0,
-                "run.tensorboard": False,
-            },
+            **{"oldlogits.source": source, **LATENCY_RUN},
         )
         pipe = Pipeline(cfg, tmp_path / f"{source}-{seed}", model_path=tiny_path)
         brute = BruteForce(pipe, tiny_path)
@@ -161,19 +164,7 @@ def test_dedicated_under_lora_shares_the_frozen_base_and_stays_exact_under_async
     cfg = small_config(
         mode="async",
         max_staleness=2,
-        **{
-            "oldlogits.source": "dedicated",
-            "trainer.steps": 4,
-            "trainer.lr": 1e-2,
-            "env.step_latency_ms": 30.0,
-            "env.step_latency_sigma": 1.0,
-            "env.max_turns": 4,
-            "rollout.groups_per_step": 3,
-            "advantage.estimator": "discounted",
-            "run.checkpoint_every": 0,
-            "run.tensorboard": False,
-            **lora,
-        },
+        **{"oldlogits.source": "dedicated", **LATENCY_RUN, "trainer.lr": 1e-2, **lora},
     )
     pipe = Pipeline(cfg, tmp_path / "run", model_path=tiny_path)
     brute = BruteForce(pipe, tiny_path)
