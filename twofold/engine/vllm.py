@@ -12,8 +12,9 @@ Weights: `update_weights` sends the trainer's weights (Hugging Face names, LoRA 
 worker through `collective_rpc` as (name, tensor) pairs, which vLLM serialises itself; the worker-side
 method (`vllm_worker.TwofoldWorkerExtension`, mixed in by vLLM) reloads them in place with vLLM's own
 `reload_weights` (fused layers, post-load kernel packing). Then the prefix cache is reset, since cached
-KV blocks were computed with the old weights. This works with the engine core in its own process (vLLM's
-default) and with CUDA graphs: `engine.enforce_eager` (default: eager on CPU only).
+KV blocks were computed with the old weights. It is built for the engine core in its own process (vLLM's
+default) and for CUDA graphs: `engine.enforce_eager` (default: eager on CPU only). Run here on vLLM's CPU
+build only; vLLM has not run on a GPU in this project.
 """
 
 from __future__ import annotations

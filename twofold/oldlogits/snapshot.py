@@ -72,7 +72,8 @@ class SnapshotStore:
 
 
 class SnapshotSource(CapturingSource):
-    """Exact old log-probs from version-keyed weight snapshots, segment by segment.
+    """Exact old log-probs from version-keyed weight snapshots, segment by segment; a version the engine has
+    moved past is scored in the trajectories still in flight at the next step's start and freed (`prepare`).
 
     The snapshot of version v is taken right before the trainer moves past v (the engine may keep
     sampling with v until the new weights are published). When a snapshot would exceed the budget,

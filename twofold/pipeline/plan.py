@@ -14,8 +14,9 @@ W = max_staleness, per trainer rank:
                                             the log-softmax's temporaries and, in backward, their gradient
     old-logit state    per source           see `oldlogit_parts`
 and on rank 0's process the engine: built-in, P x (2 or 4 bytes) of weights plus its KV cache
-(2 L kv d bytes per token, for max_batch_size x max_total_tokens tokens); vLLM on a GPU, its
-`gpu_memory_utilization` share of the GPU (weights and KV cache inside it), which it needs free when it starts.
+(2 L kv d bytes per token, for max_batch_size x max_total_tokens tokens); vLLM on GPUs, its
+`gpu_memory_utilization` share of each of its GPUs (weights / tensor_parallel_size and KV cache inside it),
+which it needs free when it starts.
 
 A device's peak is what it always holds plus the largest of its phases' transients (a train step, scoring old
 log-probs, publishing weights), which never coexist. Activations, the CUDA context and allocator slack are not
