@@ -47,15 +47,20 @@ def batch_of(rows: int, longest: int, vocab: int) -> Batch:
 
 
 def decoder_tokens(trainer: Trainer, batch: Batch, packed: bool) -> int:
-    """Tokens through the decoder in one pass over the batch (padding included), micro-batch by micro-batch."""
-    total = 0
-    for rows in torch.chunk(torch.arange(len(batch.trajectories)), trainer.cfg.trainer.num_minibatches):
-        mb = batch.select(rows)
-        for micro in trainer.my_microbatches(mb):
-            lengths = [int(mb.attention_mask[i].sum()) for i in micro]
-            forward_rows = len(pack_rows(lengths, max(lengths))) if packed else len(lengths)
-            total += forward_rows * max(lengths)
-    return total * trainer.cfg.trainer.ppo_epochs
+    """Tokens through the decoder in the trainer's next step over `batch` (padding included): its minibatches
+    (drawn from a copy of its generator, as `train_step` draws them), micro-batch by micro-batch."""
+    draws = torch.Generator()
+    draws.set_state(trainer.generator.get_state())
+    t, total = trainer.cfg.trainer, 0
+    for _ in range(t.ppo_epochs):
+        order = torch.randperm(len(batch.trajectories), generator=draws)
+        for rows in torch.chunk(order, t.num_minibatches):
+            mb = batch.select(rows)
+            for micro in trainer.my_microbatches(mb):
+                lengths = [int(mb.attention_mask[i].sum()) for i in micro]
+                forward_rows = len(pack_rows(lengths, max(lengths))) if packed else len(lengths)
+                total += forward_rows * max(lengths)
+    return total
 
 
 def main() -> None:
@@ -66,7 +71,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (both settings)")
     args = ap.parse_args()
-    model = [f"model.path={args.model}"] if args.model else ["model.warmstart=false"]  # speed: any weights do
+    model = [*([f"model.path={args.model}"] if args.model else []), "model.warmstart=false"]  # any weights do
     configs = {
         packed: load_config(CONFIG, [*model, *args.overrides, f"trainer.pack_sequences={packed}"])
         for packed in (False, True)
