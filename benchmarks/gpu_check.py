@@ -177,8 +177,8 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 def update_difference(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], start: dict) -> float:
     """||got - expected|| / ||expected - start|| over all weights: how far apart two runs' updates from the same
     `start` are, relative to the update itself. 0 when bit-identical (as on CPU); a GPU's atomic adds (embedding
-    and attention backward) can make two runs of one step differ by rounding, which should stay far below the
-    1e-2 the checks allow (not yet measured on a GPU)."""
+    and attention backward) make two runs of one step differ: 0.95% of the update on an H200 for the 0.5B shape
+    (docs/gpu/2026-12-04-h200-second/), Adam's normalisation amplifying rounding in near-zero gradients."""
 
     def sq(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.detach().cpu().double() - b.detach().cpu().double()).square().sum())
@@ -399,10 +399,10 @@ def check_checkpoint_resume(s: Setup) -> dict:
             first["step"] == 1
             and first["restored_weights"] == 0.0
             and first["samples"] == samples == second["samples"]
-            # within the device's own run-to-run spread (3x, and never more than 1e-2 of the update): a resume
-            # that lost the optimizer state or the EWMA average moves the update by O(1)
-            and relative <= min(3 * floor + 1e-6, 1e-2)
-            and ewma_relative <= min(3 * ewma_floor + 1e-6, 1e-2)
+            # within the device's own run-to-run spread (3x, and never more than 5e-2 of the update; an H200's
+            # spread is ~1e-2): a resume that lost the optimizer state or the EWMA average moves it by O(1)
+            and relative <= min(3 * floor + 1e-6, 5e-2)
+            and ewma_relative <= min(3 * ewma_floor + 1e-6, 5e-2)
         ),
         "restored_step": first["step"],
         "restored_weight_difference": first["restored_weights"],

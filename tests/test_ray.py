@@ -73,7 +73,9 @@ def test_short_async_run_under_ray(cluster, tmp_path, tiny_path, source):
         assert last["dedicated/segments"] > 0
     if source == "snapshot":
         assert max(r["snapshot/peak_bytes"] for r in rows) <= 500_000
-        assert last["snapshot/budget_captures"] >= 1  # W=2 wanted more versions than fit: captured while resident
+        # the store holds one version through each update (older versions' in-flight tokens are scored at
+        # prepare), so a one-snapshot budget never makes it capture with rollouts paused
+        assert sum(r["snapshot/budget_captures"] for r in rows) == 0
 
 
 def test_exact_sources_agree_under_ray(cluster, tiny_path, tokenizer):
