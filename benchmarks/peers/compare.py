@@ -6,7 +6,8 @@
 The task: 1,000 arithmetic word problems (`twofold dataset example`, verl's layout), one turn, exact reward
 on <answer>...</answer>. The model: twofold's tiny model warm-started on that task (cached), given to both.
 Settings matched: 8 prompts x 4 completions per step, one optimizer step per step, lr 2e-4, 16 new tokens,
-temperature 1, no KL term, float32 generation (TRL generates with the training model). Throughput counts
+temperature 1, no KL term, float32 generation (TRL generates with the training model), and one loss (group
+advantages not scaled by their std, token-mean, clip 0.2 both sides, no dual clip, gradient norm 1). Throughput counts
 completions (samples) and generated tokens over the whole training time; success is the mean reward of
 the last 5 steps; peak memory is the process's maximum RSS.
 """
@@ -44,7 +45,12 @@ def main() -> None:
     common = [
         f"env.options.path={data}",
         "trainer.num_minibatches=1",
+        # the loss TRL runs (trl_grpo.py sets TRL's side to the same): clip 0.2 both sides, no dual clip,
+        # group advantages not divided by their std, token-mean
         "loss.eps_high=0.2",
+        "loss.dual_clip=null",
+        "advantage.normalize_std=false",
+        "loss.aggregation=token-mean",
         "run.progress=false",
         f"trainer.steps={args.steps}",
         "run.checkpoint_every=0",

@@ -4,7 +4,9 @@
 
 One optimizer step per generation batch of `groups x group_size` completions (as twofold with one minibatch),
 no KL term (beta 0, as twofold), the same learning rate, temperature and completion length, the same exact
-reward on <answer>...</answer>. Writes samples/s, tokens/s, reward per step and peak memory as JSON.
+reward on <answer>...</answer>, and the same loss: unscaled group advantages, token-mean, clip 0.2 both sides,
+no dual clip, gradient norm 1 (TRL's defaults would scale advantages by the group's std and differ in those).
+Writes samples/s, tokens/s, reward per step and peak memory as JSON.
 """
 
 from __future__ import annotations
@@ -68,6 +70,16 @@ def main() -> None:
         temperature=1.0,
         beta=0.0,
         num_iterations=1,
+        # twofold's loss, named: advantages are reward minus the group mean, not divided by its std
+        # (advantage.normalize_std=false), token losses averaged over the batch's tokens (loss.aggregation=
+        # token-mean: TRL's "dapo"), the clip [0.8, 1.2] (loss.eps_low = eps_high = 0.2), no dual clip
+        # (loss.dual_clip=null: TRL's delta=None), gradients clipped to norm 1
+        scale_rewards="none",
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.2,
+        delta=None,
+        max_grad_norm=1.0,
         use_cpu=True,
         bf16=False,
         logging_steps=1,
