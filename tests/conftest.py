@@ -9,6 +9,16 @@ from twofold.envs import tokenizer_corpus
 from twofold.modelpath import gguf_folder, smollm2_gguf
 from twofold.models import ensure_tiny_model, load_tokenizer
 
+# The files whose tests take longest here (pytest's --durations, 2026-12-04), collected first. `make test` deals
+# whole files to its two workers in collection order (`--dist loadfile`), so long files collected last (in
+# name order: ray, real_model, reliability, vllm) would leave one worker idle while the other finishes them.
+LONGEST_FIRST = ("test_ray.py", "test_real_model.py", "test_reliability.py", "test_vllm.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
