@@ -23,7 +23,10 @@ Checks:
                           within the spread of the two restored runs (0 on CPU: bit-identical)
   vllm_weights            vLLM on the GPU (when importable): version stamps before and after a weight update,
                           and behaviour log-probs that follow the new weights (skipped on CPU: tests/test_vllm.py
-                          runs vLLM's CPU build)
+                          runs vLLM's CPU build; not yet run on a GPU: neither lent image had vLLM)
+
+Ran: docs/gpu/2026-12-04-h200/ (every check but vllm_weights) and docs/gpu/2026-12-04-h200-second/
+(checkpoint_resume and snapshot_exact), one H200 each.
 """
 
 from __future__ import annotations
