@@ -5,12 +5,14 @@ packed rows."""
 import pytest
 import torch
 from conftest import small_config
+from transformers import Lfm2Config, Lfm2ForCausalLM
 
-from twofold.logprobs import microbatches, pack_rows, pad_right, token_logprobs
+from twofold.config import ConfigError
+from twofold.logprobs import microbatches, pack_rows, packing_leak, pad_right, token_logprobs
 from twofold.models import load_model, save_random_model
 from twofold.oldlogits import BehaviorSource, SourceContext
 from twofold.rollout.trajectory import Batch, Trajectory
-from twofold.trainer.trainer import Trainer
+from twofold.trainer.trainer import PACKING_TOLERANCE, Trainer
 
 SHAPE = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 
@@ -76,6 +78,31 @@ def test_attention_stays_inside_each_packed_row(tmp_path):
         after = token_logprobs(model, ids, attn, packed=True)
     assert torch.equal(after[2], before[2])  # row 2 saw none of it
     assert not torch.equal(after[1], before[1])
+
+
+def test_a_model_whose_layers_cross_packed_rows_is_refused_packing(tmp_path):
+    """LFM2's short convolutions carry state from one packed row into the next (transformers keeps rows apart
+    for them only through `seq_idx`, which packing by position ids does not give): the trainer measures that
+    and refuses packing for it, naming the field; an attention-only model's leak is exactly 0."""
+    torch.manual_seed(0)
+    lfm2 = Lfm2ForCausalLM(
+        Lfm2Config(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "full_attention"],
+        )
+    )
+    assert packing_leak(lfm2, torch.device("cpu")) > PACKING_TOLERANCE
+    with pytest.raises(ConfigError, match="trainer.pack_sequences.*lets packed rows see each other"):
+        Trainer(lfm2, small_config(**{"trainer.pack_sequences": True}))
+    assert Trainer(lfm2, small_config()).model is lfm2  # padded rows: nothing to refuse
+    qwen2 = load_model(save_random_model(tmp_path / "m", **SHAPE))
+    assert packing_leak(qwen2, torch.device("cpu")) == 0.0
+    assert Trainer(qwen2, small_config(**{"trainer.pack_sequences": True})).model is qwen2
 
 
 def _batch(lengths: list[int]) -> Batch:

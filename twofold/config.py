@@ -354,7 +354,8 @@ class TrainerConfig:
         "Pack each forward's rows into as few rows of the longest one's width as they fit (first-fit decreasing), "
         "position ids restarting per row and attention kept inside each row (transformers' packed-sequence "
         "masks): fewer padded tokens through the decoder; the micro-batch budget counts packed rows. Training "
-        "and every old-logit path use it alike.",
+        "and every old-logit path use it alike. Refused when the trainer starts for a model whose layers let "
+        "packed rows see each other (recurrent or convolution mixers; measured by `logprobs.packing_leak`).",
     )
     gradient_checkpointing: bool = setting(
         False, "Hugging Face's activation checkpointing (recompute each layer in backward)."

@@ -161,6 +161,32 @@ def packed_decoder_states(
     return states.reshape(len(bins) * width, -1)[where.to(states.device)]
 
 
+def packing_leak(model: torch.nn.Module, device: torch.device) -> float:
+    """How far a row's packed log-probs move when only the row packed before it changes: 0 exactly where every
+    layer keeps to its row through transformers' packed-sequence mask (the masked keys weigh exactly 0, and the
+    row's own products are the same). Not 0 where a layer does not: a recurrent or convolution mixer (Mamba,
+    LFM2's short convolutions, linear attention) carries state across the boundary unless it is given sequence
+    indices, and a model's own code may build a plain causal mask over the packed row."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    lengths = [8, 4, 4]  # pack_rows(lengths, 8): [[0], [1, 2]]: row 2 follows row 1 in one packed row
+    ids = torch.zeros((3, 8), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = (torch.arange(n, device=device) * 7 + 3 * r + 1) % vocab
+        mask[r, :n] = 1
+    neighbour_changed = ids.clone()
+    neighbour_changed[1, :4] = (ids[1, :4] + 5) % vocab
+    training = model.training
+    model.eval()  # no dropout: the two forwards differ by the neighbour's tokens alone
+    try:
+        with torch.no_grad():
+            before = token_logprobs(model, ids, mask, packed=True)
+            after = token_logprobs(model, neighbour_changed, mask, packed=True)
+    finally:
+        model.train(training)
+    return float((before[2] - after[2]).abs().max())
+
+
 def policy_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,

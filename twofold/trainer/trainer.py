@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from twofold import metrics as M
-from twofold.config import Config
+from twofold.config import Config, ConfigError
 from twofold.distributed import Ranks, full_tensor
-from twofold.logprobs import DTYPES, Numerics, deal_rows, microbatches, sharded_root, token_logprobs
+from twofold.logprobs import DTYPES, Numerics, deal_rows, microbatches, packing_leak, sharded_root, token_logprobs
 from twofold.loss import combine_metrics, decoupled_ppo_loss, loss_denominator
 from twofold.models import load_policy
 from twofold.oldlogits import OldLogitSource
@@ -26,6 +26,10 @@ from twofold.rollout.trajectory import Batch
 from twofold.rollout.versions import lag_fractions, version_staleness
 from twofold.sharding import load_sharded_policy, shard
 from twofold.trainer.advantages import token_advantages
+
+# A packed row's log-probs do not move at all when only its neighbour's tokens change, where attention keeps to
+# rows; 1e-6 leaves room for a kernel that is not bit-reproducible, and catches a leak even at a random init.
+PACKING_TOLERANCE = 1e-6
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:
@@ -57,6 +61,16 @@ class Trainer:
             model = model.to(device=self.numerics.device, dtype=torch.float32)
             model = shard(model, self.ranks, self.numerics.device, DTYPES[t.fsdp_param_dtype])
         self.model = model.train()
+        if self.numerics.packed:
+            leak = packing_leak(self.model, self.numerics.device)
+            if leak > PACKING_TOLERANCE:
+                raise ConfigError(
+                    "trainer.pack_sequences",
+                    f"this model ({type(self.model).__name__}) lets packed rows see each other: a row's log-probs "
+                    f"moved by up to {leak:.2g} when only the row packed before it changed, so it has layers "
+                    "that do not keep to transformers' packed-sequence mask (recurrent or convolution mixers, "
+                    "or attention code of its own); set trainer.pack_sequences=false",
+                )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             trainable, lr=t.lr, weight_decay=t.weight_decay, fused=True if t.fused_optimizer else None
