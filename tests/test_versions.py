@@ -1,6 +1,8 @@
 """Versions: admission control counts from the version the engine stamps, not from the trainer's bumped one;
 the stale rule; the staleness metrics."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import small_config
@@ -21,6 +23,27 @@ def test_bound_moves_only_when_a_version_is_published():
     a.publish(1)
     assert a.admits(8) and not a.admits(9)
     assert a.stale_dropped == 1 and a.next_group(steps_done=1) == 3
+
+
+def test_a_resumed_run_plays_the_levels_not_yet_trained_or_dropped():
+    # async: groups finish out of order; levels 0, 1, 3 and 4 are consumed, level 2 is still in flight
+    a = Admission(window=2, groups_per_step=2, stale_policy="drop")
+    for level in (1, 0, 4, 3):
+        a.consume(level)
+    assert (a.levels_below, a.levels_above) == (2, {3, 4})
+    assert list(itertools.islice(a.levels_to_play(), 3)) == [2, 5, 6]  # 2 is played, 3 and 4 are not again
+    resumed = Admission(window=2, groups_per_step=2, stale_policy="drop")
+    resumed.load_state_dict(a.state_dict(), steps_done=2)
+    assert list(itertools.islice(resumed.levels_to_play(), 3)) == [2, 5, 6]
+    # groups consumed in order (sync mode): the levels go on where the group counter does
+    b = Admission(window=0, groups_per_step=2, stale_policy="drop")
+    for level in range(4):
+        b.consume(level)
+    assert next(b.levels_to_play()) == b.next_group(steps_done=2) == 4
+    # a checkpoint written before the levels were kept: they were a prefix, 2 steps x 2 groups + 1 dropped
+    old = Admission(window=2, groups_per_step=2, stale_policy="drop")
+    old.load_state_dict({"dropped_groups": 1, "stale_dropped": 1}, steps_done=2)
+    assert list(itertools.islice(old.levels_to_play(), 2)) == [5, 6]
 
 
 def test_stale_rule_drops_only_beyond_the_window():

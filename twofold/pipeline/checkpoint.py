@@ -301,7 +301,7 @@ def restore_run(parts: RunParts, path: Path) -> Restored:
     torch.set_rng_state(state["rng"]["torch"])
     t.generator.set_state(state["rng"]["minibatch"])
     t.version, t.skipped_steps = run_state["version"], run_state["skipped_steps"]
-    parts.admission.load_state_dict(run_state["admission"])
+    parts.admission.load_state_dict(run_state["admission"], steps_done=run_state["step"])
     parts.admission.publish(t.version)
     version, internal, gauss = run_state["python_rng"]
     random.setstate((version, tuple(internal), gauss))

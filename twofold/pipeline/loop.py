@@ -226,6 +226,7 @@ class Pipeline:
             on_new_version=self._on_new_version,
             on_trajectory_end=self._on_trajectory_end,
             start_group=self.admission.next_group(self.step),
+            levels=self.admission.levels_to_play(),
             lockstep=not self.async_mode,
             make_env=lambda: self.runtime.make_env(self.cfg),
         )
@@ -274,6 +275,7 @@ class Pipeline:
                     self.ready_cond.wait(0.1)
                 group = self.ready.pop(0)
             usable = [t for t in group if t.status in ("done", "truncated")]
+            self.admission.consume(group[0].level)
             if not usable or self.admission.too_stale(group, self.trainer.version):
                 self.admission.drop(stale=bool(usable))
                 self.failed_in_a_row = 0 if usable else self.failed_in_a_row + 1

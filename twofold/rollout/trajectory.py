@@ -19,6 +19,7 @@ class Trajectory:
     uid: int
     group_id: int
     level_seed: int
+    level: int = -1  # the level's index in the run's sequence (`level_seed(cfg.seed, level)`); -1: none
     token_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     behavior_logprobs: list[float] = field(default_factory=list)

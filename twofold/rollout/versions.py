@@ -20,6 +20,9 @@ A token's lag at train time is the trainer's version minus the version that samp
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import torch
 
 from twofold import metrics as M
@@ -36,6 +39,10 @@ class Admission:
         self.published_version = published_version  # written by the trainer while the rollout is paused
         self.dropped_groups = 0  # stale or failed: each lets one more group start
         self.stale_dropped = 0
+        # the levels trained or dropped: all below `levels_below`, and `levels_above` beyond it (groups finish
+        # out of order in async mode, so the consumed levels need not be a prefix)
+        self.levels_below = 0
+        self.levels_above: set[int] = set()
 
     def admits(self, next_group: int) -> bool:
         """Rollout thread: may group `next_group` start now?"""
@@ -56,15 +63,36 @@ class Admission:
         self.dropped_groups += 1
         self.stale_dropped += int(stale)
 
+    def consume(self, level: int) -> None:
+        """The group of level `level` was trained or dropped: a resumed run does not play it again."""
+        self.levels_above.add(level)
+        while self.levels_below in self.levels_above:
+            self.levels_above.remove(self.levels_below)
+            self.levels_below += 1
+
+    def levels_to_play(self) -> Iterator[int]:
+        """The levels not yet trained or dropped, in order: where a resumed run's groups start. In sync mode
+        (and whenever groups finish in order) `levels_below` onwards, the level `next_group` counts."""
+        skip = set(self.levels_above)
+        return (level for level in itertools.count(self.levels_below) if level not in skip)
+
     def next_group(self, steps_done: int) -> int:
         """The first group not yet trained or dropped after `steps_done` steps (where a resumed run restarts)."""
         return steps_done * self.groups_per_step + self.dropped_groups
 
     def state_dict(self) -> dict:
-        return {"dropped_groups": self.dropped_groups, "stale_dropped": self.stale_dropped}
+        return {
+            "dropped_groups": self.dropped_groups,
+            "stale_dropped": self.stale_dropped,
+            "levels_below": self.levels_below,
+            "levels_above": sorted(self.levels_above),
+        }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, steps_done: int = 0) -> None:
         self.dropped_groups, self.stale_dropped = state["dropped_groups"], state["stale_dropped"]
+        # a checkpoint from before the levels were kept: they were taken to be a prefix
+        self.levels_below = state.get("levels_below", self.next_group(steps_done))
+        self.levels_above = set(state.get("levels_above", []))
 
 
 LAG_BUCKETS = ("0", "1", "2", "3", "4plus")  # token lag in versions; the last bucket is 4 and more

@@ -12,12 +12,13 @@ then read every pending trajectory safely (interruption capture) and update the 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -68,6 +69,7 @@ class RolloutWorker:
         on_new_version: Callable[[Trajectory, int], None] = lambda t, v: None,
         on_trajectory_end: Callable[[Trajectory], None] = lambda t: None,
         start_group: int = 0,
+        levels: Iterator[int] | None = None,
         lockstep: bool = False,
         make_env: Callable[[], TextEnv] | None = None,
     ):
@@ -91,6 +93,9 @@ class RolloutWorker:
         self.group_members: dict[int, list[Trajectory]] = {}
         self.next_group = start_group
         self.next_uid = start_group * cfg.rollout.group_size
+        # the level indices the groups play, in order: start_group, start_group + 1, ... unless a resumed run
+        # skips the levels it already trained (`Admission.levels_to_play`)
+        self.levels = levels if levels is not None else itertools.count(start_group)
         # lockstep: generate only once every outstanding env step is back, so each engine batch holds the
         # same episodes whatever the thread timing. Sync mode uses it to be reproducible (and resumable
         # bit for bit); async mode never waits for the slowest env step.
@@ -109,12 +114,15 @@ class RolloutWorker:
     def _start_group(self) -> None:
         gid = self.next_group
         self.next_group += 1
-        seed = level_seed(self.cfg.seed, gid)
+        level = next(self.levels)
+        seed = level_seed(self.cfg.seed, level)
         self.group_members[gid] = []
         for k in range(self.cfg.rollout.group_size):
             env = self.make_env()
             obs = env.reset(seed)
-            traj = Trajectory(uid=self.next_uid, group_id=gid, level_seed=seed, start_version=self.engine.version)
+            traj = Trajectory(
+                uid=self.next_uid, group_id=gid, level_seed=seed, level=level, start_version=self.engine.version
+            )
             self.next_uid += 1
             traj.append(first_prompt_ids(self.tokenizer, env, obs), agent=False)
             ep = Episode(traj, env, random.Random(seed * 31 + k))
