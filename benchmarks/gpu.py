@@ -1,7 +1,8 @@
 """GPU figures: tokens/s, seconds per step and its split, peak GPU memory, for the tiny model and a random
 0.5B-shaped model (Qwen2.5-0.5B's shape), bfloat16, built-in engine and vLLM, snapshots on the host or on
-the GPU. Run it whenever a GPU is lent; `--device cpu --models tiny --engines builtin` is a smoke run. Not yet
-run on a GPU (neither lent run ran it, and neither image had vLLM; docs/gpu/).
+the GPU. Run it whenever a GPU is lent; `--device cpu --models tiny --engines builtin` is a smoke run. Run on a GPU
+once, the 0.5B shape with the built-in engine (docs/gpu/2026-12-04-h200-third/); vLLM cells never (no lent
+image had vLLM).
 
     python benchmarks/gpu.py                       # everything, ~10 steps per cell
     python benchmarks/gpu.py --models tiny --engines builtin,vllm --steps 5
