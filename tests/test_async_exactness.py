@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import small_config
 
+from twofold.engine.base import weight_items
 from twofold.logprobs import Numerics, score_sequences
 from twofold.models import load_model, load_parameters, load_policy, versioned_state
 from twofold.pipeline.loop import Pipeline
@@ -37,8 +38,9 @@ class BruteForce:
         if from_engine:
             engine_update = pipe.engine.update_weights
 
-            def update_weights(state, version):
-                self.states[version] = {k: v.clone() for k, v in state.items()}
+            def update_weights(weights, version):
+                state = {k: v.clone() for k, v in weight_items(weights)}  # the stream, kept
+                self.states[version] = state
                 engine_update(state, version)
 
             pipe.engine.update_weights = update_weights

@@ -13,7 +13,7 @@ from twofold.engine.builtin import (
     sample_from_logits,
 )
 from twofold.logprobs import Numerics, score_sequences
-from twofold.models import full_weights, load_model, load_tokenizer
+from twofold.models import full_weights, iter_full_weights, load_model, load_tokenizer
 
 
 def _requests(tokenizer, n, max_new=12, **kw):
@@ -114,6 +114,28 @@ def _weight_bytes_held(model: torch.nn.Module, wide: bool) -> int:
     wide_modules = [m for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
     held = {id(p) for m in wide_modules for p in m.parameters()}
     return sum(p.numel() * (4 if wide and id(p) in held else 2) for p in model.parameters())
+
+
+def test_weights_streamed_to_the_engine_load_as_a_dict_does_and_a_missing_one_is_named(tiny_path):
+    """What the pipeline hands the engine (`iter_full_weights`: one parameter at a time, already bf16, on the
+    engine's device) loads to the same bits as the float32 dict rounded on load; a weight missing from an
+    update is named, not left at the old version."""
+    model = load_model(tiny_path)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    from_dict, streamed = BuiltinEngine(tiny_path, dtype="bfloat16"), BuiltinEngine(tiny_path, dtype="bfloat16")
+    before = {n: p.clone() for n, p in streamed.model.named_parameters()}
+    from_dict.update_weights(full_weights(model), 1)
+    streamed.update_weights(iter_full_weights(model, dtype=torch.bfloat16, device=streamed.weights_device), 1)
+    loaded = dict(streamed.model.named_parameters())
+    for name, p in from_dict.model.named_parameters():
+        assert torch.equal(p, loaded[name]), name
+        assert not torch.equal(p, before[name]), name  # every weight moved to the new version
+    partial = full_weights(model)
+    del partial["model.norm.weight"]
+    with pytest.raises(KeyError, match="model.norm.weight"):
+        streamed.update_weights(partial, 2)
 
 
 @pytest.mark.parametrize("held_in_float32", [True, False])

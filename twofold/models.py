@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -357,19 +358,34 @@ def gathered_state(
 def full_weights(
     model: torch.nn.Module, keep: bool = True, dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """Every weight under its Hugging Face name, detached, on CPU in `dtype`: what an engine loads for a version.
+    """Every weight under its Hugging Face name, detached, on CPU in `dtype`: what an engine loads for a version
+    (`iter_full_weights`, kept whole)."""
+    return dict(iter_full_weights(model, keep, dtype))
+
+
+@torch.no_grad()  # applies to each step of the generator (torch wraps generator functions)
+def iter_full_weights(
+    model: torch.nn.Module, keep: bool = True, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every weight under its Hugging Face name, one at a time, detached, in `dtype` on `device`: an engine that
+    loads them as they come (the built-in one, on its own device) never holds a second whole model, and one on
+    the trainer's GPU never sends them through host memory.
 
     Under LoRA the adapters are merged into a copy of each base weight, W + scale * B @ A (computed in float32
     from the gathered A and B); the trainer's model is not touched, so no merge/unmerge rounding builds up.
-    Sharded parameters are gathered one at a time on every rank (`gathered_state`); ranks with `keep=False`
-    (all but the engine's) keep nothing.
+    Sharded parameters are gathered one at a time on every rank (a collective: every rank runs the iterator to
+    its end, in the same order); ranks with `keep=False` (all but the engine's) yield nothing.
     """
     if not is_lora(model):
-        return gathered_state(model, keep, dtype, trained_only=False)
+        for n, p in model.named_parameters():
+            whole = full_tensor(p.detach())
+            if keep:
+                yield n, whole.to(device=device, dtype=dtype, copy=True)
+            del whole
+        return
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    out: dict[str, torch.Tensor] = {}
     merged: set[str] = set()
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
@@ -381,12 +397,11 @@ def full_weights(
                     delta = (b @ a) * module.scaling[adapter]
                     weight += delta.T if getattr(module, "fan_in_fan_out", False) else delta
             if keep:
-                out[f"{name}.weight"] = weight.to(device="cpu", dtype=dtype)
+                yield f"{name}.weight", weight.to(device=device, dtype=dtype)
             merged.add(f"{name}.base_layer.weight")
     for n, p in base.named_parameters():
         if "lora_" in n or n in merged:
             continue
         whole = full_tensor(p.detach())
         if keep:
-            out[n.replace(".base_layer.", ".")] = whole.to(device="cpu", dtype=dtype, copy=True)
-    return out
+            yield n.replace(".base_layer.", "."), whole.to(device=device, dtype=dtype, copy=True)

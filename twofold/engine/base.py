@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass
@@ -78,6 +78,15 @@ class GenerationResult:
 # Continuous batching: `joiners(room)` hands a running batch up to `room` requests that became ready while it ran
 # (an episode back from its env step); `on_result` receives each request's result as soon as it is done.
 Joiners = Callable[[int], list[GenerationRequest]]
+# A version's weights by Hugging Face name: a dict, or (name, tensor) pairs as they are gathered
+# (`twofold.models.iter_full_weights`), which an engine must consume to the end.
+Weights = Mapping[str, Any] | Iterable[tuple[str, Any]]
+
+
+def weight_items(weights: Weights) -> Iterator[tuple[str, Any]]:
+    return iter(weights.items() if isinstance(weights, Mapping) else weights)
+
+
 OnResult = Callable[[GenerationResult], None]
 
 
@@ -110,8 +119,12 @@ class InferenceEngine(ABC):
         `requests` in order. An engine that batches continuously takes `joiners` into its running batch and
         reports every result (joined ones too) to `on_result` as it finishes; one that does not ignores both."""
 
+    # Where `update_weights` wants the tensors: host memory unless an engine says otherwise (the built-in one
+    # takes them on its own device, so a trainer beside it on a GPU never sends them through the host).
+    weights_device: str = "cpu"
+
     @abstractmethod
-    def update_weights(self, state_dict: dict, version: int) -> None:
+    def update_weights(self, weights: Weights, version: int) -> None:
         """Load new weights in place and stamp later tokens with `version` (call while paused)."""
 
     # ---- the shared pause protocol

@@ -23,7 +23,9 @@ from twofold.engine.base import (
     Joiners,
     OnResult,
     SamplingParams,
+    Weights,
     sampling_key,
+    weight_items,
 )
 from twofold.engine.prefix_cache import (
     BLOCK,
@@ -194,6 +196,7 @@ class BuiltinEngine(InferenceEngine):
     ):
         super().__init__()
         self.device = resolve_device(device)
+        self.weights_device = str(self.device)
         self.dtype = DTYPES[dtype]
         self.model = load_model(model_path, self.dtype).to(self.device)
         if lacks_native_low_precision_matmul(self.device, self.dtype):
@@ -223,11 +226,18 @@ class BuiltinEngine(InferenceEngine):
         }
 
     @torch.no_grad()
-    def update_weights(self, state_dict: dict, version: int) -> None:
-        """Load new weights rounded to the engine's dtype; the prefix cache's KV is of the old ones, so it goes."""
+    def update_weights(self, weights: Weights, version: int) -> None:
+        """Load new weights rounded to the engine's dtype, each as it comes; the prefix cache's KV is of the old
+        ones, so it goes."""
         self.prefix_cache.clear()
-        for name, p in self.model.named_parameters():
-            p.copy_(state_dict[name].to(self.dtype), non_blocking=True)
+        params = dict(self.model.named_parameters())
+        missing = set(params)
+        for name, tensor in weight_items(weights):
+            if name in params:  # names the engine lacks (none for one architecture) are not its weights
+                params[name].copy_(tensor.to(self.dtype), non_blocking=True)
+                missing.discard(name)
+        if missing:
+            raise KeyError(f"update_weights: no weights for {sorted(missing)[:5]}")
         quantize_(self.model, self.quantization, self.dtype)
         self.version = version
 

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from twofold.config import EngineConfig
-from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
+from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, weight_items
 from twofold.engine.placement import visible_devices
 from twofold.engine.vllm_worker import pack
 from twofold.modelpath import has_model_code
@@ -135,9 +135,9 @@ class VLLMEngine(InferenceEngine):
             reason,
         )
 
-    def update_weights(self, state_dict: dict, version: int) -> None:
-        weights = [pack(name, tensor) for name, tensor in state_dict.items()]
-        self.llm.collective_rpc("twofold_load_weights", kwargs={"weights": weights})
+    def update_weights(self, weights: Weights, version: int) -> None:
+        packed = [pack(name, tensor) for name, tensor in weight_items(weights)]
+        self.llm.collective_rpc("twofold_load_weights", kwargs={"weights": packed})
         self.llm.reset_prefix_cache()
         self.version = version
 

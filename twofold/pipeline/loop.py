@@ -14,6 +14,7 @@ The parts come from a runtime (`runtime.py`): in this process, or Ray actors (`r
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import threading
@@ -29,7 +30,7 @@ from twofold.config import Config, ConfigError, dump_config, to_dict
 from twofold.distributed import Ranks
 from twofold.logprobs import DTYPES, microbatches, resolve_device
 from twofold.loss import kl_estimates
-from twofold.models import full_weights, load_parameters, load_policy, load_tokenizer
+from twofold.models import iter_full_weights, load_parameters, load_policy, load_tokenizer
 from twofold.oldlogits import OldLogitSource, SourceContext, make_source
 from twofold.pipeline.checkpoint import (
     Restored,
@@ -208,9 +209,7 @@ class Pipeline:
             return None
         restored = restore_run(self._checkpoint_parts(), checkpoint)
         self.step = restored.step
-        weights = full_weights(self.trainer.model, keep=main)
-        if self.engine is not None:
-            self.engine.update_weights(weights, self.trainer.version)
+        self._hand_weights_to_engine(self.trainer.version)
         if main:
             log.info("resumed from %s at step %d", checkpoint, self.step)
         return restored
@@ -322,12 +321,23 @@ class Pipeline:
         pending = list(self.pending.values())  # rank 0's: only its sources look at them
         for s in self.sources:
             s.on_publish(self.trainer.model, new_version, pending)
-        weights = full_weights(self.trainer.model, keep=main, dtype=self.engine_dtype)
+        self._hand_weights_to_engine(new_version)
         self.admission.publish(new_version)
         if main:
-            self.engine.update_weights(weights, new_version)
             self.worker.resume()
             self._paused = False
+
+    def _hand_weights_to_engine(self, version: int) -> None:
+        """The trainer's weights into the engine, one parameter at a time as every rank gathers it, cast to the
+        engine's dtype on the device the engine loads from (a built-in engine on the trainer's GPU: no host copy);
+        ranks without the engine take part in the gathers and keep nothing."""
+        engine = self.engine if self.ranks.is_main else None
+        device = engine.weights_device if engine is not None else "cpu"
+        weights = iter_full_weights(self.trainer.model, keep=engine is not None, dtype=self.engine_dtype, device=device)
+        if engine is not None:
+            engine.update_weights(weights, version)
+        else:
+            collections.deque(weights, maxlen=0)  # run the gathers to the end
 
     def _audit(self, batch: Batch) -> dict[str, float]:
         """Error of the source's old log-probs against the exact ones, both from their `old_logprobs`, over

@@ -356,8 +356,8 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
     e = cfg.engine
     width = DTYPE_BYTES[e.dtype]
     weights = n.base * width  # LoRA policies reach the engine merged: the base's shapes
-    in_flight = 2 if e.backend == "vllm" else 1  # vLLM's updates travel packed: the tensors and their bytes
-    out = [(HOST, Part(TO_ENGINE, f"{e.dtype} x {in_flight}, rank 0", weights * in_flight, "engine.dtype", PUBLISH))]
+    # vLLM's updates travel whole through host memory, packed: the tensors and their bytes
+    out = [(HOST, Part(TO_ENGINE, f"{e.dtype} x 2, rank 0", weights * 2, "engine.dtype", PUBLISH))]
     if e.backend == "vllm" and machine.gpus > 0:
         share = int(e.gpu_memory_utilization * machine.gpu_memory)
         gpus = e.gpu_indices()
@@ -377,12 +377,28 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
     if device == HOST and width < 4 and not machine.host_bf16_matmul:
         weights, held = n.base * 4, f"{e.dtype} values held as float32 (no native bf16 matmul)"
     prefix = parse_bytes(e.prefix_cache, "engine.prefix_cache") or 0
+    one_tensor = Part(TO_ENGINE, "one tensor at a time", weight_in_flight(cfg, s), "engine.device", PUBLISH)
     return [
-        *out,
+        (device, one_tensor),
         (device, Part(ENGINE_WEIGHTS, held, weights, "engine.device")),
         (device, Part(ENGINE_KV_CACHE, f"{tokens:,} tokens x {e.dtype}", kv_bytes, "engine.max_batch_size")),
         (device, Part(ENGINE_PREFIX_CACHE, "at most", prefix, "engine.prefix_cache")),
     ]
+
+
+def weight_in_flight(cfg: Config, s: ModelShapes) -> int:
+    """Bytes of the one weight on its way to the built-in engine, which loads each as it is gathered
+    (`iter_full_weights`): the largest tensor (the embedding or an MLP matrix) in the engine's dtype, plus its
+    float32 gather when the trainer is sharded; a LoRA-merged weight is a float32 copy of the base weight, the
+    float32 delta B @ A and the cast."""
+    width = DTYPE_BYTES[cfg.engine.dtype]
+    gather = FLOAT32 if cfg.trainer.world_size > 1 else 0
+    largest = max(s.vocab_size, s.intermediate_size) * s.hidden_size * (width + gather)
+    if cfg.model.lora.r == 0:
+        return largest
+    shapes = projection_shapes(s)
+    merged = max(shapes[m][0] * shapes[m][1] for m in lora_targets(s, cfg.model.lora)[0])
+    return max(largest, merged * (2 * FLOAT32 + width))
 
 
 def snapshot_versions(cfg: Config, version_bytes: int) -> int:

@@ -37,7 +37,7 @@ from twofold import metrics as M
 from twofold.config import Config, EngineConfig
 from twofold.distributed import Ranks, close_ranks, free_port, init_ranks, rank_device
 from twofold.engine import make_engine
-from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine
+from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, weight_items
 from twofold.logprobs import DTYPES, resolve_device
 from twofold.models import load_policy, load_tokenizer
 from twofold.oldlogits import LocalLogprobWorker, SourceContext
@@ -70,8 +70,8 @@ class EngineReplica:
             return None
         return self.engine.generate(requests)
 
-    def update_weights(self, state_dict: dict, version: int) -> None:
-        self.engine.update_weights(state_dict, version)
+    def update_weights(self, weights: Weights, version: int) -> None:
+        self.engine.update_weights(weights, version)
 
     def pause(self) -> None:
         self.engine.pause()
@@ -235,10 +235,10 @@ class RayEngine(InferenceEngine):
         self._each("resume")
         super().resume()
 
-    def update_weights(self, state_dict, version):
+    def update_weights(self, weights: Weights, version: int) -> None:
         # Cast here, as each replica would on load (bit-identical), so half the bytes travel for bfloat16;
         # one put, every replica reads the same object.
-        self.weights = ray.put({k: v.to(self.dtype) if v.is_floating_point() else v for k, v in state_dict.items()})
+        self.weights = ray.put({k: v.to(self.dtype) if v.is_floating_point() else v for k, v in weight_items(weights)})
         self.version = version
         self._each("update_weights", self.weights, version)
 
