@@ -82,7 +82,7 @@ def test_splits_are_disjoint_and_epochs_reshuffle(files):
         return out
 
     epoch0, epoch1 = rows(0, range(54)), rows(0, range(54, 108))
-    assert sorted(epoch0) == sorted(epoch1) == train  # every train row once per epoch
+    assert sorted(epoch0) == sorted(epoch1) == list(train)  # every train row once per epoch
     assert epoch0 != epoch1  # in another order
     assert rows(0, range(10)) == epoch0[:10] and rows(1, range(10)) != epoch0[:10]  # by seed, repeatably
     assert set(rows(EVAL_SEED_OFFSET, range(12))) == set(held)  # `twofold eval`'s levels: the held-out rows

@@ -115,12 +115,23 @@ def sample_of(row: dict, layout: str, completion: str = "") -> Sample:
     return Sample(completion, truth, prompt if isinstance(prompt, str) else messages, row)
 
 
-def split_rows(n: int, eval_fraction: float) -> tuple[list[int], list[int]]:
+# An env is built for every episode, so what depends only on the data is computed once per process (a
+# shuffle of a 1,000-row dataset took longer than the episode's own work on the peers' benchmark).
+@functools.lru_cache(maxsize=8)
+def split_rows(n: int, eval_fraction: float) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(train, eval) row indices: a fixed random eval share, the same on every run."""
     order = list(range(n))
     random.Random(0).shuffle(order)
     held = min(n - 1, math.ceil(n * eval_fraction)) if eval_fraction > 0 and n > 1 else 0
-    return sorted(order[held:]), sorted(order[:held])
+    return tuple(sorted(order[held:])), tuple(sorted(order[:held]))
+
+
+@functools.lru_cache(maxsize=64)
+def epoch_order(rows: tuple[int, ...], key: str) -> tuple[int, ...]:
+    """`rows` shuffled by `key` (run seed, split and epoch): the order episodes draw them in."""
+    order = list(rows)
+    random.Random(key).shuffle(order)
+    return tuple(order)
 
 
 @register("dataset")
@@ -176,9 +187,7 @@ class DatasetEnv(ToolEnv, TextEnv):
         split, run_seed, k = split_of_level(seed)
         rows = self.splits[split] or self.splits["train"]
         epoch, index = divmod(k, len(rows))
-        order = list(rows)
-        random.Random(f"{run_seed}-{split}-{epoch}").shuffle(order)
-        self.row = self.rows[order[index]]
+        self.row = self.rows[epoch_order(rows, f"{run_seed}-{split}-{epoch}")[index]]
         self.messages, self.ground_truth = row_of(self.row, self.layout)
         return self.messages[-1]["content"]
 
