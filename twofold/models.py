@@ -396,8 +396,10 @@ def iter_full_weights(
                     b = full_tensor(module.lora_B[adapter].weight.detach()).float()
                     delta = (b @ a) * module.scaling[adapter]
                     weight += delta.T if getattr(module, "fan_in_fan_out", False) else delta
+                    del a, b, delta
             if keep:
                 yield f"{name}.weight", weight.to(device=device, dtype=dtype)
+            del weight  # one merged weight alive at a time (the memory plan's "weight being published")
             merged.add(f"{name}.base_layer.weight")
     for n, p in base.named_parameters():
         if "lora_" in n or n in merged:
@@ -405,3 +407,4 @@ def iter_full_weights(
         whole = full_tensor(p.detach())
         if keep:
             yield n.replace(".base_layer.", "."), whole.to(device=device, dtype=dtype, copy=True)
+        del whole

@@ -68,6 +68,7 @@ EWMA_PROXY = "EWMA proxy copy"
 DEDICATED_COPY = "dedicated worker copy"
 TO_WORKER = "weights to the worker"
 TO_ENGINE = "weights to the engine"
+GATHERED_WEIGHT = "weight being published"
 # The parts `memory/oldlogit_extra_bytes` counts (`OldLogitSource.extra_bytes`).
 OLDLOGIT_STATE = (SNAPSHOTS, SCRATCH_COPY, EWMA_AVERAGE, EWMA_PROXY, DEDICATED_COPY)
 
@@ -344,6 +345,9 @@ def trainer_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, on_cuda: bool
     ]
     if on_cuda:  # the CPU's single-tensor AdamW needs one tensor's buffer at a time
         parts.append(Part(OPTIMIZER_TEMPORARIES, f"float32{shard}", trained, "model.lora.r", TRAIN_STEP))
+    gathered = weight_gathered(cfg, s)
+    if gathered:
+        parts.append(Part(GATHERED_WEIGHT, "float32, one at a time", gathered, "trainer.world_size", PUBLISH))
     return parts
 
 
@@ -377,28 +381,34 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
     if device == HOST and width < 4 and not machine.host_bf16_matmul:
         weights, held = n.base * 4, f"{e.dtype} values held as float32 (no native bf16 matmul)"
     prefix = parse_bytes(e.prefix_cache, "engine.prefix_cache") or 0
-    one_tensor = Part(TO_ENGINE, "one tensor at a time", weight_in_flight(cfg, s), "engine.device", PUBLISH)
+    if cfg.runtime.backend == "ray":  # one dict of every weight on the host, and its copy in Ray's object store
+        to_engine = (HOST, Part(TO_ENGINE, f"{e.dtype} x 2, rank 0", weights * 2, "engine.dtype", PUBLISH))
+    else:  # streamed onto the engine's device (`iter_full_weights`)
+        in_flight = 2 * largest_weight(s) * width
+        to_engine = (device, Part(TO_ENGINE, f"2 tensors at a time, {e.dtype}", in_flight, "engine.device", PUBLISH))
     return [
-        (device, one_tensor),
+        to_engine,
         (device, Part(ENGINE_WEIGHTS, held, weights, "engine.device")),
         (device, Part(ENGINE_KV_CACHE, f"{tokens:,} tokens x {e.dtype}", kv_bytes, "engine.max_batch_size")),
         (device, Part(ENGINE_PREFIX_CACHE, "at most", prefix, "engine.prefix_cache")),
     ]
 
 
-def weight_in_flight(cfg: Config, s: ModelShapes) -> int:
-    """Bytes of the one weight on its way to the built-in engine, which loads each as it is gathered
-    (`iter_full_weights`): the largest tensor (the embedding or an MLP matrix) in the engine's dtype, plus its
-    float32 gather when the trainer is sharded; a LoRA-merged weight is a float32 copy of the base weight, the
-    float32 delta B @ A and the cast."""
-    width = DTYPE_BYTES[cfg.engine.dtype]
-    gather = FLOAT32 if cfg.trainer.world_size > 1 else 0
-    largest = max(s.vocab_size, s.intermediate_size) * s.hidden_size * (width + gather)
+def largest_weight(s: ModelShapes) -> int:
+    """Elements of the largest weight tensor: the embedding (or LM head) or an MLP matrix."""
+    return max(s.vocab_size, s.intermediate_size) * s.hidden_size
+
+
+def weight_gathered(cfg: Config, s: ModelShapes) -> int:
+    """Bytes a trainer rank holds beyond its weights while it publishes them (`iter_full_weights`, one parameter
+    at a time): a sharded parameter's float32 gather; under LoRA the float32 copy of an adapted weight and the
+    delta B @ A it adds (two float32 temporaries while it is formed)."""
+    gather = FLOAT32 * largest_weight(s) if cfg.trainer.world_size > 1 else 0
     if cfg.model.lora.r == 0:
-        return largest
+        return gather
     shapes = projection_shapes(s)
-    merged = max(shapes[m][0] * shapes[m][1] for m in lora_targets(s, cfg.model.lora)[0])
-    return max(largest, merged * (2 * FLOAT32 + width))
+    adapted = max((shapes[m][0] * shapes[m][1] for m in lora_targets(s, cfg.model.lora)[0]), default=0)
+    return max(gather, 3 * FLOAT32 * adapted)
 
 
 def snapshot_versions(cfg: Config, version_bytes: int) -> int:
