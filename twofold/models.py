@@ -344,14 +344,19 @@ def gathered_state(
     """Whole tensors of the parameters (those that train, or all), on CPU in `dtype`. Sharded parameters are
     gathered one at a time (a collective: every rank calls this); a rank with `keep=False` takes part in the
     gathers and keeps nothing, so no rank ever holds more than one gathered parameter beyond what it keeps."""
-    out = {}
+    return dict(_iter_gathered(model, keep, dtype, "cpu", trained_only))
+
+
+def _iter_gathered(
+    model: torch.nn.Module, keep: bool, dtype: torch.dtype, device: str | torch.device, trained_only: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`gathered_state`'s parameters one at a time, each a copy in `dtype` on `device` (every rank gathers)."""
     for n, p in model.named_parameters():
         if p.requires_grad or not trained_only:
             whole = full_tensor(p.detach())
             if keep:
-                out[n] = whole.to(device="cpu", dtype=dtype, copy=True)
+                yield n, whole.to(device=device, dtype=dtype, copy=True)
             del whole
-    return out
 
 
 @torch.no_grad()
@@ -377,11 +382,7 @@ def iter_full_weights(
     its end, in the same order); ranks with `keep=False` (all but the engine's) yield nothing.
     """
     if not is_lora(model):
-        for n, p in model.named_parameters():
-            whole = full_tensor(p.detach())
-            if keep:
-                yield n, whole.to(device=device, dtype=dtype, copy=True)
-            del whole
+        yield from _iter_gathered(model, keep, dtype, device, trained_only=False)
         return
     from peft.tuners.lora import LoraLayer
 

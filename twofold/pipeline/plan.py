@@ -360,8 +360,9 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
     e = cfg.engine
     width = DTYPE_BYTES[e.dtype]
     weights = n.base * width  # LoRA policies reach the engine merged: the base's shapes
-    # vLLM's updates travel whole through host memory, packed: the tensors and their bytes
-    out = [(HOST, Part(TO_ENGINE, f"{e.dtype} x 2, rank 0", weights * 2, "engine.dtype", PUBLISH))]
+    # vLLM's updates, and Ray's, travel whole through host memory: the tensors, and their packed bytes (vLLM) or
+    # their copy in the object store (Ray)
+    host_payload = (HOST, Part(TO_ENGINE, f"{e.dtype} x 2, rank 0", weights * 2, "engine.dtype", PUBLISH))
     if e.backend == "vllm" and machine.gpus > 0:
         share = int(e.gpu_memory_utilization * machine.gpu_memory)
         gpus = e.gpu_indices()
@@ -370,10 +371,11 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
             f"{e.gpu_memory_utilization:g} x {format_bytes(machine.gpu_memory)}, "
             f"{per_gpu}weights {format_bytes(weights)} in it"
         )
-        return [*out, *((f"cuda:{g}", Part(VLLM_SHARE, detail, share, "engine.gpu_memory_utilization")) for g in gpus)]
+        shares = [(f"cuda:{g}", Part(VLLM_SHARE, detail, share, "engine.gpu_memory_utilization")) for g in gpus]
+        return [host_payload, *shares]
     if e.backend == "vllm":
         kv = Part(ENGINE_KV_CACHE, "VLLM_CPU_KVCACHE_SPACE", machine.vllm_cpu_kv_cache, "engine.max_batch_size")
-        return [*out, (HOST, Part(ENGINE_WEIGHTS, e.dtype, weights, "engine.dtype")), (HOST, kv)]
+        return [host_payload, (HOST, Part(ENGINE_WEIGHTS, e.dtype, weights, "engine.dtype")), (HOST, kv)]
     device = _placed(e.device, 0, machine.gpus)
     tokens = e.max_batch_size * cfg.rollout.max_total_tokens
     kv_bytes = 2 * s.num_layers * s.num_kv_heads * s.head_dim * width * tokens
@@ -381,8 +383,8 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
     if device == HOST and width < 4 and not machine.host_bf16_matmul:
         weights, held = n.base * 4, f"{e.dtype} values held as float32 (no native bf16 matmul)"
     prefix = parse_bytes(e.prefix_cache, "engine.prefix_cache") or 0
-    if cfg.runtime.backend == "ray":  # one dict of every weight on the host, and its copy in Ray's object store
-        to_engine = (HOST, Part(TO_ENGINE, f"{e.dtype} x 2, rank 0", weights * 2, "engine.dtype", PUBLISH))
+    if cfg.runtime.backend == "ray":
+        to_engine = host_payload
     else:  # streamed onto the engine's device (`iter_full_weights`)
         in_flight = 2 * largest_weight(s) * width
         to_engine = (device, Part(TO_ENGINE, f"2 tensors at a time, {e.dtype}", in_flight, "engine.device", PUBLISH))
