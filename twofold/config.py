@@ -358,7 +358,10 @@ class TrainerConfig:
         "packed rows see each other (recurrent or convolution mixers; measured by `logprobs.packing_leak`).",
     )
     gradient_checkpointing: bool = setting(
-        False, "Hugging Face's activation checkpointing (recompute each layer in backward)."
+        True,
+        "Hugging Face's activation checkpointing: keep each layer's input, recompute the layer in backward. "
+        "On by default, as in TRL's GRPOConfig, verl and AReaL: SmolLM2-135M's step peak 4.98 -> 4.28 GiB on "
+        "2 CPU cores (docs/benchmarks.md) for one more forward in training; same gradients.",
     )
 
 

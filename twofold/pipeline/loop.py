@@ -42,7 +42,13 @@ from twofold.pipeline.checkpoint import (
 )
 from twofold.pipeline.export import export_run
 from twofold.pipeline.learning_signal import LearningSignalWatch, zero_variance_group_fraction
-from twofold.pipeline.memory import memory_metrics, reset_peak, resident_bytes, return_freed_memory_to_os
+from twofold.pipeline.memory import (
+    memory_metrics,
+    reset_peak,
+    resident_bytes,
+    return_freed_memory_to_os,
+    trim_heap,
+)
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
@@ -138,6 +144,7 @@ class Pipeline:
         main = self.ranks.is_main
         if cfg.run.return_freed_memory:
             return_freed_memory_to_os()
+        trim_heap()  # the model's resolution (a GGUF conversion, a warm start) may have run in this process
         self.baseline_bytes = resident_bytes()
         self.runtime = runtime or EmbeddedRuntime()
         self.run_dir = Path(run_dir or cfg.run.dir or default_run_dir(cfg))
