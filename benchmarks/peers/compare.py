@@ -51,6 +51,7 @@ def main() -> None:
         "loss.dual_clip=null",
         "advantage.normalize_std=false",
         "loss.aggregation=token-mean",
+        "trainer.gradient_checkpointing=true",  # both sides' default (TRL's GRPOConfig), named
         "run.progress=false",
         f"trainer.steps={args.steps}",
         "run.checkpoint_every=0",

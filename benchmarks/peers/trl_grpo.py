@@ -80,6 +80,7 @@ def main() -> None:
         epsilon_high=0.2,
         delta=None,
         max_grad_norm=1.0,
+        gradient_checkpointing=True,  # TRL's GRPOConfig default, named; twofold's default too
         use_cpu=True,
         bf16=False,
         logging_steps=1,
