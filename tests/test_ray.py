@@ -104,6 +104,15 @@ def wait_for_step(run_dir, step, timeout=240):
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
+def wait_for_live_episode(env_worker, timeout=240):
+    """Until the env worker holds an episode between its reset and its end (tool latency keeps each for turns)."""
+    deadline = time.monotonic() + timeout
+    while ray.get(env_worker.live_episodes.remote(), timeout=timeout) == 0:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no live episode on the env worker in {timeout}s")
+        time.sleep(0.01)
+
+
 def pid_when_back(actor, timeout=120):
     """The pid of an actor Ray is restarting, once it answers (a loaded machine restarts it slowly)."""
     deadline = time.monotonic() + timeout
@@ -117,8 +126,8 @@ def pid_when_back(actor, timeout=120):
 
 
 def test_killed_env_worker_and_engine_replica_are_survived(cluster, tmp_path, tiny_path):
-    """Ray restarts both; the runtime notices and carries on. Tool latency keeps episodes in flight on every
-    env worker when the kills land: env-0 after step 1, engine-0 after step 2."""
+    """Ray restarts both; the runtime notices and carries on: env-0 is killed after step 1 once it holds a live
+    episode (async rollouts may be waiting on the trainer when the step lands), engine-0 after step 2."""
     cfg = ray_config(tmp_path, **{"oldlogits.source": "snapshot", "trainer.steps": 4, "env.step_latency_ms": 150.0})
     with RaySession(cfg, tmp_path / "run", tiny_path) as session:
         victims = {role: session.actor(role) for role in ("env-0", "engine-0")}
@@ -126,6 +135,8 @@ def test_killed_env_worker_and_engine_replica_are_survived(cluster, tmp_path, ti
         ref = session.trainer.run.remote()
         for step, role in enumerate(victims, start=1):
             wait_for_step(tmp_path / "run", step)
+            if role.startswith("env"):
+                wait_for_live_episode(victims[role])
             ray.kill(victims[role], no_restart=False)
         last = ray.get(ref, timeout=300)
         for role, actor in victims.items():

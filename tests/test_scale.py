@@ -135,10 +135,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_path, tokenizer):
     grads = []
     for on in (False, True):
         trainer = Trainer(copy.deepcopy(base), small_config(**{"trainer.gradient_checkpointing": on}))
+        assert trainer.model.is_gradient_checkpointing == on
         trainer.accumulate_gradients(batch, adv, BehaviorSource(SourceContext(0, True, 2)))
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
     for n, g in grads[1].items():
         assert (g - grads[0][n]).abs().max() < 1e-6, n
+
+
+def test_checkpointing_is_on_by_default_and_skipped_where_a_model_has_none(tiny_path):
+    assert Trainer(load_model(tiny_path), small_config()).model.is_gradient_checkpointing
+    plain = Trainer(torch.nn.Linear(3, 2), small_config())  # no transformers checkpointing: trains without it
+    assert not hasattr(plain.model, "is_gradient_checkpointing")
 
 
 def test_the_fused_optimizer_takes_the_steps_of_the_default_loop(tiny_path, tokenizer):

@@ -46,6 +46,10 @@ class EnvWorker:
             del self.envs[key]
         return out
 
+    def live_episodes(self) -> int:
+        """Episodes reset here and not yet done: what a restart of this worker would lose."""
+        return len(self.envs)
+
     def pid(self) -> int:
         return os.getpid()
 

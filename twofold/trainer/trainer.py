@@ -8,6 +8,7 @@ the pipeline passes two hooks (before the first optimizer step, after each one).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from twofold.rollout.trajectory import Batch
 from twofold.rollout.versions import lag_fractions, version_staleness
 from twofold.sharding import load_sharded_policy, shard
 from twofold.trainer.advantages import token_advantages
+
+log = logging.getLogger(__name__)
 
 # A packed row's log-probs do not move at all when only its neighbour's tokens change, where attention keeps to
 # rows; 1e-6 leaves room for a kernel that is not bit-reproducible, and catches a leak even at a random init.
@@ -55,8 +58,10 @@ class Trainer:
         self.ranks = ranks or Ranks()
         t = cfg.trainer
         self.numerics = Numerics.from_config(cfg, self.ranks.rank)
-        if t.gradient_checkpointing:
+        if t.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif t.gradient_checkpointing:  # on by default: a model transformers cannot checkpoint trains without it
+            log.warning("%s has no activation checkpointing; it trains without it", type(model).__name__)
         if sharded_root(model) is None:
             model = model.to(device=self.numerics.device, dtype=torch.float32)
             model = shard(model, self.ranks, self.numerics.device, DTYPES[t.fsdp_param_dtype])
