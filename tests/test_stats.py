@@ -524,6 +524,28 @@ def test_confirmation_family_one_sided_sign_flip_tests_with_holm(tmp_path):
     assert "| H4: ewma without the reset rule > ewma with it, FrozenLake (b) | 9 | 14 |" in table
 
 
+def test_exploratory_arms_are_two_sided_unadjusted_over_seeds_5_to_9(tmp_path):
+    grids = {g: tmp_path / g for g in ("stale", "stale_noreset", "stale_cooldown")}
+    for s in range(5, 15):
+        _confirm_cell(grids["stale"], f"ewma-seed{s}", heldout=0.30)  # seeds 10-14 are no exploratory pair
+    for s in range(5, 10):
+        _confirm_cell(grids["stale_cooldown"], f"ewma-seed{s}", heldout=0.40)
+        _confirm_cell(grids["stale_noreset"], f"ewma-seed{s}", heldout=0.44 if s == 9 else 0.38)
+    results = {(r.hypothesis.name, r.hypothesis.other.grid): r for r in confirm.explore(grids, confirm.heldout_success)}
+    # only the comparisons whose grids are given: E1 (both arms in "stale", none run) and E4's two
+    assert set(results) == {("E1", "stale"), ("E4", "stale"), ("E4", "stale_noreset")}
+    reset, noreset = results[("E4", "stale")], results[("E4", "stale_noreset")]
+    # five differences of +0.10: of 32 sign assignments, all-plus and all-minus reach |sum| 0.5: p = 2/32
+    assert reset.seeds == (5, 6, 7, 8, 9) and reset.p == pytest.approx(2 / 32)
+    # +0.02 on seeds 5-8, -0.04 on seed 9, sum +0.04: with S = 0.02 (sum of four signs) + 0.04 e9, |S| >= 0.04 in
+    # 12 of the 16 assignments for each sign of e9: p = 24/32
+    assert noreset.differences == pytest.approx([0.02, 0.02, 0.02, 0.02, -0.04]) and noreset.p == pytest.approx(0.75)
+    unrun = [r for r in confirm.explore(grids, confirm.heldout_success) if r.hypothesis.name == "E1"]
+    assert all(r.seeds == () and r.missing == (5, 6, 7, 8, 9) and r.p == 1.0 for r in unrun)
+    table = confirm.exploratory_table([reset])
+    assert "| E4 | ewma with a cool-down (k = 8) - with the reset rule | 5 | none | +0.100 [" in table
+
+
 def test_secondary_endpoint_is_the_mean_over_steps_21_to_60_of_finished_runs(tmp_path):
     _confirm_cell(tmp_path, "a", stream=0.0)
     rows = [{"step": i, "success/rate": 1.0 if 21 <= i <= 40 else 0.0} for i in range(1, 61)]

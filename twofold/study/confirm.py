@@ -119,13 +119,17 @@ class Result:
         return self.p_holm <= ALPHA
 
 
-def paired_test(h: Hypothesis, grids: dict[str, Path], endpoint: Endpoint) -> Result:
+def paired_test(
+    h: Hypothesis, grids: dict[str, Path], endpoint: Endpoint, seeds: tuple[int, ...] = SEEDS, two_sided: bool = False
+) -> Result:
+    """The exact sign-flip test of `h` over the `seeds` both arms have: one-sided (the family) or two-sided."""
     better = arm_values(grids[h.better.grid], h.better.source, endpoint)
     other = arm_values(grids[h.other.grid], h.other.source, endpoint)
-    seeds = tuple(s for s in SEEDS if s in better and s in other)
-    differences = tuple(better[s] - other[s] for s in seeds)
-    p = sign_flip_test([d + h.margin for d in differences]).greater
-    return Result(h, seeds, tuple(s for s in SEEDS if s not in seeds), differences, p)
+    paired = tuple(s for s in seeds if s in better and s in other)
+    differences = tuple(better[s] - other[s] for s in paired)
+    p_values = sign_flip_test([d + h.margin for d in differences])
+    p = p_values.two_sided if two_sided else p_values.greater
+    return Result(h, paired, tuple(s for s in seeds if s not in paired), differences, p)
 
 
 def analyse(grids: dict[str, Path], endpoint: Endpoint) -> list[Result]:
@@ -133,6 +137,61 @@ def analyse(grids: dict[str, Path], endpoint: Endpoint) -> list[Result]:
     results = [paired_test(h, grids, endpoint) for h in FAMILY]
     adjusted = holm([r.p for r in results])
     return [dataclasses.replace(r, p_holm=a) for r, a in zip(results, adjusted, strict=True)]
+
+
+# The exploratory arms (docs/results.md, "Exploratory arms"): seeds 5-9, each a paired difference first - second
+# with its unadjusted two-sided sign-flip p; they confirm nothing and no Holm family holds them.
+EXPLORATORY_SEEDS = tuple(range(5, 10))
+EXPLORATORY_GRIDS = ("stale_cooldown", "stale_c4", "stale_c1.5", "tooluse_noreset")
+EXPLORATORY = (
+    Hypothesis("E1", "linear - snapshot, FrozenLake (b)", Arm("stale", "linear"), Arm("stale", "snapshot")),
+    Hypothesis("E1", "loglinear - snapshot, FrozenLake (b)", Arm("stale", "loglinear"), Arm("stale", "snapshot")),
+    Hypothesis("E1", "linear - loglinear, FrozenLake (b)", Arm("stale", "linear"), Arm("stale", "loglinear")),
+    *(
+        Hypothesis("E2", f"{source} at c = {c} - at c = 2", Arm(f"stale_c{c}", source), Arm("stale", source))
+        for c in ("4", "1.5")
+        for source in ("snapshot", "loglinear", "linear")
+    ),
+    Hypothesis(
+        "E3",
+        "ewma without the reset rule - with it, tool use (b)",
+        Arm("tooluse_noreset", "ewma"),
+        Arm("tooluse", "ewma"),
+    ),
+    Hypothesis(
+        "E4", "ewma with a cool-down (k = 8) - with the reset rule", Arm("stale_cooldown", "ewma"), Arm("stale", "ewma")
+    ),
+    Hypothesis(
+        "E4",
+        "ewma with a cool-down (k = 8) - without the reset rule",
+        Arm("stale_cooldown", "ewma"),
+        Arm("stale_noreset", "ewma"),
+    ),
+)
+
+
+def explore(grids: dict[str, Path], endpoint: Endpoint) -> list[Result]:
+    """The exploratory comparisons whose two grid folders are given, each over seeds 5-9, unadjusted."""
+    return [
+        paired_test(h, grids, endpoint, EXPLORATORY_SEEDS, two_sided=True)
+        for h in EXPLORATORY
+        if h.better.grid in grids and h.other.grid in grids
+    ]
+
+
+def exploratory_table(results: list[Result]) -> str:
+    head = (
+        "| arm | comparison (first - second) | pairs | missing seeds | mean difference, 95% t CI (descriptive) "
+        "| two-sided sign-flip p (unadjusted) |\n|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for r in results:
+        iv = t_interval(list(r.differences))
+        interval = "-" if math.isnan(iv.mean) else f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+        missing = ", ".join(map(str, r.missing)) or "none"
+        h = r.hypothesis
+        rows.append(f"| {h.name} | {h.statement} | {len(r.seeds)} | {missing} | {interval} | {r.p:.4g} |")
+    return head + "\n".join(rows) + "\n"
 
 
 def results_table(results: list[Result]) -> str:
@@ -161,13 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--stale-noreset", required=True, help="grid folder of configs/study/confirm-frozenlake-stale-noreset.yaml"
     )
+    for grid in EXPLORATORY_GRIDS:
+        p.add_argument(f"--{grid.replace('_', '-')}", help=f"exploratory grid folder ({grid}); adds its comparisons")
     args = p.parse_args(argv)
     grids = {"tooluse": Path(args.tooluse), "stale": Path(args.stale), "stale_noreset": Path(args.stale_noreset)}
+    extra = {g: Path(v) for g in EXPLORATORY_GRIDS if (v := getattr(args, g)) is not None}
     first, last = SECONDARY_STEPS
     print("Primary endpoint: held-out success of the final checkpoint (Holm over H1-H4)\n")
     print(results_table(analyse(grids, heldout_success)))
     print(f"Secondary endpoint: mean training-stream success over steps {first}-{last} (Holm over H1-H4)\n")
     print(results_table(analyse(grids, stream_success)))
+    print("Exploratory arms, seeds 5-9, held-out success (unadjusted; they confirm nothing)\n")
+    print(exploratory_table(explore({**grids, **extra}, heldout_success)))
     return 0
 
 
