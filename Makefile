@@ -33,9 +33,10 @@ run: $(STAMP)
 
 # Test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one process: most of the
 # suite's time is processes starting (Ray actors, ranks, vLLM) and env latency, which two workers overlap.
+# The 15 slowest tests are listed at the end: where to look when the suite grows.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # ruff, configured in pyproject.toml: lint and formatting are both checked (CI runs this before the tests)
 lint: $(STAMP)
