@@ -63,6 +63,8 @@ def main() -> None:
         f"trainer.steps={args.steps}",
         "run.checkpoint_every=0",
         "engine.dtype=float32",  # TRL generates with the training model, in float32 on a CPU
+        "trainer.device=cpu",  # as TRL's use_cpu=True
+        "engine.device=cpu",
     ]
     if args.task == "dataset":
         data = write_example(work / "word_problems.jsonl", "verl", n=1000)
@@ -96,6 +98,7 @@ def main() -> None:
                         r["samples_per_s"],
                         sum(r["reward"][-5:]) / len(r["reward"][-5:]),
                         r.get("tool_calls_per_sample", 0.0),  # each tool call waits; the final reply does not
+                        0,
                         r["peak_rss_mib"],
                         r["seconds"],
                     )
@@ -132,6 +135,7 @@ def main() -> None:
                 sum(r["rollout/trajectories"] for r in m) / seconds,
                 sum(r["success/rate"] for r in m[-5:]) / len(m[-5:]),
                 sum(r["rollout/turns_mean"] for r in m) / len(m),  # every env step waits, the final reply's too
+                sum(r["rollout/stale_dropped_groups"] for r in m),  # generated, not trained, not counted
                 max_rss_mib(done.stderr),
                 seconds,
             )
@@ -139,12 +143,18 @@ def main() -> None:
 
     task = "one turn" if args.task == "dataset" else "multi-turn tool use, ~100 ms per env step"
     print(f"{args.steps} steps, 8 prompts x 4 completions each, {task}, the same warm-started tiny model\n")
-    print("| trainer | samples/s | vs TRL | success (last 5 steps) | waits per sample | peak RSS | training time |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| trainer | samples/s | vs TRL | success (last 5 steps) | waits per sample | stale-dropped groups "
+        "| peak RSS | training time |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     base = rows[0][1] if rows and rows[0][0].startswith("TRL") else None
-    for name, samples, success, waits, rss, seconds in rows:
+    for name, samples, success, waits, dropped, rss, seconds in rows:
         ratio = f"{samples / base:.2f}x" if base else "-"
-        print(f"| {name} | {samples:.2f} | {ratio} | {success:.3f} | {waits:.2f} | {rss:,.0f} MiB | {seconds:.0f} s |")
+        print(
+            f"| {name} | {samples:.2f} | {ratio} | {success:.3f} | {waits:.2f} | {dropped:.0f} | {rss:,.0f} MiB "
+            f"| {seconds:.0f} s |"
+        )
 
 
 if __name__ == "__main__":

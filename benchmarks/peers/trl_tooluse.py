@@ -4,14 +4,16 @@
 
     PYTHONPATH=. benchmarks/peers/.venv/bin/python benchmarks/peers/trl_tooluse.py --model DIR --steps 10 --out r.json
 
-The tools are the env's three methods under the same names, signatures and docstrings, so TRL renders the same
-schemas into the same chat template as twofold does. Each tool call waits as twofold's env step does (log-normal,
-median `--latency-ms`, sigma `--latency-sigma`); TRL calls them one rollout after another (its tool loop; an
-`async def` tool would overlap one rollout's calls, not different rollouts'). The final reply's reward is the env's
-(1 for a correct answer or database, else 0), scored without a wait (twofold waits on that step too: in TRL's
-favour). The loss matches compare.py's (unscaled group advantages, token-mean, clip 0.2 both sides, no dual clip,
-gradient norm 1, gradient checkpointing). Writes samples/s, reward per step, tool calls and peak memory as JSON.
-"""
+Everything the config says is read from it: the levels in twofold's order (`level_seed`), groups and group size,
+learning rate, turns, the token budget per episode and per reply. The tools are the env's three methods under
+the same names, signatures and docstrings, listed in the env's order, so TRL's prompt is twofold's token for token
+(checked at start). Each tool call waits as twofold's env step does (log-normal, `env.step_latency_ms` median,
+`env.step_latency_sigma`); TRL calls them one rollout after another (its tool loop; an `async def` tool would
+overlap one rollout's calls, not different rollouts'). The final reply's reward is the env's (1 for a correct
+answer or database, else 0), scored without a wait, and failed calls do not wait (twofold waits on every env
+step: both in TRL's favour). The loss matches compare.py's (unscaled group advantages, token-mean, clip 0.2 both
+sides, no dual clip, gradient norm 1, gradient checkpointing). Writes samples/s, reward per step, tool calls and
+peak memory as JSON."""
 
 from __future__ import annotations
 
@@ -24,22 +26,25 @@ import time
 
 from twofold.config import load_config
 from twofold.envs.base import env_from_config
+from twofold.envs.seeding import level_seed
 from twofold.envs.tooluse import ToolUse
 
 
 class Shop:
     """One episode of twofold's tool-use env for TRL's `environment_factory`."""
 
-    latency_s, sigma, env_cfg = 0.1, 0.6, None
-    calls = 0
+    latency_s, sigma, env_cfg, group_size = 0.1, 0.6, None, 4
+    calls = made = 0
 
     def __init__(self):
         self.env = env_from_config(Shop.env_cfg)
         self.rng = random.Random()
+        self.member = Shop.made % Shop.group_size  # TRL pools one instance per batch row; a group's rows are adjacent
+        Shop.made += 1
 
     def reset(self, seed, **kwargs) -> None:
         self.env.reset(int(seed))  # the task is already the prompt's user message
-        self.rng.seed(int(seed))
+        self.rng.seed(int(seed) * 31 + self.member)  # a group's members wait differently, as twofold's episodes do
 
     def _call(self, tool: str, **arguments) -> str:
         Shop.calls += 1
@@ -75,9 +80,6 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--config", default="configs/tooluse.yaml")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--groups", type=int, default=8)
-    ap.add_argument("--group-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -88,28 +90,38 @@ def main() -> None:
     from trl import GRPOConfig, GRPOTrainer
     from trl.chat_template_utils import qwen3_template
 
-    torch.set_num_threads(2)
     cfg = load_config(args.config)
     Shop.env_cfg, Shop.latency_s, Shop.sigma = cfg.env, cfg.env.step_latency_ms / 1000, cfg.env.step_latency_sigma
-    levels = range(args.steps * args.groups)
+    Shop.group_size = cfg.rollout.group_size
+    groups = cfg.rollout.groups_per_step
     env = env_from_config(cfg.env)
-    rows = [{"prompt": env.first_messages(env.reset(s)), "seed": s} for s in levels]
+    # twofold's levels in its order: step k plays level seeds level_seed(seed, 8k) .. level_seed(seed, 8k + 7)
+    seeds = [level_seed(cfg.seed, g) for g in range(args.steps * groups)]
+    rows = [{"prompt": env.first_messages(env.reset(s)), "seed": s} for s in seeds]
     tokenizer = AutoTokenizer.from_pretrained(args.model, padding_side="left")
     tokenizer.response_template = qwen3_template  # Hermes <tool_call>{json}</tool_call>, as the template renders
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    completions = args.groups * args.group_size
-    prompt_tokens = len(tokenizer.apply_chat_template(rows[0]["prompt"], tools=env.tool_schemas, tokenize=True))
+    completions = groups * cfg.rollout.group_size
+
+    def prompt_ids(messages, tools):
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+
+    longest_prompt = max(len(prompt_ids(r["prompt"], env.tool_schemas)) for r in rows)
     config = GRPOConfig(
         output_dir="/tmp/trl-tooluse",
         max_steps=args.steps,
-        learning_rate=args.lr,
+        learning_rate=cfg.trainer.lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
         per_device_train_batch_size=completions,
         gradient_accumulation_steps=1,
-        num_generations=args.group_size,
-        # twofold's budget for a whole episode (rollout.max_total_tokens) less the prompt
-        max_completion_length=cfg.rollout.max_total_tokens - prompt_tokens,
+        num_generations=cfg.rollout.group_size,
+        # twofold's budget for a whole episode (rollout.max_total_tokens) less the prompt, and per reply
+        # (engine.max_new_tokens): TRL's batch decodes until its longest reply stops
+        max_completion_length=cfg.rollout.max_total_tokens - longest_prompt,
+        generation_kwargs={"max_new_tokens": cfg.engine.max_new_tokens},
         max_tool_calling_iterations=cfg.env.max_turns - 1,
         temperature=1.0,
         beta=0.0,
@@ -138,6 +150,11 @@ def main() -> None:
         processing_class=tokenizer,
         environment_factory=Shop,
     )
+    # TRL lists an environment's methods by name (inspect.getmembers); the warm start learnt twofold's order
+    order = [schema["function"]["name"] for schema in env.tool_schemas]
+    trainer._env_tools[None].sort(key=lambda tool: order.index(tool.__name__))
+    if prompt_ids(rows[0]["prompt"], trainer._env_tools[None]) != prompt_ids(rows[0]["prompt"], env.tool_schemas):
+        raise SystemExit("TRL's prompt is not twofold's: the comparison would not be matched")
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
