@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from twofold.config import Config, config_from_dict  # noqa: E402
 from twofold.distributed import Ranks, free_port, is_sharded  # noqa: E402
 from twofold.logprobs import Numerics, pad_right, score_sequences, token_logprobs  # noqa: E402
-from twofold.models import full_weights, gathered_state, load_model, load_policy, save_random_model  # noqa: E402
+from twofold.models import gathered_state, iter_full_weights, load_model, load_policy, save_random_model  # noqa: E402
 from twofold.oldlogits import BehaviorSource, SnapshotSource, SourceContext, make_source  # noqa: E402
 from twofold.rollout.trajectory import Batch, Trajectory  # noqa: E402
 from twofold.trainer.trainer import Trainer  # noqa: E402
@@ -424,16 +424,39 @@ def check_checkpoint_resume(s: Setup) -> dict:
 
 
 def check_vllm_weights(s: Setup) -> dict:
+    """Each weight-transfer path this machine allows (`engine.weight_transfer`): host and ipc with the engine on
+    the trainer's GPU, nccl with the engine on a second GPU when there is one."""
     if s.device.type != "cuda":
-        return {"skipped": "vLLM's GPU path; on CPU, tests/test_vllm.py runs vLLM's CPU build"}
+        return {"skipped": "vLLM's GPU path; on CPU, tests/test_vllm.py runs vLLM's CPU build (the host path)"}
     try:
-        from twofold.engine.vllm import VLLMEngine
+        from twofold.engine.vllm import VLLMEngine  # noqa: F401
     except ImportError as e:
         return {"skipped": f"vLLM is not importable here ({e})"}
+    paths = {"host": "cuda:0", "ipc": "cuda:0"}
+    if torch.cuda.device_count() > 1:
+        paths["nccl"] = "cuda:1"
+    results = {path: vllm_weights_on(s, path, device) for path, device in paths.items()}
+    if "nccl" not in results:
+        results["nccl"] = {"skipped": "one GPU: the nccl path needs the engine on a GPU of its own"}
+    return {"ok": all(r.get("ok", True) for r in results.values()), **results}
+
+
+def vllm_weights_on(s: Setup, path: str, engine_device: str) -> dict:
+    """Version stamps before and after a weight update over `path`, and behaviour log-probs that follow the new
+    weights (and no longer the old ones)."""
     from twofold.config import EngineConfig
     from twofold.engine.base import GenerationRequest, SamplingParams
+    from twofold.engine.vllm import VLLMEngine
 
-    engine = VLLMEngine(s.path, EngineConfig(dtype="bfloat16", gpu_memory_utilization=0.3, max_batch_size=4))
+    cfg = EngineConfig(
+        backend="vllm",
+        device=engine_device,
+        dtype="bfloat16",
+        gpu_memory_utilization=0.3,
+        max_batch_size=4,
+        weight_transfer=path,
+    )
+    engine = VLLMEngine(s.path, cfg, trainer_device=str(s.device))
     try:
         model = load_model(s.path).to(s.device)
         prompt = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -452,7 +475,9 @@ def check_vllm_weights(s: Setup) -> dict:
         with torch.no_grad():  # new weights that change every distribution: the (tied) embedding x 4
             model.get_input_embeddings().weight.mul_(4.0)
         t0 = time.perf_counter()
-        engine.update_weights(full_weights(model, dtype=torch.bfloat16), 1)
+        weights = iter_full_weights(model, dtype=torch.bfloat16, device=engine.weights_device)
+        engine.update_weights(weights, 1)
+        torch.cuda.synchronize()
         update_seconds = time.perf_counter() - t0
         ids1, lps1, versions1 = sample()
         gap_after = float((torch.tensor(lps1) - scored(ids1)).abs().mean())
@@ -463,7 +488,8 @@ def check_vllm_weights(s: Setup) -> dict:
         engine.close()
     return {
         "ok": (
-            set(versions0) == {0}
+            engine.transfer == path
+            and set(versions0) == {0}
             and set(versions1) == {1}
             and gap_before < 0.25  # bfloat16 vLLM against float32 scoring of the same weights
             and gap_after < 0.25

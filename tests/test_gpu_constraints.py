@@ -12,8 +12,9 @@ import torch.distributed.checkpoint as dcp
 from conftest import small_config
 from torch.distributed.checkpoint.api import CheckpointException
 
-from twofold.config import ConfigError, load_config
+from twofold.config import ConfigError, EngineConfig, load_config
 from twofold.distributed import Ranks, collective_device, init_ranks, spawn_ranks
+from twofold.engine.placement import weight_transfer_path
 from twofold.models import file_sha256
 from twofold.pipeline.checkpoint import (
     MANIFEST,
@@ -243,3 +244,44 @@ def test_a_ray_cluster_driver_needs_no_gpu_of_its_own(monkeypatch):
         load_config("configs/frozenlake.yaml", [*overrides, *ON_A_CLUSTER, "engine.device=gpu"])
     with pytest.raises(ConfigError, match="trainer.device"):  # a Ray cluster started here is this machine
         load_config("configs/frozenlake.yaml", [*overrides, "runtime.backend=ray"])
+
+
+# --------------------------------------------------------------------------- vLLM's weight-transfer path
+
+
+def vllm_engine(**fields) -> EngineConfig:
+    return EngineConfig(backend="vllm", **fields)
+
+
+@pytest.mark.parametrize(
+    ("engine", "trainer", "on_gpu", "path"),
+    [
+        (vllm_engine(), "cpu", False, "host"),  # vLLM's CPU build
+        (vllm_engine(device="cuda:1"), "cpu", True, "host"),  # the trainer on the CPU: its weights are on the host
+        (vllm_engine(), "cuda:0", True, "ipc"),  # auto: GPU 0, the trainer's
+        (vllm_engine(device="cuda:0"), "cuda", True, "ipc"),  # "cuda" is GPU 0
+        (vllm_engine(device="cuda:1"), "cuda:1", True, "ipc"),
+        (vllm_engine(device="cuda:1"), "cuda:0", True, "nccl"),
+        (vllm_engine(device="cuda:2", tensor_parallel_size=2), "cuda:0", True, "nccl"),  # GPUs 2-3
+        (vllm_engine(device="cuda:0", tensor_parallel_size=2), "cuda:0", True, "host"),  # GPUs 0-1: neither fits
+    ],
+)
+def test_auto_takes_the_weight_transfer_the_placement_allows(engine, trainer, on_gpu, path):
+    assert weight_transfer_path(engine, trainer, engine_on_gpu=on_gpu) == path
+
+
+def test_a_weight_transfer_the_placement_rules_out_is_refused_with_the_devices():
+    shared, apart = vllm_engine(device="cuda:0", weight_transfer="nccl"), vllm_engine(device="cuda:1")
+    with pytest.raises(ConfigError, match=r"engine.weight_transfer.*trainer on cuda:0, engine on cuda:0"):
+        weight_transfer_path(shared, "cuda:0", engine_on_gpu=True)  # NCCL: one rank per GPU
+    with pytest.raises(ConfigError, match=r"engine.weight_transfer.*ipc.*engine on cuda:1"):
+        weight_transfer_path(dataclasses.replace(apart, weight_transfer="ipc"), "cuda:0", engine_on_gpu=True)
+    with pytest.raises(ConfigError, match=r"engine.weight_transfer.*engine on the CPU"):
+        weight_transfer_path(dataclasses.replace(apart, weight_transfer="ipc"), "cpu", engine_on_gpu=False)
+    assert weight_transfer_path(dataclasses.replace(apart, weight_transfer="host"), "cuda:0", True) == "host"
+
+
+def test_a_vllm_weight_transfer_is_refused_for_the_builtin_engine():
+    with pytest.raises(ConfigError, match="engine.weight_transfer.*built-in engine loads in place"):
+        load_config("configs/frozenlake.yaml", ["engine.weight_transfer=ipc"])
+    assert load_config("configs/frozenlake.yaml", ["engine.weight_transfer=host"]).engine.weight_transfer == "host"

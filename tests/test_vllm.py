@@ -17,7 +17,7 @@ from test_engine import _deltas as deltas  # noqa: E402
 from test_engine import _requests as requests  # noqa: E402
 
 from twofold.config import EngineConfig, ModelConfig  # noqa: E402
-from twofold.engine.vllm import VLLMEngine  # noqa: E402
+from twofold.engine.vllm import PublishedWeights, VLLMEngine  # noqa: E402
 from twofold.envs import tokenizer_corpus  # noqa: E402
 from twofold.logprobs import Numerics, score_sequences  # noqa: E402
 from twofold.models import (  # noqa: E402
@@ -82,9 +82,11 @@ class TestOneFloat32Engine:
         assert other.mean() > 10 * max(d.mean(), 1e-6)
 
     def test_weight_update_changes_outputs_and_stamps_the_version(self, engine, vllm_path, vllm_tokenizer):
+        # through vLLM's weight-transfer protocol (start, update, finish) on the path a CPU allows
+        assert (engine.transfer, engine.weights_device) == ("host", "cpu")
         reqs = requests(vllm_tokenizer, 2)
         new = perturbed(vllm_path)
-        engine.update_weights(full_weights(new), 1)
+        engine.update_weights(iter(full_weights(new).items()), 1)  # one pass, as the pipeline hands them
         res = engine.generate(reqs)
         assert all(v == 1 for o in res for v in o.output_versions)
         assert deltas(new, reqs, res, 1.0).max() < 1e-3  # scored by the new weights...
@@ -123,6 +125,19 @@ class TestOneFloat32Engine:
         got = torch.tensor(done.output_logprobs)
         assert (got[:k] - lp_old[:k]).abs().max() < 1e-3 and (got[k:] - lp_new[k:]).abs().max() < 1e-3
         engine.update_weights(old_state, 0)
+
+
+def test_published_weights_declare_what_the_send_pass_yields():
+    """vLLM's ipc and nccl trainer engines read the shapes first, then send: one pass of the pipeline's
+    one-at-a-time weights must serve both."""
+    source = PublishedWeights()
+    weights = {"a": torch.zeros(2, 3, dtype=torch.bfloat16), "b": torch.ones(4)}
+    source.publish(iter(weights.items()))
+    meta = source.metadata()
+    assert [(m.name, m.dtype, m.shape) for m in meta] == [("a", torch.bfloat16, (2, 3)), ("b", torch.float32, (4,))]
+    assert [name for name, _ in source] == ["a", "b"]
+    source.publish(iter(weights.items()))  # without metadata (host): the iterator itself, nothing held
+    assert [name for name, _ in source] == ["a", "b"] and list(source) == []
 
 
 def test_bfloat16_vllm_vs_trainer_float32_is_the_real_discrepancy(vllm_path, vllm_tokenizer):

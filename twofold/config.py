@@ -175,6 +175,13 @@ class EngineConfig:
     enforce_eager: bool | None = setting(
         None, "vLLM only: eager mode (no CUDA graphs). Empty (null): eager on CPU, CUDA graphs on a GPU."
     )
+    weight_transfer: Literal["auto", "host", "ipc", "nccl"] = setting(
+        "auto",
+        "vLLM only: how new weights reach the engine's workers, through vLLM's weight-transfer protocol. host: "
+        "bytes in vLLM's RPC messages (vLLM's CPU build; a trainer on the CPU); ipc: CUDA IPC handles to the "
+        "trainer's own tensors (the engine on the trainer's GPU, tensor_parallel_size 1); nccl: a broadcast from "
+        "the trainer's GPU to engine GPUs of its own. auto: the one the placement allows.",
+    )
 
     def gpu_indices(self) -> list[int]:
         """GPU indices, as this process numbers them, of the engine on GPUs: cuda:N takes N to
@@ -912,6 +919,12 @@ def _check_engine(e: EngineConfig) -> None:
         e.tensor_parallel_size == 1 or e.backend == "vllm",
         "engine.tensor_parallel_size",
         "tensor parallelism is vLLM's; the built-in engine runs on one device (set engine.backend=vllm or 1)",
+    )
+    _need(
+        e.weight_transfer in ("auto", "host") or e.backend == "vllm",
+        "engine.weight_transfer",
+        f"{e.weight_transfer} is vLLM's weight transfer; the built-in engine loads in place "
+        "(set engine.backend=vllm or leave it auto)",
     )
 
 

@@ -11,7 +11,11 @@ from twofold.engine.builtin import BuiltinEngine
 __all__ = ["GenerationRequest", "GenerationResult", "InferenceEngine", "SamplingParams", "make_engine"]
 
 
-def make_engine(cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int = 0) -> InferenceEngine:
+def make_engine(
+    cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int = 0, trainer_device: str = "cpu"
+) -> InferenceEngine:
+    """The engine `cfg` names; `trainer_device` (the trainer's, where vLLM's weight transfer starts from)
+    decides vLLM's transfer path."""
     if cfg.backend == "builtin":
         return BuiltinEngine(
             model_path,
@@ -34,5 +38,5 @@ def make_engine(cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int 
                 f"vLLM is not usable here ({e}); install it with "
                 "`pip install twofold[vllm]` on a machine it supports, or use engine.backend=builtin",
             ) from None
-        return VLLMEngine(model_path, cfg, seed=seed)
+        return VLLMEngine(model_path, cfg, seed=seed, trainer_device=trainer_device)
     raise ConfigError("engine.backend", f"unknown backend {cfg.backend!r}; valid: builtin, vllm")

@@ -1,10 +1,11 @@
-"""The GPUs an engine process may see (vLLM's engine core and workers: `engine/vllm.py`)."""
+"""Where a vLLM engine sits against the trainer: the GPUs its processes may see, and the path new weights
+take to them (`engine/vllm.py`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from twofold.config import ConfigError
+from twofold.config import ConfigError, EngineConfig
 
 
 def visible_devices(gpus: list[int], environ: Mapping[str, str]) -> str:
@@ -21,3 +22,41 @@ def visible_devices(gpus: list[int], environ: Mapping[str, str]) -> str:
             "lower engine.tensor_parallel_size or choose an earlier engine.device",
         )
     return ",".join(seen[g] for g in gpus)
+
+
+def weight_transfer_path(cfg: EngineConfig, trainer_device: str, engine_on_gpu: bool) -> str:
+    """How the trainer's weights reach vLLM's workers (`engine.weight_transfer`):
+
+    - host: bytes in vLLM's RPC messages, through host memory: vLLM's CPU build, or a trainer on the CPU;
+    - ipc: CUDA IPC handles to the trainer's own tensors, no copy: the engine is one worker on the trainer's GPU;
+    - nccl: a broadcast from the trainer's GPU to the engine's workers: the engine on GPUs of its own (NCCL
+      allows one rank per GPU in a communicator, so the trainer's GPU cannot be among them).
+
+    `auto` picks the one the placement allows; an explicit choice the placement rules out is refused."""
+    trainer_gpu = None
+    if trainer_device.startswith("cuda"):
+        trainer_gpu = int(trainer_device.split(":")[1]) if ":" in trainer_device else 0
+    engine_gpus = cfg.gpu_indices() if engine_on_gpu else []
+    shares = trainer_gpu is not None and engine_gpus == [trainer_gpu]
+    apart = trainer_gpu is not None and bool(engine_gpus) and trainer_gpu not in engine_gpus
+    choice = cfg.weight_transfer
+    if choice == "auto":
+        return "ipc" if shares else "nccl" if apart else "host"
+    if choice == "ipc" and not shares:
+        raise ConfigError(
+            "engine.weight_transfer",
+            f"ipc needs the engine as one worker on the trainer's GPU (trainer on {trainer_device}, engine on "
+            f"{_gpus(engine_gpus)}); set engine.device to the trainer's GPU with engine.tensor_parallel_size=1, "
+            "or use auto",
+        )
+    if choice == "nccl" and not apart:
+        raise ConfigError(
+            "engine.weight_transfer",
+            f"nccl needs the trainer on a GPU and the engine on GPUs without it (trainer on {trainer_device}, "
+            f"engine on {_gpus(engine_gpus)}); set engine.device=cuda:N past the trainer's GPUs, or use auto",
+        )
+    return choice
+
+
+def _gpus(gpus: list[int]) -> str:
+    return ", ".join(f"cuda:{g}" for g in gpus) if gpus else "the CPU"

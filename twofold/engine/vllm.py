@@ -8,13 +8,16 @@ Behaviour log-probs: `logprobs_mode="processed_logprobs"` with `logprobs=0`, i.e
 sampled token under the distribution vLLM actually sampled from, after temperature and top-k/top-p
 (vLLM's default, `raw_logprobs`, would report the unscaled model distribution instead).
 
-Weights: `update_weights` sends the trainer's weights (Hugging Face names, LoRA merged) to every vLLM
-worker through `collective_rpc` as (name, tensor) pairs, which vLLM serialises itself; the worker-side
-method (`vllm_worker.TwofoldWorkerExtension`, mixed in by vLLM) reloads them in place with vLLM's own
-`reload_weights` (fused layers, post-load kernel packing). Then the prefix cache is reset, since cached
-KV blocks were computed with the old weights. It is built for the engine core in its own process (vLLM's
-default) and for CUDA graphs: `engine.enforce_eager` (default: eager on CPU only). Run here on vLLM's CPU
-build only; vLLM has not run on a GPU in this project.
+Weights: vLLM's weight-transfer protocol (`vllm.distributed.weight_transfer`: start, update, finish, driven
+from the trainer's side by a trainer engine over `collective_rpc`), on one of three paths
+(`placement.weight_transfer_path`): `host`, twofold's own engine (`vllm_worker.HostWeightTransferEngine`),
+the weights as bytes in the update message; `ipc`, vLLM's CUDA-IPC engine, handles to the trainer's own
+tensors when the engine shares its GPU; `nccl`, vLLM's NCCL engine, a broadcast to engine GPUs of its own.
+Every path loads through vLLM's layerwise reload (fused layers, post-load kernel packing). Then the prefix
+cache is reset, since cached KV blocks were computed with the old weights, and later tokens are stamped with
+the new version. It is built for the engine core in its own process (vLLM's default) and for CUDA graphs:
+`engine.enforce_eager` (default: eager on CPU only). Run here on vLLM's CPU build only (the `host` path);
+vLLM, and so the `ipc` and `nccl` paths, have not run on a GPU in this project.
 """
 
 from __future__ import annotations
@@ -23,18 +26,34 @@ import contextlib
 import gc
 import itertools
 import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
+
+import torch
 
 from twofold.config import EngineConfig
+from twofold.distributed import free_port
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, weight_items
-from twofold.engine.placement import visible_devices
-from twofold.engine.vllm_worker import pack
+from twofold.engine.placement import visible_devices, weight_transfer_path
+from twofold.engine.vllm_worker import HOST_BACKEND, pack
 from twofold.modelpath import has_model_code
 
 # vLLM's CPU build sizes its KV cache from the process's memory use unless given a size (GiB): a fixed
 # size keeps a second engine in the same process (tests, grids) from failing. Ignored on GPUs.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import vllm  # noqa: E402  (ImportError here is turned into a config error by make_engine)
+from vllm.config.weight_transfer import WeightTransferConfig  # noqa: E402
+from vllm.distributed.weight_transfer.base import (  # noqa: E402
+    ParamMeta,
+    TrainerInitInfo,
+    TrainerWeightTransferEngine,
+    WeightSource,
+)
+from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory  # noqa: E402
+from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo  # noqa: E402
+from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 WORKER_EXTENSION = "twofold.engine.vllm_worker.TwofoldWorkerExtension"
@@ -67,9 +86,102 @@ def placed_on(cfg: EngineConfig):
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
+class EngineWorkersClient:
+    """vLLM's weight-sync control plane (`VLLMWeightSyncClient`) for an `LLM` in this process: each call runs
+    the workers' method of that name through `collective_rpc`."""
+
+    def __init__(self, llm: vllm.LLM):
+        self.llm = llm
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info: dict | list[dict]) -> None:
+        self.llm.collective_rpc("update_weights", args=(update_info,))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+
+
+class PublishedWeights(WeightSource):
+    """The weights of the publication under way (Hugging Face names, the engine's dtype), one pass each: a
+    trainer engine that asks for their shapes first gets them held once (the `ipc`/`nccl` paths hold the
+    whole model in the engine's dtype on the trainer's GPU for the transfer); `host` packs as they come."""
+
+    def __init__(self):
+        self._weights: Iterable[tuple[str, torch.Tensor]] = []
+
+    def publish(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self._weights = weights
+
+    def metadata(self) -> list[ParamMeta]:
+        self._weights = list(self._weights)
+        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self._weights]
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self._weights)
+
+
+@dataclass
+class HostTrainerInitInfo(TrainerInitInfo):
+    backend: ClassVar[str] = HOST_BACKEND
+
+
+class HostTrainerWeightTransferEngine(TrainerWeightTransferEngine[HostTrainerInitInfo]):
+    """The trainer's side of `twofold_host`: each publication is one start-update-finish round whose update
+    message carries the weights as `pack`ed bytes."""
+
+    init_info_cls = HostTrainerInitInfo
+
+    @classmethod
+    def trainer_init(cls, init_info: HostTrainerInitInfo, *, client, source: WeightSource | None = None):
+        engine = cls(client=client, source=source, is_sender=init_info.is_sender)
+        if engine.is_sender:
+            client.init_weight_transfer_engine({})
+        return engine
+
+    def send_weights(self) -> None:
+        packed = [pack(name, tensor) for name, tensor in self.source]
+        if not self.is_sender:
+            return
+        self.client.start_weight_update()
+        self.client.update_weights({"weights": packed})
+        self.client.finish_weight_update()
+
+
+with contextlib.suppress(ValueError):  # registered already (the module reloaded in one process)
+    WeightTransferTrainerFactory.register_engine(HOST_BACKEND, HostTrainerWeightTransferEngine)
+
+BACKENDS = {"host": HOST_BACKEND, "ipc": "ipc", "nccl": "nccl"}
+
+
+def trainer_init_info(path: str, tensor_parallel_size: int) -> TrainerInitInfo:
+    """The trainer's side of a path's handshake; the trainer is the one sender (rank 0)."""
+    if path == "nccl":
+        return NCCLTrainerInitInfo("127.0.0.1", free_port(), 1 + tensor_parallel_size, rank=0)
+    if path == "ipc":
+        return IPCTrainerInitInfo(rank=0)
+    return HostTrainerInitInfo(rank=0)
+
+
 class VLLMEngine(InferenceEngine):
-    def __init__(self, model_path: str | Path, cfg: EngineConfig, seed: int = 0, max_model_len: int | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        cfg: EngineConfig,
+        seed: int = 0,
+        max_model_len: int | None = None,
+        trainer_device: str = "cpu",
+    ):
         super().__init__()
+        from vllm.platforms import current_platform
+
+        self.transfer = weight_transfer_path(cfg, trainer_device, engine_on_gpu=current_platform.is_cuda_alike())
+        # ipc and nccl send from the trainer's GPU: the published weights stay there
+        self.weights_device = "cpu" if self.transfer == "host" else trainer_device
         with placed_on(cfg):
             self.llm = vllm.LLM(
                 model=str(model_path),
@@ -84,8 +196,18 @@ class VLLMEngine(InferenceEngine):
                 gpu_memory_utilization=cfg.gpu_memory_utilization,
                 tensor_parallel_size=cfg.tensor_parallel_size,
                 trust_remote_code=has_model_code(Path(model_path)),  # allowed by `modelpath.allow_model_code`
+                weight_transfer_config=WeightTransferConfig(backend=BACKENDS[self.transfer]),
             )
         self.engine = self.llm.llm_engine
+        self.published = PublishedWeights()
+        # vLLM's trainer engines open their side on the current CUDA device: the trainer's
+        on_trainer_gpu = torch.cuda.device(trainer_device) if self.transfer != "host" else contextlib.nullcontext()
+        with on_trainer_gpu:
+            self.sender = WeightTransferTrainerFactory.trainer_init(
+                trainer_init_info(self.transfer, cfg.tensor_parallel_size),
+                client=EngineWorkersClient(self.llm),
+                source=self.published,
+            )
         self._serial = itertools.count()
 
     def _sampling(self, request: GenerationRequest) -> vllm.SamplingParams:
@@ -136,16 +258,18 @@ class VLLMEngine(InferenceEngine):
         )
 
     def update_weights(self, weights: Weights, version: int) -> None:
-        packed = [pack(name, tensor) for name, tensor in weight_items(weights)]
-        self.llm.collective_rpc("twofold_load_weights", kwargs={"weights": packed})
+        self.published.publish(weight_items(weights))
+        self.sender.send_weights()
+        self.published.publish([])  # nothing of this version held past its transfer
         self.llm.reset_prefix_cache()
         self.version = version
 
     def close(self) -> None:
         # Free the engine core (its process, when multiprocessing) and its KV cache now: a test or a grid may
         # build the next engine in this process.
+        self.sender.shutdown()
         core = getattr(self.engine, "engine_core", None)
         if hasattr(core, "shutdown"):
             core.shutdown()
-        self.llm = self.engine = None
+        self.llm = self.engine = self.sender = None
         gc.collect()

@@ -155,7 +155,8 @@ class Pipeline:
         self.model_path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main)
         self.tokenizer = load_tokenizer(self.model_path)
         self.trainer = Trainer.from_pretrained(self.model_path, cfg, seed=cfg.seed, ranks=self.ranks)
-        self.engine = self.runtime.make_engine(cfg, self.model_path, self.tokenizer) if main else None
+        trainer_device = str(self.trainer.numerics.device)
+        self.engine = self.runtime.make_engine(cfg, self.model_path, self.tokenizer, trainer_device) if main else None
         self.engine_dtype = DTYPES[cfg.engine.dtype]
         window = cfg.max_staleness if self.async_mode else 0
         self.admission = Admission(window, cfg.rollout.groups_per_step, cfg.rollout.stale_policy)
