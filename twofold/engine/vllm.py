@@ -51,9 +51,11 @@ from vllm.distributed.weight_transfer.base import (  # noqa: E402
     TrainerWeightTransferEngine,
     WeightSource,
 )
-from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory  # noqa: E402
-from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo  # noqa: E402
-from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo  # noqa: E402
+from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo, IPCTrainerWeightTransferEngine  # noqa: E402
+from vllm.distributed.weight_transfer.nccl_engine import (  # noqa: E402
+    NCCLTrainerInitInfo,
+    NCCLTrainerWeightTransferEngine,
+)
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 WORKER_EXTENSION = "twofold.engine.vllm_worker.TwofoldWorkerExtension"
@@ -119,6 +121,9 @@ class PublishedWeights(WeightSource):
 
     def metadata(self) -> list[ParamMeta]:
         self._weights = list(self._weights)
+        devices = {t.device for _, t in self._weights if t.device.type == "cuda"}
+        for device in devices:  # the casts and gathers that made them are queued on the current stream; vLLM's
+            torch.cuda.current_stream(device).synchronize()  # packing reads them on streams of its own
         return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self._weights]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -152,19 +157,32 @@ class HostTrainerWeightTransferEngine(TrainerWeightTransferEngine[HostTrainerIni
         self.client.finish_weight_update()
 
 
-with contextlib.suppress(ValueError):  # registered already (the module reloaded in one process)
-    WeightTransferTrainerFactory.register_engine(HOST_BACKEND, HostTrainerWeightTransferEngine)
+class RankZeroIPCTrainerWeightTransferEngine(IPCTrainerWeightTransferEngine):
+    """vLLM's CUDA-IPC sender for twofold's publication, where rank 0 alone sends: the other trainer ranks
+    took part in the gathers and keep nothing, so there are no handles to exchange with them and no barrier
+    for them to join (vLLM's own would wait on the default group, which they never enter here)."""
+
+    def _all_gather_and_merge_handles(self, handles: list[dict]) -> list[dict]:
+        return handles
+
+    @staticmethod
+    def _post_send_sync() -> None:
+        torch.cuda.ipc_collect()
+
+
+def trainer_sender(path: str, tensor_parallel_size: int, client, source: WeightSource) -> TrainerWeightTransferEngine:
+    """The trainer's side of a path, handshake done; the trainer is the one sender (rank 0)."""
+    if path == "nccl":
+        info = NCCLTrainerInitInfo("127.0.0.1", free_port(), 1 + tensor_parallel_size, rank=0)
+        return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
+    if path == "ipc":
+        return RankZeroIPCTrainerWeightTransferEngine.trainer_init(
+            IPCTrainerInitInfo(rank=0), client=client, source=source
+        )
+    return HostTrainerWeightTransferEngine.trainer_init(HostTrainerInitInfo(rank=0), client=client, source=source)
+
 
 BACKENDS = {"host": HOST_BACKEND, "ipc": "ipc", "nccl": "nccl"}
-
-
-def trainer_init_info(path: str, tensor_parallel_size: int) -> TrainerInitInfo:
-    """The trainer's side of a path's handshake; the trainer is the one sender (rank 0)."""
-    if path == "nccl":
-        return NCCLTrainerInitInfo("127.0.0.1", free_port(), 1 + tensor_parallel_size, rank=0)
-    if path == "ipc":
-        return IPCTrainerInitInfo(rank=0)
-    return HostTrainerInitInfo(rank=0)
 
 
 class VLLMEngine(InferenceEngine):
@@ -182,6 +200,10 @@ class VLLMEngine(InferenceEngine):
         self.transfer = weight_transfer_path(cfg, trainer_device, engine_on_gpu=current_platform.is_cuda_alike())
         # ipc and nccl send from the trainer's GPU: the published weights stay there
         self.weights_device = "cpu" if self.transfer == "host" else trainer_device
+        if self.transfer == "ipc":
+            # IPC handles carry torch classes, which vLLM's msgpack RPC sends only with this set (pickle, between
+            # this process and the engine's own)
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
         with placed_on(cfg):
             self.llm = vllm.LLM(
                 model=str(model_path),
@@ -200,13 +222,10 @@ class VLLMEngine(InferenceEngine):
             )
         self.engine = self.llm.llm_engine
         self.published = PublishedWeights()
-        # vLLM's trainer engines open their side on the current CUDA device: the trainer's
-        on_trainer_gpu = torch.cuda.device(trainer_device) if self.transfer != "host" else contextlib.nullcontext()
-        with on_trainer_gpu:
-            self.sender = WeightTransferTrainerFactory.trainer_init(
-                trainer_init_info(self.transfer, cfg.tensor_parallel_size),
-                client=EngineWorkersClient(self.llm),
-                source=self.published,
+        self.trainer_device = trainer_device
+        with self._on_trainer_gpu():
+            self.sender = trainer_sender(
+                self.transfer, cfg.tensor_parallel_size, EngineWorkersClient(self.llm), self.published
             )
         self._serial = itertools.count()
 
@@ -257,10 +276,24 @@ class VLLMEngine(InferenceEngine):
             reason,
         )
 
+    @contextlib.contextmanager
+    def _on_trainer_gpu(self):
+        """vLLM's senders work on the current CUDA device and stream (its NCCL communicator makes a stream of its
+        own and sets it current): on the trainer's GPU, with the trainer's stream put back afterwards."""
+        if self.transfer == "host":
+            yield
+            return
+        device = torch.device(self.trainer_device)
+        with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
+            yield
+
     def update_weights(self, weights: Weights, version: int) -> None:
         self.published.publish(weight_items(weights))
-        self.sender.send_weights()
-        self.published.publish([])  # nothing of this version held past its transfer
+        try:
+            with self._on_trainer_gpu():
+                self.sender.send_weights()
+        finally:
+            self.published.publish([])  # nothing of this version held past its transfer
         self.llm.reset_prefix_cache()
         self.version = version
 
