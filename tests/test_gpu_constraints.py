@@ -285,3 +285,6 @@ def test_a_vllm_weight_transfer_is_refused_for_the_builtin_engine():
     with pytest.raises(ConfigError, match="engine.weight_transfer.*built-in engine loads in place"):
         load_config("configs/frozenlake.yaml", ["engine.weight_transfer=ipc"])
     assert load_config("configs/frozenlake.yaml", ["engine.weight_transfer=host"]).engine.weight_transfer == "host"
+    on_ray = ["engine.backend=vllm", "runtime.backend=ray", "engine.weight_transfer=nccl"]
+    with pytest.raises(ConfigError, match="engine.weight_transfer.*on Ray the engines are actors"):
+        load_config("configs/frozenlake.yaml", on_ray)

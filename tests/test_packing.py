@@ -2,12 +2,13 @@
 gradients, attention never crosses from one packed row into another, and the micro-batch budget counts
 packed rows."""
 
+import logging
+
 import pytest
 import torch
 from conftest import small_config
 from transformers import Lfm2Config, Lfm2ForCausalLM
 
-from twofold.config import ConfigError
 from twofold.logprobs import microbatches, pack_rows, packing_leak, pad_right, token_logprobs
 from twofold.models import load_model, save_random_model
 from twofold.oldlogits import BehaviorSource, SourceContext
@@ -80,10 +81,11 @@ def test_attention_stays_inside_each_packed_row(tmp_path):
     assert not torch.equal(after[1], before[1])
 
 
-def test_a_model_whose_layers_cross_packed_rows_is_refused_packing(tmp_path):
+def test_a_model_whose_layers_cross_packed_rows_trains_on_padded_rows(tmp_path, caplog):
     """LFM2's short convolutions carry state from one packed row into the next (transformers keeps rows apart
-    for them only through `seq_idx`, which packing by position ids does not give): the trainer measures that
-    and refuses packing for it, naming the field; an attention-only model's leak is exactly 0."""
+    for them only through `seq_idx`, which packing by position ids does not give): the trainer measures that,
+    says so naming the field, and trains (and has its sources score) with padded rows; an attention-only
+    model's leak is exactly 0, and it packs."""
     torch.manual_seed(0)
     lfm2 = Lfm2ForCausalLM(
         Lfm2Config(
@@ -97,12 +99,13 @@ def test_a_model_whose_layers_cross_packed_rows_is_refused_packing(tmp_path):
         )
     )
     assert packing_leak(lfm2, torch.device("cpu")) > PACKING_TOLERANCE
-    with pytest.raises(ConfigError, match="trainer.pack_sequences.*lets packed rows see each other"):
-        Trainer(lfm2, small_config(**{"trainer.pack_sequences": True}))
-    assert Trainer(lfm2, small_config()).model is lfm2  # padded rows: nothing to refuse
+    with caplog.at_level(logging.WARNING, logger="twofold.trainer.trainer"):
+        trainer = Trainer(lfm2, small_config(**{"trainer.pack_sequences": True}))
+    assert not trainer.numerics.packed
+    assert "trainer.pack_sequences" in caplog.text and "lets packed rows see each other" in caplog.text
     qwen2 = load_model(save_random_model(tmp_path / "m", **SHAPE))
     assert packing_leak(qwen2, torch.device("cpu")) == 0.0
-    assert Trainer(qwen2, small_config(**{"trainer.pack_sequences": True})).model is qwen2
+    assert Trainer(qwen2, small_config(**{"trainer.pack_sequences": True})).numerics.packed
 
 
 def _batch(lengths: list[int]) -> Batch:
@@ -138,10 +141,12 @@ def test_a_packed_train_step_takes_the_padded_step(tmp_path):
         assert torch.allclose(packed_weights[name], weight, atol=1e-6), name
 
 
-def test_packing_without_transformers_packed_masks_is_refused_at_config_time(monkeypatch):
-    from twofold import config
+def test_a_transformers_without_packed_masks_is_measured_and_trains_on_padded_rows(tmp_path, monkeypatch):
+    """A transformers that does not read restarting position ids as new sequences builds one causal mask over
+    the packed row: attention crosses rows, the start-up measurement sees it, and the trainer pads."""
+    import transformers.masking_utils
 
-    monkeypatch.setattr(config, "_has_packed_sequence_masks", lambda: False)
-    with pytest.raises(config.ConfigError, match="trainer.pack_sequences"):
-        small_config(**{"trainer.pack_sequences": True})
-    assert not small_config().trainer.pack_sequences  # off: nothing is asked of transformers
+    qwen2 = load_model(save_random_model(tmp_path / "m", **SHAPE))
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    assert packing_leak(qwen2, torch.device("cpu")) > PACKING_TOLERANCE
+    assert not Trainer(qwen2, small_config(**{"trainer.pack_sequences": True})).numerics.packed

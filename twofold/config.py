@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import operator
 import re
 import types
@@ -357,12 +356,14 @@ class TrainerConfig:
         note="0: no chunking",
     )
     pack_sequences: bool = setting(
-        False,
+        True,
         "Pack each forward's rows into as few rows of the longest one's width as they fit (first-fit decreasing), "
         "position ids restarting per row and attention kept inside each row (transformers' packed-sequence "
         "masks): fewer padded tokens through the decoder; the micro-batch budget counts packed rows. Training "
-        "and every old-logit path use it alike. Refused when the trainer starts for a model whose layers let "
-        "packed rows see each other (recurrent or convolution mixers; measured by `logprobs.packing_leak`).",
+        "and every old-logit path use it alike. On by default, as verl's remove-padding and AReaL's packing: "
+        "log-probs equal the padded ones to float rounding. A model whose layers let packed rows see each other "
+        "(recurrent or convolution mixers; measured by `logprobs.packing_leak` at start) trains on padded "
+        "rows, with a warning.",
     )
     gradient_checkpointing: bool = setting(
         True,
@@ -898,6 +899,11 @@ def _check_devices(cfg: Config) -> None:
             check_device(value, key)
         else:
             _need(bool(_DEVICE.match(value)), key, f"got {value!r}; write auto, cpu, cuda or cuda:N")
+    _need(
+        cfg.runtime.backend == "embedded" or cfg.engine.weight_transfer in ("auto", "host"),
+        "engine.weight_transfer",
+        "on Ray the engines are actors of their own and take new weights over the host path; leave it auto",
+    )
     t = cfg.trainer
     if here and t.world_size > 1 and t.device != "cpu":
         gpus = _cuda().device_count()
@@ -968,21 +974,6 @@ def _check_trainer(cfg: Config) -> None:
         "trainer.num_minibatches",
         "must be <= trajectories per step (rollout.groups_per_step * rollout.group_size)",
     )
-    # Packed rows are kept apart by transformers' packed-sequence masks; a version without them would let
-    # attention cross from one row into the next.
-    _need(
-        not cfg.trainer.pack_sequences or _has_packed_sequence_masks(),
-        "trainer.pack_sequences",
-        "needs transformers' packed-sequence masks (masking_utils.find_packed_sequence_indices); upgrade "
-        "transformers or set false",
-    )
-
-
-def _has_packed_sequence_masks() -> bool:
-    try:
-        return hasattr(importlib.import_module("transformers.masking_utils"), "find_packed_sequence_indices")
-    except ImportError:
-        return False
 
 
 def _check_oldlogits(cfg: Config) -> None:

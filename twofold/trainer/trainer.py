@@ -8,6 +8,7 @@ the pipeline passes two hooks (before the first optimizer step, after each one).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import defaultdict
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from twofold import metrics as M
-from twofold.config import Config, ConfigError
+from twofold.config import Config
 from twofold.distributed import Ranks, full_tensor
 from twofold.logprobs import DTYPES, Numerics, deal_rows, microbatches, packing_leak, sharded_root, token_logprobs
 from twofold.loss import combine_metrics, decoupled_ppo_loss, loss_denominator
@@ -66,16 +67,20 @@ class Trainer:
             model = model.to(device=self.numerics.device, dtype=torch.float32)
             model = shard(model, self.ranks, self.numerics.device, DTYPES[t.fsdp_param_dtype])
         self.model = model.train()
+        if self.numerics.packed and not hasattr(self.model, "get_output_embeddings"):
+            self.numerics = dataclasses.replace(self.numerics, packed=False)  # not a language model: no rows
         if self.numerics.packed:
             leak = packing_leak(self.model, self.numerics.device)
-            if leak > PACKING_TOLERANCE:
-                raise ConfigError(
-                    "trainer.pack_sequences",
-                    f"this model ({type(self.model).__name__}) lets packed rows see each other: a row's log-probs "
-                    f"moved by up to {leak:.2g} when only the row packed before it changed, so it has layers "
-                    "that do not keep to transformers' packed-sequence mask (recurrent or convolution mixers, "
-                    "or attention code of its own); set trainer.pack_sequences=false",
+            if leak > PACKING_TOLERANCE:  # on by default: a model packing would corrupt trains on padded rows
+                log.warning(
+                    "trainer.pack_sequences: this model (%s) lets packed rows see each other (a row's log-probs "
+                    "moved by up to %.2g when only the row packed before it changed: layers that do not keep to "
+                    "transformers' packed-sequence mask, such as recurrent or convolution mixers); it trains, and "
+                    "every old-logit source scores, with padded rows",
+                    type(self.model).__name__,
+                    leak,
                 )
+                self.numerics = dataclasses.replace(self.numerics, packed=False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             trainable, lr=t.lr, weight_decay=t.weight_decay, fused=True if t.fused_optimizer else None
