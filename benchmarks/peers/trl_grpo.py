@@ -17,6 +17,30 @@ import re
 import resource
 import time
 
+# The settings compare.py matches on both sides, for every task (trl_tooluse.py takes them from here).
+MATCHED = dict(
+    temperature=1.0,
+    beta=0.0,
+    num_iterations=1,
+    # twofold's loss, named: advantages are reward minus the group mean, not divided by its std
+    # (advantage.normalize_std=false), token losses averaged over the batch's tokens (loss.aggregation=
+    # token-mean: TRL's "dapo"), the clip [0.8, 1.2] (loss.eps_low = eps_high = 0.2), no dual clip
+    # (loss.dual_clip=null: TRL's delta=None), gradients clipped to norm 1
+    scale_rewards="none",
+    loss_type="dapo",
+    epsilon=0.2,
+    epsilon_high=0.2,
+    delta=None,
+    max_grad_norm=1.0,
+    gradient_checkpointing=True,  # TRL's GRPOConfig default, named; twofold's default too
+    use_cpu=True,
+    bf16=False,
+    logging_steps=1,
+    report_to=[],
+    save_strategy="no",
+    disable_tqdm=True,
+)
+
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
@@ -67,27 +91,8 @@ def main() -> None:
         gradient_accumulation_steps=1,
         num_generations=args.group_size,
         max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        beta=0.0,
-        num_iterations=1,
-        # twofold's loss, named: advantages are reward minus the group mean, not divided by its std
-        # (advantage.normalize_std=false), token losses averaged over the batch's tokens (loss.aggregation=
-        # token-mean: TRL's "dapo"), the clip [0.8, 1.2] (loss.eps_low = eps_high = 0.2), no dual clip
-        # (loss.dual_clip=null: TRL's delta=None), gradients clipped to norm 1
-        scale_rewards="none",
-        loss_type="dapo",
-        epsilon=0.2,
-        epsilon_high=0.2,
-        delta=None,
-        max_grad_norm=1.0,
-        gradient_checkpointing=True,  # TRL's GRPOConfig default, named; twofold's default too
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
         seed=args.seed,
-        disable_tqdm=True,
+        **MATCHED,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=exact, args=config, train_dataset=data, processing_class=tokenizer)
     t0 = time.perf_counter()

@@ -24,6 +24,8 @@ import random
 import resource
 import time
 
+from trl_grpo import MATCHED  # this folder: the settings both TRL scripts match
+
 from twofold.config import load_config
 from twofold.envs.base import env_from_config
 from twofold.envs.seeding import level_seed
@@ -123,24 +125,9 @@ def main() -> None:
         max_completion_length=cfg.rollout.max_total_tokens - longest_prompt,
         generation_kwargs={"max_new_tokens": cfg.engine.max_new_tokens},
         max_tool_calling_iterations=cfg.env.max_turns - 1,
-        temperature=1.0,
-        beta=0.0,
-        num_iterations=1,
-        scale_rewards="none",
-        loss_type="dapo",
-        epsilon=0.2,
-        epsilon_high=0.2,
-        delta=None,
-        max_grad_norm=1.0,
-        gradient_checkpointing=True,
-        use_cpu=True,
-        bf16=False,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
         seed=args.seed,
         shuffle_dataset=False,
-        disable_tqdm=True,
+        **MATCHED,
     )
     trainer = GRPOTrainer(
         model=model,

@@ -179,6 +179,13 @@ def explore(grids: dict[str, Path], endpoint: Endpoint) -> list[Result]:
     ]
 
 
+def described(r: Result) -> tuple[str, str]:
+    """A comparison's mean paired difference with its 95% t interval, and its missing seeds, as table cells."""
+    iv = t_interval(list(r.differences))
+    interval = "-" if math.isnan(iv.mean) else f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
+    return interval, ", ".join(map(str, r.missing)) or "none"
+
+
 def exploratory_table(results: list[Result]) -> str:
     head = (
         "| arm | comparison (first - second) | pairs | missing seeds | mean difference, 95% t CI (descriptive) "
@@ -186,9 +193,7 @@ def exploratory_table(results: list[Result]) -> str:
     )
     rows = []
     for r in results:
-        iv = t_interval(list(r.differences))
-        interval = "-" if math.isnan(iv.mean) else f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
-        missing = ", ".join(map(str, r.missing)) or "none"
+        interval, missing = described(r)
         h = r.hypothesis
         rows.append(f"| {h.name} | {h.statement} | {len(r.seeds)} | {missing} | {interval} | {r.p:.4g} |")
     return head + "\n".join(rows) + "\n"
@@ -201,9 +206,7 @@ def results_table(results: list[Result]) -> str:
     )
     rows = []
     for r in results:
-        iv = t_interval(list(r.differences))
-        interval = "-" if math.isnan(iv.mean) else f"{iv.mean:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]"
-        missing = ", ".join(map(str, r.missing)) or "none"
+        interval, missing = described(r)
         verdict = "H0 rejected" if r.rejected else "not rejected"
         h = r.hypothesis
         rows.append(
