@@ -18,7 +18,7 @@ from test_async_exactness import BruteForce, watch
 from test_scale import seven_trajectory_batch
 
 from twofold.config import dump_config
-from twofold.distributed import close_ranks, init_ranks, spawn_ranks
+from twofold.distributed import close_ranks, init_ranks, spawn_ranks, threads_per_rank
 from twofold.models import gathered_state, load_model, versioned_state
 from twofold.oldlogits import BehaviorSource, SourceContext
 from twofold.pipeline.checkpoint import checkpoints, verify
@@ -32,6 +32,18 @@ TWO = {"trainer.world_size": 2, "run.tensorboard": False}
 
 def spawn(fn, *args):
     spawn_ranks(fn, 2, *args)
+
+
+def _write_threads(rank, world, address, port, out_dir):
+    (out_dir / f"threads{rank}").write_text(str(torch.get_num_threads()))
+
+
+def test_each_rank_takes_its_share_of_the_cores(tmp_path):
+    """A spawned interpreter would start with every core's thread; N ranks on N cores would then run N^2."""
+    with threads_per_rank(2):
+        spawn(_write_threads, tmp_path)
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert [int((tmp_path / f"threads{r}").read_text()) for r in range(2)] == [share, share]
 
 
 # --------------------------------------------------------------------------- one step, one rank or two

@@ -106,26 +106,43 @@ def _running(pid) -> bool:
         return False
 
 
+def _children(pids: list[str]) -> list[str]:
+    return subprocess.run(["pgrep", "-P", ",".join(pids)], capture_output=True, text=True).stdout.split()
+
+
+def _descendants(pid) -> list[str]:
+    found, generation = [], [str(pid)]
+    while generation:
+        generation = _children(generation)
+        found += generation
+    return found
+
+
 def test_launcher_killed_while_its_ranks_start_leaves_no_rank_training(tmp_path, tiny_path):
-    # A rank takes seconds to start (a fresh interpreter importing torch) before it can ask for SIGKILL on
-    # the launcher's death. Killed in that window, the ranks used to be re-parented and train the whole
-    # run unobserved, beside the run resumed into the same directory.
+    # The ranks are forks of a fork server, not children of the launcher, so the kernel's parent-death signal
+    # cannot name the launcher. Killed the moment the first rank exists (a grandchild: launcher -> server ->
+    # rank), the ranks must not be left to train the whole run unobserved, beside the run resumed into the
+    # same directory.
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(dump_config(small_config(**{"trainer.steps": 6, "trainer.world_size": 2})))
     run_dir = tmp_path / "run"
     proc = _train(cfg_path, run_dir)
-    children = []
-    while not children and proc.poll() is None:  # kill the moment the first rank process exists
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    ranks = []
+    while not ranks and proc.poll() is None:
+        children = _children([str(proc.pid)])
+        ranks = _children(children) if children else []
         time.sleep(0.01)
+    everyone = _descendants(proc.pid)
     proc.kill()
     proc.wait()
-    assert children, "the launcher ended before it started its ranks"
+    assert ranks, "the launcher ended before it started its ranks"
     deadline = time.monotonic() + 60
-    while any(map(_running, children)) and time.monotonic() < deadline:
+    while any(map(_running, everyone)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(map(_running, children))
-    assert not list(run_dir.glob("rank*.pid")) and not (run_dir / "metrics.jsonl").exists()
+    assert not any(map(_running, everyone))
+    # a forked rank starts in milliseconds, so it may have written its pid file while the launcher lived; it
+    # must not have trained a step
+    assert not (run_dir / "metrics.jsonl").exists() and not checkpoints(run_dir)
 
 
 def test_a_run_being_written_refuses_a_second_writer_until_its_process_dies(tmp_path, tiny_path):

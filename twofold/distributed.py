@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,27 +146,56 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- local ranks
 
 
+# What every rank imports (torch, transformers, the pipeline): the fork server imports it once, and each rank is
+# a fork of that server. Spawned interpreters would import it once per rank, ~5 s of CPU each here.
+RANK_MODULES = ["twofold.pipeline.train"]
+
+
 def spawn_ranks(fn: Callable, world_size: int, *args, join: bool = True):
     """Run fn(rank, world_size, address, port, *args) in `world_size` processes. join=True waits for them: when
     one dies the others are stopped and the death is raised (torch.multiprocessing.spawn's contract); join=False
-    returns the spawn context to wait on. A rank whose fn returns leaves without the interpreter's teardown
-    (`_rank_process`)."""
+    returns the spawn context to wait on.
+
+    The ranks are forked from multiprocessing's fork server, started on the first call with `RANK_MODULES`
+    imported and nothing else run (no threads, no CUDA context: what `fork` needs to be safe, and why PyTorch
+    supports `forkserver` beside `spawn`). A rank's parent is that server, which exits when this process does.
+    The server keeps the environment it started with. Each rank runs with this process's torch thread count at
+    the call (set it with `threads_per_rank`), and exits at once when this process dies (`_exit_with_launcher`).
+    A rank whose fn returns leaves without the interpreter's teardown (`_rank_process`)."""
     port = free_port()
-    return mp.spawn(_rank_process, args=(fn, world_size, "127.0.0.1", port, *args), nprocs=world_size, join=join)
+    multiprocessing.set_forkserver_preload(RANK_MODULES)  # read when the server starts; later calls change nothing
+    args = (fn, torch.get_num_threads(), world_size, "127.0.0.1", port, *args)
+    return mp.start_processes(_rank_process, args=args, nprocs=world_size, join=join, start_method="forkserver")
 
 
-def _rank_process(rank: int, fn: Callable, *args) -> None:
-    """A spawned rank: fn, then exit at once. FSDP2's DTensor caches keep the device mesh, and with it the gloo
-    process group and its threads, alive after `close_ranks`; tearing them down in the interpreter's exit
-    aborts the process now and then ("terminate called without an active exception", SIGABRT: once in 80
-    two-rank runs on 2 busy cores), which the launcher must report as a lost rank. When fn returns,
-    everything of the rank's is written and closed, so skipping the teardown loses nothing. A rank that
-    raises does not get here: torch.multiprocessing records its traceback as usual."""
+def _rank_process(rank: int, fn: Callable, threads: int, *args) -> None:
+    """A rank: fn on `threads` torch threads, then exit at once. FSDP2's DTensor caches keep the device mesh,
+    and with it the gloo process group and its threads, alive after `close_ranks`; tearing them down in the
+    interpreter's exit aborts the process now and then ("terminate called without an active exception",
+    SIGABRT: once in 80 two-rank runs on 2 busy cores), which the launcher must report as a lost rank. When fn
+    returns, everything of the rank's is written and closed, so skipping the teardown loses nothing. A rank
+    that raises does not get here: torch.multiprocessing records its traceback as usual."""
+    _exit_with_launcher()
+    torch.set_num_threads(threads)
     fn(rank, *args)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)
+
+
+def _exit_with_launcher() -> None:
+    """This rank exits at once when the process that started it dies, so `kill -9` of `twofold train` leaves no
+    rank behind writing into the run directory. The rank's parent is the fork server, so `PR_SET_PDEATHSIG`
+    cannot name the launcher; multiprocessing hands each child a sentinel that reads EOF when the launcher is
+    gone (also when it was gone before this call), which a thread waits on."""
+    launcher = multiprocessing.parent_process()
+
+    def wait_for_eof():
+        multiprocessing.connection.wait([launcher.sentinel])
+        os._exit(1)  # nobody waits for this exit code: the launcher is gone
+
+    threading.Thread(target=wait_for_eof, name="exit-with-launcher", daemon=True).start()
 
 
 @contextlib.contextmanager

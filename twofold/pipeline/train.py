@@ -15,7 +15,7 @@ from twofold.config import Config, ConfigError
 from twofold.distributed import close_ranks, init_ranks, rank_device, spawn_ranks, threads_per_rank
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.plan import check_memory_plan
-from twofold.pipeline.progress import RankLost, die_with_parent, stop_signals
+from twofold.pipeline.progress import RankLost, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import default_run_dir, refuse_existing_run, summary
 
@@ -50,14 +50,13 @@ def _rank_main(
     world_size: int,
     address: str,
     port: int,
-    launcher_pid: int,
     cfg: Config,
     run_dir: str,
     model_path: str,
     resume: bool,
 ) -> None:
-    """One local rank: join the group, build the Pipeline (rank 0 with the rollout side), run it."""
-    die_with_parent(launcher_pid)  # before anything else: a rank of a killed launcher must not train
+    """One local rank: join the group, build the Pipeline (rank 0 with the rollout side), run it. It exits with
+    the launcher (`spawn_ranks`)."""
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(levelname)s rank{rank} %(name)s: %(message)s"
     )
@@ -76,7 +75,7 @@ def run_local_ranks(cfg: Config, run_dir: Path, model_path: Path, resume: bool) 
     SIGTERM are passed on (rank 0 decides when every rank stops, after a checkpoint). A rank that dies ends the
     run: the others are stopped and the error says which rank and how to resume."""
     n = cfg.trainer.world_size
-    context = spawn_ranks(_rank_main, n, os.getpid(), cfg, str(run_dir), str(model_path), resume, join=False)
+    context = spawn_ranks(_rank_main, n, cfg, str(run_dir), str(model_path), resume, join=False)
 
     def forward(signum, frame):
         for p in context.processes:
