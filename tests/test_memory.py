@@ -1,5 +1,6 @@
 """What a step frees goes back to the system (glibc), so that a step's peak resident size is what it holds."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -45,3 +46,38 @@ def test_trim_hands_back_the_holes_a_phase_left():
     the free pages inside the heap, not only its top): what the pipeline does once before measuring its
     baseline, after a GGUF conversion or a warm start that ran in the process."""
     assert kept_mib("trimmed") < 16
+
+
+ARENAS = textwrap.dedent(
+    """
+    import ctypes, sys, threading
+    from twofold.pipeline.memory import limit_malloc_arenas
+    print(limit_malloc_arenas(int(sys.argv[1])))
+    barrier = threading.Barrier(4)
+    def work():  # four threads allocate while all four are alive: none can take over another's arena
+        block = bytearray(100_000)
+        barrier.wait()
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ctypes.CDLL(None).malloc_stats()  # to stderr, one "Arena N:" block per arena
+    """
+)
+
+
+def arenas(limit: int, env: dict | None = None) -> tuple[str, int]:
+    run = subprocess.run(
+        [sys.executable, "-c", ARENAS, str(limit)], check=True, capture_output=True, text=True, env=env
+    )
+    return run.stdout.strip(), sum(line.startswith("Arena ") for line in run.stderr.splitlines())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise():
+    """glibc opens an arena for each thread's first allocation while it has fewer than 8 per core: the main
+    thread's and one per worker thread, 1 + 4. Capped at 2, the four threads share the second."""
+    assert arenas(0) == ("False", 5)  # 0: glibc's default
+    assert arenas(2) == ("True", 2)
+    assert arenas(2, env={**os.environ, "MALLOC_ARENA_MAX": "3"}) == ("False", 3)  # the user's setting stands

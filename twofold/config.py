@@ -460,6 +460,15 @@ class RunConfig:
         "size (SmolLM2-135M full fine-tune: 5.65 -> 5.31 GiB) and costs time in page faults (24.2 -> 28.9 s/step "
         "on 2 CPU cores; docs/benchmarks.md). MALLOC_MMAP_THRESHOLD_ in the environment takes precedence.",
     )
+    malloc_arenas: int = setting(
+        0,
+        "Linux (glibc): the most malloc arenas the run's threads share (glibc's default: 8 per core, about one per "
+        "thread), so that fewer hold on to freed blocks. SmolLM2-135M full fine-tune on 2 idle CPU cores, one run "
+        "each: step peak 4.70 -> 4.51 GiB at 2, 26.8 -> 30.2 s/step (docs/benchmarks.md). MALLOC_ARENA_MAX in "
+        "the environment takes precedence.",
+        ge=0,
+        note="0 leaves glibc's default",
+    )
     export_final: bool = setting(
         False, "At the end of the run, export the final weights as a Hugging Face folder to RUN_DIR/export."
     )

@@ -43,6 +43,7 @@ from twofold.pipeline.checkpoint import (
 from twofold.pipeline.export import export_run
 from twofold.pipeline.learning_signal import LearningSignalWatch, zero_variance_group_fraction
 from twofold.pipeline.memory import (
+    limit_malloc_arenas,
     memory_metrics,
     reset_peak,
     resident_bytes,
@@ -142,6 +143,7 @@ class Pipeline:
         self.cfg = cfg
         self.ranks = ranks or Ranks()
         main = self.ranks.is_main
+        limit_malloc_arenas(cfg.run.malloc_arenas)  # before the engine's and rollout's threads open their own
         if cfg.run.return_freed_memory:
             return_freed_memory_to_os()
         trim_heap()  # the model's resolution (a GGUF conversion, a warm start) may have run in this process

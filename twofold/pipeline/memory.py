@@ -10,6 +10,9 @@ threshold each time a large block is freed, so blocks up to 32 MiB end up in are
 SmolLM2-135M that held ~1 GiB resident between steps (docs/benchmarks.md). `return_freed_memory_to_os` fixes
 the threshold, so every block of 1 MiB or more is its own mapping and goes back to the system when freed; each
 such block is then page-faulted in afresh, which costs time, so it is opt-in (`run.return_freed_memory`).
+Fewer arenas (`limit_malloc_arenas`, `run.malloc_arenas`) leave fewer places for freed blocks to sit: glibc
+opens up to 8 per core, one per thread that finds the others locked, and the pipeline's threads (engine,
+rollout, env steps) each end up with one.
 """
 
 from __future__ import annotations
@@ -26,8 +29,25 @@ from twofold import metrics as M
 from twofold.models import model_bytes, state_dict_bytes
 
 STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's mallopt; False where it refused or there is no glibc (musl, macOS)."""
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c")).mallopt(param, value))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas at `arenas` from now on (0: leave glibc's default), unless the user set
+    MALLOC_ARENA_MAX themselves; True when glibc took it. Arenas already open stay; call it before the
+    threads start. Elsewhere a no-op."""
+    if arenas == 0 or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    return _mallopt(M_ARENA_MAX, arenas)
 
 
 def return_freed_memory_to_os() -> bool:
@@ -35,12 +55,7 @@ def return_freed_memory_to_os() -> bool:
     unless the user set MALLOC_MMAP_THRESHOLD_ themselves; True when glibc took it. Elsewhere a no-op."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS)
-        return False
+    return _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def trim_heap() -> bool:
