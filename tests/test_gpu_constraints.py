@@ -1,9 +1,11 @@
 """What the GPU paths need of the device, checked on a CPU machine: the device a collective's tensor lives on, the
 CPU ByteTensor a CUDA generator's `set_state` takes, a checkpoint that cannot run code, and the GPUs a config
-may count (issue #35, items 1, 2, 9 and 10)."""
+may count (issue #35, items 1, 2, 9 and 10), and the imports local ranks are forked after."""
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -288,3 +290,23 @@ def test_a_vllm_weight_transfer_is_refused_for_the_builtin_engine():
     on_ray = ["engine.backend=vllm", "runtime.backend=ray", "engine.weight_transfer=nccl"]
     with pytest.raises(ConfigError, match="engine.weight_transfer.*on Ray the engines are actors"):
         load_config("configs/frozenlake.yaml", on_ray)
+
+
+CUDA_SPY = """
+import sys, torch, torch.cuda
+asked = []
+for name in ("is_available", "device_count", "init", "_lazy_init", "current_device", "get_device_properties"):
+    real = getattr(torch.cuda, name)
+    setattr(torch.cuda, name, lambda *a, _real=real, _name=name, **k: asked.append(_name) or _real(*a, **k))
+from twofold.distributed import RANK_MODULES
+for module in RANK_MODULES:
+    __import__(module)
+print(",".join(asked))
+"""
+
+
+def test_the_rank_fork_server_imports_ask_cuda_nothing():
+    """Local ranks are forks of a server that imported RANK_MODULES: a CUDA driver initialised there (even by
+    `torch.cuda.is_available()`) would be unusable in every forked rank."""
+    out = subprocess.run([sys.executable, "-c", CUDA_SPY], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == ""
