@@ -68,7 +68,7 @@ def _kill_resume_finish(cfg_path, run_dir, kills, horizon, rng):
 
 @pytest.mark.parametrize("mode,kills,ranks", [("sync", 3, 1), ("async", 2, 1), ("sync", 2, 2)])
 def test_sigkill_at_random_points_then_resume(tmp_path, tiny_path, mode, kills, ranks):
-    # with 2 ranks the SIGKILL hits the launcher; its ranks die with it (PR_SET_PDEATHSIG), as on a lost machine
+    # with 2 ranks the SIGKILL hits the launcher; its ranks exit with it (their parent sentinel), as on a lost machine
     steps = 6
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(

@@ -143,7 +143,9 @@ class Pipeline:
         self.cfg = cfg
         self.ranks = ranks or Ranks()
         main = self.ranks.is_main
-        limit_malloc_arenas(cfg.run.malloc_arenas)  # before the engine's and rollout's threads open their own
+        # again here for the processes that build a Pipeline without `train()` (local ranks, Ray actors), before the
+        # engine's and rollout's threads open arenas of their own
+        limit_malloc_arenas(cfg.run.malloc_arenas)
         if cfg.run.return_freed_memory:
             return_freed_memory_to_os()
         trim_heap()  # the model's resolution (a GGUF conversion, a warm start) may have run in this process

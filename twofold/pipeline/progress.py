@@ -33,8 +33,9 @@ PARENT_PID_VAR = "TWOFOLD_PARENT_PID"  # set by a launcher whose child `twofold 
 
 
 def die_with_parent(parent_pid: int) -> None:
-    """Linux: this process gets SIGKILL when `parent_pid` dies, so `kill -9` of a launcher (`twofold train`
-    with several ranks, `twofold compare`) leaves nothing behind writing into the run directories.
+    """Linux: this process gets SIGKILL when `parent_pid` dies, so `kill -9` of `twofold compare` leaves none of
+    its cells behind writing into the run directories. (Local trainer ranks, whose parent is a fork server, exit
+    with their launcher through `distributed._exit_with_launcher`.)
 
     The kernel only covers a parent that dies after this call; a child that finds itself already
     re-parented (the parent was killed while the child started) leaves at once."""
