@@ -23,7 +23,7 @@ from real_model import PROBE
 
 from twofold.config import load_config
 from twofold.pipeline.loop import Pipeline
-from twofold.pipeline.memory import peak_resident_bytes, reset_peak, resident_bytes
+from twofold.pipeline.os_memory import peak_resident_bytes, reset_peak, resident_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30

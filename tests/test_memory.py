@@ -10,7 +10,7 @@ import pytest
 PROBE = textwrap.dedent(
     """
     import sys, torch
-    from twofold.pipeline.memory import resident_bytes, return_freed_memory_to_os, trim_heap
+    from twofold.pipeline.os_memory import resident_bytes, return_freed_memory_to_os, trim_heap
     if sys.argv[1] == "fixed":
         assert return_freed_memory_to_os()
     big = torch.ones(8 << 18); del big  # an 8 MiB block freed: glibc's threshold rises past 4 MiB blocks
@@ -51,7 +51,7 @@ def test_trim_hands_back_the_holes_a_phase_left():
 ARENAS = textwrap.dedent(
     """
     import ctypes, sys, threading
-    from twofold.pipeline.memory import limit_malloc_arenas
+    from twofold.pipeline.os_memory import limit_malloc_arenas
     print(limit_malloc_arenas(int(sys.argv[1])))
     barrier = threading.Barrier(4)
     def work():  # four threads allocate while all four are alive: none can take over another's arena

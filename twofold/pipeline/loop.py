@@ -42,9 +42,9 @@ from twofold.pipeline.checkpoint import (
 )
 from twofold.pipeline.export import export_run
 from twofold.pipeline.learning_signal import LearningSignalWatch, zero_variance_group_fraction
-from twofold.pipeline.memory import (
+from twofold.pipeline.memory import memory_metrics
+from twofold.pipeline.os_memory import (
     limit_malloc_arenas,
-    memory_metrics,
     reset_peak,
     resident_bytes,
     return_freed_memory_to_os,

@@ -5,78 +5,16 @@ difference is the step's transient memory (activations, logits, copies in flight
 The peak is Linux's VmHWM, reset at each step's start by writing 5 to /proc/self/clear_refs, so each step
 reports its own peak rather than the run's. Elsewhere (no /proc) the peak metrics are left out.
 
-glibc's malloc keeps what a step frees (activations, logits) in its arenas for reuse, and raises its mmap
-threshold each time a large block is freed, so blocks up to 32 MiB end up in arenas that never shrink: on
-SmolLM2-135M that held ~1 GiB resident between steps (docs/benchmarks.md). `return_freed_memory_to_os` fixes
-the threshold, so every block of 1 MiB or more is its own mapping and goes back to the system when freed; each
-such block is then page-faulted in afresh, which costs time, so it is opt-in (`run.return_freed_memory`).
-Fewer arenas (`limit_malloc_arenas`, `run.malloc_arenas`) leave fewer places for freed blocks to sit: glibc
-opens up to 8 per core, one per thread that finds the others locked, and the pipeline's threads (engine,
-rollout, env steps) each end up with one.
+What glibc's malloc keeps of what a step frees, and the settings that hand it back, are in `os_memory.py`.
 """
 
 from __future__ import annotations
-
-import contextlib
-import ctypes
-import ctypes.util
-import os
-from pathlib import Path
 
 import torch
 
 from twofold import metrics as M
 from twofold.models import model_bytes, state_dict_bytes
-
-STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def _mallopt(param: int, value: int) -> bool:
-    """glibc's mallopt; False where it refused or there is no glibc (musl, macOS)."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c")).mallopt(param, value))
-    except (OSError, AttributeError, TypeError):
-        return False
-
-
-def limit_malloc_arenas(arenas: int) -> bool:
-    """Cap glibc's malloc arenas at `arenas` from now on (0: leave glibc's default), unless the user set
-    MALLOC_ARENA_MAX themselves; True when glibc took it. Arenas already open stay; call it before the
-    threads start. Elsewhere a no-op."""
-    if arenas == 0 or "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    return _mallopt(M_ARENA_MAX, arenas)
-
-
-def return_freed_memory_to_os() -> bool:
-    """Make glibc serve blocks of MMAP_THRESHOLD_BYTES or more from their own mappings (unmapped when freed),
-    unless the user set MALLOC_MMAP_THRESHOLD_ themselves; True when glibc took it. Elsewhere a no-op."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    return _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-
-
-def trim_heap() -> bool:
-    """Hand back to the system the pages glibc's arenas hold free (`malloc_trim(0)`, every arena): what a
-    one-off phase freed (a GGUF file dequantised and saved, a warm start trained in this process) would
-    otherwise stay resident under the run. Cheap, and harmless to call once per run. True when glibc
-    returned memory; elsewhere a no-op."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0))
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS)
-        return False
-
-
-def resident_bytes() -> int | None:
-    """The process's resident size now (Linux), None elsewhere."""
-    return _status_bytes("VmRSS")
-
-
-def peak_resident_bytes() -> int | None:
-    """The process's largest resident size since the last `reset_peak` (Linux's VmHWM), None elsewhere."""
-    return _status_bytes("VmHWM")
+from twofold.pipeline.os_memory import peak_resident_bytes, resident_bytes
 
 
 def gradient_bytes(model: torch.nn.Module) -> int:
@@ -88,23 +26,6 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the optimizer's state tensors (AdamW: two moments per trained parameter, and step counts)."""
     tensors = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     return state_dict_bytes(dict(enumerate(tensors)))
-
-
-def _status_bytes(field: str) -> int | None:
-    with contextlib.suppress(OSError):
-        for line in STATUS.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    return None
-
-
-def reset_peak() -> bool:
-    """Start a new peak resident size (VmHWM) from the current one; False where the kernel has no such reset."""
-    try:
-        CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def memory_metrics(

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from twofold.config import Config, ConfigError
 from twofold.distributed import close_ranks, init_ranks, rank_device, spawn_ranks, threads_per_rank
 from twofold.pipeline.loop import Pipeline
-from twofold.pipeline.memory import limit_malloc_arenas
+from twofold.pipeline.os_memory import limit_malloc_arenas
 from twofold.pipeline.plan import check_memory_plan
 from twofold.pipeline.progress import RankLost, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
