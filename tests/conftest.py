@@ -28,7 +28,11 @@ def _cache(tmp_path_factory):
     # Each xdist worker gets its share of the cores: two workers with two torch threads each on two cores made
     # the suite 10.5 min here, one thread each 9.4 min (2026-12-04, idle cores, one run each).
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    share = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(share)
+    # The processes a test starts (`twofold train`, ranks, Ray actors, probes) run beside the other workers too:
+    # the same share, or each would start a thread per core and oversubscribe them.
+    mp.setenv("OMP_NUM_THREADS", str(share))
     yield
     mp.undo()
 

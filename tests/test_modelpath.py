@@ -24,11 +24,16 @@ def hub_cache(home, tiny_path):
     return repo
 
 
-def resolve_in_child(home, *args) -> subprocess.CompletedProcess:
-    """huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported: resolve in a fresh process, as a run would."""
-    code = "import sys; from twofold.modelpath import resolve_model_source; print(resolve_model_source(*sys.argv[1:]))"
+def resolve_in_child(home, *sources: list[str]) -> subprocess.CompletedProcess:
+    """huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported: resolve in a fresh process, as a run would.
+    Each source is [ID] or [ID, revision]; the child prints one resolved path per line."""
+    code = (
+        "import json, sys; from twofold.modelpath import resolve_model_source\n"
+        "for source in json.loads(sys.argv[1]): print(resolve_model_source(*source))"
+    )
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+    args = [sys.executable, "-c", code, json.dumps(sources)]
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_a_folder_is_used_as_it_is(tiny_path):
@@ -37,15 +42,13 @@ def test_a_folder_is_used_as_it_is(tiny_path):
 
 def test_a_hub_id_resolves_to_its_cached_snapshot_at_a_revision(tmp_path, tiny_path):
     repo = hub_cache(tmp_path, tiny_path)
-    main = resolve_in_child(tmp_path, "org/tiny")
-    assert main.returncode == 0, main.stderr
-    assert main.stdout.strip() == str(repo / "snapshots" / COMMIT_MAIN)
-    tagged = resolve_in_child(tmp_path, "org/tiny", "v1")
-    assert tagged.stdout.strip() == str(repo / "snapshots" / COMMIT_V1)
+    resolved = resolve_in_child(tmp_path, ["org/tiny"], ["org/tiny", "v1"])
+    assert resolved.returncode == 0, resolved.stderr
+    assert resolved.stdout.split() == [str(repo / "snapshots" / COMMIT_MAIN), str(repo / "snapshots" / COMMIT_V1)]
 
 
 def test_an_uncached_hub_id_offline_says_how_to_fetch_it(tmp_path):
-    missing = resolve_in_child(tmp_path, "Qwen/Qwen2.5-0.5B-Instruct")
+    missing = resolve_in_child(tmp_path, ["Qwen/Qwen2.5-0.5B-Instruct"])
     assert missing.returncode != 0
     last = missing.stderr.strip().splitlines()[-1]
     assert "config field 'model.path'" in last and "HF_HUB_OFFLINE" in last
@@ -83,17 +86,18 @@ from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.models import load_policy, load_tokenizer
 from twofold.pipeline.resolve import resolve_model_path
 
-overrides = [f"model.path={sys.argv[1]}", "model.warmstart=false", f"model.trust_remote_code={sys.argv[2]}"]
-cfg = load_config(None, overrides)
-try:
-    path = resolve_model_path(cfg)
-except ConfigError as e:
-    print("refused:", e)
-    raise SystemExit(0)
-policy, tokenizer = load_policy(path, cfg.model), load_tokenizer(path)
-engine = make_engine(cfg.engine, path, tokenizer)
-out = engine.generate([GenerationRequest(0, [1, 2, 3], SamplingParams(max_new_tokens=2))])[0]
-print(type(policy).__name__, type(engine.model).__name__, len(out.output_ids))
+for trust in sys.argv[2:]:  # one line each
+    overrides = [f"model.path={sys.argv[1]}", "model.warmstart=false", f"model.trust_remote_code={trust}"]
+    cfg = load_config(None, overrides)
+    try:
+        path = resolve_model_path(cfg)
+    except ConfigError as e:
+        print("refused:", e)
+        continue
+    policy, tokenizer = load_policy(path, cfg.model), load_tokenizer(path)
+    engine = make_engine(cfg.engine, path, tokenizer)
+    out = engine.generate([GenerationRequest(0, [1, 2, 3], SamplingParams(max_new_tokens=2))])[0]
+    print(type(policy).__name__, type(engine.model).__name__, len(out.output_ids))
 """
 
 
@@ -113,17 +117,14 @@ def test_a_model_with_its_own_code_runs_only_when_trusted(tmp_path, tiny_path):
     }
     (folder / "config.json").write_text(json.dumps(config))
 
-    def load(trust: str) -> str:
-        env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
-        done = subprocess.run(
-            [sys.executable, "-c", LOAD_IN_CHILD, str(folder), trust], capture_output=True, text=True, env=env
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
-
-    refused = load("false")
+    # refused, then trusted: one fresh process, as a run is
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    args = [sys.executable, "-c", LOAD_IN_CHILD, str(folder), "false", "true"]
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    refused, trusted = done.stdout.strip().splitlines()
     assert (
         refused.startswith("refused: config field 'model.trust_remote_code'")
         and "modeling_custom.CustomForCausalLM" in refused
     )
-    assert load("true") == "CustomForCausalLM CustomForCausalLM 2"
+    assert trusted == "CustomForCausalLM CustomForCausalLM 2"

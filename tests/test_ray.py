@@ -55,6 +55,7 @@ def test_short_async_run_under_ray(cluster, tmp_path, tiny_path, source):
             "env.step_latency_ms": 5.0,
             "advantage.estimator": "discounted",
             "runtime.ray.engine_replicas": replicas,
+            "runtime.ray.env_workers": 1,  # several env workers are the kill test's subject
             **budget,
         },
     )
