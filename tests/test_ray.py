@@ -158,13 +158,13 @@ def test_config_error_in_the_trainer_actor_stays_a_config_error(cluster, tmp_pat
 def test_two_trainer_ranks_under_ray(cluster, tmp_path, tiny_path):
     """trainer.world_size=2: two trainer actors in a placement group form the process group (FSDP2, gloo)."""
     cfg = ray_config(
-        tmp_path, **{"oldlogits.source": "snapshot", "trainer.world_size": 2, "trainer.steps": 3, **ONE_EACH}
+        tmp_path, **{"oldlogits.source": "snapshot", "trainer.world_size": 2, "trainer.steps": 2, **ONE_EACH}
     )
     with RaySession(cfg, tmp_path / "run", tiny_path) as session:
         assert session.actor("trainer-1") is not None
         last = session.run()
-    assert last["step"] == 3 and summary(tmp_path / "run")["finished"]
-    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    assert last["step"] == 2 and summary(tmp_path / "run")["finished"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
 def kill_after_checkpoint(cfg, run_dir, tiny_path, role, step):
@@ -186,7 +186,8 @@ def kill_after_checkpoint(cfg, run_dir, tiny_path, role, step):
 def test_dead_oldlogit_or_trainer_actor_ends_the_run_and_it_resumes(cluster, tmp_path, tiny_path):
     """Neither restarts (their state is the run's): the run ends with the actor's error, and `--resume` goes on
     from the last checkpoint. The old-logit actor dies after step 1; the resumed run loses its trainer after
-    step 2; the second resume finishes, every step logged once."""
+    step 2 (two steps before the end, so that the kill lands before the run ends); the second resume finishes,
+    every step logged once."""
     cfg = ray_config(
         tmp_path,
         **{
