@@ -42,7 +42,7 @@ test: $(STAMP) $(SMOLLM2)
 # SmolLM2-135M-Instruct's GGUF file dequantised once into .cache/ (~25 s), before the tests start: their
 # fixture finds it there (and converts it itself where it is not).
 $(SMOLLM2): $(STAMP)
-	$(BIN)/python -c "from twofold.modelpath import resolve_model_source as r; print(r('smollm2-135m-instruct'))"
+	TWOFOLD_CACHE=.cache $(BIN)/python -c "from twofold.modelpath import resolve_model_source as r; print(r('smollm2-135m-instruct'))"
 	touch $@
 
 # ruff, configured in pyproject.toml: lint and formatting are both checked (CI runs this before the tests)

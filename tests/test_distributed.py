@@ -39,11 +39,21 @@ def _write_threads(rank, world, address, port, out_dir):
 
 
 def test_each_rank_takes_its_share_of_the_cores(tmp_path):
-    """A spawned interpreter would start with every core's thread; N ranks on N cores would then run N^2."""
+    """A new process would start with a thread per core (or OMP_NUM_THREADS); N ranks on N cores would then run
+    N^2. Each rank runs the launcher's thread count, which `threads_per_rank` sets to its share."""
+    before = torch.get_num_threads()
     with threads_per_rank(2):
+        assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
+    assert torch.get_num_threads() == before
+    # a count no process starts with (neither a thread per core nor the suite's OMP_NUM_THREADS), so that only
+    # the launcher's can explain it
+    launcher = (os.cpu_count() or 1) + int(os.environ.get("OMP_NUM_THREADS", "1")) + 1
+    torch.set_num_threads(launcher)
+    try:
         spawn(_write_threads, tmp_path)
-    share = max(1, (os.cpu_count() or 1) // 2)
-    assert [int((tmp_path / f"threads{r}").read_text()) for r in range(2)] == [share, share]
+    finally:
+        torch.set_num_threads(before)
+    assert [int((tmp_path / f"threads{r}").read_text()) for r in range(2)] == [launcher, launcher]
 
 
 # --------------------------------------------------------------------------- one step, one rank or two

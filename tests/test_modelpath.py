@@ -44,7 +44,7 @@ def test_a_hub_id_resolves_to_its_cached_snapshot_at_a_revision(tmp_path, tiny_p
     repo = hub_cache(tmp_path, tiny_path)
     resolved = resolve_in_child(tmp_path, ["org/tiny"], ["org/tiny", "v1"])
     assert resolved.returncode == 0, resolved.stderr
-    assert resolved.stdout.split() == [str(repo / "snapshots" / COMMIT_MAIN), str(repo / "snapshots" / COMMIT_V1)]
+    assert resolved.stdout.splitlines() == [str(repo / "snapshots" / COMMIT_MAIN), str(repo / "snapshots" / COMMIT_V1)]
 
 
 def test_an_uncached_hub_id_offline_says_how_to_fetch_it(tmp_path):

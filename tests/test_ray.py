@@ -45,6 +45,7 @@ ONE_EACH = {"runtime.ray.engine_replicas": 1, "runtime.ray.env_workers": 1}
 def test_short_async_run_under_ray(cluster, tmp_path, tiny_path, source):
     # snapshot: a budget of one snapshot (the model is 428,288 bytes in float32); it must hold in the trainer actor.
     # interrupt pauses and resumes both replicas; dedicated's point is its own actor, so one replica does.
+    # Two env workers once (snapshot), one elsewhere: each actor is a process to start.
     budget = {"oldlogits.snapshot_budget": "500KB"} if source == "snapshot" else {}
     replicas = 1 if source == "dedicated" else 2
     cfg = ray_config(
@@ -55,7 +56,7 @@ def test_short_async_run_under_ray(cluster, tmp_path, tiny_path, source):
             "env.step_latency_ms": 5.0,
             "advantage.estimator": "discounted",
             "runtime.ray.engine_replicas": replicas,
-            "runtime.ray.env_workers": 1,  # several env workers are the kill test's subject
+            "runtime.ray.env_workers": 2 if source == "snapshot" else 1,
             **budget,
         },
     )
