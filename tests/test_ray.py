@@ -26,10 +26,15 @@ from twofold.pipeline.train import train  # noqa: E402
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Logical CPUs: the actors' requests must fit; the 2 real cores are shared by all of them.
+    # Logical CPUs: the actors' requests must fit; the 2 real cores are shared by all of them. Ray starts its
+    # workers at niceness 15 (`worker_niceness`), so beside the other test worker's processes (niceness 0) the
+    # actors would wait whenever those compute: the same niceness as everything else in the suite.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_worker_niceness", "0")
     ray.init(num_cpus=8, include_dashboard=False, namespace="twofold", log_to_driver=False)
     yield
     ray.shutdown()
+    mp.undo()
 
 
 def ray_config(tmp_path, **overrides):
