@@ -3,6 +3,7 @@ end on this CPU: it loads from GGUF, the exact sources stay exact under async tr
 at this 30-layer model's float32 noise floor, LoRA trains on it, and an exported run reloads with the
 trainer's log-probs."""
 
+import gc
 import json
 
 import pytest
@@ -16,7 +17,18 @@ from twofold.modelpath import resolve_model_source
 from twofold.models import load_model, load_tokenizer
 from twofold.pipeline.export import EXPORT_INFO, export_run
 from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.os_memory import trim_heap
 from twofold.pipeline.rundir import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def _hand_memory_back():
+    """Each test here holds several copies of a 0.54 GB model (trainer, AdamW, engine, kept versions); glibc
+    keeps what they free in its arenas, and the xdist worker then carried 10 GB through the rest of its files
+    (benchmarks/suite_memory.py, 2026-12-05). Two suites side by side must fit in this machine's 24 GiB."""
+    yield
+    gc.collect()
+    trim_heap()
 
 
 def real_config(**overrides):

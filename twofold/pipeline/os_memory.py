@@ -27,10 +27,11 @@ M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
-def _mallopt(param: int, value: int) -> bool:
-    """glibc's mallopt; False where it refused or there is no glibc (musl, macOS)."""
+def _glibc_call(name: str, *args: int) -> bool:
+    """glibc's function `name` (mallopt, malloc_trim) on `args`, as a bool; False where there is no such
+    function (musl, macOS) or it returned 0."""
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c")).mallopt(param, value))
+        return bool(getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)(*args))
     except (OSError, AttributeError, TypeError):
         return False
 
@@ -41,7 +42,7 @@ def limit_malloc_arenas(arenas: int) -> bool:
     threads start. Elsewhere a no-op."""
     if arenas == 0 or "MALLOC_ARENA_MAX" in os.environ:
         return False
-    return _mallopt(M_ARENA_MAX, arenas)
+    return _glibc_call("mallopt", M_ARENA_MAX, arenas)
 
 
 def return_freed_memory_to_os() -> bool:
@@ -49,7 +50,7 @@ def return_freed_memory_to_os() -> bool:
     unless the user set MALLOC_MMAP_THRESHOLD_ themselves; True when glibc took it. Elsewhere a no-op."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    return _mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    return _glibc_call("mallopt", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def trim_heap() -> bool:
@@ -57,10 +58,7 @@ def trim_heap() -> bool:
     one-off phase freed (a GGUF file dequantised and saved, a warm start trained in this process) would
     otherwise stay resident under the run. Cheap, and harmless to call once per run. True when glibc
     returned memory; elsewhere a no-op."""
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0))
-    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS)
-        return False
+    return _glibc_call("malloc_trim", 0)
 
 
 def resident_bytes() -> int | None:
