@@ -2,6 +2,9 @@
 sums, errors at env construction, and math-verify from worker threads within a deadline."""
 
 import json
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -9,6 +12,7 @@ from conftest import small_config
 
 from twofold.config import ConfigError
 from twofold.envs import make_env
+from twofold.envs.dataset import write_example
 from twofold.envs.rewards import MathVerifier, exact_reward, extract_answer, math_reward
 from twofold.envs.seeding import level_seed
 
@@ -143,6 +147,24 @@ def test_a_reward_that_cannot_be_called_is_an_error_when_the_env_is_built(data, 
     assert e.value.field == field and says in e.value.message and "\n" not in str(e.value)
     if field == "env.options.reward":  # the accepted forms, each named
         assert all(form in e.value.message for form in ("twofold's", "verl's compute_score(", "TRL's f(completions"))
+
+
+def test_twofold_train_refuses_a_reward_of_no_known_signature_before_any_model_loads(tmp_path, tiny_path):
+    # The env workers build the env in their own threads (or actors), after the model has loaded; `train()`
+    # builds it once first, so the user gets the one line, at once, not a failed worker minutes later.
+    (tmp_path / "my_rewards.py").write_text("def score(text):\n    return 1.0\n")
+    data = write_example(tmp_path / "data.jsonl", "verl", n=8)
+    out = subprocess.run(
+        [sys.executable, "-m", "twofold.cli", "train", "--config", "configs/dataset.yaml"]
+        + [f"env.options.path={data}", "env.options.reward=my_rewards:score", f"run.dir={tmp_path / 'run'}"]
+        + [f"model.path={tiny_path}", "model.warmstart=false"],  # as with a real model: no warm start to build
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().count("\n") == 0 and "env.options.reward" in out.stderr and "(text)" in out.stderr
+    assert not (tmp_path / "run").exists()  # no model loaded, nothing trained
 
 
 # --------------------------------------------------------------------------- the built-ins, math from any thread

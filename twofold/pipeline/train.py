@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from twofold.config import Config, ConfigError
 from twofold.distributed import close_ranks, init_ranks, rank_device, spawn_ranks, threads_per_rank
+from twofold.envs import env_from_config
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.os_memory import limit_malloc_arenas
 from twofold.pipeline.plan import check_memory_plan
@@ -26,6 +27,10 @@ log = logging.getLogger(__name__)
 def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> tuple[Path, dict]:
     """Run (or resume) one training run; return (run directory, last metrics)."""
     limit_malloc_arenas(cfg.run.malloc_arenas)  # before loading a model opens arenas in torch's threads
+    # A bad env.options (a reward function in no known signature, a missing data file) is a one-line ConfigError
+    # here, on this thread, before any model loads: the env workers that build it next run in other threads,
+    # processes or Ray actors, where it would surface as a failed worker after minutes of loading.
+    env_from_config(cfg.env)
     model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # the warm start is built once, here
     check_memory_plan(cfg, model_path)  # logged; a run that cannot fit this machine stops before it loads a weight
     if cfg.runtime.backend == "embedded" and cfg.trainer.world_size == 1:
