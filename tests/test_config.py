@@ -2,6 +2,7 @@ import dataclasses
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,10 +15,21 @@ from twofold.envs import env_class, known_envs
 from twofold.models import load_model, load_tokenizer
 
 
-def test_shipped_configs_load():
-    for name in ("frozenlake", "sokoban"):
-        cfg = load_config(f"configs/{name}.yaml")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(CONFIGS.parent)) for p in CONFIGS.rglob("*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(CONFIGS.parent / path)  # every field known and within its bounds
+    name = Path(path).stem
+    if name in ("frozenlake", "sokoban", "dataset", "tooluse"):
         assert cfg.env.name == name
+    if name == "smollm2":  # the real model, exact old logits, exported at the end (README)
+        assert (cfg.model.path, cfg.oldlogits.source, cfg.run.export_final) == (
+            "smollm2-135m-instruct",
+            "snapshot",
+            True,
+        )
 
 
 @pytest.mark.parametrize(
