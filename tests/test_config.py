@@ -14,7 +14,6 @@ from twofold.config import Config, ConfigError, config_from_dict, load_config, p
 from twofold.envs import env_class, known_envs
 from twofold.models import load_model, load_tokenizer
 
-
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
