@@ -32,10 +32,18 @@ def test_the_warning_needs_three_steps_in_a_row_and_comes_once():
     assert "10% of replies are in the format" in said[5]
 
 
-def test_a_run_where_every_reward_is_zero_records_it(tmp_path, tiny_path, caplog):
+def test_a_run_where_every_reward_is_zero_records_it(tmp_path, tiny_path, caplog, capsys):
     # The untrained tiny model never computes the sum, and a wrong or unparsed answer scores 0 here: every
     # group has one reward, every step.
-    cfg = small_config(**{"env.name": "arithmetic", "env.options": {}, "env.format_penalty": 0.0, "trainer.steps": 3})
+    cfg = small_config(
+        **{
+            "env.name": "arithmetic",
+            "env.options": {},
+            "env.format_penalty": 0.0,
+            "trainer.steps": 3,
+            "run.progress": True,
+        }
+    )
     with caplog.at_level("WARNING"):
         Pipeline(cfg, tmp_path / "run", model_path=tiny_path).run()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -43,3 +51,9 @@ def test_a_run_where_every_reward_is_zero_records_it(tmp_path, tiny_path, caplog
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["no_learning_signal"]["from_step"] == 1
     assert sum("no learning signal" in r.message for r in caplog.records) == 1
+    bar = capsys.readouterr().err.split("\r")  # tqdm redraws the line: its last drawing is the run's end
+    assert "signal=NONE (see log)" in bar[-1] and not any("signal=" in line for line in bar if "2/3" in line)
+    # The Ray driver's bar replays metrics.jsonl through a watch of its own: the same warning, at the same step.
+    replay = LearningSignalWatch()
+    said = [replay.update_from_row(row) for row in rows]
+    assert [s is not None for s in said] == [False, False, True] and replay.warning == summary["no_learning_signal"]

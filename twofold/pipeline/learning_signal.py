@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from twofold import metrics as M
 from twofold.rollout.trajectory import Trajectory
 
 # Most groups (this share or more) without reward variance, for this many steps in a row: say so.
@@ -33,6 +34,11 @@ class LearningSignalWatch:
         self.share, self.steps = share, steps
         self.in_a_row = 0
         self.warning: dict | None = None
+
+    def update_from_row(self, row: dict) -> str | None:
+        """`update` from a step's metrics row: the training loop's own, or one the Ray driver reads back from
+        metrics.jsonl for its progress bar (the run's watch lives in the trainer actor)."""
+        return self.update(row[M.STEP], row[M.ZERO_VARIANCE_GROUP_FRAC], row[M.FORMAT_OK_RATE])
 
     def update(self, step: int, zero_variance_fraction: float, format_ok_rate: float) -> str | None:
         self.in_a_row = self.in_a_row + 1 if zero_variance_fraction >= self.share else 0

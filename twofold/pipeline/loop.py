@@ -456,7 +456,7 @@ class Pipeline:
         for s in self.sources:
             row.update(s.metrics())
         self.metrics.log(row)
-        warning = self.signal_watch.update(self.step, row[M.ZERO_VARIANCE_GROUP_FRAC], row[M.FORMAT_OK_RATE])
+        warning = self.signal_watch.update_from_row(row)
         if warning is not None:
             log.warning(warning)
         return row

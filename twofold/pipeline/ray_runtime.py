@@ -41,6 +41,7 @@ from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEn
 from twofold.logprobs import DTYPES, resolve_device
 from twofold.models import load_policy, load_tokenizer
 from twofold.oldlogits import LocalLogprobWorker, SourceContext
+from twofold.pipeline.learning_signal import LearningSignalWatch
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.ray_envs import ACTOR_FAILURES, EnvPool, EnvWorker, RemoteEnv
@@ -405,13 +406,17 @@ class RaySession:
         """Progress bar from metrics.jsonl until one rank's run() returns (or fails)."""
         steps = self.cfg.trainer.steps
         metrics = self.run_dir / "metrics.jsonl"
+        signal_watch, seen = LearningSignalWatch(), 0  # the trainer actor logs the warning; the bar shows it too
         with tqdm(total=steps, disable=not self.cfg.run.progress, desc="train (ray)", unit="step") as bar:
             while True:
                 done, _ = ray.wait(refs, timeout=1.0)
                 rows = read_metrics(metrics)
+                for row in rows[seen:]:
+                    signal_watch.update_from_row(row)
+                seen = max(seen, len(rows))
                 if rows:
-                    bar.n = rows[-1]["step"]
-                    bar.set_postfix(progress_postfix(rows[-1]))
+                    bar.n = rows[-1][M.STEP]
+                    bar.set_postfix(progress_postfix(rows[-1], no_signal=signal_watch.warning is not None))
                 if done:
                     return
 
