@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import small_config
+from google.protobuf.message import DecodeError
 from wandb.proto.wandb_internal_pb2 import Record
 
 from twofold.cli import main
@@ -346,7 +347,7 @@ def test_wandb_offline_logs_the_rows_the_config_and_the_summary_and_resume_conti
     assert (run / "wandb_id").read_text() == run_id  # the same W&B run, continued
     logged = sorted((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(logged) == 2  # one offline log per process, both of the one run id
-    first, resumed = (wandb_records(path) for path in logged)
+    first, resumed = (finished_wandb_records(path) for path in logged)
     for records in (first, resumed):
         (header,) = [r.run for r in records if r.HasField("run")]
         assert header.project == "twofold-test" and header.run_id == run_id
@@ -363,6 +364,21 @@ def test_wandb_offline_logs_the_rows_the_config_and_the_summary_and_resume_conti
 def item_key(item) -> str:
     """A W&B history or summary item's key: `key`, or the path of a key with slashes (`nested_key`)."""
     return item.key or "/".join(item.nested_key)
+
+
+def finished_wandb_records(path: Path, wait_s: float = 120.0) -> list:
+    """The records of an offline run log once W&B's service process has written its last (the `exit` record).
+    `wandb.finish()` can return before that process has written the log out: a suite under load read one
+    without its `run` record (2026-12-05, wandb 0.31.0; the same file was whole moments later)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            records = wandb_records(path)
+        except DecodeError:  # a record being written: read again
+            records = []
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return wandb_records(path)
+        time.sleep(0.2)
 
 
 def wandb_records(path: Path) -> list:
