@@ -14,14 +14,17 @@ import weakref
 import pytest
 import torch
 from conftest import small_config
+from safetensors.torch import load_file
 from test_async_exactness import BruteForce, watch
 from test_scale import seven_trajectory_batch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from twofold.config import dump_config
 from twofold.distributed import close_ranks, init_ranks, spawn_ranks, threads_per_rank
 from twofold.models import gathered_state, load_model, versioned_state
 from twofold.oldlogits import BehaviorSource, SourceContext
 from twofold.pipeline.checkpoint import checkpoints, verify
+from twofold.pipeline.export import export_run
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.rundir import read_metrics, summary
 from twofold.pipeline.train import rank_tracebacks
@@ -223,6 +226,14 @@ def test_resume_on_a_different_number_of_ranks(tmp_path, tiny_path):
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["version"] for r in rows] == [1, 2, 3, 4]
     assert all(verify(p) is None for p in checkpoints(run))
+    # The newest checkpoint, written by two ranks, exports whole: the exported weights are those DCP's own
+    # converter reads from the shards.
+    latest = checkpoints(run)[-1]
+    assert len(list(latest.glob("*.distcp"))) == 2
+    exported = load_file(export_run(run, tmp_path / "export") / "model.safetensors")
+    dcp_to_torch_save(latest, tmp_path / "whole.pt")
+    whole = torch.load(tmp_path / "whole.pt", weights_only=True)["model"]
+    assert exported and all(torch.equal(tensor, whole[name]) for name, tensor in exported.items())
 
 
 def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(tmp_path, tiny_path):
