@@ -1,6 +1,7 @@
 """Which tests make the test suite's processes large: a pytest plugin that records, after every test, the peak
 resident size its worker reached during that test and the largest process the worker has waited for so far.
 
+    rm -f runs/suite_memory.jsonl     # rows are appended: one file per measured run
     PYTHONPATH=benchmarks .venv/bin/python -m pytest tests -n 2 --dist loadfile -p suite_memory
     .venv/bin/python benchmarks/suite_memory.py            # the table, from what the run wrote
 
@@ -27,6 +28,7 @@ OUT = Path(os.environ.get("TWOFOLD_SUITE_MEMORY", "runs/suite_memory.jsonl"))
 GIB = 2**30
 
 
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up: their memory is the test's
 def pytest_runtest_setup(item):
     reset_peak()
 
@@ -36,8 +38,8 @@ def pytest_runtest_teardown(item, nextitem):
     row = {
         "test": item.nodeid,
         "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
-        "worker_peak": peak_resident_bytes(),
-        "worker_resident": resident_bytes(),
+        "worker_peak": peak_resident_bytes() or 0,  # 0 where there is no /proc (not Linux)
+        "worker_resident": resident_bytes() or 0,
         "children_peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "finished_at": time.time(),  # each worker's last row: when it ran out of files
     }

@@ -57,3 +57,16 @@ def test_a_run_where_every_reward_is_zero_records_it(tmp_path, tiny_path, caplog
     replay = LearningSignalWatch()
     said = [replay.update_from_row(row) for row in rows]
     assert [s is not None for s in said] == [False, False, True] and replay.warning == summary["no_learning_signal"]
+
+
+def test_a_streak_without_variance_goes_on_across_a_resume(tmp_path, tiny_path):
+    # Two steps, then resumed for a third: the resumed run counts the two kept rows, so its third step in a row
+    # without reward variance is the warning's, from step 1 (a watch started empty would see one step).
+    settings = {"env.name": "arithmetic", "env.options": {}, "env.format_penalty": 0.0, "run.checkpoint_every": 1}
+    Pipeline(small_config(**{**settings, "trainer.steps": 2}), tmp_path / "run", model_path=tiny_path).run()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["no_learning_signal"] is None
+    Pipeline(
+        small_config(**{**settings, "trainer.steps": 3}), tmp_path / "run", resume=True, model_path=tiny_path
+    ).run()
+    warning = json.loads((tmp_path / "run" / "summary.json").read_text())["no_learning_signal"]
+    assert warning is not None and warning["from_step"] == 1

@@ -23,9 +23,9 @@ from twofold.pipeline.rundir import read_metrics
 
 @pytest.fixture(autouse=True)
 def _hand_memory_back():
-    """Each test here holds several copies of a 0.54 GB model (trainer, AdamW, engine, kept versions); glibc
-    keeps what they free in its arenas, and the xdist worker then carried 10 GB through the rest of its files
-    (benchmarks/suite_memory.py, 2026-12-05). Two suites side by side must fit in this machine's 24 GiB."""
+    """Each test here holds several copies of a 0.54 GB model (trainer, AdamW, engine, kept versions), and glibc
+    keeps what they free in its arenas: handed back, the xdist worker does not carry it through its later
+    files (`benchmarks/suite_memory.py` measures it)."""
     yield
     gc.collect()
     trim_heap()

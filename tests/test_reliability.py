@@ -367,14 +367,13 @@ def item_key(item) -> str:
 
 
 def finished_wandb_records(path: Path, wait_s: float = 120.0) -> list:
-    """The records of an offline run log once W&B's service process has written its last (the `exit` record).
-    `wandb.finish()` can return before that process has written the log out: a suite under load read one
-    without its `run` record (2026-12-05, wandb 0.31.0; the same file was whole moments later)."""
+    """The records of an offline run log once W&B's service process has written its last (the `exit` record):
+    `wandb.finish()` can return before that process has written the log out."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             records = wandb_records(path)
-        except DecodeError:  # a record being written: read again
+        except (DecodeError, AssertionError):  # the file or a record still being written: read again
             records = []
         if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
             return wandb_records(path)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from conftest import small_config
@@ -15,6 +16,8 @@ from twofold.envs import make_env
 from twofold.envs.dataset import write_example
 from twofold.envs.rewards import MathVerifier, exact_reward, extract_answer, math_reward
 from twofold.envs.seeding import level_seed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 QUESTION = "What is 3 + 4?"
 RIGHT = "<answer>7</answer>"  # 18 characters
@@ -155,7 +158,7 @@ def test_twofold_train_refuses_a_reward_of_no_known_signature_before_any_model_l
     (tmp_path / "my_rewards.py").write_text("def score(text):\n    return 1.0\n")
     data = write_example(tmp_path / "data.jsonl", "verl", n=8)
     out = subprocess.run(
-        [sys.executable, "-m", "twofold.cli", "train", "--config", "configs/dataset.yaml"]
+        [sys.executable, "-m", "twofold.cli", "train", "--config", str(ROOT / "configs" / "dataset.yaml")]
         + [f"env.options.path={data}", "env.options.reward=my_rewards:score", f"run.dir={tmp_path / 'run'}"]
         + [f"model.path={tiny_path}", "model.warmstart=false"],  # as with a real model: no warm start to build
         capture_output=True,

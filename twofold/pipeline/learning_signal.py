@@ -37,7 +37,10 @@ class LearningSignalWatch:
 
     def update_from_row(self, row: dict) -> str | None:
         """`update` from a step's metrics row: the training loop's own, or one the Ray driver reads back from
-        metrics.jsonl for its progress bar (the run's watch lives in the trainer actor)."""
+        metrics.jsonl for its progress bar (the run's watch lives in the trainer actor). A row from before this
+        metric existed (a run resumed from an older version) counts as a step with variance."""
+        if M.ZERO_VARIANCE_GROUP_FRAC not in row:
+            return self.update(row[M.STEP], 0.0, row.get(M.FORMAT_OK_RATE, 0.0))
         return self.update(row[M.STEP], row[M.ZERO_VARIANCE_GROUP_FRAC], row[M.FORMAT_OK_RATE])
 
     def update(self, step: int, zero_variance_fraction: float, format_ok_rate: float) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 from pathlib import Path
 
@@ -27,12 +28,21 @@ M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, found once (`find_library` runs ldconfig); None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        return None
+
+
 def _glibc_call(name: str, *args: int) -> bool:
     """glibc's function `name` (mallopt, malloc_trim) on `args`, as a bool; False where there is no such
     function (musl, macOS) or it returned 0."""
     try:
-        return bool(getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)(*args))
-    except (OSError, AttributeError, TypeError):
+        return bool(getattr(_libc(), name)(*args))
+    except (AttributeError, TypeError):
         return False
 
 

@@ -29,8 +29,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
     limit_malloc_arenas(cfg.run.malloc_arenas)  # before loading a model opens arenas in torch's threads
     # A bad env.options (a reward function in no known signature, a missing data file) is a one-line ConfigError
     # here, on this thread, before any model loads: the env workers that build it next run in other threads,
-    # processes or Ray actors, where it would surface as a failed worker after minutes of loading.
-    env_from_config(cfg.env)
+    # processes or Ray actors, where it would surface as a failed worker after minutes of loading. Not on a
+    # Ray cluster's driver, which need not have the env's files and modules: only its nodes must.
+    if cfg.runtime.backend == "embedded" or not cfg.runtime.ray.address:
+        env_from_config(cfg.env)
     model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # the warm start is built once, here
     check_memory_plan(cfg, model_path)  # logged; a run that cannot fit this machine stops before it loads a weight
     if cfg.runtime.backend == "embedded" and cfg.trainer.world_size == 1:
