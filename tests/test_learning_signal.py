@@ -32,18 +32,13 @@ def test_the_warning_needs_three_steps_in_a_row_and_comes_once():
     assert "10% of replies are in the format" in said[5]
 
 
+# The untrained tiny model never computes the sum, and a wrong or unparsed answer scores 0 here: every group has
+# one reward, every step.
+NO_VARIANCE = {"env.name": "arithmetic", "env.options": {}, "env.format_penalty": 0.0}
+
+
 def test_a_run_where_every_reward_is_zero_records_it(tmp_path, tiny_path, caplog, capsys):
-    # The untrained tiny model never computes the sum, and a wrong or unparsed answer scores 0 here: every
-    # group has one reward, every step.
-    cfg = small_config(
-        **{
-            "env.name": "arithmetic",
-            "env.options": {},
-            "env.format_penalty": 0.0,
-            "trainer.steps": 3,
-            "run.progress": True,
-        }
-    )
+    cfg = small_config(**{**NO_VARIANCE, "trainer.steps": 3, "run.progress": True})
     with caplog.at_level("WARNING"):
         Pipeline(cfg, tmp_path / "run", model_path=tiny_path).run()
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -62,7 +57,7 @@ def test_a_run_where_every_reward_is_zero_records_it(tmp_path, tiny_path, caplog
 def test_a_streak_without_variance_goes_on_across_a_resume(tmp_path, tiny_path):
     # Two steps, then resumed for a third: the resumed run counts the two kept rows, so its third step in a row
     # without reward variance is the warning's, from step 1 (a watch started empty would see one step).
-    settings = {"env.name": "arithmetic", "env.options": {}, "env.format_penalty": 0.0, "run.checkpoint_every": 1}
+    settings = {**NO_VARIANCE, "run.checkpoint_every": 1}
     Pipeline(small_config(**{**settings, "trainer.steps": 2}), tmp_path / "run", model_path=tiny_path).run()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["no_learning_signal"] is None
     Pipeline(

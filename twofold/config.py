@@ -896,11 +896,17 @@ def _check_model(m: ModelConfig) -> None:
     _need(bool(m.lora.target_modules), "model.lora.target_modules", "name at least one module, e.g. [q_proj, v_proj]")
 
 
+def runs_on_this_machine(cfg: Config) -> bool:
+    """Whether the run's processes (ranks, engines, env workers) run on this machine: embedded, or a Ray cluster
+    started for the run (no `runtime.ray.address`). On an existing cluster they run on its nodes, whose devices,
+    files and modules this machine need not have."""
+    return cfg.runtime.backend == "embedded" or not cfg.runtime.ray.address
+
+
 def _check_devices(cfg: Config) -> None:
-    # On a Ray cluster the trainer's ranks, the engines and the old-logit worker run on the cluster's nodes: the
-    # devices they name need not exist on this machine, only be well formed. A Ray cluster started for the run
-    # (no address) is this machine.
-    here = cfg.runtime.backend == "embedded" or not cfg.runtime.ray.address
+    # On a Ray cluster the devices the trainer's ranks, the engines and the old-logit worker name need not exist
+    # on this machine, only be well formed.
+    here = runs_on_this_machine(cfg)
     for key in _DEVICE_FIELDS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -39,9 +39,7 @@ class LearningSignalWatch:
         """`update` from a step's metrics row: the training loop's own, or one the Ray driver reads back from
         metrics.jsonl for its progress bar (the run's watch lives in the trainer actor). A row from before this
         metric existed (a run resumed from an older version) counts as a step with variance."""
-        if M.ZERO_VARIANCE_GROUP_FRAC not in row:
-            return self.update(row[M.STEP], 0.0, row.get(M.FORMAT_OK_RATE, 0.0))
-        return self.update(row[M.STEP], row[M.ZERO_VARIANCE_GROUP_FRAC], row[M.FORMAT_OK_RATE])
+        return self.update(row[M.STEP], row.get(M.ZERO_VARIANCE_GROUP_FRAC, 0.0), row.get(M.FORMAT_OK_RATE, 0.0))
 
     def update(self, step: int, zero_variance_fraction: float, format_ok_rate: float) -> str | None:
         self.in_a_row = self.in_a_row + 1 if zero_variance_fraction >= self.share else 0

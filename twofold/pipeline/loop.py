@@ -52,14 +52,7 @@ from twofold.pipeline.os_memory import (
 )
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
-from twofold.pipeline.rundir import (
-    MetricsSink,
-    default_run_dir,
-    lock_run_dir,
-    read_metrics,
-    refuse_existing_run,
-    write_summary,
-)
+from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
 from twofold.pipeline.runtime import EmbeddedRuntime, Runtime
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.rollout.versions import LAG_BUCKETS, Admission, lag_bucket
@@ -205,8 +198,8 @@ class Pipeline:
             if main
             else None
         )
-        if self.metrics is not None and resume:  # a streak without reward variance goes on across the resume
-            for row in read_metrics(self.metrics.path):
+        if self.metrics is not None:  # a streak without reward variance goes on across a resume
+            for row in self.metrics.kept_rows:
                 self.signal_watch.update_from_row(row)
         self.worker = self._rollout_worker() if main else None
 

@@ -89,9 +89,10 @@ class MetricsSink:
         self, run_dir: Path, tensorboard: bool, resume_step: int | None = None, wandb=None, config: dict | None = None
     ):
         self.path = run_dir / "metrics.jsonl"
+        self.kept_rows: list[dict] = []  # a resumed run's rows up to its checkpoint
         if resume_step is not None:
             # Keep exactly the steps up to the checkpoint: later lines are redone by the resumed run.
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            kept = self.kept_rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
             atomic_write_bytes(self.path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
         self.file = open(self.path, "a")  # noqa: SIM115 (held for the run's life; closed in close())
         self.writer = None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-from twofold.config import Config, ConfigError
+from twofold.config import Config, ConfigError, runs_on_this_machine
 from twofold.distributed import close_ranks, init_ranks, rank_device, spawn_ranks, threads_per_rank
 from twofold.envs import env_from_config
 from twofold.pipeline.loop import Pipeline
@@ -31,7 +31,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
     # here, on this thread, before any model loads: the env workers that build it next run in other threads,
     # processes or Ray actors, where it would surface as a failed worker after minutes of loading. Not on a
     # Ray cluster's driver, which need not have the env's files and modules: only its nodes must.
-    if cfg.runtime.backend == "embedded" or not cfg.runtime.ray.address:
+    if runs_on_this_machine(cfg):
         env_from_config(cfg.env)
     model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # the warm start is built once, here
     check_memory_plan(cfg, model_path)  # logged; a run that cannot fit this machine stops before it loads a weight
