@@ -375,8 +375,10 @@ def finished_wandb_records(path: Path, wait_s: float = 120.0) -> list:
             records = wandb_records(path)
         except (DecodeError, AssertionError):  # the file or a record still being written: read again
             records = []
-        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
-            return wandb_records(path)
+        if any(r.HasField("exit") for r in records):
+            return records
+        if time.monotonic() > deadline:
+            return wandb_records(path)  # as it is, or the reader's own error
         time.sleep(0.2)
 
 
