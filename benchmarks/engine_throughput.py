@@ -5,8 +5,9 @@ python benchmarks/engine_throughput.py [--model PATH] [--backend builtin|vllm] [
 
 --model: any model path twofold accepts (a folder, a .gguf file, a Hub ID, `smollm2-135m-instruct`); default the
 tiny model. --prompt-tokens repeats the map up to N prompt tokens (a multi-turn context, where prefill dominates).
---torch-bf16-matmul: the built-in engine's Linear layers use torch's own bf16 kernels even on a CPU without native
-bf16 matmul (where the engine otherwise holds its weights in float32 and multiplies in float32), to compare;
+--torch-bf16-matmul: the built-in engine's Linear layers and attention use torch's own bf16 kernels even on a CPU
+without native bf16 matmul (where the engine otherwise holds its weights in float32 and multiplies and attends in
+float32), to compare;
 --float32-weights: the float32 path even on a CPU with native bf16 matmul.
 --compare-hf: also time transformers' `generate` in float32 on the same prompts in the same process (sampling at
 temperature 1, no top-k/top-p, exactly --new-tokens each, as the engine).
@@ -23,7 +24,12 @@ import torch
 from twofold.config import EngineConfig, ModelConfig
 from twofold.engine import make_engine
 from twofold.engine.base import GenerationRequest, SamplingParams
-from twofold.engine.builtin import BuiltinEngine, hold_weights_in_float32_, lacks_native_low_precision_matmul
+from twofold.engine.builtin import (
+    BuiltinEngine,
+    attend_in_float32_,
+    hold_weights_in_float32_,
+    lacks_native_low_precision_matmul,
+)
 from twofold.engine.prefix_cache import DEFAULT_MAX_BYTES
 from twofold.envs import tokenizer_corpus
 from twofold.modelpath import resolve_model_source
@@ -57,8 +63,10 @@ def _set_matmul(engine, args) -> None:
         engine.model.to(engine.dtype)
         for module in engine.model.modules():
             vars(module).pop("forward", None)  # back to the class's forward: torch's own kernels
+        engine.model.set_attn_implementation("sdpa")
     elif args.float32_weights and not lacks_native_low_precision_matmul(engine.device, engine.dtype):
         hold_weights_in_float32_(engine.model, engine.dtype)
+        attend_in_float32_(engine.model)
 
 
 def _best_tokens_per_s(run, repeats: int) -> float:

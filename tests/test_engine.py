@@ -7,8 +7,11 @@ from conftest import pause_from_another_thread
 from twofold.engine import builtin
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import (
+    SDPA_IN_FLOAT32,
     BuiltinEngine,
+    attend_in_float32_,
     hold_weights_in_float32_,
+    inverse_cdf_sample,
     lacks_native_low_precision_matmul,
     sample_from_logits,
 )
@@ -46,6 +49,20 @@ def test_sampler_logprob_is_log_softmax_of_filtered_tempered_distribution():
     assert int(tok) == 0 and lp.item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_inverse_cdf_sample_draws_each_token_with_its_probability_and_never_a_zero_one():
+    """20,000 rows of p = [0.5, 0.3, 0.2, 0]: each frequency within 4 standard errors (at most sqrt(.25/20000) =
+    0.0035, so 0.015) of p, token 3 never; unnormalised [2, 0, 2] gives 0 and 2 half each and never 1; a row whose
+    mass is all on the last token draws it (the end of the cumulative sum)."""
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).expand(20_000, 4)
+    tokens = inverse_cdf_sample(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).double() / 20_000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64), atol=0.015)
+    assert freq[3] == 0
+    halves = inverse_cdf_sample(torch.tensor([[2.0, 0.0, 2.0]]).expand(20_000, 3), torch.Generator().manual_seed(1))
+    assert (halves != 1).all() and abs((halves == 0).double().mean().item() - 0.5) < 0.015
+    assert inverse_cdf_sample(torch.tensor([[0.0, 0.0, 1.0]]).expand(100, 3)).eq(2).all()
+
+
 def test_float32_engine_matches_trainer_logprobs(tiny_path, tokenizer):
     engine = BuiltinEngine(tiny_path, dtype="float32", tokenizer=tokenizer)
     reqs = _requests(tokenizer, 4, temperature=0.7)
@@ -78,6 +95,7 @@ def test_float32_accumulation_keeps_bf16_numerics_but_summation_order(tiny_path)
     trainer = load_model(tiny_path)
     native, fast = load_model(tiny_path, torch.bfloat16), load_model(tiny_path, torch.bfloat16)
     hold_weights_in_float32_(fast, torch.bfloat16)
+    attend_in_float32_(fast)
     ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, a, b = (m(input_ids=ids).logits.float().log_softmax(-1) for m in (trainer, native, fast))
@@ -162,6 +180,35 @@ def test_update_weights_then_generate_matches_an_engine_built_from_those_weights
         (o.output_ids, o.output_logprobs, o.output_versions) for o in b
     ]
     assert updated.resident_weight_bytes() == _weight_bytes_held(model, held_in_float32)
+
+
+def test_attention_in_float32_rounds_only_its_output(tiny_path):
+    """The attention the CPU path registers is sdpa on float32 copies of the bf16 query, key and value with the output
+    rounded to bf16: bit for bit that, not torch's bf16 kernel. Hand-checkable: one query on keys [0, 0] (equal
+    scores, weights 1/2 each) and values 256 and 258 gives 257, which bf16 cannot hold (ulp 2 at 256) and rounds to
+    256 (tie to even)."""
+    q = torch.zeros(1, 1, 1, 2, dtype=torch.bfloat16)
+    k = torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16)
+    v = torch.tensor([[[[256.0, 0.0], [258.0, 0.0]]]], dtype=torch.bfloat16)
+    module = types.SimpleNamespace(is_causal=False)
+    out, _ = builtin._sdpa_in_float32(module, q, k, v, None, scaling=1.0)
+    assert out.dtype == torch.bfloat16 and out[0, 0, 0, 0].item() == 256.0  # 257 rounded to even
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
+    out, _ = builtin._sdpa_in_float32(module, q, k, v, None, scaling=0.3)
+    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.3)
+    assert torch.equal(out, reference.to(torch.bfloat16).transpose(1, 2))
+    model = load_model(tiny_path, torch.bfloat16)
+    attend_in_float32_(model)
+    assert model.config._attn_implementation == SDPA_IN_FLOAT32
+
+
+def test_engine_without_native_bf16_attends_and_multiplies_in_float32(tiny_path, monkeypatch):
+    monkeypatch.setattr(builtin, "lacks_native_low_precision_matmul", lambda device, dtype: True)
+    engine = BuiltinEngine(tiny_path, dtype="bfloat16")
+    assert engine.model.config._attn_implementation == SDPA_IN_FLOAT32
+    assert engine.model.lm_head.weight.dtype == torch.float32
+    monkeypatch.setattr(builtin, "lacks_native_low_precision_matmul", lambda device, dtype: False)
+    assert BuiltinEngine(tiny_path, dtype="bfloat16").model.config._attn_implementation == "sdpa"
 
 
 def test_only_cpu_low_precision_engines_take_the_float32_accumulation_path():
