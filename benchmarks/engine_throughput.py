@@ -26,9 +26,9 @@ from twofold.engine import make_engine
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import (
     BuiltinEngine,
-    attend_in_float32_,
     hold_weights_in_float32_,
     lacks_native_low_precision_matmul,
+    use_cpu_attention_,
 )
 from twofold.engine.prefix_cache import DEFAULT_MAX_BYTES
 from twofold.envs import tokenizer_corpus
@@ -66,7 +66,7 @@ def _set_matmul(engine, args) -> None:
         engine.model.set_attn_implementation("sdpa")
     elif args.float32_weights and not lacks_native_low_precision_matmul(engine.device, engine.dtype):
         hold_weights_in_float32_(engine.model, engine.dtype)
-        attend_in_float32_(engine.model)
+        use_cpu_attention_(engine.model)
 
 
 def _best_tokens_per_s(run, repeats: int) -> float:

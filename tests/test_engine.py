@@ -3,17 +3,18 @@ import types
 import pytest
 import torch
 from conftest import pause_from_another_thread
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from twofold.engine import builtin
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import (
-    SDPA_IN_FLOAT32,
+    CPU_SDPA,
     BuiltinEngine,
-    attend_in_float32_,
     hold_weights_in_float32_,
     inverse_cdf_sample,
     lacks_native_low_precision_matmul,
     sample_from_logits,
+    use_cpu_attention_,
 )
 from twofold.logprobs import Numerics, score_sequences
 from twofold.models import full_weights, iter_full_weights, load_model, load_tokenizer
@@ -95,7 +96,7 @@ def test_float32_accumulation_keeps_bf16_numerics_but_summation_order(tiny_path)
     trainer = load_model(tiny_path)
     native, fast = load_model(tiny_path, torch.bfloat16), load_model(tiny_path, torch.bfloat16)
     hold_weights_in_float32_(fast, torch.bfloat16)
-    attend_in_float32_(fast)
+    use_cpu_attention_(fast)
     ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, a, b = (m(input_ids=ids).logits.float().log_softmax(-1) for m in (trainer, native, fast))
@@ -182,30 +183,49 @@ def test_update_weights_then_generate_matches_an_engine_built_from_those_weights
     assert updated.resident_weight_bytes() == _weight_bytes_held(model, held_in_float32)
 
 
-def test_attention_in_float32_rounds_only_its_output(tiny_path):
-    """The attention the CPU path registers is sdpa on float32 copies of the bf16 query, key and value with the output
-    rounded to bf16: bit for bit that, not torch's bf16 kernel. Hand-checkable: one query on keys [0, 0] (equal
-    scores, weights 1/2 each) and values 256 and 258 gives 257, which bf16 cannot hold (ulp 2 at 256) and rounds to
-    256 (tie to even)."""
+def test_cpu_attention_sums_in_float32_and_rounds_only_its_output():
+    """Hand-checkable: one query on keys [0, 0] (equal scores, weights 1/2 each) and values 256 and 258 gives 257,
+    which bf16 cannot hold (ulp 2 at 256): the output is 257 rounded to even, 256, in bf16."""
     q = torch.zeros(1, 1, 1, 2, dtype=torch.bfloat16)
     k = torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16)
     v = torch.tensor([[[[256.0, 0.0], [258.0, 0.0]]]], dtype=torch.bfloat16)
-    module = types.SimpleNamespace(is_causal=False)
-    out, _ = builtin._sdpa_in_float32(module, q, k, v, None, scaling=1.0)
-    assert out.dtype == torch.bfloat16 and out[0, 0, 0, 0].item() == 256.0  # 257 rounded to even
-    q, k, v = (torch.randn(2, 3, 5, 8, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(3))
-    out, _ = builtin._sdpa_in_float32(module, q, k, v, None, scaling=0.3)
-    reference = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.3)
-    assert torch.equal(out, reference.to(torch.bfloat16).transpose(1, 2))
-    model = load_model(tiny_path, torch.bfloat16)
-    attend_in_float32_(model)
-    assert model.config._attn_implementation == SDPA_IN_FLOAT32
+    out, _ = builtin._cpu_sdpa(types.SimpleNamespace(is_causal=False), q, k, v, None, scaling=1.0)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 1, 1, 2) and out[0, 0, 0, 0].item() == 256.0
 
 
-def test_engine_without_native_bf16_attends_and_multiplies_in_float32(tiny_path, monkeypatch):
+@pytest.mark.parametrize("case", ["decode with a padding mask", "prefill with a mask", "causal prefill, no mask"])
+def test_cpu_attention_reads_grouped_kv_heads_in_place_and_matches_transformers_sdpa(case):
+    """4 query heads on 2 KV heads: the same numbers (float32 rounding) as transformers' sdpa, which copies each KV
+    head out to its 2 query heads, on float32 inputs; in every case the engine meets (a 1-token decode step with
+    rows padded on the left, a prefill after cached tokens, a prefill from scratch)."""
+    q_length, kv_length = {"decode with a padding mask": (1, 9), "prefill with a mask": (4, 9)}.get(case, (6, 6))
+    q, k, v = (
+        torch.randn(3, heads, n, 8, generator=torch.Generator().manual_seed(i))
+        for i, (heads, n) in enumerate([(4, q_length), (2, kv_length), (2, kv_length)])
+    )
+    module = types.SimpleNamespace(is_causal=True, num_key_value_groups=2, training=False)
+    mask = None
+    if case != "causal prefill, no mask":
+        causal = torch.ones(q_length, kv_length, dtype=torch.bool).tril(kv_length - q_length)
+        mask = causal.expand(3, 1, q_length, kv_length).clone()
+        mask[0, :, :, :3] = False  # row 0 left-padded by 3
+    ours, _ = builtin._cpu_sdpa(module, q, k, v, mask, scaling=0.35)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.35)
+    assert ours.shape == theirs.shape == (3, q_length, 4, 8)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    if mask is not None:  # keys masked for row 0 weigh nothing: changing them changes nothing
+        k2, v2 = k.clone(), v.clone()
+        k2[0, :, :3], v2[0, :, :3] = 100.0, -100.0
+        again, _ = builtin._cpu_sdpa(module, q, k2, v2, mask, scaling=0.35)
+        assert torch.equal(again[0], ours[0])
+
+
+def test_cpu_engines_take_the_cpu_attention(tiny_path, monkeypatch):
+    """bf16 where bf16 is emulated, and float32: the CPU attention; bf16 on a CPU with native bf16: transformers'."""
+    assert BuiltinEngine(tiny_path, dtype="float32").model.config._attn_implementation == CPU_SDPA
     monkeypatch.setattr(builtin, "lacks_native_low_precision_matmul", lambda device, dtype: True)
     engine = BuiltinEngine(tiny_path, dtype="bfloat16")
-    assert engine.model.config._attn_implementation == SDPA_IN_FLOAT32
+    assert engine.model.config._attn_implementation == CPU_SDPA
     assert engine.model.lm_head.weight.dtype == torch.float32
     monkeypatch.setattr(builtin, "lacks_native_low_precision_matmul", lambda device, dtype: False)
     assert BuiltinEngine(tiny_path, dtype="bfloat16").model.config._attn_implementation == "sdpa"

@@ -137,30 +137,51 @@ def hold_weights_in_float32_(model: torch.nn.Module, dtype: torch.dtype) -> None
             p.data = p.data.float()
 
 
-SDPA_IN_FLOAT32 = "sdpa_in_float32"
+CPU_SDPA = "twofold_cpu_sdpa"
 
 
-def _sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
-    """transformers' sdpa on float32 copies of the `dtype` (bf16/fp16) query, key and value, output rounded to `dtype`:
-    softmax(q k^T * scale + mask) v summed in float32, as a GPU's flash attention sums."""
+def _cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """softmax(q k^T * scaling + mask) v as the built-in engine computes it on a CPU: float32 sums of the `dtype`
+    (bf16/fp16/float32) query, key and value, output rounded to `dtype`, and each key/value head read in place by
+    its group of query heads (torch's `enable_gqa`). transformers' sdpa copies the KV heads out to one per query
+    head wherever a mask is given on a CPU, which in decoding copies the whole KV cache of every layer per token.
+    A call this does not cover (a causal prefill after cached tokens with no mask, which only a static cache
+    makes) goes to transformers' own sdpa on the float32 copies."""
+    q, k, v = query.float(), key.float(), value.float()
+    q_length, kv_length = q.shape[2], k.shape[2]
+    if attention_mask is None and 1 < q_length != kv_length:
+        out, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=is_causal)
+        return out.to(query.dtype), None
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
-    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
-    return out.to(query.dtype), weights
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=bool(causal and q_length > 1 and attention_mask is None),
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return out.transpose(1, 2).contiguous().to(query.dtype), None
 
 
-AttentionInterface.register(SDPA_IN_FLOAT32, _sdpa_in_float32)
-AttentionMaskInterface.register(SDPA_IN_FLOAT32, sdpa_mask)
+AttentionInterface.register(CPU_SDPA, _cpu_sdpa)
+AttentionMaskInterface.register(CPU_SDPA, sdpa_mask)
 
 
-def attend_in_float32_(model: torch.nn.Module) -> None:
-    """Run a `dtype` (bf16/fp16) model's sdpa attention on float32 copies of its inputs, output rounded back.
+def use_cpu_attention_(model: torch.nn.Module) -> None:
+    """Run a model's sdpa attention as `_cpu_sdpa`: float32 sums and grouped KV heads read in place.
 
-    Why: where bf16 is emulated (AVX2) torch's bf16 attention kernel is about 5x slower than its float32 one, a seventh
-    of a SmolLM2 decode step. The inputs and output keep the model's dtype (the KV cache too); only the sums inside
-    run in float32, as in `hold_weights_in_float32_`. A model on another attention (eager) keeps it."""
+    Why: on these CPUs torch's bf16 attention kernel is emulated, about 5x slower than its float32 one, and
+    transformers' copy of the KV heads costs more than the attention itself when decoding a long context with
+    grouped heads (3.5x on the tiny model at 700 tokens). The inputs, output and KV cache keep the model's dtype;
+    only the sums run in float32, as in `hold_weights_in_float32_` and as a GPU's flash attention sums. A model
+    on another attention (eager) keeps it."""
     if model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation(SDPA_IN_FLOAT32)
+        model.set_attn_implementation(CPU_SDPA)
 
 
 def lacks_native_low_precision_matmul(device: torch.device, dtype: torch.dtype) -> bool:
@@ -240,9 +261,11 @@ class BuiltinEngine(InferenceEngine):
         self.weights_device = str(self.device)
         self.dtype = DTYPES[dtype]
         self.model = load_model(model_path, self.dtype).to(self.device)
-        if lacks_native_low_precision_matmul(self.device, self.dtype):
+        emulated = lacks_native_low_precision_matmul(self.device, self.dtype)
+        if emulated:
             hold_weights_in_float32_(self.model, self.dtype)
-            attend_in_float32_(self.model)
+        if emulated or (self.device.type == "cpu" and self.dtype == torch.float32):
+            use_cpu_attention_(self.model)
         self.quantization = quantization
         self.logit_noise_std = logit_noise_std
         self.max_batch_size = max_batch_size
