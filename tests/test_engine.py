@@ -193,25 +193,28 @@ def test_cpu_attention_sums_in_float32_and_rounds_only_its_output():
     assert out.dtype == torch.bfloat16 and out.shape == (1, 1, 1, 2) and out[0, 0, 0, 0].item() == 256.0
 
 
-@pytest.mark.parametrize("case", ["decode with a padding mask", "prefill with a mask", "causal prefill, no mask"])
+@pytest.mark.parametrize(
+    "case", ["decode with a padding mask", "prefill with a mask", "causal prefill, no mask", "static-cache prefill"]
+)
 def test_cpu_attention_reads_grouped_kv_heads_in_place_and_matches_transformers_sdpa(case):
     """4 query heads on 2 KV heads: the same numbers (float32 rounding) as transformers' sdpa, which copies each KV
     head out to its 2 query heads, on float32 inputs; in every case the engine meets (a 1-token decode step with
-    rows padded on the left, a prefill after cached tokens, a prefill from scratch)."""
-    q_length, kv_length = {"decode with a padding mask": (1, 9), "prefill with a mask": (4, 9)}.get(case, (6, 6))
+    rows padded on the left, a prefill after cached tokens, a prefill from scratch, and a static
+    cache's first prefill with no mask, which goes to transformers' own path)."""
+    q_length, kv_length = {"causal prefill, no mask": (6, 6), "decode with a padding mask": (1, 9)}.get(case, (4, 9))
     q, k, v = (
         torch.randn(3, heads, n, 8, generator=torch.Generator().manual_seed(i))
         for i, (heads, n) in enumerate([(4, q_length), (2, kv_length), (2, kv_length)])
     )
     module = types.SimpleNamespace(is_causal=True, num_key_value_groups=2, training=False)
-    mask = None
-    if case != "causal prefill, no mask":
+    mask = None  # a static cache's first prefill: keys past the query are empty slots, transformers drops them
+    if case in ("decode with a padding mask", "prefill with a mask"):
         causal = torch.ones(q_length, kv_length, dtype=torch.bool).tril(kv_length - q_length)
         mask = causal.expand(3, 1, q_length, kv_length).clone()
         mask[0, :, :, :3] = False  # row 0 left-padded by 3
     ours, _ = builtin._cpu_sdpa(module, q, k, v, mask, scaling=0.35)
     theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.35)
-    assert ours.shape == theirs.shape == (3, q_length, 4, 8)
+    assert ours.shape == theirs.shape == (3, q_length, 4, 8)  # [batch, query, heads, head dim], as transformers
     assert torch.allclose(ours, theirs, atol=1e-6)
     if mask is not None:  # keys masked for row 0 weigh nothing: changing them changes nothing
         k2, v2 = k.clone(), v.clone()
