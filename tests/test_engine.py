@@ -3,6 +3,7 @@ import types
 import pytest
 import torch
 from conftest import pause_from_another_thread
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from twofold.engine import builtin
@@ -62,6 +63,8 @@ def test_inverse_cdf_sample_draws_each_token_with_its_probability_and_never_a_ze
     halves = inverse_cdf_sample(torch.tensor([[2.0, 0.0, 2.0]]).expand(20_000, 3), torch.Generator().manual_seed(1))
     assert (halves != 1).all() and abs((halves == 0).double().mean().item() - 0.5) < 0.015
     assert inverse_cdf_sample(torch.tensor([[0.0, 0.0, 1.0]]).expand(100, 3)).eq(2).all()
+    with pytest.raises(ValueError, match=r"rows \[1, 2\] have no finite positive probability mass"):
+        inverse_cdf_sample(torch.tensor([[0.5, 0.5], [float("nan"), 1.0], [0.0, 0.0]]))
 
 
 def test_float32_engine_matches_trainer_logprobs(tiny_path, tokenizer):
@@ -194,33 +197,64 @@ def test_cpu_attention_sums_in_float32_and_rounds_only_its_output():
 
 
 @pytest.mark.parametrize(
-    "case", ["decode with a padding mask", "prefill with a mask", "causal prefill, no mask", "static-cache prefill"]
+    "case",
+    [
+        "decode with a padding mask",
+        "prefill with a mask",
+        "causal prefill, no mask",
+        "static-cache prefill",
+        "additive position bias",
+    ],
 )
 def test_cpu_attention_reads_grouped_kv_heads_in_place_and_matches_transformers_sdpa(case):
     """4 query heads on 2 KV heads: the same numbers (float32 rounding) as transformers' sdpa, which copies each KV
     head out to its 2 query heads, on float32 inputs; in every case the engine meets (a 1-token decode step with
     rows padded on the left, a prefill after cached tokens, a prefill from scratch, and a static
-    cache's first prefill with no mask, which goes to transformers' own path)."""
+    cache's first prefill with no mask and an additive position bias, which go to transformers' own path)."""
     q_length, kv_length = {"causal prefill, no mask": (6, 6), "decode with a padding mask": (1, 9)}.get(case, (4, 9))
     q, k, v = (
         torch.randn(3, heads, n, 8, generator=torch.Generator().manual_seed(i))
         for i, (heads, n) in enumerate([(4, q_length), (2, kv_length), (2, kv_length)])
     )
     module = types.SimpleNamespace(is_causal=True, num_key_value_groups=2, training=False)
-    mask = None  # a static cache's first prefill: keys past the query are empty slots, transformers drops them
-    if case in ("decode with a padding mask", "prefill with a mask"):
+    mask, extra = (
+        None,
+        {},
+    )  # a static cache's first prefill: keys past the query are empty slots, transformers drops them
+    if case in ("decode with a padding mask", "prefill with a mask", "additive position bias"):
         causal = torch.ones(q_length, kv_length, dtype=torch.bool).tril(kv_length - q_length)
         mask = causal.expand(3, 1, q_length, kv_length).clone()
         mask[0, :, :, :3] = False  # row 0 left-padded by 3
-    ours, _ = builtin._cpu_sdpa(module, q, k, v, mask, scaling=0.35)
-    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.35)
+    if case == "additive position bias":
+        extra["position_bias"] = torch.randn(1, 4, q_length, kv_length, generator=torch.Generator().manual_seed(9))
+    ours, _ = builtin._cpu_sdpa(module, q, k, v, mask, scaling=0.35, **extra)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.35, **extra)
+    if extra:  # the bias moves every output: dropping it would not go unseen
+        unbiased, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.35)
+        assert (theirs - unbiased).abs().max() > 0.1
     assert ours.shape == theirs.shape == (3, q_length, 4, 8)  # [batch, query, heads, head dim], as transformers
     assert torch.allclose(ours, theirs, atol=1e-6)
     if mask is not None:  # keys masked for row 0 weigh nothing: changing them changes nothing
         k2, v2 = k.clone(), v.clone()
         k2[0, :, :3], v2[0, :, :3] = 100.0, -100.0
-        again, _ = builtin._cpu_sdpa(module, q, k2, v2, mask, scaling=0.35)
+        again, _ = builtin._cpu_sdpa(module, q, k2, v2, mask, scaling=0.35, **extra)
         assert torch.equal(again[0], ours[0])
+
+
+def test_cpu_attention_moves_only_the_parts_of_a_composite_model_that_run_sdpa():
+    """A tiny Gemma 3 with text and vision parts, its vision part pinned to eager: the model and its text part move
+    to the CPU attention, the vision part stays eager (setting one name for all would move it, or raise where it
+    cannot run sdpa)."""
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    text |= dict(num_key_value_heads=2, head_dim=16, vocab_size=300)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    vision |= dict(image_size=28, patch_size=14)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4))
+    model.set_attn_implementation({"vision_config": "eager"})
+    use_cpu_attention_(model)
+    config = model.config
+    assert (config._attn_implementation, config.text_config._attn_implementation) == (CPU_SDPA, CPU_SDPA)
+    assert config.vision_config._attn_implementation == "eager"
 
 
 def test_cpu_engines_take_the_cpu_attention(tiny_path, monkeypatch):

@@ -76,6 +76,10 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     Why not `torch.multinomial`: on a CPU it draws one exponential per vocabulary entry (49,152 per row for SmolLM2),
     a tenth of a decode step there; this draws one number per row and adds up the row once."""
     cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1]
+    if not bool((total.isfinite() & (total > 0)).all()):  # multinomial refused these too; a NaN must not train
+        bad = (~(total.isfinite() & (total > 0))).nonzero().flatten().tolist()
+        raise ValueError(f"sampling: rows {bad[:8]} have no finite positive probability mass (NaN or -inf logits)")
     u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
     tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
     return tokens.clamp(max=probs.shape[-1] - 1)  # u * cdf_V < cdf_V up to rounding; the clamp covers equality
@@ -142,15 +146,19 @@ CPU_SDPA = "twofold_cpu_sdpa"
 
 def _cpu_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """softmax(q k^T * scaling + mask) v as the built-in engine computes it on a CPU: float32 sums of the `dtype`
-    (bf16/fp16/float32) query, key and value, output rounded to `dtype`, and each key/value head read in place by
-    its group of query heads (torch's `enable_gqa`). transformers' sdpa copies the KV heads out to one per query
-    head wherever a mask is given on a CPU, which in decoding copies the whole KV cache of every layer per token.
-    A call this does not cover (a causal prefill after cached tokens with no mask, which only a static cache
-    makes) goes to transformers' own sdpa on the float32 copies."""
+    (bf16/fp16/float32) query, key and value (the softmax weights stay float32 too), output rounded to `dtype`, and
+    each key/value head read in place by its group of query heads (torch's `enable_gqa`). transformers' sdpa copies
+    the KV heads out to one per query head wherever a mask is given on a CPU, which in decoding copies the whole KV
+    cache of every layer per token. Calls this does not cover go to transformers' own sdpa on the float32 copies:
+    an additive position bias, a paged cache, and a causal prefill after cached tokens with no mask (which only a
+    static cache makes)."""
     q, k, v = query.float(), key.float(), value.float()
     q_length, kv_length = q.shape[2], k.shape[2]
-    if attention_mask is None and 1 < q_length != kv_length:
-        out, _ = sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=is_causal)
+    special = kwargs.get("position_bias") is not None or kwargs.get("cache") is not None
+    if special or (attention_mask is None and 1 < q_length != kv_length):
+        out, _ = sdpa_attention_forward(
+            module, q, k, v, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
         return out.to(query.dtype), None
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
@@ -178,10 +186,19 @@ def use_cpu_attention_(model: torch.nn.Module) -> None:
     Why: on these CPUs torch's bf16 attention kernel is emulated, about 5x slower than its float32 one, and
     transformers' copy of the KV heads costs more than the attention itself when decoding a long context with
     grouped heads (3.5x on the tiny model at 700 tokens). The inputs, output and KV cache keep the model's dtype;
-    only the sums run in float32, as in `hold_weights_in_float32_` and as a GPU's flash attention sums. A model
-    on another attention (eager) keeps it."""
-    if model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation(CPU_SDPA)
+    only the sums run in float32, as in `hold_weights_in_float32_` (a GPU's flash attention sums in float32 too, but
+    rounds the softmax weights to bf16 before multiplying by V). The model and each sub-model (a composite model's
+    text or vision part) on sdpa move; one on another attention (eager, flash) keeps it."""
+    config = model.config
+    moving = {
+        name: CPU_SDPA
+        for name in getattr(config, "sub_configs", {})
+        if getattr(config, name, None) is not None and getattr(config, name)._attn_implementation == "sdpa"
+    }
+    if config._attn_implementation == "sdpa":
+        moving[""] = CPU_SDPA
+    if moving:
+        model.set_attn_implementation(moving)
 
 
 def lacks_native_low_precision_matmul(device: torch.device, dtype: torch.dtype) -> bool:
