@@ -34,10 +34,12 @@ run: $(STAMP)
 
 # Test files run on TEST_WORKERS processes (pytest-xdist), each file's tests in one process: most of the
 # suite's time is processes starting (Ray actors, ranks, vLLM) and env latency, which two workers overlap.
-# The 15 slowest tests are listed at the end: where to look when the suite grows.
+# Files are dealt in collection order, the longest first (tests/conftest.py); xdist would otherwise deal the
+# files with the most tests first (--no-loadscope-reorder keeps ours). The 15 slowest tests are listed at the
+# end: where to look when the suite grows.
 TEST_WORKERS ?= 2
 test: $(STAMP) $(SMOLLM2)
-	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # SmolLM2-135M-Instruct's GGUF file dequantised once into .cache/ (~25 s), before the tests start: their
 # fixture finds it there (and converts it itself where it is not).

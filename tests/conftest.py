@@ -10,10 +10,17 @@ from twofold.envs import tokenizer_corpus
 from twofold.modelpath import gguf_folder, smollm2_gguf
 from twofold.models import ensure_tiny_model, load_tokenizer
 
-# The files whose tests take longest here (pytest's --durations, 2026-12-04), collected first. `make test` deals
-# whole files to its two workers in collection order (`--dist loadfile`), so long files collected last (in
-# name order: ray, real_model, reliability, vllm) would leave one worker idle while the other finishes them.
-LONGEST_FIRST = ("test_ray.py", "test_real_model.py", "test_reliability.py", "test_vllm.py", "test_distributed.py")
+# The files whose tests take longest here (pytest's --durations, 2026-12-05), collected first, longest first.
+# `make test` deals whole files to its two workers in collection order (`--dist loadfile --no-loadscope-reorder`),
+# so a long file dealt last (in name order: vllm) would leave one worker idle while the other finishes it.
+LONGEST_FIRST = (
+    "test_vllm.py",
+    "test_ray.py",
+    "test_reliability.py",
+    "test_real_model.py",
+    "test_distributed.py",
+    "test_compare.py",
+)
 
 
 def pytest_collection_modifyitems(items):
