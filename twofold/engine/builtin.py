@@ -76,12 +76,13 @@ def inverse_cdf_sample(probs: torch.Tensor, generator: torch.Generator | None = 
     Why not `torch.multinomial`: on a CPU it draws one exponential per vocabulary entry (49,152 per row for SmolLM2),
     a tenth of a decode step there; this draws one number per row and adds up the row once."""
     cdf = probs.double().cumsum(dim=-1)
-    total = cdf[:, -1]
-    if not bool((total.isfinite() & (total > 0)).all()):  # multinomial refused these too; a NaN must not train
-        bad = (~(total.isfinite() & (total > 0))).nonzero().flatten().tolist()
+    total = cdf[:, -1:]
+    has_mass = total.isfinite() & (total > 0)
+    if not bool(has_mass.all()):  # multinomial refused these too; a NaN must not train
+        bad = (~has_mass).nonzero()[:, 0].tolist()
         raise ValueError(f"sampling: rows {bad[:8]} have no finite positive probability mass (NaN or -inf logits)")
     u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
-    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    tokens = torch.searchsorted(cdf, u * total, right=True).squeeze(-1)
     return tokens.clamp(max=probs.shape[-1] - 1)  # u * cdf_V < cdf_V up to rounding; the clamp covers equality
 
 
