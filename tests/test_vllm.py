@@ -6,6 +6,8 @@ the other tests (head size 16) it does not.
 """
 
 import gc
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,11 +47,60 @@ def vllm_tokenizer(vllm_path):
     return load_tokenizer(vllm_path)
 
 
-@pytest.fixture(scope="class")
-def engine(vllm_path):
-    # Shared by the tests of one class (an engine takes ~20 s to start), closed when the class ends: one
-    # engine at a time, since closing a vLLM engine tears down process-wide state that another would use.
-    eng = VLLMEngine(vllm_path, EngineConfig(backend="vllm", dtype="float32", gpu_memory_utilization=MEMORY), seed=0)
+@dataclass
+class AsyncRun:
+    bfloat16_deltas: torch.Tensor  # |vLLM bfloat16 - trainer float32| per generated token, at version 0
+    rows: list[dict]
+    trained: torch.nn.Module  # the trainer's model after the last step
+    export: Path
+
+
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory, vllm_path, vllm_tokenizer) -> AsyncRun:
+    """A 3-step async run on a bfloat16 vLLM engine (the pipeline's default dtype), exported.
+
+    One engine start serves two checks (each takes ~20 s on this machine): before the first step, the run's
+    engine samples at version 0 with the weights of `vllm_path`, which the trainer scores in float32.
+    `snapshot` gives exact old log-probs, so r_d isolates the engine's numerics."""
+    shape = {
+        f"model.{k}": getattr(ModelConfig(), k)
+        for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+    }
+    cfg = small_config(
+        mode="async",
+        **shape,
+        **{
+            "engine.backend": "vllm",
+            "engine.gpu_memory_utilization": MEMORY,
+            "oldlogits.source": "snapshot",
+            "trainer.steps": 3,
+            "advantage.estimator": "discounted",
+        },
+    )
+    tmp = tmp_path_factory.mktemp("vllm-run")
+    pipe = Pipeline(cfg, tmp / "run", model_path=vllm_path)
+    assert isinstance(pipe.engine, VLLMEngine) and pipe.engine.llm.llm_engine.model_config.dtype == torch.bfloat16
+    reqs = requests(vllm_tokenizer, 4)
+    bfloat16_deltas = deltas(load_model(vllm_path), reqs, pipe.engine.generate(reqs), 1.0)
+    pipe.run()
+    trained = pipe.trainer.model
+    del pipe
+    gc.collect()
+    rows = read_metrics(tmp / "run" / "metrics.jsonl")
+    return AsyncRun(bfloat16_deltas, rows, trained, export_run(tmp / "run", tmp / "export"))
+
+
+@pytest.fixture(scope="module")
+def served_path(async_run) -> Path:
+    """The folder the float32 engine serves: the run's export (so starting it is also the export's check)."""
+    return async_run.export
+
+
+@pytest.fixture(scope="module")
+def engine(served_path):
+    # One float32 engine for the module (an engine takes ~20 s to start), started after the run's engine
+    # closed: one engine at a time, since closing a vLLM engine tears down process-wide state another would use.
+    eng = VLLMEngine(served_path, EngineConfig(backend="vllm", dtype="float32", gpu_memory_utilization=MEMORY), seed=0)
     yield eng
     eng.close()
     gc.collect()
@@ -69,31 +120,31 @@ class TestOneFloat32Engine:
     version 0 with the original weights, as it found it."""
 
     @pytest.mark.parametrize("temperature", [1.0, 0.7])
-    def test_behavior_logprobs_match_trainer_float32(self, engine, vllm_path, vllm_tokenizer, temperature):
+    def test_behavior_logprobs_match_trainer_float32(self, engine, served_path, vllm_tokenizer, temperature):
         # processed_logprobs: the tempered distribution vLLM sampled from, so the trainer must use the same T
         reqs = requests(vllm_tokenizer, 4, temperature=temperature)
         res = engine.generate(reqs)
         assert all(len(o.output_ids) == 12 and o.finish_reason == "length" for o in res)
-        d = deltas(load_model(vllm_path), reqs, res, temperature)
+        d = deltas(load_model(served_path), reqs, res, temperature)
         print(f"vLLM (float32, T={temperature}) vs trainer float32: mean |delta| {d.mean():.2e}, max {d.max():.2e}")
         assert d.max() < 1e-3
         # a trainer at another temperature disagrees by far more: the logprobs really are the tempered ones
-        other = deltas(load_model(vllm_path), reqs, res, 1.0 if temperature != 1.0 else 0.5)
+        other = deltas(load_model(served_path), reqs, res, 1.0 if temperature != 1.0 else 0.5)
         assert other.mean() > 10 * max(d.mean(), 1e-6)
 
-    def test_weight_update_changes_outputs_and_stamps_the_version(self, engine, vllm_path, vllm_tokenizer):
+    def test_weight_update_changes_outputs_and_stamps_the_version(self, engine, served_path, vllm_tokenizer):
         # through vLLM's weight-transfer protocol (start, update, finish) on the path a CPU allows
         assert (engine.transfer, engine.weights_device) == ("host", "cpu")
         reqs = requests(vllm_tokenizer, 2)
-        new = perturbed(vllm_path)
+        new = perturbed(served_path)
         engine.update_weights(iter(full_weights(new).items()), 1)  # one pass, as the pipeline hands them
         res = engine.generate(reqs)
         assert all(v == 1 for o in res for v in o.output_versions)
         assert deltas(new, reqs, res, 1.0).max() < 1e-3  # scored by the new weights...
-        assert deltas(load_model(vllm_path), reqs, res, 1.0).mean() > 1e-2  # ...not the old ones
-        engine.update_weights(full_weights(load_model(vllm_path)), 0)  # back, for the other tests
+        assert deltas(load_model(served_path), reqs, res, 1.0).mean() > 1e-2  # ...not the old ones
+        engine.update_weights(full_weights(load_model(served_path)), 0)  # back, for the other tests
 
-    def test_paused_request_continues_under_the_new_version(self, engine, vllm_path, vllm_tokenizer):
+    def test_paused_request_continues_under_the_new_version(self, engine, served_path, vllm_tokenizer):
         req = requests(vllm_tokenizer, 1, max_new=16)[0]
         steps, orig = [0], engine.engine.step
 
@@ -109,8 +160,8 @@ class TestOneFloat32Engine:
         finally:
             engine.engine.step = orig
         assert first.finish_reason == "paused" and 0 < len(first.output_ids) < 16
-        old_state = versioned_state(load_model(vllm_path))
-        new = perturbed(vllm_path, seed=1)
+        old_state = versioned_state(load_model(served_path))
+        new = perturbed(served_path, seed=1)
         engine.update_weights(full_weights(new), 1)
         engine.resume()
         done = engine.generate([first.as_continuation(req)])[0]
@@ -118,7 +169,7 @@ class TestOneFloat32Engine:
         assert done.finish_reason == "length" and len(done.output_ids) == 16
         assert done.output_ids[:k] == first.output_ids and done.output_versions == [0] * k + [1] * (16 - k)
         # each span scored by its own version's weights
-        old = load_model(vllm_path)
+        old = load_model(served_path)
         load_parameters(old, old_state)
         lp_old = score_sequences(old, [req.prompt_ids + done.output_ids], Numerics())[0][len(req.prompt_ids) :]
         lp_new = score_sequences(new, [req.prompt_ids + done.output_ids], Numerics())[0][len(req.prompt_ids) :]
@@ -140,52 +191,22 @@ def test_published_weights_declare_what_the_send_pass_yields():
     assert [name for name, _ in source] == ["a", "b"] and list(source) == []
 
 
-def test_bfloat16_vllm_vs_trainer_float32_is_the_real_discrepancy(vllm_path, vllm_tokenizer):
-    eng = VLLMEngine(vllm_path, EngineConfig(backend="vllm", dtype="bfloat16", gpu_memory_utilization=MEMORY), seed=0)
-    try:
-        reqs = requests(vllm_tokenizer, 4)
-        d = deltas(load_model(vllm_path), reqs, eng.generate(reqs), 1.0)
-    finally:
-        eng.close()
+def test_bfloat16_vllm_vs_trainer_float32_is_the_real_discrepancy(async_run):
+    d = async_run.bfloat16_deltas
     print(f"vLLM bfloat16 vs trainer float32: mean |delta| {d.mean():.2e}, max {d.max():.2e}")
     assert d.mean() > 1e-5 and d.max() < 0.5
 
 
-def test_short_async_run_with_vllm_and_vllm_serves_its_export(tmp_path, vllm_path, vllm_tokenizer):
-    # snapshot: exact old log-probs isolate the engine's numerics (the sources' code does not touch the engine)
-    source = "snapshot"
-    shape = {
-        f"model.{k}": getattr(ModelConfig(), k)
-        for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
-    }
-    cfg = small_config(
-        mode="async",
-        **shape,
-        **{
-            "engine.backend": "vllm",
-            "engine.gpu_memory_utilization": MEMORY,
-            "oldlogits.source": source,
-            "trainer.steps": 3,
-            "advantage.estimator": "discounted",
-        },
-    )
-    pipe = Pipeline(cfg, tmp_path / "run", model_path=vllm_path)
-    pipe.run()
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+def test_short_async_run_with_vllm(async_run):
+    rows = async_run.rows
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["version"] == 3
     assert rows[-1]["loss/grad_norm"] > 0
-    print(f"{source}: kl/discrepancy_k3 per step {[round(r['kl/discrepancy_k3'], 6) for r in rows]}")
-    if source == "snapshot":  # exact old log-probs: r_d is bfloat16 vLLM vs float32 trainer only, small and real
-        assert all(0 < r["kl/discrepancy_k3"] < 1e-3 for r in rows)
-    trained = pipe.trainer.model
-    del pipe
-    gc.collect()
-    # the exported folder is what vLLM serves: its tokens score as the trained weights score them
-    out = export_run(tmp_path / "run", tmp_path / "export")
-    eng = VLLMEngine(out, EngineConfig(backend="vllm", dtype="float32", gpu_memory_utilization=MEMORY), seed=0)
-    try:
-        reqs = requests(vllm_tokenizer, 4)
-        d = deltas(trained, reqs, eng.generate(reqs), 1.0)
-    finally:
-        eng.close()
-    assert d.max() < 1e-3
+    print(f"snapshot: kl/discrepancy_k3 per step {[round(r['kl/discrepancy_k3'], 6) for r in rows]}")
+    # exact old log-probs: r_d is bfloat16 vLLM vs float32 trainer only, small and real
+    assert all(0 < r["kl/discrepancy_k3"] < 1e-3 for r in rows)
+
+
+def test_vllm_serves_the_export_as_the_trainer_scores_it(async_run, engine, vllm_tokenizer):
+    # the float32 engine was started from the exported folder: its tokens score as the trained weights do
+    reqs = requests(vllm_tokenizer, 4)
+    assert deltas(async_run.trained, reqs, engine.generate(reqs), 1.0).max() < 1e-3
