@@ -54,12 +54,16 @@ class BruteForce:
         pipe._publish = record_after_publish
 
     def reference(self, trajectories, width):
+        """Each token's log-prob under the weights of the version that sampled it: every trajectory holding a
+        token of a version is scored whole under that version's weights."""
         ref = torch.zeros(len(trajectories), width)
         for version, state in self.states.items():
+            rows = [i for i, t in enumerate(trajectories) if version in t.agent_versions()]
+            if not rows:
+                continue
             load_parameters(self.model, state)
-            for i, lp in enumerate(
-                score_sequences(self.model, [t.token_ids for t in trajectories], Numerics(), self.pad_id)
-            ):
+            scored = score_sequences(self.model, [trajectories[i].token_ids for i in rows], Numerics(), self.pad_id)
+            for i, lp in zip(rows, scored, strict=True):
                 sel = torch.tensor(trajectories[i].versions) == version
                 ref[i, : len(lp)][sel] = lp[sel]
         return ref
