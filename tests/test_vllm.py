@@ -80,8 +80,12 @@ def async_run(tmp_path_factory, vllm_path, vllm_tokenizer) -> AsyncRun:
     tmp = tmp_path_factory.mktemp("vllm-run")
     pipe = Pipeline(cfg, tmp / "run", model_path=vllm_path)
     assert isinstance(pipe.engine, VLLMEngine) and pipe.engine.llm.llm_engine.model_config.dtype == torch.bfloat16
-    reqs = requests(vllm_tokenizer, 4)
-    bfloat16_deltas = deltas(load_model(vllm_path), reqs, pipe.engine.generate(reqs), 1.0)
+    try:
+        reqs = requests(vllm_tokenizer, 4)
+        bfloat16_deltas = deltas(load_model(vllm_path), reqs, pipe.engine.generate(reqs), 1.0)
+    except BaseException:
+        pipe.close()  # the engine, before the next one starts
+        raise
     pipe.run()
     trained = pipe.trainer.model
     del pipe
@@ -113,6 +117,13 @@ def perturbed(path, seed=0):
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model
+
+
+def test_vllm_serves_the_export_as_the_trainer_scores_it(async_run, engine, vllm_tokenizer):
+    # the float32 engine, as it loaded the exported folder (before any test updates its weights): its tokens
+    # score as the trained weights do
+    reqs = requests(vllm_tokenizer, 4)
+    assert deltas(async_run.trained, reqs, engine.generate(reqs), 1.0).max() < 1e-3
 
 
 class TestOneFloat32Engine:
@@ -204,9 +215,3 @@ def test_short_async_run_with_vllm(async_run):
     print(f"snapshot: kl/discrepancy_k3 per step {[round(r['kl/discrepancy_k3'], 6) for r in rows]}")
     # exact old log-probs: r_d is bfloat16 vLLM vs float32 trainer only, small and real
     assert all(0 < r["kl/discrepancy_k3"] < 1e-3 for r in rows)
-
-
-def test_vllm_serves_the_export_as_the_trainer_scores_it(async_run, engine, vllm_tokenizer):
-    # the float32 engine was started from the exported folder: its tokens score as the trained weights do
-    reqs = requests(vllm_tokenizer, 4)
-    assert deltas(async_run.trained, reqs, engine.generate(reqs), 1.0).max() < 1e-3
