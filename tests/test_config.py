@@ -78,6 +78,17 @@ def test_exponent_without_a_dot_is_a_number():
         load_config("configs/frozenlake.yaml", ["trainer.steps=1e3"])
 
 
+def test_a_string_field_takes_an_integer_as_its_digits():
+    # YAML reads `engine.prefix_cache=0` (the help's "0 keeps nothing") as the integer 0
+    cfg = load_config("configs/frozenlake.yaml", ["engine.prefix_cache=0", "model.revision=1234"])
+    assert (cfg.engine.prefix_cache, cfg.model.revision) == ("0", "1234")
+    assert parse_bytes(cfg.engine.prefix_cache, "engine.prefix_cache") == 0
+    with pytest.raises(ConfigError, match="engine.prefix_cache"):  # a float is not taken as a string
+        load_config("configs/frozenlake.yaml", ["engine.prefix_cache=0.5"])
+    with pytest.raises(ConfigError, match="engine.prefix_cache"):
+        load_config("configs/frozenlake.yaml", ["engine.prefix_cache=true"])
+
+
 @pytest.mark.parametrize(
     "override,field",
     [

@@ -772,6 +772,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML reads `engine.prefix_cache=0` or a
+            return str(value)  # revision of digits as an integer; its digits are the string meant
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {value!r}")
         return value
