@@ -2,6 +2,7 @@ import pytest
 from conftest import small_config
 
 from twofold.metrics import declared
+from twofold.pipeline import loop
 from twofold.pipeline.checkpoint import checkpoints, verify
 from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.rundir import read_metrics
@@ -172,3 +173,14 @@ def test_memory_metrics_name_where_the_bytes_go(tmp_path, tiny_path):
     # the peak minus the named parts, or 0 where the baseline held something the run has since freed (on a tiny
     # model the difference is a fraction of a MiB of allocator noise)
     assert row["memory/step_transient_bytes"] == max(row["memory/step_peak_rss_bytes"] - named, 0.0)
+
+
+@pytest.mark.parametrize(("trim", "calls"), [(True, 1 + 2 * 2), (False, 1)])
+def test_free_heap_pages_go_back_at_each_step(tmp_path, tiny_path, monkeypatch, trim, calls):
+    """Once when the pipeline starts (whatever resolving the model freed), then, with `run.trim_heap_each_step`,
+    at each step's start and before its first optimizer step: 2 steps, 1 + 2 x 2 trims."""
+    made = []
+    real = loop.trim_heap
+    monkeypatch.setattr(loop, "trim_heap", lambda: made.append(1) or real())
+    run(tmp_path, tiny_path, mode="sync", **{"trainer.steps": 2, "run.trim_heap_each_step": trim})
+    assert len(made) == calls

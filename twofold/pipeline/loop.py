@@ -315,6 +315,8 @@ class Pipeline:
 
     def _before_update(self, times: StepTimes) -> None:
         t0 = time.perf_counter()
+        if self.cfg.run.trim_heap_each_step:
+            trim_heap()  # the minibatch's freed activations, before AdamW's state and the next forward
         v, main = self.trainer.version, self.ranks.is_main
         pause = main and any(s.needs_pause_before_update(v) for s in self.sources)
         if pause:
@@ -380,6 +382,8 @@ class Pipeline:
         times = StepTimes()
         t_step = time.perf_counter()
         main = self.ranks.is_main
+        if self.cfg.run.trim_heap_each_step:
+            trim_heap()  # what the last step and the rollout freed meanwhile, before this step's peak starts
         peak_was_reset = reset_peak()
         gen0, tok0 = (self.worker.counters.generate_seconds, self.worker.counters.generated_tokens) if main else (0, 0)
         src0 = sum(s.seconds for s in self.sources)
