@@ -78,15 +78,18 @@ def test_exponent_without_a_dot_is_a_number():
         load_config("configs/frozenlake.yaml", ["trainer.steps=1e3"])
 
 
-def test_a_string_field_takes_an_integer_as_its_digits():
+def test_a_size_field_takes_a_number_of_bytes_and_other_strings_stay_strict():
     # YAML reads `engine.prefix_cache=0` (the help's "0 keeps nothing") as the integer 0
-    cfg = load_config("configs/frozenlake.yaml", ["engine.prefix_cache=0", "model.revision=1234"])
-    assert (cfg.engine.prefix_cache, cfg.model.revision) == ("0", "1234")
+    cfg = load_config("configs/frozenlake.yaml", ["engine.prefix_cache=0", "oldlogits.snapshot_budget=4096"])
     assert parse_bytes(cfg.engine.prefix_cache, "engine.prefix_cache") == 0
-    with pytest.raises(ConfigError, match="engine.prefix_cache"):  # a float is not taken as a string
-        load_config("configs/frozenlake.yaml", ["engine.prefix_cache=0.5"])
-    with pytest.raises(ConfigError, match="engine.prefix_cache"):
-        load_config("configs/frozenlake.yaml", ["engine.prefix_cache=true"])
+    assert parse_bytes(cfg.oldlogits.snapshot_budget) == 4096
+    for bad in ("engine.prefix_cache=-1", "engine.prefix_cache=0.5", "engine.prefix_cache=true"):
+        with pytest.raises(ConfigError, match="engine.prefix_cache"):
+            load_config("configs/frozenlake.yaml", [bad])
+    # YAML 1.1 reads 0123456 as octal 42798: a revision of digits must be quoted, not silently another string
+    with pytest.raises(ConfigError, match="model.revision"):
+        load_config("configs/frozenlake.yaml", ["model.revision=0123456"])
+    assert load_config("configs/frozenlake.yaml", ["model.revision='0123456'"]).model.revision == "0123456"
 
 
 @pytest.mark.parametrize(

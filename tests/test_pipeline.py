@@ -175,12 +175,25 @@ def test_memory_metrics_name_where_the_bytes_go(tmp_path, tiny_path):
     assert row["memory/step_transient_bytes"] == max(row["memory/step_peak_rss_bytes"] - named, 0.0)
 
 
-@pytest.mark.parametrize(("trim", "calls"), [(True, 1 + 2 * 2), (False, 1)])
+@pytest.mark.parametrize(("trim", "calls"), [(True, 1 + 2 * 3), (False, 1)])
 def test_free_heap_pages_go_back_at_each_step(tmp_path, tiny_path, monkeypatch, trim, calls):
     """Once when the pipeline starts (whatever resolving the model freed), then, with `run.trim_heap_each_step`,
-    at each step's start and before its first optimizer step: 2 steps, 1 + 2 x 2 trims."""
+    at each step's start, once its batch is collected (sync mode: generation ran in between) and before its first
+    optimizer step: 2 sync steps of 4 optimizer steps each give 1 + 2 x 3 trims (one per optimizer step would give
+    1 + 2 x 4)."""
     made = []
     real = loop.trim_heap
     monkeypatch.setattr(loop, "trim_heap", lambda: made.append(1) or real())
-    run(tmp_path, tiny_path, mode="sync", **{"trainer.steps": 2, "run.trim_heap_each_step": trim})
+    rows, _ = run(
+        tmp_path,
+        tiny_path,
+        mode="sync",
+        **{
+            "trainer.steps": 2,
+            "trainer.num_minibatches": 4,
+            "rollout.groups_per_step": 4,
+            "run.trim_heap_each_step": trim,
+        },
+    )
+    assert [r["trainer/optimizer_steps"] for r in rows] == [4.0, 4.0]
     assert len(made) == calls

@@ -153,11 +153,11 @@ class EngineConfig:
         ge=0,
         note="0: no bound beyond max_batch_size",
     )
-    prefix_cache: str = setting(
+    prefix_cache: str | int = setting(
         "1GiB",
         "Built-in engine: KV kept across generate calls, keyed by (weights version, token prefix), so an episode's "
         "next turn prefills only its new tokens and prompts shared by rows are prefilled once; emptied at every "
-        "weight update. A size such as 512MB or 2GiB; 0 keeps nothing.",
+        "weight update. A size such as 512MB or 2GiB, or a number of bytes; 0 keeps nothing.",
     )
     temperature: float = setting(1.0, "Sampling temperature.", gt=0)
     top_p: float = setting(
@@ -393,7 +393,9 @@ class OldLogitsConfig:
         "Also compute the exact old log-probs (via snapshots) and log the approximation's error (audit/*); "
         "approximate sources only.",
     )
-    snapshot_budget: str = setting("", "Bytes of weight snapshots held at once, e.g. 256MB or 2GiB. Empty: no limit.")
+    snapshot_budget: str | int = setting(
+        "", "Bytes of weight snapshots held at once, e.g. 256MB or 2GiB, or a number of bytes. Empty: no limit."
+    )
     on_budget: Literal["wait", "ewma"] = setting(
         "wait", "When a snapshot would exceed the budget: capture that version's tokens now (wait) or use EWMA."
     )
@@ -462,11 +464,11 @@ class RunConfig:
     )
     trim_heap_each_step: bool = setting(
         True,
-        "Linux (glibc): at the start of each step and before its first optimizer step, hand back to the system the "
-        "pages malloc's arenas hold free (malloc_trim), so the blocks earlier phases freed (generation, old "
-        "logits, the last step's activations) do not stay resident under this one. SmolLM2-135M full fine-tune on "
-        "2 CPU cores: step peak 4.68-4.79 -> 4.28-4.36 GiB, s/step within the spread of one run "
-        "(docs/benchmarks.md).",
+        "Linux (glibc): at each step's start (sync mode: again after generation) and before its first optimizer "
+        "step, hand back to the system the pages malloc's arenas hold free (malloc_trim), so the blocks earlier "
+        "phases freed (generation, old logits, the last step's activations) do not stay resident under this one. "
+        "SmolLM2-135M full fine-tune on 2 CPU cores: step peak 4.68-4.79 -> 4.28-4.36 GiB; s/step +0% and +11% in "
+        "two pairs of runs, not resolved here (docs/benchmarks.md).",
     )
     malloc_arenas: int = setting(
         0,
@@ -780,8 +782,6 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        if isinstance(value, int) and not isinstance(value, bool):  # YAML reads `engine.prefix_cache=0` or a
-            return str(value)  # revision of digits as an integer; its digits are the string meant
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {value!r}")
         return value
@@ -834,8 +834,12 @@ _UNITS = {
 }
 
 
-def parse_bytes(text: str, path: str = "oldlogits.snapshot_budget") -> int | None:
-    """'256MB' -> 256_000_000, '1GiB' -> 2**30, '' -> None (no limit)."""
+def parse_bytes(text: str | int, path: str = "oldlogits.snapshot_budget") -> int | None:
+    """'256MB' -> 256_000_000, '1GiB' -> 2**30, 4096 (a number of bytes) -> 4096, '' -> None (no limit)."""
+    if isinstance(text, int) and not isinstance(text, bool):  # YAML reads `engine.prefix_cache=0` as an int
+        if text < 0:
+            raise ConfigError(path, f"a size cannot be negative, got {text}")
+        return text
     if text == "":
         return None
     m = _SIZE.match(text)

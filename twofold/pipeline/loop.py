@@ -314,9 +314,9 @@ class Pipeline:
             self._paused = True
 
     def _before_update(self, times: StepTimes) -> None:
-        t0 = time.perf_counter()
         if self.cfg.run.trim_heap_each_step:
-            trim_heap()  # the minibatch's freed activations, before AdamW's state and the next forward
+            trim_heap()  # the first minibatch's freed activations, before the optimizer step and the next forward
+        t0 = time.perf_counter()
         v, main = self.trainer.version, self.ranks.is_main
         pause = main and any(s.needs_pause_before_update(v) for s in self.sources)
         if pause:
@@ -382,13 +382,16 @@ class Pipeline:
         times = StepTimes()
         t_step = time.perf_counter()
         main = self.ranks.is_main
-        if self.cfg.run.trim_heap_each_step:
-            trim_heap()  # what the last step and the rollout freed meanwhile, before this step's peak starts
+        trim = self.cfg.run.trim_heap_each_step
+        if trim:
+            trim_heap()  # what the last step and the rollout freed, before this step's peak starts from here
         peak_was_reset = reset_peak()
         gen0, tok0 = (self.worker.counters.generate_seconds, self.worker.counters.generated_tokens) if main else (0, 0)
         src0 = sum(s.seconds for s in self.sources)
         trajs = self.ranks.broadcast(self._collect_batch() if main else None)
         times.idle = time.perf_counter() - t_step
+        if trim and not self.async_mode:
+            trim_heap()  # in sync mode, what this step's generation freed
         batch = Batch.from_trajectories(trajs, self.ctx.pad_id)
 
         t0 = time.perf_counter()

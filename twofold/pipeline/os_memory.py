@@ -9,8 +9,9 @@ such block is then page-faulted in afresh, which costs time, so it is opt-in (`r
 Fewer arenas (`limit_malloc_arenas`, `run.malloc_arenas`) leave fewer places for freed blocks to sit: glibc
 opens up to 8 per core, one per thread that finds the others locked, and the pipeline's threads (engine,
 rollout, env steps) each end up with one. `trim_heap` hands back the free pages inside every arena without
-changing how blocks are served: the pipeline calls it at each step's start and before its first optimizer step
-(`run.trim_heap_each_step`), which costs a page fault per reused page once per phase, not per allocation.
+changing how blocks are served: the pipeline calls it at each step's start (in sync mode again after
+generation) and before its first optimizer step (`run.trim_heap_each_step`), which costs a page fault per reused
+page once per phase, not per allocation.
 
 The peak is Linux's VmHWM, reset by writing 5 to /proc/self/clear_refs. Elsewhere (no /proc, no glibc) each
 function says so (None or False) and changes nothing.
@@ -68,7 +69,7 @@ def return_freed_memory_to_os() -> bool:
 def trim_heap() -> bool:
     """Hand back to the system the pages glibc's arenas hold free (`malloc_trim(0)`, every arena): what a
     one-off phase freed (a GGUF file dequantised and saved, a warm start trained in this process) or what a
-    step's phases freed would otherwise stay resident under what comes next. Milliseconds; True when glibc
+    step's phases freed would otherwise stay resident under what comes next. True when glibc
     returned memory; elsewhere a no-op."""
     return _glibc_call("malloc_trim", 0)
 
