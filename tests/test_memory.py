@@ -48,6 +48,34 @@ def test_trim_hands_back_the_holes_a_phase_left():
     assert kept_mib("trimmed") < 16
 
 
+BOUNDED = textwrap.dedent(
+    """
+    import torch
+    from twofold.pipeline.os_memory import free_heap_bytes, resident_bytes, trim_heap
+    big = torch.ones(8 << 18); del big  # as in PROBE: 4 MiB blocks then stay in the heap
+    blocks, spacers = [], []
+    for _ in range(64):
+        blocks.append(torch.ones(1 << 20))
+        spacers.append(torch.ones(1 << 14))
+    del blocks
+    free = free_heap_bytes()
+    before = resident_bytes()
+    print(free >= 256 << 20, trim_heap(1 << 40), (before - resident_bytes()) >> 20)  # more free than held: nothing
+    print(trim_heap(128 << 20), (before - resident_bytes()) >> 20)  # 256 MiB free, over a 128 MiB bound: trimmed
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc")
+def test_a_bounded_trim_runs_only_when_the_arenas_hold_that_much_free():
+    """The 256 MiB of holes count as free (`mallinfo2`); a bound above them leaves them resident, one below
+    hands them back."""
+    out = subprocess.run([sys.executable, "-c", BOUNDED], check=True, capture_output=True, text=True).stdout
+    (counted, above, kept), (below, released) = (line.split() for line in out.splitlines())
+    assert (counted, above, below) == ("True", "False", "True")
+    assert int(kept) < 16 and int(released) > 200
+
+
 ARENAS = textwrap.dedent(
     """
     import ctypes, sys, threading

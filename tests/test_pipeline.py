@@ -183,7 +183,7 @@ def test_free_heap_pages_go_back_at_each_step(tmp_path, tiny_path, monkeypatch, 
     1 + 2 x 4)."""
     made = []
     real = loop.trim_heap
-    monkeypatch.setattr(loop, "trim_heap", lambda: made.append(1) or real())
+    monkeypatch.setattr(loop, "trim_heap", lambda *bound: made.append(bound) or real(*bound))
     rows, _ = run(
         tmp_path,
         tiny_path,
@@ -197,3 +197,4 @@ def test_free_heap_pages_go_back_at_each_step(tmp_path, tiny_path, monkeypatch, 
     )
     assert [r["trainer/optimizer_steps"] for r in rows] == [4.0, 4.0]
     assert len(made) == calls
+    assert made[0] == () and all(bound == (loop.TRIM_MIN_FREE_BYTES,) for bound in made[1:])  # per step: bounded
