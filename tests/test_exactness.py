@@ -1,5 +1,7 @@
 """The three exact sources agree with a brute-force reference on a run whose rollouts span versions."""
 
+import os
+
 import pytest
 import torch
 
@@ -71,12 +73,22 @@ def record(engine, tiny_path, tokenizer):
     return events, states
 
 
-def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget="wait", batch_rows=None):
+def replay(
+    kind,
+    recording,
+    tiny_path,
+    budget="",
+    logprob_worker=None,
+    on_budget="wait",
+    batch_rows=None,
+    snapshot_directory=None,
+    after_event=lambda source: None,
+):
     events, states = recording
     cfg = config_from_dict({"oldlogits": {"snapshot_budget": budget, "on_budget": on_budget}})
     model = policy(tiny_path)
     load_parameters(model, states[0])
-    ctx = SourceContext(pad_id=0, async_mode=True, max_staleness=2)
+    ctx = SourceContext(pad_id=0, async_mode=True, max_staleness=2, snapshot_directory=snapshot_directory)
     source = make_source(cfg, ctx, model, kind=kind, logprob_worker=logprob_worker)
     trajs = [Trajectory(uid=i, group_id=0, level_seed=0) for i in range(3)]
     version, peak = 0, 0
@@ -96,6 +108,7 @@ def replay(kind, recording, tiny_path, budget="", logprob_worker=None, on_budget
             source.on_publish(model, version, trajs)
         if kind == "snapshot":
             peak = max(peak, source.store.bytes)
+        after_event(source)
     batch = Batch.from_trajectories([trajs[i] for i in batch_rows or range(len(trajs))], pad_id=0)
     in_batch = {t.uid for t in batch.trajectories}
     source.prepare(batch, model, version, [t for t in trajs if t.uid not in in_batch])
@@ -201,6 +214,34 @@ def test_snapshot_store_frees_versions_once_their_tokens_are_scored(recording, t
     _, _, source, _ = replay("snapshot", recording, tiny_path)
     assert source.store.snapshots == {} and source.store.bytes == 0  # scored in prepare, freed before training
     assert source.in_flight_tokens == 0  # nothing was in flight
+
+
+def test_snapshots_on_disk_are_exact_resident_only_while_scored_and_removed(recording, tiny_path, tmp_path):
+    """`oldlogits.snapshot_device=disk`: versions 0 and 1 are files, both held until the step starts (as in
+    memory, the test above); no byte of them counts as resident; the old log-probs match brute force within the
+    same 1e-6; closing the source removes its directory. A directory a process no longer running left is removed
+    when a store opens beside it; one of a live process (this one) stays."""
+    root = tmp_path / "snapshots"
+    stale = root / "rank0-pid999999999-x"  # above Linux's pid_max (2^22)
+    live = root / f"rank0-pid{os.getpid()}-y"
+    for d in (stale, live):
+        d.mkdir(parents=True)
+        (d / "v0.pt").write_bytes(b"left")
+    seen = []
+
+    def look(source):
+        files = sorted(p.name for p in source.store.directory.iterdir())
+        seen.append((files, source.store.bytes, source.store.resident_bytes))
+
+    batch, old, source, peak = replay("snapshot", recording, tiny_path, snapshot_directory=root, after_event=look)
+    assert peak == 2 * source.snapshot_bytes
+    assert (["v0.pt", "v1.pt"], 2 * source.snapshot_bytes, 0) in seen
+    assert all(resident == 0 for _, _, resident in seen)
+    ref = brute_force(batch, recording[1], tiny_path)
+    mask = batch.loss_mask > 0
+    assert {int(v) for v in batch.versions[mask]} == {0, 1, 2}
+    assert (old - ref)[mask].abs().max() < 1e-6
+    assert not source.store.directory.exists() and not stale.exists() and (live / "v0.pt").exists()
 
 
 def source_trajectory(recording, uid):

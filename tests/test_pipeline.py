@@ -115,6 +115,22 @@ def test_versions_stay_within_window(tmp_path, tiny_path):
     assert all(r["version/staleness_max"] <= 1 for r in rows)
 
 
+def test_snapshots_on_disk_hold_no_memory_and_leave_nothing_behind(tmp_path, tiny_path):
+    """`oldlogits.snapshot_device=disk`: each step holds a version (in files under the run directory), none of it
+    counted as resident old-logit state, and the run removes its snapshot files when it ends."""
+    rows, pipe = run(
+        tmp_path,
+        tiny_path,
+        mode="async",
+        **{"trainer.steps": 3, "oldlogits.source": "snapshot", "oldlogits.snapshot_device": "disk"},
+    )
+    version_bytes = rows[0]["snapshot/version_bytes"]
+    assert version_bytes > 0 and all(r["snapshot/peak_bytes"] == version_bytes for r in rows)
+    assert all(r["memory/oldlogit_extra_bytes"] == 0 for r in rows)
+    assert pipe.source.store.directory.parent == tmp_path / "run" / "snapshots"
+    assert list((tmp_path / "run" / "snapshots").iterdir()) == []
+
+
 def test_audit_logs_approximation_error(tmp_path, tiny_path):
     # The untrained model loses every episode alike, so group-relative advantages are all zero and the
     # weights would never move; per-turn discounted returns differ by turn and do move them.

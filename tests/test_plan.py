@@ -288,6 +288,23 @@ def test_a_cpu_machine_holds_everything_in_host_memory(qwen7b):
     assert not tight.fits and plan_error(tight).field == "model.lora.r"  # the largest part: AdamW, 56.7 GiB
 
 
+def test_disk_snapshots_hold_no_memory_until_a_version_is_scored(qwen7b):
+    """`oldlogits.snapshot_device=disk` on a CPU machine: the held version, 4P bytes, is on disk, unchecked; the
+    host holds it only while it scores (a phase), so the host's peak is 4P lower than with snapshots in memory,
+    whose own peak holds the version always."""
+    machine = Machine(0, 0, None)
+    disk = plan_7b(qwen7b, "oldlogits.source=snapshot", "oldlogits.snapshot_device=disk", machine=machine)
+    memory = plan_7b(qwen7b, "oldlogits.source=snapshot", machine=machine)
+    assert [d.device for d in disk.devices] == ["cpu", "disk"]
+    assert disk.bytes_of(P.SNAPSHOTS, device="disk") == 4 * P_7B and disk.bytes_of(P.SNAPSHOTS, device="cpu") == 0
+    assert disk.bytes_of(P.SNAPSHOT_IN_USE, device="cpu") == 4 * P_7B
+    assert disk.device("disk").capacity is None and disk.fits
+    in_use = next(p for p in disk.device("cpu").parts if p.kind == P.SNAPSHOT_IN_USE)
+    assert in_use.phase == P.SCORING
+    assert memory.device("cpu").peak - disk.device("cpu").peak == 4 * P_7B
+    assert "disk" in format_plan(disk)
+
+
 def test_planned_config_keeps_device_names_of_another_machine():
     # this machine has no GPU: load_config refuses cuda:3, a plan for another machine takes it
     cfg = planned_config(None, ["trainer.device=cuda:3", "oldlogits.snapshot_device=cpu"])

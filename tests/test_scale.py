@@ -197,6 +197,7 @@ def test_a_device_that_is_not_here_is_a_named_error(field):
     with pytest.raises(ConfigError, match=field) as e:
         load_config(None, [f"{field}=tpu:0"])
     assert "auto, cpu, cuda or cuda:N" in str(e.value)
+    assert ("or disk" in str(e.value)) == (field == "oldlogits.snapshot_device")  # the one field that takes it
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=f"{field}.*no CUDA device"):
             load_config(None, [f"{field}=cuda:1"])

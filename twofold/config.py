@@ -430,7 +430,8 @@ class OldLogitsConfig:
     snapshot_device: str = setting(
         "auto",
         "Where weight snapshots are kept; the snapshot budget counts bytes there. auto: CPU (pinned memory) when "
-        "the trainer is on a GPU, else the trainer's device.",
+        "the trainer is on a GPU, else the trainer's device; disk: files under the run directory's snapshots/, "
+        "read back memory-mapped when a version is scored (resident only then; costs a write per version).",
     )
 
 
@@ -863,10 +864,21 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _DEVICE_FIELDS = ("trainer.device", "engine.device", "oldlogits.device", "oldlogits.snapshot_device")
 
 
+# Device fields that take a name other than a device's.
+_DEVICE_FIELD_EXTRAS = {"oldlogits.snapshot_device": ("disk",)}
+
+
+def _device_choices(path: str) -> str:
+    return "auto, cpu, cuda or cuda:N" + "".join(f", or {e}" for e in _DEVICE_FIELD_EXTRAS.get(path, ()))
+
+
 def check_device(name: str, path: str) -> None:
-    """'auto', 'cpu', 'cuda' or 'cuda:N', and CUDA only where it exists (the error names the field)."""
+    """'auto', 'cpu', 'cuda' or 'cuda:N' (or the field's extras), and CUDA only where it exists (the error names
+    the field)."""
+    if name in _DEVICE_FIELD_EXTRAS.get(path, ()):
+        return
     if not _DEVICE.match(name):
-        raise ConfigError(path, f"got {name!r}; write auto, cpu, cuda or cuda:N")
+        raise ConfigError(path, f"got {name!r}; write {_device_choices(path)}")
     if name.startswith("cuda"):
         cuda = _cuda()
         if not cuda.is_available():
@@ -927,7 +939,8 @@ def _check_devices(cfg: Config) -> None:
         if here:
             check_device(value, key)
         else:
-            _need(bool(_DEVICE.match(value)), key, f"got {value!r}; write auto, cpu, cuda or cuda:N")
+            well_formed = bool(_DEVICE.match(value)) or value in _DEVICE_FIELD_EXTRAS.get(key, ())
+            _need(well_formed, key, f"got {value!r}; write {_device_choices(key)}")
     _need(
         cfg.runtime.backend == "embedded" or cfg.engine.weight_transfer in ("auto", "host"),
         "engine.weight_transfer",

@@ -327,6 +327,26 @@ def versioned_state(model: torch.nn.Module, device: torch.device | str = "cpu") 
     return out
 
 
+def save_versioned_state(model: torch.nn.Module, path: Path) -> int:
+    """`versioned_state(model)` written to `path` in torch's format (read back memory-mapped: `load_versioned_state`),
+    straight from the parameters' own storage when they are float32 tensors with storage of their own, so no
+    second copy is made in memory; returns the bytes written."""
+    state = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            t = local_tensor(p.detach())
+            own_storage = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            state[n] = t if t.dtype == torch.float32 and own_storage else t.to(torch.float32).clone()
+    torch.save(state, path)
+    return sum(t.numel() * 4 for t in state.values())
+
+
+def load_versioned_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state `save_versioned_state` wrote, memory-mapped on the CPU: its pages are read as the tensors are
+    used and leave the process's resident memory with the last reference to them."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
 @torch.no_grad()
 def load_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy `state` (names as `named_parameters` gives them, e.g. a `versioned_state`) into `model`; a

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -96,6 +97,7 @@ class SourceContext:
     numerics: Numerics = field(default_factory=Numerics)  # the trainer's: device, precision, chunks, budgets
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # sources' model copies, EWMA
     snapshot_device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # stored snapshots
+    snapshot_directory: Path | None = None  # where snapshots are files instead (`oldlogits.snapshot_device=disk`)
     ranks: Ranks = field(default_factory=Ranks)  # the trainer's ranks (sharded: every source runs on each)
     # A copy of the policy with the same weights and sharding (snapshot scratch, EWMA proxy), and a whole
     # policy loaded with given (gathered) weights on one rank (the dedicated worker's). Sharded runs pass

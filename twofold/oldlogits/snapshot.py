@@ -2,16 +2,55 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from twofold import metrics as M
 from twofold.config import ConfigError
 from twofold.distributed import local_tensor
-from twofold.models import load_parameters, model_bytes, state_dict_bytes, versioned_state
+from twofold.models import (
+    load_parameters,
+    load_versioned_state,
+    model_bytes,
+    save_versioned_state,
+    state_dict_bytes,
+    versioned_state,
+)
 from twofold.oldlogits.approximate import EWMASource
 from twofold.oldlogits.base import CapturingSource, SourceContext, capture
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """A snapshot written to disk (`save_versioned_state`), read back memory-mapped when a version is scored."""
+
+    path: Path
+    nbytes: int
+
+
+def _remove_stale_directories(root: Path, prefix: str) -> None:
+    """Remove the snapshot directories under `root` that a process no longer running left (a killed run's)."""
+    for d in root.glob(f"{prefix}*"):
+        pid = d.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class SnapshotStore:
@@ -19,19 +58,35 @@ class SnapshotStore:
 
     A snapshot is freed as soon as no pending trajectory holds a token of its version and the engine
     has moved past it. `put` refuses a snapshot that would exceed the byte budget.
+
+    With `directory`, snapshots are files in a directory of their own under it (removed with the store), not
+    tensors in memory: a held version then costs disk, and resident memory only while it is scored.
     """
 
-    def __init__(self, budget_bytes: int | None):
+    def __init__(self, budget_bytes: int | None, directory: Path | None = None, rank: int = 0):
         self.budget_bytes = budget_bytes
-        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.snapshots: dict[int, dict[str, torch.Tensor] | SnapshotFile] = {}
         self.refs: dict[int, set[int]] = {}
         self.peak_bytes = 0
         self.freed = 0
         self._lock = threading.Lock()  # refs: added by the rollout thread, dropped by the trainer
+        self.directory = None
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            prefix = f"rank{rank}-pid"
+            _remove_stale_directories(directory, prefix)
+            self.directory = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=directory))
+            self._remove_directory = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
 
     @property
     def bytes(self) -> int:
-        return sum(state_dict_bytes(s) for s in self.snapshots.values())
+        """Bytes of the versions held, wherever they are kept."""
+        return sum(_nbytes(s) for s in self.snapshots.values())
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of the versions held in memory (not on disk)."""
+        return sum(_nbytes(s) for s in self.snapshots.values() if not isinstance(s, SnapshotFile))
 
     def add_ref(self, version: int, uid: int) -> None:
         with self._lock:
@@ -49,9 +104,20 @@ class SnapshotStore:
     def fits(self, nbytes: int) -> bool:
         return self.budget_bytes is None or self.bytes + nbytes <= self.budget_bytes
 
-    def add(self, version: int, state: dict[str, torch.Tensor]) -> None:
-        self.snapshots[version] = state
+    def add(self, version: int, model: torch.nn.Module, device: torch.device) -> None:
+        """Keep version `version`, `model`'s trained parameters now: in a file when the store has a directory,
+        else a copy on `device`."""
+        if self.directory is not None:
+            path = self.directory / f"v{version}.pt"
+            self.snapshots[version] = SnapshotFile(path, save_versioned_state(model, path))
+        else:
+            self.snapshots[version] = versioned_state(model, device)
         self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def state(self, version: int) -> dict[str, torch.Tensor]:
+        """The tensors of held version `version` (memory-mapped from its file when on disk)."""
+        held = self.snapshots[version]
+        return load_versioned_state(held.path) if isinstance(held, SnapshotFile) else held
 
     def unneeded(self, live_version: int) -> list[int]:
         """Held versions no pending trajectory references, except the engine's live one."""
@@ -61,14 +127,27 @@ class SnapshotStore:
     def free(self, versions: list[int], live_version: int) -> None:
         with self._lock:
             for v in versions:
-                if self.snapshots.pop(v, None) is not None:
+                held = self.snapshots.pop(v, None)
+                if held is not None:
                     self.freed += 1
+                if isinstance(held, SnapshotFile):
+                    held.path.unlink(missing_ok=True)
             for v in [v for v, r in self.refs.items() if not r and v < live_version]:
                 del self.refs[v]
 
     def gc(self, live_version: int) -> None:
         """Free snapshots no pending trajectory references, except the engine's live version."""
         self.free(self.unneeded(live_version), live_version)
+
+    def close(self) -> None:
+        """Remove the store's directory and the files in it (on disk only)."""
+        self.snapshots.clear()
+        if self.directory is not None:
+            self._remove_directory()
+
+
+def _nbytes(held: dict[str, torch.Tensor] | SnapshotFile) -> int:
+    return held.nbytes if isinstance(held, SnapshotFile) else state_dict_bytes(held)
 
 
 class SnapshotSource(CapturingSource):
@@ -93,7 +172,7 @@ class SnapshotSource(CapturingSource):
         fallback: EWMASource | None = None,
     ):
         super().__init__(ctx)
-        self.store = SnapshotStore(budget_bytes)
+        self.store = SnapshotStore(budget_bytes, ctx.snapshot_directory, ctx.ranks.rank)
         self.on_budget = on_budget
         self.fallback = fallback
         # Held versions score through the trainer's own model with their tensors standing in (`scorer_with`); a
@@ -129,7 +208,7 @@ class SnapshotSource(CapturingSource):
         if not needed or version in self.store.snapshots:
             return
         if fits:
-            self.store.add(version, versioned_state(model, self.ctx.snapshot_device))
+            self.store.add(version, model, self.ctx.snapshot_device)
             return
         if self.on_budget == "wait":  # rollouts are paused (needs_pause_before_update said so)
             self._timed(capture, self.ctx.scorer(model), self.captured, pending, version)
@@ -175,8 +254,8 @@ class SnapshotSource(CapturingSource):
 
     def _scorer_at(self, model, version):
         if self.scratch is None:
-            return self.ctx.scorer_with(model, self.store.snapshots[version])
-        load_parameters(self.scratch, self.store.snapshots[version])
+            return self.ctx.scorer_with(model, self.store.state(version))
+        load_parameters(self.scratch, self.store.state(version))
         return self.ctx.scorer(self.scratch)
 
     def old_logprobs(self, batch, current_logprobs, version):
@@ -201,10 +280,13 @@ class SnapshotSource(CapturingSource):
         for t in trajectories:
             self.store.drop_refs(t.uid, t.agent_versions())
 
+    def close(self):
+        self.store.close()
+
     def extra_bytes(self):
         fb = self.fallback.extra_bytes() if self.fallback is not None else 0
         scratch = model_bytes(self.scratch) if self.scratch is not None else 0
-        return self.store.bytes + scratch + fb
+        return self.store.resident_bytes + scratch + fb
 
     def metrics(self):
         out = {

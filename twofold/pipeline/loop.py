@@ -52,7 +52,14 @@ from twofold.pipeline.os_memory import (
 )
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
-from twofold.pipeline.rundir import MetricsSink, default_run_dir, lock_run_dir, refuse_existing_run, write_summary
+from twofold.pipeline.rundir import (
+    SNAPSHOT_DIRECTORY,
+    MetricsSink,
+    default_run_dir,
+    lock_run_dir,
+    refuse_existing_run,
+    write_summary,
+)
 from twofold.pipeline.runtime import EmbeddedRuntime, Runtime
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.rollout.versions import LAG_BUCKETS, Admission, lag_bucket
@@ -75,15 +82,19 @@ class StepTimes:
     weight_sync: float = 0.0
 
 
-def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path) -> SourceContext:
+def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path, run_dir: Path) -> SourceContext:
     """How and where the old-logit sources score and keep state: the trainer's numerics and ranks; model copies
-    on `oldlogits.device`; snapshots on `oldlogits.snapshot_device` (host memory when the trainer is on a GPU).
+    on `oldlogits.device`; snapshots on `oldlogits.snapshot_device` (host memory when the trainer is on a GPU;
+    files under `run_dir/snapshots` with `disk`).
     With sharded ranks, model copies are built on the meta device and sharded on the trainer's mesh, each rank
     copying its own shards (a sharded module cannot be deep-copied), or gathered whole on rank 0 for the
     dedicated worker."""
     o, t, ranks = cfg.oldlogits, cfg.trainer, trainer.ranks
     device = trainer.numerics.device if o.device == "auto" else resolve_device(o.device)
-    if o.snapshot_device != "auto":
+    snapshot_directory = run_dir / SNAPSHOT_DIRECTORY if o.snapshot_device == "disk" else None
+    if o.snapshot_device == "disk":
+        snapshot_device = torch.device("cpu")  # unused: the files are read memory-mapped
+    elif o.snapshot_device != "auto":
         snapshot_device = resolve_device(o.snapshot_device)
     else:
         snapshot_device = torch.device("cpu") if trainer.numerics.device.type == "cuda" else trainer.numerics.device
@@ -106,6 +117,7 @@ def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path)
         numerics=trainer.numerics,
         device=device,
         snapshot_device=snapshot_device,
+        snapshot_directory=snapshot_directory,
         ranks=ranks,
         replicate=replicate,
         whole_policy=whole_policy,
@@ -171,7 +183,7 @@ class Pipeline:
         restored = self._restore() if resume else None
         # Sources are built after the checkpoint so that model copies (dedicated worker, EWMA) start
         # from the resumed weights and version.
-        self.ctx = source_context(cfg, self.trainer, self.tokenizer.pad_token_id or 0, self.model_path)
+        self.ctx = source_context(cfg, self.trainer, self.tokenizer.pad_token_id or 0, self.model_path, self.run_dir)
         self.source: OldLogitSource = make_source(
             cfg, self.ctx, self.trainer.model, version=self.trainer.version, logprob_worker=self.runtime.logprob_worker
         )
@@ -316,9 +328,14 @@ class Pipeline:
             self.worker.pause()
             self._paused = True
 
-    def _before_update(self, times: StepTimes) -> None:
-        if self.cfg.run.trim_heap_each_step:  # the first minibatch's freed activations, before the optimizer step
+    def _trim_heap(self) -> None:
+        """Hand the pages malloc's arenas hold free back to the system (`run.trim_heap_each_step`), when they hold
+        at least TRIM_MIN_FREE_BYTES."""
+        if self.cfg.run.trim_heap_each_step:
             trim_heap(TRIM_MIN_FREE_BYTES)
+
+    def _before_update(self, times: StepTimes) -> None:
+        self._trim_heap()  # the first minibatch's freed activations, before the optimizer step
         t0 = time.perf_counter()
         v, main = self.trainer.version, self.ranks.is_main
         pause = main and any(s.needs_pause_before_update(v) for s in self.sources)
@@ -385,16 +402,14 @@ class Pipeline:
         times = StepTimes()
         t_step = time.perf_counter()
         main = self.ranks.is_main
-        trim = self.cfg.run.trim_heap_each_step
-        if trim:
-            trim_heap(TRIM_MIN_FREE_BYTES)  # what the last step and the rollout freed, before this step's peak
+        self._trim_heap()  # what the last step and the rollout freed, before this step's peak
         peak_was_reset = reset_peak()
         gen0, tok0 = (self.worker.counters.generate_seconds, self.worker.counters.generated_tokens) if main else (0, 0)
         src0 = sum(s.seconds for s in self.sources)
         trajs = self.ranks.broadcast(self._collect_batch() if main else None)
         times.idle = time.perf_counter() - t_step
-        if trim and not self.async_mode:
-            trim_heap(TRIM_MIN_FREE_BYTES)  # in sync mode, what this step's generation freed
+        if not self.async_mode:
+            self._trim_heap()  # in sync mode, what this step's generation freed
         batch = Batch.from_trajectories(trajs, self.ctx.pad_id)
 
         t0 = time.perf_counter()

@@ -48,6 +48,7 @@ LOGIT_BUFFERS = 3
 KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEVICE_KEYS = ("trainer.device", "engine.device", "oldlogits.device", "oldlogits.snapshot_device")
 HOST = "cpu"
+DISK = "disk"  # `oldlogits.snapshot_device=disk`: files, not memory; its capacity is not checked
 
 # What a part is (one name each: tests and the refusal message look parts up by it).
 TRAINER_WEIGHTS = "trainer weights"
@@ -537,7 +538,9 @@ def _merge(placed: Sequence[tuple[str, Part]], machine: Machine) -> tuple[Device
         by_device.setdefault(device, {}).setdefault((part.kind, part.detail, part.key, part.phase), []).append(part)
 
     def order(device: str) -> tuple[int, int]:
-        return (1, 0) if device == HOST else (0, int(device.split(":")[1]) if ":" in device else 0)
+        if device in (HOST, DISK):
+            return (1 if device == HOST else 2, 0)
+        return (0, int(device.split(":")[1]) if ":" in device else 0)
 
     out = []
     for device in sorted(by_device, key=order):
@@ -545,7 +548,7 @@ def _merge(placed: Sequence[tuple[str, Part]], machine: Machine) -> tuple[Device
         for (kind, detail, key, phase), same in by_device[device].items():
             count = f"{len(same)} ranks x " if len(same) > 1 else ""
             parts.append(Part(kind, count + detail, sum(p.nbytes for p in same), key, phase))
-        capacity = machine.host_memory if device == HOST else machine.gpu_memory
+        capacity = {HOST: machine.host_memory, DISK: None}.get(device, machine.gpu_memory)
         out.append(DevicePlan(device, capacity, tuple(parts)))
     return tuple(out)
 
@@ -597,7 +600,7 @@ def _alike(devices: Sequence[DevicePlan]) -> list[tuple[str, DevicePlan]]:
     """Runs of GPUs that hold the same parts (a sharded trainer's ranks 1..N-1), each as one labelled device."""
     runs: list[list[DevicePlan]] = []
     for d in devices:
-        gpus = bool(runs) and HOST not in (d.device, runs[-1][0].device)
+        gpus = bool(runs) and not {HOST, DISK} & {d.device, runs[-1][0].device}
         if gpus and (runs[-1][0].parts, runs[-1][0].capacity) == (d.parts, d.capacity):
             runs[-1].append(d)
         else:

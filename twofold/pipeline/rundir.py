@@ -6,6 +6,8 @@ Layout:
     tb/                    TensorBoard event files
     checkpoints/step_N/    the last `run.keep_checkpoints` checkpoints, each written atomically (checkpoint.py)
     summary.json           written when the run stops: finished (all steps) or stopped by a signal
+    snapshots/             weight snapshots while the run holds them (`oldlogits.snapshot_device=disk`), a
+                           directory per process, removed with it
     run.lock               held (flock) by the process writing the run; holds its pid
 """
 
@@ -20,6 +22,8 @@ import uuid
 from pathlib import Path
 
 from twofold.config import Config, ConfigError
+
+SNAPSHOT_DIRECTORY = "snapshots"
 
 
 def atomic_write_bytes(path: Path, write) -> None:
