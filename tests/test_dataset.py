@@ -62,6 +62,39 @@ def test_missing_columns_are_named(tmp_path):
         env(tmp_path / "nothing-here-*.parquet")
 
 
+def test_gsm8k_columns_and_csv_files_read_as_they_come(tmp_path):
+    """GSM8K's own columns: `question` is the prompt and the `answer` column's worked solution ends in "#### 72",
+    whose 72 is the ground truth. A CSV file reads like the others; its integer answers are compared as text."""
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    solution = "She sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72"
+    gsm8k.write_text(json.dumps({"question": "How many clips?", "answer": solution}) + "\n")
+    e = env(gsm8k)
+    e.reset(level_seed(0, 0))
+    assert (e.layout, e.ground_truth, e.first_messages("")[-1]["content"]) == ("trl", "72", "How many clips?")
+    assert e.step("<answer>72</answer>")[1] == 1.0
+    table = tmp_path / "sums.csv"
+    table.write_text("prompt,answer\nWhat is 2 + 3?,5\nWhat is 4 + 4?,8\n")
+    e = env(table, eval_fraction=0.0)
+    assert sorted(r["answer"] for r in e.rows) == [5, 8]
+    e.reset(level_seed(0, 0))
+    assert e.step(f"<answer>{e.ground_truth}</answer>")[1] == 1.0 and e.ground_truth in ("5", "8")
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("empty.jsonl", "", "has no rows"),
+        ("notes.txt", "hello\n", "no .jsonl, .json, .parquet or .csv file"),
+        ("broken.jsonl", '{"prompt": "1+1?", "answer": "2"}\n{"prompt": \n', "not readable as json"),
+    ],
+)
+def test_files_that_cannot_be_read_are_named_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ConfigError, match=message) as e:
+        env(tmp_path / name)
+    assert e.value.field == "env.options.path"
+
+
 def test_a_reply_without_a_final_answer_costs_the_format_penalty(files):
     e = env(files["verl"], max_turns=2)
     e.reset(level_seed(0, 0))

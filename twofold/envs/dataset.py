@@ -1,4 +1,4 @@
-"""`env.name: dataset`: train on your own prompts and answers (JSONL or Parquet), single-turn or with tools.
+"""`env.name: dataset`: train on your own prompts and answers (JSONL, Parquet or CSV), single-turn or with tools.
 
     env:
       name: dataset
@@ -13,7 +13,8 @@
 
 Layouts, as users already have them:
     verl   `prompt` (chat messages), `reward_model.ground_truth`, `data_source` (optional)
-    trl    `prompt` (a string or chat messages) or `messages`, and `solution` / `answer` / `ground_truth`
+    trl    `prompt` (a string or chat messages), `messages` or `question` (GSM8K's), and `solution` / `answer` /
+           `ground_truth`; a ground truth with GSM8K's `#### ...` line is that line's answer
 The answer is read from `<answer>...</answer>`, `\\boxed{...}` or GSM8K's `#### ...` (exact and math
 rewards); with only those rewards, a reply with none costs the format penalty. A reward function of your own
 may have twofold's, verl's or TRL's signature (`twofold.envs.rewards`). Success means reward >=
@@ -37,36 +38,40 @@ from typing import Any
 
 from twofold.config import DATASET_LAYOUTS, ConfigError, DatasetOptions, check_ranges
 from twofold.envs.base import TextEnv, register
-from twofold.envs.rewards import Sample, extract_answer, load_reward
+from twofold.envs.rewards import GSM8K, Sample, extract_answer, load_reward
 from twofold.envs.seeding import split_of_level
 from twofold.envs.tools import ToolEnv, load_tools
 
 ANSWER_COLUMNS = ("ground_truth", "solution", "answer")
+PROMPT_COLUMNS = ("prompt", "messages", "question")  # TRL's, and GSM8K's question/answer
+# file suffix -> the Hugging Face `datasets` builder that reads it
+READERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def _files(path: str) -> list[str]:
     p = Path(path)
-    if p.is_dir():
-        found = sorted(str(f) for f in p.iterdir() if f.suffix in (".jsonl", ".json", ".parquet"))
-    else:
-        found = sorted(glob.glob(path))
-    if not found:
-        raise ConfigError("env.options.path", f"no .jsonl, .json or .parquet file at {path!r}")
-    kinds = {Path(f).suffix == ".parquet" for f in found}
-    if len(kinds) > 1:
-        raise ConfigError("env.options.path", f"{path!r} mixes Parquet and JSON files; point at one kind")
-    return found
+    found = sorted(str(f) for f in p.iterdir()) if p.is_dir() else sorted(glob.glob(path))
+    readable = [f for f in found if Path(f).suffix in READERS]
+    if not readable:
+        others = f" (found {', '.join(Path(f).name for f in found[:3])})" if found else ""
+        raise ConfigError("env.options.path", f"no .jsonl, .json, .parquet or .csv file at {path!r}{others}")
+    if not p.is_dir() and len(readable) < len(found):
+        unread = [Path(f).name for f in found if Path(f).suffix not in READERS]
+        raise ConfigError("env.options.path", f"cannot read {unread[:3]}: write JSONL, JSON, Parquet or CSV")
+    if len({READERS[Path(f).suffix] for f in readable}) > 1:
+        raise ConfigError("env.options.path", f"{path!r} mixes file formats; point at one kind")
+    return readable
 
 
 def detect_layout(columns: list[str]) -> str:
     if "prompt" in columns and "reward_model" in columns:
         return "verl"
-    if ("prompt" in columns or "messages" in columns) and any(c in columns for c in ANSWER_COLUMNS):
+    if any(c in columns for c in PROMPT_COLUMNS) and any(c in columns for c in ANSWER_COLUMNS):
         return "trl"
     raise ConfigError(
         "env.options.layout",
         f"cannot tell the layout from the columns {columns}: verl's needs "
-        "prompt and reward_model (with ground_truth); TRL's needs prompt or messages, and solution, "
+        "prompt and reward_model (with ground_truth); TRL's needs prompt, messages or question, and solution, "
         "answer or ground_truth. Rename the columns, or set env.options.layout",
     )
 
@@ -82,13 +87,22 @@ def row_of(row: dict, layout: str) -> tuple[list[dict], str]:
         if truth is None:
             raise ConfigError("env.options.path", "a verl row has no reward_model.ground_truth")
         return _as_messages(row["prompt"]), str(truth)
-    messages = _as_messages(row["prompt"] if "prompt" in row else row["messages"])
+    messages = _as_messages(_prompt(row))
     truth = next((row[c] for c in ANSWER_COLUMNS if row.get(c) is not None), None)
     if truth is None and messages and messages[-1]["role"] == "assistant":  # an SFT-style conversation
         truth, messages = messages[-1]["content"], messages[:-1]
     if truth is None:
         raise ConfigError("env.options.path", f"a row has none of the answer columns {ANSWER_COLUMNS}")
-    return messages, str(truth)
+    final = GSM8K.findall(str(truth))  # GSM8K's answer column: the worked solution, then "#### 72"
+    return messages, final[-1] if final else str(truth)
+
+
+def _prompt(row: dict):
+    """The row's prompt: its first column of PROMPT_COLUMNS."""
+    found = next((c for c in PROMPT_COLUMNS if c in row), None)
+    if found is None:
+        raise ConfigError("env.options.path", f"a row has none of the prompt columns {PROMPT_COLUMNS}")
+    return row[found]
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,8 +112,13 @@ def load_rows(path: str, layout: str) -> tuple[str, tuple[dict, ...]]:
 
     datasets.disable_progress_bars()  # one read per process; its bars would interleave with the run's
     files = _files(path)
-    kind = "parquet" if files[0].endswith(".parquet") else "json"
-    data = datasets.load_dataset(kind, data_files=files, split="train")
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise ConfigError("env.options.path", f"{path!r} has no rows (empty file)")
+    kind = READERS[Path(files[0]).suffix]
+    try:
+        data = datasets.load_dataset(kind, data_files=files, split="train")
+    except datasets.exceptions.DatasetGenerationError as e:  # the reader's own error is the cause
+        raise ConfigError("env.options.path", f"{path!r} is not readable as {kind}: {e.__cause__ or e}") from e
     layout = detect_layout(data.column_names) if layout == "auto" else layout
     rows = tuple(data.to_list())
     if not rows:
@@ -111,7 +130,7 @@ def load_rows(path: str, layout: str) -> tuple[str, tuple[dict, ...]]:
 def sample_of(row: dict, layout: str, completion: str = "") -> Sample:
     """What a reward reads of an episode on `row` that ended with `completion`."""
     messages, truth = row_of(row, layout)
-    prompt = row["prompt"] if "prompt" in row else row["messages"]
+    prompt = _prompt(row)
     return Sample(completion, truth, prompt if isinstance(prompt, str) else messages, row)
 
 
