@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -140,10 +141,13 @@ class SnapshotStore:
         self.free(self.unneeded(live_version), live_version)
 
     def close(self) -> None:
-        """Remove the store's directory and the files in it (on disk only)."""
+        """Remove the store's directory and the files in it (on disk only), and the directory above it once no
+        other store's is left there."""
         self.snapshots.clear()
         if self.directory is not None:
             self._remove_directory()
+            with contextlib.suppress(OSError):  # another process's or store's directory is still there
+                self.directory.parent.rmdir()
 
 
 def _nbytes(held: dict[str, torch.Tensor] | SnapshotFile) -> int:
