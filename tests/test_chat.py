@@ -1,9 +1,18 @@
 """Episodes become tokens through the tokenizer's chat template: the same tokens as before for plain user
 turns, tool schemas in the prompt, tool results as role-"tool" turns."""
 
+from transformers import AutoTokenizer
+
 from twofold.envs import make_env
 from twofold.models import CHAT_TEMPLATE
-from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_messages, turn_text
+from twofold.rollout.chat import (
+    first_prompt_ids,
+    next_turn_ids,
+    observation_messages,
+    render,
+    template_renders_tools,
+    turn_text,
+)
 
 
 def old_first_prompt_ids(tokenizer, env, observation):
@@ -34,20 +43,23 @@ def test_plain_user_turns_keep_their_tokens(tokenizer):
         )
 
 
+SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": "get_order",
+        "description": "Look up an order.",
+        "parameters": {
+            "type": "object",
+            "properties": {"id": {"type": "string", "description": "the order id"}},
+            "required": ["id"],
+        },
+    },
+}
+
+
 def test_tool_results_render_as_tool_turns(tokenizer):
     tokenizer.chat_template = CHAT_TEMPLATE
-    schema = {
-        "type": "function",
-        "function": {
-            "name": "get_order",
-            "description": "Look up an order.",
-            "parameters": {
-                "type": "object",
-                "properties": {"id": {"type": "string", "description": "the order id"}},
-                "required": ["id"],
-            },
-        },
-    }
+    schema = SCHEMA
     text = turn_text(
         tokenizer, [{"role": "tool", "content": "K42: lamp"}, {"role": "tool", "content": "B17: mug"}], [schema]
     )
@@ -64,3 +76,24 @@ def test_tool_results_render_as_tool_turns(tokenizer):
     )
     assert prompt.startswith("<|im_start|>system\nBe brief.\n\n# Tools") and '"name": "get_order"' in prompt
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_template_that_drops_tools_gets_them_in_the_system_message(tokenizer, smollm2_path):
+    """SmolLM2's own template renders `tools=` as nothing. twofold then writes the schemas into the system message
+    in the Hermes form; both templates are ChatML, so the prompt is, character for character, the one the tiny
+    model's Hermes-style template (`models.CHAT_TEMPLATE`) makes with `tools=`. With a system message of its own
+    the template's default one ("You are a helpful AI assistant named SmolLM...") gives way to the tools'."""
+    smollm2 = AutoTokenizer.from_pretrained(smollm2_path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    dropped = smollm2.apply_chat_template(messages, tools=[SCHEMA], add_generation_prompt=True, tokenize=False)
+    assert dropped == smollm2.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert not template_renders_tools(smollm2) and template_renders_tools(tokenizer)
+    hermes = tokenizer.apply_chat_template(messages, tools=[SCHEMA], add_generation_prompt=True, tokenize=False)
+    assert render(smollm2, messages, [SCHEMA]) == hermes
+    assert render(tokenizer, messages, [SCHEMA]) == hermes  # a template that lists tools is left to do it
+    alone = render(smollm2, messages[1:], [SCHEMA])
+    assert alone.startswith("<|im_start|>system\n# Tools") and "SmolLM" not in alone
+    # later turns: the same text after the agent's turn whichever way the tools went in
+    results = [{"role": "tool", "content": "K42: lamp"}]
+    assert turn_text(smollm2, results, [SCHEMA]) == turn_text(smollm2, results)

@@ -10,10 +10,63 @@ functions build rollouts and warm-start demonstrations, so SFT and RL see identi
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
 _STUB = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {"name": "twofold_probe", "description": "-", "parameters": {"type": "object", "properties": {}}},
+}
+# The tool block of Hermes-style templates (Qwen2.5's; this one as the tiny model's `models.CHAT_TEMPLATE` renders
+# it), whose <tool_call> form `envs.tools` parses; for templates that drop `tools=`.
+TOOLS_IN_SYSTEM_MESSAGE = (
+    "# Tools\n\nYou may call one or more functions. Their signatures are within <tools></tools>:\n<tools>\n{schemas}"
+    "</tools>\n\nFor each call, return a JSON object with the function name and arguments within "
+    '<tool_call></tool_call> tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n'
+    "</tool_call>"
+)
+
+
+def template_renders_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template puts `tools=` in the prompt. Many do not (SmolLM2's, Llama 2's, most
+    base models'): they render the conversation as if no tool were given, and the model would never learn of them.
+    Says so once per tokenizer and template."""
+    return _renders_tools(tokenizer, str(tokenizer.chat_template))
+
+
+@functools.lru_cache(maxsize=8)
+def _renders_tools(tokenizer, template: str) -> bool:
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "u"}], tools=[_PROBE_TOOL], add_generation_prompt=True, tokenize=False
+    )
+    if "twofold_probe" in probe:
+        return True
+    log.warning(
+        "the chat template of %s ignores tools=; the tool schemas go into the system message in the Hermes form "
+        "(<tools>...</tools>, calls as <tool_call>{...}</tool_call>) instead",
+        getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
+    )
+    return False
+
+
+def with_tools_in_system_message(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """`messages` with the schemas of `tools` (TOOLS_IN_SYSTEM_MESSAGE) after the system message's text, or as a
+    system message of their own when there is none."""
+    text = TOOLS_IN_SYSTEM_MESSAGE.format(schemas="\n".join(json.dumps(t) for t in tools))
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}"}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, generation_prompt: bool = True) -> str:
+    """`messages` through the tokenizer's chat template, with `tools` as the template lists them, or in the system
+    message where the template drops them (`template_renders_tools`)."""
+    if tools and not template_renders_tools(tokenizer):
+        messages, tools = with_tools_in_system_message(messages, tools), None
     return tokenizer.apply_chat_template(
         messages, tools=tools or None, add_generation_prompt=generation_prompt, tokenize=False
     )
