@@ -54,7 +54,7 @@ def test_an_earlier_step_exports_its_own_weights(full_run, tmp_path):
     assert (logprobs(model) - trainer_logprobs).abs().max() > 1e-4
 
 
-def test_export_refuses_a_used_folder_and_a_missing_step(full_run, tmp_path):
+def test_export_refuses_a_used_folder_a_missing_step_and_a_folder_that_is_no_run(full_run, tmp_path):
     run_dir, _ = full_run
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep.txt").write_text("mine")
@@ -63,6 +63,8 @@ def test_export_refuses_a_used_folder_and_a_missing_step(full_run, tmp_path):
     assert (tmp_path / "used" / "keep.txt").read_text() == "mine"
     with pytest.raises(FileNotFoundError, match=r"step 7 .* kept steps: 1, 2"):
         export_run(run_dir, tmp_path / "none", step=7)
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        export_run(tmp_path / "used", tmp_path / "none")
 
 
 def test_lora_exports_adapters_and_merged_weights(tmp_path, tiny_path):

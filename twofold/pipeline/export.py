@@ -31,6 +31,8 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, me
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; export into a new folder")
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml): give the run.dir of a run")
     cfg = load_config(run_dir / "config.yaml")
     checkpoint = checkpoint_at(run_dir, step)
     model_path = resolve_model_path(cfg, progress=False)
