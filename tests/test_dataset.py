@@ -72,12 +72,26 @@ def test_gsm8k_columns_and_csv_files_read_as_they_come(tmp_path):
     e.reset(level_seed(0, 0))
     assert (e.layout, e.ground_truth, e.first_messages("")[-1]["content"]) == ("trl", "72", "How many clips?")
     assert e.step("<answer>72</answer>")[1] == 1.0
-    table = tmp_path / "sums.csv"
-    table.write_text("prompt,answer\nWhat is 2 + 3?,5\nWhat is 4 + 4?,8\n")
-    e = env(table, eval_fraction=0.0)
-    assert sorted(r["answer"] for r in e.rows) == [5, 8]
+    # "####" only on the last line is GSM8K's final answer; a markdown heading inside a solution is not
+    steps = tmp_path / "steps.jsonl"
+    steps.write_text(
+        json.dumps({"prompt": "Show it.", "solution": "#### Step 1\nx = 2\n\n#### Step 2\nx + 1 = 3."}) + "\n"
+    )
+    e = env(steps)
     e.reset(level_seed(0, 0))
-    assert e.step(f"<answer>{e.ground_truth}</answer>")[1] == 1.0 and e.ground_truth in ("5", "8")
+    assert e.ground_truth == "#### Step 1\nx = 2\n\n#### Step 2\nx + 1 = 3."
+    # a row whose prompt column is empty takes the next prompt column it has
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": None, "question": "How many?", "answer": "3"}) + "\n")
+    e = env(mixed)
+    assert e.first_messages(e.reset(level_seed(0, 0)))[-1]["content"] == "How many?"
+    # CSV cells are text as written: not 7, 3.1 or 5.0
+    table = tmp_path / "sums.csv"
+    table.write_text("prompt,answer\nWhat is 2 + 5?,007\nWhat is 3 + 0.10?,3.10\nWhat is 2 + 3?,5\n")
+    e = env(table, eval_fraction=0.0)
+    assert sorted(r["answer"] for r in e.rows) == ["007", "3.10", "5"]
+    e.reset(level_seed(0, 0))
+    assert e.step(f"<answer>{e.ground_truth}</answer>")[1] == 1.0 and e.ground_truth in ("007", "3.10", "5")
 
 
 @pytest.mark.parametrize(
@@ -86,6 +100,8 @@ def test_gsm8k_columns_and_csv_files_read_as_they_come(tmp_path):
         ("empty.jsonl", "", "has no rows"),
         ("notes.txt", "hello\n", "no .jsonl, .json, .parquet or .csv file"),
         ("broken.jsonl", '{"prompt": "1+1?", "answer": "2"}\n{"prompt": \n', "not readable as json"),
+        ("broken.parquet", "PAR1 not really", "not readable as parquet"),
+        ("blank.csv", "prompt,answer\nWhat is 1 + 1?,2\nWhat is 2 + 2?,\n", "row 1 of .* none of the answer columns"),
     ],
 )
 def test_files_that_cannot_be_read_are_named_errors(tmp_path, name, content, message):

@@ -1,6 +1,7 @@
 """The three exact sources agree with a brute-force reference on a run whose rollouts span versions."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from twofold.engine.builtin import BuiltinEngine
 from twofold.logprobs import Numerics, score_sequences
 from twofold.models import full_weights, load_model, load_parameters, model_bytes, versioned_state
 from twofold.oldlogits import CapturedLogprobs, SourceContext, capture, make_source
+from twofold.oldlogits.snapshot import LOCK_FILE, DirectoryLock
 from twofold.rollout.trajectory import Batch, Trajectory
 
 
@@ -219,29 +221,35 @@ def test_snapshot_store_frees_versions_once_their_tokens_are_scored(recording, t
 def test_snapshots_on_disk_are_exact_resident_only_while_scored_and_removed(recording, tiny_path, tmp_path):
     """`oldlogits.snapshot_device=disk`: versions 0 and 1 are files, both held until the step starts (as in
     memory, the test above); no byte of them counts as resident; the old log-probs match brute force within the
-    same 1e-6; closing the source removes its directory. A directory a process no longer running left is removed
-    when a store opens beside it; one of a live process (this one) stays."""
+    same 1e-6; closing the source removes its directory. A store opening beside other directories removes those
+    no live store holds: one whose lock file nobody holds (a killed run's), and one without a lock file older
+    than the grace period; it leaves one whose lock is held and one just made."""
     root = tmp_path / "snapshots"
-    stale = root / "rank0-pid999999999-x"  # above Linux's pid_max (2^22)
-    live = root / f"rank0-pid{os.getpid()}-y"
-    for d in (stale, live):
+    abandoned, held, old, young = (root / name for name in ("rank0-a", "rank1-b", "rank0-c", "rank0-d"))
+    for d in (abandoned, held, old, young):
         d.mkdir(parents=True)
         (d / "v0.pt").write_bytes(b"left")
+    (abandoned / LOCK_FILE).touch()
+    holder = DirectoryLock(held)
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
     seen = []
 
     def look(source):
-        files = sorted(p.name for p in source.store.directory.iterdir())
+        files = sorted(p.name for p in source.store.directory.iterdir() if p.name != LOCK_FILE)
         seen.append((files, source.store.bytes, source.store.resident_bytes))
 
-    batch, old, source, peak = replay("snapshot", recording, tiny_path, snapshot_directory=root, after_event=look)
+    batch, old_lps, source, peak = replay("snapshot", recording, tiny_path, snapshot_directory=root, after_event=look)
     assert peak == 2 * source.snapshot_bytes
     assert (["v0.pt", "v1.pt"], 2 * source.snapshot_bytes, 0) in seen
     assert all(resident == 0 for _, _, resident in seen)
     ref = brute_force(batch, recording[1], tiny_path)
     mask = batch.loss_mask > 0
     assert {int(v) for v in batch.versions[mask]} == {0, 1, 2}
-    assert (old - ref)[mask].abs().max() < 1e-6
-    assert not source.store.directory.exists() and not stale.exists() and (live / "v0.pt").exists()
+    assert (old_lps - ref)[mask].abs().max() < 1e-6
+    assert not source.store.directory.exists()
+    assert sorted(d.name for d in root.iterdir()) == ["rank0-d", "rank1-b"]  # the held one and the young one
+    holder.release()
 
 
 def source_trajectory(recording, uid):

@@ -330,13 +330,16 @@ def versioned_state(model: torch.nn.Module, device: torch.device | str = "cpu") 
 def save_versioned_state(model: torch.nn.Module, path: Path) -> int:
     """`versioned_state(model)` written to `path` in torch's format (read back memory-mapped: `load_versioned_state`),
     straight from the parameters' own storage when they are float32 tensors with storage of their own, so no
-    second copy is made in memory; returns the bytes written."""
+    second copy is made on their device (`torch.save` moves a GPU storage to the host as it writes it); any
+    other parameter (another dtype, a view into a larger buffer, as FSDP2's padded shards can be) is copied to
+    the host first. Returns the bytes written."""
     state = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
             t = local_tensor(p.detach())
             own_storage = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-            state[n] = t if t.dtype == torch.float32 and own_storage else t.to(torch.float32).clone()
+            whole = t.dtype == torch.float32 and own_storage
+            state[n] = t if whole else t.to(device="cpu", dtype=torch.float32, copy=True).contiguous()
     torch.save(state, path)
     return sum(t.numel() * 4 for t in state.values())
 

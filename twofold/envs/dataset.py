@@ -26,6 +26,7 @@ shuffled by seed and by epoch, so every source of a comparison sees the same row
 
 from __future__ import annotations
 
+import csv
 import functools
 import glob
 import hashlib
@@ -93,13 +94,20 @@ def row_of(row: dict, layout: str) -> tuple[list[dict], str]:
         truth, messages = messages[-1]["content"], messages[:-1]
     if truth is None:
         raise ConfigError("env.options.path", f"a row has none of the answer columns {ANSWER_COLUMNS}")
-    final = GSM8K.findall(str(truth))  # GSM8K's answer column: the worked solution, then "#### 72"
-    return messages, final[-1] if final else str(truth)
+    return messages, _final_answer(str(truth))
+
+
+def _final_answer(truth: str) -> str:
+    """GSM8K's answer column is the worked solution with "#### 72" as its last line: the truth is 72. Any other
+    text (a "#### Step 2" heading inside a solution included) is the truth as it is."""
+    lines = truth.strip().splitlines()
+    final = GSM8K.match(lines[-1].strip()) if lines else None
+    return final.group(1) if final else truth
 
 
 def _prompt(row: dict):
-    """The row's prompt: its first column of PROMPT_COLUMNS."""
-    found = next((c for c in PROMPT_COLUMNS if c in row), None)
+    """The row's prompt: its first column of PROMPT_COLUMNS that has a value."""
+    found = next((c for c in PROMPT_COLUMNS if row.get(c) is not None), None)
     if found is None:
         raise ConfigError("env.options.path", f"a row has none of the prompt columns {PROMPT_COLUMNS}")
     return row[found]
@@ -109,6 +117,7 @@ def _prompt(row: dict):
 def load_rows(path: str, layout: str) -> tuple[str, tuple[dict, ...]]:
     """(the layout, every row as a dict), read once per process with Hugging Face `datasets`."""
     import datasets
+    import pyarrow
 
     datasets.disable_progress_bars()  # one read per process; its bars would interleave with the run's
     files = _files(path)
@@ -116,15 +125,30 @@ def load_rows(path: str, layout: str) -> tuple[str, tuple[dict, ...]]:
         raise ConfigError("env.options.path", f"{path!r} has no rows (empty file)")
     kind = READERS[Path(files[0]).suffix]
     try:
-        data = datasets.load_dataset(kind, data_files=files, split="train")
-    except datasets.exceptions.DatasetGenerationError as e:  # the reader's own error is the cause
+        # a CSV file's columns as text: the reader would otherwise guess types, and "007", "3.10" or a column of
+        # integers with one blank cell would come back as 7, 3.1 or 5.0, no longer the ground truth written
+        as_text = datasets.Features({c: datasets.Value("string") for c in _csv_header(files[0])})
+        data = datasets.load_dataset(kind, data_files=files, split="train", features=as_text if kind == "csv" else None)
+    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as e:  # the reader's own error
         raise ConfigError("env.options.path", f"{path!r} is not readable as {kind}: {e.__cause__ or e}") from e
     layout = detect_layout(data.column_names) if layout == "auto" else layout
     rows = tuple(data.to_list())
     if not rows:
         raise ConfigError("env.options.path", f"{path!r} has no rows")
-    row_of(rows[0], layout)  # a missing column is an error now, naming it, not at the first episode
+    for i, row in enumerate(rows):  # a missing value is an error now, naming its row, not at some episode
+        try:
+            row_of(row, layout)
+        except ConfigError as e:
+            raise ConfigError(e.field, f"row {i} of {path!r}: {e.message}") from None
     return layout, rows
+
+
+def _csv_header(file: str) -> list[str]:
+    """The column names on a CSV file's first line (none for another kind of file)."""
+    if Path(file).suffix != ".csv":
+        return []
+    with open(file, newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def sample_of(row: dict, layout: str, completion: str = "") -> Sample:

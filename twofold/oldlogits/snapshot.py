@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import fcntl
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,22 +37,37 @@ class SnapshotFile:
     nbytes: int
 
 
-def _remove_stale_directories(root: Path, prefix: str) -> None:
-    """Remove the snapshot directories under `root` that a process no longer running left (a killed run's)."""
-    for d in root.glob(f"{prefix}*"):
-        pid = d.name[len(prefix) :].split("-")[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
+# Each store's directory holds this file, locked (flock) while the store lives: a directory whose lock can be
+# taken belongs to no live store (a killed run's, whatever its pid, host or rank count).
+LOCK_FILE = ".lock"
+# A directory without its lock file yet may be one another process has just made: left alone this long.
+UNLOCKED_GRACE_S = 60.0
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class DirectoryLock:
+    """An exclusive flock on `directory`/LOCK_FILE, held from creation until `release`."""
+
+    def __init__(self, directory: Path):
+        self.file = open(directory / LOCK_FILE, "w")  # noqa: SIM115 (held for the store's life)
+        fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        self.file.close()  # closing drops the flock
+
+
+def _remove_abandoned_directories(root: Path) -> None:
+    """Remove the store directories under `root` that no live store holds (a killed run's)."""
+    for d in root.iterdir():
+        with contextlib.suppress(OSError):  # held by a live store, or removed meanwhile by another process
+            if (d / LOCK_FILE).exists():
+                _remove_directory(d, DirectoryLock(d))
+            elif d.is_dir() and time.time() - d.stat().st_mtime > UNLOCKED_GRACE_S:
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def _remove_directory(directory: Path, lock: DirectoryLock) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    lock.release()
 
 
 class SnapshotStore:
@@ -74,10 +90,10 @@ class SnapshotStore:
         self.directory = None
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
-            prefix = f"rank{rank}-pid"
-            _remove_stale_directories(directory, prefix)
-            self.directory = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=directory))
-            self._remove_directory = weakref.finalize(self, shutil.rmtree, self.directory, ignore_errors=True)
+            _remove_abandoned_directories(directory)
+            self.directory = Path(tempfile.mkdtemp(prefix=f"rank{rank}-", dir=directory))
+            lock = DirectoryLock(self.directory)
+            self._remove_directory = weakref.finalize(self, _remove_directory, self.directory, lock)
 
     @property
     def bytes(self) -> int:
@@ -176,7 +192,6 @@ class SnapshotSource(CapturingSource):
         fallback: EWMASource | None = None,
     ):
         super().__init__(ctx)
-        self.store = SnapshotStore(budget_bytes, ctx.snapshot_directory, ctx.ranks.rank)
         self.on_budget = on_budget
         self.fallback = fallback
         # Held versions score through the trainer's own model with their tensors standing in (`scorer_with`); a
@@ -192,6 +207,7 @@ class SnapshotSource(CapturingSource):
                 f"bytes of trained parameters, float32); give at least {self.snapshot_bytes / 2**20:.1f}MiB "
                 "or leave it empty for no limit",
             )
+        self.store = SnapshotStore(budget_bytes, ctx.snapshot_directory, ctx.ranks.rank)
         self.budget_captures = 0
         self.fallback_tokens = 0
         self.in_flight_tokens = 0  # tokens of complete versions captured while their trajectory was in flight
