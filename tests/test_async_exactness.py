@@ -132,15 +132,19 @@ LATENCY_RUN = {
 }
 
 
-@pytest.mark.parametrize("source", ["snapshot", "dedicated", "interrupt"])
-def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, source):
+@pytest.mark.parametrize(
+    "source,snapshot_device",
+    [("snapshot", "auto"), ("snapshot", "disk"), ("dedicated", "auto"), ("interrupt", "auto")],
+)
+def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, source, snapshot_device):
+    """`snapshot_device=disk`: the held versions are files read back memory-mapped; the same bound holds."""
     ended_after_publish = joined = in_flight = 0
     for seed in (0, 1, 2):
         cfg = small_config(
             mode="async",
             seed=seed,
             max_staleness=2,
-            **{"oldlogits.source": source, **LATENCY_RUN},
+            **{"oldlogits.source": source, "oldlogits.snapshot_device": snapshot_device, **LATENCY_RUN},
         )
         pipe = Pipeline(cfg, tmp_path / f"{source}-{seed}", model_path=tiny_path)
         brute = BruteForce(pipe, tiny_path)
@@ -158,6 +162,7 @@ def test_exact_sources_under_env_latency_match_brute_force(tmp_path, tiny_path, 
         if source == "snapshot":  # versions the engine moved past are scored in flight: one version held at most
             in_flight += rows[-1]["snapshot/in_flight_tokens"]
             assert max(r["snapshot/peak_bytes"] for r in rows) == rows[-1]["snapshot/version_bytes"]
+            assert (pipe.source.store.directory is not None) == (snapshot_device == "disk")  # files, or tensors
     assert ended_after_publish > 0, "no trajectory ended after a publish: the test lost its point"
     assert source != "snapshot" or in_flight > 0, "no in-flight token of a past version was scored early"
     assert joined > 0, "no request joined a running batch: continuous batching went unchecked"
