@@ -49,7 +49,11 @@ class DirectoryLock:
 
     def __init__(self, directory: Path):
         self.file = open(directory / LOCK_FILE, "w")  # noqa: SIM115 (held for the store's life)
-        fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a live store: the file is not ours to keep open
+            self.file.close()
+            raise
 
     def release(self) -> None:
         self.file.close()  # closing drops the flock
