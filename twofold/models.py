@@ -320,11 +320,17 @@ def versioned_state(model: torch.nn.Module, device: torch.device | str = "cpu") 
     device = torch.device(device)
     pin = device.type == "cpu" and torch.cuda.is_available()
     out = {}
+    for n, t in trained_tensors(model):
+        t = t.to(device=device, dtype=torch.float32, copy=True)
+        out[n] = t.pin_memory() if pin else t
+    return out
+
+
+def trained_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, this rank's tensor) of every parameter that trains, detached: what a policy version is."""
     for n, p in model.named_parameters():
         if p.requires_grad:
-            t = local_tensor(p.detach()).to(device=device, dtype=torch.float32, copy=True)
-            out[n] = t.pin_memory() if pin else t
-    return out
+            yield n, local_tensor(p.detach())
 
 
 def save_versioned_state(model: torch.nn.Module, path: Path) -> int:
@@ -334,12 +340,10 @@ def save_versioned_state(model: torch.nn.Module, path: Path) -> int:
     other parameter (another dtype, a view into a larger buffer, as FSDP2's padded shards can be) is copied to
     the host first. Returns the bytes written."""
     state = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            t = local_tensor(p.detach())
-            own_storage = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-            whole = t.dtype == torch.float32 and own_storage
-            state[n] = t if whole else t.to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+    for n, t in trained_tensors(model):
+        own_storage = t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        whole = t.dtype == torch.float32 and own_storage
+        state[n] = t if whole else t.to(device="cpu", dtype=torch.float32, copy=True).contiguous()
     torch.save(state, path)
     return sum(t.numel() * 4 for t in state.values())
 

@@ -127,8 +127,10 @@ def load_rows(path: str, layout: str) -> tuple[str, tuple[dict, ...]]:
     try:
         # a CSV file's columns as text: the reader would otherwise guess types, and "007", "3.10" or a column of
         # integers with one blank cell would come back as 7, 3.1 or 5.0, no longer the ground truth written
-        as_text = datasets.Features({c: datasets.Value("string") for c in _csv_header(files[0])})
-        data = datasets.load_dataset(kind, data_files=files, split="train", features=as_text if kind == "csv" else None)
+        features = (
+            datasets.Features({c: datasets.Value("string") for c in _csv_header(files[0])}) if kind == "csv" else None
+        )
+        data = datasets.load_dataset(kind, data_files=files, split="train", features=features)
     except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as e:  # the reader's own error
         raise ConfigError("env.options.path", f"{path!r} is not readable as {kind}: {e.__cause__ or e}") from e
     layout = detect_layout(data.column_names) if layout == "auto" else layout
@@ -144,9 +146,7 @@ def load_rows(path: str, layout: str) -> tuple[str, tuple[dict, ...]]:
 
 
 def _csv_header(file: str) -> list[str]:
-    """The column names on a CSV file's first line (none for another kind of file)."""
-    if Path(file).suffix != ".csv":
-        return []
+    """The column names on a CSV file's first line."""
     with open(file, newline="") as f:
         return next(csv.reader(f), [])
 

@@ -16,13 +16,13 @@ import torch
 
 from twofold import metrics as M
 from twofold.config import ConfigError
-from twofold.distributed import local_tensor
 from twofold.models import (
     load_parameters,
     load_versioned_state,
     model_bytes,
     save_versioned_state,
     state_dict_bytes,
+    trained_tensors,
     versioned_state,
 )
 from twofold.oldlogits.approximate import EWMASource
@@ -203,7 +203,7 @@ class SnapshotSource(CapturingSource):
         self.scratch = ctx.copy_of(model) if ctx.ranks.sharded else None
         # a snapshot is what changes between versions (the whole model, or the LoRA adapters alone), in this
         # rank's shards: the budget is per rank
-        self.snapshot_bytes = sum(local_tensor(p).numel() * 4 for p in model.parameters() if p.requires_grad)
+        self.snapshot_bytes = sum(t.numel() * 4 for _, t in trained_tensors(model))
         if budget_bytes is not None and budget_bytes < self.snapshot_bytes:
             raise ConfigError(
                 "oldlogits.snapshot_budget",

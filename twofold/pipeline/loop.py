@@ -91,9 +91,9 @@ def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path,
     dedicated worker."""
     o, t, ranks = cfg.oldlogits, cfg.trainer, trainer.ranks
     device = trainer.numerics.device if o.device == "auto" else resolve_device(o.device)
-    snapshot_directory = run_dir / SNAPSHOT_DIRECTORY if o.snapshot_device == "disk" else None
-    if o.snapshot_device == "disk":
-        snapshot_device = torch.device("cpu")  # unused: the files are read memory-mapped
+    snapshot_directory = None
+    if o.snapshot_device == "disk":  # files; the device is unused: they are read memory-mapped
+        snapshot_device, snapshot_directory = torch.device("cpu"), run_dir / SNAPSHOT_DIRECTORY
     elif o.snapshot_device != "auto":
         snapshot_device = resolve_device(o.snapshot_device)
     else:
