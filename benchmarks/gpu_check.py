@@ -21,6 +21,12 @@ Checks:
   checkpoint_resume       save, keep training, restore into fresh parts (twice): the same engine samples (the
                           engine's device RNG), and the same next step and EWMA average as the straight run,
                           within the spread of the two restored runs (0 on CPU: bit-identical)
+  engine_sleep            the built-in engine asleep (`engine.sleep`) holds none of its weights' memory on its
+                          device (torch.cuda.memory_allocated; resident bytes on CPU) and, given the next weights,
+                          samples exactly what an engine that stayed awake samples
+  vllm_sleep              vLLM beside the trainer with sleep mode (when importable): its GPU memory handed back
+                          while asleep (torch.cuda.mem_get_info), woken by a weight update that its samples follow
+                          (skipped on CPU: vLLM's sleep mode is CUDA/ROCm only; not yet run on a GPU)
   vllm_weights            vLLM on the GPU (when importable): version stamps before and after a weight update,
                           and behaviour log-probs that follow the new weights (skipped on CPU: tests/test_vllm.py
                           runs vLLM's CPU build; not yet run on a GPU: neither lent image had vLLM)
@@ -502,12 +508,96 @@ def vllm_weights_on(s: Setup, path: str, engine_device: str) -> dict:
     }
 
 
+def _samples(engine, prompts: list[list[int]], tokens: int = 16) -> list[tuple]:
+    from twofold.engine.base import GenerationRequest, SamplingParams
+
+    requests = [GenerationRequest(i, p, SamplingParams(max_new_tokens=tokens)) for i, p in enumerate(prompts)]
+    return [(r.output_ids, r.output_logprobs, r.output_versions) for r in engine.generate(requests)]
+
+
+def check_engine_sleep(s: Setup) -> dict:
+    """Two built-in engines from one seed take the same new weights, one of them asleep when they come."""
+    from twofold.engine.builtin import BuiltinEngine
+
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12]]
+    awake, sleeper = (BuiltinEngine(s.path, dtype="bfloat16", device=str(s.device), seed=7) for _ in range(2))
+    model = load_model(s.path).to(s.device)
+    with torch.no_grad():  # new weights, different from the engines' own
+        model.get_input_embeddings().weight.mul_(2.0)
+    for engine in (awake, sleeper):
+        _samples(engine, prompts)
+    synchronize(s.device)
+    held = sleeper.resident_weight_bytes()
+    before = torch.cuda.memory_allocated(s.device) if s.device.type == "cuda" else None
+    sleeper.sleep()
+    after = torch.cuda.memory_allocated(s.device) if s.device.type == "cuda" else None
+    for engine in (awake, sleeper):
+        engine.update_weights(iter_full_weights(model, dtype=torch.bfloat16, device=engine.weights_device), 1)
+    same = _samples(awake, prompts) == _samples(sleeper, prompts)
+    freed = None if before is None else before - after
+    return {
+        "ok": same and (freed is None or freed >= held),
+        "weight_bytes": held,
+        "device_bytes_freed_by_sleep": freed,
+        "samples_equal_after_waking": same,
+    }
+
+
+def check_vllm_sleep(s: Setup) -> dict:
+    """vLLM on the trainer's GPU with `sleeps`: the memory it hands back asleep (a 0.3 share), and a weight update
+    that wakes it, whose samples follow the new weights with the new version's stamp."""
+    if s.device.type != "cuda":
+        return {"skipped": "vLLM's sleep mode is CUDA/ROCm only; on CPU tests/test_vllm.py checks its refusal"}
+    try:
+        from twofold.engine.vllm import VLLMEngine
+    except ImportError as e:
+        return {"skipped": f"vLLM is not importable here ({e})"}
+    from twofold.config import EngineConfig
+
+    cfg = EngineConfig(backend="vllm", device=str(s.device), dtype="bfloat16", gpu_memory_utilization=0.3)
+    engine = VLLMEngine(s.path, cfg, trainer_device=str(s.device), sleeps=True)
+    try:
+        model = load_model(s.path).to(s.device)
+        prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+        _samples(engine, [prompt])
+        free_awake = torch.cuda.mem_get_info(s.device)[0]
+        engine.sleep()
+        free_asleep = torch.cuda.mem_get_info(s.device)[0]
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(4.0)
+        engine.update_weights(iter_full_weights(model, dtype=torch.bfloat16, device=engine.weights_device), 1)
+        free_woken = torch.cuda.mem_get_info(s.device)[0]
+        ids, lps, versions = _samples(engine, [prompt], 32)[0]
+        ids_t, attn = pad_right([prompt + ids], 0)
+        with torch.no_grad():
+            scored = token_logprobs(model, ids_t.to(s.device), attn.to(s.device))[0, len(prompt) :].cpu()
+        gap = float((torch.tensor(lps) - scored).abs().mean())
+    finally:
+        engine.close()
+    share = int(0.3 * torch.cuda.get_device_properties(s.device).total_memory)
+    handed_back = free_asleep - free_awake
+    return {
+        "ok": (
+            handed_back > share // 2  # weights and KV cache leave the GPU
+            and free_awake - free_woken < share // 10  # and all of it comes back
+            and set(versions) == {1}
+            and gap < 0.25  # bfloat16 vLLM against float32 scoring of the new weights
+        ),
+        "share_bytes": share,
+        "bytes_handed_back_asleep": handed_back,
+        "bytes_free_awake_minus_woken": free_awake - free_woken,
+        "mean_logprob_gap_after_update": gap,
+    }
+
+
 CHECKS: dict[str, Callable[[Setup], dict]] = {
     "bf16_step": check_bf16_step,
     "snapshot_exact": check_snapshot_exact,
     "chunked_logprob_memory": check_chunked_logprob_memory,
     "fsdp_one_rank": check_fsdp_one_rank,
     "checkpoint_resume": check_checkpoint_resume,
+    "engine_sleep": check_engine_sleep,
+    "vllm_sleep": check_vllm_sleep,
     "vllm_weights": check_vllm_weights,
 }
 

@@ -186,6 +186,36 @@ def test_update_weights_then_generate_matches_an_engine_built_from_those_weights
     assert updated.resident_weight_bytes() == _weight_bytes_held(model, held_in_float32)
 
 
+@pytest.mark.parametrize("held_in_float32", [True, False])
+def test_a_sleeping_engine_holds_no_weights_and_generates_as_before_once_it_takes_new_ones(
+    tiny_path, monkeypatch, held_in_float32
+):
+    """`sleep` frees every parameter's storage (shapes kept) and the prefix cache; `update_weights` allocates it
+    again: the same tokens and bit-identical log-probs, stamped with the new version, as an engine that stayed
+    awake through the same update."""
+    monkeypatch.setattr(builtin, "lacks_native_low_precision_matmul", lambda device, dtype: held_in_float32)
+    model = load_model(tiny_path)
+    reqs = _requests(load_tokenizer(tiny_path), 3)
+    awake, sleeper = (BuiltinEngine(tiny_path, dtype="bfloat16", seed=5) for _ in range(2))
+    shapes = [p.shape for p in sleeper.model.parameters()]
+    awake.generate(reqs)
+    ran = reqs[0].prompt_ids + sleeper.generate(reqs)[0].output_ids  # its KV is in the prefix cache
+    held = sleeper.prefix_cache.longest_prefix(0, ran)[1]
+    sleeper.sleep()
+    assert held >= 16 and sleeper.prefix_cache.longest_prefix(0, ran)[1] == 0
+    assert sleeper.asleep and sleeper.resident_weight_bytes() == 0
+    assert all(p.untyped_storage().nbytes() == 0 for p in sleeper.model.parameters())
+    assert [p.shape for p in sleeper.model.parameters()] == shapes
+    for engine in (awake, sleeper):
+        engine.update_weights(full_weights(model), 1)
+    assert not sleeper.asleep and sleeper.resident_weight_bytes() == _weight_bytes_held(model, held_in_float32)
+    a, b = awake.generate(reqs), sleeper.generate(reqs)
+    assert [(o.output_ids, o.output_logprobs, o.output_versions) for o in b] == [
+        (o.output_ids, o.output_logprobs, o.output_versions) for o in a
+    ]
+    assert {v for o in b for v in o.output_versions} == {1}
+
+
 def test_cpu_attention_sums_in_float32_and_rounds_only_its_output():
     """Hand-checkable: one query on keys [0, 0] (equal scores, weights 1/2 each) and values 256 and 258 gives 257,
     which bf16 cannot hold (ulp 2 at 256): the output is 257 rounded to even, 256, in bf16."""

@@ -37,6 +37,8 @@ def test_the_dry_run_on_cpu_passes_every_check(tmp_path):
         "chunked_logprob_memory": "passed",
         "fsdp_one_rank": "passed",
         "checkpoint_resume": "passed",
+        "engine_sleep": "passed",
+        "vllm_sleep": "skipped",
         "vllm_weights": "skipped",
     }
     assert records["bf16_step"]["microbatches_of_half_the_rows"] > 1 and records["bf16_step"]["optimizer_steps"] == 2
@@ -45,6 +47,8 @@ def test_the_dry_run_on_cpu_passes_every_check(tmp_path):
     assert records["chunked_logprob_memory"]["peak_bytes_full"] is None  # no allocator statistics on CPU
     assert records["fsdp_one_rank"]["backend"] == "gloo"
     assert records["checkpoint_resume"]["restored_step"] == 1 and records["checkpoint_resume"]["engine_samples_equal"]
+    assert records["engine_sleep"]["samples_equal_after_waking"] and records["engine_sleep"]["weight_bytes"] > 0
+    assert records["engine_sleep"]["device_bytes_freed_by_sleep"] is None  # no allocator statistics on CPU
 
 
 def test_a_check_that_raises_is_recorded_as_failed(tmp_path):

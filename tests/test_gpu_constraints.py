@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from twofold.config import ConfigError, EngineConfig, load_config
 from twofold.distributed import Ranks, collective_device, init_ranks, spawn_ranks
-from twofold.engine.placement import weight_transfer_path
+from twofold.engine.placement import sleep_frees_trainer_gpu, weight_transfer_path
 from twofold.models import file_sha256
 from twofold.pipeline.checkpoint import (
     MANIFEST,
@@ -290,6 +290,29 @@ def test_a_vllm_weight_transfer_is_refused_for_the_builtin_engine():
     on_ray = ["engine.backend=vllm", "runtime.backend=ray", "engine.weight_transfer=nccl"]
     with pytest.raises(ConfigError, match="engine.weight_transfer.*on Ray the engines are actors"):
         load_config("configs/frozenlake.yaml", on_ray)
+
+
+@pytest.mark.parametrize(
+    ("engine", "trainer", "frees"),
+    [
+        (vllm_engine(), "cuda:0", True),  # auto: GPU 0, the trainer's
+        (vllm_engine(device="cuda:0"), "cuda", True),
+        (vllm_engine(device="cuda:0", tensor_parallel_size=2), "cuda:1", True),  # GPUs 0-1 hold the trainer's
+        (vllm_engine(device="cuda:1"), "cuda:0", False),  # a GPU of its own
+        (vllm_engine(), "cpu", False),  # nothing of the trainer's is on a GPU
+    ],
+)
+def test_vllm_sleeping_frees_trainer_memory_only_on_the_trainers_gpu(engine, trainer, frees):
+    assert sleep_frees_trainer_gpu(engine, trainer) is frees
+
+
+def test_engine_sleep_is_refused_where_the_engine_never_idles_or_lives_elsewhere():
+    with pytest.raises(ConfigError, match="engine.sleep.*in async mode the engine generates while the trainer"):
+        load_config("configs/frozenlake.yaml", ["mode=async", "engine.sleep=true"])
+    with pytest.raises(ConfigError, match="engine.sleep.*on Ray the engines are actors"):
+        load_config("configs/frozenlake.yaml", ["mode=sync", "engine.sleep=true", "runtime.backend=ray"])
+    assert load_config("configs/frozenlake.yaml", ["mode=sync", "engine.sleep=true"]).engine.sleep is True
+    assert load_config("configs/frozenlake.yaml", ["mode=async"]).engine.sleep is None  # empty: the plan decides
 
 
 CUDA_SPY = """

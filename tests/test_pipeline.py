@@ -1,6 +1,7 @@
 import pytest
 from conftest import small_config
 
+from twofold.engine.builtin import BuiltinEngine
 from twofold.metrics import declared
 from twofold.pipeline import loop
 from twofold.pipeline.checkpoint import checkpoints, verify
@@ -189,6 +190,38 @@ def test_memory_metrics_name_where_the_bytes_go(tmp_path, tiny_path):
     # the peak minus the named parts, or 0 where the baseline held something the run has since freed (on a tiny
     # model the difference is a fraction of a MiB of allocator noise)
     assert row["memory/step_transient_bytes"] == max(row["memory/step_peak_rss_bytes"] - named, 0.0)
+
+
+def test_an_engine_that_sleeps_between_sync_steps_trains_the_same_run(tmp_path, tiny_path, monkeypatch):
+    """engine.sleep=true: the engine sleeps once per step, after its batch is generated, and wakes with the next
+    weights; every metric but time, throughput and memory equals the run whose engine stayed awake, and the
+    step's transient memory is its peak less the parts held through the step (the engine's weights are not)."""
+    slept = []
+    real = BuiltinEngine.sleep
+    monkeypatch.setattr(BuiltinEngine, "sleep", lambda engine: slept.append(engine.version) or real(engine))
+    sync = {"trainer.steps": 2, "oldlogits.source": "snapshot"}
+    awake, _ = run(tmp_path / "awake", tiny_path, mode="sync", **sync, **{"engine.sleep": False})
+    assert slept == []
+    asleep, pipe = run(tmp_path / "asleep", tiny_path, mode="sync", **sync, **{"engine.sleep": True})
+    assert pipe.engine_sleeps and slept == [0, 1] and not pipe.engine.asleep
+    varying = ("time/", "throughput/", "memory/")
+    for a, b in zip(awake, asleep, strict=True):
+        assert {k: v for k, v in a.items() if not k.startswith(varying)} == {
+            k: v for k, v in b.items() if not k.startswith(varying)
+        }
+    row = asleep[-1]
+    assert row["memory/engine_weight_bytes"] > 0
+    held = sum(
+        row[k]
+        for k in (
+            "memory/trainer_parameter_bytes",
+            "memory/trainer_gradient_bytes",
+            "memory/optimizer_state_bytes",
+            "memory/oldlogit_extra_bytes",
+            "memory/process_baseline_bytes",
+        )
+    )
+    assert row["memory/step_transient_bytes"] == max(row["memory/step_peak_rss_bytes"] - held, 0.0)
 
 
 @pytest.mark.parametrize(("trim", "calls"), [(True, 1 + 2 * 3), (False, 1)])

@@ -422,3 +422,59 @@ def test_the_engine_process_sees_exactly_its_gpus():
     assert visible_devices([1, 2], {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == "5,6"  # this process sees 4-7
     with pytest.raises(ConfigError, match="engine.device.*shows 1"):
         visible_devices([1], {"CUDA_VISIBLE_DEVICES": "0"})
+
+
+# --------------------------------------------------------------------------- an engine that sleeps between steps
+
+
+SLEEPY_7B = ["mode=sync", "trainer.device=cuda:0", "engine.backend=vllm", "model.lora.r=16", "model.lora.alpha=32",
+             "trainer.max_tokens_per_microbatch=8192", "engine.gpu_memory_utilization=0.64"]  # fmt: skip
+
+
+def test_vllm_that_sleeps_holds_its_share_only_while_generating(qwen7b):
+    """7B LoRA in sync mode, vLLM on the trainer's GPU at a 0.64 share. Always: weights 30,502,836,224 + AdamW
+    80,741,248 + EWMA average 40,370,176 = 30,623,947,648; the share int(0.64 x 80 GiB) = 54,975,581,388; the train
+    step 1,015,021,568. Awake, the share is always held: 86,614,550,604, over 80 GiB (85,899,345,920) by
+    715,204,684. Asleep, it is a phase of its own, the largest: 30,623,947,648 + 54,975,581,388 = 85,599,529,036,
+    which fits; publishing wakes the bfloat16 weights alone, 2 x P = 15,231,233,024."""
+    awake = plan_7b(qwen7b, *SLEEPY_7B, "engine.sleep=false", config="configs/frozenlake.yaml")
+    assert awake.device("cuda:0").peak == 86_614_550_604 and awake.device("cuda:0").overflow == 715_204_684
+    asleep = plan_7b(qwen7b, *SLEEPY_7B, "engine.sleep=true", config="configs/frozenlake.yaml")
+    gpu = asleep.device("cuda:0")
+    assert {p.phase for p in gpu.parts if p.kind == P.VLLM_SHARE} == {P.GENERATION}
+    assert gpu.held(P.GENERATION) == 54_975_581_388 and gpu.peak == 85_599_529_036 and asleep.fits
+    assert asleep.bytes_of(P.ENGINE_WEIGHTS_WOKEN, device="cuda:0") == 2 * P_7B
+    assert "the engine sleeps between steps" in format_plan(asleep)
+    assert "the engine sleeps" not in format_plan(awake)
+
+
+def test_an_empty_engine_sleep_turns_on_only_where_the_run_fits_only_with_it(qwen7b):
+    auto = plan_7b(qwen7b, *SLEEPY_7B, config="configs/frozenlake.yaml")
+    assert auto.engine_sleeps and auto.fits
+    roomy = plan_7b(qwen7b, *SLEEPY_7B, "engine.gpu_memory_utilization=0.5", config="configs/frozenlake.yaml")
+    assert not roomy.engine_sleeps and roomy.fits  # fits awake: no reason to sleep
+    hopeless = plan_7b(qwen7b, *SLEEPY_7B, "engine.gpu_memory_utilization=0.9", config="configs/frozenlake.yaml")
+    assert not hopeless.engine_sleeps and not hopeless.fits  # the share beside the trainer's weights alone overflows
+    # vLLM on a GPU of its own frees none of the trainer's by sleeping; async mode generates while it trains
+    apart = plan_7b(qwen7b, *SLEEPY_7B, "engine.device=cuda:1", machine=Machine(2, 80 * GIB, 2**40))
+    assert not apart.engine_sleeps
+    cfg = planned_config("configs/frozenlake.yaml", [f"model.path={qwen7b}", "model.warmstart=false", *SLEEPY_7B])
+    assert P.can_sleep(cfg, ONE_GPU)
+    cfg.mode = "async"
+    assert not P.can_sleep(cfg, ONE_GPU)
+
+
+def test_a_builtin_engine_that_sleeps_holds_weights_and_kv_only_while_generating(qwen7b):
+    """On a CPU machine with native bf16: the built-in engine's bfloat16 weights, 2P, and its KV cache move from
+    `always` to `generation`; publishing allocates the weights again (2P) beside the streamed tensors."""
+    machine = Machine(0, 0, None)
+    awake = plan_7b(qwen7b, "mode=sync", machine=machine)
+    asleep = plan_7b(qwen7b, "mode=sync", "engine.sleep=true", machine=machine)
+    host = asleep.device("cpu")
+    kinds = {P.ENGINE_WEIGHTS, P.ENGINE_KV_CACHE, P.ENGINE_PREFIX_CACHE}
+    assert {p.phase for p in host.parts if p.kind in kinds} == {P.GENERATION}
+    assert asleep.bytes_of(P.ENGINE_WEIGHTS) == awake.bytes_of(P.ENGINE_WEIGHTS) == 2 * P_7B
+    assert asleep.bytes_of(P.ENGINE_WEIGHTS_WOKEN) == 2 * P_7B
+    engine = sum(p.nbytes for p in host.parts if p.kind in kinds)
+    assert host.held(P.ALWAYS) == awake.device("cpu").held(P.ALWAYS) - engine
+    assert host.peak < awake.device("cpu").peak

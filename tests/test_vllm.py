@@ -18,7 +18,7 @@ from conftest import small_config  # noqa: E402
 from test_engine import _deltas as deltas  # noqa: E402
 from test_engine import _requests as requests  # noqa: E402
 
-from twofold.config import EngineConfig, ModelConfig  # noqa: E402
+from twofold.config import ConfigError, EngineConfig, ModelConfig  # noqa: E402
 from twofold.engine.vllm import PublishedWeights, VLLMEngine  # noqa: E402
 from twofold.envs import tokenizer_corpus  # noqa: E402
 from twofold.logprobs import Numerics, score_sequences  # noqa: E402
@@ -200,6 +200,13 @@ def test_published_weights_declare_what_the_send_pass_yields():
     assert [name for name, _ in source] == ["a", "b"]
     source.publish(iter(weights.items()))  # without metadata (host): the iterator itself, nothing held
     assert [name for name, _ in source] == ["a", "b"] and list(source) == []
+
+
+def test_vllm_sleep_on_its_cpu_build_is_refused_before_vllm_starts(tiny_path):
+    """vLLM's sleep mode is CUDA/ROCm only (`is_sleep_mode_available`): the CPU build refuses engine.sleep with
+    the field named, before any engine process starts."""
+    with pytest.raises(ConfigError, match="engine.sleep.*needs a CUDA or ROCm GPU; this vLLM runs on cpu"):
+        VLLMEngine(tiny_path, EngineConfig(backend="vllm"), sleeps=True)
 
 
 def test_bfloat16_vllm_vs_trainer_float32_is_the_real_discrepancy(async_run):

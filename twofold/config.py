@@ -174,6 +174,13 @@ class EngineConfig:
     enforce_eager: bool | None = setting(
         None, "vLLM only: eager mode (no CUDA graphs). Empty (null): eager on CPU, CUDA graphs on a GPU."
     )
+    sleep: bool | None = setting(
+        None,
+        "Sync mode: the engine releases its weights and KV cache once a batch is generated and takes them back "
+        "when the next weights are published, so the trainer's step has that memory (built-in engine: its weights' "
+        "storage and prefix cache; vLLM on the trainer's GPU: vLLM's sleep mode, level 2, CUDA only). Empty (null): "
+        "on where the memory plan fits only with it (`twofold plan`).",
+    )
     weight_transfer: Literal["auto", "host", "ipc", "nccl"] = setting(
         "auto",
         "vLLM only: how new weights reach the engine's workers, through vLLM's weight-transfer protocol. host: "
@@ -976,6 +983,22 @@ def _check_engine(e: EngineConfig) -> None:
     )
 
 
+def _check_engine_sleep(cfg: Config) -> None:
+    if not cfg.engine.sleep:
+        return
+    _need(
+        cfg.mode == "sync",
+        "engine.sleep",
+        "in async mode the engine generates while the trainer trains, so it has nothing to release; use mode=sync "
+        "or leave engine.sleep empty",
+    )
+    _need(
+        cfg.runtime.backend == "embedded",
+        "engine.sleep",
+        "on Ray the engines are actors on nodes of their own and keep their memory; leave engine.sleep empty",
+    )
+
+
 def _check_rollout(cfg: Config) -> None:
     r = cfg.rollout
     _need(
@@ -1041,6 +1064,7 @@ def validate(cfg: Config) -> Config:
     _check_model(cfg.model)
     _check_devices(cfg)
     _check_engine(cfg.engine)
+    _check_engine_sleep(cfg)
     _check_rollout(cfg)
     _check_loss(cfg.loss)
     _check_trainer(cfg)

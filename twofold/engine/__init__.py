@@ -12,10 +12,15 @@ __all__ = ["GenerationRequest", "GenerationResult", "InferenceEngine", "Sampling
 
 
 def make_engine(
-    cfg: EngineConfig, model_path: str | Path, tokenizer, seed: int = 0, trainer_device: str = "cpu"
+    cfg: EngineConfig,
+    model_path: str | Path,
+    tokenizer,
+    seed: int = 0,
+    trainer_device: str = "cpu",
+    sleeps: bool = False,
 ) -> InferenceEngine:
     """The engine `cfg` names; `trainer_device` (the trainer's, where vLLM's weight transfer starts from)
-    decides vLLM's transfer path."""
+    decides vLLM's transfer path; `sleeps`: the run will call `sleep()` between steps (vLLM is started for it)."""
     if cfg.backend == "builtin":
         return BuiltinEngine(
             model_path,
@@ -38,5 +43,5 @@ def make_engine(
                 f"vLLM is not usable here ({e}); install it with "
                 "`pip install twofold[vllm]` on a machine it supports, or use engine.backend=builtin",
             ) from None
-        return VLLMEngine(model_path, cfg, seed=seed, trainer_device=trainer_device)
+        return VLLMEngine(model_path, cfg, seed=seed, trainer_device=trainer_device, sleeps=sleeps)
     raise ConfigError("engine.backend", f"unknown backend {cfg.backend!r}; valid: builtin, vllm")

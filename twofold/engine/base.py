@@ -173,6 +173,14 @@ class InferenceEngine(ABC):
         with self._cond:
             self._paused = False
 
+    # True between `sleep()` and the next `update_weights`
+    asleep: bool = False
+
+    def sleep(self) -> None:
+        """Release the weights' memory and every cached KV until the next `update_weights`, which takes them back
+        (`engine.sleep`, sync mode: called once a batch is generated, while nothing generates)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot release its memory between steps")
+
     def resident_weight_bytes(self) -> int:
         """Bytes of this process's memory the engine's weights take: 0 where they live in another process (vLLM's
         engine core, a Ray replica)."""

@@ -296,10 +296,11 @@ class BuiltinEngine(InferenceEngine):
         self.prefilled_tokens = 0
         self.reused_tokens = 0
         self.joined_requests = 0
+        self._storage_bytes: dict[int, int] = {}  # each parameter's storage while the engine sleeps
         quantize_(self.model, quantization, self.dtype)
 
     def resident_weight_bytes(self) -> int:
-        return model_bytes(self.model)
+        return 0 if self.asleep else model_bytes(self.model)
 
     def prefill_metrics(self) -> dict[str, int]:
         return {
@@ -308,11 +309,27 @@ class BuiltinEngine(InferenceEngine):
             M.ENGINE_JOINED_REQUESTS: self.joined_requests,
         }
 
+    def sleep(self) -> None:
+        """Free the weights' storage (each parameter keeps its shape and dtype; a tied one is freed once) and the
+        prefix cache; `update_weights` allocates the storage again and fills every weight."""
+        self.prefix_cache.clear()
+        self._storage_bytes = {id(p): p.untyped_storage().nbytes() for p in self.model.parameters()}
+        for p in self.model.parameters():
+            p.untyped_storage().resize_(0)
+        self.asleep = True
+
+    def _wake(self) -> None:
+        for p in self.model.parameters():
+            p.untyped_storage().resize_(self._storage_bytes[id(p)])
+        self.asleep = False
+
     @torch.no_grad()
     def update_weights(self, weights: Weights, version: int) -> None:
-        """Load new weights rounded to the engine's dtype, each as it comes; the prefix cache's KV is of the old
-        ones, so it goes."""
+        """Load new weights rounded to the engine's dtype, each as it comes (into storage allocated again when the
+        engine sleeps); the prefix cache's KV is of the old ones, so it goes."""
         self.prefix_cache.clear()
+        if self.asleep:
+            self._wake()
         params = dict(self.model.named_parameters())
         missing = set(params)
         for name, tensor in weight_items(weights):

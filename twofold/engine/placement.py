@@ -24,6 +24,18 @@ def visible_devices(gpus: list[int], environ: Mapping[str, str]) -> str:
     return ",".join(seen[g] for g in gpus)
 
 
+def trainer_gpu(trainer_device: str) -> int | None:
+    """The trainer's GPU index ('cuda' is GPU 0); None for a trainer on the CPU."""
+    if not trainer_device.startswith("cuda"):
+        return None
+    return int(trainer_device.split(":")[1]) if ":" in trainer_device else 0
+
+
+def sleep_frees_trainer_gpu(cfg: EngineConfig, trainer_device: str) -> bool:
+    """Whether vLLM on GPUs sleeping gives the trainer memory: its GPUs include the trainer's."""
+    return trainer_gpu(trainer_device) in cfg.gpu_indices()
+
+
 def weight_transfer_path(cfg: EngineConfig, trainer_device: str, engine_on_gpu: bool) -> str:
     """How the trainer's weights reach vLLM's workers (`engine.weight_transfer`):
 
@@ -33,12 +45,10 @@ def weight_transfer_path(cfg: EngineConfig, trainer_device: str, engine_on_gpu: 
       allows one rank per GPU in a communicator, so the trainer's GPU cannot be among them).
 
     `auto` picks the one the placement allows; an explicit choice the placement rules out is refused."""
-    trainer_gpu = None
-    if trainer_device.startswith("cuda"):
-        trainer_gpu = int(trainer_device.split(":")[1]) if ":" in trainer_device else 0
+    gpu = trainer_gpu(trainer_device)
     engine_gpus = cfg.gpu_indices() if engine_on_gpu else []
-    shares = trainer_gpu is not None and engine_gpus == [trainer_gpu]
-    apart = trainer_gpu is not None and bool(engine_gpus) and trainer_gpu not in engine_gpus
+    shares = gpu is not None and engine_gpus == [gpu]
+    apart = gpu is not None and bool(engine_gpus) and gpu not in engine_gpus
     choice = cfg.weight_transfer
     if choice == "auto":
         return "ipc" if shares else "nccl" if apart else "host"

@@ -33,10 +33,10 @@ from typing import ClassVar
 
 import torch
 
-from twofold.config import EngineConfig
+from twofold.config import ConfigError, EngineConfig
 from twofold.distributed import free_port
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, weight_items
-from twofold.engine.placement import visible_devices, weight_transfer_path
+from twofold.engine.placement import sleep_frees_trainer_gpu, visible_devices, weight_transfer_path
 from twofold.engine.vllm_worker import HOST_BACKEND, pack
 from twofold.modelpath import has_model_code
 
@@ -185,6 +185,23 @@ def trainer_sender(path: str, tensor_parallel_size: int, client, source: WeightS
 BACKENDS = {"host": HOST_BACKEND, "ipc": "ipc", "nccl": "nccl"}
 
 
+def check_sleep(cfg: EngineConfig, trainer_device: str, platform) -> None:
+    """`engine.sleep` with vLLM needs vLLM's sleep mode (CUDA and ROCm builds) and the trainer's GPU among the
+    engine's, where the memory it frees goes to the trainer."""
+    if not platform.is_sleep_mode_available():
+        raise ConfigError(
+            "engine.sleep",
+            f"vLLM's sleep mode needs a CUDA or ROCm GPU; this vLLM runs on {platform.device_type or 'the CPU'}. "
+            "Set engine.sleep=false (or leave it empty)",
+        )
+    if not sleep_frees_trainer_gpu(cfg, trainer_device):
+        raise ConfigError(
+            "engine.sleep",
+            f"vLLM on GPUs {cfg.gpu_indices()} frees none of the trainer's memory ({trainer_device}) by sleeping; "
+            "set engine.sleep=false, or engine.device to the trainer's GPU",
+        )
+
+
 class VLLMEngine(InferenceEngine):
     def __init__(
         self,
@@ -193,10 +210,13 @@ class VLLMEngine(InferenceEngine):
         seed: int = 0,
         max_model_len: int | None = None,
         trainer_device: str = "cpu",
+        sleeps: bool = False,
     ):
         super().__init__()
         from vllm.platforms import current_platform
 
+        if sleeps:
+            check_sleep(cfg, trainer_device, current_platform)
         self.transfer = weight_transfer_path(cfg, trainer_device, engine_on_gpu=current_platform.is_cuda_alike())
         # ipc and nccl send from the trainer's GPU: the published weights stay there
         self.weights_device = "cpu" if self.transfer == "host" else trainer_device
@@ -219,6 +239,7 @@ class VLLMEngine(InferenceEngine):
                 tensor_parallel_size=cfg.tensor_parallel_size,
                 trust_remote_code=has_model_code(Path(model_path)),  # allowed by `modelpath.allow_model_code`
                 weight_transfer_config=WeightTransferConfig(backend=BACKENDS[self.transfer]),
+                enable_sleep_mode=sleeps,
             )
         self.engine = self.llm.llm_engine
         self.published = PublishedWeights()
@@ -287,13 +308,30 @@ class VLLMEngine(InferenceEngine):
         with torch.cuda.device(device), torch.cuda.stream(torch.cuda.current_stream(device)):
             yield
 
+    def sleep(self) -> None:
+        """vLLM's level-2 sleep: its weights and KV cache leave the GPU, their contents forgotten (the next
+        `update_weights` sends every weight)."""
+        self.llm.sleep(level=2)
+        self.asleep = True
+
+    def _wake(self, tags: list[str]) -> None:
+        torch.cuda.empty_cache()  # the trainer's cached blocks back to the driver, where vLLM allocates from
+        self.llm.wake_up(tags=tags)
+
     def update_weights(self, weights: Weights, version: int) -> None:
+        """Send the new weights; an engine asleep takes back its weights' memory first and its KV cache after, so
+        the two never coexist with the update's own buffers."""
+        if self.asleep:
+            self._wake(["weights"])
         self.published.publish(weight_items(weights))
         try:
             with self._on_trainer_gpu():
                 self.sender.send_weights()
         finally:
             self.published.publish([])  # nothing of this version held past its transfer
+        if self.asleep:
+            self._wake(["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
         self.version = version
 

@@ -50,6 +50,7 @@ from twofold.pipeline.os_memory import (
     return_freed_memory_to_os,
     trim_heap,
 )
+from twofold.pipeline.plan import engine_sleeps, read_model_shapes, this_machine
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import (
@@ -175,7 +176,12 @@ class Pipeline:
         self.tokenizer = load_tokenizer(self.model_path)
         self.trainer = Trainer.from_pretrained(self.model_path, cfg, seed=cfg.seed, ranks=self.ranks)
         trainer_device = str(self.trainer.numerics.device)
-        self.engine = self.runtime.make_engine(cfg, self.model_path, self.tokenizer, trainer_device) if main else None
+        self.engine_sleeps = main and engine_sleeps(cfg, read_model_shapes(self.model_path), this_machine())
+        self.engine = (
+            self.runtime.make_engine(cfg, self.model_path, self.tokenizer, trainer_device, self.engine_sleeps)
+            if main
+            else None
+        )
         self.engine_dtype = DTYPES[cfg.engine.dtype]
         window = cfg.max_staleness if self.async_mode else 0
         self.admission = Admission(window, cfg.rollout.groups_per_step, cfg.rollout.stale_policy)
@@ -408,8 +414,10 @@ class Pipeline:
         src0 = sum(s.seconds for s in self.sources)
         trajs = self.ranks.broadcast(self._collect_batch() if main else None)
         times.idle = time.perf_counter() - t_step
+        if self.engine_sleeps:  # sync mode: nothing generates until the next weights are published
+            self.engine.sleep()
         if not self.async_mode:
-            self._trim_heap()  # in sync mode, what this step's generation freed
+            self._trim_heap()  # in sync mode, what this step's generation (and a sleeping engine) freed
         batch = Batch.from_trajectories(trajs, self.ctx.pad_id)
 
         t0 = time.perf_counter()
@@ -473,6 +481,7 @@ class Pipeline:
                 extra,
                 peak_was_reset,
                 self.baseline_bytes,
+                self.engine_sleeps,
             ),
         }
         if self.trainer.numerics.device.type == "cuda":  # everything this process put on its GPU, at its peak

@@ -35,11 +35,14 @@ def memory_metrics(
     oldlogit_bytes: int,
     peak_was_reset: bool,
     baseline_bytes: int | None = None,
+    engine_sleeps: bool = False,
 ) -> dict[str, float]:
     """The `memory/*` metrics of a step (see twofold/metrics.py). The step's peak needs `reset_peak` to have
     worked at its start; its transient part is only defined when the named parts live in host memory (a
     trainer on a GPU holds its parts there, not in the process's resident size). `baseline_bytes` is the
-    resident size before the run built anything (the interpreter and libraries), a named part when known."""
+    resident size before the run built anything (the interpreter and libraries), a named part when known. An
+    engine that sleeps between steps (`engine.sleep`) holds its weights only while it generates and takes new
+    ones: they are reported, but not taken from the peak, since the peak may be the train step's, without them."""
     parts = {
         M.MEMORY_TRAINER_PARAMETERS: model_bytes(trainer_model),
         M.MEMORY_TRAINER_GRADIENTS: gradient_bytes(trainer_model),
@@ -56,5 +59,6 @@ def memory_metrics(
     if peak is not None and peak_was_reset:
         out[M.MEMORY_STEP_PEAK_RSS] = float(peak)
         if next(trainer_model.parameters()).device.type == "cpu":
-            out[M.MEMORY_STEP_TRANSIENT] = float(max(peak - sum(parts.values()), 0))
+            held = sum(v for k, v in parts.items() if not (engine_sleeps and k == M.MEMORY_ENGINE_WEIGHTS))
+            out[M.MEMORY_STEP_TRANSIENT] = float(max(peak - held, 0))
     return out

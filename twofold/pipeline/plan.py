@@ -19,9 +19,11 @@ and on rank 0's process the engine: built-in, P x (2 or 4 bytes) of weights plus
 which it needs free when it starts.
 
 A device's peak is what it always holds plus the largest of its phases' transients (a train step, scoring old
-log-probs, publishing weights), which never coexist. Activations, the CUDA context and allocator slack are not
-counted, so the plan is a lower bound on the peak, except for the built-in engine's KV cache, which is counted
-at its most (a full batch of the longest trajectories): `engine.max_batch_size` bounds it.
+log-probs, publishing weights, and, when the engine sleeps between steps (`engine.sleep`, sync mode),
+generation, which then alone holds the engine's weights and KV cache), which never coexist. Activations, the
+CUDA context and allocator slack are not counted, so the plan is a lower bound on the peak, except for the
+built-in engine's KV cache, which is counted at its most (a full batch of the longest trajectories):
+`engine.max_batch_size` bounds it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twofold.config import Config, ConfigError, LoraConfig, load_config, parse_bytes
+from twofold.engine.placement import sleep_frees_trainer_gpu
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ ENGINE_WEIGHTS = "engine weights"
 ENGINE_KV_CACHE = "engine KV cache"
 ENGINE_PREFIX_CACHE = "engine prefix cache"
 VLLM_SHARE = "vLLM share"
+ENGINE_WEIGHTS_WOKEN = "engine weights, back for the update"
 SNAPSHOTS = "snapshots"
 SNAPSHOT_IN_USE = "snapshot in use"
 SCRATCH_COPY = "snapshot scratch copy"
@@ -74,7 +78,7 @@ GATHERED_WEIGHT = "weight being published"
 OLDLOGIT_STATE = (SNAPSHOTS, SCRATCH_COPY, EWMA_AVERAGE, EWMA_PROXY, DEDICATED_COPY)
 
 # When a part is held: always, or only during one phase of a step (phases never overlap).
-ALWAYS, TRAIN_STEP, SCORING, PUBLISH = "always", "train step", "scoring", "publish"
+ALWAYS, TRAIN_STEP, SCORING, PUBLISH, GENERATION = "always", "train step", "scoring", "publish", "generation"
 
 
 # --------------------------------------------------------------------------- model shapes and parameter counts
@@ -286,6 +290,7 @@ class MemoryPlan:
     devices: tuple[DevicePlan, ...]
     problems: tuple[Problem, ...]  # placements that cannot work whatever the bytes
     warnings: tuple[str, ...]
+    engine_sleeps: bool = False  # the engine releases its memory between steps (`engine_sleeps`)
 
     @property
     def fits(self) -> bool:
@@ -352,12 +357,16 @@ def trainer_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, on_cuda: bool
     return parts
 
 
-def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machine) -> list[tuple[str, Part]]:
+def engine_parts(
+    cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machine, sleeps: bool = False
+) -> list[tuple[str, Part]]:
     """The engine, in rank 0's process: (device, part) pairs. The built-in engine holds its weights in
     `engine.dtype` (quantisation is simulated in it) and a KV cache of 2 L kv_heads head_dim values per token
     for `max_batch_size` sequences of `rollout.max_total_tokens`; vLLM on GPUs takes its share of each of its
     GPUs (`engine.device` on, `engine.tensor_parallel_size` of them: `EngineConfig.gpu_indices`), on its CPU build
-    its weights and a fixed KV cache in host memory."""
+    its weights and a fixed KV cache in host memory. `sleeps`: all of it is held while generating only, and
+    the weights again (without the KV cache) while new ones are published into them."""
+    held = GENERATION if sleeps else ALWAYS
     e = cfg.engine
     width = DTYPE_BYTES[e.dtype]
     weights = n.base * width  # LoRA policies reach the engine merged: the base's shapes
@@ -372,7 +381,10 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
             f"{e.gpu_memory_utilization:g} x {format_bytes(machine.gpu_memory)}, "
             f"{per_gpu}weights {format_bytes(weights)} in it"
         )
-        shares = [(f"cuda:{g}", Part(VLLM_SHARE, detail, share, "engine.gpu_memory_utilization")) for g in gpus]
+        shares = [(f"cuda:{g}", Part(VLLM_SHARE, detail, share, "engine.gpu_memory_utilization", held)) for g in gpus]
+        if sleeps:
+            woken = Part(ENGINE_WEIGHTS_WOKEN, e.dtype, weights // len(gpus), "engine.sleep", PUBLISH)
+            shares += [(f"cuda:{g}", woken) for g in gpus]
         return [host_payload, *shares]
     if e.backend == "vllm":
         kv = Part(ENGINE_KV_CACHE, "VLLM_CPU_KVCACHE_SPACE", machine.vllm_cpu_kv_cache, "engine.max_batch_size")
@@ -380,21 +392,24 @@ def engine_parts(cfg: Config, s: ModelShapes, n: ParameterCounts, machine: Machi
     device = _placed(e.device, 0, machine.gpus)
     tokens = e.max_batch_size * cfg.rollout.max_total_tokens
     kv_bytes = 2 * s.num_layers * s.num_kv_heads * s.head_dim * width * tokens
-    held = e.dtype
+    held_as = e.dtype
     if device == HOST and width < 4 and not machine.host_bf16_matmul:
-        weights, held = n.base * 4, f"{e.dtype} values held as float32 (no native bf16 matmul)"
+        weights, held_as = n.base * 4, f"{e.dtype} values held as float32 (no native bf16 matmul)"
     prefix = parse_bytes(e.prefix_cache, "engine.prefix_cache") or 0
     if cfg.runtime.backend == "ray":
         to_engine = host_payload
     else:  # streamed onto the engine's device (`iter_full_weights`)
         in_flight = 2 * largest_weight(s) * width
         to_engine = (device, Part(TO_ENGINE, f"2 tensors at a time, {e.dtype}", in_flight, "engine.device", PUBLISH))
-    return [
+    parts = [
         to_engine,
-        (device, Part(ENGINE_WEIGHTS, held, weights, "engine.device")),
-        (device, Part(ENGINE_KV_CACHE, f"{tokens:,} tokens x {e.dtype}", kv_bytes, "engine.max_batch_size")),
-        (device, Part(ENGINE_PREFIX_CACHE, "at most", prefix, "engine.prefix_cache")),
+        (device, Part(ENGINE_WEIGHTS, held_as, weights, "engine.device", held)),
+        (device, Part(ENGINE_KV_CACHE, f"{tokens:,} tokens x {e.dtype}", kv_bytes, "engine.max_batch_size", held)),
+        (device, Part(ENGINE_PREFIX_CACHE, "at most", prefix, "engine.prefix_cache", held)),
     ]
+    if sleeps:
+        parts.append((device, Part(ENGINE_WEIGHTS_WOKEN, held_as, weights, "engine.sleep", PUBLISH)))
+    return parts
 
 
 def largest_weight(s: ModelShapes) -> int:
@@ -553,15 +568,40 @@ def _merge(placed: Sequence[tuple[str, Part]], machine: Machine) -> tuple[Device
     return tuple(out)
 
 
-def memory_plan(cfg: Config, shapes: ModelShapes, machine: Machine) -> MemoryPlan:
-    """Where every part of a run of `cfg` on `machine` goes and how many bytes it takes (module docstring)."""
+def can_sleep(cfg: Config, machine: Machine) -> bool:
+    """Whether the engine can release its memory between steps (`engine.sleep`): in sync mode, in this process
+    (embedded), and for vLLM on GPUs only with the trainer's GPU among the engine's (elsewhere it frees nothing
+    the trainer uses)."""
+    if cfg.mode != "sync" or cfg.runtime.backend != "embedded":
+        return False
+    if cfg.engine.backend == "builtin":
+        return True
+    trainer = _placed(cfg.trainer.device, 0, machine.gpus)
+    return machine.gpus > 0 and sleep_frees_trainer_gpu(cfg.engine, trainer)
+
+
+def engine_sleeps(cfg: Config, shapes: ModelShapes, machine: Machine) -> bool:
+    """`engine.sleep` as set, or when empty: on where the engine can sleep and the run fits `machine` only if it
+    does."""
+    if cfg.engine.sleep is not None:
+        return cfg.engine.sleep
+    if not can_sleep(cfg, machine):
+        return False
+    return not memory_plan(cfg, shapes, machine, sleeps=False).fits and memory_plan(cfg, shapes, machine, True).fits
+
+
+def memory_plan(cfg: Config, shapes: ModelShapes, machine: Machine, sleeps: bool | None = None) -> MemoryPlan:
+    """Where every part of a run of `cfg` on `machine` goes and how many bytes it takes (module docstring);
+    `sleeps`: whether the engine sleeps between steps (None: `engine_sleeps`)."""
+    if sleeps is None:
+        sleeps = engine_sleeps(cfg, shapes, machine)
     counts = parameter_counts(shapes, cfg.model.lora)
     placed: list[tuple[str, Part]] = []
     for rank in range(cfg.trainer.world_size):
         trainer = _placed(cfg.trainer.device, rank, machine.gpus)
         placed += [(trainer, p) for p in trainer_parts(cfg, shapes, counts, trainer.startswith("cuda"))]
         placed += oldlogit_parts(cfg, cfg.oldlogits.source, counts, rank, trainer, machine.gpus)
-    placed += engine_parts(cfg, shapes, counts, machine)
+    placed += engine_parts(cfg, shapes, counts, machine, sleeps)
     warnings = []
     if not shapes.known:
         warnings.append(
@@ -580,6 +620,7 @@ def memory_plan(cfg: Config, shapes: ModelShapes, machine: Machine) -> MemoryPla
         _merge(placed, machine),
         tuple(placement_problems(cfg, shapes, counts, machine)),
         tuple(warnings),
+        sleeps,
     )
 
 
@@ -635,9 +676,11 @@ def format_plan(plan: MemoryPlan) -> str:
     tuning = f"LoRA, {n.adapters:,} adapter parameters train" if n.adapters else "full fine-tune"
     gpus = f"{m.gpus} GPU(s) x {format_bytes(m.gpu_memory)}" if m.gpus else "no GPU"
     row = "{:<16}{:<56}{:<12}{:>17}{:>11}"
+    sleeping = ["the engine sleeps between steps (engine.sleep): it holds its memory while generating"]
     lines = [
         f"memory plan: {s.name or 'model'} ({s.model_type or 'unknown type'}), {n.base:,} parameters, {tuning}",
         f"machine: {gpus}, host {format_bytes(m.host_memory)}",
+        *(sleeping if plan.engine_sleeps else []),
         *(f"warning: {w}" for w in plan.warnings),
         "",
         row.format("device", "part", "held", "bytes", ""),
@@ -702,7 +745,8 @@ def check_memory_plan(cfg: Config, model_path: Path) -> MemoryPlan:
 def planned_config(path: str | Path | None, overrides: Sequence[str]) -> Config:
     """The config of a run on another machine: device names (cuda:3) are checked for their form, not against
     this machine's GPUs, as config validation does for a remote Ray cluster; everything else as `load_config`."""
-    remote = load_config(path, [*overrides, "runtime.backend=ray", "runtime.ray.address=planned"])
+    # (engine.sleep is only checked against the runtime, which the device check below pretends is Ray)
+    remote = load_config(path, [*overrides, "runtime.backend=ray", "runtime.ray.address=planned", "engine.sleep=null"])
     cfg = load_config(path, [*overrides, *(f"{key}=cpu" for key in DEVICE_KEYS)])
     for key in DEVICE_KEYS:
         section, field = key.split(".")

@@ -284,8 +284,9 @@ class RayRuntime:
         self.envs = EnvPool(handles["envs"], cfg.env.step_timeout_s)
         self.engine: RayEngine | None = None
 
-    def make_engine(self, cfg, model_path, tokenizer, trainer_device):
-        # the engines are actors of their own: weights reach them through Ray, then the host path
+    def make_engine(self, cfg, model_path, tokenizer, trainer_device, sleeps=False):
+        # the engines are actors of their own: weights reach them through Ray, then the host path; they never
+        # sleep (config validation refuses engine.sleep on Ray, and the plan never turns it on there)
         self.engine = RayEngine(self.handles["engines"], self.timeout_s, DTYPES[cfg.engine.dtype])
         return self.engine
 

@@ -18,7 +18,9 @@ from twofold.oldlogits import LogprobWorker, SourceContext
 class Runtime(Protocol):
     """The three factories the pipeline takes its parts from, plus the runtime's own metrics."""
 
-    def make_engine(self, cfg: Config, model_path: Path, tokenizer, trainer_device: str) -> InferenceEngine: ...
+    def make_engine(
+        self, cfg: Config, model_path: Path, tokenizer, trainer_device: str, sleeps: bool = False
+    ) -> InferenceEngine: ...
 
     def make_env(self, cfg: Config) -> TextEnv: ...
 
@@ -36,8 +38,12 @@ class Runtime(Protocol):
 class EmbeddedRuntime:
     """Every part in this process."""
 
-    def make_engine(self, cfg: Config, model_path: Path, tokenizer, trainer_device: str) -> InferenceEngine:
-        return make_engine(cfg.engine, model_path, tokenizer, seed=cfg.seed, trainer_device=trainer_device)
+    def make_engine(
+        self, cfg: Config, model_path: Path, tokenizer, trainer_device: str, sleeps: bool = False
+    ) -> InferenceEngine:
+        return make_engine(
+            cfg.engine, model_path, tokenizer, seed=cfg.seed, trainer_device=trainer_device, sleeps=sleeps
+        )
 
     def make_env(self, cfg: Config) -> TextEnv:
         return env_from_config(cfg.env)
