@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twofold.config import Config, ConfigError, LoraConfig, load_config, parse_bytes
-from twofold.engine.placement import sleep_frees_trainer_gpu
+from twofold.engine.placement import sleep_frees_trainer_gpu, weight_transfer_path
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,14 @@ def engine_parts(
     # their copy in the object store (Ray)
     host_payload = (HOST, Part(TO_ENGINE, f"{e.dtype} x 2, rank 0", weights * 2, "engine.dtype", PUBLISH))
     if e.backend == "vllm" and machine.gpus > 0:
+        trainer = _placed(cfg.trainer.device, 0, machine.gpus)
+        try:
+            path = weight_transfer_path(e, trainer, engine_on_gpu=True)
+        except ConfigError:  # refused when the engine starts, with the devices named
+            path = "host"
+        if path != "host":  # `PublishedWeights` holds the whole model in the engine's dtype for the send
+            what = f"{e.dtype}, the whole model ({path})"
+            host_payload = (trainer, Part(TO_ENGINE, what, weights, "engine.weight_transfer", PUBLISH))
         share = int(e.gpu_memory_utilization * machine.gpu_memory)
         gpus = e.gpu_indices()
         per_gpu = f"1/{len(gpus)} of the " if len(gpus) > 1 else ""
