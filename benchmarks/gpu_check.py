@@ -544,17 +544,26 @@ def check_engine_sleep(s: Setup) -> dict:
 
 
 def check_vllm_sleep(s: Setup) -> dict:
-    """vLLM on the trainer's GPU with `sleeps`: the memory it hands back asleep (a 0.3 share), and a weight update
-    that wakes it, whose samples follow the new weights with the new version's stamp."""
+    """vLLM on the trainer's GPU with `sleeps`, over each weight-transfer path that placement allows (ipc, host)."""
     if s.device.type != "cuda":
         return {"skipped": "vLLM's sleep mode is CUDA/ROCm only; on CPU tests/test_vllm.py checks its refusal"}
     try:
-        from twofold.engine.vllm import VLLMEngine
+        from twofold.engine.vllm import VLLMEngine  # noqa: F401
     except ImportError as e:
         return {"skipped": f"vLLM is not importable here ({e})"}
-    from twofold.config import EngineConfig
+    results = {path: vllm_sleep_on(s, path) for path in ("ipc", "host")}
+    return {"ok": all(r["ok"] for r in results.values()), **results}
 
-    cfg = EngineConfig(backend="vllm", device=str(s.device), dtype="bfloat16", gpu_memory_utilization=0.3)
+
+def vllm_sleep_on(s: Setup, path: str) -> dict:
+    """The memory vLLM hands back asleep (a 0.3 share), and a weight update over `path` that wakes it, whose
+    samples follow the new weights with the new version's stamp."""
+    from twofold.config import EngineConfig
+    from twofold.engine.vllm import VLLMEngine
+
+    cfg = EngineConfig(
+        backend="vllm", device=str(s.device), dtype="bfloat16", gpu_memory_utilization=0.3, weight_transfer=path
+    )
     engine = VLLMEngine(s.path, cfg, trainer_device=str(s.device), sleeps=True)
     try:
         model = load_model(s.path).to(s.device)

@@ -190,8 +190,8 @@ def test_update_weights_then_generate_matches_an_engine_built_from_those_weights
 def test_a_sleeping_engine_holds_no_weights_and_generates_as_before_once_it_takes_new_ones(
     tiny_path, monkeypatch, held_in_float32
 ):
-    """`sleep` frees every parameter's storage (shapes kept) and the prefix cache; `update_weights` allocates it
-    again: the same tokens and bit-identical log-probs, stamped with the new version, as an engine that stayed
+    """`sleep` frees every parameter's tensor and the prefix cache; `update_weights` allocates them again, in their
+    shapes: the same tokens and bit-identical log-probs, stamped with the new version, as an engine that stayed
     awake through the same update."""
     monkeypatch.setattr(builtin, "lacks_native_low_precision_matmul", lambda device, dtype: held_in_float32)
     model = load_model(tiny_path)
@@ -205,15 +205,36 @@ def test_a_sleeping_engine_holds_no_weights_and_generates_as_before_once_it_take
     assert held >= 16 and sleeper.prefix_cache.longest_prefix(0, ran)[1] == 0
     assert sleeper.asleep and sleeper.resident_weight_bytes() == 0
     assert all(p.untyped_storage().nbytes() == 0 for p in sleeper.model.parameters())
-    assert [p.shape for p in sleeper.model.parameters()] == shapes
     for engine in (awake, sleeper):
         engine.update_weights(full_weights(model), 1)
     assert not sleeper.asleep and sleeper.resident_weight_bytes() == _weight_bytes_held(model, held_in_float32)
+    assert [p.shape for p in sleeper.model.parameters()] == shapes
     a, b = awake.generate(reqs), sleeper.generate(reqs)
     assert [(o.output_ids, o.output_logprobs, o.output_versions) for o in b] == [
         (o.output_ids, o.output_logprobs, o.output_versions) for o in a
     ]
     assert {v for o in b for v in o.output_versions} == {1}
+
+
+def test_an_engine_with_weights_mapped_from_their_file_sleeps_and_refuses_to_generate_asleep(tiny_path, tmp_path):
+    """A checkpoint already in the engine's dtype loads memory-mapped on the CPU (storage that cannot be resized):
+    it sleeps all the same, a second sleep changes nothing, generating while asleep is refused, and the next
+    weights bring it back."""
+    model = load_model(tiny_path).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    engine = BuiltinEngine(tmp_path, dtype="bfloat16", seed=5)
+    assert not all(p.untyped_storage().resizable() for p in engine.model.parameters())  # mapped from the file
+    reqs = _requests(load_tokenizer(tiny_path), 2)
+    before = engine.generate(reqs)
+    engine.sleep()
+    engine.sleep()
+    assert engine.resident_weight_bytes() == 0
+    with pytest.raises(RuntimeError, match="the engine sleeps until `update_weights`"):
+        engine.generate(reqs)
+    engine.update_weights(full_weights(model), 0)
+    engine.generator.manual_seed(5)
+    after = engine.generate(reqs)
+    assert [(o.output_ids, o.output_logprobs) for o in after] == [(o.output_ids, o.output_logprobs) for o in before]
 
 
 def test_cpu_attention_sums_in_float32_and_rounds_only_its_output():

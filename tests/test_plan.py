@@ -465,6 +465,11 @@ def test_an_empty_engine_sleep_turns_on_only_where_the_run_fits_only_with_it(qwe
     # vLLM on a GPU of its own frees none of the trainer's by sleeping; async mode generates while it trains
     apart = plan_7b(qwen7b, *SLEEPY_7B, "engine.device=cuda:1", machine=Machine(2, 80 * GIB, 2**40))
     assert not apart.engine_sleeps
+    # an explicit engine.sleep=true there is refused before anything loads, and so is vLLM's CPU build's
+    mine = plan_7b(qwen7b, *SLEEPY_7B, "engine.sleep=true", "engine.device=cuda:1", machine=Machine(2, 80 * GIB, 2**40))
+    assert not mine.engine_sleeps and [p.key for p in mine.problems] == ["engine.sleep"]
+    cpu = plan_7b(qwen7b, "mode=sync", "engine.backend=vllm", "engine.sleep=true", machine=Machine(0, 0, None))
+    assert [p.key for p in cpu.problems] == ["engine.sleep"] and "engine sleeps" not in format_plan(cpu)
     cfg = planned_config("configs/frozenlake.yaml", [f"model.path={qwen7b}", "model.warmstart=false", *SLEEPY_7B])
     assert P.can_sleep(cfg, ONE_GPU)
     cfg.mode = "async"

@@ -144,6 +144,8 @@ class InferenceEngine(ABC):
         which is the only place a joined request's result goes."""
         if joiners is not None and on_result is None:
             raise ValueError("generate: `joiners` needs `on_result`, where joined requests' results go")
+        if self.asleep:  # its weights are gone (vLLM's scheduler would wait for them forever)
+            raise RuntimeError("generate: the engine sleeps until `update_weights` gives it weights")
         reported: set[int] = set()
 
         def report(result: GenerationResult) -> None:
@@ -178,7 +180,8 @@ class InferenceEngine(ABC):
 
     def sleep(self) -> None:
         """Release the weights' memory and every cached KV until the next `update_weights`, which takes them back
-        (`engine.sleep`, sync mode: called once a batch is generated, while nothing generates)."""
+        (`engine.sleep`, sync mode: called once a batch is generated, while nothing generates); a no-op when
+        asleep already."""
         raise NotImplementedError(f"{type(self).__name__} cannot release its memory between steps")
 
     def resident_weight_bytes(self) -> int:

@@ -296,7 +296,7 @@ class BuiltinEngine(InferenceEngine):
         self.prefilled_tokens = 0
         self.reused_tokens = 0
         self.joined_requests = 0
-        self._storage_bytes: dict[int, int] = {}  # each parameter's storage while the engine sleeps
+        self._shapes: dict[int, torch.Size] = {}  # each parameter's shape while the engine sleeps
         quantize_(self.model, quantization, self.dtype)
 
     def resident_weight_bytes(self) -> int:
@@ -310,17 +310,21 @@ class BuiltinEngine(InferenceEngine):
         }
 
     def sleep(self) -> None:
-        """Free the weights' storage (each parameter keeps its shape and dtype; a tied one is freed once) and the
-        prefix cache; `update_weights` allocates the storage again and fills every weight."""
+        """Drop the weights' tensors (each parameter object stays, with its shape and dtype remembered, so a tied
+        one is dropped once and stays tied) and the prefix cache; `update_weights` allocates them again and fills
+        every weight. A weight memory-mapped from its file (a checkpoint already in the engine's dtype, on the
+        CPU) is unmapped rather than freed."""
+        if self.asleep:
+            return
         self.prefix_cache.clear()
-        self._storage_bytes = {id(p): p.untyped_storage().nbytes() for p in self.model.parameters()}
+        self._shapes = {id(p): p.shape for p in self.model.parameters()}
         for p in self.model.parameters():
-            p.untyped_storage().resize_(0)
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         self.asleep = True
 
     def _wake(self) -> None:
         for p in self.model.parameters():
-            p.untyped_storage().resize_(self._storage_bytes[id(p)])
+            p.data = torch.empty(self._shapes[id(p)], dtype=p.dtype, device=p.device)
         self.asleep = False
 
     @torch.no_grad()

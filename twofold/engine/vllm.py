@@ -311,8 +311,9 @@ class VLLMEngine(InferenceEngine):
     def sleep(self) -> None:
         """vLLM's level-2 sleep: its weights and KV cache leave the GPU, their contents forgotten (the next
         `update_weights` sends every weight)."""
-        self.llm.sleep(level=2)
-        self.asleep = True
+        if not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def _wake(self, tags: list[str]) -> None:
         torch.cuda.empty_cache()  # the trainer's cached blocks back to the driver, where vLLM allocates from
@@ -329,9 +330,9 @@ class VLLMEngine(InferenceEngine):
                 self.sender.send_weights()
         finally:
             self.published.publish([])  # nothing of this version held past its transfer
-        if self.asleep:
-            self._wake(["kv_cache"])
-            self.asleep = False
+            if self.asleep:  # awake whatever happened: vLLM's scheduler stays paused until every tag is back
+                self._wake(["kv_cache"])
+                self.asleep = False
         self.llm.reset_prefix_cache()
         self.version = version
 

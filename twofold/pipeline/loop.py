@@ -176,7 +176,7 @@ class Pipeline:
         self.tokenizer = load_tokenizer(self.model_path)
         self.trainer = Trainer.from_pretrained(self.model_path, cfg, seed=cfg.seed, ranks=self.ranks)
         trainer_device = str(self.trainer.numerics.device)
-        self.engine_sleeps = main and engine_sleeps(cfg, read_model_shapes(self.model_path), this_machine())
+        self.engine_sleeps = self._engine_sleeps()
         self.engine = (
             self.runtime.make_engine(cfg, self.model_path, self.tokenizer, trainer_device, self.engine_sleeps)
             if main
@@ -223,6 +223,15 @@ class Pipeline:
             for row in self.metrics.kept_rows:
                 self.signal_watch.update_from_row(row)
         self.worker = self._rollout_worker() if main else None
+
+    def _engine_sleeps(self) -> bool:
+        """`engine.sleep`, or where it is empty the plan's choice (read only where the engine could sleep)."""
+        cfg = self.cfg
+        if not self.ranks.is_main or cfg.mode != "sync" or cfg.runtime.backend != "embedded":
+            return False
+        if cfg.engine.sleep is not None:
+            return cfg.engine.sleep  # impossible ones are refused: by the plan, or by vLLM's engine as it starts
+        return engine_sleeps(cfg, read_model_shapes(self.model_path), this_machine())
 
     def _open_run_dir(self, resume: bool):
         """Rank 0: create (or, resuming, reopen) the run directory, lock it, write the resolved config."""
@@ -415,7 +424,9 @@ class Pipeline:
         trajs = self.ranks.broadcast(self._collect_batch() if main else None)
         times.idle = time.perf_counter() - t_step
         if self.engine_sleeps:  # sync mode: nothing generates until the next weights are published
+            t0 = time.perf_counter()
             self.engine.sleep()
+            times.weight_sync += time.perf_counter() - t0  # with the waking, in the publish
         if not self.async_mode:
             self._trim_heap()  # in sync mode, what this step's generation (and a sleeping engine) freed
         batch = Batch.from_trajectories(trajs, self.ctx.pad_id)
@@ -442,7 +453,7 @@ class Pipeline:
         times.training = time.perf_counter() - t0 - (times.old_logits - old_before)
         t0 = time.perf_counter()
         self._publish()
-        times.weight_sync = time.perf_counter() - t0
+        times.weight_sync += time.perf_counter() - t0
         for s in self.sources:
             s.after_step(self.trainer.model, metrics)
         self._release(trajs)

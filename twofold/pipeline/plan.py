@@ -531,6 +531,14 @@ def placement_problems(cfg: Config, s: ModelShapes, n: ParameterCounts, machine:
             )
         )
     e = cfg.engine
+    if e.sleep and not can_sleep(cfg, machine):
+        out.append(
+            Problem(
+                "engine.sleep",
+                "vLLM sleeps only on a GPU (its sleep mode is CUDA/ROCm only), and it frees the trainer memory only "
+                "on the trainer's GPU; set engine.sleep=false, or engine.device to the trainer's GPU",
+            )
+        )
     if e.backend == "vllm" and machine.gpus > 0:
         gpus = e.gpu_indices()
         if max(gpus) >= machine.gpus:
@@ -591,10 +599,10 @@ def can_sleep(cfg: Config, machine: Machine) -> bool:
 def engine_sleeps(cfg: Config, shapes: ModelShapes, machine: Machine) -> bool:
     """`engine.sleep` as set, or when empty: on where the engine can sleep and the run fits `machine` only if it
     does."""
+    if not can_sleep(cfg, machine):
+        return False  # an explicit engine.sleep=true is a placement problem (`placement_problems`)
     if cfg.engine.sleep is not None:
         return cfg.engine.sleep
-    if not can_sleep(cfg, machine):
-        return False
     return not memory_plan(cfg, shapes, machine, sleeps=False).fits and memory_plan(cfg, shapes, machine, True).fits
 
 
