@@ -7,11 +7,20 @@ from conftest import small_config
 from test_exactness import assert_exact_sources_agree, record, replay
 from test_oldlogits import make_batch
 
+from twofold import models
 from twofold.config import LoraConfig, ModelConfig
 from twofold.engine.base import GenerationRequest, SamplingParams
 from twofold.engine.builtin import BuiltinEngine
 from twofold.logprobs import Numerics, score_sequences
-from twofold.models import full_weights, load_model, load_parameters, load_policy, model_bytes, versioned_state
+from twofold.models import (
+    full_weights,
+    iter_full_weights,
+    load_model,
+    load_parameters,
+    load_policy,
+    model_bytes,
+    versioned_state,
+)
 from twofold.oldlogits import BehaviorSource, DedicatedSource, SourceContext
 from twofold.trainer.trainer import Trainer
 
@@ -55,6 +64,25 @@ def test_full_weights_merge_the_adapters_under_hugging_face_names(tiny_path, tok
     a, b = score_sequences(lora, seqs, Numerics())[0], score_sequences(plain, seqs, Numerics())[0]
     assert (a - b).abs().max() < 1e-5
     assert (a - score_sequences(load_model(tiny_path), seqs, Numerics())[0]).abs().max() > 1e-3  # adapters matter
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_a_weight_stream_declares_what_it_yields_before_gathering_anything(tiny_path, monkeypatch, lora):
+    """`WeightStream.metadata` (what vLLM's senders announce first) names every weight the stream then yields, in
+    its order, with its dtype and whole shape, and runs no gather or merge to know them; the yielded tensors are
+    copies, never the trainer's own."""
+    model = moved_adapters(lora_policy(tiny_path)) if lora else load_model(tiny_path)
+    gathers = []
+    monkeypatch.setattr(models, "full_tensor", lambda t: gathers.append(1) or t)
+    stream = iter_full_weights(model, dtype=torch.bfloat16)
+    declared = stream.metadata()
+    assert gathers == []
+    yielded = list(stream)
+    assert declared == [(name, torch.bfloat16, tuple(t.shape)) for name, t in yielded]
+    assert all(t.dtype == torch.bfloat16 for _, t in yielded) and gathers
+    own = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    fp32 = list(iter_full_weights(model, dtype=torch.float32))  # no cast: the copy must be explicit
+    assert not own & {t.untyped_storage().data_ptr() for _, t in fp32}
 
 
 def test_engine_samples_from_the_merged_policy(tiny_path, tokenizer):

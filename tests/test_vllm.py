@@ -25,6 +25,7 @@ from twofold.logprobs import Numerics, score_sequences  # noqa: E402
 from twofold.models import (  # noqa: E402
     ensure_tiny_model,
     full_weights,
+    iter_full_weights,
     load_model,
     load_parameters,
     load_tokenizer,
@@ -200,6 +201,19 @@ def test_published_weights_declare_what_the_send_pass_yields():
     assert [name for name, _ in source] == ["a", "b"]
     source.publish(iter(weights.items()))  # without metadata (host): the iterator itself, nothing held
     assert [name for name, _ in source] == ["a", "b"] and list(source) == []
+
+
+def test_published_weights_take_a_streams_declared_shapes_without_holding_it(tiny_path):
+    """What the pipeline publishes (`iter_full_weights`) declares its shapes: the senders' metadata is read from
+    that declaration, and the weights are then gathered one at a time as the send pass asks, never held whole."""
+    model = load_model(tiny_path)
+    source = PublishedWeights()
+    stream = iter_full_weights(model, dtype=torch.bfloat16)
+    source.publish(stream)
+    meta = source.metadata()
+    assert source._weights is stream  # not materialised
+    sent = list(source)
+    assert [(m.name, m.dtype, m.shape) for m in meta] == [(n, t.dtype, tuple(t.shape)) for n, t in sent]
 
 
 def test_vllm_sleep_on_its_cpu_build_is_refused_before_vllm_starts(tiny_path):

@@ -11,10 +11,12 @@ are in `twofold.logprobs`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -395,21 +397,33 @@ def full_weights(
     return dict(iter_full_weights(model, keep, dtype))
 
 
-@torch.no_grad()  # applies to each step of the generator (torch wraps generator functions)
-def iter_full_weights(
-    model: torch.nn.Module, keep: bool = True, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every weight under its Hugging Face name, one at a time, detached, in `dtype` on `device`: an engine that
-    loads them as they come (the built-in one, on its own device) never holds a second whole model, and one on
-    the trainer's GPU never sends them through host memory.
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    return full_tensor(p.detach())
 
-    Under LoRA the adapters are merged into a copy of each base weight, W + scale * B @ A (computed in float32
-    from the gathered A and B); the trainer's model is not touched, so no merge/unmerge rounding builds up.
-    Sharded parameters are gathered one at a time on every rank (a collective: every rank runs the iterator to
-    its end, in the same order); ranks with `keep=False` (all but the engine's) yield nothing.
-    """
+
+def _merged(module) -> torch.Tensor:
+    """A LoRA layer's base weight with its active adapters merged, W + scale * B @ A, a float32 copy computed from the
+    gathered A and B; the trainer's model is not touched, so no merge/unmerge rounding builds up."""
+    weight = full_tensor(module.get_base_layer().weight.detach()).to(torch.float32, copy=True)
+    for adapter in module.active_adapters:
+        if adapter in module.lora_A:
+            a = full_tensor(module.lora_A[adapter].weight.detach()).float()
+            b = full_tensor(module.lora_B[adapter].weight.detach()).float()
+            delta = (b @ a) * module.scaling[adapter]
+            weight += delta.T if getattr(module, "fan_in_fan_out", False) else delta
+    return weight
+
+
+Gather = Callable[[], torch.Tensor]
+
+
+def _publication(model: torch.nn.Module) -> Iterator[tuple[str, torch.Size, Gather, bool]]:
+    """Every weight an engine loads: (Hugging Face name, whole shape, the gather that makes it, whether what it
+    makes is a copy of its own), in order. Under LoRA, an adapted layer's weight is its merge (`_merged`) under
+    the base layer's name."""
     if not is_lora(model):
-        yield from _iter_gathered(model, keep, dtype, device, trained_only=False)
+        for n, p in model.named_parameters():
+            yield n, p.shape, functools.partial(_whole, p), False
         return
     from peft.tuners.lora import LoraLayer
 
@@ -417,22 +431,53 @@ def iter_full_weights(
     merged: set[str] = set()
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
-            weight = full_tensor(module.get_base_layer().weight.detach()).to(torch.float32, copy=True)
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    a = full_tensor(module.lora_A[adapter].weight.detach()).float()
-                    b = full_tensor(module.lora_B[adapter].weight.detach()).float()
-                    delta = (b @ a) * module.scaling[adapter]
-                    weight += delta.T if getattr(module, "fan_in_fan_out", False) else delta
-                    del a, b, delta
-            if keep:
-                yield f"{name}.weight", weight.to(device=device, dtype=dtype)
-            del weight  # one merged weight alive at a time (the memory plan's "weight being published")
+            yield f"{name}.weight", module.get_base_layer().weight.shape, functools.partial(_merged, module), True
             merged.add(f"{name}.base_layer.weight")
     for n, p in base.named_parameters():
-        if "lora_" in n or n in merged:
-            continue
-        whole = full_tensor(p.detach())
-        if keep:
-            yield n.replace(".base_layer.", "."), whole.to(device=device, dtype=dtype, copy=True)
-        del whole
+        if "lora_" not in n and n not in merged:
+            yield n.replace(".base_layer.", "."), p.shape, functools.partial(_whole, p), False
+
+
+class WeightStream:
+    """`iter_full_weights`: every weight under its Hugging Face name, one at a time, detached, in `dtype` on
+    `device`, as (name, tensor) pairs when iterated; `metadata()` declares each one's name, dtype and whole shape
+    before any is gathered (vLLM's senders announce them first: the stream is never held whole to learn them).
+
+    Sharded parameters are gathered one at a time on every rank (a collective: every rank runs the iteration to
+    its end, in the same order); a rank with `keep=False` (all but the engine's) yields nothing."""
+
+    def __init__(self, model: torch.nn.Module, keep: bool, dtype: torch.dtype, device: str | torch.device):
+        self.model, self.keep, self.dtype, self.device = model, keep, dtype, device
+
+    def metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [(name, self.dtype, tuple(shape)) for name, shape, _, _ in _publication(self.model)]
+
+    @torch.no_grad()  # applies to each step of the generator (torch wraps generator functions)
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, _, gather, own_copy in _publication(self.model):
+            whole = gather()
+            if self.keep:  # a copy, never the trainer's own tensor
+                yield name, whole.to(device=self.device, dtype=self.dtype, copy=not own_copy)
+            del whole  # one gathered (or merged) weight alive at a time (the memory plan's "weight being published")
+
+
+def iter_full_weights(
+    model: torch.nn.Module, keep: bool = True, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> WeightStream:
+    """Every weight under its Hugging Face name, one at a time, in `dtype` on `device` (`WeightStream`): an engine
+    that loads them as they come (the built-in one, on its own device) never holds a second whole model, and one
+    on the trainer's GPU never sends them through host memory. Under LoRA the adapters are merged into a copy of
+    each base weight."""
+    return WeightStream(model, keep, dtype, device)
+
+
+def largest_weight_numel(folder: str | Path) -> int:
+    """Elements of the largest tensor in a Hugging Face folder's safetensors files (their headers alone)."""
+    from safetensors import safe_open
+
+    largest = 0
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is no mapping)
+                largest = max(largest, math.prod(f.get_slice(key).get_shape()))
+    return largest

@@ -7,6 +7,15 @@ from collections.abc import Mapping
 
 from twofold.config import ConfigError, EngineConfig
 
+# vLLM's ipc and nccl senders pack the weights into reused buffers of this size (vLLM's own default) or of the
+# largest weight, when that is larger (an ipc buffer must hold any one tensor); nccl keeps two in flight.
+PACKED_BUFFER_BYTES = 1 << 30
+PACKED_BUFFERS = {"ipc": 1, "nccl": 2}
+
+
+def packed_buffer_bytes(largest_weight_bytes: int) -> int:
+    return max(PACKED_BUFFER_BYTES, largest_weight_bytes)
+
 
 def visible_devices(gpus: list[int], environ: Mapping[str, str]) -> str:
     """CUDA_VISIBLE_DEVICES for an engine process that must see exactly `gpus` (`EngineConfig.gpu_indices`).

@@ -26,7 +26,7 @@ import contextlib
 import gc
 import itertools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -36,9 +36,16 @@ import torch
 from twofold.config import ConfigError, EngineConfig
 from twofold.distributed import free_port
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, weight_items
-from twofold.engine.placement import sleep_frees_trainer_gpu, visible_devices, weight_transfer_path
+from twofold.engine.placement import (
+    PACKED_BUFFERS,
+    packed_buffer_bytes,
+    sleep_frees_trainer_gpu,
+    visible_devices,
+    weight_transfer_path,
+)
 from twofold.engine.vllm_worker import HOST_BACKEND, pack
 from twofold.modelpath import has_model_code
+from twofold.models import largest_weight_numel
 
 # vLLM's CPU build sizes its KV cache from the process's memory use unless given a size (GiB): a fixed
 # size keeps a second engine in the same process (tests, grids) from failing. Ignored on GPUs.
@@ -109,25 +116,30 @@ class EngineWorkersClient:
 
 
 class PublishedWeights(WeightSource):
-    """The weights of the publication under way (Hugging Face names, the engine's dtype), one pass each: a
-    trainer engine that asks for their shapes first gets them held once (the `ipc`/`nccl` paths hold the
-    whole model in the engine's dtype on the trainer's GPU for the transfer); `host` packs as they come."""
+    """The weights of the publication under way (Hugging Face names, the engine's dtype), one pass each, as they
+    are gathered. Their names and shapes come from the stream's own declaration (`models.WeightStream.metadata`)
+    without gathering anything; only a stream that declares nothing (a dict, a plain iterator) is held to read
+    them. vLLM's `ipc` and `nccl` senders pack them into reused buffers (`placement.PACKED_BUFFER_BYTES`), so
+    the trainer's GPU holds those and one weight, never the whole model."""
 
     def __init__(self):
-        self._weights: Iterable[tuple[str, torch.Tensor]] = []
+        self._weights: Weights = []
 
-    def publish(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def publish(self, weights: Weights) -> None:
         self._weights = weights
 
     def metadata(self) -> list[ParamMeta]:
-        self._weights = list(self._weights)
-        devices = {t.device for _, t in self._weights if t.device.type == "cuda"}
-        for device in devices:  # the casts and gathers that made them are queued on the current stream; vLLM's
-            torch.cuda.current_stream(device).synchronize()  # packing reads them on streams of its own
-        return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self._weights]
+        declared = getattr(self._weights, "metadata", None)
+        if declared is None:
+            self._weights = list(weight_items(self._weights))
+            return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self._weights]
+        return [ParamMeta(name, dtype, shape) for name, dtype, shape in declared()]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(self._weights)
+        for name, tensor in weight_items(self._weights):
+            if tensor.device.type == "cuda":  # the gather and cast that made it are queued on the current stream;
+                torch.cuda.current_stream(tensor.device).synchronize()  # vLLM packs it on streams of its own
+            yield name, tensor
 
 
 @dataclass
@@ -170,15 +182,25 @@ class RankZeroIPCTrainerWeightTransferEngine(IPCTrainerWeightTransferEngine):
         torch.cuda.ipc_collect()
 
 
-def trainer_sender(path: str, tensor_parallel_size: int, client, source: WeightSource) -> TrainerWeightTransferEngine:
-    """The trainer's side of a path, handshake done; the trainer is the one sender (rank 0)."""
+def trainer_sender(
+    path: str, tensor_parallel_size: int, client, source: WeightSource, buffer_bytes: int
+) -> TrainerWeightTransferEngine:
+    """The trainer's side of a path, handshake done; the trainer is the one sender (rank 0). `ipc` and `nccl` send
+    packed, in reused buffers of `buffer_bytes` (`placement.packed_buffer_bytes`)."""
     if path == "nccl":
-        info = NCCLTrainerInitInfo("127.0.0.1", free_port(), 1 + tensor_parallel_size, rank=0)
+        info = NCCLTrainerInitInfo(
+            "127.0.0.1",
+            free_port(),
+            1 + tensor_parallel_size,
+            rank=0,
+            packed=True,
+            packed_buffer_size_bytes=buffer_bytes,
+            packed_num_buffers=PACKED_BUFFERS["nccl"],
+        )
         return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
     if path == "ipc":
-        return RankZeroIPCTrainerWeightTransferEngine.trainer_init(
-            IPCTrainerInitInfo(rank=0), client=client, source=source
-        )
+        info = IPCTrainerInitInfo(rank=0, packed=True, packed_buffer_size_bytes=buffer_bytes)
+        return RankZeroIPCTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
     return HostTrainerWeightTransferEngine.trainer_init(HostTrainerInitInfo(rank=0), client=client, source=source)
 
 
@@ -245,8 +267,13 @@ class VLLMEngine(InferenceEngine):
         self.published = PublishedWeights()
         self.trainer_device = trainer_device
         with self._on_trainer_gpu():
+            width = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
             self.sender = trainer_sender(
-                self.transfer, cfg.tensor_parallel_size, EngineWorkersClient(self.llm), self.published
+                self.transfer,
+                cfg.tensor_parallel_size,
+                EngineWorkersClient(self.llm),
+                self.published,
+                packed_buffer_bytes(largest_weight_numel(model_path) * width),
             )
         self._serial = itertools.count()
 
@@ -324,7 +351,7 @@ class VLLMEngine(InferenceEngine):
         the two never coexist with the update's own buffers."""
         if self.asleep:
             self._wake(["weights"])
-        self.published.publish(weight_items(weights))
+        self.published.publish(weights)
         try:
             with self._on_trainer_gpu():
                 self.sender.send_weights()

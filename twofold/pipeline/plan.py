@@ -37,7 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twofold.config import Config, ConfigError, LoraConfig, load_config, parse_bytes
-from twofold.engine.placement import sleep_frees_trainer_gpu, weight_transfer_path
+from twofold.engine.placement import (
+    PACKED_BUFFERS,
+    packed_buffer_bytes,
+    sleep_frees_trainer_gpu,
+    weight_transfer_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -379,9 +384,12 @@ def engine_parts(
             path = weight_transfer_path(e, trainer, engine_on_gpu=True)
         except ConfigError:  # refused when the engine starts, with the devices named
             path = "host"
-        if path != "host":  # `PublishedWeights` holds the whole model in the engine's dtype for the send
-            what = f"{e.dtype}, the whole model ({path})"
-            host_payload = (trainer, Part(TO_ENGINE, what, weights, "engine.weight_transfer", PUBLISH))
+        if path != "host":  # packed in reused buffers on the trainer's GPU, beside the one weight being packed
+            one = largest_weight(s) * width
+            buffers = PACKED_BUFFERS[path]
+            what = f"{buffers} x {path} buffer + 1 weight, {e.dtype}"
+            nbytes = buffers * packed_buffer_bytes(one) + one
+            host_payload = (trainer, Part(TO_ENGINE, what, nbytes, "engine.weight_transfer", PUBLISH))
         share = int(e.gpu_memory_utilization * machine.gpu_memory)
         gpus = e.gpu_indices()
         per_gpu = f"1/{len(gpus)} of the " if len(gpus) > 1 else ""
