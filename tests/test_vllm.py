@@ -216,6 +216,50 @@ def test_published_weights_take_a_streams_declared_shapes_without_holding_it(tin
     assert [(m.name, m.dtype, m.shape) for m in meta] == [(n, t.dtype, tuple(t.shape)) for n, t in sent]
 
 
+class _Recorder:
+    """Stands in for vLLM's LLM and a weight sender where vLLM's sleep mode cannot run (its CPU build): records
+    calls; a sender built to fail raises."""
+
+    def __init__(self, calls: list, fail: bool = False):
+        self.calls, self.fail = calls, fail
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags):
+        self.calls.append(("wake_up", tags))
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+    def send_weights(self):
+        self.calls.append("send")
+        if self.fail:
+            raise RuntimeError("send failed")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_sleeping_vllm_engine_wakes_weights_then_sends_then_wakes_its_kv_cache(fail):
+    """The order of VLLMEngine's sleep and update (vLLM's sleep mode is CUDA-only, so LLM is a recorder here):
+    level-2 sleep once; an update wakes the weights, sends, then wakes the KV cache, even when the send fails
+    (vLLM's scheduler stays paused until every tag is back)."""
+    calls: list = []
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.sender = _Recorder(calls), _Recorder(calls, fail)
+    engine.published, engine.transfer, engine.asleep, engine.version = PublishedWeights(), "host", False, 0
+    engine.sleep()
+    engine.sleep()
+    woken = [("sleep", 2), ("wake_up", ["weights"]), "send", ("wake_up", ["kv_cache"])]
+    if fail:
+        with pytest.raises(RuntimeError, match="send failed"):
+            engine.update_weights({}, 1)
+        assert calls == woken
+    else:
+        engine.update_weights({}, 1)
+        assert calls == [*woken, "reset_prefix_cache"] and engine.version == 1
+    assert not engine.asleep
+
+
 def test_vllm_sleep_on_its_cpu_build_is_refused_before_vllm_starts(tiny_path):
     """vLLM's sleep mode is CUDA/ROCm only (`is_sleep_mode_available`): the CPU build refuses engine.sleep with
     the field named, before any engine process starts."""
