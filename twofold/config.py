@@ -177,8 +177,8 @@ class EngineConfig:
     sleep: bool | None = setting(
         None,
         "Sync mode: the engine releases its weights and KV cache once a batch is generated and takes them back "
-        "when the next weights are published, so the trainer's step has that memory (built-in engine: its weights' "
-        "storage and prefix cache; vLLM on the trainer's GPU: vLLM's sleep mode, level 2, CUDA only). Empty (null): "
+        "when the next weights are published, so the trainer's step has that memory (built-in engine: its weight "
+        "tensors and prefix cache; vLLM on the trainer's GPU: vLLM's sleep mode, level 2, CUDA only). Empty (null): "
         "on where the memory plan fits only with it (`twofold plan`).",
     )
     weight_transfer: Literal["auto", "host", "ipc", "nccl"] = setting(
