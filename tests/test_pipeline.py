@@ -190,6 +190,8 @@ def test_memory_metrics_name_where_the_bytes_go(tmp_path, tiny_path):
     # the peak minus the named parts, or 0 where the baseline held something the run has since freed (on a tiny
     # model the difference is a fraction of a MiB of allocator noise)
     assert row["memory/step_transient_bytes"] == max(row["memory/step_peak_rss_bytes"] - named, 0.0)
+    plan = (tmp_path / "run" / loop.MEMORY_PLAN_FILE).read_text()  # the plan it started with, kept with the run
+    assert plan.startswith("memory plan: ") and f"{row['memory/trainer_parameter_bytes']:,.0f}" in plan
 
 
 def test_an_engine_that_sleeps_between_sync_steps_trains_the_same_run(tmp_path, tiny_path, monkeypatch):

@@ -50,7 +50,7 @@ from twofold.pipeline.os_memory import (
     return_freed_memory_to_os,
     trim_heap,
 )
-from twofold.pipeline.plan import engine_sleeps, read_model_shapes, this_machine
+from twofold.pipeline.plan import engine_sleeps, format_plan, memory_plan, read_model_shapes, this_machine
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import (
@@ -73,6 +73,7 @@ MAX_FAILED_GROUPS_IN_A_ROW = 16  # then the env (or engine) is broken, not unluc
 # `run.trim_heap_each_step` trims only when malloc's arenas hold this much free: SmolLM2-135M's hold 0.9-1.4 GiB
 # at those points, the tiny model's 50-80 MiB, where a trim would cost ~3% of a 0.3 s step and return little.
 TRIM_MIN_FREE_BYTES = 256 << 20
+MEMORY_PLAN_FILE = "memory_plan.txt"  # the run's memory plan on the machine it started on
 
 
 @dataclass
@@ -177,6 +178,9 @@ class Pipeline:
         self.trainer = Trainer.from_pretrained(self.model_path, cfg, seed=cfg.seed, ranks=self.ranks)
         trainer_device = str(self.trainer.numerics.device)
         self.engine_sleeps = self._engine_sleeps()
+        if main:  # what `twofold plan` prints for this run on this machine, kept with the run
+            plan = memory_plan(cfg, read_model_shapes(self.model_path), this_machine(), self.engine_sleeps)
+            (self.run_dir / MEMORY_PLAN_FILE).write_text(format_plan(plan) + "\n")
         self.engine = (
             self.runtime.make_engine(cfg, self.model_path, self.tokenizer, trainer_device, self.engine_sleeps)
             if main
