@@ -16,7 +16,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from twofold.config import ConfigError, EngineConfig, load_config
 from twofold.distributed import Ranks, collective_device, init_ranks, spawn_ranks
-from twofold.engine.placement import sleep_frees_trainer_gpu, weight_transfer_path
+from twofold.engine.placement import (
+    ipc_buffer_bytes,
+    publish_bytes,
+    sleep_frees_trainer_gpu,
+    weight_transfer_path,
+)
 from twofold.models import file_sha256
 from twofold.pipeline.checkpoint import (
     MANIFEST,
@@ -304,6 +309,18 @@ def test_a_vllm_weight_transfer_is_refused_for_the_builtin_engine():
 )
 def test_vllm_sleeping_frees_trainer_memory_only_on_the_trainers_gpu(engine, trainer, frees):
     assert sleep_frees_trainer_gpu(engine, trainer) is frees
+
+
+def test_a_packed_publication_holds_buffers_and_weights_not_the_model():
+    """vLLM 0.32's packed senders: ipc, a buffer of max(1 GiB, L), the worker's clone of it, and two weights in
+    flight; nccl, three chunks of up to 1 GiB + L (two sent, one being assembled). For 7B's embedding L =
+    152,064 x 3,584 x 2 = 1,089,994,752: ipc 4L = 4,359,979,008, nccl 3 x 2,163,736,576 = 6,491,209,728; for a
+    100 MB largest weight ipc holds 2 x 1 GiB + 2 x 100 MB."""
+    embedding = 152_064 * 3_584 * 2
+    assert publish_bytes("ipc", embedding) == 4_359_979_008
+    assert publish_bytes("nccl", embedding) == 6_491_209_728
+    assert publish_bytes("ipc", 100_000_000) == 2 * 2**30 + 200_000_000
+    assert ipc_buffer_bytes(100_000_000) == 2**30 and ipc_buffer_bytes(embedding) == embedding
 
 
 def test_engine_sleep_is_refused_where_the_engine_never_idles_or_lives_elsewhere():

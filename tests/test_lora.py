@@ -69,7 +69,7 @@ def test_full_weights_merge_the_adapters_under_hugging_face_names(tiny_path, tok
 @pytest.mark.parametrize("lora", [True, False])
 def test_a_weight_stream_declares_what_it_yields_before_gathering_anything(tiny_path, monkeypatch, lora):
     """`WeightStream.metadata` (what vLLM's senders announce first) names every weight the stream then yields, in
-    its order, with its dtype and whole shape, and runs no gather or merge to know them; the yielded tensors are
+    its order (the model's own), with its dtype and whole shape, and runs no gather or merge to know them; the yielded tensors are
     copies, never the trainer's own."""
     model = moved_adapters(lora_policy(tiny_path)) if lora else load_model(tiny_path)
     gathers = []
@@ -79,6 +79,9 @@ def test_a_weight_stream_declares_what_it_yields_before_gathering_anything(tiny_
     assert gathers == []
     yielded = list(stream)
     assert declared == [(name, torch.bfloat16, tuple(t.shape)) for name, t in yielded]
+    base = model.get_base_model() if lora else model  # in the model's own order (vLLM reloads layer by layer)
+    own_order = [n.replace(".base_layer.", ".") for n, _ in base.named_parameters() if "lora_" not in n]
+    assert [name for name, _ in yielded] == own_order
     assert all(t.dtype == torch.bfloat16 for _, t in yielded) and gathers
     own = {t.untyped_storage().data_ptr() for t in model.parameters()}
     fp32 = list(iter_full_weights(model, dtype=torch.float32))  # no cast: the copy must be explicit

@@ -225,15 +225,16 @@ def test_readme_7b_lora_vllm_command_is_refused_at_vllms_default_share(qwen7b):
               "model.lora.alpha=32", "trainer.max_tokens_per_microbatch=8192"]  # fmt: skip
     plan = plan_7b(qwen7b, *readme, config="configs/frozenlake.yaml")  # oldlogits.source: ewma
     # always: weights 30,502,836,224 + AdamW 80,741,248 + EWMA average 4A 40,370,176 + int(0.9 x 80 GiB)
-    #   77,309,411,328; the largest phase, publishing over ipc: one packed buffer the size of the largest bfloat16
-    #   weight (the embedding, 152,064 x 3,584 x 2 = 1,089,994,752 > 1 GiB) and that weight, 2,179,989,504, plus
-    #   one merged weight 154,140,672 -> 110,267,489,152, over 80 GiB by 24,368,143,232
+    #   77,309,411,328; the largest phase, publishing over ipc: the packed buffer, the size of the largest bfloat16
+    #   weight L (the embedding, 152,064 x 3,584 x 2 = 1,089,994,752 > 1 GiB), the engine worker's clone of it, and
+    #   the weight being packed and the one before it, 4L = 4,359,979,008, plus one merged weight 154,140,672
+    #   -> 112,447,478,656, over 80 GiB by 26,548,132,736
     assert plan.bytes_of(P.VLLM_SHARE) == 77_309_411_328
-    assert plan.bytes_of(P.TO_ENGINE, device="cuda:0") == 2_179_989_504
+    assert plan.bytes_of(P.TO_ENGINE, device="cuda:0") == 4_359_979_008
     assert plan.bytes_of(P.TO_ENGINE, device="cpu") == 0
-    assert plan.device("cuda:0").overflow == 24_368_143_232
+    assert plan.device("cuda:0").overflow == 26_548_132_736
     assert plan_error(plan).field == "engine.gpu_memory_utilization"
-    # a 0.3 share (25,769,803,776): 58,727,881,600 of 80 GiB
+    # a 0.3 share (25,769,803,776): 60,907,871,104 of 80 GiB
     assert plan_7b(qwen7b, *readme, "engine.gpu_memory_utilization=0.3", config="configs/frozenlake.yaml").fits
 
 
@@ -250,9 +251,9 @@ def test_8_ranks_shard_the_trainer_and_keep_every_ranks_snapshots_in_host_memory
     assert plan.bytes_of(P.SNAPSHOTS, device="cpu") == 4 * P_7B
     assert [d.device for d in plan.devices] == [*(f"cuda:{i}" for i in range(8)), "cpu"]
     assert plan.fits
-    # cuda:0 publishing: one gathered float32 embedding (2,179,989,504) and vLLM's ipc buffer with the bfloat16 weight
-    # being packed (2,179,989,504), below the train step's 8,549,897,728: 41,001,038,156 + that = 49,550,935,884
-    assert plan.device("cuda:0").held(P.PUBLISH) == 4_359_979_008
+    # cuda:0 publishing: one gathered float32 embedding (2,179,989,504) and vLLM's ipc buffers and weights (4L =
+    # 4,359,979,008), below the train step's 8,549,897,728: 41,001,038,156 + that = 49,550,935,884
+    assert plan.device("cuda:0").held(P.PUBLISH) == 6_539_968_512
     assert plan.device("cuda:0").peak == 49_550_935_884
     assert "fits: cuda:0 46.1 GiB of 80.0 GiB, cuda:1-7 each 22.1 GiB of 80.0 GiB" in format_plan(plan)
 
@@ -455,19 +456,19 @@ SLEEPY_7B = ["mode=sync", "trainer.device=cuda:0", "engine.backend=vllm", "model
 def test_vllm_that_sleeps_holds_its_share_only_while_generating(qwen7b):
     """7B LoRA in sync mode, vLLM on the trainer's GPU at a 0.64 share. Always: weights 30,502,836,224 + AdamW
     80,741,248 + EWMA average 40,370,176 = 30,623,947,648; the share int(0.64 x 80 GiB) = 54,975,581,388; the
-    largest phase, publishing over ipc: the packed buffer and the weight being packed, 2,179,989,504, and one
-    merged weight 154,140,672. Awake, the share is always held: 87,933,659,212, over 80 GiB (85,899,345,920) by
-    2,034,313,292. Asleep, it is a phase of its own and the largest: 30,623,947,648 + 54,975,581,388 =
-    85,599,529,036, which fits; publishing wakes the bfloat16 weights alone, 2P = 15,231,233,024, beside the
-    send's 2,334,130,176: 17,565,363,200."""
+    largest phase, publishing over ipc: packed buffers and weights, 4,359,979,008, and one merged weight
+    154,140,672. Awake, the share is always held: 90,113,648,716, over 80 GiB (85,899,345,920) by 4,214,302,796.
+    Asleep, it is a phase of its own and the largest: 30,623,947,648 + 54,975,581,388 = 85,599,529,036, which
+    fits; publishing wakes the bfloat16 weights alone, 2P = 15,231,233,024, beside the send's 4,514,119,680:
+    19,745,352,704."""
     awake = plan_7b(qwen7b, *SLEEPY_7B, "engine.sleep=false", config="configs/frozenlake.yaml")
-    assert awake.device("cuda:0").peak == 87_933_659_212 and awake.device("cuda:0").overflow == 2_034_313_292
+    assert awake.device("cuda:0").peak == 90_113_648_716 and awake.device("cuda:0").overflow == 4_214_302_796
     asleep = plan_7b(qwen7b, *SLEEPY_7B, "engine.sleep=true", config="configs/frozenlake.yaml")
     gpu = asleep.device("cuda:0")
     assert {p.phase for p in gpu.parts if p.kind == P.VLLM_SHARE} == {P.GENERATION}
     assert gpu.held(P.GENERATION) == 54_975_581_388 and gpu.peak == 85_599_529_036 and asleep.fits
     assert asleep.bytes_of(P.ENGINE_WEIGHTS_WOKEN, device="cuda:0") == 2 * P_7B
-    assert gpu.held(P.PUBLISH) == 17_565_363_200
+    assert gpu.held(P.PUBLISH) == 19_745_352_704
     assert "the engine sleeps between steps" in format_plan(asleep)
     assert "the engine sleeps" not in format_plan(awake)
 
@@ -476,7 +477,7 @@ def test_an_empty_engine_sleep_turns_on_only_where_the_run_fits_only_with_it(qwe
     auto = plan_7b(qwen7b, *SLEEPY_7B, config="configs/frozenlake.yaml")
     assert auto.engine_sleeps and auto.fits
     roomy = plan_7b(qwen7b, *SLEEPY_7B, "engine.gpu_memory_utilization=0.4", config="configs/frozenlake.yaml")
-    assert not roomy.engine_sleeps and roomy.fits  # fits awake (67,317,816,192): no reason to sleep
+    assert not roomy.engine_sleeps and roomy.fits  # fits awake (69,497,805,696): no reason to sleep
     hopeless = plan_7b(qwen7b, *SLEEPY_7B, "engine.gpu_memory_utilization=0.9", config="configs/frozenlake.yaml")
     assert not hopeless.engine_sleeps and not hopeless.fits  # the share beside the trainer's weights alone overflows
     # vLLM on a GPU of its own frees none of the trainer's by sleeping; async mode generates while it trains

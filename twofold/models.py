@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -428,13 +427,14 @@ def _publication(model: torch.nn.Module) -> Iterator[tuple[str, torch.Size, Gath
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    merged: set[str] = set()
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            yield f"{name}.weight", module.get_base_layer().weight.shape, functools.partial(_merged, module), True
-            merged.add(f"{name}.base_layer.weight")
-    for n, p in base.named_parameters():
-        if "lora_" not in n and n not in merged:
+    modules = dict(base.named_modules())
+    for n, p in base.named_parameters():  # in the model's own order, layer by layer (vLLM reloads per layer)
+        if "lora_" in n:
+            continue
+        owner = n.removesuffix(".base_layer.weight")
+        if owner != n and isinstance(modules.get(owner), LoraLayer):
+            yield f"{owner}.weight", p.shape, functools.partial(_merged, modules[owner]), True
+        else:
             yield n.replace(".base_layer.", "."), p.shape, functools.partial(_whole, p), False
 
 
@@ -469,15 +469,3 @@ def iter_full_weights(
     on the trainer's GPU never sends them through host memory. Under LoRA the adapters are merged into a copy of
     each base weight."""
     return WeightStream(model, keep, dtype, device)
-
-
-def largest_weight_numel(folder: str | Path) -> int:
-    """Elements of the largest tensor in a Hugging Face folder's safetensors files (their headers alone)."""
-    from safetensors import safe_open
-
-    largest = 0
-    for file in Path(folder).glob("*.safetensors"):
-        with safe_open(file, "pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is no mapping)
-                largest = max(largest, math.prod(f.get_slice(key).get_shape()))
-    return largest

@@ -7,14 +7,26 @@ from collections.abc import Mapping
 
 from twofold.config import ConfigError, EngineConfig
 
-# vLLM's ipc and nccl senders pack the weights into reused buffers of this size (vLLM's own default) or of the
-# largest weight, when that is larger (an ipc buffer must hold any one tensor); nccl keeps two in flight.
+# vLLM's ipc and nccl senders pack the weights into reused buffers of this size (vLLM's own default); an ipc
+# buffer must hold any one weight, so it is the largest weight's size where that is larger; nccl keeps two in
+# flight.
 PACKED_BUFFER_BYTES = 1 << 30
 PACKED_BUFFERS = {"ipc": 1, "nccl": 2}
 
 
-def packed_buffer_bytes(largest_weight_bytes: int) -> int:
+def ipc_buffer_bytes(largest_weight_bytes: int) -> int:
     return max(PACKED_BUFFER_BYTES, largest_weight_bytes)
+
+
+def publish_bytes(path: str, largest_weight_bytes: int) -> int:
+    """Bytes on the trainer's GPU while vLLM's `ipc` or `nccl` sender publishes (packed mode, vLLM 0.32's
+    `packed_tensor.py`): ipc, its buffer, the weight being packed and the one before it, and the engine worker's
+    clone of a buffer on that same GPU; nccl, each chunk in flight and the one being assembled, each a buffer and up
+    to one weight more."""
+    one = largest_weight_bytes
+    if path == "ipc":
+        return 2 * ipc_buffer_bytes(one) + 2 * one
+    return (PACKED_BUFFERS["nccl"] + 1) * (PACKED_BUFFER_BYTES + one)
 
 
 def visible_devices(gpus: list[int], environ: Mapping[str, str]) -> str:

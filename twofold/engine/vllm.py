@@ -11,8 +11,9 @@ sampled token under the distribution vLLM actually sampled from, after temperatu
 Weights: vLLM's weight-transfer protocol (`vllm.distributed.weight_transfer`: start, update, finish, driven
 from the trainer's side by a trainer engine over `collective_rpc`), on one of three paths
 (`placement.weight_transfer_path`): `host`, twofold's own engine (`vllm_worker.HostWeightTransferEngine`),
-the weights as bytes in the update message; `ipc`, vLLM's CUDA-IPC engine, handles to the trainer's own
-tensors when the engine shares its GPU; `nccl`, vLLM's NCCL engine, a broadcast to engine GPUs of its own.
+the weights as bytes in the update message; `ipc`, vLLM's CUDA-IPC engine, the weights packed into a reused
+buffer on the trainer's GPU, which the engine on that GPU reads through an IPC handle; `nccl`, vLLM's NCCL engine,
+packed broadcasts to engine GPUs of their own.
 Every path loads through vLLM's layerwise reload (fused layers, post-load kernel packing). Then the prefix
 cache is reset, since cached KV blocks were computed with the old weights, and later tokens are stamped with
 the new version. It is built for the engine core in its own process (vLLM's default) and for CUDA graphs:
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,15 +39,15 @@ from twofold.config import ConfigError, EngineConfig
 from twofold.distributed import free_port
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, Weights, weight_items
 from twofold.engine.placement import (
+    PACKED_BUFFER_BYTES,
     PACKED_BUFFERS,
-    packed_buffer_bytes,
+    ipc_buffer_bytes,
     sleep_frees_trainer_gpu,
     visible_devices,
     weight_transfer_path,
 )
 from twofold.engine.vllm_worker import HOST_BACKEND, pack
 from twofold.modelpath import has_model_code
-from twofold.models import largest_weight_numel
 
 # vLLM's CPU build sizes its KV cache from the process's memory use unless given a size (GiB): a fixed
 # size keeps a second engine in the same process (tests, grids) from failing. Ignored on GPUs.
@@ -120,7 +122,7 @@ class PublishedWeights(WeightSource):
     are gathered. Their names and shapes come from the stream's own declaration (`models.WeightStream.metadata`)
     without gathering anything; only a stream that declares nothing (a dict, a plain iterator) is held to read
     them. vLLM's `ipc` and `nccl` senders pack them into reused buffers (`placement.PACKED_BUFFER_BYTES`), so
-    the trainer's GPU holds those and one weight, never the whole model."""
+    the trainer's GPU holds those and a weight or two, never the whole model."""
 
     def __init__(self):
         self._weights: Weights = []
@@ -135,11 +137,12 @@ class PublishedWeights(WeightSource):
             return [ParamMeta(name, t.dtype, tuple(t.shape)) for name, t in self._weights]
         return [ParamMeta(name, dtype, shape) for name, dtype, shape in declared()]
 
+    def largest_bytes(self) -> int:
+        """Bytes of the largest weight of the publication, from its declaration where it has one."""
+        return max((math.prod(m.shape) * m.dtype.itemsize for m in self.metadata()), default=0)
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in weight_items(self._weights):
-            if tensor.device.type == "cuda":  # the gather and cast that made it are queued on the current stream;
-                torch.cuda.current_stream(tensor.device).synchronize()  # vLLM packs it on streams of its own
-            yield name, tensor
+        return weight_items(self._weights)
 
 
 @dataclass
@@ -182,11 +185,10 @@ class RankZeroIPCTrainerWeightTransferEngine(IPCTrainerWeightTransferEngine):
         torch.cuda.ipc_collect()
 
 
-def trainer_sender(
-    path: str, tensor_parallel_size: int, client, source: WeightSource, buffer_bytes: int
-) -> TrainerWeightTransferEngine:
+def trainer_sender(path: str, tensor_parallel_size: int, client, source: WeightSource) -> TrainerWeightTransferEngine:
     """The trainer's side of a path, handshake done; the trainer is the one sender (rank 0). `ipc` and `nccl` send
-    packed, in reused buffers of `buffer_bytes` (`placement.packed_buffer_bytes`)."""
+    packed, in reused buffers (`placement.PACKED_BUFFER_BYTES`; an ipc buffer is sized again at each publication
+    to hold its largest weight, `VLLMEngine.update_weights`)."""
     if path == "nccl":
         info = NCCLTrainerInitInfo(
             "127.0.0.1",
@@ -194,12 +196,12 @@ def trainer_sender(
             1 + tensor_parallel_size,
             rank=0,
             packed=True,
-            packed_buffer_size_bytes=buffer_bytes,
+            packed_buffer_size_bytes=PACKED_BUFFER_BYTES,
             packed_num_buffers=PACKED_BUFFERS["nccl"],
         )
         return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
     if path == "ipc":
-        info = IPCTrainerInitInfo(rank=0, packed=True, packed_buffer_size_bytes=buffer_bytes)
+        info = IPCTrainerInitInfo(rank=0, packed=True, packed_buffer_size_bytes=PACKED_BUFFER_BYTES)
         return RankZeroIPCTrainerWeightTransferEngine.trainer_init(info, client=client, source=source)
     return HostTrainerWeightTransferEngine.trainer_init(HostTrainerInitInfo(rank=0), client=client, source=source)
 
@@ -267,13 +269,8 @@ class VLLMEngine(InferenceEngine):
         self.published = PublishedWeights()
         self.trainer_device = trainer_device
         with self._on_trainer_gpu():
-            width = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
             self.sender = trainer_sender(
-                self.transfer,
-                cfg.tensor_parallel_size,
-                EngineWorkersClient(self.llm),
-                self.published,
-                packed_buffer_bytes(largest_weight_numel(model_path) * width),
+                self.transfer, cfg.tensor_parallel_size, EngineWorkersClient(self.llm), self.published
             )
         self._serial = itertools.count()
 
@@ -354,6 +351,12 @@ class VLLMEngine(InferenceEngine):
         self.published.publish(weights)
         try:
             with self._on_trainer_gpu():
+                if self.transfer != "host":
+                    if self.transfer == "ipc":  # one ipc buffer must hold any one weight
+                        self.sender.packed_buffer_size_bytes = ipc_buffer_bytes(self.published.largest_bytes())
+                    # the optimizer's writes to the weights finish before vLLM's senders gather them on streams of
+                    # their own (nccl's packing runs the gathers on its side streams)
+                    torch.cuda.current_stream().synchronize()
                 self.sender.send_weights()
         finally:
             self.published.publish([])  # nothing of this version held past its transfer

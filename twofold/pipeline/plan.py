@@ -37,12 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twofold.config import Config, ConfigError, LoraConfig, load_config, parse_bytes
-from twofold.engine.placement import (
-    PACKED_BUFFERS,
-    packed_buffer_bytes,
-    sleep_frees_trainer_gpu,
-    weight_transfer_path,
-)
+from twofold.engine.placement import publish_bytes, sleep_frees_trainer_gpu, weight_transfer_path
 
 log = logging.getLogger(__name__)
 
@@ -384,11 +379,9 @@ def engine_parts(
             path = weight_transfer_path(e, trainer, engine_on_gpu=True)
         except ConfigError:  # refused when the engine starts, with the devices named
             path = "host"
-        if path != "host":  # packed in reused buffers on the trainer's GPU, beside the one weight being packed
-            one = largest_weight(s) * width
-            buffers = PACKED_BUFFERS[path]
-            what = f"{buffers} x {path} buffer + 1 weight, {e.dtype}"
-            nbytes = buffers * packed_buffer_bytes(one) + one
+        if path != "host":  # packed in reused buffers on the trainer's GPU (`placement.publish_bytes`)
+            nbytes = publish_bytes(path, largest_weight(s) * width)
+            what = f"{path}, packed buffers and weights, {e.dtype}"
             host_payload = (trainer, Part(TO_ENGINE, what, nbytes, "engine.weight_transfer", PUBLISH))
         share = int(e.gpu_memory_utilization * machine.gpu_memory)
         gpus = e.gpu_indices()
