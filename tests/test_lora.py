@@ -69,8 +69,8 @@ def test_full_weights_merge_the_adapters_under_hugging_face_names(tiny_path, tok
 @pytest.mark.parametrize("lora", [True, False])
 def test_a_weight_stream_declares_what_it_yields_before_gathering_anything(tiny_path, monkeypatch, lora):
     """`WeightStream.metadata` (what vLLM's senders announce first) names every weight the stream then yields, in
-    its order (the model's own), with its dtype and whole shape, and runs no gather or merge to know them; the yielded tensors are
-    copies, never the trainer's own."""
+    its order (the model's own), with its dtype and whole shape, and runs no gather or merge to know them; the
+    yielded tensors are copies, never the trainer's own."""
     model = moved_adapters(lora_policy(tiny_path)) if lora else load_model(tiny_path)
     gathers = []
     monkeypatch.setattr(models, "full_tensor", lambda t: gathers.append(1) or t)
