@@ -177,9 +177,14 @@ class Pipeline:
         self.tokenizer = load_tokenizer(self.model_path)
         self.trainer = Trainer.from_pretrained(self.model_path, cfg, seed=cfg.seed, ranks=self.ranks)
         trainer_device = str(self.trainer.numerics.device)
-        self.engine_sleeps = self._engine_sleeps()
-        if main:  # what `twofold plan` prints for this run on this machine, kept with the run
-            plan = memory_plan(cfg, read_model_shapes(self.model_path), this_machine(), self.engine_sleeps)
+        self.engine_sleeps = False
+        if main:
+            shapes, machine = read_model_shapes(self.model_path), this_machine()
+            # an explicit engine.sleep is checked with the config (sync, embedded) and, for vLLM, as its engine
+            # starts; empty, the plan decides
+            sleep = cfg.engine.sleep
+            self.engine_sleeps = sleep if sleep is not None else engine_sleeps(cfg, shapes, machine)
+            plan = memory_plan(cfg, shapes, machine, self.engine_sleeps)  # what `twofold plan` prints for this run
             (self.run_dir / MEMORY_PLAN_FILE).write_text(format_plan(plan) + "\n")
         self.engine = (
             self.runtime.make_engine(cfg, self.model_path, self.tokenizer, trainer_device, self.engine_sleeps)
@@ -227,15 +232,6 @@ class Pipeline:
             for row in self.metrics.kept_rows:
                 self.signal_watch.update_from_row(row)
         self.worker = self._rollout_worker() if main else None
-
-    def _engine_sleeps(self) -> bool:
-        """`engine.sleep`, or where it is empty the plan's choice (read only where the engine could sleep)."""
-        cfg = self.cfg
-        if not self.ranks.is_main or cfg.mode != "sync" or cfg.runtime.backend != "embedded":
-            return False
-        if cfg.engine.sleep is not None:
-            return cfg.engine.sleep  # impossible ones are refused: by the plan, or by vLLM's engine as it starts
-        return engine_sleeps(cfg, read_model_shapes(self.model_path), this_machine())
 
     def _open_run_dir(self, resume: bool):
         """Rank 0: create (or, resuming, reopen) the run directory, lock it, write the resolved config."""

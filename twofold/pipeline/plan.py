@@ -372,7 +372,7 @@ def engine_parts(
     weights = n.base * width  # LoRA policies reach the engine merged: the base's shapes
     # vLLM's updates, and Ray's, travel whole through host memory: the tensors, and their packed bytes (vLLM) or
     # their copy in the object store (Ray)
-    host_payload = (HOST, Part(TO_ENGINE, f"{e.dtype} x 2, rank 0", weights * 2, "engine.dtype", PUBLISH))
+    payload = (HOST, Part(TO_ENGINE, f"{e.dtype} x 2, rank 0", weights * 2, "engine.dtype", PUBLISH))
     if e.backend == "vllm" and machine.gpus > 0:
         trainer = _placed(cfg.trainer.device, 0, machine.gpus)
         try:
@@ -382,7 +382,7 @@ def engine_parts(
         if path != "host":  # packed in reused buffers on the trainer's GPU (`placement.publish_bytes`)
             nbytes = publish_bytes(path, largest_weight(s) * width)
             what = f"{path}, packed buffers and weights, {e.dtype}"
-            host_payload = (trainer, Part(TO_ENGINE, what, nbytes, "engine.weight_transfer", PUBLISH))
+            payload = (trainer, Part(TO_ENGINE, what, nbytes, "engine.weight_transfer", PUBLISH))
         share = int(e.gpu_memory_utilization * machine.gpu_memory)
         gpus = e.gpu_indices()
         per_gpu = f"1/{len(gpus)} of the " if len(gpus) > 1 else ""
@@ -394,10 +394,10 @@ def engine_parts(
         if sleeps:
             woken = Part(ENGINE_WEIGHTS_WOKEN, e.dtype, weights // len(gpus), "engine.sleep", PUBLISH)
             shares += [(f"cuda:{g}", woken) for g in gpus]
-        return [host_payload, *shares]
+        return [payload, *shares]
     if e.backend == "vllm":
         kv = Part(ENGINE_KV_CACHE, "VLLM_CPU_KVCACHE_SPACE", machine.vllm_cpu_kv_cache, "engine.max_batch_size")
-        return [host_payload, (HOST, Part(ENGINE_WEIGHTS, e.dtype, weights, "engine.dtype")), (HOST, kv)]
+        return [payload, (HOST, Part(ENGINE_WEIGHTS, e.dtype, weights, "engine.dtype")), (HOST, kv)]
     device = _placed(e.device, 0, machine.gpus)
     tokens = e.max_batch_size * cfg.rollout.max_total_tokens
     kv_bytes = 2 * s.num_layers * s.num_kv_heads * s.head_dim * width * tokens
@@ -406,7 +406,7 @@ def engine_parts(
         weights, held_as = n.base * 4, f"{e.dtype} values held as float32 (no native bf16 matmul)"
     prefix = parse_bytes(e.prefix_cache, "engine.prefix_cache") or 0
     if cfg.runtime.backend == "ray":
-        to_engine = host_payload
+        to_engine = payload
     else:  # streamed onto the engine's device (`iter_full_weights`)
         in_flight = 2 * largest_weight(s) * width
         to_engine = (device, Part(TO_ENGINE, f"2 tensors at a time, {e.dtype}", in_flight, "engine.device", PUBLISH))
