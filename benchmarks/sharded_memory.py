@@ -68,14 +68,14 @@ def projections() -> str:
     models = {"1.5B": 1.54e9, "4B": 4.02e9, "7B": 7.62e9, "32B": 32.8e9}
     lines = [
         "| model | params+grads+AdamW per GPU (16 B/param / 8) | one snapshot version, whole / per GPU | "
-        "snapshots per GPU (async holds one version): on GPU / offloaded to host RAM | EWMA average + proxy per GPU |",
+        "snapshots per GPU (async holds one version): on GPU / offloaded to host RAM | EWMA average per GPU |",
         "|---|---|---|---|---|",
     ]
     for name, n in models.items():
         train, snap = 16 * n / 8 / GIB, 4 * n / GIB
         lines.append(
             f"| {name} | {train:.1f} GiB | {snap:.1f} GiB / {snap / 8:.2f} GiB | {snap / 8:.2f} GiB / "
-            f"0 (host: {snap / 8:.2f} GiB per rank) | {2 * snap / 8:.1f} GiB |"
+            f"0 (host: {snap / 8:.2f} GiB per rank) | {snap / 8:.2f} GiB |"
         )
     return "\n".join(lines)
 

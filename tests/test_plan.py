@@ -244,18 +244,20 @@ def test_8_ranks_shard_the_trainer_and_keep_every_ranks_snapshots_in_host_memory
     plan = plan_7b(qwen7b, *readme, machine=Machine(8, 80 * GIB, 2**40))
     # 16 bytes per parameter over 8 ranks: 2P + 4 x 339 step counts = 15,231,234,380 bytes (14.2 GiB)
     assert plan.bytes_of(P.TRAINER_WEIGHTS, P.GRADIENTS, P.OPTIMIZER_STATE, device="cuda:1") == 2 * P_7B + 4 * 339
-    # every rank keeps a scratch copy of its shard, 4P / 8; the vLLM share is on rank 0's GPU alone
-    assert plan.bytes_of(P.SCRATCH_COPY, device="cuda:1") == 4 * P_7B // 8
+    # no rank keeps a copy of the policy: while a held version scores, each keeps its own shard aside, 4P / 8,
+    # in the scoring phase, below the train step; the vLLM share is on rank 0's GPU alone
+    assert plan.bytes_of(P.OWN_SHARDS_KEPT, device="cuda:1") == 4 * P_7B // 8
+    assert plan.device("cuda:1").held(P.SCORING) == 4 * P_7B // 8
     assert plan.bytes_of(P.VLLM_SHARE, device="cuda:1") == 0 < plan.bytes_of(P.VLLM_SHARE, device="cuda:0")
     # host: 8 ranks x 1 version x 4P / 8 = 4P
     assert plan.bytes_of(P.SNAPSHOTS, device="cpu") == 4 * P_7B
     assert [d.device for d in plan.devices] == [*(f"cuda:{i}" for i in range(8)), "cpu"]
     assert plan.fits
     # cuda:0 publishing: one gathered float32 embedding (2,179,989,504) and vLLM's ipc buffers and weights (4L =
-    # 4,359,979,008), below the train step's 8,549,897,728: 41,001,038,156 + that = 49,550,935,884
+    # 4,359,979,008), below the train step's 8,549,897,728: 37,193,229,900 + that = 45,743,127,628
     assert plan.device("cuda:0").held(P.PUBLISH) == 6_539_968_512
-    assert plan.device("cuda:0").peak == 49_550_935_884
-    assert "fits: cuda:0 46.1 GiB of 80.0 GiB, cuda:1-7 each 22.1 GiB of 80.0 GiB" in format_plan(plan)
+    assert plan.device("cuda:0").peak == 45_743_127_628
+    assert "fits: cuda:0 42.6 GiB of 80.0 GiB, cuda:1-7 each 18.6 GiB of 80.0 GiB" in format_plan(plan)
 
 
 def test_publication_is_counted_where_it_happens(qwen7b):

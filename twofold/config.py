@@ -431,7 +431,7 @@ class OldLogitsConfig:
     )
     device: str = setting(
         "auto",
-        "Where the sources' model copies (snapshot scratch, dedicated worker, EWMA average and proxy) live: auto "
+        "Where the sources' own state lives (the dedicated worker's model, the EWMA average): auto "
         "(the trainer's device), cpu, cuda or cuda:N.",
     )
     snapshot_device: str = setting(

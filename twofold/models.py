@@ -11,6 +11,7 @@ are in `twofold.logprobs`.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -301,15 +302,6 @@ def empty_policy(path: str | Path, cfg: ModelConfig) -> torch.nn.Module:
     return with_lora(_empty_model(config), cfg.lora)
 
 
-def empty_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A policy of `model`'s architecture and LoRA adapters, every parameter and buffer on the meta device."""
-    if not is_lora(model):
-        return _empty_model(model.config)
-    import copy
-
-    return with_lora(_empty_model(model.get_base_model().config), copy.deepcopy(model.peft_config["default"]))
-
-
 def versioned_state(model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """A detached float32 copy of what changes between policy versions: the parameters that train.
 
@@ -444,21 +436,40 @@ class WeightStream:
     before any is gathered (vLLM's senders announce them first: the stream is never held whole to learn them).
 
     Sharded parameters are gathered one at a time on every rank (a collective: every rank runs the iteration to
-    its end, in the same order); a rank with `keep=False` (all but the engine's) yields nothing."""
+    its end, in the same order); a rank with `keep=False` (all but the engine's) yields nothing. `finish()` runs
+    the gathers an engine's send left undone when it failed partway, so the other ranks are not left waiting in
+    one."""
 
     def __init__(self, model: torch.nn.Module, keep: bool, dtype: torch.dtype, device: str | torch.device):
         self.model, self.keep, self.dtype, self.device = model, keep, dtype, device
+        self._pass: Iterator[tuple[str, torch.Tensor]] | None = None  # the pass under way
+        self._passes_ended = 0
 
     def metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return [(name, self.dtype, tuple(shape)) for name, shape, _, _ in _publication(self.model)]
 
-    @torch.no_grad()  # applies to each step of the generator (torch wraps generator functions)
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self._pass = self._weights()
+        return self._pass
+
+    @torch.no_grad()  # applies to each step of the generator (torch wraps generator functions)
+    def _weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, _, gather, own_copy in _publication(self.model):
             whole = gather()
             if self.keep:  # a copy, never the trainer's own tensor
                 yield name, whole.to(device=self.device, dtype=self.dtype, copy=not own_copy)
             del whole  # one gathered (or merged) weight alive at a time (the memory plan's "weight being published")
+        self._pass = None
+        self._passes_ended += 1
+
+    def finish(self) -> None:
+        """Complete one pass, as every other rank runs one, whatever the engine consumed: the rest of the pass
+        under way, a whole pass if none was started, nothing if one ended. Its gathers only: nothing is kept."""
+        if self._pass is None and self._passes_ended:
+            return
+        rest = self._pass if self._pass is not None else self._weights()
+        self.keep = False  # read at each weight: a pass under way stops copying too
+        collections.deque(rest, maxlen=0)
 
 
 def iter_full_weights(

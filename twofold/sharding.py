@@ -3,7 +3,9 @@ chunked log-prob computation, so the LM head runs inside one FSDP forward (see `
 ranks themselves).
 
 A sharded policy is built on the meta device, sharded, and only then given memory and values
-(`load_sharded_policy`, `sharded_copy`): no rank ever holds the whole model on its device.
+(`load_sharded_policy`): no rank ever holds the whole model on its device. Old-logit sources keep no sharded
+copies: they score other versions through the policy itself, its shards swapped in place
+(`oldlogits.base.with_parameters`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from twofold.config import ModelConfig
-from twofold.distributed import Ranks, local_tensor
+from twofold.distributed import Ranks
 from twofold.logprobs import SHARDED_ROOT, policy_logprobs, sharded_root
-from twofold.models import empty_copy, empty_policy, load_policy
+from twofold.models import empty_policy, load_policy
 
 
 class ShardedLogprobs(torch.nn.Module):
@@ -119,21 +121,3 @@ def load_sharded_policy(
     _set_buffers(policy, ranks.broadcast(dict(whole.named_buffers()) if whole is not None else None))
     torch.set_rng_state(ranks.broadcast(torch.get_rng_state()))
     return policy
-
-
-@torch.no_grad()
-def sharded_copy(policy: torch.nn.Module, param_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A second sharded policy holding `policy`'s current weights, built on the meta device and sharded on
-    `policy`'s mesh and device (so the shards line up: each rank copies its own, no communication), gathering
-    in `param_dtype` (the trainer's, so that it scores as the trainer does). What a sharded rank keeps to load
-    other weights into (the snapshot scratch model, the EWMA proxy). Under LoRA its frozen base is a copy of
-    the policy's too: FSDP2 owns each module's shard storage."""
-    first = next(policy.parameters())
-    device = local_tensor(first).device
-    copy = shard_on(empty_copy(policy), first.device_mesh, param_dtype)
-    _materialise(copy, device)
-    own = dict(policy.named_parameters())
-    for name, p in copy.named_parameters():
-        local_tensor(p).copy_(local_tensor(own[name]))
-    _set_buffers(copy, dict(policy.named_buffers()))
-    return copy

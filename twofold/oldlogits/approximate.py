@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from twofold import metrics as M
-from twofold.models import model_bytes, state_dict_bytes
+from twofold.models import state_dict_bytes
 from twofold.oldlogits.base import CapturingSource, OldLogitSource, SourceContext, capture, with_parameters
 from twofold.oldlogits.ewma import ParameterEWMA, staleness_beta
 from twofold.rollout.trajectory import Batch
@@ -109,37 +109,24 @@ class EWMASource(OldLogitSource):
         if beta is None:
             beta = staleness_beta(ctx.max_staleness, ctx.updates_per_version)
         self.ewma = ParameterEWMA(model, beta, device=ctx.device)
-        self.model = model
         # pi_prox scores through the trainer's own model with the average standing in for its parameters
-        # (`with_parameters`); a sharded model's parameters are DTensors, so there a proxy copy is kept.
-        self.proximal_model = ctx.copy_of(model) if ctx.ranks.sharded else None
-        self._proximal_current = True  # proximal_model holds the average as it is now
+        # (`with_parameters`): no proxy model, and under LoRA the frozen base is the trainer's, sharded or not.
+        self.model = model
         self.tau, self.auto_reset, self.reset_cooldown = tau, auto_reset, reset_cooldown
         self.last_reset = False
 
     def old_logprobs(self, batch: Batch, current_logprobs, version):
-        def proximal():
-            if self.proximal_model is None:
-                return with_parameters(self.model, self.ewma.params, lambda m: self.ctx.score_rows(m, batch))
-            if not self._proximal_current:
-                self.ewma.copy_to(self.proximal_model)
-                self._proximal_current = True
-            return self.ctx.score_rows(self.proximal_model, batch)
-
-        return self._timed(proximal)
+        return self._timed(with_parameters, self.model, self.ewma.params, lambda m: self.ctx.score_rows(m, batch))
 
     def after_optimizer_step(self, model):
         self.ewma.update(model)
-        self._proximal_current = False
 
     def after_step(self, model, metrics):
         ratio = metrics.get(M.ACTIVE_TOKEN_RATIO, 1.0)
         self.last_reset = self.auto_reset and self.ewma.maybe_reset(model, ratio, self.tau, self.reset_cooldown)
-        self._proximal_current &= not self.last_reset
 
     def extra_bytes(self):
-        proxy = model_bytes(self.proximal_model) if self.proximal_model is not None else 0
-        return state_dict_bytes(self.ewma.params) + proxy
+        return state_dict_bytes(self.ewma.params)
 
     def metrics(self):
         return {
@@ -155,4 +142,3 @@ class EWMASource(OldLogitSource):
 
     def load_state_dict(self, state):
         self.ewma.load_state_dict(state["ewma"])
-        self._proximal_current = False

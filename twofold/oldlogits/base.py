@@ -28,8 +28,9 @@ from typing import TypeVar
 
 import torch
 
-from twofold.distributed import Ranks
+from twofold.distributed import Ranks, is_sharded, local_tensor
 from twofold.logprobs import Numerics, score_sequences, token_logprobs
+from twofold.models import load_parameters
 from twofold.rollout.trajectory import Batch, Trajectory
 
 T = TypeVar("T")
@@ -72,17 +73,41 @@ def _evaluating(model: torch.nn.Module):
 
 def with_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor], score: Callable[[torch.nn.Module], T]) -> T:
     """`score(model)` with the tensors of `state` (a `versioned_state`: every trained parameter, or the LoRA
-    adapters alone) in place of the model's own for the call, in eval mode; nothing is copied into the model,
-    so a held version needs no model of its own, and under LoRA it shares the frozen base. It swaps the
-    model's attributes for the call: only the thread that trains the model may use it (the trainer's)."""
+    adapters alone) in place of the model's own for the call, in eval mode: a held version needs no model of its
+    own, and under LoRA it shares the frozen base. It swaps the model's tensors for the call: only the thread that
+    trains the model may use it (the trainer's).
+
+    One process's model: `torch.func.functional_call` stands `state` in for its parameters; nothing is copied
+    into the model. A sharded model (FSDP2: DTensor parameters, which FSDP's own hooks gather, so a functional
+    call cannot stand in for them) takes this rank's shards of `state` into its parameters and gets its own
+    back after the call, bit for bit: it holds a second copy of its trained shards (under LoRA, its adapters)
+    only while it scores. Between a forward and its backward too (the EWMA scores there): FSDP2 gathers the
+    backward's weights from the shards again, restored by then, and nothing of autograd's reads them."""
     own = dict(model.named_parameters())
     unknown = state.keys() - own.keys()
     if unknown:  # functional_call would ignore them and score with the model's own weights
         raise KeyError(f"state names parameters the model does not have: {sorted(unknown)[:3]}")
-    device = next(iter(own.values())).device
-    params = {f"policy.{n}": t.to(device, non_blocking=True) for n, t in state.items()}
     with _evaluating(model):
+        if any(is_sharded(p) for p in own.values()):
+            with _shards_swapped(model, state):
+                return score(model)
+        device = next(iter(own.values())).device
+        params = {f"policy.{n}": t.to(device, non_blocking=True) for n, t in state.items()}
         return torch.func.functional_call(_Scoring(model), params, (score,), strict=False)
+
+
+@contextlib.contextmanager
+def _shards_swapped(model: torch.nn.Module, state: dict[str, torch.Tensor]):
+    """This rank's shards of `state` in `model`'s parameters while the block runs; their own values back after
+    it, also when it raises."""
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        kept = {n: local_tensor(own[n]).clone() for n in state}
+    load_parameters(model, state)
+    try:
+        yield
+    finally:
+        load_parameters(model, kept)
 
 
 @dataclass
@@ -99,22 +124,16 @@ class SourceContext:
     snapshot_device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # stored snapshots
     snapshot_directory: Path | None = None  # where snapshots are files instead (`oldlogits.snapshot_device=disk`)
     ranks: Ranks = field(default_factory=Ranks)  # the trainer's ranks (sharded: every source runs on each)
-    # A copy of the policy with the same weights and sharding (snapshot scratch, EWMA proxy), and a whole
-    # policy loaded with given (gathered) weights on one rank (the dedicated worker's). Sharded runs pass
-    # factories that load a fresh policy from the model path (a sharded module cannot be deep-copied).
-    replicate: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    # A whole policy loaded with given (gathered) weights on one rank (the dedicated worker's): sharded runs
+    # pass a factory that loads a fresh policy from the model path (a sharded module cannot be deep-copied).
     whole_policy: Callable[[dict[str, torch.Tensor]], torch.nn.Module] | None = None
-
-    def copy_of(self, model: torch.nn.Module) -> torch.nn.Module:
-        return (self.replicate or (lambda m: _copy_here(m, self.device)))(model)
 
     def whole_copy_of(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         """An unsharded policy holding `state` (the gathered weights of `model`)."""
         return self.whole_policy(state) if self.whole_policy is not None else _copy_here(model, self.device)
 
     def scorer_with(self, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Scorer:
-        """`scorer(model)` with `state` standing in for its trained parameters (`with_parameters`): one process's
-        model only (a sharded one keeps a copy to load versions into)."""
+        """`scorer(model)` with `state` standing in for its trained parameters (`with_parameters`)."""
         return lambda prefixes: with_parameters(model, state, lambda m: self.scorer(m)(prefixes))
 
     def scorer(self, model: torch.nn.Module) -> Scorer:

@@ -91,12 +91,6 @@ class ParameterEWMA:
         """Weighted mean age of the average, in optimizer steps (beta/(1-beta) in the limit)."""
         return self._age_sum / self.total if self.total > 0 else 0.0
 
-    @torch.no_grad()
-    def copy_to(self, module: torch.nn.Module) -> None:
-        for n, p in module.named_parameters():
-            if n in self.params:
-                p.copy_(self.params[n].to(device=p.device, dtype=p.dtype))
-
     def state_dict(self) -> dict:
         return {
             "beta": self.beta,

@@ -17,9 +17,7 @@ import torch
 from twofold import metrics as M
 from twofold.config import ConfigError
 from twofold.models import (
-    load_parameters,
     load_versioned_state,
-    model_bytes,
     save_versioned_state,
     state_dict_bytes,
     trained_tensors,
@@ -198,9 +196,8 @@ class SnapshotSource(CapturingSource):
         super().__init__(ctx)
         self.on_budget = on_budget
         self.fallback = fallback
-        # Held versions score through the trainer's own model with their tensors standing in (`scorer_with`); a
-        # sharded model's parameters are DTensors, so there a copy is kept to load each version into.
-        self.scratch = ctx.copy_of(model) if ctx.ranks.sharded else None
+        # Held versions score through the trainer's own model with their tensors standing in (`scorer_with`):
+        # no model of their own, and under LoRA the frozen base is the trainer's, sharded or not.
         # a snapshot is what changes between versions (the whole model, or the LoRA adapters alone), in this
         # rank's shards: the budget is per rank
         self.snapshot_bytes = sum(t.numel() * 4 for _, t in trained_tensors(model))
@@ -277,10 +274,7 @@ class SnapshotSource(CapturingSource):
         self.captured.retain({t.uid for t in batch.trajectories} | {t.uid for t in pending})
 
     def _scorer_at(self, model, version):
-        if self.scratch is None:
-            return self.ctx.scorer_with(model, self.store.state(version))
-        load_parameters(self.scratch, self.store.state(version))
-        return self.ctx.scorer(self.scratch)
+        return self.ctx.scorer_with(model, self.store.state(version))
 
     def old_logprobs(self, batch, current_logprobs, version):
         if self.fallback is None:
@@ -309,8 +303,7 @@ class SnapshotSource(CapturingSource):
 
     def extra_bytes(self):
         fb = self.fallback.extra_bytes() if self.fallback is not None else 0
-        scratch = model_bytes(self.scratch) if self.scratch is not None else 0
-        return self.store.resident_bytes + scratch + fb
+        return self.store.resident_bytes + fb
 
     def metrics(self):
         out = {

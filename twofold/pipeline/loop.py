@@ -14,7 +14,6 @@ The parts come from a runtime (`runtime.py`): in this process, or Ray actors (`r
 
 from __future__ import annotations
 
-import collections
 import logging
 import random
 import threading
@@ -65,7 +64,6 @@ from twofold.pipeline.runtime import EmbeddedRuntime, Runtime
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.rollout.versions import LAG_BUCKETS, Admission, lag_bucket
 from twofold.rollout.worker import RolloutWorker
-from twofold.sharding import sharded_copy
 from twofold.trainer.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -100,11 +98,8 @@ def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path,
         snapshot_device = resolve_device(o.snapshot_device)
     else:
         snapshot_device = torch.device("cpu") if trainer.numerics.device.type == "cuda" else trainer.numerics.device
-    replicate = whole_policy = None
+    whole_policy = None
     if ranks.sharded:
-
-        def replicate(model: torch.nn.Module) -> torch.nn.Module:
-            return sharded_copy(model, DTYPES[t.fsdp_param_dtype]).eval()
 
         def whole_policy(state: dict[str, torch.Tensor]) -> torch.nn.Module:
             copy = load_policy(model_path, cfg.model).to(device).eval()
@@ -121,7 +116,6 @@ def source_context(cfg: Config, trainer: Trainer, pad_id: int, model_path: Path,
         snapshot_device=snapshot_device,
         snapshot_directory=snapshot_directory,
         ranks=ranks,
-        replicate=replicate,
         whole_policy=whole_policy,
     )
 
@@ -386,10 +380,15 @@ class Pipeline:
         engine = self.engine if self.ranks.is_main else None
         device = engine.weights_device if engine is not None else "cpu"
         weights = iter_full_weights(self.trainer.model, keep=engine is not None, dtype=self.engine_dtype, device=device)
-        if engine is not None:
+        if engine is None:
+            weights.finish()  # run the gathers to the end
+            return
+        try:
             engine.update_weights(weights, version)
-        else:
-            collections.deque(weights, maxlen=0)  # run the gathers to the end
+        except BaseException:
+            if self.ranks.sharded:  # the other ranks wait in the gathers the failed send left undone
+                weights.finish()
+            raise
 
     def _audit(self, batch: Batch) -> dict[str, float]:
         """Error of the source's old log-probs against the exact ones, both from their `old_logprobs`, over

@@ -66,16 +66,15 @@ VLLM_SHARE = "vLLM share"
 ENGINE_WEIGHTS_WOKEN = "engine weights, back for the update"
 SNAPSHOTS = "snapshots"
 SNAPSHOT_IN_USE = "snapshot in use"
-SCRATCH_COPY = "snapshot scratch copy"
 EWMA_AVERAGE = "EWMA average"
 EWMA_IN_USE = "EWMA average in use"
-EWMA_PROXY = "EWMA proxy copy"
+OWN_SHARDS_KEPT = "trained shards set aside"
 DEDICATED_COPY = "dedicated worker copy"
 TO_WORKER = "weights to the worker"
 TO_ENGINE = "weights to the engine"
 GATHERED_WEIGHT = "weight being published"
 # The parts `memory/oldlogit_extra_bytes` counts (`OldLogitSource.extra_bytes`).
-OLDLOGIT_STATE = (SNAPSHOTS, SCRATCH_COPY, EWMA_AVERAGE, EWMA_PROXY, DEDICATED_COPY)
+OLDLOGIT_STATE = (SNAPSHOTS, EWMA_AVERAGE, DEDICATED_COPY)
 
 # When a part is held: always, or only during one phase of a step (phases never overlap).
 ALWAYS, TRAIN_STEP, SCORING, PUBLISH, GENERATION = "always", "train step", "scoring", "publish", "generation"
@@ -453,11 +452,12 @@ def oldlogit_parts(
 ) -> list[tuple[str, Part]]:
     """One rank's old-logit state for source `kind`, as (device, part) pairs (`twofold/oldlogits/`):
 
-        snapshot    held versions of the trained parameters, 4 T / N each, on `snapshot_device`; one moved to
-                    the trainer's device while it scores (unsharded; a sharded rank keeps a scratch copy of
-                    the policy, 4 (P + A) / N, to load versions into)
-        ewma        the float32 average, 4 T / N, on `oldlogits.device` (moved to the trainer's device to score
-                    when it lives elsewhere); sharded, also a proxy copy of the policy, 4 (P + A) / N
+        snapshot    held versions of the trained parameters, 4 T / N each, on `snapshot_device`; while one
+                    scores, it is moved to the trainer's device (one process) or a sharded rank keeps its own
+                    trained shards aside, 4 T / N, while the version's stand in for them (`with_parameters`)
+        ewma        the float32 average, 4 T / N, on `oldlogits.device`; while it scores (in the train step),
+                    moved to the trainer's device when it lives elsewhere (one process), or a sharded rank's
+                    own trained shards kept aside, 4 T / N, as for a snapshot
         dedicated   rank 0: a whole float32 policy, 4 (P + A), on `oldlogits.device` (under LoRA, unsharded
                     and on the trainer's device: its adapters, 4 T, beside the trainer's frozen base), and
                     each version's gathered trained parameters, 4 T, on their way to it through host memory
@@ -472,7 +472,6 @@ def oldlogit_parts(
     else:
         snapshots = HOST if trainer.startswith("cuda") else trainer
     version = _per_rank(FLOAT32 * n.trained, ws)
-    model_copy = _per_rank(FLOAT32 * n.model, ws)
     out: list[tuple[str, Part]] = []
 
     def add(device: str, what: str, detail: str, nbytes: int, key: str, phase: str = ALWAYS) -> None:
@@ -481,8 +480,8 @@ def oldlogit_parts(
     if kind == "snapshot":
         held = snapshot_versions(cfg, version)
         add(snapshots, SNAPSHOTS, f"{held} x {format_bytes(version)}", held * version, "oldlogits.snapshot_budget")
-        if sharded:
-            add(copies, SCRATCH_COPY, f"float32, 1/{ws} shard", model_copy, "oldlogits.device")
+        if sharded and held:
+            add(trainer, OWN_SHARDS_KEPT, f"float32, 1/{ws} shard", version, "oldlogits.snapshot_device", SCORING)
         elif snapshots != trainer and held:
             add(trainer, SNAPSHOT_IN_USE, "one version", version, "oldlogits.snapshot_device", SCORING)
         if o.on_budget == "ewma":
@@ -490,7 +489,7 @@ def oldlogit_parts(
     elif kind == "ewma":
         add(copies, EWMA_AVERAGE, "float32", version, "oldlogits.device")
         if sharded:
-            add(copies, EWMA_PROXY, f"float32, 1/{ws} shard", model_copy, "oldlogits.device")
+            add(trainer, OWN_SHARDS_KEPT, f"float32, 1/{ws} shard", version, "oldlogits.device", TRAIN_STEP)
         elif copies != trainer:
             add(trainer, EWMA_IN_USE, "float32", version, "oldlogits.device", TRAIN_STEP)
     elif kind == "dedicated" and rank == 0:

@@ -259,7 +259,7 @@ class RayLogprobWorker:
         self.actor, self.timeout_s = actor, timeout_s
         # the trainer's weights now (the resumed ones on resume) and its scoring numerics; the actor is a
         # process of its own: no ranks, no factories of the trainer's process
-        scoring = dataclasses.replace(ctx, ranks=Ranks(), replicate=None, whole_policy=None)
+        scoring = dataclasses.replace(ctx, ranks=Ranks(), whole_policy=None)
         ray.get(self.actor.start.remote(scoring, ray.put(state)), timeout=self.timeout_s)
 
     def __call__(self, prefixes):
