@@ -122,16 +122,23 @@ def test_two_ranks_take_the_step_one_rank_takes(tmp_path, tiny_path):
 
 
 def _failed_sends(rank, world, address, port, tiny_path, out):
-    """Rank 0's engine fails three ways while every rank gathers the weights (the pipeline's
-    `_hand_weights_to_engine`): before taking any weight, after 3, and after taking all of them (vLLM's
-    `finish_weight_update`). After each, both ranks meet in an all-reduce: no rank is left inside a gather."""
+    """Rank 0's publication fails four ways while every rank gathers the weights (the pipeline's
+    `_hand_weights_to_engine`): the engine before taking any weight, after 3, and after taking all of them
+    (vLLM's `finish_weight_update`), and the stream's own copy of its first gathered weight (to a device that
+    does not exist). After each, both ranks meet in an all-reduce: no rank is left inside a gather."""
     ranks = init_ranks(rank, world, address, port, torch.device("cpu"))
     torch.set_num_threads(1)
     trainer = Trainer.from_pretrained(tiny_path, small_config(), ranks=ranks)
     met = []
-    for fail_after in (0, 3, None):
+    for fail_after in (0, 3, None, "copy"):
         stream = iter_full_weights(trainer.model, keep=ranks.is_main)
-        if ranks.is_main:
+        if ranks.is_main and fail_after == "copy":
+            stream.device = "no-such-device"
+            try:
+                next(iter(stream))
+            except RuntimeError:
+                stream.finish()
+        elif ranks.is_main:
             try:
                 for taken, _ in enumerate(stream if fail_after != 0 else (), start=1):
                     if taken == fail_after:
@@ -156,7 +163,7 @@ def test_a_send_that_fails_partway_leaves_no_rank_inside_a_gather(tmp_path, tiny
             for p in ctx.processes:
                 p.kill()
             pytest.fail("a rank is still waiting in a gather")
-    assert json.loads(out.read_text()) == [2.0, 2.0, 2.0]
+    assert json.loads(out.read_text()) == [2.0, 2.0, 2.0, 2.0]
 
 
 # --------------------------------------------------------------------------- old-logit state per rank

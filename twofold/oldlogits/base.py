@@ -99,15 +99,21 @@ def with_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor], scor
 @contextlib.contextmanager
 def _shards_swapped(model: torch.nn.Module, state: dict[str, torch.Tensor]):
     """This rank's shards of `state` in `model`'s parameters while the block runs; their own values back after
-    it, also when it raises."""
+    it, also when it or the swap itself raises. It relies on every FSDP unit resharding after its forward
+    (`sharding.shard_on`), so that each forward gathers from the shards as they are then. On CUDA the restore is
+    waited for: FSDP2's backward gathers run on streams of their own, which wait for the current stream only at
+    a root forward, so a pending backward must not read the shards before they are restored."""
     own = dict(model.named_parameters())
     with torch.no_grad():
         kept = {n: local_tensor(own[n]).clone() for n in state}
-    load_parameters(model, state)
     try:
+        load_parameters(model, state)
         yield
     finally:
         load_parameters(model, kept)
+        device = local_tensor(next(iter(own.values()))).device
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
 
 
 @dataclass
