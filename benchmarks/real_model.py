@@ -41,6 +41,7 @@ MEMORY = (
     M.MEMORY_TRAINER_GRADIENTS,
     M.MEMORY_OPTIMIZER_STATE,
     M.MEMORY_ENGINE_WEIGHTS,
+    M.MEMORY_ENGINE_PREFIX_CACHE,
     M.OLDLOGIT_EXTRA_BYTES,
     M.MEMORY_PROCESS_BASELINE,
     M.MEMORY_STEP_PEAK_RSS,
@@ -102,18 +103,20 @@ def main() -> None:
     gib = 2**30
     print(
         "| source | weights | s/step | " + " | ".join(PARTS) + " | tokens/s | trainer weights+grads+AdamW GiB "
-        "| engine GiB | old-logit GiB | interpreter and libraries GiB | step peak RSS GiB | transient GiB |"
+        "| engine GiB | engine prefix cache GiB | old-logit GiB | interpreter and libraries GiB | step peak RSS GiB "
+        "| transient GiB |"
     )
-    print("|" + "---|" * (10 + len(PARTS)))
+    print("|" + "---|" * (11 + len(PARTS)))
     for c in cells:
         trainer = c[M.MEMORY_TRAINER_PARAMETERS] + c[M.MEMORY_TRAINER_GRADIENTS] + c[M.MEMORY_OPTIMIZER_STATE]
         print(
             f"| {c['source']} | {c['weights']} | {c['s/step']:.1f} | "
             + " | ".join(f"{c[p]:.1f}" for p in PARTS)
             + f" | {c['tokens/s']:.0f} | {trainer / gib:.2f} | {c[M.MEMORY_ENGINE_WEIGHTS] / gib:.2f} | "
+            f"{c[M.MEMORY_ENGINE_PREFIX_CACHE] / gib:.2f} | "
             f"{c[M.OLDLOGIT_EXTRA_BYTES] / gib:.2f} | {c[M.MEMORY_PROCESS_BASELINE] / gib:.2f} | "
             f"{c[M.MEMORY_STEP_PEAK_RSS] / gib:.2f} | "
-            f"{c[M.MEMORY_STEP_TRANSIENT] / gib:.2f} |"
+            f"{c[M.MEMORY_STEP_TRANSIENT] / gib:.2f} ({c[M.MEMORY_STEP_TRANSIENT] / c[M.MEMORY_STEP_PEAK_RSS]:.0%}) |"
         )
 
 

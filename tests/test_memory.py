@@ -1,4 +1,5 @@
-"""What a step frees goes back to the system (glibc), so that a step's peak resident size is what it holds."""
+"""What a step frees goes back to the system (glibc), so that a step's peak resident size is what it holds; what
+the step's peak is made of (`memory/*`)."""
 
 import os
 import subprocess
@@ -6,6 +7,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
+
+from twofold import metrics as M
+from twofold.pipeline.memory import memory_metrics
 
 PROBE = textwrap.dedent(
     """
@@ -109,3 +114,16 @@ def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise():
     assert arenas(0) == ("False", 5)  # 0: glibc's default
     assert arenas(2) == ("True", 2)
     assert arenas(2, env={**os.environ, "MALLOC_ARENA_MAX": "3"}) == ("False", 3)  # the user's setting stands
+
+
+def test_the_engine_s_prefix_cache_is_a_named_part_of_the_step_peak():
+    """What the engine keeps across calls is taken from the step's peak with the other named parts: 64 MiB more of
+    it leaves 64 MiB less transient (to 1 MiB: the peak may grow between the two calls)."""
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    parts = dict(engine_bytes=0, oldlogit_bytes=0, peak_was_reset=True, baseline_bytes=2**20)
+    without = memory_metrics(model, optimizer, engine_cache_bytes=0, **parts)
+    cached = memory_metrics(model, optimizer, engine_cache_bytes=64 * 2**20, **parts)
+    assert cached[M.MEMORY_ENGINE_PREFIX_CACHE] == 64 * 2**20 and without[M.MEMORY_ENGINE_PREFIX_CACHE] == 0
+    gap = without[M.MEMORY_STEP_TRANSIENT] - cached[M.MEMORY_STEP_TRANSIENT]
+    assert abs(gap - 64 * 2**20) <= 2**20

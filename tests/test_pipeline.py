@@ -182,6 +182,7 @@ def test_memory_metrics_name_where_the_bytes_go(tmp_path, tiny_path):
             "memory/trainer_gradient_bytes",
             "memory/optimizer_state_bytes",
             "memory/engine_weight_bytes",
+            "memory/engine_prefix_cache_bytes",
             "memory/oldlogit_extra_bytes",
             "memory/process_baseline_bytes",
         )

@@ -104,6 +104,7 @@ def test_counters_across_calls_and_episodes(tiny_path):
     assert (engine.prefilled_tokens, engine.reused_tokens) == (48 + 8 + 9, 40 + 51)
     # kept: episode 1's turn 2 (60 + 3 tokens: it replaced its turn 1) and episode 2's turn 1 (48 + 3)
     assert engine.prefix_cache.bytes == (63 + 51) * KV_BYTES_PER_TOKEN
+    assert engine.resident_cache_bytes() == (63 + 51) * KV_BYTES_PER_TOKEN  # memory/engine_prefix_cache_bytes
     assert engine.prefill_metrics() == {
         "engine/prefilled_tokens": 65,
         "engine/reused_tokens": 91,

@@ -128,6 +128,9 @@ MEMORY_TRAINER_PARAMETERS = _metric("memory/trainer_parameter_bytes", "the train
 MEMORY_TRAINER_GRADIENTS = _metric("memory/trainer_gradient_bytes", "the gradients a step holds (trained parameters)")
 MEMORY_OPTIMIZER_STATE = _metric("memory/optimizer_state_bytes", "the optimizer's state (AdamW: two moments)")
 MEMORY_ENGINE_WEIGHTS = _metric("memory/engine_weight_bytes", "the built-in engine's copy of the weights (rank 0)")
+MEMORY_ENGINE_PREFIX_CACHE = _metric(
+    "memory/engine_prefix_cache_bytes", "KV the built-in engine keeps across calls, its prefix cache (rank 0)"
+)
 MEMORY_PROCESS_BASELINE = _metric(
     "memory/process_baseline_bytes", "the process's resident size before the run built anything: interpreter, libraries"
 )
@@ -135,7 +138,8 @@ MEMORY_RSS = _metric("memory/rss_bytes", "the process's resident size at the ste
 MEMORY_STEP_PEAK_RSS = _metric("memory/step_peak_rss_bytes", "the process's peak resident size during the step")
 MEMORY_STEP_TRANSIENT = _metric(
     "memory/step_transient_bytes",
-    "step peak minus the named parts (weights, gradients, optimizer, engine, old-logit state, process baseline): "
+    "step peak minus the named parts (weights, gradients, optimizer, engine weights and prefix cache, old-logit "
+    "state, process baseline): "
     "activations, logits, copies in flight, libraries loaded since the start",
 )
 DEVICE_PEAK_BYTES = _metric("memory/device_peak_bytes", "peak bytes this process allocated on its GPU")

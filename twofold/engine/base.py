@@ -189,6 +189,10 @@ class InferenceEngine(ABC):
         engine core, a Ray replica)."""
         return 0
 
+    def resident_cache_bytes(self) -> int:
+        """Bytes of this process's memory the engine keeps across calls (the built-in engine's prefix cache)."""
+        return 0
+
     def prefill_metrics(self) -> dict[str, int]:
         """Counters of the context the engine ran through its model and the context it reused (engine/* metrics);
         none for an engine that does not count them."""

@@ -302,6 +302,9 @@ class BuiltinEngine(InferenceEngine):
     def resident_weight_bytes(self) -> int:
         return 0 if self.asleep else model_bytes(self.model)
 
+    def resident_cache_bytes(self) -> int:
+        return self.prefix_cache.bytes
+
     def prefill_metrics(self) -> dict[str, int]:
         return {
             M.ENGINE_PREFILLED_TOKENS: self.prefilled_tokens,

@@ -488,6 +488,7 @@ class Pipeline:
                 self.trainer.model,
                 self.trainer.optimizer,
                 self.engine.resident_weight_bytes(),
+                self.engine.resident_cache_bytes(),
                 extra,
                 peak_was_reset,
                 self.baseline_bytes,

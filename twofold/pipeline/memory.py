@@ -32,6 +32,7 @@ def memory_metrics(
     trainer_model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     engine_bytes: int,
+    engine_cache_bytes: int,
     oldlogit_bytes: int,
     peak_was_reset: bool,
     baseline_bytes: int | None = None,
@@ -48,6 +49,7 @@ def memory_metrics(
         M.MEMORY_TRAINER_GRADIENTS: gradient_bytes(trainer_model),
         M.MEMORY_OPTIMIZER_STATE: optimizer_bytes(optimizer),
         M.MEMORY_ENGINE_WEIGHTS: engine_bytes,
+        M.MEMORY_ENGINE_PREFIX_CACHE: engine_cache_bytes,
         M.OLDLOGIT_EXTRA_BYTES: oldlogit_bytes,
     }
     if baseline_bytes is not None:
