@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import small_config
 from test_scale import random_sequences, seven_trajectory_batch
+from torch.distributed.fsdp import FSDPModule
 
 from twofold import sharding
 from twofold.distributed import close_ranks, init_ranks, local_tensor, spawn_ranks
@@ -40,6 +41,10 @@ def scored_ids():
 def head_and_embedding(policy):
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     return base.get_output_embeddings().weight, base.get_input_embeddings().weight
+
+
+def sharded_units(policy):
+    return [m for m in sharding.sharded_root(policy).modules() if isinstance(m, FSDPModule)]
 
 
 def shifted_trained(policy):
@@ -83,7 +88,16 @@ def _meta_init(rank, world, address, port, tiny_path, lora, out):
     ids, attn = scored_ids()
     with torch.no_grad():
         logprobs = token_logprobs(policy, ids, attn)
-        swapped_logprobs = with_parameters(policy, shifted_trained(policy), lambda m: token_logprobs(m, ids, attn))
+        shifted = shifted_trained(policy)
+        root = sharding.sharded_root(policy)
+        root.set_reshard_after_forward(False)  # every unit keeps its weights gathered after a forward, the version's
+        for unit in sharded_units(policy):  # too; and each is gathered as the swap starts
+            unit.unshard()
+        swapped_logprobs = with_parameters(policy, shifted, lambda m: token_logprobs(m, ids, attn))
+        logprobs_after_swap = token_logprobs(policy, ids, attn)
+        root.set_reshard_after_forward(True)
+        for unit in sharded_units(policy):
+            unit.reshard()
     result = {
         **seen,
         "tied": head is embedding,
@@ -94,6 +108,7 @@ def _meta_init(rank, world, address, port, tiny_path, lora, out):
         "buffers": {n: b.clone() for n, b in policy.named_buffers()},
         "logprobs": logprobs,
         "swapped_logprobs": swapped_logprobs,
+        "logprobs_after_swap": logprobs_after_swap,
         "metrics": one_step(trainer, tiny_path),
         "stepped": gathered_state(policy, keep=ranks.is_main, trained_only=False),
     }
@@ -139,6 +154,7 @@ def test_a_policy_built_on_meta_and_filled_from_rank_0_is_the_policy_loaded_whol
     assert (two["logprobs"] - one_logprobs).abs().max() < 1e-6
     # another version's shards swapped in score as one process with that version standing in
     assert (two["swapped_logprobs"] - one_shifted).abs().max() < 1e-6
+    assert torch.equal(two["logprobs_after_swap"], two["logprobs"])  # nothing of the version stays gathered
     assert (one_shifted - one_logprobs).abs().max() > 1e-2  # the other version scores otherwise
     # the step with pi_old from the EWMA (scored between forward and backward, shards swapped on the ranks):
     # as test_distributed's two-rank step (gradients summed over ranks in another order)

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
-from twofold.distributed import Ranks, is_sharded, local_tensor
-from twofold.logprobs import Numerics, score_sequences, token_logprobs
+from twofold.distributed import Ranks, local_tensor
+from twofold.logprobs import Numerics, score_sequences, sharded_root, token_logprobs
 from twofold.models import load_parameters
 from twofold.rollout.trajectory import Batch, Trajectory
 
@@ -83,13 +84,17 @@ def with_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor], scor
     back after the call, bit for bit: it holds a second copy of its trained shards (under LoRA, its adapters)
     only while it scores. Between a forward and its backward too (the EWMA scores there): FSDP2 gathers the
     backward's weights from the shards again, restored by then, and nothing of autograd's reads them."""
+    root = sharded_root(model)
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)] if root is not None else []
+    for unit in units:  # a gathered unit shows its whole tensors as parameters: the shards are what is swapped
+        unit.reshard()
     own = dict(model.named_parameters())
     unknown = state.keys() - own.keys()
     if unknown:  # functional_call would ignore them and score with the model's own weights
         raise KeyError(f"state names parameters the model does not have: {sorted(unknown)[:3]}")
     with _evaluating(model):
-        if any(is_sharded(p) for p in own.values()):
-            with _shards_swapped(model, state):
+        if units:
+            with _shards_swapped(model, units, state):
                 return score(model)
         device = next(iter(own.values())).device
         params = {f"policy.{n}": t.to(device, non_blocking=True) for n, t in state.items()}
@@ -97,12 +102,13 @@ def with_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor], scor
 
 
 @contextlib.contextmanager
-def _shards_swapped(model: torch.nn.Module, state: dict[str, torch.Tensor]):
-    """This rank's shards of `state` in `model`'s parameters while the block runs; their own values back after
-    it, also when it or the swap itself raises. It relies on every FSDP unit resharding after its forward
-    (`sharding.shard_on`), so that each forward gathers from the shards as they are then. On CUDA the restore is
-    waited for: FSDP2's backward gathers run on streams of their own, which wait for the current stream only at
-    a root forward, so a pending backward must not read the shards before they are restored."""
+def _shards_swapped(model: torch.nn.Module, units: list[FSDPModule], state: dict[str, torch.Tensor]):
+    """This rank's shards of `state` in the parameters of `model`, whose FSDP `units` are all resharded, while the
+    block runs; their own values back after it, also when it or the swap itself raises. The units are resharded
+    again after the block (a no-op for units that reshard after their forward, as `sharding.shard_on` makes them
+    all), so none keeps the version's weights gathered for a pending backward, which gathers again. On CUDA the
+    restore is waited for: FSDP2's backward gathers run on streams of their own, which wait for the current
+    stream only at a root forward, so they must not read the shards before."""
     own = dict(model.named_parameters())
     with torch.no_grad():
         kept = {n: local_tensor(own[n]).clone() for n in state}
@@ -110,6 +116,8 @@ def _shards_swapped(model: torch.nn.Module, state: dict[str, torch.Tensor]):
         load_parameters(model, state)
         yield
     finally:
+        for unit in units:
+            unit.reshard()
         load_parameters(model, kept)
         device = local_tensor(next(iter(own.values()))).device
         if device.type == "cuda":
