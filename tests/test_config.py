@@ -10,7 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twofold.cli import main
-from twofold.config import Config, ConfigError, config_from_dict, load_config, parse_bytes, schema_fields, validate
+from twofold.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    parse_bytes,
+    schema_fields,
+    validate,
+    with_absolute_paths,
+)
 from twofold.envs import env_class, known_envs
 from twofold.models import load_model, load_tokenizer
 
@@ -350,3 +359,21 @@ def test_a_misspelt_key_gets_a_suggestion(tmp_path, capsys):
         load_config(bad)
     rc, out, err = _cli(capsys, "config", "--help", "trainer.stpes")
     assert rc == 2 and out == "" and err.strip().count("\n") == 0 and "did you mean 'trainer.steps'?" in err
+
+
+def test_a_run_keeps_local_paths_absolute_and_names_as_given(tmp_path, monkeypatch):
+    """What a run directory's config.yaml holds: the model folder and the dataset file it started from, absolute
+    (export, eval and --resume read it from anywhere); a packaged model, a Hub ID and a missing path as given."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "rows.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        None, ["model.path=m", "model.warmstart=false", "env.name=dataset", "env.options.path=rows.jsonl"]
+    )
+    kept = with_absolute_paths(cfg)
+    assert kept.model.path == str(tmp_path.resolve() / "m")
+    assert kept.env.options["path"] == str(tmp_path.resolve() / "rows.jsonl")
+    assert cfg.model.path == "m" and cfg.env.options["path"] == "rows.jsonl"  # the config itself is left as it was
+    for name in ("smollm2-135m-instruct", "Qwen/Qwen2.5-0.5B-Instruct", "gone/model"):
+        named = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=name))
+        assert with_absolute_paths(named).model.path == name

@@ -160,6 +160,15 @@ def test_env_settings_and_options_default_to_the_config_schema():
             assert (list(given) if isinstance(default, list) else given) == default, (name, f.name)
 
 
+def test_a_misspelt_option_is_an_error_naming_it_and_the_closest_one():
+    with pytest.raises(ConfigError) as e:
+        make_env("dataset", options={"pth": "rows.jsonl"})
+    assert e.value.field == "env.options.pth"
+    assert e.value.message.startswith("dataset takes no option 'pth'; did you mean 'path'? its options: path, ")
+    with pytest.raises(ConfigError, match="takes no option 'colour'; its options: size, "):
+        make_env("frozenlake", options={"colour": "blue"})
+
+
 @pytest.mark.parametrize(
     "name,options,field",
     [

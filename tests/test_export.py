@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from conftest import small_config
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from twofold.cli import main
@@ -67,12 +67,16 @@ def test_export_refuses_a_used_folder_a_missing_step_and_a_folder_that_is_no_run
         export_run(tmp_path / "used", tmp_path / "none")
 
 
-def test_lora_exports_adapters_and_merged_weights(tmp_path, tiny_path):
-    run_dir, trainer_logprobs = train(tmp_path, tiny_path, **{"model.path": str(tiny_path), "model.lora.r": 4})
+def test_lora_exports_adapters_and_merged_weights(tmp_path, tiny_path, monkeypatch):
+    """The run names its model relative to where it started; the adapters name their base absolutely, so they
+    load from anywhere (peft reads the base from `adapter_config.json`)."""
+    monkeypatch.chdir(tiny_path.parent)
+    run_dir, trainer_logprobs = train(tmp_path, tiny_path, **{"model.path": tiny_path.name, "model.lora.r": 4})
     adapters = export_run(run_dir, tmp_path / "adapters")
     assert (adapters / "adapter_config.json").is_file() and not (adapters / "model.safetensors").exists()
-    base = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
-    assert (logprobs(PeftModel.from_pretrained(base, adapters)) - trainer_logprobs).abs().max() <= 1e-6
+    monkeypatch.chdir(tmp_path)
+    model = AutoPeftModelForCausalLM.from_pretrained(adapters, dtype=torch.float32)
+    assert (logprobs(model) - trainer_logprobs).abs().max() <= 1e-6
     merged = export_run(run_dir, tmp_path / "merged", merge=True)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     assert (logprobs(model) - trainer_logprobs).abs().max() <= 1e-5  # W + s B A rounds once per weight

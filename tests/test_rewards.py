@@ -125,6 +125,29 @@ def test_a_list_of_rewards_is_their_weighted_sum(data):
     assert reward == -0.1 and not info["format_ok"]
 
 
+def trl_scalar(completions, **kwargs):
+    """A TRL-signature function that returns one float instead of a list of them."""
+    return 1.0
+
+
+def verl_dict_without_score(data_source, solution_str, ground_truth, extra_info=None):
+    return {"acc": 1.0}
+
+
+@pytest.mark.parametrize(
+    "layout,reward,says",
+    [
+        ("chat", "test_rewards:trl_scalar", "TRL signature): TRL's reward_funcs return a list of one score per "
+         "completion (one here); got a float"),
+        ("verl", "test_rewards:verl_dict_without_score", "verl signature): 'score'"),
+    ],
+)  # fmt: skip
+def test_a_result_of_the_wrong_shape_names_the_function_and_what_its_signature_returns(data, layout, reward, says):
+    with pytest.raises(TypeError) as e:
+        step(data[layout], reward=reward)
+    assert str(e.value) == f"env.options.reward {reward} ({says}"
+
+
 def bad_signature(text):
     return 1.0
 

@@ -635,7 +635,8 @@ DATASET_EXAMPLES = ("word_problems", "larger_number")
 @dataclass
 class DatasetOptions:
     path: str = setting(
-        "", "A .jsonl, .json or .parquet file, a folder of them or a glob, read with Hugging Face datasets (needed)."
+        "",
+        "A .jsonl, .json, .parquet or .csv file, a folder of them or a glob, read with Hugging Face datasets (needed).",
     )
     layout: DatasetLayout = setting("auto", "The columns' layout: verl's, TRL's, or auto (told from the columns).")
     reward: str | list[str] = setting(
@@ -1136,3 +1137,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """`cfg` with a local `model.path` and a dataset file (`env.options.path`) that exist made absolute: what a
+    run directory keeps, so that exporting, evaluating or resuming it works from any folder."""
+
+    def absolute(path: str) -> str:
+        local = Path(path).expanduser()
+        return str(local.resolve()) if path and local.exists() else path
+
+    options = dict(cfg.env.options)
+    if isinstance(options.get("path"), str):
+        options["path"] = absolute(options["path"])
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, path=absolute(cfg.model.path)),
+        env=dataclasses.replace(cfg.env, options=options),
+    )

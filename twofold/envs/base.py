@@ -9,7 +9,9 @@ observation says why. `step` never raises on any string.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import re
 from abc import ABC, abstractmethod
 from collections import deque
@@ -198,9 +200,39 @@ def env_class(name: str) -> type[TextEnv]:
     )
 
 
+def env_options(cls: type[TextEnv]) -> list[str] | None:
+    """The keyword arguments `cls(...)` takes, following `**kwargs` up the classes it passes them to; None when
+    the chain ends open (any key goes)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__:
+            continue
+        parameters = inspect.signature(klass.__dict__["__init__"]).parameters.values()
+        names += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
+def check_options(cls: type[TextEnv], env_cfg: EnvConfig) -> None:
+    """Refuse an `env.options` key that `cls` does not take, naming the closest one it does."""
+    taken = env_options(cls)
+    if taken is None:
+        return
+    known = [n for n in taken if n not in ("max_turns", "format_penalty", "invalid_action")]  # env.* settings
+    for key in env_cfg.options:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"env.options.{key}", f"{env_cfg.name} takes no option {key!r}; {hint}its options: {', '.join(known)}"
+            )
+
+
 def env_from_config(env_cfg: EnvConfig) -> TextEnv:
     """The env a config's `env` section describes (name, turns, penalties, options)."""
     cls = env_class(env_cfg.name)
+    check_options(cls, env_cfg)
     try:
         return cls(
             max_turns=env_cfg.max_turns,

@@ -73,7 +73,7 @@ def detect_layout(columns: list[str]) -> str:
         "env.options.layout",
         f"cannot tell the layout from the columns {columns}: verl's needs "
         "prompt and reward_model (with ground_truth); TRL's needs prompt, messages or question, and solution, "
-        "answer or ground_truth. Rename the columns, or set env.options.layout",
+        "answer or ground_truth. Rename the columns to these (no option maps other names)",
     )
 
 

@@ -249,6 +249,9 @@ def _verl_score(result: Any) -> float:
 
 
 def _trl_score(result: Sequence) -> float:
+    if isinstance(result, str) or not isinstance(result, Sequence) or len(result) != 1:
+        got = f"a {type(result).__name__}" + (f" of {len(result)}" if isinstance(result, Sequence) else "")
+        raise TypeError(f"TRL's reward_funcs return a list of one score per completion (one here); got {got}")
     return 0.0 if result[0] is None else float(result[0])  # TRL: None for "does not apply", summed as 0
 
 
@@ -286,7 +289,12 @@ class RewardTerm:
 
     def __call__(self, sample: Sample) -> float:
         args, kwargs = self.signature.arguments(sample)
-        return self.signature.score(self.fn(*args, **accepted(self.parameters, args, kwargs)))
+        result = self.fn(*args, **accepted(self.parameters, args, kwargs))
+        try:
+            return self.signature.score(result)
+        except (TypeError, ValueError, KeyError) as e:  # the result's shape, not the function's own failure
+            name = f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', self.fn)}"
+            raise TypeError(f"env.options.reward {name} ({self.signature.name} signature): {e}") from None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, me
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml): give the run.dir of a run")
     cfg = load_config(run_dir / "config.yaml")
     checkpoint = checkpoint_at(run_dir, step)
-    model_path = resolve_model_path(cfg, progress=False)
+    # absolute: LoRA adapters name their base by it (peft's `base_model_name_or_path`), read from wherever they go
+    model_path = resolve_model_path(cfg, progress=False).resolve()
     policy = load_policy(model_path, cfg.model)
     load_model_weights(policy, checkpoint)
     lora = is_lora(policy)

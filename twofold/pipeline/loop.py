@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from twofold import metrics as M
-from twofold.config import Config, ConfigError, dump_config, to_dict
+from twofold.config import Config, ConfigError, dump_config, to_dict, with_absolute_paths
 from twofold.distributed import Ranks
 from twofold.logprobs import DTYPES, microbatches, resolve_device
 from twofold.loss import kl_estimates
@@ -232,7 +232,7 @@ class Pipeline:
         refuse_existing_run(self.run_dir, resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = lock_run_dir(self.run_dir)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        (self.run_dir / "config.yaml").write_text(dump_config(with_absolute_paths(self.cfg)))
         return lock
 
     def _checkpoint_parts(self) -> RunParts:
