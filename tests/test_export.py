@@ -9,6 +9,7 @@ from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from twofold.cli import main
+from twofold.config import load_config
 from twofold.logprobs import policy_logprobs
 from twofold.pipeline.export import EXPORT_INFO, export_run
 from twofold.pipeline.loop import Pipeline
@@ -93,6 +94,11 @@ def test_the_cli_exports_and_evaluates_the_exported_model(full_run, tmp_path, ca
     assert main(["eval", "--config", config, "--model", str(tmp_path / "cli"), "--episodes", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == str(tmp_path / "cli") and 0 <= report["success_rate"] <= 1
+    assert report["config"] == config
+    # without --config, on the config of the run it was exported from (its env, its reward), not the defaults
+    assert main(["eval", "--model", str(tmp_path / "cli"), "--episodes", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"] == config and report["env"] == load_config(config).env.name
 
 
 def test_export_final_writes_the_export_at_the_end_of_a_run(tmp_path, tiny_path):

@@ -33,6 +33,7 @@ from twofold.config import (
 )
 from twofold.pipeline.plan import Machine, format_plan, memory_plan, planned_config, read_model_shapes, verdict
 from twofold.pipeline.progress import PARENT_PID_VAR, RankLost, die_with_parent
+from twofold.pipeline.rundir import EXPORT_INFO
 
 
 def _config(args):
@@ -173,8 +174,19 @@ def cmd_warmstart(args) -> int:
     return 0
 
 
+def _exported_run_config(model: str | None) -> Path | None:
+    """The config.yaml of the run a `twofold export` folder came from, when it is still there."""
+    info = Path(model) / EXPORT_INFO if model else None
+    if info is None or not info.is_file():
+        return None
+    run_config = Path(json.loads(info.read_text())["run_dir"]) / "config.yaml"
+    return run_config if run_config.is_file() else None
+
+
 def cmd_eval(args) -> int:
-    cfg = _config(args)
+    # An exported model is scored on its own run's task and reward unless --config names another.
+    config = args.config or _exported_run_config(args.model)
+    cfg = load_config(config, args.overrides)
     from twofold.modelpath import allow_model_code, resolve_model_source
     from twofold.pipeline.resolve import resolve_model_path
     from twofold.trainer.warmstart import evaluate
@@ -201,7 +213,8 @@ def cmd_eval(args) -> int:
         allow_model_code(path, cfg.model.trust_remote_code)
     else:
         path = resolve_model_path(cfg)
-    print(json.dumps({"model": str(path), **evaluate(cfg, path, episodes)}, indent=2))
+    where = {"model": str(path), "config": str(config) if config else "defaults", "env": cfg.env.name}
+    print(json.dumps({**where, **evaluate(cfg, path, episodes)}, indent=2))
     return 0
 
 
@@ -465,7 +478,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="a model folder (e.g. `twofold export`'s), .gguf file or Hub ID (default: the config's)",
+        help="a model folder (e.g. `twofold export`'s: without --config it is scored on its run's own config), "
+        ".gguf file or Hub ID (default: the config's)",
     )
     p.add_argument("--episodes", type=int, default=None)
     p.add_argument(

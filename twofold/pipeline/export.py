@@ -21,8 +21,7 @@ from twofold.config import load_config
 from twofold.models import is_lora, load_policy, load_tokenizer
 from twofold.pipeline.checkpoint import RUN_STATE, checkpoint_at, load_model_weights
 from twofold.pipeline.resolve import resolve_model_path
-
-EXPORT_INFO = "twofold_export.json"
+from twofold.pipeline.rundir import EXPORT_INFO
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, merge: bool = False) -> Path:

@@ -24,6 +24,8 @@ from pathlib import Path
 from twofold.config import Config, ConfigError
 
 SNAPSHOT_DIRECTORY = "snapshots"
+# In a `twofold export` folder (export.py): which run, step and version it came from.
+EXPORT_INFO = "twofold_export.json"
 
 
 def atomic_write_bytes(path: Path, write) -> None:
