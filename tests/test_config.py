@@ -344,6 +344,9 @@ def test_config_show_prints_the_resolved_config_with_overrides(capsys):
     assert shown["env"]["name"] == "sokoban" and shown["trainer"]["lr_warmup_steps"] == 0  # file, then defaults
     rc, out, _ = _cli(capsys, "config", "show", "--config", "configs/sokoban.yaml")
     assert rc == 0 and yaml.safe_load(out)["trainer"]["steps"] == 30
+    # the env's own options are checked as `twofold train` checks them
+    rc, out, err = _cli(capsys, "config", "show", "configs/sokoban.yaml", "env.options.num_boxs=2")
+    assert rc != 0 and out == "" and "env.options.num_boxs" in err and "did you mean 'num_boxes'?" in err
 
 
 def test_a_misspelt_key_gets_a_suggestion(tmp_path, capsys):

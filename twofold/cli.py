@@ -357,7 +357,11 @@ def cmd_config_show(args) -> int:
     files = ([args.config] if args.config else []) + [item for item in args.items if "=" not in item]
     if len(files) > 1:
         raise ConfigError("--config", f"give one config file, got {', '.join(files)}")
-    print(dump_config(load_config(files[0] if files else None, [item for item in args.items if "=" in item])), end="")
+    cfg = load_config(files[0] if files else None, [item for item in args.items if "=" in item])
+    from twofold.envs import check_options, env_class  # the envs import gymnasium: only once the config is read
+
+    check_options(env_class(cfg.env.name), cfg.env)  # the env's own option names, as `twofold train` checks them
+    print(dump_config(cfg), end="")
     return 0
 
 

@@ -5,7 +5,16 @@ import logging
 import random
 
 from twofold.envs import arithmetic, dataset, frozenlake, sokoban, tooluse  # noqa: F401  (registration)
-from twofold.envs.base import TextEnv, env_class, env_from_config, known_envs, make_env, parse_answer, register
+from twofold.envs.base import (
+    TextEnv,
+    check_options,
+    env_class,
+    env_from_config,
+    known_envs,
+    make_env,
+    parse_answer,
+    register,
+)
 
 __all__ = [
     "TextEnv",
@@ -15,6 +24,7 @@ __all__ = [
     "make_env",
     "parse_answer",
     "register",
+    "check_options",
     "tokenizer_corpus",
 ]
 

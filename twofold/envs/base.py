@@ -9,7 +9,6 @@ observation says why. `step` never raises on any string.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import re
@@ -17,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Any
 
-from twofold.config import ConfigError, EnvConfig
+from twofold.config import ConfigError, EnvConfig, did_you_mean
 
 ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -222,8 +221,7 @@ def check_options(cls: type[TextEnv], env_cfg: EnvConfig) -> None:
     known = [n for n in taken if n not in ("max_turns", "format_penalty", "invalid_action")]  # env.* settings
     for key in env_cfg.options:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
+            hint = did_you_mean(key, known)
             raise ConfigError(
                 f"env.options.{key}", f"{env_cfg.name} takes no option {key!r}; {hint}its options: {', '.join(known)}"
             )
