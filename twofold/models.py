@@ -442,28 +442,24 @@ class WeightStream:
 
     def __init__(self, model: torch.nn.Module, keep: bool, dtype: torch.dtype, device: str | torch.device):
         self.model, self.keep, self.dtype, self.device = model, keep, dtype, device
-        self._pass: Iterator[tuple[str, torch.Tensor]] | None = None  # the pass under way
-        self._gathered = 0  # weights the pass under way has gathered
-        self._passes_ended = 0
+        self._pass: Iterator[tuple[str, torch.Tensor]] | None = None  # the latest pass
+        self._gathered = 0  # weights the latest pass has gathered (all of them once it ended)
 
     def metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return [(name, self.dtype, tuple(shape)) for name, shape, _, _ in _publication(self.model)]
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        self._pass = self._weights()
+        self._pass, self._gathered = self._weights(), 0
         return self._pass
 
     @torch.no_grad()  # applies to each step of the generator (torch wraps generator functions)
     def _weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        self._gathered = 0
         for name, _, gather, own_copy in _publication(self.model):
             whole = gather()
             self._gathered += 1
             if self.keep:  # a copy, never the trainer's own tensor
                 yield name, whole.to(device=self.device, dtype=self.dtype, copy=not own_copy)
             del whole  # one gathered (or merged) weight alive at a time (the memory plan's "weight being published")
-        self._pass = None
-        self._passes_ended += 1
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -471,15 +467,11 @@ class WeightStream:
         (in the engine's send, or in this stream's own copy of a gathered weight): the gathers after the last
         one done, a whole pass if none was started, nothing if one ended. Nothing is kept. (A failure inside a
         gather is not resumable: under LoRA a merged weight takes several.)"""
-        if self._pass is None and self._passes_ended:
-            return
-        done = self._gathered if self._pass is not None else 0
         if self._pass is not None:
-            self._pass.close()
-            self._pass = None
-        for _, _, gather, _ in itertools.islice(_publication(self.model), done, None):
+            self._pass.close()  # a pass the engine left suspended, or one that ended (closing it does nothing)
+        for _, _, gather, _ in itertools.islice(_publication(self.model), self._gathered, None):
             gather()
-        self._passes_ended += 1
+            self._gathered += 1
 
 
 def iter_full_weights(

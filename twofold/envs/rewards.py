@@ -280,8 +280,10 @@ def accepted(parameters: Mapping[str, inspect.Parameter], args: tuple, kwargs: d
 
 @dataclass(frozen=True)
 class RewardTerm:
-    """One reward function, called in its own signature, and its weight in the sum."""
+    """One reward function (`spec`, as `env.options.reward` names it), called in its own signature, and its weight in
+    the sum."""
 
+    spec: str
     fn: Callable
     parameters: Mapping[str, inspect.Parameter]
     signature: Signature
@@ -293,8 +295,7 @@ class RewardTerm:
         try:
             return self.signature.score(result)
         except (TypeError, ValueError, KeyError) as e:  # the result's shape, not the function's own failure
-            name = f"{getattr(self.fn, '__module__', '?')}:{getattr(self.fn, '__qualname__', self.fn)}"
-            raise TypeError(f"env.options.reward {name} ({self.signature.name} signature): {e}") from None
+            raise TypeError(f"env.options.reward {self.spec} ({self.signature.name} signature): {e}") from None
 
 
 @dataclass(frozen=True)
@@ -343,7 +344,7 @@ def _term(spec: Any, weight: float, sample: Sample) -> RewardTerm:
             f"{spec!r}{declared}, read as {signature.name}'s signature, does not fit its call ({e}); "
             f"accepted: {ACCEPTED}",
         ) from None
-    return RewardTerm(fn, declared.parameters, signature, weight)
+    return RewardTerm(spec, fn, declared.parameters, signature, weight)
 
 
 def _as_list(value: Any) -> list:
