@@ -184,12 +184,13 @@ AttentionMaskInterface.register(CPU_SDPA, sdpa_mask)
 def use_cpu_attention_(model: torch.nn.Module) -> None:
     """Run a model's sdpa attention as `_cpu_sdpa`: float32 sums and grouped KV heads read in place.
 
-    Why: on these CPUs torch's bf16 attention kernel is emulated, about 5x slower than its float32 one, and
-    transformers' copy of the KV heads costs more than the attention itself when decoding a long context with
-    grouped heads (3.5x on the tiny model at 700 tokens). The inputs, output and KV cache keep the model's dtype;
-    only the sums run in float32, as in `hold_weights_in_float32_` (a GPU's flash attention sums in float32 too, but
-    rounds the softmax weights to bf16 before multiplying by V). The model and each sub-model (a composite model's
-    text or vision part) on sdpa move; one on another attention (eager, flash) keeps it."""
+    Why: on a CPU torch's bf16 attention kernel is about 5x slower than its float32 one, with native bf16 matmul
+    (AVX512-BF16) or without, and transformers' copy of the KV heads costs more than the attention itself when
+    decoding a long context with grouped heads (3.5x on the tiny model at 700 tokens). The inputs, output and KV
+    cache keep the model's dtype; only the sums run in float32, as in `hold_weights_in_float32_` (a GPU's flash
+    attention sums in float32 too, but rounds the softmax weights to bf16 before multiplying by V). The model and
+    each sub-model (a composite model's text or vision part) on sdpa move; one on another attention (eager, flash)
+    keeps it."""
     config = model.config
     moving = {
         name: CPU_SDPA
@@ -282,7 +283,7 @@ class BuiltinEngine(InferenceEngine):
         emulated = lacks_native_low_precision_matmul(self.device, self.dtype)
         if emulated:
             hold_weights_in_float32_(self.model, self.dtype)
-        if emulated or (self.device.type == "cpu" and self.dtype == torch.float32):
+        if self.device.type == "cpu":
             use_cpu_attention_(self.model)
         self.quantization = quantization
         self.logit_noise_std = logit_noise_std
