@@ -1,15 +1,23 @@
 """Packed forwards (`trainer.pack_sequences`): rows packed into fewer rows give the padded rows' log-probs and
 gradients, attention never crosses from one packed row into another, and the micro-batch budget counts
-packed rows."""
+packed rows. A prefix shared by every row (the warm start's system prompt) run once gives them too."""
 
 import logging
 
 import pytest
 import torch
 from conftest import small_config
-from transformers import Lfm2Config, Lfm2ForCausalLM
+from transformers import Lfm2Config, Lfm2ForCausalLM, MistralConfig, MistralForCausalLM
 
-from twofold.logprobs import microbatches, pack_rows, packing_leak, pad_right, token_logprobs
+from twofold.logprobs import (
+    microbatches,
+    pack_rows,
+    packing_leak,
+    pad_right,
+    policy_logprobs,
+    shared_prefix_length,
+    token_logprobs,
+)
 from twofold.models import load_model, save_random_model
 from twofold.oldlogits import BehaviorSource, SourceContext
 from twofold.rollout.trajectory import Batch, Trajectory
@@ -66,6 +74,71 @@ def test_packed_logprobs_and_gradients_equal_the_padded_ones(tmp_path, arch, tie
     assert torch.allclose(packed, padded, atol=2e-5, rtol=0)
     for name, grad in padded_grads.items():
         assert torch.allclose(packed_grads[name], grad, atol=2e-5, rtol=1e-4), name
+
+
+def test_the_shared_prefix_is_what_every_row_opens_with_short_of_the_shortest_rows_last_token():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 3, 4, 5]]) == 3
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a row must keep one token of its own
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 2
+
+
+@pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
+def test_a_shared_prefix_run_once_gives_the_padded_logprobs_and_gradients(tmp_path, arch, tied):
+    """Rows opening with the same 9 tokens, then 3-14 of their own: the prefix runs once (the decoder sees a
+    [1, 9] then a [4, 14] batch), and every log-prob and gradient is the plain padded forward's, loss positions
+    inside the prefix included."""
+    model = load_model(save_random_model(tmp_path / arch, arch=arch, tie_word_embeddings=tied, **SHAPE))
+    opening = _rows(512, [9], seed=3)[0]
+    rows = [opening + tail for tail in _rows(512, [14, 3, 8, 5])]
+    ids, attn = pad_right(rows, 0)
+    wanted = attn.clone()
+    wanted[:, :4] = 0  # positions 4-8 of the prefix carry loss too
+    prefix = shared_prefix_length(rows)
+    assert prefix == 9
+    seen = []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        results = {}
+        for shared in (0, prefix):
+            model.zero_grad(set_to_none=True)
+            lp = policy_logprobs(model, ids, attn, 1.0, 8, wanted, shared_prefix=shared)
+            (lp * torch.linspace(0.5, 1.5, lp.numel()).reshape(lp.shape)).sum().backward()
+            results[shared] = (lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    finally:
+        hook.remove()
+    assert seen == [torch.Size([4, 23]), torch.Size([1, 9]), torch.Size([4, 14])]
+    (padded, padded_grads), (once, once_grads) = results[0], results[prefix]
+    assert torch.equal(padded == 0, once == 0)
+    assert (padded != 0).sum() == (23 - 4) + (12 - 4) + (17 - 4) + (14 - 4)
+    assert torch.allclose(once, padded, atol=2e-5, rtol=0)
+    for name, grad in padded_grads.items():
+        assert torch.allclose(once_grads[name], grad, atol=2e-5, rtol=1e-4), name
+
+
+def test_a_shared_prefix_that_is_not_shared_or_that_a_sliding_window_would_see_is_refused(tmp_path):
+    model = load_model(save_random_model(tmp_path / "m", **SHAPE))
+    ids, attn = pad_right([[1, 2, 3, 4], [1, 2, 5, 6]], 0)
+    with pytest.raises(ValueError, match="not the same real tokens in every row"):
+        policy_logprobs(model, ids, attn, shared_prefix=3)
+    with pytest.raises(ValueError, match="needs 0 < prefix < width"):
+        policy_logprobs(model, ids, attn, shared_prefix=4)
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=2,
+        )
+    )
+    with pytest.raises(ValueError, match="sliding window"):
+        policy_logprobs(mistral, ids, attn, shared_prefix=2)
 
 
 def test_attention_stays_inside_each_packed_row(tmp_path):

@@ -1,11 +1,15 @@
-"""The warm-start cache key: what changes the demonstrations changes it, timing never does."""
+"""The warm start: its cache key (what changes the demonstrations changes it, timing never does), resuming, and
+its batches' shared system prompt run once."""
 
 import dataclasses
 from pathlib import Path
 
 from conftest import small_config
 
+from twofold.envs import env_from_config
 from twofold.models import cache_dir, fingerprint
+from twofold.rollout.chat import render
+from twofold.trainer import warmstart
 from twofold.trainer.warmstart import WARMSTART_RECIPE, warmstart_path
 
 BASE = Path("tiny-abc")
@@ -90,3 +94,28 @@ def test_an_interrupted_warmstart_resumes_to_the_uninterrupted_weights(tmp_path,
     a, b = load_model(whole, torch.float32).state_dict(), load_model(out, torch.float32).state_dict()
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_each_warmstart_batch_runs_the_system_prompt_its_demonstrations_open_with_once(
+    tmp_path, tiny_path, monkeypatch
+):
+    """FrozenLake's demonstrations all open with the chat template's system prompt: every batch hands the trainer's
+    forward a shared prefix at least that long, and no longer than the tokens its rows have in common."""
+    cfg = small_config(**{"warmstart.episodes": 8, "warmstart.batch_size": 4, "warmstart.eval_episodes": 1})
+    calls = []
+
+    def spy(model, ids, attn, wanted=None, shared_prefix=0):
+        calls.append((ids, shared_prefix))
+        return warmstart.policy_logprobs.__wrapped__(model, ids, attn, wanted=wanted, shared_prefix=shared_prefix)
+
+    spy.__wrapped__ = warmstart.policy_logprobs
+    monkeypatch.setattr(warmstart, "policy_logprobs", spy)
+    warmstart.run_warmstart(cfg, tiny_path, tmp_path / "w")
+    tokenizer = warmstart.load_tokenizer(tiny_path)
+    env = env_from_config(cfg.env)
+    system_turn = [m for m in env.first_messages(env.reset(0)) if m["role"] == "system"]
+    system = tokenizer.encode(render(tokenizer, system_turn, generation_prompt=False), add_special_tokens=False)
+    assert len(system) > 20 and len(calls) == cfg.warmstart.epochs * 2
+    for ids, shared in calls:
+        assert shared >= len(system)
+        assert (ids[:, :shared] == ids[:1, :shared]).all() and not (ids[:, shared] == ids[0, shared]).all()

@@ -12,7 +12,9 @@ agent trajectories:
 - forwards are split into micro-batches under a padded-token budget (`microbatches`);
 - with `packed`, a forward's rows are packed into as few rows of the longest one's width as hold them
   (`pack_rows`), so fewer padded tokens go through the decoder; position ids restart per row and
-  transformers' packed-sequence masks keep attention inside each row (`packed_decoder_states`).
+  transformers' packed-sequence masks keep attention inside each row (`packed_decoder_states`);
+- with `shared_prefix`, tokens that open every row alike (a system prompt listing tool schemas) run through
+  the decoder once and the rows continue from that one KV (`shared_prefix_decoder_states`).
 """
 
 from __future__ import annotations
@@ -187,6 +189,58 @@ def packing_leak(model: torch.nn.Module, device: torch.device) -> float:
     return float((before[2] - after[2]).abs().max())
 
 
+def reusable_kv(config) -> bool:
+    """Whether every layer attends causally to the whole prefix (no sliding window), so that a prefix's KV serves
+    every longer sequence that starts with it, and the padding between a prefix's KV and the tokens after it (as
+    in a batch) changes nothing but physical distance, which only a sliding window would see."""
+    text = config.get_text_config()
+    layer_types = getattr(text, "layer_types", None) or []
+    return getattr(text, "sliding_window", None) is None and all(t == "full_attention" for t in layer_types)
+
+
+def shared_prefix_decoder_states(
+    decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int
+) -> torch.Tensor:
+    """The decoder's last hidden states of right-padded rows, [B, T, H], whose first `prefix` tokens are the same
+    real tokens in every row: those run once, in row 0, and every row continues from their KV (repeated per row)
+    with its own tokens at positions prefix.. T-1. Under causal attention a token's state depends only on the
+    tokens up to it, so these are the states of the whole rows up to float rounding; the prefix's states are row
+    0's in every row, and in backward each row's gradient flows into the one prefix pass (summed over rows).
+
+    Why: the demonstrations of a tool task open with the same system prompt listing the tool schemas, 460 of
+    their ~700 tokens; run once per batch instead of once per row, they cost the decoder (B - 1) / B less."""
+    rows, width = input_ids.shape
+    if not 0 < prefix < width:
+        raise ValueError(f"shared prefix of {prefix} tokens in rows of {width}: needs 0 < prefix < width")
+    if not bool((input_ids[:, :prefix] == input_ids[:1, :prefix]).all() and attention_mask[:, :prefix].all()):
+        raise ValueError(f"the first {prefix} tokens are not the same real tokens in every row")
+    if not reusable_kv(decoder.config):
+        raise ValueError("a shared prefix needs attention to the whole prefix; this model has a sliding window")
+    opening = decoder(input_ids=input_ids[:1, :prefix], use_cache=True)
+    cache = opening.past_key_values
+    if cache is None:  # transformers turns the cache off under gradient checkpointing in training
+        raise ValueError("a shared prefix needs the decoder's KV cache: turn gradient checkpointing off")
+    cache.batch_repeat_interleave(rows)
+    positions = torch.arange(prefix, width, device=input_ids.device).expand(rows, -1)
+    rest = decoder(
+        input_ids=input_ids[:, prefix:],
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    return torch.cat([opening.last_hidden_state.expand(rows, -1, -1), rest], dim=1)
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """How many tokens open every one of `sequences` alike, at most all but the shortest one's last."""
+    first, shortest = sequences[0], min(len(x) for x in sequences)
+    n = shortest - 1
+    for other in sequences[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return max(n, 0)
+
+
 def policy_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -195,6 +249,7 @@ def policy_logprobs(
     chunk_size: int = 512,
     wanted: torch.Tensor | None = None,
     packed: bool = False,
+    shared_prefix: int = 0,
 ) -> torch.Tensor:
     """log p(x_t | x_<t) for every position of right-padded sequences, [B, T] float32; position 0 and padding
     get 0, and so does every position outside `wanted` ([B, T], e.g. a loss mask) when it is given.
@@ -205,11 +260,14 @@ def policy_logprobs(
     recomputed in backward when gradients are needed: logits never exist for padding (nor for prompt and
     observation tokens that carry no loss), and at most [chunk_size, V] float32 logits exist at once whatever
     the batch's shape. Logit scaling and final soft-capping (Cohere, Gemma 2) are applied as the model's own
-    forward does. `packed`: the decoder runs on the rows packed (`packed_decoder_states`); the same values up
-    to float rounding (the products have other shapes).
+    forward does. `packed`: the decoder runs on the rows packed (`packed_decoder_states`); `shared_prefix`: the
+    first `shared_prefix` tokens, the same in every row, run once (`shared_prefix_decoder_states`). Either gives
+    the same values up to float rounding (the products have other shapes).
     """
     decoder = model.get_decoder()
-    if packed:
+    if shared_prefix:
+        hidden = shared_prefix_decoder_states(decoder, input_ids, attention_mask, shared_prefix)[:, :-1]
+    elif packed:
         hidden = packed_decoder_states(decoder, input_ids, attention_mask)[:, :-1]
     else:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]

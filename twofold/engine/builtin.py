@@ -35,12 +35,11 @@ from twofold.engine.prefix_cache import (
     DEFAULT_MAX_BYTES,
     PrefixCache,
     concatenated_caches,
-    reusable_kv,
     row_kv,
     shared_prefixes,
     stacked_cache,
 )
-from twofold.logprobs import DTYPES, resolve_device
+from twofold.logprobs import DTYPES, resolve_device, reusable_kv
 from twofold.models import load_model, model_bytes
 
 

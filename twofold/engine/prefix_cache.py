@@ -60,15 +60,6 @@ def shared_prefixes(seqs: list[list[int]], min_length: int = BLOCK) -> list[list
     return [list(p) for p in found]
 
 
-def reusable_kv(config) -> bool:
-    """Whether every layer attends causally to the whole prefix (no sliding window), so that a cached prefix's KV
-    serves a longer sequence, and the padding between a cached prefix and the new tokens of a batch row changes
-    nothing but physical distance, which only a sliding window would see."""
-    text = config.get_text_config()
-    layer_types = getattr(text, "layer_types", None) or []
-    return getattr(text, "sliding_window", None) is None and all(t == "full_attention" for t in layer_types)
-
-
 @dataclass
 class CachedPrefix:
     tokens: list[int]
