@@ -2,6 +2,7 @@
 test_rewards.py)."""
 
 import json
+import logging
 
 import pytest
 from conftest import small_config
@@ -11,6 +12,9 @@ from twofold.envs import make_env
 from twofold.envs.dataset import EXAMPLE_TASKS, larger_number_problems, split_rows, write_example
 from twofold.envs.seeding import EVAL_SEED_OFFSET, level_seed
 from twofold.envs.tools import format_call
+from twofold.models import load_tokenizer
+from twofold.pipeline.resolve import resolve_model_path
+from twofold.rollout.chat import first_prompt_ids
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +161,34 @@ def test_a_dataset_with_tools_runs_native_tool_calls(tmp_path):
     _, reward, done, _ = e.step("<answer>709000</answer>")
     assert (reward, done) == (1.0, True)
     assert env(files_of(tmp_path)).tool_schemas is None  # without tools the prompt stays plain
+
+
+def test_a_budget_the_first_prompt_fills_is_refused_before_any_warm_start(tmp_path, tiny_path, caplog):
+    """The tool schemas in the system prompt outgrow a single-turn budget: with no room for a reply every episode
+    would end at one token with the format penalty. The check names the field and the budget that fits (the first
+    prompt and one reply); a budget with room, but less than a whole reply, warns."""
+    path = tmp_path / "cities.jsonl"
+    path.write_text(json.dumps({"prompt": "How many people live in Oslo?", "answer": "709000"}) + "\n")
+    options = {"path": str(path), "tools": ["test_dataset:lookup_population"], "eval_fraction": 0.0}
+    e = env(path, max_turns=3, **{k: v for k, v in options.items() if k != "path"})
+    prompt = len(first_prompt_ids(load_tokenizer(tiny_path), e, e.reset(level_seed(0, 0))))
+    assert prompt > 100  # the schema alone is longer than the question
+
+    def cfg(budget):
+        return small_config(
+            **{"model.path": str(tiny_path), "env.name": "dataset", "env.max_turns": 3, "env.options": options}
+            | {"rollout.max_total_tokens": budget, "engine.max_new_tokens": 8}
+        )
+
+    with pytest.raises(ConfigError, match=f"first prompt alone .* is {prompt} tokens.* at least {prompt + 8} "):
+        resolve_model_path(cfg(prompt))
+    with caplog.at_level(logging.WARNING, logger="twofold.pipeline.resolve"):
+        assert resolve_model_path(cfg(prompt + 7)) == tiny_path
+    assert f"leaves 7 tokens after the env's first prompt ({prompt} tokens)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="twofold.pipeline.resolve"):
+        resolve_model_path(cfg(prompt + 8))
+    assert caplog.text == ""
 
 
 def files_of(tmp_path):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from twofold.config import Config
-from twofold.envs import tokenizer_corpus
+from twofold.config import Config, ConfigError
+from twofold.envs import env_from_config, tokenizer_corpus
+from twofold.envs.seeding import level_seed
 from twofold.modelpath import allow_model_code, resolve_model_source
-from twofold.models import ensure_tiny_model
+from twofold.models import ensure_tiny_model, load_tokenizer
+from twofold.rollout.chat import first_prompt_ids
 from twofold.trainer.warmstart import ensure_warmstart
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_path(cfg: Config, progress: bool = True) -> Path:
@@ -17,8 +22,36 @@ def resolve_model_path(cfg: Config, progress: bool = True) -> Path:
     if cfg.model.path:
         folder = resolve_model_source(cfg.model.path, cfg.model.revision)
         allow_model_code(folder, cfg.model.trust_remote_code)
+        check_first_prompt_fits(cfg, folder)
         return folder
     base = ensure_tiny_model(cfg.model, tokenizer_corpus(cfg.env))
+    check_first_prompt_fits(cfg, base)  # before a warm start, which can take minutes
     if not cfg.model.warmstart:
         return base
     return ensure_warmstart(cfg, base, progress=progress)
+
+
+def check_first_prompt_fits(cfg: Config, folder: Path) -> None:
+    """Refuse a token budget that the env's first prompt (the first level's) fills: every reply would be cut to one
+    token and every episode score the format penalty, with nothing else to say why. Warn where it leaves less
+    than `engine.max_new_tokens` for the first reply. The system prompt listing tool schemas is what usually
+    outgrows a budget set for a single turn."""
+    env = env_from_config(cfg.env)
+    prompt = len(first_prompt_ids(load_tokenizer(folder), env, env.reset(level_seed(cfg.seed, 0))))
+    budget, reply = cfg.rollout.max_total_tokens, cfg.engine.max_new_tokens
+    if prompt >= budget:
+        raise ConfigError(
+            "rollout.max_total_tokens",
+            f"{budget}, but the env's first prompt alone (system prompt, tool schemas, first observation) is "
+            f"{prompt} tokens, so no reply fits: raise it to at least {prompt + reply} "
+            f"(the prompt and one reply of engine.max_new_tokens={reply})",
+        )
+    if budget - prompt < reply:
+        log.warning(
+            "rollout.max_total_tokens=%d leaves %d tokens after the env's first prompt (%d tokens) for a reply of up "
+            "to engine.max_new_tokens=%d: the first replies are cut there",
+            budget,
+            budget - prompt,
+            prompt,
+            reply,
+        )
