@@ -24,6 +24,14 @@ from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.trainer.trainer import PACKING_TOLERANCE, Trainer
 
 SHAPE = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+CONFIG_SHAPE = dict(  # SHAPE in transformers' config names
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def test_rows_go_first_fit_decreasing_into_bins_of_the_width():
@@ -48,27 +56,32 @@ def _rows(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def _each_way(model, ids, attn, wanted, *ways: dict):
+    """(the input shapes the decoder saw, [(log-probs, gradients)]) of `policy_logprobs` called each way (keyword
+    arguments), chunks of 8 tokens, backward through a weighted sum so every position's gradient counts."""
+    seen, results = [], []
+    hook = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        for way in ways:
+            model.zero_grad(set_to_none=True)
+            lp = policy_logprobs(model, ids, attn, 1.0, 8, wanted, **way)
+            (lp * torch.linspace(0.5, 1.5, lp.numel()).reshape(lp.shape)).sum().backward()
+            results.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    finally:
+        hook.remove()
+    return seen, results
+
+
 @pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
 def test_packed_logprobs_and_gradients_equal_the_padded_ones(tmp_path, arch, tied):
     model = load_model(save_random_model(tmp_path / arch, arch=arch, tie_word_embeddings=tied, **SHAPE))
     ids, attn = pad_right(_rows(512, [23, 9, 14, 5, 8]), 0)  # width 23: [23], [14, 9], [8, 5] -> 3 rows, not 5
     wanted = attn.clone()
     wanted[:, :3] = 0  # a "prompt" without loss
-    seen = []
-    hook = model.get_decoder().register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True
-    )
-    try:
-        results = {}
-        for packed in (False, True):
-            model.zero_grad(set_to_none=True)
-            lp = token_logprobs(model, ids, attn, 1.0, 8, wanted, packed=packed)
-            (lp * torch.linspace(0.5, 1.5, lp.numel()).reshape(lp.shape)).sum().backward()
-            results[packed] = (lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    finally:
-        hook.remove()
+    seen, ((padded, padded_grads), (packed, packed_grads)) = _each_way(model, ids, attn, wanted, {}, {"packed": True})
     assert seen == [torch.Size([5, 23]), torch.Size([3, 23])]
-    (padded, padded_grads), (packed, packed_grads) = results[False], results[True]
     assert torch.equal(padded == 0, packed == 0)  # the same positions carry log-probs
     assert (padded != 0).sum() == (23 - 3) + (9 - 3) + (14 - 3) + (5 - 3) + (8 - 3)
     assert torch.allclose(packed, padded, atol=2e-5, rtol=0)
@@ -95,23 +108,9 @@ def test_a_shared_prefix_run_once_gives_the_padded_logprobs_and_gradients(tmp_pa
     ids, attn = pad_right(rows, 0)
     wanted = attn.clone()
     wanted[:, :4] = 0  # positions 4-8 of the prefix carry loss too
-    prefix = shared_prefix_length(rows)
-    assert prefix == 9
-    seen = []
-    hook = model.get_decoder().register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True
-    )
-    try:
-        results = {}
-        for shared in (0, prefix):
-            model.zero_grad(set_to_none=True)
-            lp = policy_logprobs(model, ids, attn, 1.0, 8, wanted, shared_prefix=shared)
-            (lp * torch.linspace(0.5, 1.5, lp.numel()).reshape(lp.shape)).sum().backward()
-            results[shared] = (lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    finally:
-        hook.remove()
+    assert shared_prefix_length(rows) == 9
+    seen, ((padded, padded_grads), (once, once_grads)) = _each_way(model, ids, attn, wanted, {}, {"shared_prefix": 9})
     assert seen == [torch.Size([4, 23]), torch.Size([1, 9]), torch.Size([4, 14])]
-    (padded, padded_grads), (once, once_grads) = results[0], results[prefix]
     assert torch.equal(padded == 0, once == 0)
     assert (padded != 0).sum() == (23 - 4) + (12 - 4) + (17 - 4) + (14 - 4)
     assert torch.allclose(once, padded, atol=2e-5, rtol=0)
@@ -126,17 +125,7 @@ def test_a_shared_prefix_that_is_not_shared_or_that_a_sliding_window_would_see_i
         policy_logprobs(model, ids, attn, shared_prefix=3)
     with pytest.raises(ValueError, match="needs 0 < prefix < width"):
         policy_logprobs(model, ids, attn, shared_prefix=4)
-    mistral = MistralForCausalLM(
-        MistralConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=2,
-        )
-    )
+    mistral = MistralForCausalLM(MistralConfig(**CONFIG_SHAPE, sliding_window=2))
     with pytest.raises(ValueError, match="sliding window"):
         policy_logprobs(mistral, ids, attn, shared_prefix=2)
 
@@ -160,17 +149,7 @@ def test_a_model_whose_layers_cross_packed_rows_trains_on_padded_rows(tmp_path, 
     says so naming the field, and trains (and has its sources score) with padded rows; an attention-only
     model's leak is exactly 0, and it packs."""
     torch.manual_seed(0)
-    lfm2 = Lfm2ForCausalLM(
-        Lfm2Config(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            layer_types=["conv", "full_attention"],
-        )
-    )
+    lfm2 = Lfm2ForCausalLM(Lfm2Config(**CONFIG_SHAPE, layer_types=["conv", "full_attention"]))
     assert packing_leak(lfm2, torch.device("cpu")) > PACKING_TOLERANCE
     with caplog.at_level(logging.WARNING, logger="twofold.trainer.trainer"):
         trainer = Trainer(lfm2, small_config(**{"trainer.pack_sequences": True}))
