@@ -230,6 +230,13 @@ class HangingLake(RaisingLake):
         return FrozenLake.step(self, action_text)
 
 
+@pytest.fixture(autouse=True)
+def _envs_counted_from_zero(monkeypatch):
+    """Each test counts its envs from 0: the first one made is the one the tiny tokenizer's corpus steps (in the
+    main thread, with no step timeout), and it is never a broken one, whatever other tests made before."""
+    monkeypatch.setattr(RaisingLake, "created", 0)
+
+
 class AlwaysRaisingLake(FrozenLake):
     def step(self, action_text):
         raise RuntimeError("down")
