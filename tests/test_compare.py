@@ -202,11 +202,15 @@ def test_a_warm_start_per_seed_is_built_once_per_seed_before_any_cell(tmp_path, 
     shared = compare_cells(["ewma"], seeds=1, base_seed=5, audit=False)
     assert shared[0].overrides == ("oldlogits.source=ewma", "seed=5")
     built = []
-    monkeypatch.setattr(grid_module, "resolve_model_path", lambda cfg, progress: built.append(cfg.warmstart.seed))
+
+    def resolve_model_path(cfg, progress, check_budget):
+        built.append((cfg.warmstart.seed, check_budget))
+
+    monkeypatch.setattr(grid_module, "resolve_model_path", resolve_model_path)
     prepare_grid(small_config(seed=5), tmp_path, cells)
     # each of the 5 cells' in order: seeds 5, 5, 6, 6 and the audit's 5 (the base config's own, warmstart.seed
-    # 0, is no cell's and is not built)
-    assert built == [5, 5, 6, 6, 5]
+    # 0, is no cell's and is not built), each checking its token budget first (the cells run on this machine)
+    assert built == [(5, True), (5, True), (6, True), (6, True), (5, True)]
 
 
 def test_a_resumed_grid_builds_no_warm_start_for_its_done_cells(tmp_path, monkeypatch):
@@ -216,7 +220,7 @@ def test_a_resumed_grid_builds_no_warm_start_for_its_done_cells(tmp_path, monkey
     done.mkdir()
     (done / "summary.json").write_text(json.dumps({"finished": True, "steps": 3}))
     built = []
-    monkeypatch.setattr(grid_module, "resolve_model_path", lambda cfg, progress: built.append(cfg.warmstart.seed))
+    monkeypatch.setattr(grid_module, "resolve_model_path", lambda cfg, **kw: built.append(cfg.warmstart.seed))
     monkeypatch.setattr(grid_module._CellProcesses, "launch", lambda self, cell: self.status.update({cell.name: 0}))
     status = run_grid(cfg, cells, tmp_path, progress=False)
     assert built == [6]  # seed 5's only cell is done: its warm start is not rebuilt

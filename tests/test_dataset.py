@@ -13,6 +13,7 @@ from twofold.envs.dataset import EXAMPLE_TASKS, larger_number_problems, split_ro
 from twofold.envs.seeding import EVAL_SEED_OFFSET, level_seed
 from twofold.envs.tools import format_call
 from twofold.models import load_tokenizer
+from twofold.pipeline import resolve
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.rollout.chat import first_prompt_ids
 
@@ -163,10 +164,12 @@ def test_a_dataset_with_tools_runs_native_tool_calls(tmp_path):
     assert env(files_of(tmp_path)).tool_schemas is None  # without tools the prompt stays plain
 
 
-def test_a_budget_the_first_prompt_fills_is_refused_before_any_warm_start(tmp_path, tiny_path, caplog):
+def test_a_budget_the_first_prompt_fills_is_refused_before_any_warm_start(tmp_path, tiny_path, caplog, monkeypatch):
     """The tool schemas in the system prompt outgrow a single-turn budget: with no room for a reply every episode
-    would end at one token with the format penalty. The check names the field and the budget that fits (the first
-    prompt and one reply); a budget with room, but less than a whole reply, warns."""
+    would end at one token with the format penalty. The check names the field and the budget a reply needs; in
+    this 3-turn env a budget with room for less than two replies warns (an episode cut before its second reply
+    ends unscored). Commands that only read a run (export, plan) do not check; the tiny model is checked before
+    its warm start is built."""
     path = tmp_path / "cities.jsonl"
     path.write_text(json.dumps({"prompt": "How many people live in Oslo?", "answer": "709000"}) + "\n")
     options = {"path": str(path), "tools": ["test_dataset:lookup_population"], "eval_fraction": 0.0}
@@ -174,21 +177,31 @@ def test_a_budget_the_first_prompt_fills_is_refused_before_any_warm_start(tmp_pa
     prompt = len(first_prompt_ids(load_tokenizer(tiny_path), e, e.reset(level_seed(0, 0))))
     assert prompt > 100  # the schema alone is longer than the question
 
-    def cfg(budget):
+    def cfg(budget, **more):
         return small_config(
             **{"model.path": str(tiny_path), "env.name": "dataset", "env.max_turns": 3, "env.options": options}
             | {"rollout.max_total_tokens": budget, "engine.max_new_tokens": 8}
+            | more
         )
 
-    with pytest.raises(ConfigError, match=f"first prompt alone .* is {prompt} tokens.* at least {prompt + 8} "):
-        resolve_model_path(cfg(prompt))
+    full = f"first prompt alone .* is {prompt} tokens.* at least {prompt + 8} .*3-turn episode needs room"
+    with pytest.raises(ConfigError, match=full):
+        resolve_model_path(cfg(prompt), check_budget=True)
+    assert resolve_model_path(cfg(prompt)) == tiny_path  # not asked to check: export and plan only read the run
     with caplog.at_level(logging.WARNING, logger="twofold.pipeline.resolve"):
-        assert resolve_model_path(cfg(prompt + 7)) == tiny_path
-    assert f"leaves 7 tokens after the env's first prompt ({prompt} tokens)" in caplog.text
+        assert resolve_model_path(cfg(prompt + 15), check_budget=True) == tiny_path
+    assert f"leaves 15 tokens after the env's first prompt ({prompt} tokens), less than 2 replies" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="twofold.pipeline.resolve"):
-        resolve_model_path(cfg(prompt + 8))
+        resolve_model_path(cfg(prompt + 16), check_budget=True)
     assert caplog.text == ""
+
+    def no_warm_start(*args, **kwargs):
+        raise AssertionError("the warm start was built before the budget was checked")
+
+    monkeypatch.setattr(resolve, "ensure_warmstart", no_warm_start)
+    with pytest.raises(ConfigError, match="first prompt alone"):
+        resolve_model_path(cfg(200, **{"model.path": "", "model.warmstart": True}), check_budget=True)
 
 
 def files_of(tmp_path):

@@ -7,7 +7,14 @@ import logging
 import pytest
 import torch
 from conftest import small_config
-from transformers import Lfm2Config, Lfm2ForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    Lfm2Config,
+    Lfm2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from twofold.logprobs import (
     microbatches,
@@ -118,7 +125,7 @@ def test_a_shared_prefix_run_once_gives_the_padded_logprobs_and_gradients(tmp_pa
         assert torch.allclose(once_grads[name], grad, atol=2e-5, rtol=1e-4), name
 
 
-def test_a_shared_prefix_that_is_not_shared_or_that_a_sliding_window_would_see_is_refused(tmp_path):
+def test_a_shared_prefix_is_refused_unless_shared_with_whole_attention_static_positions_and_a_cache(tmp_path):
     model = load_model(save_random_model(tmp_path / "m", **SHAPE))
     ids, attn = pad_right([[1, 2, 3, 4], [1, 2, 5, 6]], 0)
     with pytest.raises(ValueError, match="not the same real tokens in every row"):
@@ -128,6 +135,12 @@ def test_a_shared_prefix_that_is_not_shared_or_that_a_sliding_window_would_see_i
     mistral = MistralForCausalLM(MistralConfig(**CONFIG_SHAPE, sliding_window=2))
     with pytest.raises(ValueError, match="sliding window"):
         policy_logprobs(mistral, ids, attn, shared_prefix=2)
+    dynamic = LlamaForCausalLM(LlamaConfig(**CONFIG_SHAPE, rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
+    with pytest.raises(ValueError, match="dynamic RoPE"):
+        policy_logprobs(dynamic, ids, attn, shared_prefix=2)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="turn gradient checkpointing off"):
+        policy_logprobs(model.train(), ids, attn, shared_prefix=2)
 
 
 def test_attention_stays_inside_each_packed_row(tmp_path):

@@ -167,7 +167,7 @@ def cmd_warmstart(args) -> int:
             "model.warmstart",
             "warmstart trains the built-in tiny model; use model.warmstart=true and leave model.path empty",
         )
-    path = resolve_model_path(cfg, progress=cfg.run.progress)
+    path = resolve_model_path(cfg, progress=cfg.run.progress, check_budget=True)
     report = json.loads((path / "warmstart.json").read_text())
     print(f"checkpoint: {path}")
     print(json.dumps(report, indent=2))
@@ -212,7 +212,7 @@ def cmd_eval(args) -> int:
         path = resolve_model_source(args.model, cfg.model.revision)
         allow_model_code(path, cfg.model.trust_remote_code)
     else:
-        path = resolve_model_path(cfg)
+        path = resolve_model_path(cfg, check_budget=True)
     where = {"model": str(path), "config": str(config) if config else "defaults", "env": cfg.env.name}
     print(json.dumps({**where, **evaluate(cfg, path, episodes)}, indent=2))
     return 0
@@ -239,7 +239,7 @@ def cmd_generate(args) -> int:
     from twofold.pipeline.resolve import resolve_model_path
     from twofold.rollout.chat import first_prompt_ids
 
-    path = resolve_model_path(cfg)
+    path = resolve_model_path(cfg, check_budget=True)
     tok = load_tokenizer(path)
     engine = make_engine(cfg.engine, path, tok, seed=cfg.seed)
     env = env_from_config(cfg.env)

@@ -198,6 +198,15 @@ def reusable_kv(config) -> bool:
     return getattr(text, "sliding_window", None) is None and all(t == "full_attention" for t in layer_types)
 
 
+def rope_depends_on_length(config) -> bool:
+    """Whether the rotary embedding rescales with the sequence's length (dynamic NTK, LongRoPE): then a prefix's
+    states run alone are not those it has inside a longer sequence."""
+    text = config.get_text_config()
+    rope = getattr(text, "rope_parameters", None) or {}
+    kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # one per layer type, or one for all
+    return any(r.get("rope_type") in ("dynamic", "longrope") for r in kinds)
+
+
 def shared_prefix_decoder_states(
     decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int
 ) -> torch.Tensor:
@@ -214,11 +223,13 @@ def shared_prefix_decoder_states(
         raise ValueError(f"shared prefix of {prefix} tokens in rows of {width}: needs 0 < prefix < width")
     if not bool((input_ids[:, :prefix] == input_ids[:1, :prefix]).all() and attention_mask[:, :prefix].all()):
         raise ValueError(f"the first {prefix} tokens are not the same real tokens in every row")
-    if not reusable_kv(decoder.config):
+    if not reusable_kv(decoder.config):  # its cache keeps only a window, which this path is not checked against
         raise ValueError("a shared prefix needs attention to the whole prefix; this model has a sliding window")
+    if rope_depends_on_length(decoder.config):
+        raise ValueError("a shared prefix needs positions that do not depend on the sequence's length (dynamic RoPE)")
     opening = decoder(input_ids=input_ids[:1, :prefix], use_cache=True)
     cache = opening.past_key_values
-    if cache is None:  # transformers turns the cache off under gradient checkpointing in training
+    if cache is None or cache.get_seq_length() != prefix:  # gradient checkpointing turns the cache off in training
         raise ValueError("a shared prefix needs the decoder's KV cache: turn gradient checkpointing off")
     cache.batch_repeat_interleave(rows)
     positions = torch.arange(prefix, width, device=input_ids.device).expand(rows, -1)

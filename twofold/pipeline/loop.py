@@ -167,7 +167,7 @@ class Pipeline:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.async_mode = cfg.mode == "async"
-        self.model_path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main)
+        self.model_path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main, check_budget=main)
         self.tokenizer = load_tokenizer(self.model_path)
         self.trainer = Trainer.from_pretrained(self.model_path, cfg, seed=cfg.seed, ranks=self.ranks)
         trainer_device = str(self.trainer.numerics.device)

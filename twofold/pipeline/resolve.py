@@ -16,16 +16,19 @@ from twofold.trainer.warmstart import ensure_warmstart
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(cfg: Config, progress: bool = True) -> Path:
+def resolve_model_path(cfg: Config, progress: bool = True, *, check_budget: bool = False) -> Path:
     """The local folder of the model to start from: `model.path` (a folder, a GGUF file or a Hub ID), else the
-    tiny model (warm-started when configured)."""
+    tiny model (warm-started when configured). `check_budget`, for the commands that run episodes on this machine:
+    refuse a token budget the env's first prompt fills (`check_first_prompt_fits`), before any warm start."""
     if cfg.model.path:
         folder = resolve_model_source(cfg.model.path, cfg.model.revision)
         allow_model_code(folder, cfg.model.trust_remote_code)
-        check_first_prompt_fits(cfg, folder)
+        if check_budget:
+            check_first_prompt_fits(cfg, folder)
         return folder
     base = ensure_tiny_model(cfg.model, tokenizer_corpus(cfg.env))
-    check_first_prompt_fits(cfg, base)  # before a warm start, which can take minutes
+    if check_budget:
+        check_first_prompt_fits(cfg, base)  # before a warm start, which can take minutes
     if not cfg.model.warmstart:
         return base
     return ensure_warmstart(cfg, base, progress=progress)
@@ -33,25 +36,30 @@ def resolve_model_path(cfg: Config, progress: bool = True) -> Path:
 
 def check_first_prompt_fits(cfg: Config, folder: Path) -> None:
     """Refuse a token budget that the env's first prompt (the first level's) fills: every reply would be cut to one
-    token and every episode score the format penalty, with nothing else to say why. Warn where it leaves less
-    than `engine.max_new_tokens` for the first reply. The system prompt listing tool schemas is what usually
-    outgrows a budget set for a single turn."""
+    token and every episode score the format penalty, with nothing else to say why. Warn where it leaves room for
+    less than one reply of `engine.max_new_tokens`, or, in a multi-turn env, for less than two (a second reply
+    follows an observation, and an episode cut before it ends unscored). The system prompt listing tool schemas
+    is what usually outgrows a budget set for a single turn."""
     env = env_from_config(cfg.env)
     prompt = len(first_prompt_ids(load_tokenizer(folder), env, env.reset(level_seed(cfg.seed, 0))))
-    budget, reply = cfg.rollout.max_total_tokens, cfg.engine.max_new_tokens
+    budget, reply, turns = cfg.rollout.max_total_tokens, cfg.engine.max_new_tokens, cfg.env.max_turns
+    each_turn = "" if turns == 1 else f"; a {turns}-turn episode needs room for each turn's reply and observation too"
     if prompt >= budget:
         raise ConfigError(
             "rollout.max_total_tokens",
             f"{budget}, but the env's first prompt alone (system prompt, tool schemas, first observation) is "
             f"{prompt} tokens, so no reply fits: raise it to at least {prompt + reply} "
-            f"(the prompt and one reply of engine.max_new_tokens={reply})",
+            f"(the prompt and one reply of engine.max_new_tokens={reply}){each_turn}",
         )
-    if budget - prompt < reply:
+    replies = min(turns, 2)
+    if budget - prompt < replies * reply:
         log.warning(
-            "rollout.max_total_tokens=%d leaves %d tokens after the env's first prompt (%d tokens) for a reply of up "
-            "to engine.max_new_tokens=%d: the first replies are cut there",
+            "rollout.max_total_tokens=%d leaves %d tokens after the env's first prompt (%d tokens), less than %d "
+            "replies of engine.max_new_tokens=%d: replies are cut there%s",
             budget,
             budget - prompt,
             prompt,
+            replies,
             reply,
+            each_turn,
         )

@@ -31,9 +31,10 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
     # here, on this thread, before any model loads: the env workers that build it next run in other threads,
     # processes or Ray actors, where it would surface as a failed worker after minutes of loading. Not on a
     # Ray cluster's driver, which need not have the env's files and modules: only its nodes must.
-    if runs_on_this_machine(cfg):
+    local = runs_on_this_machine(cfg)
+    if local:
         env_from_config(cfg.env)
-    model_path = resolve_model_path(cfg, progress=cfg.run.progress)  # the warm start is built once, here
+    model_path = resolve_model_path(cfg, progress=cfg.run.progress, check_budget=local)  # the warm start is built here
     check_memory_plan(cfg, model_path)  # logged; a run that cannot fit this machine stops before it loads a weight
     if cfg.runtime.backend == "embedded" and cfg.trainer.world_size == 1:
         pipeline = Pipeline(cfg, run_dir, resume=resume, model_path=model_path)

@@ -25,7 +25,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from twofold.config import EXACT_SOURCES, OLD_LOGIT_SOURCES, Config, ConfigError, dump_config, load_config
+from twofold.config import (
+    EXACT_SOURCES,
+    OLD_LOGIT_SOURCES,
+    Config,
+    ConfigError,
+    dump_config,
+    load_config,
+    runs_on_this_machine,
+)
 from twofold.pipeline.progress import PARENT_PID_VAR, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import read_metrics, summary
@@ -120,7 +128,8 @@ def prepare_grid(cfg: Config, out: Path, cells: list[Cell]) -> Path:
         )
     base.write_text(text)
     for cell_cfg in (load_config(base, c.overrides) for c in cells):
-        resolve_model_path(cell_cfg, progress=cfg.run.progress)  # trained at the first call, cached after
+        # trained at the first call, cached after; a budget the first prompt fills stops the grid before it
+        resolve_model_path(cell_cfg, progress=cfg.run.progress, check_budget=runs_on_this_machine(cell_cfg))
     return base
 
 
