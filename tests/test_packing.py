@@ -96,6 +96,13 @@ def test_packed_logprobs_and_gradients_equal_the_padded_ones(tmp_path, arch, tie
         assert torch.allclose(packed_grads[name], grad, atol=2e-5, rtol=1e-4), name
 
 
+def test_rows_of_one_token_get_one_log_prob_each_and_it_is_zero(tmp_path):
+    """Position 0 predicts nothing: a [B, 1] batch gives [B, 1] zeros, as every longer one gives its first column."""
+    model = load_model(save_random_model(tmp_path / "m", **SHAPE))
+    ids, attn = pad_right([[5], [7]], 0)
+    assert torch.equal(policy_logprobs(model, ids, attn), torch.zeros(2, 1))
+
+
 def test_the_shared_prefix_is_what_every_row_opens_with_short_of_the_shortest_rows_last_token():
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 3, 4, 5]]) == 3
     assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2

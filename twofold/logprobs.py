@@ -304,7 +304,7 @@ def policy_logprobs(
     flat = torch.cat(pieces)
     out = torch.zeros(real.shape, dtype=torch.float32, device=hidden.device)
     out = out.masked_scatter(real, flat)
-    return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
+    return torch.cat([out.new_zeros((out.shape[0], 1)), out], dim=1)  # position 0 predicts nothing
 
 
 def microbatches(lengths: list[int], max_tokens: int, packed: bool = False) -> list[list[int]]:
