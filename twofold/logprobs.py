@@ -198,13 +198,18 @@ def reusable_kv(config) -> bool:
     return getattr(text, "sliding_window", None) is None and all(t == "full_attention" for t in layer_types)
 
 
-def rope_depends_on_length(config) -> bool:
-    """Whether the rotary embedding rescales with the sequence's length (dynamic NTK, LongRoPE): then a prefix's
-    states run alone are not those it has inside a longer sequence."""
-    text = config.get_text_config()
-    rope = getattr(text, "rope_parameters", None) or {}
+def shared_prefix_refusal(config) -> str | None:
+    """Why a prefix run alone would not have the states it has inside a longer row, so no batch may share it; None
+    when it would. A sliding window's cache keeps only the window (a case this path is not checked against); a
+    rotary embedding that rescales with the sequence's length (dynamic NTK, LongRoPE) gives the prefix run alone
+    other angles."""
+    if not reusable_kv(config):
+        return "a shared prefix needs attention to the whole prefix; this model has a sliding window"
+    rope = getattr(config.get_text_config(), "rope_parameters", None) or {}
     kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # one per layer type, or one for all
-    return any(r.get("rope_type") in ("dynamic", "longrope") for r in kinds)
+    if any(r.get("rope_type") in ("dynamic", "longrope") for r in kinds):
+        return "a shared prefix needs positions that do not depend on the sequence's length (dynamic RoPE)"
+    return None
 
 
 def shared_prefix_decoder_states(
@@ -223,10 +228,9 @@ def shared_prefix_decoder_states(
         raise ValueError(f"shared prefix of {prefix} tokens in rows of {width}: needs 0 < prefix < width")
     if not bool((input_ids[:, :prefix] == input_ids[:1, :prefix]).all() and attention_mask[:, :prefix].all()):
         raise ValueError(f"the first {prefix} tokens are not the same real tokens in every row")
-    if not reusable_kv(decoder.config):  # its cache keeps only a window, which this path is not checked against
-        raise ValueError("a shared prefix needs attention to the whole prefix; this model has a sliding window")
-    if rope_depends_on_length(decoder.config):
-        raise ValueError("a shared prefix needs positions that do not depend on the sequence's length (dynamic RoPE)")
+    refusal = shared_prefix_refusal(decoder.config)
+    if refusal:
+        raise ValueError(refusal)
     opening = decoder(input_ids=input_ids[:1, :prefix], use_cache=True)
     cache = opening.past_key_values
     if cache is None or cache.get_seq_length() != prefix:  # gradient checkpointing turns the cache off in training
@@ -243,12 +247,18 @@ def shared_prefix_decoder_states(
     return torch.cat([opening.last_hidden_state.expand(rows, -1, -1), rest], dim=1)
 
 
+def common_length(a: list[int], b: list[int], start: int = 0) -> int:
+    """Length of the common prefix of `a` and `b`, given that their first `start` tokens agree."""
+    n = min(len(a), len(b))
+    return next((i for i in range(start, n) if a[i] != b[i]), n)
+
+
 def shared_prefix_length(sequences: list[list[int]]) -> int:
     """How many tokens open every one of `sequences` alike, at most all but the shortest one's last."""
-    first, shortest = sequences[0], min(len(x) for x in sequences)
-    n = shortest - 1
+    first = sequences[0]
+    n = min(len(x) for x in sequences) - 1
     for other in sequences[1:]:
-        n = next((i for i in range(n) if other[i] != first[i]), n)
+        n = min(n, common_length(first, other))
     return max(n, 0)
 
 

@@ -27,16 +27,12 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from twofold.logprobs import common_length
+
 BLOCK = 16
 DEFAULT_MAX_BYTES = 1 << 30
 
 LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [kv_heads, tokens, head_dim]
-
-
-def common_length(a: list[int], b: list[int], start: int = 0) -> int:
-    """Length of the common prefix of `a` and `b`, given that their first `start` tokens agree."""
-    n = min(len(a), len(b))
-    return next((i for i in range(start, n) if a[i] != b[i]), n)
 
 
 def _block_keys(tokens: list[int]) -> Iterator[int]:
