@@ -1,13 +1,14 @@
-"""A warm-start batch with and without its shared prefix run once (prints a Markdown table).
+"""A warm-start batch with and without its shared prefixes run once (prints a Markdown table).
 
 python benchmarks/warmstart_prefix.py [--config configs/tooluse.yaml] [--batches 6] [overrides ...]
 
 The config's own demonstrations (`warmstart.batch_size` a batch, the first --batches batches of them) on its
-tiny base model, in float32: one forward and backward of the warm start's loss per batch, three ways: every
-position through the LM head (the warm start before issue 38's prefix sharing), the head only where the loss is
-taken, and that with the tokens every demonstration opens with (the system prompt; a tool task's lists the tool
-schemas) run once a batch (`logprobs.shared_prefix_decoder_states`). Prints the mean seconds a batch, the shared
-prefix's length, and the largest difference of the loss and of the gradient from the first way.
+tiny base model, in float32: one forward and backward of the warm start's loss per batch, four ways: padded rows
+with every position through the LM head (the warm start before issue 38), the head only where the loss is taken,
+that with the rows packed, and with the rows' prefix tree in one packed row, so the tokens demonstrations open
+with alike (the system prompt; a tool task's lists the tool schemas) run once a batch (`prefix_tree`). Prints the
+mean seconds a batch, the tokens the decoder runs, and the largest difference of the loss and of the gradient from
+the first way.
 """
 
 import argparse
@@ -17,14 +18,15 @@ import torch
 
 from twofold.config import load_config
 from twofold.envs import tokenizer_corpus
-from twofold.logprobs import pad_right, policy_logprobs, shared_prefix_length
+from twofold.logprobs import pad_right, policy_logprobs
 from twofold.models import ensure_tiny_model, load_model, load_tokenizer
+from twofold.prefix_tree import prefix_tree
 from twofold.trainer.warmstart import demonstration
 
 
-def _loss_and_grads(model, ids, attn, mask, wanted, shared):
+def _loss_and_grads(model, ids, attn, mask, wanted, layout):
     model.zero_grad(set_to_none=True)
-    logprobs = policy_logprobs(model, ids, attn, wanted=mask if wanted else None, shared_prefix=shared)
+    logprobs = policy_logprobs(model, ids, attn, wanted=mask if wanted else None, **layout)
     loss = -(logprobs * mask).sum() / mask.sum()
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
@@ -46,31 +48,34 @@ def main():
         chunk = demos[start : start + size]
         ids, attn = pad_right([d[0] for d in chunk], tokenizer.pad_token_id)
         mask, _ = pad_right([d[1] for d in chunk], 0)
-        batches.append((ids, attn, mask.float(), shared_prefix_length([d[0] for d in chunk])))
+        batches.append((ids, attn, mask.float(), len(prefix_tree([d[0] for d in chunk]).tokens)))
     tokens = sum(int(a.sum()) for _, a, _, _ in batches) / len(batches)
     print(
         f"{args.config}: {len(batches)} batches of {size}, {tokens:,.0f} real tokens a batch, "
         f"width {sum(i.shape[1] for i, *_ in batches) / len(batches):.0f}, torch threads {torch.get_num_threads()}"
     )
-    print("| forward and backward | shared prefix tokens | s a batch | max loss difference | max gradient difference |")
+    print("| forward and backward | decoder tokens a batch | s a batch | max loss difference | max gradient diff. |")
     print("|---|---|---|---|---|")
+    padded = sum(i.numel() for i, *_ in batches) / len(batches)
+    tree = sum(b[3] for b in batches) / len(batches)
     ways = [
-        ("every position through the head", False, False),
-        ("head on loss positions", True, False),
-        ("head on loss positions, shared prefix once", True, True),
+        ("every position through the head", False, {}, padded),
+        ("head on loss positions", True, {}, padded),
+        ("head on loss positions, rows packed", True, {"packed": True}, None),
+        ("head on loss positions, prefix tree", True, {"share_prefixes": True}, tree),
     ]
-    reference = [_loss_and_grads(model, ids, attn, mask, False, 0) for ids, attn, mask, _ in batches]
-    for label, wanted, share in ways:
-        _loss_and_grads(model, *batches[0][:3], wanted, batches[0][3] if share else 0)  # warm-up
+    reference = [_loss_and_grads(model, ids, attn, mask, False, {}) for ids, attn, mask, _ in batches]
+    for label, wanted, layout, decoded in ways:
+        _loss_and_grads(model, *batches[0][:3], wanted, layout)  # warm-up
         seconds, loss_diff, grad_diff = 0.0, 0.0, 0.0
-        for (ids, attn, mask, prefix), (ref_loss, ref_grads) in zip(batches, reference, strict=True):
+        for (ids, attn, mask, _), (ref_loss, ref_grads) in zip(batches, reference, strict=True):
             t0 = time.perf_counter()
-            loss, grads = _loss_and_grads(model, ids, attn, mask, wanted, prefix if share else 0)
+            loss, grads = _loss_and_grads(model, ids, attn, mask, wanted, layout)
             seconds += time.perf_counter() - t0
             loss_diff = max(loss_diff, float((loss - ref_loss).abs()))
             grad_diff = max(grad_diff, max(float((g - r).abs().max()) for g, r in zip(grads, ref_grads, strict=True)))
-        shared = f"{sum(b[3] for b in batches) / len(batches):.0f}" if share else "-"
-        print(f"| {label} | {shared} | {seconds / len(batches):.2f} | {loss_diff:.1e} | {grad_diff:.1e} |")
+        shown = f"{decoded:,.0f}" if decoded else "packed rows of the longest's width"
+        print(f"| {label} | {shown} | {seconds / len(batches):.2f} | {loss_diff:.1e} | {grad_diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1] / "twofold"
 LAYERS = [
     {"config", "metrics"},
     {"distributed"},
+    {"prefix_tree"},
     {"models", "modelpath", "logprobs"},
     {"sharding", "loss", "envs", "engine"},
     {"rollout"},

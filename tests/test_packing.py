@@ -1,6 +1,6 @@
 """Packed forwards (`trainer.pack_sequences`): rows packed into fewer rows give the padded rows' log-probs and
 gradients, attention never crosses from one packed row into another, and the micro-batch budget counts
-packed rows. A prefix shared by every row (the warm start's system prompt) run once gives them too."""
+packed rows. Rows laid out as their prefix tree in one packed row, each shared prefix once, give them too."""
 
 import logging
 
@@ -22,11 +22,11 @@ from twofold.logprobs import (
     packing_leak,
     pad_right,
     policy_logprobs,
-    shared_prefix_length,
     token_logprobs,
 )
 from twofold.models import load_model, save_random_model
 from twofold.oldlogits import BehaviorSource, SourceContext
+from twofold.prefix_tree import TREE_ATTENTION, Node, prefix_sharing_refusal, prefix_tree
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.trainer.trainer import PACKING_TOLERANCE, Trainer
 
@@ -103,51 +103,89 @@ def test_rows_of_one_token_get_one_log_prob_each_and_it_is_zero(tmp_path):
     assert torch.equal(policy_logprobs(model, ids, attn), torch.zeros(2, 1))
 
 
-def test_the_shared_prefix_is_what_every_row_opens_with_short_of_the_shortest_rows_last_token():
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 9, 9], [1, 2, 3, 4, 5]]) == 3
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
-    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a row must keep one token of its own
-    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
-    assert shared_prefix_length([[1, 2, 3]]) == 2
+def test_the_prefix_tree_holds_each_shared_span_once_and_every_row_on_its_path():
+    rows = [[1, 2, 3, 4, 5], [1, 2, 3, 6], [1, 2, 3, 4, 5], [7, 8], [1, 2, 3]]
+    tree = prefix_tree(rows, min_shared=2)
+    # sorted: r4 [1,2,3], r0 = r2 [1,2,3,4,5], r1 [1,2,3,6], r3 [7,8]. From r4, r0/r2/r1 share 3 tokens (>= 2) and
+    # r3 none: node 0 = [1,2,3], where r4 ends. Below it (depth 3) r0 and r2 share 2 more (>= 2) and r1 parts at
+    # once: node 1 = [4,5] (r0 and r2 end there), node 2 = [6]. Then r3 alone: node 3.
+    assert tree.tokens == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert tree.positions == [0, 1, 2, 3, 4, 3, 0, 1]
+    assert tree.nodes == [Node(0, 3, []), Node(3, 5, [0]), Node(5, 6, [0]), Node(6, 8, [])]
+    assert tree.where == [[0, 1, 2, 3, 4], [0, 1, 2, 5], [0, 1, 2, 3, 4], [6, 7], [0, 1, 2]]
+    # sharing fewer than min_shared tokens beyond the parent: each row whole
+    assert prefix_tree([[1, 2, 9], [1, 2, 8]], min_shared=3).tokens == [1, 2, 8, 1, 2, 9]
+
+
+def _tree_rows() -> list[list[int]]:
+    """Nine rows over a 12-token system prompt: two groups sharing a question each (two levels below the root), a
+    row repeating another, a row that ends where its group's question does, and a row that shares nothing."""
+    system, question_a, question_b = _rows(512, [12, 9, 10], seed=3)
+    rows = [system + question_a + tail for tail in _rows(512, [14, 3, 8])]
+    rows += [system + question_b + tail for tail in _rows(512, [5, 11], seed=1)]
+    return rows + [rows[0][:], system + question_a, _rows(512, [17], seed=2)[0], system + [7] * 9]
 
 
 @pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
-def test_a_shared_prefix_run_once_gives_the_padded_logprobs_and_gradients(tmp_path, arch, tied):
-    """Rows opening with the same 9 tokens, then 3-14 of their own: the prefix runs once (the decoder sees a
-    [1, 9] then a [4, 14] batch), and every log-prob and gradient is the plain padded forward's, loss positions
-    inside the prefix included."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_prefix_tree_gives_the_padded_logprobs_and_gradients(tmp_path, arch, tied, checkpointing):
+    """The decoder runs one packed row of the tree's tokens, not 9 padded rows, and every log-prob and gradient is
+    the padded forward's, loss positions inside shared spans included, with gradient checkpointing too (each
+    layer recomputed with the same tree)."""
     model = load_model(save_random_model(tmp_path / arch, arch=arch, tie_word_embeddings=tied, **SHAPE))
-    opening = _rows(512, [9], seed=3)[0]
-    rows = [opening + tail for tail in _rows(512, [14, 3, 8, 5])]
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    rows = _tree_rows()
+    tree = prefix_tree(rows, min_shared=8)
+    # system 12 once; question a 9 and question b 10 once each (below the root); their tails 14 + 3 + 8 and 5 + 11;
+    # the repeated row and the one ending at question a add nothing; the lone row 17; system + [7] * 9 adds 9
+    assert len(tree.tokens) == 12 + 9 + 10 + (14 + 3 + 8) + (5 + 11) + 17 + 9
     ids, attn = pad_right(rows, 0)
     wanted = attn.clone()
-    wanted[:, :4] = 0  # positions 4-8 of the prefix carry loss too
-    assert shared_prefix_length(rows) == 9
-    seen, ((padded, padded_grads), (once, once_grads)) = _each_way(model, ids, attn, wanted, {}, {"shared_prefix": 9})
-    assert seen == [torch.Size([4, 23]), torch.Size([1, 9]), torch.Size([4, 14])]
-    assert torch.equal(padded == 0, once == 0)
-    assert (padded != 0).sum() == (23 - 4) + (12 - 4) + (17 - 4) + (14 - 4)
-    assert torch.allclose(once, padded, atol=2e-5, rtol=0)
+    wanted[:, :6] = 0
+    seen, ((padded, padded_grads), (shared, shared_grads)) = _each_way(
+        model, ids, attn, wanted, {}, {"share_prefixes": True}
+    )
+    assert seen == [ids.shape, torch.Size([1, len(tree.tokens)])]
+    assert model.config._attn_implementation == TREE_ATTENTION
+    assert torch.equal(padded == 0, shared == 0)
+    assert torch.allclose(shared, padded, atol=2e-5, rtol=0)
     for name, grad in padded_grads.items():
-        assert torch.allclose(once_grads[name], grad, atol=2e-5, rtol=1e-4), name
+        assert torch.allclose(shared_grads[name], grad, atol=2e-5, rtol=1e-4), name
 
 
-def test_a_shared_prefix_is_refused_unless_shared_with_whole_attention_static_positions_and_a_cache(tmp_path):
+def test_a_model_on_the_tree_attention_gives_the_sdpa_logprobs_outside_a_tree(tmp_path):
+    """The attention a sharing model switches to is transformers' sdpa for any call without a tree: a plain padded
+    forward gives the same numbers before and after."""
     model = load_model(save_random_model(tmp_path / "m", **SHAPE))
+    ids, attn = pad_right(_tree_rows(), 0)
+    with torch.no_grad():
+        before = policy_logprobs(model, ids, attn)
+        policy_logprobs(model, ids, attn, share_prefixes=True)
+        assert model.config._attn_implementation == TREE_ATTENTION
+        assert torch.equal(policy_logprobs(model, ids, attn), before)
+
+
+def test_prefixes_are_shared_only_with_whole_attention_static_positions_and_sdpa(tmp_path, caplog):
     ids, attn = pad_right([[1, 2, 3, 4], [1, 2, 5, 6]], 0)
-    with pytest.raises(ValueError, match="not the same real tokens in every row"):
-        policy_logprobs(model, ids, attn, shared_prefix=3)
-    with pytest.raises(ValueError, match="needs 0 < prefix < width"):
-        policy_logprobs(model, ids, attn, shared_prefix=4)
     mistral = MistralForCausalLM(MistralConfig(**CONFIG_SHAPE, sliding_window=2))
     with pytest.raises(ValueError, match="sliding window"):
-        policy_logprobs(mistral, ids, attn, shared_prefix=2)
+        policy_logprobs(mistral, ids, attn, share_prefixes=True)
     dynamic = LlamaForCausalLM(LlamaConfig(**CONFIG_SHAPE, rope_parameters={"rope_type": "dynamic", "factor": 2.0}))
     with pytest.raises(ValueError, match="dynamic RoPE"):
-        policy_logprobs(dynamic, ids, attn, shared_prefix=2)
-    model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="turn gradient checkpointing off"):
-        policy_logprobs(model.train(), ids, attn, shared_prefix=2)
+        policy_logprobs(dynamic, ids, attn, share_prefixes=True)
+    eager = LlamaForCausalLM(LlamaConfig(**CONFIG_SHAPE))
+    eager.set_attn_implementation("eager")
+    assert "uses 'eager'" in prefix_sharing_refusal(eager.config)
+    with caplog.at_level(logging.WARNING, logger="twofold.trainer.trainer"):
+        trainer = Trainer(eager, small_config(**{"trainer.share_prefixes": True}))
+    assert not trainer.numerics.share_prefixes and trainer.numerics.packed
+    assert "trainer.share_prefixes" in caplog.text and "uses 'eager'" in caplog.text
+    plain = load_model(save_random_model(tmp_path / "m", **SHAPE))
+    assert Trainer(plain, small_config(**{"trainer.share_prefixes": True})).numerics.share_prefixes
+    unpacked = small_config(**{"trainer.share_prefixes": True, "trainer.pack_sequences": False})
+    assert not Trainer(plain, unpacked).numerics.share_prefixes  # a prefix tree is a packing
 
 
 def test_attention_stays_inside_each_packed_row(tmp_path):
@@ -180,12 +218,13 @@ def test_a_model_whose_layers_cross_packed_rows_trains_on_padded_rows(tmp_path, 
     assert Trainer(qwen2, small_config(**{"trainer.pack_sequences": True})).numerics.packed
 
 
-def _batch(lengths: list[int]) -> Batch:
+def _batch(lengths: list[int], prompt: int = 3) -> Batch:
+    """Rows of `lengths` in groups of two, each group's first `prompt` tokens its shared prompt (no loss)."""
     trajectories = []
     for i, (tokens, n) in enumerate(zip(_rows(512, lengths, seed=3), lengths, strict=True)):
         t = Trajectory(uid=i, group_id=i // 2, level_seed=0)
-        t.append(tokens[:3], agent=False)
-        t.append(tokens[3:], agent=True, logprobs=[-1.0] * (n - 3), versions=[0] * (n - 3))
+        t.append(_rows(512, [prompt], seed=10 + i // 2)[0], agent=False)
+        t.append(tokens[prompt:], agent=True, logprobs=[-1.0] * (n - prompt), versions=[0] * (n - prompt))
         t.turn_rewards.append(float(i % 3))
         trajectories.append(t)
     return Batch.from_trajectories(trajectories, pad_id=0)
@@ -211,6 +250,36 @@ def test_a_packed_train_step_takes_the_padded_step(tmp_path):
     assert packed["loss/grad_norm"] == pytest.approx(padded["loss/grad_norm"], rel=1e-4)
     for name, weight in padded_weights.items():
         assert torch.allclose(packed_weights[name], weight, atol=1e-6), name
+
+
+def test_a_train_step_sharing_prefixes_takes_the_padded_step(tmp_path):
+    """Groups of two rows share a 10-token prompt: the step over their prefix tree (one micro-batch, each prompt
+    once) moves the weights as the padded step does."""
+    path = save_random_model(tmp_path / "m", **SHAPE)
+    steps = {}
+    for share in (False, True):
+        cfg = small_config(
+            **{"model.path": str(path), "trainer.pack_sequences": share, "trainer.share_prefixes": share}
+        )
+        trainer = Trainer(load_model(path), cfg)
+        assert trainer.numerics.share_prefixes == share
+        ctx = SourceContext(pad_id=0, async_mode=False, max_staleness=0, numerics=trainer.numerics)
+        metrics = trainer.train_step(_batch([16, 20, 12, 18, 30, 11], prompt=10), BehaviorSource(ctx))
+        steps[share] = (metrics, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    (padded, padded_weights), (shared, shared_weights) = steps[False], steps[True]
+    assert shared["loss/value"] == pytest.approx(padded["loss/value"], rel=1e-4, abs=1e-6)
+    assert shared["loss/grad_norm"] == pytest.approx(padded["loss/grad_norm"], rel=1e-4)
+    for name, weight in padded_weights.items():
+        assert torch.allclose(shared_weights[name], weight, atol=1e-6), name
+
+
+def test_sharing_prefixes_puts_rows_that_open_alike_in_one_micro_batch():
+    lengths = [5, 4, 5, 4]
+    tokens = [[1, 1, 1, 1, 1], [2, 2, 2, 2], [1, 1, 1, 1, 2], [2, 2, 2, 3]]
+    # longest first: [0, 2] then [1, 3] either way here; sorted by tokens: 0, 2 (they open with 1) then 1, 3
+    assert microbatches(lengths, 10, tokens=tokens) == [[0, 2], [1, 3]]
+    assert microbatches([5, 5, 4, 4], 10, tokens=[[1] * 5, [2] * 5, [1] * 4, [2] * 4]) == [[2, 0], [3, 1]]
+    assert microbatches([5, 5, 4, 4], 10) == [[0, 1], [2, 3]]
 
 
 def test_a_transformers_without_packed_masks_is_measured_and_trains_on_padded_rows(tmp_path, monkeypatch):

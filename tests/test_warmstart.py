@@ -8,6 +8,7 @@ from conftest import small_config
 
 from twofold.envs import env_from_config
 from twofold.models import cache_dir, fingerprint
+from twofold.prefix_tree import prefix_tree
 from twofold.rollout.chat import render
 from twofold.trainer import warmstart
 from twofold.trainer.warmstart import WARMSTART_RECIPE, warmstart_path
@@ -99,14 +100,14 @@ def test_an_interrupted_warmstart_resumes_to_the_uninterrupted_weights(tmp_path,
 def test_each_warmstart_batch_runs_the_system_prompt_its_demonstrations_open_with_once(
     tmp_path, tiny_path, monkeypatch
 ):
-    """FrozenLake's demonstrations all open with the chat template's system prompt: every batch hands the trainer's
-    forward a shared prefix at least that long, and no longer than the tokens its rows have in common."""
+    """FrozenLake's demonstrations all open with the chat template's system prompt: every batch's forward shares
+    prefixes, and its prefix tree opens with one node, above every row, at least that long."""
     cfg = small_config(**{"warmstart.episodes": 8, "warmstart.batch_size": 4, "warmstart.eval_episodes": 1})
     calls = []
 
-    def spy(model, ids, attn, wanted=None, shared_prefix=0):
-        calls.append((ids, shared_prefix))
-        return warmstart.policy_logprobs.__wrapped__(model, ids, attn, wanted=wanted, shared_prefix=shared_prefix)
+    def spy(model, ids, attn, wanted=None, share_prefixes=False):
+        calls.append((ids, attn, share_prefixes))
+        return warmstart.policy_logprobs.__wrapped__(model, ids, attn, wanted=wanted, share_prefixes=share_prefixes)
 
     spy.__wrapped__ = warmstart.policy_logprobs
     monkeypatch.setattr(warmstart, "policy_logprobs", spy)
@@ -116,6 +117,10 @@ def test_each_warmstart_batch_runs_the_system_prompt_its_demonstrations_open_wit
     system_turn = [m for m in env.first_messages(env.reset(0)) if m["role"] == "system"]
     system = tokenizer.encode(render(tokenizer, system_turn, generation_prompt=False), add_special_tokens=False)
     assert len(system) > 20 and len(calls) == cfg.warmstart.epochs * 2
-    for ids, shared in calls:
-        assert shared >= len(system)
-        assert (ids[:, :shared] == ids[:1, :shared]).all() and not (ids[:, shared] == ids[0, shared]).all()
+    for ids, attn, share in calls:
+        rows = [ids[r, :n].tolist() for r, n in enumerate(attn.sum(dim=1).tolist())]
+        tree = prefix_tree(rows)
+        opening = tree.nodes[0]
+        assert share and opening.end - opening.start >= len(system)
+        assert all(where[: opening.end] == list(range(opening.end)) for where in tree.where)
+        assert len(tree.tokens) < sum(len(r) for r in rows) - (len(rows) - 1) * len(system)

@@ -372,6 +372,16 @@ class TrainerConfig:
         "(recurrent or convolution mixers; measured by `logprobs.packing_leak` at start) trains on padded "
         "rows, with a warning.",
     )
+    share_prefixes: bool = setting(
+        True,
+        "Run tokens that open several rows alike once per forward: a GRPO group's prompt, a tool task's system "
+        "prompt. A forward's rows go into one packed row as their prefix tree (each shared span once, attending to "
+        "the spans above it), position ids as in each row: log-probs equal the padded ones to float rounding, and "
+        "training, every old-logit path and the warm start use it alike. Needs sdpa attention over the whole "
+        "context with fixed RoPE (no sliding window, no dynamic RoPE), otherwise rows are packed whole, with a "
+        "warning; with `trainer.pack_sequences=false` (or a model measured to leak across packed rows) nothing is "
+        "shared.",
+    )
     gradient_checkpointing: bool = setting(
         True,
         "Hugging Face's activation checkpointing: keep each layer's input, recompute the layer in backward. "
@@ -463,6 +473,14 @@ class RunConfig:
     keep_checkpoints: int = setting(2, "Newest checkpoints kept on disk.", ge=1)
     tensorboard: bool = setting(True, "Write TensorBoard events under RUN_DIR/tb.")
     progress: bool = setting(True, "Show progress bars.")
+    split_cpu_threads: bool = setting(
+        True,
+        "Async mode, rollouts in this process: when the trainer bounds the step (it waited under 5% of the last "
+        "step for its batch), it and the rollout thread each run torch's CPU kernels on half the threads instead "
+        "of both on all of them, which oversubscribes the cores (each OpenMP team spinning while the other "
+        "computes); above 20% (rollouts bound the step) both use all again (`pipeline.cpu_threads`). On 2 cores: "
+        "single-turn async 134-144 -> 208-222 samples/s (docs/benchmarks.md). false: both always use all.",
+    )
     return_freed_memory: bool = setting(
         False,
         "Linux (glibc): serve every allocation of 1 MiB or more from its own mapping, returned to the system when "

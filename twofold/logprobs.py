@@ -13,8 +13,9 @@ agent trajectories:
 - with `packed`, a forward's rows are packed into as few rows of the longest one's width as hold them
   (`pack_rows`), so fewer padded tokens go through the decoder; position ids restart per row and
   transformers' packed-sequence masks keep attention inside each row (`packed_decoder_states`);
-- with `shared_prefix`, tokens that open every row alike (a system prompt listing tool schemas) run through
-  the decoder once and the rows continue from that one KV (`shared_prefix_decoder_states`).
+- with `share_prefixes`, tokens that open several rows alike (a GRPO group's prompt, a system prompt listing
+  tool schemas) run through the decoder once: the rows go into one packed row as their prefix tree
+  (`prefix_tree.prefix_tree_decoder_states`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from twofold.distributed import Ranks, rank_device
+from twofold.prefix_tree import prefix_tree_decoder_states
 
 # The attribute of a sharded policy that holds its FSDP root (`twofold.sharding.shard` sets it).
 SHARDED_ROOT = "_sharded_root"
@@ -52,6 +54,7 @@ class Numerics:
     max_tokens: int = 0  # padded tokens per forward; 0: no limit
     max_sequences: int = 16  # sequences per scoring forward
     packed: bool = False  # rows packed into fewer rows per forward (`pack_rows`)
+    share_prefixes: bool = False  # rows' shared prefixes run once (`prefix_tree`)
 
     @classmethod
     def from_config(cls, cfg, rank: int = 0) -> Numerics:
@@ -66,6 +69,7 @@ class Numerics:
             max_tokens=t.max_tokens_per_microbatch,
             max_sequences=cfg.oldlogits.max_sequences_per_forward,
             packed=t.pack_sequences,
+            share_prefixes=t.share_prefixes,
         )
 
     def autocast(self, device: torch.device | None = None):
@@ -107,12 +111,13 @@ def token_logprobs(
     chunk_size: int = 512,
     wanted: torch.Tensor | None = None,
     packed: bool = False,
+    share_prefixes: bool = False,
 ) -> torch.Tensor:
     """`policy_logprobs`, through the policy's FSDP root when it is sharded (`twofold.sharding.shard`)."""
     root = sharded_root(model)
     if root is not None:
-        return root(input_ids, attention_mask, temperature, chunk_size, wanted, packed)
-    return policy_logprobs(model, input_ids, attention_mask, temperature, chunk_size, wanted, packed)
+        return root(input_ids, attention_mask, temperature, chunk_size, wanted, packed, share_prefixes)
+    return policy_logprobs(model, input_ids, attention_mask, temperature, chunk_size, wanted, packed, share_prefixes)
 
 
 def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
@@ -189,79 +194,6 @@ def packing_leak(model: torch.nn.Module, device: torch.device) -> float:
     return float((before[2] - after[2]).abs().max())
 
 
-def reusable_kv(config) -> bool:
-    """Whether every layer attends causally to the whole prefix (no sliding window), so that a prefix's KV serves
-    every longer sequence that starts with it, and the padding between a prefix's KV and the tokens after it (as
-    in a batch) changes nothing but physical distance, which only a sliding window would see."""
-    text = config.get_text_config()
-    layer_types = getattr(text, "layer_types", None) or []
-    return getattr(text, "sliding_window", None) is None and all(t == "full_attention" for t in layer_types)
-
-
-def shared_prefix_refusal(config) -> str | None:
-    """Why a prefix run alone would not have the states it has inside a longer row, so no batch may share it; None
-    when it would. A sliding window's cache keeps only the window (a case this path is not checked against); a
-    rotary embedding that rescales with the sequence's length (dynamic NTK, LongRoPE) gives the prefix run alone
-    other angles."""
-    if not reusable_kv(config):
-        return "a shared prefix needs attention to the whole prefix; this model has a sliding window"
-    rope = getattr(config.get_text_config(), "rope_parameters", None) or {}
-    kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # one per layer type, or one for all
-    if any(r.get("rope_type") in ("dynamic", "longrope") for r in kinds):
-        return "a shared prefix needs positions that do not depend on the sequence's length (dynamic RoPE)"
-    return None
-
-
-def shared_prefix_decoder_states(
-    decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: int
-) -> torch.Tensor:
-    """The decoder's last hidden states of right-padded rows, [B, T, H], whose first `prefix` tokens are the same
-    real tokens in every row: those run once, in row 0, and every row continues from their KV (repeated per row)
-    with its own tokens at positions prefix.. T-1. Under causal attention a token's state depends only on the
-    tokens up to it, so these are the states of the whole rows up to float rounding; the prefix's states are row
-    0's in every row, and in backward each row's gradient flows into the one prefix pass (summed over rows).
-
-    Why: the demonstrations of a tool task open with the same system prompt listing the tool schemas, 460 of
-    their ~700 tokens; run once per batch instead of once per row, they cost the decoder (B - 1) / B less."""
-    rows, width = input_ids.shape
-    if not 0 < prefix < width:
-        raise ValueError(f"shared prefix of {prefix} tokens in rows of {width}: needs 0 < prefix < width")
-    if not bool((input_ids[:, :prefix] == input_ids[:1, :prefix]).all() and attention_mask[:, :prefix].all()):
-        raise ValueError(f"the first {prefix} tokens are not the same real tokens in every row")
-    refusal = shared_prefix_refusal(decoder.config)
-    if refusal:
-        raise ValueError(refusal)
-    opening = decoder(input_ids=input_ids[:1, :prefix], use_cache=True)
-    cache = opening.past_key_values
-    if cache is None or cache.get_seq_length() != prefix:  # gradient checkpointing turns the cache off in training
-        raise ValueError("a shared prefix needs the decoder's KV cache: turn gradient checkpointing off")
-    cache.batch_repeat_interleave(rows)
-    positions = torch.arange(prefix, width, device=input_ids.device).expand(rows, -1)
-    rest = decoder(
-        input_ids=input_ids[:, prefix:],
-        attention_mask=attention_mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state
-    return torch.cat([opening.last_hidden_state.expand(rows, -1, -1), rest], dim=1)
-
-
-def common_length(a: list[int], b: list[int], start: int = 0) -> int:
-    """Length of the common prefix of `a` and `b`, given that their first `start` tokens agree."""
-    n = min(len(a), len(b))
-    return next((i for i in range(start, n) if a[i] != b[i]), n)
-
-
-def shared_prefix_length(sequences: list[list[int]]) -> int:
-    """How many tokens open every one of `sequences` alike, at most all but the shortest one's last."""
-    first = sequences[0]
-    n = min(len(x) for x in sequences) - 1
-    for other in sequences[1:]:
-        n = min(n, common_length(first, other))
-    return max(n, 0)
-
-
 def policy_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -270,7 +202,7 @@ def policy_logprobs(
     chunk_size: int = 512,
     wanted: torch.Tensor | None = None,
     packed: bool = False,
-    shared_prefix: int = 0,
+    share_prefixes: bool = False,
 ) -> torch.Tensor:
     """log p(x_t | x_<t) for every position of right-padded sequences, [B, T] float32; position 0 and padding
     get 0, and so does every position outside `wanted` ([B, T], e.g. a loss mask) when it is given.
@@ -281,13 +213,13 @@ def policy_logprobs(
     recomputed in backward when gradients are needed: logits never exist for padding (nor for prompt and
     observation tokens that carry no loss), and at most [chunk_size, V] float32 logits exist at once whatever
     the batch's shape. Logit scaling and final soft-capping (Cohere, Gemma 2) are applied as the model's own
-    forward does. `packed`: the decoder runs on the rows packed (`packed_decoder_states`); `shared_prefix`: the
-    first `shared_prefix` tokens, the same in every row, run once (`shared_prefix_decoder_states`). Either gives
+    forward does. `packed`: the decoder runs on the rows packed (`packed_decoder_states`); `share_prefixes`: on
+    the rows' prefix tree in one packed row, each shared prefix once (`prefix_tree_decoder_states`). Either gives
     the same values up to float rounding (the products have other shapes).
     """
     decoder = model.get_decoder()
-    if shared_prefix:
-        hidden = shared_prefix_decoder_states(decoder, input_ids, attention_mask, shared_prefix)[:, :-1]
+    if share_prefixes:
+        hidden = prefix_tree_decoder_states(decoder, input_ids, attention_mask)[:, :-1]
     elif packed:
         hidden = packed_decoder_states(decoder, input_ids, attention_mask)[:, :-1]
     else:
@@ -317,19 +249,28 @@ def policy_logprobs(
     return torch.cat([out.new_zeros((out.shape[0], 1)), out], dim=1)  # position 0 predicts nothing
 
 
-def microbatches(lengths: list[int], max_tokens: int, packed: bool = False) -> list[list[int]]:
-    """Row indices grouped so that rows x longest row <= max_tokens per group (0: one group); `packed`: packed
-    rows (`pack_rows` at the longest row's width) x longest row.
+def microbatches(
+    lengths: list[int],
+    max_tokens: int,
+    packed: bool = False,
+    rows: list[int] | None = None,
+    tokens: list[list[int]] | None = None,
+) -> list[list[int]]:
+    """Indices of `rows` (default: all) grouped so that rows x longest row <= max_tokens per group (0: one group);
+    `packed`: packed rows (`pack_rows` at the longest row's width) x longest row.
 
-    Rows are taken longest first, so that rows of similar length share a group (less padding); a row
-    longer than the budget goes alone.
+    Rows are taken longest first, so that rows of similar length share a group (less padding); given their
+    `tokens` (to share prefixes), in sorted token order instead, so that rows that open alike (a group's
+    completions) share a forward, whose prefix tree holds no more than the budget counts. A row longer than the
+    budget goes alone.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows = list(range(len(lengths))) if rows is None else rows
+    order = sorted(rows, key=lambda i: -lengths[i]) if tokens is None else sorted(rows, key=lambda i: tokens[i])
     if max_tokens <= 0:
         return [order] if order else []
 
     def padded_tokens(group: list[int]) -> int:
-        longest = lengths[group[0]]
+        longest = max(lengths[i] for i in group)
         forward_rows = len(pack_rows([lengths[i] for i in group], longest)) if packed else len(group)
         return forward_rows * longest
 
@@ -348,13 +289,12 @@ def deal_rows(
     """This rank's share of the rows, in groups, padded with None to the group count of the rank that has most.
 
     Rows are dealt round-robin to ranks, longest first (every rank gets a similar number of tokens); `group`
-    splits this rank's rows, given their lengths, into lists of positions among them. Every rank returns as
-    many groups as the others, since FSDP's collectives pair up forward by forward: a None is a forward the
-    rank runs with no rows of its own.
+    splits this rank's rows (indices, longest first) into groups of them. Every rank returns as many groups as the
+    others, since FSDP's collectives pair up forward by forward: a None is a forward the rank runs with no rows of
+    its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    mine = order[ranks.rank :: ranks.world_size]
-    groups: list[list[int] | None] = [[mine[j] for j in g] for g in group([lengths[i] for i in mine])]
+    groups: list[list[int] | None] = list(group(order[ranks.rank :: ranks.world_size]))
     count = int(ranks.all_reduce(len(groups), "max"))
     return groups + [None] * (count - len(groups))
 
@@ -369,10 +309,12 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return ids, attn
 
 
-def _forwards(lengths: list[int], numerics: Numerics) -> list[list[int]]:
-    """Index groups, one per forward: under the token budget, at most `max_sequences` each."""
+def _forwards(sequences: list[list[int]], rows: list[int], numerics: Numerics) -> list[list[int]]:
+    """Groups of `rows`, one per forward: under the token budget, at most `max_sequences` each."""
+    lengths = [len(s) for s in sequences]
+    tokens = sequences if numerics.share_prefixes else None
     out = []
-    for group in microbatches(lengths, numerics.max_tokens, numerics.packed):
+    for group in microbatches(lengths, numerics.max_tokens, numerics.packed, rows, tokens):
         out += [group[i : i + numerics.max_sequences] for i in range(0, len(group), numerics.max_sequences)]
     return out
 
@@ -392,7 +334,7 @@ def score_sequences(
     ranks = ranks or Ranks()
     device = next(model.parameters()).device
     out: dict[int, torch.Tensor] = {}
-    for rows in deal_rows([len(s) for s in sequences], ranks, lambda lengths: _forwards(lengths, numerics)):
+    for rows in deal_rows([len(s) for s in sequences], ranks, lambda mine: _forwards(sequences, mine, numerics)):
         rows = rows or []
         ids, attn = pad_right([sequences[i] for i in rows] or [[pad_id, pad_id]], pad_id)
         with numerics.autocast(device):
@@ -403,6 +345,7 @@ def score_sequences(
                 numerics.temperature,
                 numerics.chunk_size,
                 packed=numerics.packed,
+                share_prefixes=numerics.share_prefixes,
             ).cpu()
         for r, i in enumerate(rows):
             out[i] = lp[r, : len(sequences[i])].clone()

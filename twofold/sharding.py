@@ -33,9 +33,18 @@ class ShardedLogprobs(torch.nn.Module):
         self.policy = policy
 
     def forward(
-        self, input_ids, attention_mask, temperature: float, chunk_size: int, wanted=None, packed: bool = False
+        self,
+        input_ids,
+        attention_mask,
+        temperature: float,
+        chunk_size: int,
+        wanted=None,
+        packed: bool = False,
+        share_prefixes: bool = False,
     ) -> torch.Tensor:
-        return policy_logprobs(self.policy, input_ids, attention_mask, temperature, chunk_size, wanted, packed)
+        return policy_logprobs(
+            self.policy, input_ids, attention_mask, temperature, chunk_size, wanted, packed, share_prefixes
+        )
 
 
 def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:

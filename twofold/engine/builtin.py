@@ -39,8 +39,9 @@ from twofold.engine.prefix_cache import (
     shared_prefixes,
     stacked_cache,
 )
-from twofold.logprobs import DTYPES, resolve_device, reusable_kv
+from twofold.logprobs import DTYPES, resolve_device
 from twofold.models import load_model, model_bytes
+from twofold.prefix_tree import reusable_kv
 
 
 def sample_from_logits(

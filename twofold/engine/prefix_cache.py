@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from twofold.logprobs import common_length
+from twofold.prefix_tree import common_length
 
 BLOCK = 16
 DEFAULT_MAX_BYTES = 1 << 30

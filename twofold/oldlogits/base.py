@@ -179,6 +179,7 @@ class SourceContext:
                 self.numerics.chunk_size,
                 batch.loss_mask.to(device),
                 self.numerics.packed,
+                self.numerics.share_prefixes,
             )
         return lp.to(batch.loss_mask.device) * batch.loss_mask
 

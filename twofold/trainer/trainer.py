@@ -24,6 +24,7 @@ from twofold.logprobs import DTYPES, Numerics, deal_rows, microbatches, packing_
 from twofold.loss import combine_metrics, decoupled_ppo_loss, loss_denominator
 from twofold.models import load_policy
 from twofold.oldlogits import OldLogitSource
+from twofold.prefix_tree import prefix_sharing_refusal
 from twofold.rollout.trajectory import Batch
 from twofold.rollout.versions import lag_fractions, version_staleness
 from twofold.sharding import load_sharded_policy, shard
@@ -67,8 +68,8 @@ class Trainer:
             model = model.to(device=self.numerics.device, dtype=torch.float32)
             model = shard(model, self.ranks, self.numerics.device, DTYPES[t.fsdp_param_dtype])
         self.model = model.train()
-        if self.numerics.packed and not hasattr(self.model, "get_output_embeddings"):
-            self.numerics = dataclasses.replace(self.numerics, packed=False)  # not a language model: no rows
+        if not hasattr(self.model, "get_output_embeddings"):  # not a language model: no rows
+            self.numerics = dataclasses.replace(self.numerics, packed=False, share_prefixes=False)
         if self.numerics.packed:
             leak = packing_leak(self.model, self.numerics.device)
             if leak > PACKING_TOLERANCE:  # on by default: a model packing would corrupt trains on padded rows
@@ -81,6 +82,16 @@ class Trainer:
                     leak,
                 )
                 self.numerics = dataclasses.replace(self.numerics, packed=False)
+        # a prefix tree is a packing: a model that packs no rows (turned off, or measured to leak) shares none
+        refusal = prefix_sharing_refusal(self.model.config) if self.numerics.packed else None
+        if refusal and self.numerics.share_prefixes:
+            log.warning(
+                "trainer.share_prefixes: this model (%s) cannot share prefixes (%s); its rows are packed whole",
+                type(self.model).__name__,
+                refusal,
+            )
+        if refusal or not self.numerics.packed:
+            self.numerics = dataclasses.replace(self.numerics, share_prefixes=False)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             trainable, lr=t.lr, weight_decay=t.weight_decay, fused=True if t.fused_optimizer else None
@@ -105,10 +116,13 @@ class Trainer:
     def my_microbatches(self, mb: Batch) -> list[list[int] | None]:
         """This rank's micro-batches of a minibatch (row indices), padded with None to the count of the rank
         that has the most, so every rank runs as many forwards and backwards as the others (FSDP's
-        collectives pair up). Rows go to ranks round-robin, longest first."""
+        collectives pair up). Rows go to ranks round-robin, longest first; sharing prefixes, a rank's rows go
+        into micro-batches in sorted token order (`logprobs.microbatches`)."""
+        num = self.numerics
         lengths = mb.attention_mask.sum(dim=1).tolist()
+        tokens = [mb.input_ids[i, :n].tolist() for i, n in enumerate(lengths)] if num.share_prefixes else None
         return deal_rows(
-            lengths, self.ranks, lambda mine: microbatches(mine, self.numerics.max_tokens, self.numerics.packed)
+            lengths, self.ranks, lambda mine: microbatches(lengths, num.max_tokens, num.packed, mine, tokens)
         )
 
     def accumulate_gradients(self, mb: Batch, advantages: torch.Tensor, source: OldLogitSource) -> tuple[float, dict]:
@@ -137,6 +151,7 @@ class Trainer:
                     num.chunk_size,
                     micro.loss_mask,
                     num.packed,
+                    num.share_prefixes,
                 )
             old = source.old_logprobs(micro, logprobs.detach(), self.version).to(num.device)
             loss, metrics = decoupled_ppo_loss(

@@ -1,0 +1,202 @@
+"""Rows that open alike, run once: a forward's rows laid out as a prefix tree in one packed row.
+
+A GRPO group's completions share their prompt, and a tool task's episodes share a system prompt listing every tool
+schema (460 of ~700 tokens). Under causal attention a token's hidden state depends only on the tokens up to it, so
+a prefix shared by n rows has the same states in each: computed once, it costs the decoder (n - 1) / n less.
+
+Layout (`prefix_tree`): the rows' trie, compressed. Each node is a span of tokens that every row below it holds at
+the same positions; nodes sit one after another in one packed row, depth first, and a row's tokens are the spans on
+its path from a root. Position ids are positions within the row. A node's tokens attend to all of its ancestors'
+tokens and causally to its own (`tree_attention`), which is exactly what each of the node's rows sees when padded.
+A row identical to another, or ending inside a shared node, takes its states from that node.
+
+The attention runs as transformers' attention implementation `TREE_ATTENTION`, which replaces sdpa on a model that
+shares prefixes (every call without a tree goes to transformers' sdpa unchanged). Since the tree travels as a
+keyword argument of the forward, gradient checkpointing recomputes each layer with the same tree: unlike a KV cache,
+nothing is written during the forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+TREE_ATTENTION = "twofold_prefix_tree"
+
+# A shared span shorter than this stays in each row: each node costs one more attention call per layer, which a
+# handful of shared tokens (a chat template's opening) does not repay.
+MIN_SHARED_TOKENS = 8
+
+
+def common_length(a: list[int], b: list[int], start: int = 0) -> int:
+    """Length of the common prefix of `a` and `b`, given that their first `start` tokens agree."""
+    n = min(len(a), len(b))
+    return next((i for i in range(start, n) if a[i] != b[i]), n)
+
+
+def reusable_kv(config) -> bool:
+    """Whether every layer attends causally to the whole prefix (no sliding window), so that a prefix's KV serves
+    every longer sequence that starts with it, and the padding between a prefix's KV and the tokens after it (as
+    in a batch) changes nothing but physical distance, which only a sliding window would see."""
+    text = config.get_text_config()
+    layer_types = getattr(text, "layer_types", None) or []
+    return getattr(text, "sliding_window", None) is None and all(t == "full_attention" for t in layer_types)
+
+
+def prefix_sharing_refusal(config) -> str | None:
+    """Why this model's rows may not share a prefix's states; None when they may. A sliding window sees a shared
+    prefix at other distances; a rotary embedding that rescales with the sequence's length (dynamic NTK, LongRoPE)
+    gives a prefix other angles in a packed row; attention other than sdpa (eager for soft-capping or sinks, flash)
+    has its own terms that `tree_attention` does not compute."""
+    if not reusable_kv(config):
+        return "a shared prefix needs attention to the whole prefix; this model has a sliding window"
+    rope = getattr(config.get_text_config(), "rope_parameters", None) or {}
+    kinds = [r for r in rope.values() if isinstance(r, dict)] or [rope]  # one per layer type, or one for all
+    if any(r.get("rope_type") in ("dynamic", "longrope") for r in kinds):
+        return "a shared prefix needs positions that do not depend on the sequence's length (dynamic RoPE)"
+    implementation = config.get_text_config()._attn_implementation
+    if implementation not in ("sdpa", TREE_ATTENTION):
+        return f"a shared prefix runs in place of sdpa attention; this model uses {implementation!r}"
+    return None
+
+
+@dataclass
+class Node:
+    start: int  # its first token's index in the packed row
+    end: int
+    ancestors: list[int]  # node indices, the root first
+
+
+@dataclass
+class PrefixTree:
+    tokens: list[int]  # the packed row
+    positions: list[int]  # each token's position in its rows
+    nodes: list[Node]  # depth first: their spans tile the packed row in order
+    where: list[list[int]]  # per row, the packed index of each of its tokens
+
+
+def prefix_tree(rows: list[list[int]], min_shared: int = MIN_SHARED_TOKENS) -> PrefixTree:
+    """The rows' compressed trie as one packed row (module docstring). Rows are taken in sorted order, where the
+    common prefix of a run of rows is that of its first and last; a run whose rows share at least `min_shared`
+    tokens beyond their parent becomes a node, and its rows that go on continue below it."""
+    tree = PrefixTree([], [], [], [[] for _ in rows])
+
+    def add(members: list[int], start: int, end: int, ancestors: list[int]) -> int:
+        first = len(tree.tokens)
+        tree.tokens.extend(rows[members[0]][start:end])
+        tree.positions.extend(range(start, end))
+        tree.nodes.append(Node(first, len(tree.tokens), ancestors))
+        for r in members:
+            tree.where[r].extend(range(first, len(tree.tokens)))
+        return len(tree.nodes) - 1
+
+    def grow(members: list[int], depth: int, ancestors: list[int]) -> None:
+        # members: sorted, alike on [0, depth), each longer than depth
+        i = 0
+        while i < len(members):
+            head = rows[members[i]]
+            j, shared = i + 1, len(head)
+            while j < len(members):
+                n = common_length(head, rows[members[j]], depth)
+                if n - depth < min_shared:
+                    break
+                shared, j = min(shared, n), j + 1
+            run = members[i:j]
+            node = add(run, depth, shared, ancestors)
+            below = [r for r in run if len(rows[r]) > shared]
+            if below:
+                grow(below, shared, [*ancestors, node])
+            i = j
+
+    grow(sorted((r for r in range(len(rows)) if rows[r]), key=lambda r: rows[r]), 0, [])
+    return tree
+
+
+@dataclass
+class TreeAttention:
+    """A tree's attention pattern as tensors, built once per forward and read by every layer: per node, its span,
+    and for a node with ancestors the packed indices of the keys it reads (ancestors' tokens, then its own) and
+    its [span, keys] mask (every ancestor token, its own causally)."""
+
+    spans: list[tuple[int, int]]
+    keys: list[torch.Tensor | None]
+    masks: list[torch.Tensor | None]
+
+    @classmethod
+    def of(cls, tree: PrefixTree, device: torch.device) -> TreeAttention:
+        spans, keys, masks = [], [], []
+        for node in tree.nodes:
+            spans.append((node.start, node.end))
+            if not node.ancestors:
+                keys.append(None)
+                masks.append(None)
+                continue
+            above = [i for a in node.ancestors for i in range(tree.nodes[a].start, tree.nodes[a].end)]
+            length = node.end - node.start
+            keys.append(torch.tensor([*above, *range(node.start, node.end)], device=device))
+            masks.append(torch.ones(length, len(above) + length, dtype=torch.bool, device=device).tril(len(above)))
+        return cls(spans, keys, masks)
+
+
+def tree_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, prefix_tree=None, **kwargs
+):
+    """softmax(q k^T * scaling + mask) v over a `TreeAttention` in one packed row ([1, heads, L, head_dim] in,
+    [1, L, heads, head_dim] out, as transformers' attention functions): node by node, its queries against its
+    ancestors' keys and its own. Grouped KV heads are read in place. Without a tree: transformers' sdpa."""
+    if prefix_tree is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    gqa = key.shape[1] != query.shape[1]
+    pieces = []
+    for (start, end), keys, mask in zip(prefix_tree.spans, prefix_tree.keys, prefix_tree.masks, strict=True):
+        q = query[:, :, start:end]
+        if keys is None:
+            k, v = key[:, :, start:end], value[:, :, start:end]
+        else:
+            k, v = key.index_select(2, keys), value.index_select(2, keys)
+        pieces.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=keys is None, enable_gqa=gqa
+            )
+        )
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(TREE_ATTENTION, tree_attention)
+AttentionMaskInterface.register(TREE_ATTENTION, sdpa_mask)
+
+
+def prefix_tree_decoder_states(
+    decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, min_shared: int = MIN_SHARED_TOKENS
+) -> torch.Tensor:
+    """The decoder's last hidden states of right-padded rows, [B, T, H], computed over their `prefix_tree` in one
+    packed row: equal to the padded forward's up to float rounding. Padding positions of the result hold some other
+    position's state (they carry no loss).
+
+    The decoder's attention becomes `TREE_ATTENTION` on first use (transformers' sdpa for every call without a
+    tree, so other forwards are unchanged); `prefix_sharing_refusal` says which models cannot."""
+    refusal = prefix_sharing_refusal(decoder.config)
+    if refusal:
+        raise ValueError(refusal)
+    if decoder.config._attn_implementation != TREE_ATTENTION:
+        decoder.set_attn_implementation(TREE_ATTENTION)
+    lengths = attention_mask.sum(dim=1).tolist()
+    tree = prefix_tree([input_ids[r, :n].tolist() for r, n in enumerate(lengths)], min_shared)
+    device = input_ids.device
+    where = torch.zeros(input_ids.shape, dtype=torch.long, device=device)
+    for r, indices in enumerate(tree.where):
+        where[r, : len(indices)] = torch.tensor(indices, dtype=torch.long)
+    states = decoder(
+        input_ids=torch.tensor([tree.tokens], device=device),
+        position_ids=torch.tensor([tree.positions], device=device),
+        attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),  # 4D: transformers builds none
+        use_cache=False,
+        prefix_tree=TreeAttention.of(tree, device),
+    ).last_hidden_state[0]
+    return states[where]
