@@ -1,4 +1,5 @@
 import pytest
+import torch
 from conftest import small_config
 
 from twofold.engine.builtin import BuiltinEngine
@@ -250,3 +251,40 @@ def test_free_heap_pages_go_back_at_each_step(tmp_path, tiny_path, monkeypatch, 
     assert [r["trainer/optimizer_steps"] for r in rows] == [4.0, 4.0]
     assert len(made) == calls
     assert made[0] == () and all(bound == (loop.TRIM_MIN_FREE_BYTES,) for bound in made[1:])  # per step: bounded
+
+
+def test_cpu_threads_split_while_the_trainer_bounds_the_step_and_share_while_it_waits():
+    threads = loop.CpuThreads(5)
+    assert (threads.rollout(), threads.trainer()) == (5, 5)  # a run starts sharing every thread
+    threads.observe(idle=0.04, wall=1.0)  # waited 4% < 5%: the trainer bounds the step
+    assert (threads.rollout(), threads.trainer()) == (2, 3)
+    threads.observe(idle=0.15, wall=1.0)  # 15%: between the thresholds, it stays split
+    assert threads.split
+    threads.observe(idle=0.25, wall=1.0)  # 25% > 20%: rollouts bound the step
+    assert (threads.rollout(), threads.trainer()) == (5, 5)
+    one = loop.CpuThreads(1)
+    one.observe(idle=0.0, wall=1.0)
+    assert (one.rollout(), one.trainer()) == (1, 1)
+
+
+def test_an_async_run_gives_the_rollout_thread_its_share_and_restores_the_trainers(tmp_path, tiny_path, monkeypatch):
+    """With the split on, the engine's forwards in the rollout thread run on the rollout's share of the threads;
+    after the run the calling thread has its own count back."""
+    monkeypatch.setattr(loop.CpuThreads, "observe", lambda self, idle, wall: None)
+    monkeypatch.setattr(loop.CpuThreads, "rollout", lambda self: 1)
+    seen = []
+    generate = BuiltinEngine.generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(BuiltinEngine, "generate", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(tmp_path, tiny_path, mode="async")
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

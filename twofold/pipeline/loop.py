@@ -39,6 +39,7 @@ from twofold.pipeline.checkpoint import (
     restore_source,
     save_checkpoint,
 )
+from twofold.pipeline.cpu_threads import CpuThreads
 from twofold.pipeline.export import export_run
 from twofold.pipeline.learning_signal import LearningSignalWatch, zero_variance_group_fraction
 from twofold.pipeline.memory import memory_metrics
@@ -167,6 +168,7 @@ class Pipeline:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.async_mode = cfg.mode == "async"
+        self.threads = CpuThreads(torch.get_num_threads())  # async: the trainer's and the rollout thread's
         self.model_path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main, check_budget=main)
         self.tokenizer = load_tokenizer(self.model_path)
         self.trainer = Trainer.from_pretrained(self.model_path, cfg, seed=cfg.seed, ranks=self.ranks)
@@ -422,6 +424,8 @@ class Pipeline:
         src0 = sum(s.seconds for s in self.sources)
         trajs = self.ranks.broadcast(self._collect_batch() if main else None)
         times.idle = time.perf_counter() - t_step
+        if self.async_mode and main and self.cfg.run.split_cpu_threads:
+            torch.set_num_threads(self.threads.trainer())
         if self.engine_sleeps:  # sync mode: nothing generates until the next weights are published
             t0 = time.perf_counter()
             self.engine.sleep()
@@ -461,6 +465,7 @@ class Pipeline:
             return {M.STEP: self.step, **metrics}
 
         wall = time.perf_counter() - t_step
+        self.threads.observe(times.idle, wall)
         c = self.worker.counters
         source_seconds = sum(s.seconds for s in self.sources) - src0
         extra = self.source.extra_bytes()
@@ -533,7 +538,7 @@ class Pipeline:
         last: dict = {}
         try:
             if self.async_mode and main:
-                self.worker.start()
+                self.worker.start(self.threads.rollout if cfg.run.split_cpu_threads else None)
             while self.step < cfg.trainer.steps:
                 last = self.train_step()
                 bar.update(1)
@@ -573,6 +578,7 @@ class Pipeline:
         finally:
             bar.close()
             self.close()
+            torch.set_num_threads(self.threads.total)
         return last
 
     def _export_final(self) -> dict:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+import torch
+
 from twofold.config import Config
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
 from twofold.envs import TextEnv, env_from_config
@@ -295,13 +297,18 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ background thread (async mode)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
+    def start(self, cpu_threads: Callable[[], int] | None = None) -> None:
+        """Run the loop in a background thread. `cpu_threads`: how many threads its torch CPU kernels use, asked
+        before each step of the loop (this thread's own OpenMP team; the trainer's is its own); None: torch's
+        default throughout."""
+        self._thread = threading.Thread(target=self._run, args=(cpu_threads,), name="rollout", daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, cpu_threads: Callable[[], int] | None) -> None:
         try:
             while not self._stop.is_set():
+                if cpu_threads is not None and cpu_threads() != torch.get_num_threads():
+                    torch.set_num_threads(cpu_threads())
                 with self._cond:
                     if self._pause_requested:
                         self._parked = True
