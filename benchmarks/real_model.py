@@ -66,8 +66,12 @@ def cell(data: Path, source: str, lora: bool, steps: int, out: Path, overrides: 
         *(LORA if lora else []),
         *overrides,
     ]
-    subprocess.run(command, check=True, cwd=ROOT, capture_output=True)
+    done = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    for line in done.stderr.splitlines():  # what the run decided about its CPU threads, if it did
+        if "run.split_cpu_threads" in line:
+            print(f"{source}: {line}", file=sys.stderr)
+    print(f"{source}: s/step by step " + " ".join(f"{r[M.STEP_SECONDS]:.1f}" for r in rows), file=sys.stderr)
 
     def mean(key: str) -> float:
         return sum(r[key] for r in rows) / len(rows)

@@ -253,17 +253,32 @@ def test_free_heap_pages_go_back_at_each_step(tmp_path, tiny_path, monkeypatch, 
     assert made[0] == () and all(bound == (loop.TRIM_MIN_FREE_BYTES,) for bound in made[1:])  # per step: bounded
 
 
-def test_cpu_threads_split_while_the_trainer_bounds_the_step_and_share_while_it_waits():
+def _trainer_bound(threads, walls):
+    for wall in walls:
+        threads.observe(idle=0.01 * wall, wall=wall)  # waited 1% < 5%: the trainer bounds the step
+
+
+def test_cpu_threads_keep_the_split_only_where_it_was_measured_faster():
     threads = loop.CpuThreads(5)
     assert (threads.rollout(), threads.trainer()) == (5, 5)  # a run starts sharing every thread
-    threads.observe(idle=0.04, wall=1.0)  # waited 4% < 5%: the trainer bounds the step
-    assert (threads.rollout(), threads.trainer()) == (2, 3)
-    threads.observe(idle=0.15, wall=1.0)  # 15%: between the thresholds, it stays split
-    assert threads.split
-    threads.observe(idle=0.25, wall=1.0)  # 25% > 20%: rollouts bound the step
+    _trainer_bound(threads, [1.0, 1.0])
+    assert not threads.split  # two of three shared trial steps
+    _trainer_bound(threads, [1.0])
+    assert (threads.rollout(), threads.trainer()) == (2, 3)  # three shared: the split's trial begins
+    _trainer_bound(threads, [0.8, 0.9, 0.7])
+    assert threads.keep_split and threads.split  # 0.8 on average < 0.95 x 1.0: kept
+    threads.observe(idle=0.25, wall=1.0)  # 25% > 20%: rollouts bound the step, every thread to both
     assert (threads.rollout(), threads.trainer()) == (5, 5)
+    threads.observe(idle=0.1, wall=1.0)  # 10%: between the thresholds, no change
+    assert not threads.split
+    _trainer_bound(threads, [1.0])
+    assert threads.split  # the verdict stands, no second trial
+
+    slower = loop.CpuThreads(2)
+    _trainer_bound(slower, [1.0, 1.0, 1.0, 0.97, 0.96, 0.97])  # 0.967 is not 5% below 1.0
+    assert slower.keep_split is False and (slower.rollout(), slower.trainer()) == (2, 2)
     one = loop.CpuThreads(1)
-    one.observe(idle=0.0, wall=1.0)
+    _trainer_bound(one, [1.0] * 3)
     assert (one.rollout(), one.trainer()) == (1, 1)
 
 

@@ -57,9 +57,12 @@ def real_config(**overrides):
 
 
 def noise_floor(model, sequences, pad_id) -> tuple[float, torch.Tensor]:
-    """|log-prob difference| when the same weights score the same tokens alone and in one batch: float32
-    reduction order over 30 layers, the floor no exact source can beat. With the batch's log-probs, flat."""
-    together = score_sequences(model, sequences, Numerics(max_sequences=len(sequences)), pad_id)
+    """|log-prob difference| when the same weights score the same tokens alone, padded (as the brute force does),
+    and in one forward laid out as the pipeline's sources lay them out (packed, each shared prefix once): float32
+    reduction order over 30 layers in other shapes, the floor no exact source can beat. With the batch's
+    log-probs, flat."""
+    pipeline_way = Numerics(max_sequences=len(sequences), packed=True, share_prefixes=True)
+    together = score_sequences(model, sequences, pipeline_way, pad_id)
     alone = [score_sequences(model, [s], Numerics(), pad_id)[0] for s in sequences]
     return max(float((a - b).abs().max()) for a, b in zip(together, alone, strict=True)), torch.cat(together)
 

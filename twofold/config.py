@@ -476,10 +476,10 @@ class RunConfig:
     split_cpu_threads: bool = setting(
         True,
         "Async mode, rollouts in this process: when the trainer bounds the step (it waited under 5% of the last "
-        "step for its batch), it and the rollout thread each run torch's CPU kernels on half the threads instead "
-        "of both on all of them, which oversubscribes the cores (each OpenMP team spinning while the other "
-        "computes); above 20% (rollouts bound the step) both use all again (`pipeline.cpu_threads`). On 2 cores: "
-        "single-turn async 134-144 -> 208-222 samples/s (docs/benchmarks.md). false: both always use all.",
+        "step for its batch), try giving it and the rollout thread half of torch's CPU threads each instead of "
+        "both all of them (two full OpenMP teams oversubscribe the cores): 3 steps each way, and the split is kept "
+        "only if 5% faster (`pipeline.cpu_threads`). On 2 cores the split made the tiny model's single-turn async "
+        "step 1.6x faster and SmolLM2-135M's 22% slower (docs/benchmarks.md). false: both always use all.",
     )
     return_freed_memory: bool = setting(
         False,

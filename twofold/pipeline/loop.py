@@ -465,7 +465,9 @@ class Pipeline:
             return {M.STEP: self.step, **metrics}
 
         wall = time.perf_counter() - t_step
-        self.threads.observe(times.idle, wall)
+        verdict = self.threads.observe(times.idle, wall) if self.async_mode else None
+        if verdict and self.cfg.run.split_cpu_threads:
+            log.info("run.split_cpu_threads: %s", verdict)
         c = self.worker.counters
         source_seconds = sum(s.seconds for s in self.sources) - src0
         extra = self.source.extra_bytes()
