@@ -116,56 +116,135 @@ def prefix_tree(rows: list[list[int]], min_shared: int = MIN_SHARED_TOKENS) -> P
     return tree
 
 
+# A call's padded attention (rows x longest span x longest key list) may be at most this many times the nodes'
+# own; a node that would push its call past it starts a new call.
+PADDING_ALLOWANCE = 1.25
+# Nodes longer than this run alone: their attention is large enough that one call each costs nothing extra, and
+# padding them to each other would (a tool task's episodes: 100-1,500 tokens each).
+BATCHED_NODE_TOKENS = 64
+
+
+@dataclass
+class AttentionCall:
+    """Nodes whose attention runs in one SDPA call, one row each, padded: `queries` [k, m] and `keys` [k, K] are
+    packed indices (padding repeats a real index), `mask` [k, 1, m, K] allows each row its ancestors' tokens and
+    its own causally (a padding query sees at least one key, so no row is empty), and `valid` lists the [k * m]
+    positions that are real queries. A node alone is `span` instead: its queries a slice of the packed row, its keys
+    `keys` [K] (None: its own span, causally) under `mask` [m, K]."""
+
+    queries: torch.Tensor | None
+    keys: torch.Tensor | None
+    mask: torch.Tensor | None
+    valid: torch.Tensor | None = None
+    span: tuple[int, int] | None = None
+
+
 @dataclass
 class TreeAttention:
-    """A tree's attention pattern as tensors, built once per forward and read by every layer: per node, its span,
-    and for a node with ancestors the packed indices of the keys it reads (ancestors' tokens, then its own) and
-    its [span, keys] mask (every ancestor token, its own causally)."""
+    """A tree's attention pattern as tensors, built once per forward and read by every layer: its nodes grouped
+    into `calls` (longest spans first; nodes of up to `BATCHED_NODE_TOKENS` share a call until padding would exceed
+    `PADDING_ALLOWANCE` of its work, since for short nodes the call, not the attention, is the cost), and `order`,
+    where each call's real queries go back to in the packed row."""
 
-    spans: list[tuple[int, int]]
-    keys: list[torch.Tensor | None]
-    masks: list[torch.Tensor | None]
+    calls: list[AttentionCall]
+    order: torch.Tensor
 
     @classmethod
     def of(cls, tree: PrefixTree, device: torch.device) -> TreeAttention:
-        spans, keys, masks = [], [], []
+        rows = []  # (query indices, key indices, ancestor tokens) per node
         for node in tree.nodes:
-            spans.append((node.start, node.end))
-            if not node.ancestors:
-                keys.append(None)
-                masks.append(None)
-                continue
             above = [i for a in node.ancestors for i in range(tree.nodes[a].start, tree.nodes[a].end)]
-            length = node.end - node.start
-            keys.append(torch.tensor([*above, *range(node.start, node.end)], device=device))
-            masks.append(torch.ones(length, len(above) + length, dtype=torch.bool, device=device).tril(len(above)))
-        return cls(spans, keys, masks)
+            own = list(range(node.start, node.end))
+            rows.append((own, above + own, len(above)))
+        rows.sort(key=lambda r: (-len(r[0]), -len(r[1])))
+        groups: list[list[tuple[list[int], list[int], int]]] = []
+        for row in rows:
+            if groups and len(row[0]) <= BATCHED_NODE_TOKENS:
+                group = groups[-1] + [row]
+                padded = len(group) * len(group[0][0]) * max(len(r[1]) for r in group)
+                if padded <= PADDING_ALLOWANCE * sum(len(r[0]) * len(r[1]) for r in group):
+                    groups[-1].append(row)
+                    continue
+            groups.append([row])
+        calls, placed = [], []
+        for group in groups:
+            if len(group) == 1:
+                (own, keys, above) = group[0]
+                if above:
+                    mask = torch.ones(len(own), len(keys), dtype=torch.bool, device=device).tril(above)
+                    calls.append(
+                        AttentionCall(None, torch.tensor(keys, device=device), mask, span=(own[0], own[-1] + 1))
+                    )
+                else:
+                    calls.append(AttentionCall(None, None, None, span=(own[0], own[-1] + 1)))
+                placed += own
+                continue
+            m, width = len(group[0][0]), max(len(r[1]) for r in group)
+            queries = torch.tensor([q + [q[0]] * (m - len(q)) for q, _, _ in group], device=device)
+            keys = torch.tensor([k + [k[0]] * (width - len(k)) for _, k, _ in group], device=device)
+            mask = torch.zeros((len(group), 1, m, width), dtype=torch.bool, device=device)
+            valid = []
+            for i, (q, k, above) in enumerate(group):
+                mask[i, 0, :, :above] = True
+                mask[i, 0, : len(q), above : len(k)] = torch.ones(len(q), len(q), dtype=torch.bool).tril()
+                mask[i, 0, len(q) :, 0] = True
+                valid += range(i * m, i * m + len(q))
+                placed += q
+            calls.append(AttentionCall(queries, keys, mask, torch.tensor(valid, device=device)))
+        order = torch.empty(len(placed), dtype=torch.long, device=device)
+        order[torch.tensor(placed, device=device)] = torch.arange(len(placed), device=device)
+        return cls(calls, order)
 
 
 def tree_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, prefix_tree=None, **kwargs
 ):
     """softmax(q k^T * scaling + mask) v over a `TreeAttention` in one packed row ([1, heads, L, head_dim] in,
-    [1, L, heads, head_dim] out, as transformers' attention functions): node by node, its queries against its
-    ancestors' keys and its own. Grouped KV heads are read in place. Without a tree: transformers' sdpa."""
+    [1, L, heads, head_dim] out, as transformers' attention functions): each node's queries against its ancestors'
+    keys and its own, several nodes a call. Grouped KV heads are read in place. Without a tree: transformers'
+    sdpa."""
     if prefix_tree is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    gqa = key.shape[1] != query.shape[1]
+    heads, dim = query.shape[1], query.shape[3]
+    gqa = key.shape[1] != heads
     pieces = []
-    for (start, end), keys, mask in zip(prefix_tree.spans, prefix_tree.keys, prefix_tree.masks, strict=True):
-        q = query[:, :, start:end]
-        if keys is None:
-            k, v = key[:, :, start:end], value[:, :, start:end]
-        else:
-            k, v = key.index_select(2, keys), value.index_select(2, keys)
-        pieces.append(
-            torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=keys is None, enable_gqa=gqa
+    for call in prefix_tree.calls:
+        if call.span is not None:
+            start, end = call.span
+            if call.keys is None:
+                k, v = key[:, :, start:end], value[:, :, start:end]
+            else:
+                k, v = key.index_select(2, call.keys), value.index_select(2, call.keys)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, start:end],
+                k,
+                v,
+                attn_mask=call.mask,
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=call.keys is None,
+                enable_gqa=gqa,
             )
+            pieces.append(out[0])
+            continue
+        rows, m = call.queries.shape
+
+        def gather(x, index):  # [1, h, L, d] at [k, n] -> [k, h, n, d]
+            return x[0][:, index.reshape(-1)].reshape(x.shape[1], *index.shape, dim).transpose(0, 1)
+
+        out = torch.nn.functional.scaled_dot_product_attention(
+            gather(query, call.queries),
+            gather(key, call.keys),
+            gather(value, call.keys),
+            attn_mask=call.mask,
+            dropout_p=dropout,
+            scale=scaling,
+            enable_gqa=gqa,
         )
-    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+        pieces.append(out.transpose(0, 1).reshape(heads, rows * m, dim)[:, call.valid])
+    return torch.cat(pieces, dim=1)[:, prefix_tree.order].transpose(0, 1).unsqueeze(0).contiguous(), None
 
 
 AttentionInterface.register(TREE_ATTENTION, tree_attention)
