@@ -8,12 +8,20 @@ import pytest
 import torch
 from conftest import small_config
 from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    DogeConfig,
+    DogeForCausalLM,
+    FalconConfig,
+    FalconForCausalLM,
     Lfm2Config,
     Lfm2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
 )
 
 from twofold import prefix_tree as prefix_tree_module
@@ -23,6 +31,7 @@ from twofold.logprobs import (
     packing_leak,
     pad_right,
     policy_logprobs,
+    prefix_sharing_trial,
     token_logprobs,
 )
 from twofold.models import load_model, save_random_model
@@ -209,6 +218,72 @@ def test_prefixes_are_shared_only_with_whole_attention_static_positions_and_sdpa
     assert Trainer(plain, small_config(**{"trainer.share_prefixes": True})).numerics.share_prefixes
     unpacked = small_config(**{"trainer.share_prefixes": True, "trainer.pack_sequences": False})
     assert not Trainer(plain, unpacked).numerics.share_prefixes  # a prefix tree is a packing
+
+
+def _doge_trained_as():
+    doge = DogeForCausalLM(DogeConfig(**CONFIG_SHAPE, pad_token_id=0))
+    for name, p in doge.named_parameters():
+        if name.endswith(".A"):  # its per-key bias: 0 at initialisation, not once trained
+            torch.nn.init.normal_(p)
+    return doge
+
+
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        # its decoder layers call attention without the forward's keyword arguments: the tree never arrives
+        (lambda: StableLmForCausalLM(StableLmConfig(**CONFIG_SHAPE, pad_token_id=0)), "passes keyword arguments"),
+        # transformers only warns that its attention implementation cannot be set, and keeps sdpa
+        (
+            lambda: FalconForCausalLM(
+                FalconConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=False)
+            ),
+            "implementation can be set",
+        ),
+        # it turns the mask it is given into a learned bias per key, which the tree does not add
+        (_doge_trained_as, "mask or bias of the model's own"),
+    ],
+)
+def test_models_that_would_share_prefixes_wrongly_are_refused_at_start(make, reason, caplog):
+    """Each passes the config's refusal; one forward over a small tree finds what the tree's attention cannot
+    compute for it, and the trainer packs its rows whole, naming the field."""
+    torch.manual_seed(0)
+    model = make()
+    assert prefix_sharing_refusal(model.config) is None
+    assert reason in prefix_sharing_trial(model, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="twofold.trainer.trainer"):
+        trainer = Trainer(model, small_config(**{"trainer.share_prefixes": True}))
+    assert not trainer.numerics.share_prefixes
+    if trainer.numerics.packed:  # Falcon's packed rows already leak (its mask ignores position ids): nothing to share
+        assert "trainer.share_prefixes" in caplog.text and reason in caplog.text
+
+
+def test_values_narrower_than_keys_share_prefixes_exactly():
+    """DeepSeek-V3's multi-head latent attention: 16-wide queries and keys, 8-wide values; short nodes share
+    calls, whose outputs take the values' width."""
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        **{**CONFIG_SHAPE, "num_key_value_heads": 4},
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        first_k_dense_replace=1,
+        pad_token_id=0,
+    )
+    model = DeepseekV3ForCausalLM(config).eval()
+    assert prefix_sharing_trial(model, torch.device("cpu")) is None
+    ids, attn = pad_right(_tree_rows(), 0)
+    with torch.no_grad():
+        padded = policy_logprobs(model, ids, attn)
+        shared = policy_logprobs(model, ids, attn, share_prefixes=True)
+    assert torch.allclose(shared, padded, atol=2e-5, rtol=0)
 
 
 def test_attention_stays_inside_each_packed_row(tmp_path):

@@ -105,9 +105,11 @@ def test_each_warmstart_batch_runs_the_system_prompt_its_demonstrations_open_wit
     cfg = small_config(**{"warmstart.episodes": 8, "warmstart.batch_size": 4, "warmstart.eval_episodes": 1})
     calls = []
 
-    def spy(model, ids, attn, wanted=None, share_prefixes=False):
+    def spy(model, ids, attn, wanted=None, packed=False, share_prefixes=False):
         calls.append((ids, attn, share_prefixes))
-        return warmstart.policy_logprobs.__wrapped__(model, ids, attn, wanted=wanted, share_prefixes=share_prefixes)
+        return warmstart.policy_logprobs.__wrapped__(
+            model, ids, attn, wanted=wanted, packed=packed, share_prefixes=share_prefixes
+        )
 
     spy.__wrapped__ = warmstart.policy_logprobs
     monkeypatch.setattr(warmstart, "policy_logprobs", spy)

@@ -479,7 +479,7 @@ class RunConfig:
         "step for its batch), try giving it and the rollout thread half of torch's CPU threads each instead of "
         "both all of them (two full OpenMP teams oversubscribe the cores): 3 steps each way, and the split is kept "
         "only if 5% faster (`pipeline.cpu_threads`). On 2 cores the split made the tiny model's single-turn async "
-        "step 1.6x faster and SmolLM2-135M's 22% slower (docs/benchmarks.md). false: both always use all.",
+        "step 1.6x faster and SmolLM2-135M's 22-45% slower (docs/benchmarks.md). false: both always use all.",
     )
     return_freed_memory: bool = setting(
         False,

@@ -28,7 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from twofold.distributed import Ranks, rank_device
-from twofold.prefix_tree import prefix_tree_decoder_states
+from twofold.prefix_tree import MIN_SHARED_TOKENS, prefix_sharing_refusal, prefix_tree_decoder_states
 
 # The attribute of a sharded policy that holds its FSDP root (`twofold.sharding.shard` sets it).
 SHARDED_ROOT = "_sharded_root"
@@ -192,6 +192,29 @@ def packing_leak(model: torch.nn.Module, device: torch.device) -> float:
     finally:
         model.train(training)
     return float((before[2] - after[2]).abs().max())
+
+
+def prefix_sharing_trial(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Why this model's rows may not share prefixes, read from its config (`prefix_sharing_refusal`) or found by
+    one forward over a small tree, where `tree_attention` refuses what it cannot compute (a decoder that does not
+    pass the tree on to its attention, a mask or bias of the model's own, soft-capping, sinks, a window); None when
+    they may. The model's attention is the tree's afterwards either way (sdpa for every call without a tree)."""
+    refusal = prefix_sharing_refusal(model.config)
+    if refusal:
+        return refusal
+    vocab = model.get_output_embeddings().weight.shape[0]
+    opening = [(7 * i + 1) % vocab for i in range(MIN_SHARED_TOKENS + 2)]
+    ids, mask = pad_right([opening + [2, 3], opening + [4], [5, 6, 7]], 0)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            token_logprobs(model, ids.to(device), mask.to(device), share_prefixes=True)
+    except (ValueError, RuntimeError) as e:
+        return str(e)
+    finally:
+        model.train(training)
+    return None
 
 
 def policy_logprobs(

@@ -26,6 +26,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 TREE_ATTENTION = "twofold_prefix_tree"
+PLACEHOLDER = "_twofold_prefix_tree_placeholder"  # marks the 4D mask a tree forward passes (so none is built)
+# keyword arguments some models give their attention for terms `tree_attention` does not compute
+UNSUPPORTED_ATTENTION_TERMS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
 
 # A shared span shorter than this stays in each row: each node costs one more attention call per layer, which a
 # handful of shared tokens (a chat template's opening) does not repay.
@@ -159,7 +162,7 @@ class TreeAttention:
         rows.sort(key=lambda r: (-len(r[0]), -len(r[1])))
         groups: list[list[tuple[list[int], list[int], int]]] = []
         for row in rows:
-            if groups and len(row[0]) <= BATCHED_NODE_TOKENS:
+            if groups and len(groups[-1][0][0]) <= BATCHED_NODE_TOKENS:  # sorted: the opener is the longest
                 group = groups[-1] + [row]
                 padded = len(group) * len(group[0][0]) * max(len(r[1]) for r in group)
                 if padded <= PADDING_ALLOWANCE * sum(len(r[0]) * len(r[1]) for r in group):
@@ -203,11 +206,19 @@ def tree_attention(
     [1, L, heads, head_dim] out, as transformers' attention functions): each node's queries against its ancestors'
     keys and its own, several nodes a call. Grouped KV heads are read in place. Without a tree: transformers'
     sdpa."""
+    placeholder = getattr(attention_mask, PLACEHOLDER, False)
     if prefix_tree is None:
+        if placeholder:  # the tree was given to the decoder and did not reach its attention: it would see everything
+            raise ValueError("a shared prefix needs a decoder that passes keyword arguments on to its attention")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    heads, dim = query.shape[1], query.shape[3]
+    if not placeholder:  # the model made its own mask or bias from the placeholder: terms the tree does not compute
+        raise ValueError("a shared prefix needs attention without a mask or bias of the model's own")
+    extra = [k for k in UNSUPPORTED_ATTENTION_TERMS if kwargs.get(k) is not None]
+    if extra:
+        raise ValueError(f"a shared prefix needs plain attention; this model's adds {', '.join(extra)}")
+    heads, value_dim = query.shape[1], value.shape[3]
     gqa = key.shape[1] != heads
     pieces = []
     for call in prefix_tree.calls:
@@ -232,7 +243,7 @@ def tree_attention(
         rows, m = call.queries.shape
 
         def gather(x, index):  # [1, h, L, d] at [k, n] -> [k, h, n, d]
-            return x[0][:, index.reshape(-1)].reshape(x.shape[1], *index.shape, dim).transpose(0, 1)
+            return x[0][:, index.reshape(-1)].reshape(x.shape[1], *index.shape, x.shape[3]).transpose(0, 1)
 
         out = torch.nn.functional.scaled_dot_product_attention(
             gather(query, call.queries),
@@ -243,7 +254,7 @@ def tree_attention(
             scale=scaling,
             enable_gqa=gqa,
         )
-        pieces.append(out.transpose(0, 1).reshape(heads, rows * m, dim)[:, call.valid])
+        pieces.append(out.transpose(0, 1).reshape(heads, rows * m, value_dim)[:, call.valid])
     return torch.cat(pieces, dim=1)[:, prefix_tree.order].transpose(0, 1).unsqueeze(0).contiguous(), None
 
 
@@ -265,16 +276,20 @@ def prefix_tree_decoder_states(
         raise ValueError(refusal)
     if decoder.config._attn_implementation != TREE_ATTENTION:
         decoder.set_attn_implementation(TREE_ATTENTION)
+        if decoder.config._attn_implementation != TREE_ATTENTION:  # transformers only warns for some models
+            raise ValueError("a shared prefix needs a model whose attention implementation can be set")
     lengths = attention_mask.sum(dim=1).tolist()
     tree = prefix_tree([input_ids[r, :n].tolist() for r, n in enumerate(lengths)], min_shared)
     device = input_ids.device
     where = torch.zeros(input_ids.shape, dtype=torch.long, device=device)
     for r, indices in enumerate(tree.where):
         where[r, : len(indices)] = torch.tensor(indices, dtype=torch.long)
+    placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)  # 4D: transformers builds no mask
+    setattr(placeholder, PLACEHOLDER, True)
     states = decoder(
         input_ids=torch.tensor([tree.tokens], device=device),
         position_ids=torch.tensor([tree.positions], device=device),
-        attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),  # 4D: transformers builds none
+        attention_mask=placeholder,
         use_cache=False,
         prefix_tree=TreeAttention.of(tree, device),
     ).last_hidden_state[0]

@@ -17,7 +17,7 @@ class CpuThreads:
     on the same cores oversubscribe them. Whether giving each side half pays depends on the kernels: on the tiny
     model each op is too small for two threads to share, the teams' spinning dominates, and the split made the
     single-turn async step 1.6x faster; on SmolLM2-135M the trainer's GEMMs use both threads well, and the split
-    made the step 22% slower (docs/benchmarks.md). So the run measures it: the first `TRIAL_STEPS` steps the trainer
+    made the step 22-45% slower (docs/benchmarks.md). So the run measures it: the first `TRIAL_STEPS` steps the trainer
     bounds run shared, the next as many split, and the faster way (the split only if `MIN_GAIN` faster) is kept for
     every later step the trainer bounds. When the trainer waits for rollouts (tool latency, generation bounds the
     step), the engine needs every thread, and both keep all; between the two thresholds a run keeps its threads,

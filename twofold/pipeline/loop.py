@@ -465,9 +465,10 @@ class Pipeline:
             return {M.STEP: self.step, **metrics}
 
         wall = time.perf_counter() - t_step
-        verdict = self.threads.observe(times.idle, wall) if self.async_mode else None
-        if verdict and self.cfg.run.split_cpu_threads:
-            log.info("run.split_cpu_threads: %s", verdict)
+        if self.async_mode and self.cfg.run.split_cpu_threads:
+            verdict = self.threads.observe(times.idle, wall)
+            if verdict:
+                log.info("run.split_cpu_threads: %s", verdict)
         c = self.worker.counters
         source_seconds = sum(s.seconds for s in self.sources) - src0
         extra = self.source.extra_bytes()
@@ -578,9 +579,9 @@ class Pipeline:
                 self.checkpoint()
             raise
         finally:
+            torch.set_num_threads(self.threads.total)
             bar.close()
             self.close()
-            torch.set_num_threads(self.threads.total)
         return last
 
     def _export_final(self) -> dict:

@@ -20,11 +20,19 @@ import torch
 from twofold import metrics as M
 from twofold.config import Config
 from twofold.distributed import Ranks, full_tensor
-from twofold.logprobs import DTYPES, Numerics, deal_rows, microbatches, packing_leak, sharded_root, token_logprobs
+from twofold.logprobs import (
+    DTYPES,
+    Numerics,
+    deal_rows,
+    microbatches,
+    packing_leak,
+    prefix_sharing_trial,
+    sharded_root,
+    token_logprobs,
+)
 from twofold.loss import combine_metrics, decoupled_ppo_loss, loss_denominator
 from twofold.models import load_policy
 from twofold.oldlogits import OldLogitSource
-from twofold.prefix_tree import prefix_sharing_refusal
 from twofold.rollout.trajectory import Batch
 from twofold.rollout.versions import lag_fractions, version_staleness
 from twofold.sharding import load_sharded_policy, shard
@@ -41,6 +49,42 @@ def linear_warmup(step: int, warmup_steps: int) -> float:
     """Learning-rate factor of optimizer step `step` (0-based): min(1, (step + 1) / warmup_steps), 1 when
     `warmup_steps` is 0."""
     return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def forward_layout(model: torch.nn.Module, numerics: Numerics) -> Numerics:
+    """`numerics` with packing and prefix sharing as far as `model` allows them, each refusal warned about naming
+    its field. A model that is not a language model has no rows. One whose packed rows see each other
+    (`packing_leak`) packs none and shares none, a prefix tree being a packing; `trainer.pack_sequences=false`
+    shares none either. One that `prefix_sharing_trial` refuses packs without sharing. The trainer, every source
+    (through the trainer's numerics) and the warm start ask this once, at start."""
+    if not hasattr(model, "get_output_embeddings"):
+        return dataclasses.replace(numerics, packed=False, share_prefixes=False)
+    device = next(model.parameters()).device
+    name = type(model).__name__
+    if numerics.packed:
+        leak = packing_leak(model, device)
+        if leak > PACKING_TOLERANCE:  # on by default: a model packing would corrupt trains on padded rows
+            log.warning(
+                "trainer.pack_sequences: this model (%s) lets packed rows see each other (a row's log-probs moved "
+                "by up to %.2g when only the row packed before it changed: layers that do not keep to transformers' "
+                "packed-sequence mask, such as recurrent or convolution mixers); it trains, and every old-logit "
+                "source scores, with padded rows",
+                name,
+                leak,
+            )
+            numerics = dataclasses.replace(numerics, packed=False)
+    if not numerics.packed:
+        return dataclasses.replace(numerics, share_prefixes=False)
+    if numerics.share_prefixes:
+        refusal = prefix_sharing_trial(model, device)
+        if refusal:
+            log.warning(
+                "trainer.share_prefixes: this model (%s) cannot share prefixes (%s); its rows are packed whole",
+                name,
+                refusal,
+            )
+            return dataclasses.replace(numerics, share_prefixes=False)
+    return numerics
 
 
 class TrainingHalted(RuntimeError):
@@ -68,30 +112,7 @@ class Trainer:
             model = model.to(device=self.numerics.device, dtype=torch.float32)
             model = shard(model, self.ranks, self.numerics.device, DTYPES[t.fsdp_param_dtype])
         self.model = model.train()
-        if not hasattr(self.model, "get_output_embeddings"):  # not a language model: no rows
-            self.numerics = dataclasses.replace(self.numerics, packed=False, share_prefixes=False)
-        if self.numerics.packed:
-            leak = packing_leak(self.model, self.numerics.device)
-            if leak > PACKING_TOLERANCE:  # on by default: a model packing would corrupt trains on padded rows
-                log.warning(
-                    "trainer.pack_sequences: this model (%s) lets packed rows see each other (a row's log-probs "
-                    "moved by up to %.2g when only the row packed before it changed: layers that do not keep to "
-                    "transformers' packed-sequence mask, such as recurrent or convolution mixers); it trains, and "
-                    "every old-logit source scores, with padded rows",
-                    type(self.model).__name__,
-                    leak,
-                )
-                self.numerics = dataclasses.replace(self.numerics, packed=False)
-        # a prefix tree is a packing: a model that packs no rows (turned off, or measured to leak) shares none
-        refusal = prefix_sharing_refusal(self.model.config) if self.numerics.packed else None
-        if refusal and self.numerics.share_prefixes:
-            log.warning(
-                "trainer.share_prefixes: this model (%s) cannot share prefixes (%s); its rows are packed whole",
-                type(self.model).__name__,
-                refusal,
-            )
-        if refusal or not self.numerics.packed:
-            self.numerics = dataclasses.replace(self.numerics, share_prefixes=False)
+        self.numerics = forward_layout(self.model, self.numerics)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             trainable, lr=t.lr, weight_decay=t.weight_decay, fused=True if t.fused_optimizer else None

@@ -25,12 +25,11 @@ from twofold.config import Config, EnvConfig
 from twofold.engine import make_engine
 from twofold.envs import env_class, env_from_config
 from twofold.envs.seeding import DEMO_SEED_OFFSET, EVAL_SEED_OFFSET, level_seed
-from twofold.logprobs import pad_right, policy_logprobs
+from twofold.logprobs import Numerics, pad_right, policy_logprobs
 from twofold.models import cache_dir, fingerprint, load_model, load_tokenizer
-from twofold.prefix_tree import prefix_sharing_refusal
 from twofold.rollout.chat import first_prompt_ids, next_turn_ids, observation_messages
 from twofold.rollout.worker import RolloutWorker
-from twofold.trainer.trainer import linear_warmup
+from twofold.trainer.trainer import forward_layout, linear_warmup
 
 WARMSTART_RECIPE = 1
 PROGRESS_SECONDS = 60.0  # how often an unfinished warm start saves where it is
@@ -121,7 +120,8 @@ def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> 
     w = cfg.warmstart
     tokenizer = load_tokenizer(base)
     model = load_model(base, torch.float32).train()
-    shares_prefixes = prefix_sharing_refusal(model.config) is None
+    # as the trainer forwards (`trainer.pack_sequences`, `trainer.share_prefixes`), on this CPU copy of the model
+    layout = forward_layout(model, Numerics.from_config(cfg))
     torch.manual_seed(cfg.seed)
     demos = [demonstration(cfg, tokenizer, i) for i in range(w.episodes)]
     demo_success = sum(s for _, _, s in demos) / len(demos)
@@ -150,7 +150,9 @@ def run_warmstart(cfg: Config, base: Path, out: Path, progress: bool = True) -> 
             ids, attn = pad_right([d[0] for d in chunk], tokenizer.pad_token_id)
             mask, _ = pad_right([d[1] for d in chunk], 0)
             # the system prompt (a tool task's lists every schema) opens every demonstration: run it once a batch
-            logprobs = policy_logprobs(model, ids, attn, wanted=mask, share_prefixes=shares_prefixes)
+            logprobs = policy_logprobs(
+                model, ids, attn, wanted=mask, packed=layout.packed, share_prefixes=layout.share_prefixes
+            )
             loss = -(logprobs * mask).sum() / mask.sum()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
