@@ -279,11 +279,10 @@ def prefix_tree_decoder_states(
         if decoder.config._attn_implementation != TREE_ATTENTION:  # transformers only warns for some models
             raise ValueError("a shared prefix needs a model whose attention implementation can be set")
     lengths = attention_mask.sum(dim=1).tolist()
-    tree = prefix_tree([input_ids[r, :n].tolist() for r, n in enumerate(lengths)], min_shared)
-    device = input_ids.device
-    where = torch.zeros(input_ids.shape, dtype=torch.long, device=device)
-    for r, indices in enumerate(tree.where):
-        where[r, : len(indices)] = torch.tensor(indices, dtype=torch.long)
+    tree = prefix_tree([row[:n] for row, n in zip(input_ids.tolist(), lengths, strict=True)], min_shared)
+    device, width = input_ids.device, input_ids.shape[1]
+    # one copy to the device, not one per row; padding positions point at index 0 (they carry no loss)
+    where = torch.tensor([indices + [0] * (width - len(indices)) for indices in tree.where], device=device)
     placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)  # 4D: transformers builds no mask
     setattr(placeholder, PLACEHOLDER, True)
     states = decoder(

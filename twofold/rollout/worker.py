@@ -307,8 +307,9 @@ class RolloutWorker:
     def _run(self, cpu_threads: Callable[[], int] | None) -> None:
         try:
             while not self._stop.is_set():
-                if cpu_threads is not None and cpu_threads() != torch.get_num_threads():
-                    torch.set_num_threads(cpu_threads())
+                wanted = cpu_threads() if cpu_threads is not None else None
+                if wanted is not None and wanted != torch.get_num_threads():
+                    torch.set_num_threads(wanted)
                 with self._cond:
                     if self._pause_requested:
                         self._parked = True
