@@ -27,6 +27,11 @@ Checks:
   vllm_sleep              vLLM beside the trainer with sleep mode (when importable): its GPU memory handed back
                           while asleep (torch.cuda.mem_get_info), woken by a weight update that its samples follow
                           (skipped on CPU: vLLM's sleep mode is CUDA/ROCm only; not yet run on a GPU)
+  prefix_tree             a tool task's batch (one system prompt, 4 prompts under it, 4 completions each) over its
+                          prefix tree: hidden states, log-probs and gradients equal the padded forward's in float32
+                          (1e-4 / 1e-3 relative), and in bfloat16 autocast stay as close to the float32 padded ones
+                          as the bfloat16 padded forward does (within 2x); forward-backward ms and peak bytes padded,
+                          packed and as a tree; which of CUDA's attention kernels take its masked grouped-head calls
   vllm_weights            vLLM on the GPU (when importable): version stamps before and after a weight update,
                           and behaviour log-probs that follow the new weights (skipped on CPU: tests/test_vllm.py
                           runs vLLM's CPU build; not yet run on a GPU: neither lent image had vLLM)
@@ -59,9 +64,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from twofold.config import Config, config_from_dict  # noqa: E402
 from twofold.distributed import Ranks, free_port, is_sharded  # noqa: E402
-from twofold.logprobs import Numerics, pad_right, score_sequences, token_logprobs  # noqa: E402
+from twofold.logprobs import Numerics, pad_right, policy_logprobs, score_sequences, token_logprobs  # noqa: E402
 from twofold.models import gathered_state, iter_full_weights, load_model, load_policy, save_random_model  # noqa: E402
 from twofold.oldlogits import BehaviorSource, SnapshotSource, SourceContext, make_source  # noqa: E402
+from twofold.prefix_tree import MIN_SHARED_TOKENS, prefix_tree, prefix_tree_decoder_states  # noqa: E402
 from twofold.rollout.trajectory import Batch, Trajectory  # noqa: E402
 from twofold.trainer.trainer import Trainer  # noqa: E402
 
@@ -599,6 +605,162 @@ def vllm_sleep_on(s: Setup, path: str) -> dict:
     }
 
 
+def shared_prefix_rows(vocab: int, size: Size, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    """16 rows as a tool task's GRPO batch lays them out: one system prompt, 4 task prompts under it, 4
+    completions under each (lengths from `size.reply_lengths`); and each row's completion length."""
+    rng = random.Random(seed)
+    tokens = lambda n: [rng.randrange(vocab) for _ in range(n)]  # noqa: E731
+    system = tokens(max(size.reply_lengths[1] // 2, MIN_SHARED_TOKENS))
+    rows, completions = [], []
+    for g in range(4):
+        prompt = system + tokens(max(size.reply_lengths[-1], MIN_SHARED_TOKENS))
+        for j in range(4):
+            n = size.reply_lengths[(4 * g + j) % len(size.reply_lengths)]
+            rows.append(prompt + tokens(n))
+            completions.append(n)
+    return rows, completions
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def sdpa_kernels(device: torch.device, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """Which of torch's attention kernels run a prefix-tree call (a node of 150 queries under 350 ancestor keys,
+    bfloat16, boolean mask) with grouped KV heads read in place (`enable_gqa`) and with them repeated, and in how
+    many ms (mean of 20); then the default choice's ms and peak bytes on a long call (2,048 queries, 4,096 keys)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def call(queries: int, above: int, repeat: bool):
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(1, heads, queries, head_dim, device=device, dtype=torch.bfloat16, generator=g)
+        k, v = (
+            torch.randn(1, kv_heads, above + queries, head_dim, device=device, dtype=torch.bfloat16, generator=g)
+            for _ in range(2)
+        )
+        mask = torch.ones(queries, above + queries, dtype=torch.bool, device=device).tril(above)
+        if repeat:
+            k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+        return lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != heads
+        )
+
+    def ms(run, times: int = 20) -> float:
+        run()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(times):
+            run()
+        synchronize(device)
+        return round((time.perf_counter() - start) / times * 1e3, 4)
+
+    out: dict = {}
+    for backend in (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.MATH,
+    ):
+        for layout in ("grouped", "repeated"):
+            try:
+                with sdpa_kernel([backend]):
+                    out[f"{backend.name.lower()}_{layout}_ms"] = ms(call(150, 350, layout == "repeated"))
+            except RuntimeError as e:
+                out[f"{backend.name.lower()}_{layout}_ms"] = "refused: " + str(e).strip().splitlines()[0][:160]
+    for layout in ("grouped", "repeated"):
+        run = call(2048, 2048, layout == "repeated")
+        out[f"default_{layout}_ms"] = ms(run)
+        out[f"long_default_{layout}_peak_bytes"] = peak_bytes(device, run)
+        out[f"long_default_{layout}_ms"] = ms(run, 5)
+    return out
+
+
+def check_prefix_tree(s: Setup) -> dict:
+    model = load_model(s.path).to(s.device).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rows, completions = shared_prefix_rows(model.config.vocab_size, s.size)
+    ids, attn = pad_right(rows, 0)
+    wanted = torch.zeros_like(attn)
+    for r, (row, n) in enumerate(zip(rows, completions, strict=True)):
+        wanted[r, len(row) - n : len(row)] = 1
+    ids, attn, wanted = ids.to(s.device), attn.to(s.device), wanted.to(s.device)
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1)).to(s.device) * wanted
+    real = attn.bool()
+    layouts = {"padded": {}, "packed": {"packed": True}, "tree": {"share_prefixes": True}}
+    decoder = model.get_decoder()
+
+    def run(layout: str, dtype: torch.dtype, gradients: bool = True) -> dict:
+        model.zero_grad(set_to_none=True)
+        with Numerics(device=s.device, dtype=dtype).autocast():
+            with torch.no_grad():
+                if layout == "tree":
+                    hidden = prefix_tree_decoder_states(decoder, ids, attn)
+                else:
+                    hidden = decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+            lp = policy_logprobs(model, ids, attn, chunk_size=s.size.chunk, wanted=wanted, **layouts[layout])
+        (lp * weights).sum().backward()
+        grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        model.zero_grad(set_to_none=True)
+        return {"hidden": hidden[real].float(), "logprobs": lp[wanted.bool()].detach(), "grads": grads}
+
+    truth = run("padded", torch.float32)
+    fp32 = run("tree", torch.float32)
+    padded_bf16, tree_bf16 = run("padded", torch.bfloat16), run("tree", torch.bfloat16)
+    numbers = {}
+    for what in ("hidden", "logprobs", "grads"):
+        numbers[f"fp32_{what}_relative"] = relative(fp32[what], truth[what])
+        numbers[f"bf16_padded_{what}_relative"] = relative(padded_bf16[what], truth[what])
+        numbers[f"bf16_tree_{what}_relative"] = relative(tree_bf16[what], truth[what])
+    numbers["fp32_logprobs_max_difference"] = float((fp32["logprobs"] - truth["logprobs"]).abs().max())
+    del truth, fp32, padded_bf16, tree_bf16
+    ok = (
+        numbers["fp32_hidden_relative"] < 1e-4
+        and numbers["fp32_grads_relative"] < 1e-3
+        and all(
+            numbers[f"bf16_tree_{w}_relative"] <= 2 * numbers[f"bf16_padded_{w}_relative"] + 1e-6
+            for w in ("hidden", "logprobs", "grads")
+        )
+    )
+
+    def train_pass(layout: str) -> None:
+        with Numerics(device=s.device, dtype=torch.bfloat16).autocast():
+            lp = policy_logprobs(model, ids, attn, chunk_size=s.size.chunk, wanted=wanted, **layouts[layout])
+        (lp * weights).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    for layout in layouts:
+        train_pass(layout)  # warm-up: kernels, allocator
+        numbers[f"{layout}_peak_bytes"] = peak_bytes(s.device, lambda layout=layout: train_pass(layout))
+        times = []
+        for _ in range(3):
+            synchronize(s.device)
+            start = time.perf_counter()
+            train_pass(layout)
+            synchronize(s.device)
+            times.append(time.perf_counter() - start)
+        numbers[f"{layout}_forward_backward_ms"] = round(sorted(times)[1] * 1e3, 2)
+    kernels = (
+        sdpa_kernels(
+            s.device,
+            model.config.num_attention_heads,
+            model.config.num_key_value_heads,
+            model.config.hidden_size // model.config.num_attention_heads,
+        )
+        if s.device.type == "cuda"
+        else "not measured (CUDA's kernels only)"
+    )
+    return {
+        "ok": ok,
+        "rows": len(rows),
+        "tokens_padded": ids.numel(),
+        "tokens_real": int(attn.sum()),
+        "tokens_in_tree": len(prefix_tree(rows).tokens),
+        **numbers,
+        "sdpa_kernels": kernels,
+    }
+
+
 CHECKS: dict[str, Callable[[Setup], dict]] = {
     "bf16_step": check_bf16_step,
     "snapshot_exact": check_snapshot_exact,
@@ -608,6 +770,7 @@ CHECKS: dict[str, Callable[[Setup], dict]] = {
     "engine_sleep": check_engine_sleep,
     "vllm_sleep": check_vllm_sleep,
     "vllm_weights": check_vllm_weights,
+    "prefix_tree": check_prefix_tree,
 }
 
 

@@ -40,6 +40,7 @@ def test_the_dry_run_on_cpu_passes_every_check(tmp_path):
         "engine_sleep": "passed",
         "vllm_sleep": "skipped",
         "vllm_weights": "skipped",
+        "prefix_tree": "passed",
     }
     assert records["bf16_step"]["microbatches_of_half_the_rows"] > 1 and records["bf16_step"]["optimizer_steps"] == 2
     assert records["snapshot_exact"]["max_difference"] == 0.0  # bit for bit
@@ -49,6 +50,9 @@ def test_the_dry_run_on_cpu_passes_every_check(tmp_path):
     assert records["checkpoint_resume"]["restored_step"] == 1 and records["checkpoint_resume"]["engine_samples_equal"]
     assert records["engine_sleep"]["samples_equal_after_waking"] and records["engine_sleep"]["weight_bytes"] > 0
     assert records["engine_sleep"]["device_bytes_freed_by_sleep"] is None  # no allocator statistics on CPU
+    tree = records["prefix_tree"]
+    assert tree["tokens_in_tree"] < tree["tokens_real"] < tree["tokens_padded"]
+    assert tree["fp32_hidden_relative"] < 1e-4 and tree["fp32_grads_relative"] < 1e-3
 
 
 def test_a_check_that_raises_is_recorded_as_failed(tmp_path):

@@ -36,7 +36,15 @@ from twofold.logprobs import (
 )
 from twofold.models import load_model, save_random_model
 from twofold.oldlogits import BehaviorSource, SourceContext
-from twofold.prefix_tree import TREE_ATTENTION, Node, TreeAttention, prefix_sharing_refusal, prefix_tree
+from twofold.prefix_tree import (
+    TREE_ATTENTION,
+    Node,
+    TreeAttention,
+    _sdpa,
+    prefix_sharing_refusal,
+    prefix_tree,
+    repeats_grouped_heads,
+)
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.trainer.trainer import PACKING_TOLERANCE, Trainer
 
@@ -256,6 +264,24 @@ def test_models_that_would_share_prefixes_wrongly_are_refused_at_start(make, rea
     assert not trainer.numerics.share_prefixes
     if trainer.numerics.packed:  # Falcon's packed rows already leak (its mask ignores position ids): nothing to share
         assert "trainer.share_prefixes" in caplog.text and reason in caplog.text
+
+
+def test_grouped_heads_are_repeated_only_under_a_mask_on_cuda_and_give_the_same_attention():
+    """CUDA's masked kernels read no grouped KV heads (`enable_gqa` would fall back to the math kernel), so there
+    the heads are copied out; the copy changes no value (on CPU both ways run)."""
+    assert repeats_grouped_heads(torch.device("cuda", 0), masked=True)
+    assert not repeats_grouped_heads(torch.device("cuda", 0), masked=False)
+    assert not repeats_grouped_heads(torch.device("cpu"), masked=True)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 5, 8, generator=g)  # 6 query heads over 2 KV heads
+    k, v = torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+    mask = torch.rand(2, 1, 5, 7, generator=g) > 0.3
+    mask[..., 0] = True
+    in_place = _sdpa(q, k, v, mask, 0.0, None, repeat_heads=False)
+    repeated = _sdpa(q, k, v, mask, 0.0, None, repeat_heads=True)
+    by_hand = torch.softmax((q @ k.repeat_interleave(3, 1).transpose(-1, -2)) / 8**0.5 + (~mask) * -1e9, -1)
+    assert torch.allclose(in_place, repeated, atol=1e-6)
+    assert torch.allclose(repeated, by_hand @ v.repeat_interleave(3, 1), atol=1e-5)
 
 
 def test_values_narrower_than_keys_share_prefixes_exactly():

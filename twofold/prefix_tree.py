@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 TREE_ATTENTION = "twofold_prefix_tree"
@@ -199,13 +199,34 @@ class TreeAttention:
         return cls(calls, order)
 
 
+def repeats_grouped_heads(device: torch.device, masked: bool) -> bool:
+    """Whether attention on `device` copies grouped KV heads out to one per query head: under a mask on CUDA,
+    where the kernels that take a mask (memory-efficient, cuDNN) read no grouped heads and `enable_gqa` falls back
+    to the math kernel, which holds every [queries, keys] score (transformers' sdpa repeats them there too; the
+    copy costs the call's keys x heads, not its scores). Elsewhere they are read in place."""
+    return masked and device.type == "cuda"
+
+
+def _sdpa(query, key, value, mask, dropout, scaling, causal=False, repeat_heads: bool | None = None):
+    """torch's scaled_dot_product_attention; grouped KV heads repeated where `repeats_grouped_heads` says (or
+    `repeat_heads`)."""
+    grouped = key.shape[1] != query.shape[1]
+    if repeat_heads is None:
+        repeat_heads = repeats_grouped_heads(query.device, mask is not None)
+    if grouped and repeat_heads:
+        repeats = query.shape[1] // key.shape[1]
+        key, value, grouped = repeat_kv(key, repeats), repeat_kv(value, repeats), False
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal, enable_gqa=grouped
+    )
+
+
 def tree_attention(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, prefix_tree=None, **kwargs
 ):
     """softmax(q k^T * scaling + mask) v over a `TreeAttention` in one packed row ([1, heads, L, head_dim] in,
     [1, L, heads, head_dim] out, as transformers' attention functions): each node's queries against its ancestors'
-    keys and its own, several nodes a call. Grouped KV heads are read in place. Without a tree: transformers'
-    sdpa."""
+    keys and its own, several nodes a call (`_sdpa`). Without a tree: transformers' sdpa."""
     placeholder = getattr(attention_mask, PLACEHOLDER, False)
     if prefix_tree is None:
         if placeholder:  # the tree was given to the decoder and did not reach its attention: it would see everything
@@ -219,7 +240,6 @@ def tree_attention(
     if extra:
         raise ValueError(f"a shared prefix needs plain attention; this model's adds {', '.join(extra)}")
     heads, value_dim = query.shape[1], value.shape[3]
-    gqa = key.shape[1] != heads
     pieces = []
     for call in prefix_tree.calls:
         if call.span is not None:
@@ -228,16 +248,7 @@ def tree_attention(
                 k, v = key[:, :, start:end], value[:, :, start:end]
             else:
                 k, v = key.index_select(2, call.keys), value.index_select(2, call.keys)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query[:, :, start:end],
-                k,
-                v,
-                attn_mask=call.mask,
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=call.keys is None,
-                enable_gqa=gqa,
-            )
+            out = _sdpa(query[:, :, start:end], k, v, call.mask, dropout, scaling, causal=call.keys is None)
             pieces.append(out[0])
             continue
         rows, m = call.queries.shape
@@ -245,14 +256,8 @@ def tree_attention(
         def gather(x, index):  # [1, h, L, d] at [k, n] -> [k, h, n, d]
             return x[0][:, index.reshape(-1)].reshape(x.shape[1], *index.shape, x.shape[3]).transpose(0, 1)
 
-        out = torch.nn.functional.scaled_dot_product_attention(
-            gather(query, call.queries),
-            gather(key, call.keys),
-            gather(value, call.keys),
-            attn_mask=call.mask,
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=gqa,
+        out = _sdpa(
+            gather(query, call.queries), gather(key, call.keys), gather(value, call.keys), call.mask, dropout, scaling
         )
         pieces.append(out.transpose(0, 1).reshape(heads, rows * m, value_dim)[:, call.valid])
     return torch.cat(pieces, dim=1)[:, prefix_tree.order].transpose(0, 1).unsqueeze(0).contiguous(), None
