@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import small_config
 
+from twofold.config import ConfigError
 from twofold.pipeline.loop import Pipeline
 from twofold.rollout.trajectory import Trajectory
 from twofold.rollout.versions import Admission, version_staleness
@@ -23,6 +24,26 @@ def test_bound_moves_only_when_a_version_is_published():
     a.publish(1)
     assert a.admits(8) and not a.admits(9)
     assert a.stale_dropped == 1 and a.next_group(steps_done=1) == 3
+
+
+def test_starting_fewer_steps_ahead_than_the_window_admits_fewer_groups():
+    # W = 2, start_ahead = 1, 2 groups per step: at published version 0, groups 0..3 (two steps' worth)
+    a = Admission(window=2, groups_per_step=2, stale_policy="drop", start_ahead=1)
+    assert a.admits(3) and not a.admits(4)
+    a.publish(1)
+    assert a.admits(5) and not a.admits(6)
+    # the stale rule is still the window's: a group started at 0 and trained at version 3 is dropped
+    group = [Trajectory(uid=0, group_id=0, level_seed=0, start_version=0)]
+    assert not a.too_stale(group, trainer_version=2) and a.too_stale(group, trainer_version=3)
+
+
+def test_start_ahead_follows_max_staleness_unless_set_and_never_exceeds_it():
+    assert Admission.of(small_config(max_staleness=3), async_mode=True).start_ahead == 3
+    ahead = small_config(max_staleness=3, **{"rollout.start_ahead": 1})
+    assert (Admission.of(ahead, async_mode=True).start_ahead, Admission.of(ahead, async_mode=True).window) == (1, 3)
+    assert Admission.of(ahead, async_mode=False).start_ahead == 0  # sync: one step of groups, never ahead
+    with pytest.raises(ConfigError, match="rollout.start_ahead"):
+        small_config(max_staleness=1, **{"rollout.start_ahead": 2})
 
 
 def test_a_resumed_run_plays_the_levels_not_yet_trained_or_dropped():

@@ -247,6 +247,17 @@ class RolloutConfig:
     stale_policy: Literal["train", "drop"] = setting(
         "drop", "Trajectories more than max_staleness versions old when their step comes: train or drop them."
     )
+    start_ahead: int = setting(
+        -1,
+        "Async mode: how many steps beyond the one in training the rollout may start groups for (at most "
+        "(published version + start_ahead + 1) x groups_per_step groups started). -1: max_staleness, AReaL's "
+        "admission, where the group started last has no slack: one that runs longer than the groups started "
+        "after it is found max_staleness + 1 versions old and dropped (long multi-turn episodes most). Below "
+        "max_staleness, each group keeps max_staleness - start_ahead versions of slack, with fewer episodes "
+        "in flight.",
+        ge=-1,
+        note="-1: max_staleness",
+    )
 
 
 @dataclass
@@ -1031,6 +1042,11 @@ def _check_rollout(cfg: Config) -> None:
             "rollout.group_size",
             "GRPO compares trajectories of a group: use >= 2, or advantage.estimator=reinforce",
         )
+    _need(
+        r.start_ahead <= cfg.max_staleness,
+        "rollout.start_ahead",
+        f"must be <= max_staleness ({cfg.max_staleness}): a group started further ahead would be too stale to train",
+    )
     _need(
         not (cfg.mode == "sync" and r.partial_rollout != "continue"),
         "rollout.partial_rollout",

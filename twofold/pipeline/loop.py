@@ -188,8 +188,7 @@ class Pipeline:
             else None
         )
         self.engine_dtype = DTYPES[cfg.engine.dtype]
-        window = cfg.max_staleness if self.async_mode else 0
-        self.admission = Admission(window, cfg.rollout.groups_per_step, cfg.rollout.stale_policy)
+        self.admission = Admission.of(cfg, self.async_mode)
         self.step = 0
         restored = self._restore() if resume else None
         # Sources are built after the checkpoint so that model copies (dedicated worker, EWMA) start

@@ -9,7 +9,10 @@
     admitted   group k starts only while k < (published + W + 1) * groups_per_step + dropped  (AReaL's rule):
                at most W+1 steps of groups are in flight or queued. Counting from the *published* version,
                not the trainer's, matters: between bump and publish the engine still stamps v, so a group
-               admitted then under the bound of v+1 would start at v and be found W+1 versions old
+               admitted then under the bound of v+1 would start at v and be found W+1 versions old.
+               `rollout.start_ahead` = A < W admits (published + A + 1) * groups_per_step instead: a group
+               started last, which a longer group overtaking it would leave W+1 versions old, keeps W - A
+               versions of slack
     stale      at train time, a group whose oldest trajectory started more than W versions before the
                trainer's version is dropped (counted) or trained, as `rollout.stale_policy` says
 Sync mode is W = 0: one step of groups, generated after the previous publish, never stale.
@@ -32,8 +35,16 @@ from twofold.rollout.trajectory import Trajectory
 class Admission:
     """When the rollout may start a group, and which finished groups are too stale to train."""
 
-    def __init__(self, window: int, groups_per_step: int, stale_policy: str, published_version: int = 0):
+    def __init__(
+        self,
+        window: int,
+        groups_per_step: int,
+        stale_policy: str,
+        published_version: int = 0,
+        start_ahead: int | None = None,
+    ):
         self.window = window
+        self.start_ahead = window if start_ahead is None else start_ahead  # steps of groups started ahead
         self.groups_per_step = groups_per_step
         self.stale_policy = stale_policy
         self.published_version = published_version  # written by the trainer while the rollout is paused
@@ -44,9 +55,17 @@ class Admission:
         self.levels_below = 0
         self.levels_above: set[int] = set()
 
+    @classmethod
+    def of(cls, cfg, async_mode: bool) -> Admission:
+        """A run's admission control as its `twofold.config.Config` says: W = max_staleness in async mode (0 in
+        sync mode, which never starts ahead), groups started `rollout.start_ahead` steps ahead (-1: W)."""
+        window = cfg.max_staleness if async_mode else 0
+        ahead = cfg.rollout.start_ahead if async_mode and cfg.rollout.start_ahead >= 0 else window
+        return cls(window, cfg.rollout.groups_per_step, cfg.rollout.stale_policy, start_ahead=ahead)
+
     def admits(self, next_group: int) -> bool:
         """Rollout thread: may group `next_group` start now?"""
-        limit = (self.published_version + self.window + 1) * self.groups_per_step + self.dropped_groups
+        limit = (self.published_version + self.start_ahead + 1) * self.groups_per_step + self.dropped_groups
         return next_group < limit
 
     def publish(self, version: int) -> None:
