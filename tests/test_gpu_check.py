@@ -41,6 +41,7 @@ def test_the_dry_run_on_cpu_passes_every_check(tmp_path):
         "vllm_sleep": "skipped",
         "vllm_weights": "skipped",
         "prefix_tree": "passed",
+        "sdpa_kernels": "skipped",
     }
     assert records["bf16_step"]["microbatches_of_half_the_rows"] > 1 and records["bf16_step"]["optimizer_steps"] == 2
     assert records["snapshot_exact"]["max_difference"] == 0.0  # bit for bit
@@ -53,6 +54,8 @@ def test_the_dry_run_on_cpu_passes_every_check(tmp_path):
     tree = records["prefix_tree"]
     assert tree["tokens_in_tree"] < tree["tokens_real"] < tree["tokens_padded"]
     assert tree["fp32_hidden_relative"] < 1e-4 and tree["fp32_grads_relative"] < 1e-3
+    assert tree["refusal"] is None and 0 < tree["shared_calls"] < tree["attention_calls"]
+    assert records["bf16_step"]["shares_prefixes"]
 
 
 def test_a_check_that_raises_is_recorded_as_failed(tmp_path):
