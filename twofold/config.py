@@ -1045,7 +1045,8 @@ def _check_rollout(cfg: Config) -> None:
     _need(
         r.start_ahead <= cfg.max_staleness,
         "rollout.start_ahead",
-        f"must be <= max_staleness ({cfg.max_staleness}): a group started further ahead would be too stale to train",
+        f"must be <= max_staleness ({cfg.max_staleness}), or -1 to follow it: a group started further ahead would be "
+        "too stale to train",
     )
     _need(
         not (cfg.mode == "sync" and r.partial_rollout != "continue"),
