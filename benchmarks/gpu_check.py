@@ -27,6 +27,9 @@ Checks:
   vllm_sleep              vLLM beside the trainer with sleep mode (when importable): its GPU memory handed back
                           while asleep (torch.cuda.mem_get_info), woken by a weight update that its samples follow
                           (skipped on CPU: vLLM's sleep mode is CUDA/ROCm only; not yet run on a GPU)
+  vllm_weights            vLLM on the GPU (when importable): version stamps before and after a weight update,
+                          and behaviour log-probs that follow the new weights (skipped on CPU: tests/test_vllm.py
+                          runs vLLM's CPU build; not yet run on a GPU: neither lent image had vLLM)
   prefix_tree             a tool task's batch (one system prompt, 4 short prompts under it, 4 completions each)
                           over its prefix tree, short nodes sharing attention calls: the start-up trial passes;
                           hidden states and log-probs (1e-4 relative) and gradients (1e-3) equal the padded
@@ -36,9 +39,6 @@ Checks:
   sdpa_kernels            which of CUDA's attention kernels take a tree node's masked call with grouped KV heads
                           in place and repeated (forward and backward, bf16 and float32), their ms, and the kernel
                           torch picks by itself (skipped on CPU)
-  vllm_weights            vLLM on the GPU (when importable): version stamps before and after a weight update,
-                          and behaviour log-probs that follow the new weights (skipped on CPU: tests/test_vllm.py
-                          runs vLLM's CPU build; not yet run on a GPU: neither lent image had vLLM)
 
 Ran: docs/gpu/2026-12-04-h200/ (every check but vllm_weights) and docs/gpu/2026-12-04-h200-second/
 (checkpoint_resume and snapshot_exact), one H200 each.
@@ -57,11 +57,13 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # The repository root, so that the check runs from a copy of the working tree without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -266,7 +268,7 @@ def check_bf16_step(s: Setup) -> dict:
         "optimizer_steps": metrics["trainer/optimizer_steps"],
         "max_weight_change": moved,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
-        "shares_prefixes": trainer.numerics.share_prefixes,  # false: the start-up trial refused the tree here
+        "shares_prefixes": trainer.numerics.share_prefixes,  # false when the start-up trial refused the tree here
     }
 
 
@@ -731,10 +733,6 @@ def check_sdpa_kernels(s: Setup) -> dict:
     costs; the kernel torch picks by itself (`torch._fused_sdp_choice`) each way; CUDA only."""
     if s.device.type != "cuda":
         return {"skipped": "CUDA's kernels only"}
-    import warnings
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     config = load_model(s.path).config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = config.hidden_size // heads
@@ -761,10 +759,12 @@ def check_sdpa_kernels(s: Setup) -> dict:
                 o.sum().backward()
 
             name = f"{str(dtype).removeprefix('torch.')}_{layout}"
-            with contextlib.suppress(Exception):
+            try:  # a private function of torch's: its signature may move
                 kk = k.repeat_interleave(heads // kv_heads, 1) if repeat else k
                 choice = torch._fused_sdp_choice(q, kk, kk, attn_mask=mask, enable_gqa=kk.shape[1] != heads)
                 out[f"{name}_default_kernel"] = SDPBackend(choice).name
+            except Exception as e:
+                out[f"{name}_default_kernel"] = f"unknown: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             for backend in (
                 *(b for b in SDPBackend.__members__.values() if b.name not in ("ERROR", "OVERRIDEABLE")),
                 None,

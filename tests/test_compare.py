@@ -16,9 +16,10 @@ from twofold.study.heldout import HELDOUT_FILE, HeldoutSpec, heldout_config
 from twofold.study.report import SECTIONS, format_cell, group_runs, load_runs, source_table, throughput_table
 
 
-def _fake_run(path, source, mode, rows, seed=0):
+def _fake_run(path, source, mode, rows, seed=0, **overrides):
     path.mkdir(parents=True)
-    cfg = yaml.safe_load(dump_config(small_config(seed=seed, **{"oldlogits.source": source, "mode": mode})))
+    cfg = small_config(seed=seed, **{"oldlogits.source": source, "mode": mode, **overrides})
+    cfg = yaml.safe_load(dump_config(cfg))
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
     (path / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, **r}) + "\n" for i, r in enumerate(rows)))
 
@@ -44,6 +45,13 @@ def test_throughput_table_against_the_overlap_bound(tmp_path):
     assert asyn["speedup vs sync"] == pytest.approx(3 / 2.4)
     assert asyn["ideal speedup"] == pytest.approx(1.5)
     assert asyn["of ideal"] == pytest.approx((1.25 - 1) / 0.5)
+
+
+def test_runs_that_differ_in_admission_only_are_told_apart(tmp_path):
+    step = {"rollout/trajectories": 8, "rollout/tokens": 800, "time/step": 3.0}
+    _fake_run(tmp_path / "areal", "ewma", "async", [step] * 2)
+    _fake_run(tmp_path / "ahead", "ewma", "async", [step] * 2, **{"rollout.start_ahead": 1})
+    assert sorted(g.label for g in group_runs(load_runs([tmp_path]))) == ["async W=2 ahead=1 ewma", "async W=2 ewma"]
 
 
 def test_source_table_overhead_memory_and_success(tmp_path):

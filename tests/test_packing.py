@@ -40,10 +40,10 @@ from twofold.prefix_tree import (
     TREE_ATTENTION,
     Node,
     TreeAttention,
-    _sdpa,
     prefix_sharing_refusal,
     prefix_tree,
     repeats_grouped_heads,
+    tree_sdpa,
 )
 from twofold.rollout.trajectory import Batch, Trajectory
 from twofold.trainer.trainer import PACKING_TOLERANCE, Trainer
@@ -277,8 +277,8 @@ def test_grouped_heads_are_repeated_only_under_a_mask_on_cuda_and_give_the_same_
     k, v = torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
     mask = torch.rand(2, 1, 5, 7, generator=g) > 0.3
     mask[..., 0] = True
-    in_place = _sdpa(q, k, v, mask, 0.0, None, repeat_heads=False)
-    repeated = _sdpa(q, k, v, mask, 0.0, None, repeat_heads=True)
+    in_place = tree_sdpa(q, k, v, mask, 0.0, None, repeat_heads=False)
+    repeated = tree_sdpa(q, k, v, mask, 0.0, None, repeat_heads=True)
     by_hand = torch.softmax((q @ k.repeat_interleave(3, 1).transpose(-1, -2)) / 8**0.5 + (~mask) * -1e9, -1)
     assert torch.allclose(in_place, repeated, atol=1e-6)
     assert torch.allclose(repeated, by_hand @ v.repeat_interleave(3, 1), atol=1e-5)

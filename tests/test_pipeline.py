@@ -117,6 +117,22 @@ def test_versions_stay_within_window(tmp_path, tiny_path):
     assert all(r["version/staleness_max"] <= 1 for r in rows)
 
 
+def test_groups_started_only_for_the_step_in_training_are_never_stale(tmp_path, tiny_path):
+    """`rollout.start_ahead=0` under max_staleness 2: a step's groups start only once the version that trains
+    them is published, so every trained token is of the trainer's version (lag 0) and nothing is dropped as
+    stale, though the window would allow a lag of 2."""
+    rows, _ = run(
+        tmp_path,
+        tiny_path,
+        mode="async",
+        max_staleness=2,
+        **{"rollout.start_ahead": 0, "trainer.steps": 3, "oldlogits.source": "snapshot", "env.step_latency_ms": 5.0},
+    )
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["version/staleness_max"] == 0 and r["rollout/multi_version_frac"] == 0 for r in rows)
+    assert rows[-1]["rollout/stale_dropped_groups"] == 0
+
+
 def test_snapshots_on_disk_hold_no_memory_and_leave_nothing_behind(tmp_path, tiny_path):
     """`oldlogits.snapshot_device=disk`: each step holds a version (in files under the run directory), none of it
     counted as resident old-logit state, and the run removes its snapshot files, and their folder, when it ends."""

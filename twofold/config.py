@@ -250,7 +250,8 @@ class RolloutConfig:
     start_ahead: int = setting(
         -1,
         "Async mode: how many steps beyond the one in training the rollout may start groups for (at most "
-        "(published version + start_ahead + 1) x groups_per_step groups started). -1: max_staleness, AReaL's "
+        "(published version + start_ahead + 1) x groups_per_step groups started, plus one per dropped group). "
+        "-1: max_staleness, AReaL's "
         "admission, where the group started last has no slack: one that runs longer than the groups started "
         "after it is found max_staleness + 1 versions old and dropped (long multi-turn episodes most). Below "
         "max_staleness, each group keeps max_staleness - start_ahead versions of slack, with fewer episodes "
@@ -1043,7 +1044,7 @@ def _check_rollout(cfg: Config) -> None:
             "GRPO compares trajectories of a group: use >= 2, or advantage.estimator=reinforce",
         )
     _need(
-        r.start_ahead <= cfg.max_staleness,
+        cfg.mode == "sync" or r.start_ahead <= cfg.max_staleness,  # sync mode never starts ahead
         "rollout.start_ahead",
         f"must be <= max_staleness ({cfg.max_staleness}), or -1 to follow it: a group started further ahead would be "
         "too stale to train",

@@ -207,7 +207,7 @@ def repeats_grouped_heads(device: torch.device, masked: bool) -> bool:
     return masked and device.type == "cuda"
 
 
-def _sdpa(query, key, value, mask, dropout, scaling, causal=False, repeat_heads: bool | None = None):
+def tree_sdpa(query, key, value, mask, dropout, scaling, causal=False, repeat_heads: bool | None = None):
     """torch's scaled_dot_product_attention; grouped KV heads repeated where `repeats_grouped_heads` says (or
     `repeat_heads`)."""
     grouped = key.shape[1] != query.shape[1]
@@ -226,7 +226,7 @@ def tree_attention(
 ):
     """softmax(q k^T * scaling + mask) v over a `TreeAttention` in one packed row ([1, heads, L, head_dim] in,
     [1, L, heads, head_dim] out, as transformers' attention functions): each node's queries against its ancestors'
-    keys and its own, several nodes a call (`_sdpa`). Without a tree: transformers' sdpa."""
+    keys and its own, several nodes a call (`tree_sdpa`). Without a tree: transformers' sdpa."""
     placeholder = getattr(attention_mask, PLACEHOLDER, False)
     if prefix_tree is None:
         if placeholder:  # the tree was given to the decoder and did not reach its attention: it would see everything
@@ -248,7 +248,7 @@ def tree_attention(
                 k, v = key[:, :, start:end], value[:, :, start:end]
             else:
                 k, v = key.index_select(2, call.keys), value.index_select(2, call.keys)
-            out = _sdpa(query[:, :, start:end], k, v, call.mask, dropout, scaling, causal=call.keys is None)
+            out = tree_sdpa(query[:, :, start:end], k, v, call.mask, dropout, scaling, causal=call.keys is None)
             pieces.append(out[0])
             continue
         rows, m = call.queries.shape
@@ -256,7 +256,7 @@ def tree_attention(
         def gather(x, index):  # [1, h, L, d] at [k, n] -> [k, h, n, d]
             return x[0][:, index.reshape(-1)].reshape(x.shape[1], *index.shape, x.shape[3]).transpose(0, 1)
 
-        out = _sdpa(
+        out = tree_sdpa(
             gather(query, call.queries), gather(key, call.keys), gather(value, call.keys), call.mask, dropout, scaling
         )
         pieces.append(out.transpose(0, 1).reshape(heads, rows * m, value_dim)[:, call.valid])

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import torch
 
 from twofold import metrics as M
+from twofold.config import Config
 from twofold.rollout.trajectory import Trajectory
 
 
@@ -56,7 +57,7 @@ class Admission:
         self.levels_above: set[int] = set()
 
     @classmethod
-    def of(cls, cfg, async_mode: bool) -> Admission:
+    def of(cls, cfg: Config, async_mode: bool) -> Admission:
         """A run's admission control as its `twofold.config.Config` says: W = max_staleness in async mode (0 in
         sync mode, which never starts ahead), groups started `rollout.start_ahead` steps ahead (-1: W)."""
         window = cfg.max_staleness if async_mode else 0

@@ -210,14 +210,22 @@ def load_runs(paths: list[Path]) -> list[Run]:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """Group by source; add mode and window to the label when runs differ in them."""
-    varied = len({(r.config["mode"], r.config["max_staleness"]) for r in runs}) > 1
+    """Group by source; add mode, window and admission (`rollout.start_ahead`, when set) to the label when runs
+    differ in them."""
+
+    def admission(r: Run) -> tuple:
+        ahead = r.config.get("rollout", {}).get("start_ahead", -1)  # configs from before the field: -1
+        return r.config["mode"], r.config["max_staleness"], ahead
+
+    varied = len({admission(r) for r in runs}) > 1
 
     def label(r: Run) -> str:
         if not varied:
             return r.source
-        window = f" W={r.config['max_staleness']}" if r.config["mode"] == "async" else ""
-        return f"{r.config['mode']}{window} {r.source}"
+        mode, window, ahead = admission(r)
+        if mode != "async":
+            return f"{mode} {r.source}"
+        return f"{mode} W={window}{f' ahead={ahead}' if ahead >= 0 else ''} {r.source}"
 
     groups: dict[str, Group] = {}
     for r in runs:
