@@ -94,6 +94,8 @@ def test_question_answer_is_checked_exactly():
         ('<tool_call>{"name": "get_order", "arguments": {}}</tool_call>', "get_order: 'id' is a required property"),
         ('<tool_call>{"name": "delete_order", "arguments": {"id": "K42"}}</tool_call>', "unknown tool 'delete_order'"),
         ("<tool_call>look at everything</tool_call>", "the tool call is not valid JSON"),
+        ('<tool_call>{"name": {"get_order": {"id": "K42"}}}</tool_call>', "a tool's name is a string"),
+        ('<tool_call>{"name": ["get_order"], "arguments": {}}</tool_call>', "a tool's name is a string"),
         ('<tool_call>{"name": "get_order", "arguments": {"id": 42}}</tool_call>', "42 is not of type 'string'"),
         (
             '<tool_call>{"name": "get_order", "arguments": {"id": "K42", "x": "1"}}</tool_call>',

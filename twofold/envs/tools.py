@@ -111,6 +111,8 @@ class Toolbox:
         if not isinstance(obj, dict) or "name" not in obj:
             return None, 'a tool call is {"name": ..., "arguments": {...}}'
         name, args = obj["name"], obj.get("arguments", {})
+        if not isinstance(name, str):  # a model may write any JSON there; an object or list cannot be looked up
+            return None, f"a tool's name is a string; the tools are {', '.join(self.functions)}"
         if isinstance(args, str):  # OpenAI sends arguments as a JSON string
             try:
                 args = json.loads(args)
