@@ -169,12 +169,13 @@ class TreeAttention:
                     groups[-1].append(row)
                     continue
             groups.append([row])
+        # Masks are filled on the host and moved once each: on a GPU every slice assignment would be a kernel.
         calls, placed = [], []
         for group in groups:
             if len(group) == 1:
                 (own, keys, above) = group[0]
                 if above:
-                    mask = torch.ones(len(own), len(keys), dtype=torch.bool, device=device).tril(above)
+                    mask = torch.ones(len(own), len(keys), dtype=torch.bool).tril(above).to(device)
                     calls.append(
                         AttentionCall(None, torch.tensor(keys, device=device), mask, span=(own[0], own[-1] + 1))
                     )
@@ -185,7 +186,7 @@ class TreeAttention:
             m, width = len(group[0][0]), max(len(r[1]) for r in group)
             queries = torch.tensor([q + [q[0]] * (m - len(q)) for q, _, _ in group], device=device)
             keys = torch.tensor([k + [k[0]] * (width - len(k)) for _, k, _ in group], device=device)
-            mask = torch.zeros((len(group), 1, m, width), dtype=torch.bool, device=device)
+            mask = torch.zeros((len(group), 1, m, width), dtype=torch.bool)
             valid = []
             for i, (q, k, above) in enumerate(group):
                 mask[i, 0, :, :above] = True
@@ -193,7 +194,7 @@ class TreeAttention:
                 mask[i, 0, len(q) :, 0] = True
                 valid += range(i * m, i * m + len(q))
                 placed += q
-            calls.append(AttentionCall(queries, keys, mask, torch.tensor(valid, device=device)))
+            calls.append(AttentionCall(queries, keys, mask.to(device), torch.tensor(valid, device=device)))
         order = torch.empty(len(placed), dtype=torch.long, device=device)
         order[torch.tensor(placed, device=device)] = torch.arange(len(placed), device=device)
         return cls(calls, order)
