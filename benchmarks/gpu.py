@@ -20,18 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from twofold.pipeline.rundir import read_metrics
+from gpu_check import SIZES
 
-HALF_B = dict(
-    arch="qwen2",
-    vocab_size=151936,
-    hidden_size=896,
-    num_layers=24,
-    num_heads=14,
-    num_kv_heads=2,
-    intermediate_size=4864,
-    tie_word_embeddings=True,
-)
+from twofold.pipeline.rundir import read_metrics
 
 
 def main() -> None:
@@ -55,7 +46,7 @@ def main() -> None:
             if name == "tiny":
                 models[name] = []  # the warm-started tiny model of configs/frozenlake.yaml
             else:
-                path = save_random_model(Path(tmp) / name, corpus=tokenizer_corpus(), **HALF_B)
+                path = save_random_model(Path(tmp) / name, corpus=tokenizer_corpus(), **SIZES["0.5b"].model)
                 models[name] = [f"model.path={path}", "model.warmstart=false"]
         rows = []
         for model, model_args in models.items():
