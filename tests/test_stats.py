@@ -8,6 +8,7 @@ import pytest
 import yaml
 from conftest import small_config
 
+from twofold import metrics as M
 from twofold.config import dump_config
 from twofold.study import confirm, report, stats
 from twofold.study.report import (
@@ -553,3 +554,47 @@ def test_secondary_endpoint_is_the_mean_over_steps_21_to_60_of_finished_runs(tmp
     assert confirm.stream_success(tmp_path / "a") == pytest.approx(20 / 40)
     _confirm_cell(tmp_path, "b", stream=0.5, steps=59)  # not finished: no value
     assert confirm.stream_success(tmp_path / "b") is None
+
+
+def _described_cell(grid, name, seed, valid, success, lag, dropped):
+    """A cell with a config and 30 steps of the metrics the descriptive table reads."""
+    cell = grid / name
+    cell.mkdir(parents=True)
+    config = {"seed": seed, "mode": "async", "max_staleness": 8, "oldlogits": {"source": name.split("-")[0]}}
+    (cell / "config.yaml").write_text(json.dumps(config))
+    rows = [
+        {
+            "step": i,
+            M.SUCCESS_RATE: success(i),
+            M.FORMAT_OK_RATE: valid(i),
+            M.STALENESS_MEAN: lag,
+            M.STALE_DROPPED_GROUPS: dropped * i / 30,
+        }
+        for i in range(1, 31)
+    ]
+    (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_confirmation_describes_collapses_lag_and_drops_per_arm(tmp_path):
+    grids = {g: tmp_path / g for g in confirm.GRIDS}
+    for s in (5, 6, 7):
+        # snapshot: answers every step, succeeds half the time, lag 1, 3 groups dropped (seed 7: 6)
+        _described_cell(grids["tooluse"], f"snapshot-seed{s}", s, lambda i: 1.0, lambda i: 0.5, 1.0, 6 if s == 7 else 3)
+        # recompute: stops answering after step 10 and never recovers on every seed, lag 2, nothing dropped
+        _described_cell(
+            grids["tooluse"], f"recompute-seed{s}", s, lambda i: 1.0 if i <= 10 else 0.0, lambda i: 0.0, 2.0, 0
+        )
+    _described_cell(grids["tooluse"], "snapshot-seed20", 20, lambda i: 0.0, lambda i: 0.0, 9.0, 9)  # not registered
+    table = confirm.descriptive_table(grids, confirm.FAMILY[:1])
+    # Fisher's exact test on [[0, 3], [3, 0]]: each extreme table has probability 1 / C(6, 3) = 1/20; two-sided 2/20
+    assert "| H1 | snapshot (tooluse) | 3 | 0 | 0.1 | 1.00 | 4 (3-6) |" in table
+    assert "|  | recompute (tooluse) | 3 | 3 |  | 2.00 | 0 |" in table
+
+
+def test_confirmation_refuses_a_missing_grid_folder(tmp_path, capsys):
+    grids = [tmp_path / g for g in ("tooluse", "stale")]
+    for g in grids:
+        g.mkdir()
+    with pytest.raises(SystemExit):
+        confirm.main(["--tooluse", str(grids[0]), "--stale", str(grids[1]), "--stale-noreset", str(tmp_path / "no")])
+    assert "--stale-noreset: no grid folder at" in capsys.readouterr().err

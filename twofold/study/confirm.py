@@ -8,9 +8,14 @@ error at ALPHA. The primary endpoint is the held-out success of each run's final
 `study.heldout`); the secondary is the mean training-stream success over steps 21-60, tested the same way as
 a family of its own. A run that collapsed is an outcome and is scored like any other; only a seed where one
 arm has no value (a run that failed twice, or has not finished) leaves its pair out, and the table says so.
+Beside the tests, as registered and descriptive only: each pair's difference, and per arm the runs that end
+collapsed (the report's definition) with Fisher's exact test between the two arms, the mean token lag and the
+groups dropped as stale.
 
     python -m twofold.study.confirm --tooluse runs/confirm-tooluse-stale --stale runs/confirm-frozenlake-stale \\
         --stale-noreset runs/confirm-frozenlake-stale-noreset
+
+Each folder is a grid's `--out` (its cells `SOURCE-seedN`) or its committed copy under docs/results/data/.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from pathlib import Path
 from twofold import metrics as M
 from twofold.pipeline.rundir import read_metrics
 from twofold.study.heldout import HELDOUT_FILE
-from twofold.study.stats import holm, sign_flip_test, t_interval
+from twofold.study.report import Group, load_runs
+from twofold.study.stats import fisher_collapses, holm, sign_flip_test, t_interval
 
 ALPHA = 0.05
 SEEDS = tuple(range(5, 15))  # the registered seeds
@@ -93,16 +99,17 @@ def stream_success(run_dir: Path, first: int = SECONDARY_STEPS[0], last: int = S
     return sum(values) / len(values)
 
 
-def arm_values(grid: Path, source: str, endpoint: Endpoint) -> dict[int, float]:
-    """{seed: endpoint} over the learning cells `SOURCE-seedN` of a grid folder (audit cells are not arms)."""
+def arm_cells(grid: Path, source: str) -> dict[int, Path]:
+    """{seed: cell folder} of the learning cells `SOURCE-seedN` of a grid folder (audit cells are not arms)."""
     pattern = re.compile(rf"^{re.escape(source)}-seed(\d+)$")
-    values = {}
-    for cell in sorted(grid.iterdir()) if grid.is_dir() else []:
-        found = pattern.match(cell.name)
-        value = endpoint(cell) if found else None
-        if value is not None:
-            values[int(found.group(1))] = value
-    return values
+    found = ((pattern.match(cell.name), cell) for cell in sorted(grid.iterdir()) if grid.is_dir())
+    return {int(m.group(1)): cell for m, cell in found if m}
+
+
+def arm_values(grid: Path, source: str, endpoint: Endpoint) -> dict[int, float]:
+    """{seed: endpoint} over an arm's cells that have a value."""
+    values = {seed: endpoint(cell) for seed, cell in arm_cells(grid, source).items()}
+    return {seed: v for seed, v in values.items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,46 @@ def results_table(results: list[Result]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def pairs_table(results: list[Result]) -> str:
+    """Each hypothesis's paired differences (first arm - second arm, unshifted), seed by seed."""
+    rows = [
+        f"| {r.hypothesis.name} | "
+        + ", ".join(f"{s}: {d:+.3f}" for s, d in zip(r.seeds, r.differences, strict=True))
+        + " |"
+        for r in results
+    ]
+    return "| hypothesis | seed: difference |\n|---|---|\n" + "\n".join(rows) + "\n"
+
+
+def arm_group(grid: Path, arm: Arm, seeds: tuple[int, ...] = SEEDS) -> Group:
+    """An arm's runs of the registered seeds, as the report reads them (config and metrics)."""
+    cells = [cell for seed, cell in arm_cells(grid, arm.source).items() if seed in seeds]
+    return Group(f"{arm.source} ({arm.grid})", load_runs(cells))
+
+
+def descriptive_table(grids: dict[str, Path], family: tuple[Hypothesis, ...] = FAMILY) -> str:
+    """Per hypothesis and arm, descriptive only: runs ending collapsed (`report.Run.ended_collapsed`) with
+    Fisher's exact two-sided p of the two arms' counts (unadjusted), the mean token lag (agent tokens, every
+    step) and the groups dropped as more than W versions old per run."""
+    head = (
+        "| hypothesis | arm | runs | ended collapsed | Fisher's exact p, two-sided, unadjusted | mean token lag "
+        "| stale-dropped groups per run |\n|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for h in family:
+        arms = [arm_group(grids[a.grid], a) for a in (h.better, h.other)]
+        collapsed = [sum(r.ended_collapsed() for r in g.runs) for g in arms]
+        sizes = [len(g.runs) for g in arms]
+        p = fisher_collapses(collapsed[0], sizes[0], collapsed[1], sizes[1]).two_sided if all(sizes) else math.nan
+        for i, g in enumerate(arms):
+            lag = g.mean_of(M.STALENESS_MEAN, skip_first=False) if g.runs else math.nan
+            rows.append(
+                f"| {h.name if i == 0 else ''} | {g.label} | {sizes[i]} | {collapsed[i]} "
+                f"| {f'{p:.3g}' if i == 0 else ''} | {lag:.2f} | {g.stale_dropped_text() if g.runs else '-'} |"
+            )
+    return head + "\n".join(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m twofold.study.confirm", description=__doc__.split("\n\n")[0])
     p.add_argument("--tooluse", required=True, help="grid folder of configs/study/confirm-tooluse-stale.yaml")
@@ -228,11 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     grids = {"tooluse": Path(args.tooluse), "stale": Path(args.stale), "stale_noreset": Path(args.stale_noreset)}
     extra = {g: Path(v) for g in EXPLORATORY_GRIDS if (v := getattr(args, g)) is not None}
+    for grid, folder in {**grids, **extra}.items():
+        if not folder.is_dir():  # else its hypotheses would print as tested on 0 pairs
+            p.error(
+                f"--{grid.replace('_', '-')}: no grid folder at {folder}: give the grid's --out folder or its "
+                "committed copy under docs/results/data/"
+            )
     first, last = SECONDARY_STEPS
+    primary, secondary = analyse(grids, heldout_success), analyse(grids, stream_success)
     print("Primary endpoint: held-out success of the final checkpoint (Holm over H1-H4)\n")
-    print(results_table(analyse(grids, heldout_success)))
+    print(results_table(primary))
+    print(pairs_table(primary))
     print(f"Secondary endpoint: mean training-stream success over steps {first}-{last} (Holm over H1-H4)\n")
-    print(results_table(analyse(grids, stream_success)))
+    print(results_table(secondary))
+    print(pairs_table(secondary))
+    print("Descriptive: collapses, token lag and stale-dropped groups per arm\n")
+    print(descriptive_table(grids))
     print("Exploratory arms, seeds 5-9, held-out success (unadjusted; they confirm nothing)\n")
     print(exploratory_table(explore({**grids, **extra}, heldout_success)))
     return 0
