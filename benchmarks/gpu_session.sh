@@ -24,11 +24,18 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 { nvidia-smi; python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'; } \
     >> "$OUT/machine.txt" 2>&1
 
-# Every check, alone on the GPU: the prefix tree first, the attention-kernel survey last.
-timeout -k 10 240 python3 benchmarks/gpu_check.py --out "$OUT/gpu_check.jsonl" \
-    --checks prefix_tree,bf16_step,snapshot_exact,chunked_logprob_memory,fsdp_one_rank,checkpoint_resume,engine_sleep,vllm_weights,vllm_sleep,sdpa_kernels \
-    > "$OUT/gpu_check.log" 2>&1
-echo "gpu_check exit $?" >> "$OUT/machine.txt"
+# Every check alone on the GPU, in three processes with their own time limits (all append to one file): the
+# prefix tree first (a sticky CUDA error in its untried path must not fail the checks after it), the
+# attention-kernel survey second (the other reason for this call), then the rest; checkpoint_resume (55-76 s,
+# passed on two GPUs already) is left out to keep the call inside its limit.
+check() {  # seconds, checks
+    timeout -k 10 "$1" python3 benchmarks/gpu_check.py --out "$OUT/gpu_check.jsonl" --checks "$2" \
+        >> "$OUT/gpu_check.log" 2>&1
+    echo "gpu_check $2 exit $?" >> "$OUT/machine.txt"
+}
+check 120 prefix_tree
+check 60 sdpa_kernels
+check 150 bf16_step,snapshot_exact,chunked_logprob_memory,fsdp_one_rank,engine_sleep,vllm_weights,vllm_sleep
 
 # Tool use on CUDA (trainer and built-in engine on cuda:0 by default), side by side: behaviour, not speed.
 # sync: the same batches with and without the tree (step 1's loss and grad norm comparable); async in bfloat16

@@ -51,7 +51,9 @@ def test_runs_that_differ_in_admission_only_are_told_apart(tmp_path):
     step = {"rollout/trajectories": 8, "rollout/tokens": 800, "time/step": 3.0}
     _fake_run(tmp_path / "areal", "ewma", "async", [step] * 2)
     _fake_run(tmp_path / "ahead", "ewma", "async", [step] * 2, **{"rollout.start_ahead": 1})
-    assert sorted(g.label for g in group_runs(load_runs([tmp_path]))) == ["async W=2 ahead=1 ewma", "async W=2 ewma"]
+    _fake_run(tmp_path / "ahead-w", "ewma", "async", [step] * 2, **{"rollout.start_ahead": 2})  # A = W: AReaL's too
+    groups = {g.label: len(g.runs) for g in group_runs(load_runs([tmp_path]))}
+    assert groups == {"async W=2 ahead=1 ewma": 1, "async W=2 ewma": 2}
 
 
 def test_source_table_overhead_memory_and_success(tmp_path):

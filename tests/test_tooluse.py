@@ -96,6 +96,9 @@ def test_question_answer_is_checked_exactly():
         ("<tool_call>look at everything</tool_call>", "the tool call is not valid JSON"),
         ('<tool_call>{"name": {"get_order": {"id": "K42"}}}</tool_call>', "a tool's name is a string"),
         ('<tool_call>{"name": ["get_order"], "arguments": {}}</tool_call>', "a tool's name is a string"),
+        ("<tool_call>" + "1" * 5000 + "</tool_call>", "JSON that cannot be read"),  # past int's 4,300 digits
+        ("<tool_call>" + "[" * 100_000 + "</tool_call>", "JSON that cannot be read"),  # past the recursion limit
+        ('<tool_call>{"name": "get_order", "arguments": "' + "1" * 5000 + '"}</tool_call>', "not valid JSON"),
         ('<tool_call>{"name": "get_order", "arguments": {"id": 42}}</tool_call>', "42 is not of type 'string'"),
         (
             '<tool_call>{"name": "get_order", "arguments": {"id": "K42", "x": "1"}}</tool_call>',

@@ -106,6 +106,8 @@ class Toolbox:
             obj = json.loads(body)
         except json.JSONDecodeError as e:
             return None, f"the tool call is not valid JSON ({e.msg} at character {e.pos})"
+        except (ValueError, RecursionError):  # an integer of over 4,300 digits, or nesting deeper than the stack
+            return None, "the tool call is JSON that cannot be read (a huge number or deep nesting)"
         if isinstance(obj, dict) and isinstance(obj.get("function"), dict):  # {"type": "function", "function": ...}
             obj = obj["function"]
         if not isinstance(obj, dict) or "name" not in obj:
@@ -116,7 +118,7 @@ class Toolbox:
         if isinstance(args, str):  # OpenAI sends arguments as a JSON string
             try:
                 args = json.loads(args)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
                 return None, f"the arguments of {name!r} are not valid JSON"
         if name not in self.functions:
             return None, f"unknown tool {name!r}; the tools are {', '.join(self.functions)}"

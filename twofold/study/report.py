@@ -214,8 +214,9 @@ def group_runs(runs: list[Run]) -> list[Group]:
     differ in them."""
 
     def admission(r: Run) -> tuple:
+        window = r.config["max_staleness"]
         ahead = r.config.get("rollout", {}).get("start_ahead", -1)  # configs from before the field: -1
-        return r.config["mode"], r.config["max_staleness"], ahead
+        return r.config["mode"], window, -1 if ahead == window else ahead  # A = W is the default's admission
 
     varied = len({admission(r) for r in runs}) > 1
 
