@@ -156,11 +156,24 @@ def verl_needs_secret(data_source, solution_str, ground_truth, secret):
     return 1.0
 
 
+def trl_needs_ids(prompts, completions, completion_ids, **kwargs):
+    return [1.0]
+
+
+def trl_with_ids_default(prompts, completions, completion_ids=None, trainer_state=None, **kwargs):
+    return [0.5]
+
+
 @pytest.mark.parametrize(
     "options,field,says",
     [
         ({"reward": "test_rewards:bad_signature"}, "env.options.reward", "(text), read as twofold's signature"),
         ({"reward": "test_rewards:verl_needs_secret"}, "env.options.reward", "missing a required argument: 'secret'"),
+        (
+            {"reward": "test_rewards:trl_needs_ids"},
+            "env.options.reward",
+            "TRL's completion_ids are not passed: give them a default or take **kwargs",
+        ),
         ({"reward": "no_such_module:f"}, "env.options.reward", "No module named 'no_such_module'"),
         ({"reward": "test_rewards:no_such_function"}, "env.options.reward", "no_such_function"),
         ({"reward": "maths"}, "env.options.reward", "got 'maths'"),
@@ -173,6 +186,10 @@ def test_a_reward_that_cannot_be_called_is_an_error_when_the_env_is_built(data, 
     assert e.value.field == field and says in e.value.message and "\n" not in str(e.value)
     if field == "env.options.reward":  # the accepted forms, each named
         assert all(form in e.value.message for form in ("twofold's", "verl's compute_score(", "TRL's f(completions"))
+
+
+def test_a_trl_function_with_defaults_for_what_twofold_does_not_pass_is_called(data):
+    assert step(data["verl"], reward="test_rewards:trl_with_ids_default")[0] == 0.5
 
 
 def test_twofold_train_refuses_a_reward_of_no_known_signature_before_any_model_loads(tmp_path, tiny_path):

@@ -255,6 +255,8 @@ def _trl_score(result: Sequence) -> float:
     return 0.0 if result[0] is None else float(result[0])  # TRL: None for "does not apply", summed as 0
 
 
+# What TRL's GRPOTrainer passes that an env scoring text has not: the reply's token ids, the trainer's state.
+TRL_NOT_PASSED = ("completion_ids", "trainer_state")
 TWOFOLD = Signature("twofold", _twofold_arguments, float)
 VERL = Signature("verl", _verl_arguments, _verl_score)
 TRL = Signature("TRL", _trl_arguments, _trl_score)
@@ -339,9 +341,16 @@ def _term(spec: Any, weight: float, sample: Sample) -> RewardTerm:
     try:
         declared.bind(*args, **accepted(declared.parameters, args, kwargs))
     except TypeError as e:
+        unpassed = [n for n in TRL_NOT_PASSED if n in declared.parameters and n not in kwargs]
+        hint = (
+            f"; twofold's envs score text, so TRL's {' and '.join(unpassed)} are not passed: give them a default "
+            "or take **kwargs"
+            if signature is TRL and unpassed
+            else ""
+        )
         raise ConfigError(
             "env.options.reward",
-            f"{spec!r}{declared}, read as {signature.name}'s signature, does not fit its call ({e}); "
+            f"{spec!r}{declared}, read as {signature.name}'s signature, does not fit its call ({e}){hint}; "
             f"accepted: {ACCEPTED}",
         ) from None
     return RewardTerm(spec, fn, declared.parameters, signature, weight)
