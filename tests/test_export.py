@@ -1,6 +1,7 @@
 """`twofold export`: a run's checkpoint as a Hugging Face folder whose log-probs are the trainer's."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from twofold.config import load_config
 from twofold.logprobs import policy_logprobs
 from twofold.pipeline.export import EXPORT_INFO, export_run
 from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.rundir import EXPORT_CONFIG
 
 SEQUENCES = torch.tensor([[5, 17, 42, 8, 99, 3, 61, 7], [11, 12, 13, 14, 15, 16, 17, 18]])
 
@@ -95,10 +97,19 @@ def test_the_cli_exports_and_evaluates_the_exported_model(full_run, tmp_path, ca
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == str(tmp_path / "cli") and 0 <= report["success_rate"] <= 1
     assert report["config"] == config
-    # without --config, on the config of the run it was exported from (its env, its reward), not the defaults
-    assert main(["eval", "--model", str(tmp_path / "cli"), "--episodes", "4"]) == 0
+    # without --config, on the config of the run it was exported from (its env, its reward), not the defaults:
+    # the export's own copy, so that the folder can go anywhere
+    moved = shutil.copytree(tmp_path / "cli", tmp_path / "elsewhere" / "model")
+    assert main(["eval", "--model", str(moved), "--episodes", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["config"] == config and report["env"] == load_config(config).env.name
+    assert report["config"] == str(moved / EXPORT_CONFIG) and report["env"] == load_config(config).env.name
+    assert (moved / EXPORT_CONFIG).read_text() == (run_dir / "config.yaml").read_text()
+    # an export without the copy (made before it) whose run has gone: an error naming --config, not FrozenLake
+    (moved / EXPORT_CONFIG).unlink()
+    info = json.loads((moved / EXPORT_INFO).read_text())
+    (moved / EXPORT_INFO).write_text(json.dumps({**info, "run_dir": str(tmp_path / "gone")}))
+    assert main(["eval", "--model", str(moved), "--episodes", "4"]) == 2
+    assert "--config" in capsys.readouterr().err
 
 
 def test_export_final_writes_the_export_at_the_end_of_a_run(tmp_path, tiny_path):

@@ -33,7 +33,7 @@ from twofold.config import (
 )
 from twofold.pipeline.plan import Machine, format_plan, memory_plan, planned_config, read_model_shapes, verdict
 from twofold.pipeline.progress import PARENT_PID_VAR, RankLost, die_with_parent
-from twofold.pipeline.rundir import EXPORT_INFO
+from twofold.pipeline.rundir import EXPORT_CONFIG, EXPORT_INFO
 
 
 def _config(args):
@@ -175,12 +175,21 @@ def cmd_warmstart(args) -> int:
 
 
 def _exported_run_config(model: str | None) -> Path | None:
-    """The config.yaml of the run a `twofold export` folder came from, when it is still there."""
-    info = Path(model) / EXPORT_INFO if model else None
-    if info is None or not info.is_file():
+    """The config of the run a `twofold export` folder came from: the folder's own copy, else (an export from
+    before the copy) the run's config.yaml; None for a model that is no export."""
+    folder = Path(model) if model else None
+    if folder is None or not (folder / EXPORT_INFO).is_file():
         return None
-    run_config = Path(json.loads(info.read_text())["run_dir"]) / "config.yaml"
-    return run_config if run_config.is_file() else None
+    if (folder / EXPORT_CONFIG).is_file():
+        return folder / EXPORT_CONFIG
+    run_config = Path(json.loads((folder / EXPORT_INFO).read_text())["run_dir"]) / "config.yaml"
+    if not run_config.is_file():  # scoring it on the default task instead would say nothing about it
+        raise ConfigError(
+            "--config",
+            f"{folder} is an export of a run whose config is gone ({run_config}): "
+            "give the config it trained with as --config",
+        )
+    return run_config
 
 
 def cmd_eval(args) -> int:
@@ -504,10 +513,10 @@ def _add_model_commands(sub) -> None:
 
 def _add_dataset_command(sub) -> None:
     data = sub.add_parser(
-        "dataset", help="Datasets: `dataset example OUT` writes word problems in verl's or TRL's layout"
+        "dataset", help="Datasets: `dataset example OUT` writes an example task's rows in verl's or TRL's layout"
     )
     p = data.add_subparsers(dest="what", required=True, metavar="WHAT").add_parser(
-        "example", help="arithmetic word problems as JSONL (.jsonl) or Parquet (.parquet)"
+        "example", help="an example task's rows as JSONL (.jsonl) or Parquet (.parquet)"
     )
     p.add_argument("out", metavar="OUT")
     p.add_argument("--layout", choices=[layout for layout in DATASET_LAYOUTS if layout != "auto"], default="verl")
@@ -517,8 +526,8 @@ def _add_dataset_command(sub) -> None:
         default="word_problems",
         help="word_problems (answers in <answer> tags) or larger_number (a bare number; SmolLM2's starting task)",
     )
-    p.add_argument("--n", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=500, help="rows to write")
+    p.add_argument("--seed", type=int, default=0, help="the generator's seed (another seed: other rows)")
     p.set_defaults(fn=cmd_dataset_example)
 
 

@@ -4,6 +4,8 @@
     OUT/tokenizer*, chat_template.jinja    the run's tokenizer and chat template
     OUT/generation_config.json             eos and pad from the tokenizer
     OUT/twofold_export.json                which run, step and version it came from
+    OUT/twofold_config.yaml                the run's config: `twofold eval --model OUT` scores the model on its
+                                           task and reward wherever the folder goes
 
 Under LoRA the folder holds the adapters (peft's `adapter_config.json`, `adapter_model.safetensors`) beside
 the tokenizer, loadable with `PeftModel.from_pretrained(base, OUT)`; `merge=True` writes the merged weights
@@ -21,7 +23,7 @@ from twofold.config import load_config
 from twofold.models import is_lora, load_policy, load_tokenizer
 from twofold.pipeline.checkpoint import RUN_STATE, checkpoint_at, load_model_weights
 from twofold.pipeline.resolve import resolve_model_path
-from twofold.pipeline.rundir import EXPORT_INFO
+from twofold.pipeline.rundir import EXPORT_CONFIG, EXPORT_INFO
 
 
 def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, merge: bool = False) -> Path:
@@ -60,6 +62,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, me
         "contents": "lora adapters" if lora and not merge else ("merged lora" if lora else "full model"),
     }
     (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    shutil.copyfile(run_dir / "config.yaml", tmp / EXPORT_CONFIG)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

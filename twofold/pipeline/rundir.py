@@ -26,6 +26,7 @@ from twofold.config import Config, ConfigError
 SNAPSHOT_DIRECTORY = "snapshots"
 # In a `twofold export` folder (export.py): which run, step and version it came from.
 EXPORT_INFO = "twofold_export.json"
+EXPORT_CONFIG = "twofold_config.yaml"  # an export's copy of its run's config.yaml
 
 
 def atomic_write_bytes(path: Path, write) -> None:
