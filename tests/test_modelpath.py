@@ -25,15 +25,15 @@ def hub_cache(home, tiny_path):
 
 
 def resolve_in_child(home, *sources: list[str]) -> subprocess.CompletedProcess:
-    """huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported: resolve in a fresh process, as a run would.
-    Each source is [ID] or [ID, revision]; the child prints one resolved path per line."""
+    """huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported: resolve in a fresh process (in `home`), as
+    a run would. Each source is [ID] or [ID, revision]; the child prints one resolved path per line."""
     code = (
         "import json, sys; from twofold.modelpath import resolve_model_source\n"
         "for source in json.loads(sys.argv[1]): print(resolve_model_source(*source))"
     )
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-c", code, json.dumps(sources)]
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, cwd=home)
 
 
 def test_a_folder_is_used_as_it_is(tiny_path):
@@ -53,6 +53,8 @@ def test_an_uncached_hub_id_offline_says_how_to_fetch_it(tmp_path):
     last = missing.stderr.strip().splitlines()[-1]
     assert "config field 'model.path'" in last and "HF_HUB_OFFLINE" in last
     assert "`hf download Qwen/Qwen2.5-0.5B-Instruct`" in last
+    # a mistyped relative folder looks like a Hub ID: the line says which folder was looked for too
+    assert f"is no local folder ({tmp_path / 'Qwen' / 'Qwen2.5-0.5B-Instruct'})" in last
 
 
 def test_model_path_is_checked_at_load(tmp_path, tiny_path):

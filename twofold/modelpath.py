@@ -131,8 +131,9 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
     if constants.HF_HUB_OFFLINE:
         raise ConfigError(
             "model.path",
-            f"{repo_id!r}{'@' + revision if revision else ''} is not in the Hugging Face cache ({where}) and "
-            f"HF_HUB_OFFLINE is set; fetch it with {fetch} where the hub is reachable, or set model.path to a folder",
+            f"{repo_id!r}{'@' + revision if revision else ''} is no local folder ({Path(repo_id).resolve()}) and not "
+            f"in the Hugging Face cache ({where}), and HF_HUB_OFFLINE is set; fetch it with {fetch} where the hub is "
+            "reachable, or set model.path to a folder",
         )
     try:
         return Path(snapshot_download(repo_id, revision=revision))
@@ -140,8 +141,9 @@ def hub_snapshot(repo_id: str, revision: str | None) -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
             "model.path",
-            f"{repo_id!r} could not be fetched ({first}); fetch it with {fetch} where the hub is reachable "
-            f"(into {where}), or set model.path to a folder",
+            f"{repo_id!r} is no local folder ({Path(repo_id).resolve()}) and could not be fetched from the hub "
+            f"({first}); fetch it with {fetch} where the hub is reachable (into {where}), or set model.path to a "
+            "folder",
         ) from None
 
 
