@@ -478,7 +478,12 @@ def _add_study_commands(sub) -> None:
     p = _with_config(
         benchmarks, "throughput", cmd_bench, "sync vs async samples/s and tokens/s, time split, ideal overlap bound"
     )
-    p.add_argument("--staleness", default="1,2,4", help="async staleness windows to run")
+    p.add_argument(
+        "--staleness",
+        default="1,2,4",
+        help="async staleness windows to run (max_staleness); a config's rollout.start_ahead is kept, so where it "
+        "is set the windows differ in the lag they tolerate, not in how far ahead groups start",
+    )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default=None, help="grid folder (default runs/throughput-ENV)")
 

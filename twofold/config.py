@@ -255,7 +255,7 @@ class RolloutConfig:
         "admission, where the group started last has no slack: one that runs longer than the groups started "
         "after it is found max_staleness + 1 versions old and dropped (long multi-turn episodes most). Below "
         "max_staleness, each group keeps max_staleness - start_ahead versions of slack, with fewer episodes "
-        "in flight.",
+        "in flight. The lag a token can have stays max_staleness, and the EWMA's beta follows it, not this.",
         ge=-1,
         note="-1: max_staleness",
     )

@@ -17,7 +17,9 @@ def staleness_beta(window: int, updates_per_version: int = 1) -> float:
 
         beta = kW / (kW + 2):  centre of mass beta / (1 - beta) = kW/2 updates = W/2 versions, mid-window.
     The EWMA is updated after every optimizer step (Hilton et al.), k = ppo_epochs x num_minibatches of
-    them per policy version; W counts versions, so the window is kW updates long.
+    them per policy version; W counts versions, so the window is kW updates long. W is `max_staleness`, the
+    lag a trained token can have, also under a smaller admission (`rollout.start_ahead`): there the lags
+    bunch lower (tool use, W = 2, start_ahead = 1: mean 1.0), but a long episode still arrives W old.
     """
     if window < 0:
         raise ValueError("the staleness window must be >= 0")
