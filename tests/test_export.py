@@ -7,14 +7,16 @@ import pytest
 import torch
 from conftest import small_config
 from peft import AutoPeftModelForCausalLM
+from torch.distributed.checkpoint.api import CheckpointException
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from twofold.cli import main
 from twofold.config import load_config
 from twofold.logprobs import policy_logprobs
+from twofold.models import save_random_model
 from twofold.pipeline.export import EXPORT_INFO, export_run
 from twofold.pipeline.loop import Pipeline
-from twofold.pipeline.rundir import EXPORT_CONFIG
+from twofold.pipeline.rundir import EXPORT_CONFIG, MODEL_FOLDER
 
 SEQUENCES = torch.tensor([[5, 17, 42, 8, 99, 3, 61, 7], [11, 12, 13, 14, 15, 16, 17, 18]])
 
@@ -55,6 +57,24 @@ def test_an_earlier_step_exports_its_own_weights(full_run, tmp_path):
     assert json.loads((out / EXPORT_INFO).read_text())["step"] == 1
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert (logprobs(model) - trainer_logprobs).abs().max() > 1e-4
+
+
+def test_export_loads_the_folder_the_run_recorded_not_model_path_resolved_again(full_run, tmp_path):
+    # From another working folder, model.path can resolve elsewhere (the packaged SmolLM2 into another .cache/,
+    # the tiny model built and warm-started anew): the run's record of its folder is what export loads.
+    run_dir, trainer_logprobs = full_run
+    assert (run_dir / MODEL_FOLDER).read_text().strip() == str(load_config(run_dir / "config.yaml").model.path)
+    moved = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("run.lock"))
+    # here model.path now names a model of another shape, into which the checkpoint cannot load
+    other = save_random_model(tmp_path / "other", vocab_size=256, hidden_size=32, num_layers=1, num_heads=2)
+    config = (moved / "config.yaml").read_text()
+    (moved / "config.yaml").write_text(config.replace(load_config(moved / "config.yaml").model.path, str(other)))
+    out = export_run(moved, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert (logprobs(model) - trainer_logprobs).abs().max() <= 1e-6
+    (moved / MODEL_FOLDER).write_text(f"{tmp_path / 'gone'}\n")  # a record whose folder is gone: resolved again
+    with pytest.raises(CheckpointException, match="Size mismatch"):
+        export_run(moved, tmp_path / "out2")
 
 
 def test_export_refuses_a_used_folder_a_missing_step_and_a_folder_that_is_no_run(full_run, tmp_path):

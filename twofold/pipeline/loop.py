@@ -54,6 +54,7 @@ from twofold.pipeline.plan import engine_sleeps, format_plan, memory_plan, read_
 from twofold.pipeline.progress import progress_postfix, stop_signals
 from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import (
+    MODEL_FOLDER,
     SNAPSHOT_DIRECTORY,
     MetricsSink,
     default_run_dir,
@@ -170,6 +171,8 @@ class Pipeline:
         self.async_mode = cfg.mode == "async"
         self.threads = CpuThreads(torch.get_num_threads())  # async: the trainer's and the rollout thread's
         self.model_path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main, check_budget=main)
+        if main:
+            (self.run_dir / MODEL_FOLDER).write_text(str(Path(self.model_path).resolve()) + "\n")
         self.tokenizer = load_tokenizer(self.model_path)
         self.trainer = Trainer.from_pretrained(self.model_path, cfg, seed=cfg.seed, ranks=self.ranks)
         trainer_device = str(self.trainer.numerics.device)

@@ -10,6 +10,7 @@ from twofold.envs import env_from_config, tokenizer_corpus
 from twofold.envs.seeding import level_seed
 from twofold.modelpath import allow_model_code, resolve_model_source
 from twofold.models import ensure_tiny_model, load_tokenizer
+from twofold.pipeline.rundir import MODEL_FOLDER
 from twofold.rollout.chat import first_prompt_ids
 from twofold.trainer.warmstart import ensure_warmstart
 
@@ -32,6 +33,17 @@ def resolve_model_path(cfg: Config, progress: bool = True, *, check_budget: bool
     if not cfg.model.warmstart:
         return base
     return ensure_warmstart(cfg, base, progress=progress)
+
+
+def recorded_model_path(run_dir: Path | None) -> Path | None:
+    """The folder a run's model was loaded from, as the run recorded it (`MODEL_FOLDER`), when it is still there;
+    None otherwise. Resuming and exporting load it rather than resolve `model.path` again, which from another
+    working folder (another `.cache/`) would convert a GGUF file or build and warm-start the tiny model anew."""
+    record = Path(run_dir) / MODEL_FOLDER if run_dir is not None else None
+    if record is None or not record.is_file():
+        return None
+    folder = Path(record.read_text().strip())
+    return folder if (folder / "config.json").is_file() else None
 
 
 def check_first_prompt_fits(cfg: Config, folder: Path) -> None:

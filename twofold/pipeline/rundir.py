@@ -2,6 +2,8 @@
 
 Layout:
     config.yaml            the resolved config
+    model_folder.txt       the local folder the run's model was loaded from (`model.path` resolved, or the tiny
+                           model's cache entry), absolute: resume and export load it without resolving again
     metrics.jsonl          one JSON object per train step, appended and flushed per line
     tb/                    TensorBoard event files
     checkpoints/step_N/    the last `run.keep_checkpoints` checkpoints, each written atomically (checkpoint.py)
@@ -27,6 +29,7 @@ SNAPSHOT_DIRECTORY = "snapshots"
 # In a `twofold export` folder (export.py): which run, step and version it came from.
 EXPORT_INFO = "twofold_export.json"
 EXPORT_CONFIG = "twofold_config.yaml"  # an export's copy of its run's config.yaml
+MODEL_FOLDER = "model_folder.txt"
 
 
 def atomic_write_bytes(path: Path, write) -> None:
