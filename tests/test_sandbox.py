@@ -149,10 +149,20 @@ class Trainer:
         self.assert_unharmed(before, beats)
         return out
 
+    def new_processes_left(self, deadline: float) -> list[int]:
+        """Processes below this one that the call started and that are still there at `deadline`: a sandbox's
+        init exits a moment after bwrap returns, a moment that on busy cores can be long; one that stays is a
+        leak."""
+        while (left := [pid for pid in leftover_processes() if pid not in self.preexisting]) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
+        return left
+
     def assert_unharmed(self, before: dict, beats: int):
         assert self.beats > beats  # the heartbeat thread ran while the call did
         assert self.signals == []
-        assert [pid for pid in leftover_processes() if pid not in self.preexisting] == []
+        assert self.new_processes_left(deadline=time.monotonic() + 10) == []
         assert self.fingerprint() == before
         assert select.select([self.tcp, self.unix, self.abstract], [], [], 0)[0] == []  # no pending connection
 
