@@ -16,6 +16,7 @@ from twofold.logprobs import policy_logprobs
 from twofold.models import save_random_model
 from twofold.pipeline.export import EXPORT_INFO, export_run
 from twofold.pipeline.loop import Pipeline
+from twofold.pipeline.resolve import recorded_model_path
 from twofold.pipeline.rundir import EXPORT_CONFIG, MODEL_FOLDER
 
 SEQUENCES = torch.tensor([[5, 17, 42, 8, 99, 3, 61, 7], [11, 12, 13, 14, 15, 16, 17, 18]])
@@ -59,7 +60,7 @@ def test_an_earlier_step_exports_its_own_weights(full_run, tmp_path):
     assert (logprobs(model) - trainer_logprobs).abs().max() > 1e-4
 
 
-def test_export_loads_the_folder_the_run_recorded_not_model_path_resolved_again(full_run, tmp_path):
+def test_export_loads_the_folder_the_run_recorded_not_model_path_resolved_again(full_run, tmp_path, tiny_path):
     # From another working folder, model.path can resolve elsewhere (the packaged SmolLM2 into another .cache/,
     # the tiny model built and warm-started anew): the run's record of its folder is what export loads.
     run_dir, trainer_logprobs = full_run
@@ -72,6 +73,10 @@ def test_export_loads_the_folder_the_run_recorded_not_model_path_resolved_again(
     out = export_run(moved, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert (logprobs(model) - trainer_logprobs).abs().max() <= 1e-6
+    # a resume that overrides model.path means another model: the record is not used
+    recorded = (moved / MODEL_FOLDER).read_text().strip()
+    assert str(recorded_model_path(moved, load_config(moved / "config.yaml"))) == recorded
+    assert recorded_model_path(moved, load_config(moved / "config.yaml", [f"model.path={tiny_path}"])) is None
     (moved / MODEL_FOLDER).write_text(f"{tmp_path / 'gone'}\n")  # a record whose folder is gone: resolved again
     with pytest.raises(CheckpointException, match="Size mismatch"):
         export_run(moved, tmp_path / "out2")

@@ -598,3 +598,4 @@ def test_confirmation_refuses_a_missing_grid_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         confirm.main(["--tooluse", str(grids[0]), "--stale", str(grids[1]), "--stale-noreset", str(tmp_path / "no")])
     assert "--stale-noreset: no grid folder at" in capsys.readouterr().err
+    assert confirm.arm_values(tmp_path / "no", "ewma", confirm.heldout_success) == {}  # called directly: no arm

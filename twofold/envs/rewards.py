@@ -341,7 +341,8 @@ def _term(spec: Any, weight: float, sample: Sample) -> RewardTerm:
     try:
         declared.bind(*args, **accepted(declared.parameters, args, kwargs))
     except TypeError as e:
-        unpassed = [n for n in TRL_NOT_PASSED if n in declared.parameters and n not in kwargs]
+        required = {n for n, p in declared.parameters.items() if p.default is inspect.Parameter.empty}
+        unpassed = [n for n in TRL_NOT_PASSED if n in required and n not in kwargs]
         hint = (
             f"; twofold's envs score text, so TRL's {' and '.join(unpassed)} are not passed: give them a default "
             "or take **kwargs"

@@ -5,7 +5,8 @@
     OUT/generation_config.json             eos and pad from the tokenizer
     OUT/twofold_export.json                which run, step and version it came from
     OUT/twofold_config.yaml                the run's config: `twofold eval --model OUT` scores the model on its
-                                           task and reward wherever the folder goes
+                                           task and reward wherever the folder goes, as long as the data file
+                                           it names (an absolute path) and any reward module are there too
 
 Under LoRA the folder holds the adapters (peft's `adapter_config.json`, `adapter_model.safetensors`) beside
 the tokenizer, loadable with `PeftModel.from_pretrained(base, OUT)`; `merge=True` writes the merged weights
@@ -37,7 +38,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, me
     cfg = load_config(run_dir / "config.yaml")
     checkpoint = checkpoint_at(run_dir, step)
     # absolute: LoRA adapters name their base by it (peft's `base_model_name_or_path`), read from wherever they go
-    model_path = (recorded_model_path(run_dir) or resolve_model_path(cfg, progress=False)).resolve()
+    model_path = (recorded_model_path(run_dir, cfg) or resolve_model_path(cfg, progress=False)).resolve()
     policy = load_policy(model_path, cfg.model)
     load_model_weights(policy, checkpoint)
     lora = is_lora(policy)

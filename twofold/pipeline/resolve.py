@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from twofold.config import Config, ConfigError
+from twofold.config import Config, ConfigError, load_config, with_absolute_paths
 from twofold.envs import env_from_config, tokenizer_corpus
 from twofold.envs.seeding import level_seed
 from twofold.modelpath import allow_model_code, resolve_model_source
@@ -35,15 +35,23 @@ def resolve_model_path(cfg: Config, progress: bool = True, *, check_budget: bool
     return ensure_warmstart(cfg, base, progress=progress)
 
 
-def recorded_model_path(run_dir: Path | None) -> Path | None:
-    """The folder a run's model was loaded from, as the run recorded it (`MODEL_FOLDER`), when it is still there;
-    None otherwise. Resuming and exporting load it rather than resolve `model.path` again, which from another
-    working folder (another `.cache/`) would convert a GGUF file or build and warm-start the tiny model anew."""
-    record = Path(run_dir) / MODEL_FOLDER if run_dir is not None else None
-    if record is None or not record.is_file():
+def recorded_model_path(run_dir: Path | None, cfg: Config) -> Path | None:
+    """The folder a run's model was loaded from, as the run recorded it (`MODEL_FOLDER`), when it is still there
+    and `cfg` names the same model as the run's config.yaml (a resume that overrides `model.path` or
+    `model.revision` resolves the new one); None otherwise. Resuming and exporting load it rather than resolve
+    `model.path` again, which from another working folder (another `.cache/`) would convert a GGUF file or build
+    and warm-start the tiny model anew. A model that brings its own code is allowed (or refused) as on resolving."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is None or not (run_dir / MODEL_FOLDER).is_file() or not (run_dir / "config.yaml").is_file():
         return None
-    folder = Path(record.read_text().strip())
-    return folder if (folder / "config.json").is_file() else None
+    started = load_config(run_dir / "config.yaml").model
+    if (started.path, started.revision) != (with_absolute_paths(cfg).model.path, cfg.model.revision):
+        return None
+    folder = Path((run_dir / MODEL_FOLDER).read_text().strip())
+    if not (folder / "config.json").is_file():
+        return None
+    allow_model_code(folder, cfg.model.trust_remote_code)
+    return folder
 
 
 def check_first_prompt_fits(cfg: Config, folder: Path) -> None:

@@ -34,7 +34,7 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
     local = runs_on_this_machine(cfg)
     if local:
         env_from_config(cfg.env)
-    model_path = (recorded_model_path(run_dir) if resume else None) or resolve_model_path(
+    model_path = (recorded_model_path(run_dir, cfg) if resume else None) or resolve_model_path(
         cfg, progress=cfg.run.progress, check_budget=local
     )  # the warm start is built here
     check_memory_plan(cfg, model_path)  # logged; a run that cannot fit this machine stops before it loads a weight

@@ -102,7 +102,8 @@ def stream_success(run_dir: Path, first: int = SECONDARY_STEPS[0], last: int = S
 def arm_cells(grid: Path, source: str) -> dict[int, Path]:
     """{seed: cell folder} of the learning cells `SOURCE-seedN` of a grid folder (audit cells are not arms)."""
     pattern = re.compile(rf"^{re.escape(source)}-seed(\d+)$")
-    found = ((pattern.match(cell.name), cell) for cell in sorted(grid.iterdir()) if grid.is_dir())
+    cells = sorted(grid.iterdir()) if grid.is_dir() else []
+    found = ((pattern.match(cell.name), cell) for cell in cells)
     return {int(m.group(1)): cell for m, cell in found if m}
 
 
@@ -256,9 +257,10 @@ def descriptive_table(grids: dict[str, Path], family: tuple[Hypothesis, ...] = F
         p = fisher_collapses(collapsed[0], sizes[0], collapsed[1], sizes[1]).two_sided if all(sizes) else math.nan
         for i, g in enumerate(arms):
             lag = g.mean_of(M.STALENESS_MEAN, skip_first=False) if g.runs else math.nan
+            fisher = "" if i else "-" if math.isnan(p) else f"{p:.3g}"
             rows.append(
-                f"| {h.name if i == 0 else ''} | {g.label} | {sizes[i]} | {collapsed[i]} "
-                f"| {f'{p:.3g}' if i == 0 else ''} | {lag:.2f} | {g.stale_dropped_text() if g.runs else '-'} |"
+                f"| {h.name if i == 0 else ''} | {g.label} | {sizes[i]} | {collapsed[i]} | {fisher} "
+                f"| {'-' if math.isnan(lag) else f'{lag:.2f}'} | {g.stale_dropped_text() if g.runs else '-'} |"
             )
     return head + "\n".join(rows) + "\n"
 
