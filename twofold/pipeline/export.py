@@ -23,7 +23,7 @@ from pathlib import Path
 from twofold.config import load_config
 from twofold.models import is_lora, load_policy, load_tokenizer
 from twofold.pipeline.checkpoint import RUN_STATE, checkpoint_at, load_model_weights
-from twofold.pipeline.resolve import recorded_model_path, resolve_model_path
+from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import EXPORT_CONFIG, EXPORT_INFO
 
 
@@ -38,7 +38,7 @@ def export_run(run_dir: str | Path, out: str | Path, step: int | None = None, me
     cfg = load_config(run_dir / "config.yaml")
     checkpoint = checkpoint_at(run_dir, step)
     # absolute: LoRA adapters name their base by it (peft's `base_model_name_or_path`), read from wherever they go
-    model_path = (recorded_model_path(run_dir, cfg) or resolve_model_path(cfg, progress=False)).resolve()
+    model_path = resolve_model_path(cfg, progress=False, run_dir=run_dir).resolve()
     policy = load_policy(model_path, cfg.model)
     load_model_weights(policy, checkpoint)
     lora = is_lora(policy)

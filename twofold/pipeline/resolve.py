@@ -17,10 +17,18 @@ from twofold.trainer.warmstart import ensure_warmstart
 log = logging.getLogger(__name__)
 
 
-def resolve_model_path(cfg: Config, progress: bool = True, *, check_budget: bool = False) -> Path:
-    """The local folder of the model to start from: `model.path` (a folder, a GGUF file or a Hub ID), else the
-    tiny model (warm-started when configured). `check_budget`, for the commands that run episodes on this machine:
-    refuse a token budget the env's first prompt fills (`check_first_prompt_fits`), before any warm start."""
+def resolve_model_path(
+    cfg: Config, progress: bool = True, *, check_budget: bool = False, run_dir: Path | None = None
+) -> Path:
+    """The local folder of the model to start from: for a run being resumed or exported (`run_dir`), the folder it
+    recorded (`recorded_model_path`); else `model.path` (a folder, a GGUF file or a Hub ID), else the tiny model
+    (warm-started when configured). `check_budget`, for the commands that run episodes on this machine: refuse a
+    token budget the env's first prompt fills (`check_first_prompt_fits`), before any warm start."""
+    recorded = recorded_model_path(run_dir, cfg)
+    if recorded is not None:
+        if check_budget:
+            check_first_prompt_fits(cfg, recorded)
+        return recorded
     if cfg.model.path:
         folder = resolve_model_source(cfg.model.path, cfg.model.revision)
         allow_model_code(folder, cfg.model.trust_remote_code)

@@ -18,7 +18,7 @@ from twofold.pipeline.loop import Pipeline
 from twofold.pipeline.os_memory import limit_malloc_arenas
 from twofold.pipeline.plan import check_memory_plan
 from twofold.pipeline.progress import RankLost, stop_signals
-from twofold.pipeline.resolve import recorded_model_path, resolve_model_path
+from twofold.pipeline.resolve import resolve_model_path
 from twofold.pipeline.rundir import default_run_dir, refuse_existing_run, summary
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
     local = runs_on_this_machine(cfg)
     if local:
         env_from_config(cfg.env)
-    model_path = (recorded_model_path(run_dir, cfg) if resume else None) or resolve_model_path(
-        cfg, progress=cfg.run.progress, check_budget=local
-    )  # the warm start is built here
+    model_path = resolve_model_path(  # the warm start is built here; a resumed run loads the folder it recorded
+        cfg, progress=cfg.run.progress, check_budget=local, run_dir=run_dir if resume else None
+    )
     check_memory_plan(cfg, model_path)  # logged; a run that cannot fit this machine stops before it loads a weight
     if cfg.runtime.backend == "embedded" and cfg.trainer.world_size == 1:
         pipeline = Pipeline(cfg, run_dir, resume=resume, model_path=model_path)
