@@ -4,8 +4,10 @@ what a step frees goes back to it. Imports nothing heavy (no torch), so that a p
 glibc's malloc keeps what a step frees (activations, logits) in its arenas for reuse, and raises its mmap
 threshold each time a large block is freed, so blocks up to 32 MiB end up in arenas that never shrink: on
 SmolLM2-135M that held ~1 GiB resident between steps (docs/benchmarks.md). `return_freed_memory_to_os` fixes
-the threshold, so every block of 1 MiB or more is its own mapping and goes back to the system when freed; each
-such block is then page-faulted in afresh, which costs time, so it is opt-in (`run.return_freed_memory`).
+the threshold, so every block of 512 KiB or more is its own mapping and goes back to the system when freed; each
+such block is then page-faulted in afresh, which costs time, so it is opt-in (`run.return_freed_memory`). 512 KiB,
+not 1 MiB: on SmolLM2-135M the blocks between the two were a quarter of what the step held beyond its named
+parts (docs/benchmarks.md).
 Fewer arenas (`limit_malloc_arenas`, `run.malloc_arenas`) leave fewer places for freed blocks to sit: glibc
 opens up to 8 per core, one per thread that finds the others locked, and the pipeline's threads (engine,
 rollout, env steps) each end up with one. `trim_heap` hands back the free pages inside every arena without
@@ -29,7 +31,7 @@ from pathlib import Path
 
 STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 512 << 10
 
 
 @functools.cache
