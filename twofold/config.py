@@ -498,7 +498,7 @@ class RunConfig:
         "Linux (glibc): serve every allocation of 512 KiB or more from its own mapping, returned to the system "
         "when freed, so a step's freed activations do not stay resident in malloc's arenas. SmolLM2-135M full "
         "fine-tune, async, 2 CPU cores: step peak 4.02 -> 3.77 GiB, the part not named by memory/* 18% -> 12%, "
-        "at 11.3 -> 13.5 s/step in page faults (docs/benchmarks.md). MALLOC_MMAP_THRESHOLD_ in the environment "
+        "at +19-31% s/step in page faults (docs/benchmarks.md). MALLOC_MMAP_THRESHOLD_ in the environment "
         "takes precedence.",
     )
     trim_heap_each_step: bool = setting(
