@@ -30,8 +30,12 @@ GIB = 2**30
 
 
 def main() -> None:
-    overrides = sys.argv[1:]
-    out = Path(tempfile.mkdtemp(prefix="memory-phases-"))
+    # The run's checkpoints are about 1.7 GiB: the folder goes when the figures are printed.
+    with tempfile.TemporaryDirectory(prefix="memory-phases-") as folder:
+        measure(Path(folder), sys.argv[1:])
+
+
+def measure(out: Path, overrides: list[str]) -> None:
     data = out / "word_problems.jsonl"
     subprocess.run([sys.executable, "-m", "twofold.cli", "dataset", "example", str(data)], check=True)
     probe = [f"env.options.path={data}", "oldlogits.source=snapshot", "trainer.steps=4", *PROBE, *overrides]
