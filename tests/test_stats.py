@@ -414,6 +414,40 @@ def test_report_shows_every_statistics_section(grid):
     assert (grid / "report" / "curves_step.png").exists()
 
 
+def test_held_out_success_is_tabled_and_paired_against_the_reference(grid):
+    scores = {"snapshot": [0.50, 0.60, 0.55, 0.65], "recompute": [0.30, 0.45, 0.50, 0.40], "ewma": [0.55, 0.55]}
+    for source, values in scores.items():  # behavior is not scored; ewma only on seeds 0 and 1
+        for seed, v in enumerate(values):
+            (grid / f"{source}-seed{seed}" / "heldout.json").write_text(json.dumps({"success_rate": v}))
+    table, _, _ = _table_and_pairings(grid)
+    # snapshot: mean 0.575, deviations +-0.075, +-0.025: s = sqrt(0.0125 / 3) = 0.06455, half 3.1824 * s / 2 = 0.1027
+    assert table["snapshot"]["held-out 95% t CI"] == "0.575 [0.472, 0.678]"
+    assert table["ewma"]["held-out 95% t CI"] == "0.55 [0.55, 0.55]"  # two equal scores: a point
+    assert table["behavior"]["held-out 95% t CI"] == "-"
+    groups = group_runs([r for r in load_runs([grid]) if not r.audit])
+    rows = {r["source"]: r for r in report.heldout_pairs(groups, best_exact(groups))}
+    assert set(rows) == {"ewma", "behavior", "recompute"}  # the reference is not paired with itself
+    # recompute - snapshot: -0.20, -0.15, -0.05, -0.25: mean -0.1625, s = sqrt(0.021875 / 3) = 0.08539, half
+    # 3.1824 * s / 2 = 0.1359; every sign negative: 2 of 16 sign assignments as extreme, p 0.125
+    diff = rows["recompute"]["vs reference, held out, 95% t CI"]
+    assert (diff.mean, diff.low, diff.high) == pytest.approx((-0.1625, -0.2984, -0.0266), abs=1e-4)
+    assert rows["recompute"]["sign-flip p"] == pytest.approx(0.125)
+    # ewma - snapshot: +0.05, -0.05: every assignment's |sum| >= 0, p 1; Holm over {0.125, 1}: 0.25 and 1
+    assert rows["ewma"]["pairs"] == 2 and rows["ewma"]["sign-flip p"] == pytest.approx(1.0)
+    assert rows["recompute"]["sign-flip Holm"] == pytest.approx(0.25) and rows["ewma"]["sign-flip Holm"] == 1.0
+    assert rows["behavior"]["pairs"] == 0 and math.isnan(rows["behavior"]["sign-flip p"])
+    _, markdown = write_report([grid], grid / "report")
+    assert "### Held-out success paired against snapshot" in markdown
+    assert "| recompute | 4 | -0.163 [-0.298, -0.0266] | 0.125 | 0.25 | 0.125 |" in markdown
+
+
+def test_a_report_of_unscored_runs_has_no_held_out_pairing(grid):
+    _, markdown = write_report([grid], grid / "report")
+    assert "Held-out success paired" not in markdown
+    groups = group_runs([r for r in load_runs([grid]) if not r.audit])
+    assert report.heldout_pairs(groups, best_exact(groups)) == []
+
+
 def test_error_axis_is_log_unless_an_exact_zero_must_be_drawn():
     # recompute's error is exactly 0 at lag 0 (its pi_old is the current weights); a log axis would clip it
     assert log_scale_with_zero([0.02, 0.3, math.nan]) == ("log", {})

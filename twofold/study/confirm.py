@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 from twofold import metrics as M
 from twofold.pipeline.rundir import read_metrics
-from twofold.study.heldout import HELDOUT_FILE
+from twofold.study.heldout import heldout_success  # the primary endpoint
 from twofold.study.report import Group, load_runs
 from twofold.study.stats import fisher_collapses, holm, sign_flip_test, t_interval
 
@@ -79,14 +78,6 @@ FAMILY = (
 )
 
 Endpoint = Callable[[Path], "float | None"]
-
-
-def heldout_success(run_dir: Path) -> float | None:
-    """The primary endpoint: held-out success of the final checkpoint; None where not evaluated."""
-    try:
-        return float(json.loads((run_dir / HELDOUT_FILE).read_text())["success_rate"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
 
 
 def stream_success(run_dir: Path, first: int = SECONDARY_STEPS[0], last: int = SECONDARY_STEPS[1]) -> float | None:

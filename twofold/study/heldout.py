@@ -49,6 +49,14 @@ def heldout_config(cfg: Config, spec: HeldoutSpec) -> Config:
     return dataclasses.replace(cfg, seed=spec.seed, env=dataclasses.replace(cfg.env, step_latency_ms=0.0))
 
 
+def heldout_success(run_dir: Path) -> float | None:
+    """The held-out success of a run's final checkpoint (RUN_DIR/heldout.json); None where not evaluated."""
+    try:
+        return float(json.loads((Path(run_dir) / HELDOUT_FILE).read_text())["success_rate"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
 def final_step(run_dir: Path) -> int | None:
     """The last step of a finished run, None while it has not finished."""
     s = summary(run_dir)

@@ -29,6 +29,7 @@ from twofold import metrics as M
 from twofold.config import EXACT_SOURCES, ConfigError
 from twofold.pipeline.rundir import read_metrics
 from twofold.rollout.versions import LAG_BUCKETS
+from twofold.study.heldout import heldout_success
 from twofold.study.stats import (
     Interval,
     collapse_step,
@@ -106,6 +107,11 @@ class Run:
         tail = [v for v in self.series(M.SUCCESS_RATE)[-SMOOTH:] if v == v]
         return sum(tail) / len(tail) if tail else math.nan
 
+    def heldout_success(self) -> float:
+        """Success of the final checkpoint on held-out tasks (`twofold compare --heldout`); NaN where not scored."""
+        found = heldout_success(self.path)
+        return math.nan if found is None else found
+
     def best_success(self) -> float:
         """Best SMOOTH-step mean of success (full windows only, unless the run is shorter)."""
         sm = trailing_means(self.series(M.SUCCESS_RATE), SMOOTH)
@@ -171,6 +177,11 @@ class Group:
         """Mean over seeds of a per-run success figure (e.g. `Run.final_success`) of `runs` (default: all),
         with its 95% t interval cut to [0, 1], where a success rate lives."""
         return t_interval([per_run(r) for r in (self.runs if runs is None else runs)]).within(0.0, 1.0)
+
+    def heldout_interval(self) -> Interval:
+        """Mean held-out success over the runs that were scored (`t_interval` drops the NaN of the others), with
+        its 95% t interval cut to [0, 1]."""
+        return self.interval_of(Run.heldout_success)
 
     def stale_dropped_text(self) -> str:
         """Stale-dropped groups per run: the mean, and the range over seeds when they differ; '-' if not logged."""
@@ -258,6 +269,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
     baseline = next((g.mean_of(M.STEP_SECONDS) for g in groups if g.label.endswith("behavior")), math.nan)
     audit = {g.label: g.mean_of(M.AUDIT_ABS_ERR_MEAN, skip_first=False) for g in audit_groups}
     finals = {g.label: g.interval_of(Run.final_success) for g in groups}
+    heldout = {g.label: g.heldout_interval() for g in groups}
     ranks = tied_ranks({g.label: finals[g.label] for g in groups if len(g.runs) >= MIN_RANKED_SEEDS})
     table = []
     for g in groups:
@@ -286,6 +298,8 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
                 "audit err": audit.get(g.label, math.nan),
                 "final success": finals[g.label].mean,
                 "final 95% t CI": _interval_text(finals[g.label]),
+                "held-out success": heldout[g.label].mean,
+                "held-out 95% t CI": _interval_text(heldout[g.label]),
                 "best success": best.mean,
                 "best 95% t CI": _interval_text(best),
                 "rank": ranks.get(g.label, math.nan),
@@ -301,6 +315,7 @@ RANKING_COLUMNS = (
     "source",
     "seeds",
     "final 95% t CI",
+    "held-out 95% t CI",
     "s/step",
     "extra vs behavior",
     "peak extra MB",
@@ -444,6 +459,40 @@ def paired_table(found: list[Pairing], margin: float = NONINFERIORITY_MARGIN) ->
             }
         )
     return rows
+
+
+def heldout_pairs(groups: list[Group], reference: Group | None) -> list[dict]:
+    """Held-out success (`twofold compare --heldout`) of every label against the reference's, paired by seed
+    over the seeds both were scored on. Every run counts, a collapsed one with the score it got: on held-out
+    tasks a collapse is an outcome, not a missing value. A 95% t interval of the mean difference, the exact
+    two-sided sign-flip p, and Holm over the labels tested. Empty when the reference was not scored."""
+    if reference is None:
+        return []
+
+    def scored(g: Group) -> dict[int, float]:
+        return {r.seed: v for r in g.runs if (v := r.heldout_success()) == v}
+
+    ref = scored(reference)
+    if not ref:
+        return []
+    rows, p_values = [], []
+    for g in groups:
+        if g is reference:
+            continue
+        diffs = paired_differences(scored(g), ref)
+        tested = len(diffs) >= MIN_RANKED_SEEDS
+        p_values.append(sign_flip_test(diffs).two_sided if tested else math.nan)
+        rows.append(
+            {
+                "source": g.label,
+                "pairs": len(diffs),
+                "vs reference, held out, 95% t CI": t_interval(diffs).within(-1.0, 1.0) if tested else "-",
+                "sign-flip p": p_values[-1],
+                "sign-flip Holm": math.nan,
+                "smallest p": smallest_two_sided_p(len(diffs)) if tested else math.nan,
+            }
+        )
+    return [{**row, "sign-flip Holm": a} for row, a in zip(rows, holm(p_values), strict=True)]
 
 
 # ------------------------------------------------------------------ the recommendation
@@ -914,6 +963,7 @@ class _Findings:
     ranking: list[dict]
     reference: str | None  # the best exact source, against which `paired` compares
     paired: list[dict]
+    heldout_paired: list[dict]  # held-out success against the reference; empty where runs were not scored
     margin: float
     regime: list[dict]
     throughput: list[dict] | None  # only when the runs differ in mode (sync vs async)
@@ -929,6 +979,7 @@ def _findings(runs: list[Run], groups: list[Group], audit_groups: list[Group], m
         ranking=ranking_table(table),
         reference=reference.label if reference else None,
         paired=paired_table(found, margin),
+        heldout_paired=heldout_pairs(groups, reference),
         margin=margin,
         regime=regime_table(groups),
         throughput=throughput_table(groups) if len({r.config["mode"] for r in runs}) > 1 else None,
@@ -955,6 +1006,16 @@ def _paired_caption(found: _Findings) -> tuple[str, str]:
     )
 
 
+def _heldout_caption(found: _Findings) -> tuple[str, str]:
+    """(title, text) above the table of held-out success paired against the reference."""
+    return f"Held-out success paired against {found.reference}", (
+        "Each run's final checkpoint scored on held-out tasks (`twofold compare --heldout`; `held-out 95% t CI` "
+        "above), paired by seed with the reference's. Collapsed runs count with their score. The mean "
+        "difference with its 95% t interval, the exact two-sided sign-flip p and Holm over these rows. The "
+        "recommendation reads the training stream's final success, which every run has."
+    )
+
+
 def _summary_markdown(runs: list[Run], found: _Findings) -> str:
     paired_title, paired_caption = _paired_caption(found)
     md = [
@@ -972,6 +1033,11 @@ def _summary_markdown(runs: list[Run], found: _Findings) -> str:
         paired_caption,
         "",
         markdown_table(found.paired) if found.paired else "",
+    ]
+    if found.heldout_paired:
+        heldout_title, heldout_caption = _heldout_caption(found)
+        md += ["### " + heldout_title, "", heldout_caption, "", markdown_table(found.heldout_paired)]
+    md += [
         "## " + SECTIONS["overhead-table"],
         "",
         "Seconds are means per step after the first; `extra vs behavior` is the wall-clock cost over the "
@@ -1033,6 +1099,10 @@ def _html_page(runs: list[Run], groups: list[Group], found: _Findings, figs: dic
             title, caption = _paired_caption(found)
             body.append(f"<h3>{html.escape(title)}</h3><p>{html.escape(caption)}</p>")
             body.append(_html_table(found.paired) if found.paired else "")
+            if found.heldout_paired:
+                title, caption = _heldout_caption(found)
+                body.append(f"<h3>{html.escape(title)}</h3><p>{html.escape(caption)}</p>")
+                body.append(_html_table(found.heldout_paired))
             body.append("</section>")
             continue
         body += [_img(p) for p in figs[key]] or [f"<p>{html.escape(notes.get(key, 'No data.'))}</p>"]
