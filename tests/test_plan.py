@@ -2,6 +2,7 @@
 the verdict, `twofold plan`, the refusal at train start, and the plan against a measured run's memory/* metrics."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from conftest import SMALL, small_config
@@ -20,6 +21,7 @@ from twofold.pipeline.plan import (
     plan_error,
     planned_config,
     read_model_shapes,
+    verdict,
 )
 
 GIB = 2**30
@@ -316,6 +318,30 @@ def test_disk_snapshots_hold_no_memory_until_a_version_is_scored(qwen7b):
     assert "disk" in format_plan(disk)
 
 
+def test_disk_snapshots_are_checked_against_the_free_space_of_the_run_directory(qwen7b):
+    """The held version, 4P bytes, on a disk with 2P free: refused before the run starts, naming the key that
+    moves the snapshots; with 8P free it fits, and the verdict says how much of the free space it takes."""
+    full = Machine(0, 0, None, disk_free=2 * P_7B)
+    plan = plan_7b(qwen7b, "oldlogits.source=snapshot", "oldlogits.snapshot_device=disk", machine=full)
+    assert plan.device("disk").capacity == 2 * P_7B and plan.device("disk").overflow == 2 * P_7B
+    assert not plan.fits and plan_error(plan).field == plan.device("disk").parts[0].key
+    assert f"disk needs {4 * P_7B:,} bytes" in verdict(plan)
+    roomy = Machine(0, 0, None, disk_free=8 * P_7B)
+    assert plan_7b(qwen7b, "oldlogits.source=snapshot", "oldlogits.snapshot_device=disk", machine=roomy).fits
+
+
+def test_free_disk_asks_the_nearest_folder_that_exists(tmp_path, monkeypatch):
+    asked = []
+
+    def disk_usage(path):
+        asked.append(path)
+        return SimpleNamespace(total=100, used=40, free=60)
+
+    monkeypatch.setattr(P.shutil, "disk_usage", disk_usage)
+    assert P.free_disk(tmp_path / "runs" / "not-yet") == 60  # the run directory is made after its plan
+    assert asked == [tmp_path]
+
+
 def test_planned_config_keeps_device_names_of_another_machine():
     # this machine has no GPU: load_config refuses cuda:3, a plan for another machine takes it
     cfg = planned_config(None, ["trainer.device=cuda:3", "oldlogits.snapshot_device=cpu"])
@@ -398,11 +424,18 @@ def test_a_host_engine_without_native_bf16_holds_float32_weights(tiny_path):
 def test_train_refuses_a_run_larger_than_this_machine_before_building_it(tmp_path, tiny_path, monkeypatch):
     from twofold.pipeline.train import train
 
-    monkeypatch.setattr(P, "this_machine", lambda: Machine(0, 0, host_memory=2**20))  # 1 MiB of RAM
+    asked = []
+
+    def machine(run_dir=None):
+        asked.append(run_dir)
+        return Machine(0, 0, host_memory=2**20)  # 1 MiB of RAM
+
+    monkeypatch.setattr(P, "this_machine", machine)
     cfg = small_config(**{"model.path": str(tiny_path)})
     with pytest.raises(ConfigError, match=r"does not fit: cpu needs [\d,]+ bytes .* of 1.0 MiB"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    assert asked == [tmp_path / "run"]  # whose disk would hold disk snapshots
 
 
 def test_the_plan_of_a_run_on_this_cpu_is_logged_and_fits(tiny_path, caplog):

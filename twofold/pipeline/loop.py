@@ -178,7 +178,7 @@ class Pipeline:
         trainer_device = str(self.trainer.numerics.device)
         self.engine_sleeps = False
         if main:
-            shapes, machine = read_model_shapes(self.model_path), this_machine()
+            shapes, machine = read_model_shapes(self.model_path), this_machine(self.run_dir)
             # an explicit engine.sleep is checked with the config (sync, embedded) and, for vLLM, as its engine
             # starts; empty, the plan decides
             sleep = cfg.engine.sleep

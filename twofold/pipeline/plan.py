@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ LOGIT_BUFFERS = 3
 KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEVICE_KEYS = ("trainer.device", "engine.device", "oldlogits.device", "oldlogits.snapshot_device")
 HOST = "cpu"
-DISK = "disk"  # `oldlogits.snapshot_device=disk`: files, not memory; its capacity is not checked
+DISK = "disk"  # `oldlogits.snapshot_device=disk`: files, checked against the free space where the run writes
 
 # What a part is (one name each: tests and the refusal message look parts up by it).
 TRAINER_WEIGHTS = "trainer weights"
@@ -240,6 +241,8 @@ class Machine:
     # The host CPU multiplies bf16 natively (AVX512-BF16, AMX); without it the built-in engine holds its bf16
     # weights as float32 (`engine.builtin.hold_weights_in_float32_`), twice the bytes.
     host_bf16_matmul: bool = True
+    # Free bytes on the file system of the run directory, which holds disk snapshots; None: not checked.
+    disk_free: int | None = None
 
 
 @dataclass(frozen=True)
@@ -579,7 +582,7 @@ def _merge(placed: Sequence[tuple[str, Part]], machine: Machine) -> tuple[Device
         for (kind, detail, key, phase), same in by_device[device].items():
             count = f"{len(same)} ranks x " if len(same) > 1 else ""
             parts.append(Part(kind, count + detail, sum(p.nbytes for p in same), key, phase))
-        capacity = {HOST: machine.host_memory, DISK: None}.get(device, machine.gpu_memory)
+        capacity = {HOST: machine.host_memory, DISK: machine.disk_free}.get(device, machine.gpu_memory)
         out.append(DevicePlan(device, capacity, tuple(parts)))
     return tuple(out)
 
@@ -738,20 +741,34 @@ def total_ram(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def this_machine() -> Machine:
-    """This machine: its GPUs (the smallest one's memory for all) and its RAM."""
+def free_disk(path: Path) -> int | None:
+    """Free bytes of the file system that `path` is on, or will be: the nearest folder of it that exists is
+    asked (a run directory is made after its plan); None where the OS does not say."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def this_machine(run_dir: Path | None = None) -> Machine:
+    """This machine: its GPUs (the smallest one's memory for all), its RAM and, given the run directory, the
+    free space where its disk snapshots would go."""
     import torch  # here: `twofold plan` for another machine never needs it
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     memory = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
     bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return Machine(gpus, memory, total_ram(), host_bf16_matmul=bf16)
+    disk = free_disk(run_dir) if run_dir is not None else None
+    return Machine(gpus, memory, total_ram(), host_bf16_matmul=bf16, disk_free=disk)
 
 
-def check_memory_plan(cfg: Config, model_path: Path) -> MemoryPlan:
+def check_memory_plan(cfg: Config, model_path: Path, run_dir: Path | None = None) -> MemoryPlan:
     """The plan of `cfg` on this machine, logged; one that cannot fit is refused (ConfigError) before anything
     is placed on a device. Only the embedded runtime is refused: Ray places parts on nodes of its own."""
-    plan = memory_plan(cfg, read_model_shapes(model_path), this_machine())
+    plan = memory_plan(cfg, read_model_shapes(model_path), this_machine(run_dir))
     log.info("%s", format_plan(plan))
     if not plan.fits and cfg.runtime.backend == "embedded":
         raise plan_error(plan)

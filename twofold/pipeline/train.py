@@ -37,7 +37,9 @@ def train(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> 
     model_path = resolve_model_path(  # the warm start is built here; a resumed run loads the folder it recorded
         cfg, progress=cfg.run.progress, check_budget=local, run_dir=run_dir if resume else None
     )
-    check_memory_plan(cfg, model_path)  # logged; a run that cannot fit this machine stops before it loads a weight
+    # logged; a run that cannot fit this machine (or its disk snapshots the run directory's disk) stops before it
+    # loads a weight
+    check_memory_plan(cfg, model_path, Path(run_dir or cfg.run.dir or default_run_dir(cfg)))
     if cfg.runtime.backend == "embedded" and cfg.trainer.world_size == 1:
         pipeline = Pipeline(cfg, run_dir, resume=resume, model_path=model_path)
         return pipeline.run_dir, pipeline.run()
