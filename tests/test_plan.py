@@ -330,6 +330,15 @@ def test_disk_snapshots_are_checked_against_the_free_space_of_the_run_directory(
     assert plan_7b(qwen7b, "oldlogits.source=snapshot", "oldlogits.snapshot_device=disk", machine=roomy).fits
 
 
+def test_a_resumed_run_counts_the_snapshot_files_its_store_will_remove_as_free(tmp_path, monkeypatch):
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**6, used=10**6 - 60, free=60))
+    left = tmp_path / "run" / "snapshots" / "rank0-1234"
+    left.mkdir(parents=True)
+    (left / "version_7.pt").write_bytes(b"x" * 100)
+    assert P.this_machine(tmp_path / "run").disk_free == 160
+    assert P.this_machine(tmp_path / "fresh").disk_free == 60 and P.this_machine().disk_free is None
+
+
 def test_free_disk_asks_the_nearest_folder_that_exists(tmp_path, monkeypatch):
     asked = []
 
@@ -364,6 +373,12 @@ def test_plan_command_exit_codes(qwen7b, capsys):
     assert "fits: cuda:0 49.3 GiB of 80.0 GiB" in capsys.readouterr().out
     assert main(["plan", *common, "--gpu-memory", "lots"]) == 2  # a size it cannot read: a config error
     assert "--gpu-memory" in capsys.readouterr().err
+    # the held 7B version on disk, 4P = 28.4 GiB, against 10 GiB free: refused, naming the disk
+    cpu = [f"model.path={qwen7b}", "model.warmstart=false", "oldlogits.source=snapshot"]
+    disk = [*cpu, "trainer.device=cpu", "oldlogits.snapshot_device=disk", "--gpus", "0"]
+    assert main(["plan", *disk, "--disk-free", "10GiB"]) == 1
+    out, err = capsys.readouterr()
+    assert "10.0 GiB free on disk" in out and "disk needs" in err
 
 
 # --------------------------------------------------------------------------- against a measured run

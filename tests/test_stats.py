@@ -422,7 +422,7 @@ def test_held_out_success_is_tabled_and_paired_against_the_reference(grid):
     table, _, _ = _table_and_pairings(grid)
     # snapshot: mean 0.575, deviations +-0.075, +-0.025: s = sqrt(0.0125 / 3) = 0.06455, half 3.1824 * s / 2 = 0.1027
     assert table["snapshot"]["held-out 95% t CI"] == "0.575 [0.472, 0.678]"
-    assert table["ewma"]["held-out 95% t CI"] == "0.55 [0.55, 0.55]"  # two equal scores: a point
+    assert table["ewma"]["held-out 95% t CI"] == "0.55 [0.55, 0.55] (2 of 4 scored)"  # two equal scores: a point
     assert table["behavior"]["held-out 95% t CI"] == "-"
     groups = group_runs([r for r in load_runs([grid]) if not r.audit])
     rows = {r["source"]: r for r in report.heldout_pairs(groups, best_exact(groups))}
@@ -443,9 +443,31 @@ def test_held_out_success_is_tabled_and_paired_against_the_reference(grid):
 
 def test_a_report_of_unscored_runs_has_no_held_out_pairing(grid):
     _, markdown = write_report([grid], grid / "report")
-    assert "Held-out success paired" not in markdown
+    assert "Held-out success paired" not in markdown and "held-out 95% t CI" not in markdown.split("###")[0]
     groups = group_runs([r for r in load_runs([grid]) if not r.audit])
     assert report.heldout_pairs(groups, best_exact(groups)) == []
+
+
+def test_held_out_scores_of_other_tasks_or_of_an_earlier_step_are_not_paired(grid):
+    def score(cell, success, eval_seed=1000, step=6):
+        record = {"success_rate": success, "eval_seed": eval_seed, "episodes_requested": 64, "checkpoint_step": step}
+        (grid / cell / "heldout.json").write_text(json.dumps(record))
+
+    for seed in range(4):
+        score(f"snapshot-seed{seed}", 0.5)
+        (grid / f"snapshot-seed{seed}" / "summary.json").write_text(json.dumps({"steps": 6, "finished": True}))
+    score("recompute-seed0", 0.3)
+    score("recompute-seed1", 0.4)
+    score("recompute-seed2", 0.9, eval_seed=7)  # other tasks than the reference's
+    score("recompute-seed3", 0.9)
+    # seed 3's score is of step 4 of a run that went on to step 6: not its final checkpoint's
+    (grid / "snapshot-seed3" / "heldout.json").write_text(
+        json.dumps({"success_rate": 0.5, "eval_seed": 1000, "episodes_requested": 64, "checkpoint_step": 4})
+    )
+    groups = group_runs([r for r in load_runs([grid]) if not r.audit])
+    rows = {r["source"]: r for r in report.heldout_pairs(groups, best_exact(groups))}
+    assert rows["recompute"]["pairs"] == 2  # seeds 0 and 1: -0.2, -0.1
+    assert rows["recompute"]["vs reference, held out, 95% t CI"].mean == pytest.approx(-0.15)
 
 
 def test_error_axis_is_log_unless_an_exact_zero_must_be_drawn():

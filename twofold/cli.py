@@ -65,11 +65,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    """Print the memory plan of a config on a machine described by --gpus, --gpu-memory, --host-memory; exit 1
-    when it does not fit. A model folder's config.json is the one file read."""
+    """Print the memory plan of a config on a machine described by --gpus, --gpu-memory, --host-memory (and
+    --disk-free, for disk snapshots); exit 1 when it does not fit. A model folder's config.json is the one file
+    read."""
     cfg = planned_config(args.config, args.overrides)
     gpu_memory = parse_bytes(args.gpu_memory, "--gpu-memory")
-    machine = Machine(args.gpus, gpu_memory or 0, parse_bytes(args.host_memory, "--host-memory"))
+    disk_free = parse_bytes(args.disk_free, "--disk-free")
+    machine = Machine(args.gpus, gpu_memory or 0, parse_bytes(args.host_memory, "--host-memory"), disk_free=disk_free)
     folder = Path(cfg.model.path).expanduser()
     if not (cfg.model.path and folder.is_dir()):
         # the tiny model, a .gguf file or a Hub ID, resolved as a run would; the tiny model's shapes do not
@@ -421,6 +423,12 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--gpus", type=int, default=1, help="GPUs of the machine (default 1; 0: a CPU machine)")
     p.add_argument("--gpu-memory", default="80GiB", help="memory of each GPU, e.g. 80GiB (default) or 24GB")
     p.add_argument("--host-memory", default="1TiB", help="host memory, e.g. 1TiB (default) or 512GB")
+    p.add_argument(
+        "--disk-free",
+        default="",
+        help="free disk space where the run writes, e.g. 50GiB, checked against disk snapshots "
+        "(oldlogits.snapshot_device=disk); default: not checked",
+    )
     p = _with_config(
         sub, "compare", cmd_compare, "Train every old-logit source x seed (same data) and write a comparison report"
     )

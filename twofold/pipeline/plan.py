@@ -39,6 +39,7 @@ from pathlib import Path
 
 from twofold.config import Config, ConfigError, LoraConfig, load_config, parse_bytes
 from twofold.engine.placement import publish_bytes, sleep_frees_trainer_gpu, weight_transfer_path
+from twofold.pipeline.rundir import leftover_snapshot_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ LOGIT_BUFFERS = 3
 KNOWN_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEVICE_KEYS = ("trainer.device", "engine.device", "oldlogits.device", "oldlogits.snapshot_device")
 HOST = "cpu"
-DISK = "disk"  # `oldlogits.snapshot_device=disk`: files, checked against the free space where the run writes
+# `oldlogits.snapshot_device=disk`: files, checked against the free space where the run writes (its checkpoints
+# are not counted: a plan that fits says the snapshots fit, not that the whole run does)
+DISK = "disk"
 
 # What a part is (one name each: tests and the refusal message look parts up by it).
 TRAINER_WEIGHTS = "trainer weights"
@@ -698,7 +701,8 @@ def format_plan(plan: MemoryPlan) -> str:
     sleeping = ["the engine sleeps between steps (engine.sleep): it holds its memory while generating"]
     lines = [
         f"memory plan: {s.name or 'model'} ({s.model_type or 'unknown type'}), {n.base:,} parameters, {tuning}",
-        f"machine: {gpus}, host {format_bytes(m.host_memory)}",
+        f"machine: {gpus}, host {format_bytes(m.host_memory)}"
+        + (f", {format_bytes(m.disk_free)} free on disk" if m.disk_free is not None else ""),
         *(sleeping if plan.engine_sleeps else []),
         *(f"warning: {w}" for w in plan.warnings),
         "",
@@ -761,7 +765,9 @@ def this_machine(run_dir: Path | None = None) -> Machine:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     memory = min((torch.cuda.get_device_properties(i).total_memory for i in range(gpus)), default=0)
     bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    disk = free_disk(run_dir) if run_dir is not None else None
+    # a resumed run's store removes the snapshot files its stopped run left, so their bytes count as free
+    free = free_disk(run_dir) if run_dir is not None else None
+    disk = free + leftover_snapshot_bytes(run_dir) if free is not None else None
     return Machine(gpus, memory, total_ram(), host_bf16_matmul=bf16, disk_free=disk)
 
 

@@ -11,6 +11,7 @@ Layout:
     snapshots/             weight snapshots while the run holds them (`oldlogits.snapshot_device=disk`), a
                            directory per process, removed with it
     run.lock               held (flock) by the process writing the run; holds its pid
+    heldout.json           the final checkpoint scored on held-out tasks (`twofold compare --heldout`)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 from twofold.config import Config, ConfigError
 
 SNAPSHOT_DIRECTORY = "snapshots"
+HELDOUT_FILE = "heldout.json"
 # In a `twofold export` folder (export.py): which run, step and version it came from.
 EXPORT_INFO = "twofold_export.json"
 EXPORT_CONFIG = "twofold_config.yaml"  # an export's copy of its run's config.yaml
@@ -172,6 +174,31 @@ def summary(run_dir: Path) -> dict | None:
         return json.loads((Path(run_dir) / "summary.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def heldout_result(run_dir: Path) -> dict | None:
+    """The run's HELDOUT_FILE: its final checkpoint scored on held-out tasks; None where it was not scored, or
+    where the score is of another step than the run's last (a run extended after it was scored)."""
+    try:
+        found = json.loads((Path(run_dir) / HELDOUT_FILE).read_text())
+        found["success_rate"] = float(found["success_rate"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    scored, last = found.get("checkpoint_step"), (summary(run_dir) or {}).get("steps")
+    return None if scored is not None and last is not None and scored != last else found
+
+
+def heldout_success(run_dir: Path) -> float | None:
+    """`heldout_result`'s success rate; None where there is none."""
+    found = heldout_result(run_dir)
+    return None if found is None else found["success_rate"]
+
+
+def leftover_snapshot_bytes(run_dir: Path) -> int:
+    """Bytes of snapshot files a stopped run left in RUN_DIR/snapshots/: the run's next store removes them as it
+    opens (`SnapshotStore`), so a resumed run may count them as free."""
+    folder = Path(run_dir) / SNAPSHOT_DIRECTORY
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
 
 
 def default_run_dir(cfg: Config) -> Path:

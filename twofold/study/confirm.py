@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twofold import metrics as M
-from twofold.pipeline.rundir import read_metrics
-from twofold.study.heldout import heldout_success  # the primary endpoint
+from twofold.pipeline.rundir import heldout_success, read_metrics  # heldout_success: the primary endpoint
 from twofold.study.report import Group, load_runs
 from twofold.study.stats import fisher_collapses, holm, sign_flip_test, t_interval
 

@@ -25,10 +25,9 @@ from pathlib import Path
 from twofold.config import Config, load_config
 from twofold.envs.seeding import EVAL_SEED_OFFSET
 from twofold.pipeline.export import EXPORT_INFO, export_run
-from twofold.pipeline.rundir import summary
+from twofold.pipeline.rundir import HELDOUT_FILE, summary
 from twofold.trainer.warmstart import evaluate
 
-HELDOUT_FILE = "heldout.json"
 MODEL_DIR = "heldout-model"
 
 
@@ -47,14 +46,6 @@ def heldout_config(cfg: Config, spec: HeldoutSpec) -> Config:
     """The run's config as the evaluation sees it: the spec's seed in place of the run's (so the levels and the
     sampling seed are the spec's), and no simulated env latency."""
     return dataclasses.replace(cfg, seed=spec.seed, env=dataclasses.replace(cfg.env, step_latency_ms=0.0))
-
-
-def heldout_success(run_dir: Path) -> float | None:
-    """The held-out success of a run's final checkpoint (RUN_DIR/heldout.json); None where not evaluated."""
-    try:
-        return float(json.loads((Path(run_dir) / HELDOUT_FILE).read_text())["success_rate"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return None
 
 
 def final_step(run_dir: Path) -> int | None:

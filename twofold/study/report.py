@@ -27,9 +27,8 @@ import yaml
 
 from twofold import metrics as M
 from twofold.config import EXACT_SOURCES, ConfigError
-from twofold.pipeline.rundir import read_metrics
+from twofold.pipeline.rundir import heldout_result, read_metrics
 from twofold.rollout.versions import LAG_BUCKETS
-from twofold.study.heldout import heldout_success
 from twofold.study.stats import (
     Interval,
     collapse_step,
@@ -107,10 +106,15 @@ class Run:
         tail = [v for v in self.series(M.SUCCESS_RATE)[-SMOOTH:] if v == v]
         return sum(tail) / len(tail) if tail else math.nan
 
-    def heldout_success(self) -> float:
+    def heldout(self) -> float:
         """Success of the final checkpoint on held-out tasks (`twofold compare --heldout`); NaN where not scored."""
-        found = heldout_success(self.path)
-        return math.nan if found is None else found
+        found = heldout_result(self.path)
+        return math.nan if found is None else found["success_rate"]
+
+    def heldout_setting(self) -> tuple | None:
+        """(evaluation seed, episodes) of the held-out score: which tasks it played; None where not scored."""
+        found = heldout_result(self.path)
+        return None if found is None else (found.get("eval_seed"), found.get("episodes_requested"))
 
     def best_success(self) -> float:
         """Best SMOOTH-step mean of success (full windows only, unless the run is shorter)."""
@@ -181,7 +185,13 @@ class Group:
     def heldout_interval(self) -> Interval:
         """Mean held-out success over the runs that were scored (`t_interval` drops the NaN of the others), with
         its 95% t interval cut to [0, 1]."""
-        return self.interval_of(Run.heldout_success)
+        return self.interval_of(Run.heldout)
+
+    def heldout_text(self) -> str:
+        """`heldout_interval` as text, with how many of the runs it is over when some were not scored."""
+        scored = sum(r.heldout() == r.heldout() for r in self.runs)
+        text = _interval_text(self.heldout_interval())
+        return text if scored in (0, len(self.runs)) else f"{text} ({scored} of {len(self.runs)} scored)"
 
     def stale_dropped_text(self) -> str:
         """Stale-dropped groups per run: the mean, and the range over seeds when they differ; '-' if not logged."""
@@ -299,7 +309,7 @@ def source_table(groups: list[Group], audit_groups: list[Group]) -> list[dict]:
                 "final success": finals[g.label].mean,
                 "final 95% t CI": _interval_text(finals[g.label]),
                 "held-out success": heldout[g.label].mean,
-                "held-out 95% t CI": _interval_text(heldout[g.label]),
+                "held-out 95% t CI": g.heldout_text(),
                 "best success": best.mean,
                 "best 95% t CI": _interval_text(best),
                 "rank": ranks.get(g.label, math.nan),
@@ -332,7 +342,8 @@ def ranking_table(table: list[dict]) -> list[dict]:
         return (_nan_last(r["rank"]), _nan_last(-r["final success"]))
 
     rows = sorted(table, key=order)
-    return [{k: r[k] for k in RANKING_COLUMNS} for r in rows]
+    scored = any(r["held-out 95% t CI"] != "-" for r in rows)
+    return [{k: r[k] for k in RANKING_COLUMNS if scored or k != "held-out 95% t CI"} for r in rows]
 
 
 # ------------------------------------------------------------------ collapses and paired comparisons
@@ -462,19 +473,23 @@ def paired_table(found: list[Pairing], margin: float = NONINFERIORITY_MARGIN) ->
 
 
 def heldout_pairs(groups: list[Group], reference: Group | None) -> list[dict]:
-    """Held-out success (`twofold compare --heldout`) of every label against the reference's, paired by seed
-    over the seeds both were scored on. Every run counts, a collapsed one with the score it got: on held-out
-    tasks a collapse is an outcome, not a missing value. A 95% t interval of the mean difference, the exact
-    two-sided sign-flip p, and Holm over the labels tested. Empty when the reference was not scored."""
+    """Held-out success (`twofold compare --heldout`) of every label g against the reference's, paired by seed:
+    d_s = h_g(s) - h_ref(s) over the seeds s both were scored on, with the same tasks (evaluation seed and
+    episodes) as most of the reference's runs; runs scored otherwise are left out. Every run counts, a collapsed
+    one with the score it got: on held-out tasks a collapse is an outcome, not a missing value. Per label: the
+    mean of d with its 95% t interval, the exact two-sided sign-flip p, and Holm over the labels tested. Empty
+    when the reference was not scored."""
     if reference is None:
         return []
+    settings = [r.heldout_setting() for r in reference.runs if r.heldout_setting() is not None]
+    if not settings:
+        return []
+    setting = max(settings, key=settings.count)
 
     def scored(g: Group) -> dict[int, float]:
-        return {r.seed: v for r in g.runs if (v := r.heldout_success()) == v}
+        return {r.seed: r.heldout() for r in g.runs if r.heldout_setting() == setting}
 
     ref = scored(reference)
-    if not ref:
-        return []
     rows, p_values = [], []
     for g in groups:
         if g is reference:
