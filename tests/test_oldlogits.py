@@ -115,6 +115,19 @@ def test_snapshot_ewma_fallback_resets_and_reports_like_a_plain_ewma(tiny_path):
     assert fallback_source.metrics()["ewma/resets"] == 1
 
 
+def test_resets_on_three_steps_in_a_row_warn_once_that_the_rule_is_looping(tiny_path, caplog):
+    cfg = small_config()
+    model = load_model(tiny_path)
+    source = make_source(cfg, ctx_for(cfg), model, kind="ewma")
+    ratios = [0.1, 0.1, 1.0, 0.1, 0.1, 0.1, 0.1, 0.1]  # a reset below tau = 0.9: runs of 2, then of 5
+    with caplog.at_level("WARNING", logger="twofold.oldlogits.approximate"):
+        for r in ratios:
+            source.after_step(model, {"ppo/active_token_ratio": r})
+    assert source.ewma.num_resets == 7
+    warnings = [m for m in caplog.messages if "reset rule fired on 3 steps in a row" in m]
+    assert len(warnings) == 1 and "oldlogits.ewma_auto_reset=false" in warnings[0]
+
+
 # --------------------------------------------------------------------------- per-step metrics
 
 

@@ -8,6 +8,7 @@ ewma        revised PPO-EWMA: pi_prox from a bias-corrected EWMA of the paramete
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
@@ -18,6 +19,12 @@ from twofold.models import state_dict_bytes
 from twofold.oldlogits.base import CapturingSource, OldLogitSource, SourceContext, capture, with_parameters
 from twofold.oldlogits.ewma import ParameterEWMA, staleness_beta
 from twofold.rollout.trajectory import Batch
+
+log = logging.getLogger(__name__)
+# Resets on this many consecutive steps: the rule may be looping (each reset makes pi_old the current weights, the
+# r_d mask still cuts the same tokens, the ratio stays under tau). In the study such streaks came before each
+# `ewma` run with the rule that ended collapsed, and one run recovered from them (docs/results.md, E3 and H4).
+RESET_LOOP_STEPS = 3
 
 
 def interpolate_proximal_logprobs(
@@ -114,6 +121,7 @@ class EWMASource(OldLogitSource):
         self.model = model
         self.tau, self.auto_reset, self.reset_cooldown = tau, auto_reset, reset_cooldown
         self.last_reset = False
+        self.consecutive_resets = 0
 
     def old_logprobs(self, batch: Batch, current_logprobs, version):
         return self._timed(with_parameters, self.model, self.ewma.params, lambda m: self.ctx.score_rows(m, batch))
@@ -124,6 +132,16 @@ class EWMASource(OldLogitSource):
     def after_step(self, model, metrics):
         ratio = metrics.get(M.ACTIVE_TOKEN_RATIO, 1.0)
         self.last_reset = self.auto_reset and self.ewma.maybe_reset(model, ratio, self.tau, self.reset_cooldown)
+        self.consecutive_resets = self.consecutive_resets + 1 if self.last_reset else 0
+        if self.consecutive_resets == RESET_LOOP_STEPS:  # once per run of resets
+            log.warning(
+                "ewma: the reset rule fired on %d steps in a row (active-token ratio %.3g < oldlogits.ewma_reset_tau "
+                "%g): it may be looping, as before the collapsed runs of docs/results.md; "
+                "oldlogits.ewma_auto_reset=false, a smaller ewma_reset_tau or oldlogits.source=snapshot stops it",
+                self.consecutive_resets,
+                ratio,
+                self.tau,
+            )
 
     def extra_bytes(self):
         return state_dict_bytes(self.ewma.params)
