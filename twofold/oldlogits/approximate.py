@@ -23,7 +23,7 @@ from twofold.rollout.trajectory import Batch
 log = logging.getLogger(__name__)
 # Resets on this many consecutive steps: the rule may be looping (each reset makes pi_old the current weights, the
 # r_d mask still cuts the same tokens, the ratio stays under tau). In the study such streaks came before each
-# `ewma` run with the rule that ended collapsed, and one run recovered from them (docs/results.md, E3 and H4).
+# `ewma` run with the rule that ended collapsed, and one run came through them (docs/results.md, E3 and H4).
 RESET_LOOP_STEPS = 3
 
 
