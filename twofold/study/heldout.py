@@ -25,7 +25,7 @@ from pathlib import Path
 from twofold.config import Config, load_config
 from twofold.envs.seeding import EVAL_SEED_OFFSET
 from twofold.pipeline.export import EXPORT_INFO, export_run
-from twofold.pipeline.rundir import HELDOUT_FILE, summary
+from twofold.pipeline.rundir import HELDOUT_FILE, heldout_result, summary
 from twofold.trainer.warmstart import evaluate
 
 MODEL_DIR = "heldout-model"
@@ -56,15 +56,9 @@ def final_step(run_dir: Path) -> int | None:
 
 def heldout_done(run_dir: Path, spec: HeldoutSpec) -> bool:
     """Whether RUN_DIR/heldout.json holds this spec's evaluation of the run's final checkpoint."""
-    try:
-        found = json.loads((Path(run_dir) / HELDOUT_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    return (found.get("episodes_requested"), found.get("eval_seed"), found.get("checkpoint_step")) == (
-        spec.episodes,
-        spec.seed,
-        final_step(run_dir),
-    )
+    found = heldout_result(run_dir) or {}
+    scored = (found.get("episodes_requested"), found.get("eval_seed"), found.get("checkpoint_step"))
+    return scored == (spec.episodes, spec.seed, final_step(run_dir))
 
 
 def exported_final(run_dir: Path, step: int) -> Path:

@@ -77,6 +77,7 @@ class Run:
     path: Path
     config: dict
     rows: list[dict]
+    heldout_record: dict | None = None  # its HELDOUT_FILE (`rundir.heldout_result`), read once with the metrics
 
     @property
     def source(self) -> str:
@@ -108,12 +109,11 @@ class Run:
 
     def heldout(self) -> float:
         """Success of the final checkpoint on held-out tasks (`twofold compare --heldout`); NaN where not scored."""
-        found = heldout_result(self.path)
-        return math.nan if found is None else found["success_rate"]
+        return math.nan if self.heldout_record is None else self.heldout_record["success_rate"]
 
     def heldout_setting(self) -> tuple | None:
         """(evaluation seed, episodes) of the held-out score: which tasks it played; None where not scored."""
-        found = heldout_result(self.path)
+        found = self.heldout_record
         return None if found is None else (found.get("eval_seed"), found.get("episodes_requested"))
 
     def best_success(self) -> float:
@@ -226,7 +226,7 @@ def load_runs(paths: list[Path]) -> list[Run]:
         for q in candidates:
             rows = read_metrics(q / "metrics.jsonl")
             if rows and (q / "config.yaml").exists():
-                runs.append(Run(q, yaml.safe_load((q / "config.yaml").read_text()), rows))
+                runs.append(Run(q, yaml.safe_load((q / "config.yaml").read_text()), rows, heldout_result(q)))
     return runs
 
 
