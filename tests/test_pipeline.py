@@ -269,39 +269,50 @@ def test_free_heap_pages_go_back_at_each_step(tmp_path, tiny_path, monkeypatch, 
     assert made[0] == () and all(bound == (loop.TRIM_MIN_FREE_BYTES,) for bound in made[1:])  # per step: bounded
 
 
-def _trainer_bound(threads, walls):
+def _steps(threads, walls, tokens=100.0):
+    """Observe steps of `tokens` batch tokens taking `walls` seconds; the split each ran with, in order."""
+    ran = []
     for wall in walls:
-        threads.observe(idle=0.01 * wall, wall=wall)  # waited 1% < 5%: the trainer bounds the step
+        ran.append(threads.split)
+        threads.observe(tokens=tokens, wall=wall)
+    return ran
 
 
-def test_cpu_threads_keep_the_split_only_where_it_was_measured_faster():
+def test_cpu_threads_alternate_blocks_and_keep_the_split_only_where_it_was_measured_faster():
     threads = loop.CpuThreads(5)
     assert (threads.rollout(), threads.trainer()) == (5, 5)  # a run starts sharing every thread
-    _trainer_bound(threads, [1.0, 1.0])
-    assert not threads.split  # two of three shared trial steps
-    _trainer_bound(threads, [1.0])
-    assert (threads.rollout(), threads.trainer()) == (2, 3)  # three shared: the split's trial begins
-    _trainer_bound(threads, [0.8, 0.9, 0.7])
-    assert threads.keep_split and threads.split  # 0.8 on average < 0.95 x 1.0: kept
-    threads.observe(idle=0.25, wall=1.0)  # 25% > 20%: rollouts bound the step, every thread to both
-    assert (threads.rollout(), threads.trainer()) == (5, 5)
-    threads.observe(idle=0.1, wall=1.0)  # 10%: between the thresholds, no change
-    assert not threads.split
-    _trainer_bound(threads, [1.0])
-    assert threads.split  # the verdict stands, no second trial
+    # warm-up, then blocks of two steps: shared, split, shared, split, shared, split (12 steps)
+    # the timed steps (each block's second): shared 1.0, 1.0, 1.0 s; split 0.8, 0.9, 0.7 s
+    walls = [9.0, 5.0, 1.0, 5.0, 0.8, 5.0, 1.0, 5.0, 0.9, 5.0, 1.0, 5.0, 0.7]
+    ran = _steps(threads, walls[:-1])
+    assert ran == [False, False, False, True, True, False, False, True, True, False, False, True]
+    assert threads.keep_split is None and (threads.rollout(), threads.trainer()) == (2, 3)  # the last timed step
+    _steps(threads, walls[-1:])
+    # 300 tokens / 2.4 s = 125 a second split against 100 shared: > 1.05 x 100, kept; the untimed 5 s steps ignored
+    assert threads.keep_split is True and (threads.rollout(), threads.trainer()) == (2, 3)
+    assert _steps(threads, [50.0, 0.1]) == [True, True]  # the verdict stands whatever later steps take
 
     slower = loop.CpuThreads(2)
-    _trainer_bound(slower, [1.0, 1.0, 1.0, 0.97, 0.96, 0.97])  # 0.967 is not 5% below 1.0
+    _steps(slower, [1.0, 1.0, 1.0, 1.0, 0.97, 1.0, 1.0, 1.0, 0.96, 1.0, 1.0, 1.0, 0.97])
+    # 300 / 2.9 = 103.4 a second split, not 5% above 100
     assert slower.keep_split is False and (slower.rollout(), slower.trainer()) == (2, 2)
-    one = loop.CpuThreads(1)
-    _trainer_bound(one, [1.0] * 3)
+
+    longer = loop.CpuThreads(2)  # the split's steps are slower but carry more tokens: measured in tokens a second
+    for _ in range(12):
+        longer.observe(tokens=100, wall=1.0)
+    longer.observe(tokens=150, wall=1.3)
+    # split timed steps: 100/1.0, 100/1.0, 150/1.3 -> 350 / 3.3 = 106.1 a second, above 105
+    assert longer.keep_split is True
+
+    one = loop.CpuThreads(1)  # one thread: nothing to split, no trial
+    assert _steps(one, [1.0] * 13) == [False] * 13 and one.keep_split is None
     assert (one.rollout(), one.trainer()) == (1, 1)
 
 
 def test_an_async_run_gives_the_rollout_thread_its_share_and_restores_the_trainers(tmp_path, tiny_path, monkeypatch):
     """With the split on, the engine's forwards in the rollout thread run on the rollout's share of the threads;
     after the run the calling thread has its own count back."""
-    monkeypatch.setattr(loop.CpuThreads, "observe", lambda self, idle, wall: None)
+    monkeypatch.setattr(loop.CpuThreads, "observe", lambda self, tokens, wall: None)
     monkeypatch.setattr(loop.CpuThreads, "rollout", lambda self: 1)
     seen = []
     generate = BuiltinEngine.generate

@@ -487,11 +487,12 @@ class RunConfig:
     progress: bool = setting(True, "Show progress bars.")
     split_cpu_threads: bool = setting(
         True,
-        "Async mode, rollouts in this process: when the trainer bounds the step (it waited under 5% of the last "
-        "step for its batch), try giving it and the rollout thread half of torch's CPU threads each instead of "
-        "both all of them (two full OpenMP teams oversubscribe the cores): 3 steps each way, and the split is kept "
-        "only if 5% faster (`pipeline.cpu_threads`). On 2 cores the split made the tiny model's single-turn async "
-        "step 1.6x faster and SmolLM2-135M's 22-45% slower (docs/benchmarks.md). false: both always use all.",
+        "Async mode, rollouts in this process: measure, in the run, whether the trainer and the rollout thread go "
+        "faster with half of torch's CPU threads each than both with all of them (two full OpenMP teams "
+        "oversubscribe the cores), and keep the faster way: after the first step, blocks of 2 steps alternate, 3 "
+        "each way, timing each block's last step in batch tokens a second; the split is kept only if 5% faster "
+        "(`pipeline.cpu_threads`). On 2 cores the split made the tiny model's single-turn async step 1.6x faster "
+        "and SmolLM2-135M's 22-45% slower (docs/benchmarks.md). false: both always use all.",
     )
     return_freed_memory: bool = setting(
         False,

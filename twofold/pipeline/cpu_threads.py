@@ -2,55 +2,54 @@
 
 from __future__ import annotations
 
-SPLIT_BELOW = 0.05  # the trainer waited for its batch less than this fraction of its step: both compute at once
-SHARE_ABOVE = 0.20  # more than this: rollouts bound the step, and both use every thread
-TRIAL_STEPS = 3  # steps timed each way before the run keeps one
-MIN_GAIN = 0.05  # the split is kept only if its steps are this much shorter
+WARMUP_STEPS = 1  # the first step fills the pipeline (the trainer waits for every rollout): not timed
+BLOCK_STEPS = 2  # steps run one way before the trial switches; only the block's last step is timed
+TRIAL_BLOCKS = 3  # blocks each way: the trial is 2 x 3 x 2 = 12 steps, 3 of them timed each way
+MIN_GAIN = 0.05  # the split is kept only if its timed steps went through this much more tokens a second
 
 
 class CpuThreads:
-    """torch's CPU threads for the trainer and for the rollout thread (each thread has its own OpenMP team), decided
-    once a step from how long the trainer waited for its batch and what the split has been measured to give
-    (`run.split_cpu_threads`).
+    """torch's CPU threads for the trainer and for the rollout thread (each thread has its own OpenMP team), measured
+    in the run and then fixed (`run.split_cpu_threads`).
 
-    Why: when the trainer bounds the step (it hardly waits), the two compute at once, and two teams of every thread
-    on the same cores oversubscribe them. Whether giving each side half pays depends on the kernels: on the tiny
-    model each op is too small for two threads to share, the teams' spinning dominates, and the split made the
-    single-turn async step 1.6x faster; on SmolLM2-135M the trainer's GEMMs use both threads well, and the split
-    made the step 22-45% slower (docs/benchmarks.md). So the run measures it: the first `TRIAL_STEPS` steps the trainer
-    bounds run shared, the next as many split, and the faster way (the split only if `MIN_GAIN` faster) is kept for
-    every later step the trainer bounds. When the trainer waits for rollouts (tool latency, generation bounds the
-    step), the engine needs every thread, and both keep all; between the two thresholds a run keeps its threads,
-    so it does not switch every step."""
+    Why: in async mode the two compute at once, and two teams of every thread on the same cores oversubscribe them.
+    Whether giving each side half pays depends on the kernels and on what bounds the step: on the tiny model each op
+    is too small for two threads to share, the teams' spinning dominates, and the split made the single-turn async
+    step 1.6x faster; on SmolLM2-135M the trainer's GEMMs use both threads well, and the split made the step 22-45%
+    slower (docs/benchmarks.md). So the run measures it on its own mix of steps, whatever bounds each one: after
+    `WARMUP_STEPS`, blocks of `BLOCK_STEPS` steps alternate between every thread for both (shared, first) and half each
+    (split), `TRIAL_BLOCKS` blocks each way. Each block times only its last step, because a block's first step trains
+    on rollouts generated under the other setting. The way whose timed steps went through more batch tokens a second
+    is kept for the rest of the run (the split only if `MIN_GAIN` better). Alternating short blocks, rather than one
+    long block each way, keeps a trend (replies growing, caches warming) from deciding the verdict."""
 
     def __init__(self, total: int):
         self.total = total
         self.split = False
         self.keep_split: bool | None = None  # the trial's verdict, once measured
-        self.walls: dict[bool, list[float]] = {False: [], True: []}  # trainer-bound steps' seconds, by split
+        self.steps = 0  # steps observed
+        self.timed: dict[bool, list[tuple[float, float]]] = {False: [], True: []}  # (tokens, seconds) by split
 
-    def observe(self, idle: float, wall: float) -> str | None:
-        """The last step: `idle` seconds of `wall` waiting for its batch, run with the current split. Returns the
-        trial's verdict, in words, on the step that decides it."""
-        fraction = idle / wall if wall > 0 else 0.0
-        if fraction > SHARE_ABOVE:
-            self.split = False
+    def observe(self, tokens: float, wall: float) -> str | None:
+        """The last step: `tokens` in its batch, trained in `wall` seconds with the current split. Sets the split for
+        the next step and returns the trial's verdict, in words, on the step that decides it."""
+        self.steps += 1
+        if self.keep_split is not None or self.total < 2:
             return None
-        if fraction >= SPLIT_BELOW:
+        trial_step = self.steps - WARMUP_STEPS  # 1, 2, ... within the trial
+        if trial_step < 1:
             return None
-        if self.keep_split is not None:
-            self.split = self.keep_split
+        if trial_step % BLOCK_STEPS == 0:
+            self.timed[self.split].append((tokens, wall))
+        if len(self.timed[True]) < TRIAL_BLOCKS:
+            self.split = (trial_step // BLOCK_STEPS) % 2 == 1
             return None
-        self.walls[self.split].append(wall)
-        shared, split = self.walls[False], self.walls[True]
-        if len(split) < TRIAL_STEPS:
-            self.split = len(shared) >= TRIAL_STEPS
-            return None
-        shared_mean, split_mean = sum(shared) / len(shared), sum(split) / len(split)
-        self.keep_split = self.split = split_mean < (1 - MIN_GAIN) * shared_mean
+        shared, split = rate(self.timed[False]), rate(self.timed[True])
+        self.keep_split = self.split = split > (1 + MIN_GAIN) * shared
         return (
             f"{'half' if self.split else 'all'} of {self.total} CPU threads each for the trainer and the rollout "
-            f"thread from now on: {split_mean:.3g} s a step with half, {shared_mean:.3g} s with all"
+            f"thread from now on: {split:.4g} batch tokens a second with half, {shared:.4g} with all "
+            f"({TRIAL_BLOCKS} timed steps each)"
         )
 
     def rollout(self) -> int:
@@ -58,3 +57,9 @@ class CpuThreads:
 
     def trainer(self) -> int:
         return max(1, self.total - self.total // 2) if self.split else self.total
+
+
+def rate(timed: list[tuple[float, float]]) -> float:
+    """Tokens a second over the timed steps: their tokens over their seconds, so a long step weighs by its length."""
+    seconds = sum(wall for _, wall in timed)
+    return sum(tokens for tokens, _ in timed) / seconds if seconds > 0 else 0.0

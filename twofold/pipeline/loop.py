@@ -468,7 +468,7 @@ class Pipeline:
 
         wall = time.perf_counter() - t_step
         if self.async_mode and self.cfg.run.split_cpu_threads:
-            verdict = self.threads.observe(times.idle, wall)
+            verdict = self.threads.observe(float(batch.attention_mask.sum()), wall)
             if verdict:
                 log.info("run.split_cpu_threads: %s", verdict)
         c = self.worker.counters
