@@ -2,6 +2,7 @@ import pytest
 import torch
 from conftest import small_config
 
+from twofold import metrics as M
 from twofold.engine.builtin import BuiltinEngine
 from twofold.metrics import declared
 from twofold.pipeline import loop
@@ -311,8 +312,8 @@ def test_cpu_threads_alternate_blocks_and_keep_the_split_only_where_it_was_measu
 
 def test_an_async_run_gives_the_rollout_thread_its_share_and_restores_the_trainers(tmp_path, tiny_path, monkeypatch):
     """With the split on, the engine's forwards in the rollout thread run on the rollout's share of the threads;
-    after the run the calling thread has its own count back."""
-    monkeypatch.setattr(loop.CpuThreads, "observe", lambda self, tokens, wall: None)
+    each step's row says whether it ran split; after the run the calling thread has its own count back."""
+    monkeypatch.setattr(loop.CpuThreads, "observe", lambda self, tokens, wall: setattr(self, "split", not self.split))
     monkeypatch.setattr(loop.CpuThreads, "rollout", lambda self: 1)
     seen = []
     generate = BuiltinEngine.generate
@@ -325,8 +326,10 @@ def test_an_async_run_gives_the_rollout_thread_its_share_and_restores_the_traine
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run(tmp_path, tiny_path, mode="async")
+        rows, _ = run(tmp_path, tiny_path, mode="async")
         assert seen and set(seen) == {1}
+        # step 1 ran with all threads, its observation split them for step 2 (the trainer on 1 of 2)
+        assert [r[M.CPU_THREADS_SPLIT] for r in rows] == [0.0, 1.0]
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

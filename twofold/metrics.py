@@ -113,6 +113,11 @@ def time_part(part: str) -> str:
 TIME_PARTS = ("generation", "old_logits", "training", "weight_sync", "idle")
 SAMPLES_PER_S = _metric("throughput/samples_per_s", "episodes trained per wall-clock second")
 TOKENS_PER_S = _metric("throughput/tokens_per_s", "tokens generated per wall-clock second")
+CPU_THREADS_SPLIT = _metric(
+    "throughput/cpu_threads_split",
+    "async in one process with run.split_cpu_threads: 1 where the step ran with half of torch's CPU threads for "
+    "the trainer and half for the rollout thread, 0 where both had all",
+)
 ENGINE_PREFILLED_TOKENS = _metric(
     "engine/prefilled_tokens", "context tokens the built-in engine ran through its model before sampling, so far"
 )

@@ -467,7 +467,9 @@ class Pipeline:
             return {M.STEP: self.step, **metrics}
 
         wall = time.perf_counter() - t_step
+        threads_row = {}
         if self.async_mode and self.cfg.run.split_cpu_threads:
+            threads_row[M.CPU_THREADS_SPLIT] = float(self.threads.split)  # as this step ran, before the next is set
             verdict = self.threads.observe(float(batch.attention_mask.sum()), wall)
             if verdict:
                 log.info("run.split_cpu_threads: %s", verdict)
@@ -493,6 +495,7 @@ class Pipeline:
             M.time_part("idle"): times.idle,
             M.SAMPLES_PER_S: len(trajs) / wall,
             M.TOKENS_PER_S: (c.generated_tokens - tok0) / wall,
+            **threads_row,
             M.OLDLOGIT_PEAK_BYTES: float(self.peak_extra_bytes),
             **memory_metrics(
                 self.trainer.model,
