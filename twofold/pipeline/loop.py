@@ -467,12 +467,6 @@ class Pipeline:
             return {M.STEP: self.step, **metrics}
 
         wall = time.perf_counter() - t_step
-        threads_row = {}
-        if self.async_mode and self.cfg.run.split_cpu_threads:
-            threads_row[M.CPU_THREADS_SPLIT] = float(self.threads.split)  # as this step ran, before the next is set
-            verdict = self.threads.observe(float(batch.attention_mask.sum()), wall)
-            if verdict:
-                log.info("run.split_cpu_threads: %s", verdict)
         c = self.worker.counters
         source_seconds = sum(s.seconds for s in self.sources) - src0
         extra = self.source.extra_bytes()
@@ -495,7 +489,6 @@ class Pipeline:
             M.time_part("idle"): times.idle,
             M.SAMPLES_PER_S: len(trajs) / wall,
             M.TOKENS_PER_S: (c.generated_tokens - tok0) / wall,
-            **threads_row,
             M.OLDLOGIT_PEAK_BYTES: float(self.peak_extra_bytes),
             **memory_metrics(
                 self.trainer.model,
@@ -510,6 +503,11 @@ class Pipeline:
         }
         if self.trainer.numerics.device.type == "cuda":  # everything this process put on its GPU, at its peak
             row[M.DEVICE_PEAK_BYTES] = float(torch.cuda.max_memory_allocated(self.trainer.numerics.device))
+        if self.async_mode and self.cfg.run.split_cpu_threads:
+            row[M.CPU_THREADS_SPLIT] = float(self.threads.split)  # as this step ran, before the next is set
+            verdict = self.threads.observe(row[M.TOKENS], wall)
+            if verdict:
+                log.info("run.split_cpu_threads: %s", verdict)
         row.update(self.engine.prefill_metrics())
         row.update(metrics)
         row.update(audit)
