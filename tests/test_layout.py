@@ -3,6 +3,8 @@ itself back through others (counting imports inside functions and type-only ones
 import of a twofold module exists only where it defers something heavy or optional, never to dodge a circle."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,7 @@ DEFERRED = {
     ("twofold.cli", "twofold.modelpath"): "the same",
     ("twofold.cli", "twofold.pipeline.export"): "the same",
     ("twofold.engine", "twofold.engine.vllm"): "vLLM is an optional install",
+    ("twofold.engine", "twofold.engine.builtin"): "the CLI reads `twofold.engine.placement` without torch",
     ("twofold.pipeline.train", "twofold.pipeline.ray_runtime"): "Ray is an optional install",
 }
 
@@ -131,3 +134,12 @@ def test_function_level_imports_only_defer():
 @pytest.mark.parametrize("edge", sorted(DEFERRED))
 def test_each_deferred_import_is_still_there(edge):
     assert (*edge, True) in EDGES, f"{edge} is no longer imported inside a function: drop it from DEFERRED"
+
+
+def test_the_cli_itself_loads_no_heavy_library():
+    """What the deferred imports are for, checked in a fresh interpreter: `twofold --help`, `twofold config` and a
+    config error answer at once, loading none of the libraries only a run, a study or vLLM needs."""
+    code = "import sys, twofold.cli; print(' '.join(m for m in sys.argv[1:] if m in sys.modules))"
+    heavy = ["torch", "transformers", "peft", "datasets", "vllm", "ray", "matplotlib", "scipy", "wandb"]
+    loaded = subprocess.run([sys.executable, "-c", code, *heavy], capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == []

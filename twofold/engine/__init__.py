@@ -6,7 +6,6 @@ from pathlib import Path
 
 from twofold.config import ConfigError, EngineConfig, parse_bytes
 from twofold.engine.base import GenerationRequest, GenerationResult, InferenceEngine, SamplingParams
-from twofold.engine.builtin import BuiltinEngine
 
 __all__ = ["GenerationRequest", "GenerationResult", "InferenceEngine", "SamplingParams", "make_engine"]
 
@@ -22,6 +21,8 @@ def make_engine(
     """The engine `cfg` names; `trainer_device` (the trainer's, where vLLM's weight transfer starts from)
     decides vLLM's transfer path; `sleeps`: the run will call `sleep()` between steps (vLLM is started for it)."""
     if cfg.backend == "builtin":
+        from twofold.engine.builtin import BuiltinEngine
+
         return BuiltinEngine(
             model_path,
             dtype=cfg.dtype,
