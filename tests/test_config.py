@@ -143,16 +143,16 @@ def test_cli_bad_key_is_one_line_exit_2():
     assert out.stderr.strip().count("\n") == 0 and "engine.dtype" in out.stderr and "bfloat16" in out.stderr
 
 
-def test_config_file_that_is_not_utf8_is_one_line_naming_config(tmp_path):
+def test_config_file_that_is_not_utf8_is_one_line_naming_config(tmp_path, capsys):
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("seed: 0\nenv: {name: caf\xe9}\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8") as e:
         load_config(bad)
     assert e.value.field == "--config"
-    out = subprocess.run(
-        [sys.executable, "-m", "twofold.cli", "train", "--config", str(bad)], capture_output=True, text=True
-    )
-    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "--config" in out.stderr
+    # the command's whole answer (a fresh process's is test_cli_bad_key_is_one_line_exit_2's)
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--config" in err and "not UTF-8" in err
 
 
 def test_one_sided_band_and_deep_catastrophic_threshold_are_accepted():

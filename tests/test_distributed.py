@@ -3,13 +3,13 @@ rank, exact old logits, distributed checkpoints that reshard, and losing a rank.
 
 import gc
 import json
+import logging
 import os
 import pickle
 import signal
-import subprocess
-import sys
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from test_async_exactness import BruteForce, watch
 from test_scale import seven_trajectory_batch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from twofold.cli import main
 from twofold.config import dump_config
 from twofold.distributed import close_ranks, init_ranks, spawn_ranks, threads_per_rank
 from twofold.models import gathered_state, iter_full_weights, load_model, versioned_state
@@ -255,21 +256,11 @@ def test_exact_sources_with_two_ranks_match_brute_force(tmp_path, tiny_path, sou
 # --------------------------------------------------------------------------- distributed checkpoints
 
 
-def cli(*args, wait=True):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "twofold.cli", "train", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    if wait:
-        _, err = proc.communicate(timeout=400)
-        return proc.returncode, err
-    return proc
-
-
-def test_resume_on_a_different_number_of_ranks(tmp_path, tiny_path):
-    # 2 -> 2 is test_reliability's two-rank SIGKILL test, which resumes each kill on the same two ranks
+def test_resume_on_a_different_number_of_ranks(tmp_path, tiny_path, caplog, capfd):
+    # 2 -> 2 is test_reliability's two-rank SIGKILL test, which resumes each kill on the same two ranks. Run
+    # through `main` in this process (a one-rank leg trains here, a two-rank leg spawns its ranks from here): the
+    # command a user types, without a fresh interpreter's imports per leg.
+    caplog.set_level(logging.INFO)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
         dump_config(
@@ -279,11 +270,12 @@ def test_resume_on_a_different_number_of_ranks(tmp_path, tiny_path):
         )
     )
     run = tmp_path / "run"
-    assert cli("--config", str(cfg), f"run.dir={run}")[0] == 0
+    assert main(["train", "--config", str(cfg), f"run.dir={run}"]) == 0
     for world, steps in ((1, 3), (2, 4)):  # 2 -> 1, 1 -> 2
-        code, err = cli("--resume", str(run), f"trainer.world_size={world}", f"trainer.steps={steps}")
-        assert code == 0, err[-2000:]
-        assert f"resumed from {run}/checkpoints/step_{steps - 1:06d} at step {steps - 1}" in err
+        caplog.clear()
+        assert main(["train", "--resume", str(run), f"trainer.world_size={world}", f"trainer.steps={steps}"]) == 0
+        logged = caplog.text + capfd.readouterr().err  # one rank logs here, rank 0 of two in its own process
+        assert f"resumed from {run}/checkpoints/step_{steps - 1:06d} at step {steps - 1}" in logged
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["version"] for r in rows] == [1, 2, 3, 4]
     assert all(verify(p) is None for p in checkpoints(run))
@@ -354,16 +346,17 @@ def _ranks_of(run):
     return {k: int((run / f"rank{k}.pid").read_text()) for k in (0, 1)}
 
 
-def wait_for_steps(run, n, proc, timeout=240):
+def wait_for_steps(run, n, timeout=240):
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline:
         if len(read_metrics(run / "metrics.jsonl")) >= n:
             return
         time.sleep(0.3)
     raise AssertionError(f"{run} did not reach step {n}")
 
 
-def test_losing_a_rank_ends_the_run_with_a_clear_message_and_it_resumes(tmp_path, tiny_path):
+def test_losing_a_rank_ends_the_run_with_a_clear_message_and_it_resumes(tmp_path, tiny_path, capsys):
+    # `main` runs the launcher on this (the main) thread, as the command would; a thread kills rank 1 mid-run
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(
         dump_config(
@@ -373,15 +366,20 @@ def test_losing_a_rank_ends_the_run_with_a_clear_message_and_it_resumes(tmp_path
         )
     )
     run = tmp_path / "run"
-    proc = cli("--config", str(cfg), f"run.dir={run}", wait=False)
-    wait_for_steps(run, 2, proc)
-    os.kill(_ranks_of(run)[1], signal.SIGKILL)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+
+    def kill_rank_1():
+        wait_for_steps(run, 2)
+        os.kill(_ranks_of(run)[1], signal.SIGKILL)
+
+    with ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(kill_rank_1)
+        code = main(["train", "--config", str(cfg), f"run.dir={run}"])
+        killed.result()  # the kill happened (else its error), before the run could finish on its own
+    err = capsys.readouterr().err
+    assert code == 1
     assert "trainer rank 1" in err and "died (killed by SIGKILL)" in err and f"--resume {run}" in err
     assert checkpoints(run) and not summary(run)
-    code, err = cli("--resume", str(run))
-    assert code == 0, err[-2000:]
+    assert main(["train", "--resume", str(run)]) == 0
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 

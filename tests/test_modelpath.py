@@ -24,37 +24,50 @@ def hub_cache(home, tiny_path):
     return repo
 
 
-def resolve_in_child(home, *sources: list[str]) -> subprocess.CompletedProcess:
+def resolve_in_child(home, *sources: list[str]) -> list[str]:
     """huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when imported: resolve in a fresh process (in `home`), as
-    a run would. Each source is [ID] or [ID, revision]; the child prints one resolved path per line."""
+    a run would. Each source is [ID] or [ID, revision]; one line back per source: the resolved path, or the
+    config error a run would stop with."""
     code = (
-        "import json, sys; from twofold.modelpath import resolve_model_source\n"
-        "for source in json.loads(sys.argv[1]): print(resolve_model_source(*source))"
+        "import json, sys; from twofold.config import ConfigError; from twofold.modelpath import resolve_model_source\n"
+        "for source in json.loads(sys.argv[1]):\n"
+        "    try: print(resolve_model_source(*source))\n"
+        "    except ConfigError as e: print(f'ConfigError: {e}')"
     )
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-c", code, json.dumps(sources)]
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, cwd=home)
+    child = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, cwd=home)
+    assert child.returncode == 0, child.stderr
+    return child.stdout.splitlines()
 
 
 def test_a_folder_is_used_as_it_is(tiny_path):
     assert resolve_model_source(str(tiny_path)) == tiny_path
 
 
-def test_a_hub_id_resolves_to_its_cached_snapshot_at_a_revision(tmp_path, tiny_path):
-    repo = hub_cache(tmp_path, tiny_path)
-    resolved = resolve_in_child(tmp_path, ["org/tiny"], ["org/tiny", "v1"])
-    assert resolved.returncode == 0, resolved.stderr
-    assert resolved.stdout.splitlines() == [str(repo / "snapshots" / COMMIT_MAIN), str(repo / "snapshots" / COMMIT_V1)]
+@pytest.fixture(scope="module")
+def offline_hub(tmp_path_factory, tiny_path):
+    """One child (one interpreter's imports) resolves every Hub ID of the tests below, in a cache that holds
+    `org/tiny` only: (its repo folder, the home the child ran in, {source: the line it printed})."""
+    home = tmp_path_factory.mktemp("hf_home")
+    repo = hub_cache(home, tiny_path)
+    sources = [["org/tiny"], ["org/tiny", "v1"], ["Qwen/Qwen2.5-0.5B-Instruct"]]
+    return repo, home, dict(zip(map(tuple, sources), resolve_in_child(home, *sources), strict=True))
 
 
-def test_an_uncached_hub_id_offline_says_how_to_fetch_it(tmp_path):
-    missing = resolve_in_child(tmp_path, ["Qwen/Qwen2.5-0.5B-Instruct"])
-    assert missing.returncode != 0
-    last = missing.stderr.strip().splitlines()[-1]
-    assert "config field 'model.path'" in last and "HF_HUB_OFFLINE" in last
-    assert "`hf download Qwen/Qwen2.5-0.5B-Instruct`" in last
+def test_a_hub_id_resolves_to_its_cached_snapshot_at_a_revision(offline_hub):
+    repo, _, resolved = offline_hub
+    assert resolved["org/tiny",] == str(repo / "snapshots" / COMMIT_MAIN)
+    assert resolved["org/tiny", "v1"] == str(repo / "snapshots" / COMMIT_V1)
+
+
+def test_an_uncached_hub_id_offline_says_how_to_fetch_it(offline_hub):
+    _, home, resolved = offline_hub
+    line = resolved["Qwen/Qwen2.5-0.5B-Instruct",]
+    assert line.startswith("ConfigError: config field 'model.path'") and "HF_HUB_OFFLINE" in line
+    assert "`hf download Qwen/Qwen2.5-0.5B-Instruct`" in line
     # a mistyped relative folder looks like a Hub ID: the line says which folder was looked for too
-    assert f"is no local folder ({tmp_path / 'Qwen' / 'Qwen2.5-0.5B-Instruct'})" in last
+    assert f"is no local folder ({home / 'Qwen' / 'Qwen2.5-0.5B-Instruct'})" in line
 
 
 def test_model_path_is_checked_at_load(tmp_path, tiny_path):

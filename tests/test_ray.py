@@ -89,11 +89,11 @@ def test_exact_sources_agree_under_ray(cluster, tiny_path, tokenizer):
     """The exactness check on a recording made by two engine replicas (weights through the object store,
     pauses continued on another replica), the dedicated worker running in its own actor."""
     replicas = [EngineReplica.remote(EngineConfig(dtype="bfloat16"), str(tiny_path), 3 + i, 1) for i in range(2)]
+    actor = OldLogitActor.remote(str(tiny_path), ModelConfig(), 1)  # starts while the replicas record
     # timeouts bound a hung actor, not speed: on a loaded machine (two suites at once) a batch can take minutes
     engine = RayEngine(replicas, timeout_s=600)
     recording = record(engine, tiny_path, tokenizer)
     assert min(engine.requests) > 0  # both replicas generated part of it
-    actor = OldLogitActor.remote(str(tiny_path), ModelConfig(), 1)
     assert_exact_sources_agree(
         recording, tiny_path, logprob_worker=lambda state, ctx: RayLogprobWorker(actor, state, ctx, 600)
     )

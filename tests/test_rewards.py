@@ -2,15 +2,13 @@
 sums, errors at env construction, and math-verify from worker threads within a deadline."""
 
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from conftest import small_config
 
+from twofold.cli import main
 from twofold.config import ConfigError
 from twofold.envs import make_env
 from twofold.envs.dataset import write_example
@@ -192,21 +190,22 @@ def test_a_trl_function_with_defaults_for_what_twofold_does_not_pass_is_called(d
     assert step(data["verl"], reward="test_rewards:trl_with_ids_default")[0] == 0.5
 
 
-def test_twofold_train_refuses_a_reward_of_no_known_signature_before_any_model_loads(tmp_path, tiny_path):
+def test_twofold_train_refuses_a_reward_of_no_known_signature_before_any_model_loads(
+    tmp_path, tiny_path, monkeypatch, capsys
+):
     # The env workers build the env in their own threads (or actors), after the model has loaded; `train()`
     # builds it once first, so the user gets the one line, at once, not a failed worker minutes later.
-    (tmp_path / "my_rewards.py").write_text("def score(text):\n    return 1.0\n")
+    (tmp_path / "one_argument_rewards.py").write_text("def score(text):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(tmp_path)  # as PYTHONPATH would
     data = write_example(tmp_path / "data.jsonl", "verl", n=8)
-    out = subprocess.run(
-        [sys.executable, "-m", "twofold.cli", "train", "--config", str(ROOT / "configs" / "dataset.yaml")]
-        + [f"env.options.path={data}", "env.options.reward=my_rewards:score", f"run.dir={tmp_path / 'run'}"]
-        + [f"model.path={tiny_path}", "model.warmstart=false"],  # as with a real model: no warm start to build
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    code = main(
+        ["train", "--config", str(ROOT / "configs" / "dataset.yaml")]
+        + [f"env.options.path={data}", "env.options.reward=one_argument_rewards:score", f"run.dir={tmp_path / 'run'}"]
+        + [f"model.path={tiny_path}", "model.warmstart=false"]  # as with a real model: no warm start to build
     )
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().count("\n") == 0 and "env.options.reward" in out.stderr and "(text)" in out.stderr
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert err.strip().count("\n") == 0 and "env.options.reward" in err and "(text)" in err
     assert not (tmp_path / "run").exists()  # no model loaded, nothing trained
 
 
