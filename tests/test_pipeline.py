@@ -270,43 +270,66 @@ def test_free_heap_pages_go_back_at_each_step(tmp_path, tiny_path, monkeypatch, 
     assert made[0] == () and all(bound == (loop.TRIM_MIN_FREE_BYTES,) for bound in made[1:])  # per step: bounded
 
 
-def _steps(threads, walls, tokens=100.0):
-    """Observe steps of `tokens` batch tokens taking `walls` seconds; the split each ran with, in order."""
-    ran = []
-    for wall in walls:
+def _trial(threads, timed):
+    """Warm-up, then one block of two steps per `timed` (tokens, wall) of its last step, the first step of each
+    block 5 s (untimed); returns the verdict and the split each block ran with."""
+    threads.observe(tokens=100.0, wall=9.0)
+    ran, verdict = [], None
+    for tokens, wall in timed:
         ran.append(threads.split)
-        threads.observe(tokens=tokens, wall=wall)
-    return ran
+        assert threads.observe(tokens=100.0, wall=5.0) is None and threads.split == ran[-1]  # within its block
+        verdict = threads.observe(tokens=tokens, wall=wall)
+    return verdict, ran
 
 
-def test_cpu_threads_alternate_blocks_and_keep_the_split_only_where_it_was_measured_faster():
+def test_cpu_threads_keep_the_split_once_its_gain_is_bounded_above_five_percent():
     threads = loop.CpuThreads(5)
     assert (threads.rollout(), threads.trainer()) == (5, 5)  # a run starts sharing every thread
-    # warm-up, then blocks of two steps: shared, split, shared, split, shared, split (12 steps)
-    # the timed steps (each block's second): shared 1.0, 1.0, 1.0 s; split 0.8, 0.9, 0.7 s
-    walls = [9.0, 5.0, 1.0, 5.0, 0.8, 5.0, 1.0, 5.0, 0.9, 5.0, 1.0, 5.0, 0.7]
-    ran = _steps(threads, walls[:-1])
-    assert ran == [False, False, False, True, True, False, False, True, True, False, False, True]
-    assert threads.keep_split is None and (threads.rollout(), threads.trainer()) == (2, 3)  # the last timed step
-    _steps(threads, walls[-1:])
-    # 300 tokens / 2.4 s = 125 a second split against 100 shared: > 1.05 x 100, kept; the untimed 5 s steps ignored
+    # pairs of blocks, shared-split then split-shared: the shared timed steps 1.0 s, the split ones 0.8, 0.75, 0.85
+    verdict, ran = _trial(threads, [(100, 1.0), (100, 0.8), (100, 0.75), (100, 1.0), (100, 1.0), (100, 0.85)])
+    assert ran == [False, True, True, False, False, True]
+    # d = log(1/0.8), log(1/0.75), log(1/0.85) = 0.2231, 0.2877, 0.1625: mean 0.2244, sd 0.0626, t(2) 2.920, so
+    # the lower bound 0.2244 - 2.920 * 0.0626 / sqrt(3) = 0.1189 > log 1.05 = 0.0488: kept after the third pair
     assert threads.keep_split is True and (threads.rollout(), threads.trainer()) == (2, 3)
-    assert _steps(threads, [50.0, 0.1]) == [True, True]  # the verdict stands whatever later steps take
+    assert "half of 5" in verdict and "1.25x" in verdict and "1.13-1.39x over 3 pairs" in verdict
+    assert _trial(threads, [(100, 50.0), (100, 0.1)])[1] == [True, True]  # the verdict stands whatever follows
+    assert threads.observe(tokens=100.0, wall=1.0) is None
 
-    slower = loop.CpuThreads(2)
-    _steps(slower, [1.0, 1.0, 1.0, 1.0, 0.97, 1.0, 1.0, 1.0, 0.96, 1.0, 1.0, 1.0, 0.97])
-    # 300 / 2.9 = 103.4 a second split, not 5% above 100
-    assert slower.keep_split is False and (slower.rollout(), slower.trainer()) == (2, 2)
 
-    longer = loop.CpuThreads(2)  # the split's steps are slower but carry more tokens: measured in tokens a second
-    for _ in range(12):
-        longer.observe(tokens=100, wall=1.0)
-    longer.observe(tokens=150, wall=1.3)
-    # split timed steps: 100/1.0, 100/1.0, 150/1.3 -> 350 / 3.3 = 106.1 a second, above 105
-    assert longer.keep_split is True
+def test_cpu_threads_stay_shared_once_the_split_is_bounded_below_five_percent():
+    threads = loop.CpuThreads(2)
+    verdict, _ = _trial(threads, [(100, 1.0), (100, 1.2), (100, 1.3), (100, 1.0), (100, 1.0), (100, 1.25)])
+    # d = log(1/1.2), log(1/1.3), log(1/1.25): mean -0.2226, upper bound -0.2226 + 2.920 * 0.0400 / sqrt(3) = -0.1551
+    assert threads.keep_split is False and (threads.rollout(), threads.trainer()) == (2, 2)
+    assert "all of 2" in verdict and "0.748-0.856x" in verdict and "under 1.05x" in verdict
 
-    one = loop.CpuThreads(1)  # one thread: nothing to split, no trial
-    assert _steps(one, [1.0] * 13) == [False] * 13 and one.keep_split is None
+
+def test_cpu_threads_weigh_tokens_a_second_not_seconds():
+    threads = loop.CpuThreads(2)  # the split's steps are slower but carry more tokens: 150 / 1.2 = 125 a second
+    _trial(threads, [(100, 1.0), (150, 1.2), (150, 1.2), (100, 1.0), (100, 1.0), (150, 1.2)])
+    assert threads.keep_split is True  # d = log 1.25 three times: both bounds log 1.25
+
+
+def test_cpu_threads_that_stay_undecided_end_the_trial_sharing_every_thread():
+    threads = loop.CpuThreads(2)
+    # the split's timed steps alternate 0.6 and 1.4 s against 1.0 shared: d = +0.511, -0.336, ...
+    timed = []
+    for pair in range(8):
+        split = (100, 0.6 if pair % 2 == 0 else 1.4)
+        timed += [(100, 1.0), split] if pair % 2 == 0 else [split, (100, 1.0)]
+    verdict, _ = _trial(threads, timed[:-1])
+    assert verdict is None and threads.keep_split is None  # pairs 3-7: the bounds straddle log 1.05, e.g. after 7
+    # pairs mean 0.1477 -/+ 1.943 * 0.447 / sqrt(7) = -0.185 .. 0.480
+    verdict = threads.observe(tokens=100.0, wall=5.0) or threads.observe(tokens=100.0, wall=1.0)
+    # after 8: mean 0.0872 -/+ 1.895 * 0.4529 / sqrt(8) = -0.216 .. 0.391, still across: the trial's end keeps all
+    assert threads.keep_split is False and "all of 2" in verdict and "undecided after 8 pairs" in verdict
+    assert "0.806-1.48x over 8 pairs" in verdict
+
+
+def test_cpu_threads_of_one_thread_run_no_trial():
+    one = loop.CpuThreads(1)
+    verdict, ran = _trial(one, [(100, 1.0)] * 6)
+    assert verdict is None and ran == [False] * 6 and one.keep_split is None
     assert (one.rollout(), one.trainer()) == (1, 1)
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 WARMUP_STEPS = 1  # the first step fills the pipeline (the trainer waits for every rollout): not timed
 BLOCK_STEPS = 2  # steps run one way before the trial switches; only the block's last step is timed
-TRIAL_BLOCKS = 3  # blocks each way: the trial is 2 x 3 x 2 = 12 steps, 3 of them timed each way
-MIN_GAIN = 0.05  # the split is kept only if its timed steps went through this much more tokens a second
+MIN_PAIRS = 3  # pairs of blocks (one each way) before the trial may decide: 12 steps
+MAX_PAIRS = 8  # the trial ends here (32 steps), keeping every thread shared if it is still undecided
+MIN_GAIN = 0.05  # the split is kept only if it is measured at least this much faster
+# One-sided 95% quantiles of Student's t by degrees of freedom (pairs - 1): the bound on the mean log-ratio.
+T95 = {2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895}
 
 
 class CpuThreads:
@@ -16,19 +22,24 @@ class CpuThreads:
     Whether giving each side half pays depends on the kernels and on what bounds the step: on the tiny model each op
     is too small for two threads to share, the teams' spinning dominates, and the split made the single-turn async
     step 1.6x faster; on SmolLM2-135M the trainer's GEMMs use both threads well, and the split made the step 22-45%
-    slower (docs/benchmarks.md). So the run measures it on its own mix of steps, whatever bounds each one: after
-    `WARMUP_STEPS`, blocks of `BLOCK_STEPS` steps alternate between every thread for both (shared, first) and half each
-    (split), `TRIAL_BLOCKS` blocks each way. Each block times only its last step, because a block's first step trains
-    on rollouts generated under the other setting. The way whose timed steps went through more batch tokens a second
-    is kept for the rest of the run (the split only if `MIN_GAIN` better). Alternating short blocks, rather than one
-    long block each way, keeps a trend (replies growing, caches warming) from deciding the verdict."""
+    slower (docs/benchmarks.md). So the run measures it on its own mix of steps.
+
+    The trial: after `WARMUP_STEPS`, blocks of `BLOCK_STEPS` steps run one way each, in pairs (one block shared, one
+    split), the order turning each pair (shared-split, split-shared, ...) so that a trend (replies growing, caches
+    warming) cancels rather than favouring one way. Each block times only its last step, because a block's first
+    step trains on rollouts generated under the other setting. A pair gives d = log(split's batch tokens a second /
+    shared's). Steps of an agent run differ several-fold in length and in what bounds them, so one pair says little:
+    from `MIN_PAIRS` pairs on, the split is kept once the one-sided 95% t bound on the mean d is above
+    log(1 + `MIN_GAIN`), every thread stays shared once the upper bound is below it, and after `MAX_PAIRS` pairs an
+    undecided trial keeps every thread shared (the split did not show the gain that would pay for it)."""
 
     def __init__(self, total: int):
         self.total = total
         self.split = False
         self.keep_split: bool | None = None  # the trial's verdict, once measured
         self.steps = 0  # steps observed
-        self.timed: dict[bool, list[tuple[float, float]]] = {False: [], True: []}  # (tokens, seconds) by split
+        self.block_rate: dict[bool, float] = {}  # the current pair's timed rate by split
+        self.log_ratios: list[float] = []  # d of each finished pair
 
     def observe(self, tokens: float, wall: float) -> str | None:
         """The last step: `tokens` in its batch, trained in `wall` seconds with the current split. Sets the split for
@@ -39,17 +50,40 @@ class CpuThreads:
         trial_step = self.steps - WARMUP_STEPS  # 1, 2, ... within the trial
         if trial_step < 1:
             return None
-        if trial_step % BLOCK_STEPS == 0:
-            self.timed[self.split].append((tokens, wall))
-        if len(self.timed[True]) < TRIAL_BLOCKS:
-            self.split = (trial_step // BLOCK_STEPS) % 2 == 1
+        if trial_step % BLOCK_STEPS == 0:  # a block's last step
+            self.block_rate[self.split] = tokens / wall if wall > 0 else 0.0
+            if len(self.block_rate) == 2:
+                shared, split = self.block_rate[False], self.block_rate[True]
+                self.log_ratios.append(math.log(split / shared) if shared > 0 and split > 0 else 0.0)
+                self.block_rate = {}
+                verdict = self._decide()
+                if verdict:
+                    return verdict
+        self.split = split_in_block(trial_step // BLOCK_STEPS)  # the next step's block
+        return None
+
+    def _decide(self) -> str | None:
+        """The verdict once the pairs so far settle it (or the trial is at its end), else None."""
+        n = len(self.log_ratios)
+        if n < MIN_PAIRS:
             return None
-        shared, split = rate(self.timed[False]), rate(self.timed[True])
-        self.keep_split = self.split = split > (1 + MIN_GAIN) * shared
+        low, high = ratio_bounds(self.log_ratios)
+        threshold = math.log(1 + MIN_GAIN)
+        if low <= threshold <= high and n < MAX_PAIRS:
+            return None
+        self.keep_split = self.split = low > threshold
+        why = (
+            f"at least {1 + MIN_GAIN:.2f}x"
+            if self.split
+            else f"under {1 + MIN_GAIN:.2f}x"
+            if high < threshold
+            else f"undecided after {MAX_PAIRS} pairs, so not the {1 + MIN_GAIN:.2f}x that would pay"
+        )
         return (
             f"{'half' if self.split else 'all'} of {self.total} CPU threads each for the trainer and the rollout "
-            f"thread from now on: {split:.4g} batch tokens a second with half, {shared:.4g} with all "
-            f"({TRIAL_BLOCKS} timed steps each)"
+            f"thread from now on: half ran {math.exp(statistics.fmean(self.log_ratios)):.3g}x the batch tokens a "
+            f"second of all (95% bounds {math.exp(low):.3g}-{math.exp(high):.3g}x over {n} pairs of timed steps; "
+            f"{why})"
         )
 
     def rollout(self) -> int:
@@ -59,7 +93,15 @@ class CpuThreads:
         return max(1, self.total - self.total // 2) if self.split else self.total
 
 
-def rate(timed: list[tuple[float, float]]) -> float:
-    """Tokens a second over the timed steps: their tokens over their seconds, so a long step weighs by its length."""
-    seconds = sum(wall for _, wall in timed)
-    return sum(tokens for tokens, _ in timed) / seconds if seconds > 0 else 0.0
+def split_in_block(block: int) -> bool:
+    """Whether trial block `block` (0, 1, ...) runs split: pairs alternate shared-split and split-shared."""
+    pair, second = divmod(block, 2)
+    return bool(second) != bool(pair % 2)
+
+
+def ratio_bounds(log_ratios: list[float]) -> tuple[float, float]:
+    """One-sided 95% bounds (low, high) on the mean of `log_ratios`: mean -/+ t(n-1) * sd / sqrt(n)."""
+    n = len(log_ratios)
+    mean = statistics.fmean(log_ratios)
+    half = T95[n - 1] * statistics.stdev(log_ratios) / math.sqrt(n)
+    return mean - half, mean + half
