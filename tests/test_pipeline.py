@@ -301,7 +301,7 @@ def test_cpu_threads_stay_shared_once_the_split_is_bounded_below_five_percent():
     verdict, _ = _trial(threads, [(100, 1.0), (100, 1.2), (100, 1.3), (100, 1.0), (100, 1.0), (100, 1.25)])
     # d = log(1/1.2), log(1/1.3), log(1/1.25): mean -0.2226, upper bound -0.2226 + 2.920 * 0.0400 / sqrt(3) = -0.1551
     assert threads.keep_split is False and (threads.rollout(), threads.trainer()) == (2, 2)
-    assert "all of 2" in verdict and "0.748-0.856x" in verdict and "under 1.05x" in verdict
+    assert "all of 2" in verdict and "0.748-0.856x" in verdict and "bounded below 1.05x" in verdict
 
 
 def test_cpu_threads_weigh_tokens_a_second_not_seconds():
@@ -310,20 +310,27 @@ def test_cpu_threads_weigh_tokens_a_second_not_seconds():
     assert threads.keep_split is True  # d = log 1.25 three times: both bounds log 1.25
 
 
-def test_cpu_threads_that_stay_undecided_end_the_trial_sharing_every_thread():
+@pytest.mark.parametrize(
+    "faster, slower, kept, mean, bounds",
+    [
+        # d = log(1/0.6), log(1/1.4), ... (+0.511, -0.336): after 8 pairs mean 0.0872 -/+ 1.895 * 0.4529 / sqrt(8),
+        # -0.216 .. 0.391, across log 1.05 = 0.0488; the mean, 1.09x, is above it: the split
+        (0.6, 1.4, True, "1.09x", "0.806-1.48x"),
+        # d = log(1/0.7), log(1/1.6) (+0.357, -0.470): mean -0.0567, bounds -0.353 .. 0.240; 0.945x, below: all
+        (0.7, 1.6, False, "0.945x", "0.703-1.27x"),
+    ],
+)
+def test_cpu_threads_a_trial_the_bound_leaves_undecided_is_decided_by_its_mean(faster, slower, kept, mean, bounds):
     threads = loop.CpuThreads(2)
-    # the split's timed steps alternate 0.6 and 1.4 s against 1.0 shared: d = +0.511, -0.336, ...
-    timed = []
+    timed = []  # the split's timed steps alternate `faster` and `slower` s against 1.0 s shared
     for pair in range(8):
-        split = (100, 0.6 if pair % 2 == 0 else 1.4)
+        split = (100, faster if pair % 2 == 0 else slower)
         timed += [(100, 1.0), split] if pair % 2 == 0 else [split, (100, 1.0)]
     verdict, _ = _trial(threads, timed[:-1])
-    assert verdict is None and threads.keep_split is None  # pairs 3-7: the bounds straddle log 1.05, e.g. after 7
-    # pairs mean 0.1477 -/+ 1.943 * 0.447 / sqrt(7) = -0.185 .. 0.480
+    assert verdict is None and threads.keep_split is None  # after 3-7 pairs the bounds straddle log 1.05
     verdict = threads.observe(tokens=100.0, wall=5.0) or threads.observe(tokens=100.0, wall=1.0)
-    # after 8: mean 0.0872 -/+ 1.895 * 0.4529 / sqrt(8) = -0.216 .. 0.391, still across: the trial's end keeps all
-    assert threads.keep_split is False and "all of 2" in verdict and "undecided after 8 pairs" in verdict
-    assert "0.806-1.48x over 8 pairs" in verdict
+    assert threads.keep_split is kept and ("half of 2" if kept else "all of 2") in verdict
+    assert f"half ran {mean}" in verdict and f"{bounds} over 8 pairs" in verdict and "the mean" in verdict
 
 
 def test_cpu_threads_of_one_thread_run_no_trial():

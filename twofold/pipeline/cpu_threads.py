@@ -8,7 +8,7 @@ import statistics
 WARMUP_STEPS = 1  # the first step fills the pipeline (the trainer waits for every rollout): not timed
 BLOCK_STEPS = 2  # steps run one way before the trial switches; only the block's last step is timed
 MIN_PAIRS = 3  # pairs of blocks (one each way) before the trial may decide: 12 steps
-MAX_PAIRS = 8  # the trial ends here (32 steps), keeping every thread shared if it is still undecided
+MAX_PAIRS = 8  # the trial ends here (32 steps); if the bound is still undecided, the mean decides
 MIN_GAIN = 0.05  # the split is kept only if it is measured at least this much faster
 # One-sided 95% quantiles of Student's t by degrees of freedom (pairs - 1): the bound on the mean log-ratio.
 T95 = {2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895}
@@ -30,8 +30,9 @@ class CpuThreads:
     step trains on rollouts generated under the other setting. A pair gives d = log(split's batch tokens a second /
     shared's). Steps of an agent run differ several-fold in length and in what bounds them, so one pair says little:
     from `MIN_PAIRS` pairs on, the split is kept once the one-sided 95% t bound on the mean d is above
-    log(1 + `MIN_GAIN`), every thread stays shared once the upper bound is below it, and after `MAX_PAIRS` pairs an
-    undecided trial keeps every thread shared (the split did not show the gain that would pay for it)."""
+    log(1 + `MIN_GAIN`), every thread stays shared once the upper bound is below it, and after `MAX_PAIRS` pairs a
+    trial the bound left undecided is decided by the mean (the split if it is above the threshold): by then each way
+    has 8 timed steps, and a difference the bound cannot resolve costs little either way."""
 
     def __init__(self, total: int):
         self.total = total
@@ -71,17 +72,18 @@ class CpuThreads:
         threshold = math.log(1 + MIN_GAIN)
         if low <= threshold <= high and n < MAX_PAIRS:
             return None
-        self.keep_split = self.split = low > threshold
-        why = (
-            f"at least {1 + MIN_GAIN:.2f}x"
-            if self.split
-            else f"under {1 + MIN_GAIN:.2f}x"
-            if high < threshold
-            else f"undecided after {MAX_PAIRS} pairs, so not the {1 + MIN_GAIN:.2f}x that would pay"
-        )
+        mean = statistics.fmean(self.log_ratios)
+        settled = not low <= threshold <= high
+        self.keep_split = self.split = low > threshold if settled else mean > threshold
+        gain = f"{1 + MIN_GAIN:.2f}x"
+        if settled:
+            why = f"bounded {'above' if self.split else 'below'} {gain}"
+        else:
+            why = f"the bounds straddle {gain} after {MAX_PAIRS} pairs: the mean, {'above' if self.split else 'below'}"
+            why += " it, decides"
         return (
             f"{'half' if self.split else 'all'} of {self.total} CPU threads each for the trainer and the rollout "
-            f"thread from now on: half ran {math.exp(statistics.fmean(self.log_ratios)):.3g}x the batch tokens a "
+            f"thread from now on: half ran {math.exp(mean):.3g}x the batch tokens a "
             f"second of all (95% bounds {math.exp(low):.3g}-{math.exp(high):.3g}x over {n} pairs of timed steps; "
             f"{why})"
         )
