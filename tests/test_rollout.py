@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import torch
 from conftest import small_config
 
 from twofold.engine import make_engine
@@ -49,3 +50,35 @@ def test_a_turn_paused_at_version_0_finishes_at_version_1(tiny_path, tokenizer, 
     else:
         assert len(turn) > 0 and set(turn) == {1}
         assert ep.traj.discarded_tokens == 3 and worker.counters.discarded_tokens == 3
+
+
+def test_a_new_cpu_thread_share_reaches_a_running_continuous_batch(tiny_path, tokenizer, monkeypatch):
+    """Under continuous batching one generate call can run through several train steps (episodes keep joining it),
+    so the rollout thread's share of the CPU threads is applied between its tokens, not only between calls: the
+    share changes from 2 to 1 once the call has begun, and its forwards after the first token run on 1."""
+    cfg = small_config(**{"rollout.group_size": 2, "engine.max_new_tokens": 6, "engine.continuous_batching": True})
+    engine = make_engine(cfg.engine, tiny_path, tokenizer, seed=0)
+    worker = RolloutWorker(engine, tokenizer, cfg, admit=lambda: False, on_group=lambda g: None)
+    worker._start_group()
+    seen, calls = [], []
+    forward = engine.model.forward
+
+    def counted(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", counted)
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    worker._cpu_threads = lambda: 1 if seen else 2  # the trainer's trial splits once generation has begun
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        worker._generate([ep for ep in worker.episodes.values() if ep.request is not None])
+    finally:
+        torch.set_num_threads(before)
+        worker.stop()
+    # the prefill's forwards ran on 2; every forward after the first token's joiners on 1, in the same call
+    assert 1 in seen, seen
+    prefill = seen.index(1)
+    assert len(calls) == 1 and prefill >= 1 and seen == [2] * prefill + [1] * (len(seen) - prefill)

@@ -108,6 +108,7 @@ class RolloutWorker:
         self._pause_requested = False
         self._parked = False
         self._stop = threading.Event()
+        self._cpu_threads: Callable[[], int] | None = None  # set by start()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -267,6 +268,7 @@ class RolloutWorker:
         in_flight = {ep.traj.uid: ep for ep in ready}
 
         def joiners(room: int) -> list[GenerationRequest]:
+            self._use_cpu_threads()  # one call can run through several train steps: a new share applies here
             if self._stop.is_set() or self._pause_requested:  # let the running batch end
                 return []
             while self.admit():
@@ -299,17 +301,22 @@ class RolloutWorker:
 
     def start(self, cpu_threads: Callable[[], int] | None = None) -> None:
         """Run the loop in a background thread. `cpu_threads`: how many threads its torch CPU kernels use, asked
-        before each step of the loop (this thread's own OpenMP team; the trainer's is its own); None: torch's
-        default throughout."""
-        self._thread = threading.Thread(target=self._run, args=(cpu_threads,), name="rollout", daemon=True)
+        before each step of the loop and, under continuous batching, before each token's joiners (this thread's own
+        OpenMP team; the trainer's is its own); None: torch's default throughout."""
+        self._cpu_threads = cpu_threads
+        self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
         self._thread.start()
 
-    def _run(self, cpu_threads: Callable[[], int] | None) -> None:
+    def _use_cpu_threads(self) -> None:
+        """This thread's torch CPU threads as `start`'s `cpu_threads` asks now (called on the rollout thread)."""
+        wanted = self._cpu_threads() if self._cpu_threads is not None else None
+        if wanted is not None and wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
+
+    def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                wanted = cpu_threads() if cpu_threads is not None else None
-                if wanted is not None and wanted != torch.get_num_threads():
-                    torch.set_num_threads(wanted)
+                self._use_cpu_threads()
                 with self._cond:
                     if self._pause_requested:
                         self._parked = True
