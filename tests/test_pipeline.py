@@ -270,20 +270,22 @@ def test_free_heap_pages_go_back_at_each_step(tmp_path, tiny_path, monkeypatch, 
     assert made[0] == () and all(bound == (loop.TRIM_MIN_FREE_BYTES,) for bound in made[1:])  # per step: bounded
 
 
-def _trial(threads, timed):
-    """Warm-up, then one block of two steps per `timed` (tokens, wall) of its last step, the first step of each
-    block 5 s (untimed); returns the verdict and the split each block ran with."""
+def _trial(threads, timed, settle=1):
+    """Warm-up, then one block per `timed` (tokens, wall): `settle` untimed steps of 5 s, then two timed steps of
+    that (tokens, wall) each, so the block's rate is tokens / wall; returns the verdict and each block's split."""
     threads.observe(tokens=100.0, wall=9.0)
     ran, verdict = [], None
     for tokens, wall in timed:
         ran.append(threads.split)
-        assert threads.observe(tokens=100.0, wall=5.0) is None and threads.split == ran[-1]  # within its block
+        for _ in range(settle):
+            assert threads.observe(tokens=100.0, wall=5.0) is None and threads.split == ran[-1]  # within its block
+        assert threads.observe(tokens=tokens, wall=wall) is None and threads.split == ran[-1]
         verdict = threads.observe(tokens=tokens, wall=wall)
     return verdict, ran
 
 
 def test_cpu_threads_keep_the_split_once_its_gain_is_bounded_above_five_percent():
-    threads = loop.CpuThreads(5)
+    threads = loop.CpuThreads(5, settle_steps=1)
     assert (threads.rollout(), threads.trainer()) == (5, 5)  # a run starts sharing every thread
     # pairs of blocks, shared-split then split-shared: the shared timed steps 1.0 s, the split ones 0.8, 0.75, 0.85
     verdict, ran = _trial(threads, [(100, 1.0), (100, 0.8), (100, 0.75), (100, 1.0), (100, 1.0), (100, 0.85)])
@@ -291,13 +293,13 @@ def test_cpu_threads_keep_the_split_once_its_gain_is_bounded_above_five_percent(
     # d = log(1/0.8), log(1/0.75), log(1/0.85) = 0.2231, 0.2877, 0.1625: mean 0.2244, sd 0.0626, t(2) 2.920, so
     # the lower bound 0.2244 - 2.920 * 0.0626 / sqrt(3) = 0.1189 > log 1.05 = 0.0488: kept after the third pair
     assert threads.keep_split is True and (threads.rollout(), threads.trainer()) == (2, 3)
-    assert "half of 5" in verdict and "1.25x" in verdict and "1.13-1.39x over 3 pairs" in verdict
+    assert "half of 5" in verdict and "1.25x" in verdict and "1.13-1.39x over 3 pairs of blocks" in verdict
     assert _trial(threads, [(100, 50.0), (100, 0.1)])[1] == [True, True]  # the verdict stands whatever follows
     assert threads.observe(tokens=100.0, wall=1.0) is None
 
 
 def test_cpu_threads_stay_shared_once_the_split_is_bounded_below_five_percent():
-    threads = loop.CpuThreads(2)
+    threads = loop.CpuThreads(2, settle_steps=1)
     verdict, _ = _trial(threads, [(100, 1.0), (100, 1.2), (100, 1.3), (100, 1.0), (100, 1.0), (100, 1.25)])
     # d = log(1/1.2), log(1/1.3), log(1/1.25): mean -0.2226, upper bound -0.2226 + 2.920 * 0.0400 / sqrt(3) = -0.1551
     assert threads.keep_split is False and (threads.rollout(), threads.trainer()) == (2, 2)
@@ -305,7 +307,7 @@ def test_cpu_threads_stay_shared_once_the_split_is_bounded_below_five_percent():
 
 
 def test_cpu_threads_weigh_tokens_a_second_not_seconds():
-    threads = loop.CpuThreads(2)  # the split's steps are slower but carry more tokens: 150 / 1.2 = 125 a second
+    threads = loop.CpuThreads(2, settle_steps=1)  # the split's steps are slower, with more tokens: 150 / 1.2 = 125/s
     _trial(threads, [(100, 1.0), (150, 1.2), (150, 1.2), (100, 1.0), (100, 1.0), (150, 1.2)])
     assert threads.keep_split is True  # d = log 1.25 three times: both bounds log 1.25
 
@@ -321,20 +323,59 @@ def test_cpu_threads_weigh_tokens_a_second_not_seconds():
     ],
 )
 def test_cpu_threads_a_trial_the_bound_leaves_undecided_is_decided_by_its_mean(faster, slower, kept, mean, bounds):
-    threads = loop.CpuThreads(2)
+    threads = loop.CpuThreads(2, settle_steps=1)
     timed = []  # the split's timed steps alternate `faster` and `slower` s against 1.0 s shared
     for pair in range(8):
         split = (100, faster if pair % 2 == 0 else slower)
         timed += [(100, 1.0), split] if pair % 2 == 0 else [split, (100, 1.0)]
     verdict, _ = _trial(threads, timed[:-1])
     assert verdict is None and threads.keep_split is None  # after 3-7 pairs the bounds straddle log 1.05
-    verdict = threads.observe(tokens=100.0, wall=5.0) or threads.observe(tokens=100.0, wall=1.0)
+    verdict = [threads.observe(tokens=100.0, wall=wall) for wall in (5.0, 1.0, 1.0)][-1]
     assert threads.keep_split is kept and ("half of 2" if kept else "all of 2") in verdict
     assert f"half ran {mean}" in verdict and f"{bounds} over 8 pairs" in verdict and "the mean" in verdict
 
 
+def test_cpu_threads_time_a_block_only_after_its_staleness_window_and_sum_its_timed_steps():
+    """W = 2: a block is 4 steps, the first 2 (trained on rollouts of the block before) untimed; the last 2 are timed
+    together, tokens over seconds (not the mean of their two rates)."""
+    threads = loop.CpuThreads(2, settle_steps=2)
+    threads.observe(tokens=100.0, wall=9.0)  # the warm-up
+    ran = []
+    for pair in range(3):
+        for split in (False, True) if pair % 2 == 0 else (True, False):
+            # settling steps far faster in the shared blocks: counted, they would decide the other way
+            settle_wall, timed = (0.01, [(100, 1.0), (100, 3.0)]) if not split else (5.0, [(100, 0.5), (100, 0.5)])
+            for tokens, wall in [(100, settle_wall)] * 2 + timed:
+                ran.append(threads.split)
+                verdict = threads.observe(tokens=tokens, wall=wall)
+    # shared: 200 tokens / 4.0 s = 50 a second (the mean of its two rates, 66.7, would give 3x); split: 200 / 1.0 =
+    # 200. d = log 4 in each pair, sd 0: both bounds 4x, above 1.05x, after 3 pairs = 24 trial steps
+    assert ran == [False] * 4 + [True] * 8 + [False] * 8 + [True] * 4
+    assert threads.keep_split is True and threads.steps == 25
+    assert "half ran 4x" in verdict and "4-4x over 3 pairs of blocks" in verdict
+    assert "2 steps timed in each after 2 let settle" in verdict
+
+
+@pytest.mark.parametrize("settle, max_pairs", [(0, 8), (2, 8), (4, 5), (8, 3), (30, 3)])
+def test_cpu_threads_a_wide_staleness_window_means_fewer_pairs_never_under_three(settle, max_pairs):
+    # blocks of settle + 2 steps; pairs fit in 64 trial steps: 64 // 4 = 16 -> 8 (the cap), 64 // 8 = 8,
+    # 64 // 12 = 5, 64 // 20 = 3, 64 // 64 = 1 -> 3 (the floor)
+    assert loop.CpuThreads(2, settle_steps=settle).max_pairs == max_pairs
+
+
+def test_cpu_threads_the_mean_decides_at_the_last_pair_a_wide_window_allows():
+    threads = loop.CpuThreads(2, settle_steps=4)  # 5 pairs at most
+    timed = [[(100, 1.0), (100, 0.6)], [(100, 1.4), (100, 1.0)]] * 2 + [[(100, 1.0), (100, 0.6)]]
+    verdict, _ = _trial(threads, [block for pair in timed for block in pair], settle=4)
+    # d = log(1/0.6), log(1/1.4), ... (+0.511, -0.336, +0.511, -0.336, +0.511): mean 0.1719, sd 0.4641, t(4) 2.132,
+    # bounds 0.1719 -/+ 0.4425 = -0.271 .. 0.614, across log 1.05; the mean, 1.19x, is above it: the split
+    assert threads.keep_split is True and threads.steps == 1 + 5 * 2 * 6
+    assert "half ran 1.19x" in verdict and "0.763-1.85x over 5 pairs of blocks" in verdict
+    assert "straddle 1.05x after 5 pairs" in verdict
+
+
 def test_cpu_threads_of_one_thread_run_no_trial():
-    one = loop.CpuThreads(1)
+    one = loop.CpuThreads(1, settle_steps=1)
     verdict, ran = _trial(one, [(100, 1.0)] * 6)
     assert verdict is None and ran == [False] * 6 and one.keep_split is None
     assert (one.rollout(), one.trainer()) == (1, 1)

@@ -6,9 +6,10 @@ import math
 import statistics
 
 WARMUP_STEPS = 1  # the first step fills the pipeline (the trainer waits for every rollout): not timed
-BLOCK_STEPS = 2  # steps run one way before the trial switches; only the block's last step is timed
-MIN_PAIRS = 3  # pairs of blocks (one each way) before the trial may decide: 12 steps
-MAX_PAIRS = 8  # the trial ends here (32 steps); if the bound is still undecided, the mean decides
+TIMED_STEPS = 2  # a block's last steps, timed together, after the steps it lets settle (the staleness window)
+MIN_PAIRS = 3  # pairs of blocks (one each way) before the trial may decide
+MAX_PAIRS = 8  # the trial ends here, or at MAX_TRIAL_STEPS, whichever comes first; an undecided bound: the mean
+MAX_TRIAL_STEPS = 64  # with a wide staleness window the blocks are long: fewer pairs, never fewer than MIN_PAIRS
 MIN_GAIN = 0.05  # the split is kept only if it is measured at least this much faster
 # One-sided 95% quantiles of Student's t by degrees of freedom (pairs - 1): the bound on the mean log-ratio.
 T95 = {2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895}
@@ -24,21 +25,26 @@ class CpuThreads:
     step 1.6x faster; on SmolLM2-135M the trainer's GEMMs use both threads well, and the split made the step 22-45%
     slower (docs/benchmarks.md). So the run measures it on its own mix of steps.
 
-    The trial: after `WARMUP_STEPS`, blocks of `BLOCK_STEPS` steps run one way each, in pairs (one block shared, one
-    split), the order turning each pair (shared-split, split-shared, ...) so that a trend (replies growing, caches
-    warming) cancels rather than favouring one way. Each block times only its last step, because a block's first
-    step trains on rollouts generated under the other setting. A pair gives d = log(split's batch tokens a second /
+    The trial: after `WARMUP_STEPS`, blocks run one way each, in pairs (one block shared, one split), the order
+    turning each pair (shared-split, split-shared, ...) so that a trend (replies growing, caches warming) cancels
+    rather than favouring one way. A step in async mode trains on rollouts generated up to W = `settle_steps`
+    (max_staleness) steps before it, and a full rollout queue lets a step go at the trainer's pace while generation
+    falls behind for later ones; so a block first runs W steps untimed, and then times `TIMED_STEPS` steps together,
+    whose batches were generated under the block's own setting. A pair gives d = log(split's batch tokens a second /
     shared's). Steps of an agent run differ several-fold in length and in what bounds them, so one pair says little:
     from `MIN_PAIRS` pairs on, the split is kept once the one-sided 95% t bound on the mean d is above
-    log(1 + `MIN_GAIN`), every thread stays shared once the upper bound is below it, and after `MAX_PAIRS` pairs a
-    trial the bound left undecided is decided by the mean (the split if it is above the threshold): by then each way
-    has 8 timed steps, and a difference the bound cannot resolve costs little either way."""
+    log(1 + `MIN_GAIN`), every thread stays shared once the upper bound is below it, and at the last pair
+    (`MAX_PAIRS`, fewer where `MAX_TRIAL_STEPS` ends the trial first) a trial the bound left undecided is decided by
+    the mean (the split if it is above the threshold): a difference the bound cannot resolve costs little either way."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, settle_steps: int):
         self.total = total
+        self.block_steps = settle_steps + TIMED_STEPS
+        self.max_pairs = max(MIN_PAIRS, min(MAX_PAIRS, MAX_TRIAL_STEPS // (2 * self.block_steps)))
         self.split = False
         self.keep_split: bool | None = None  # the trial's verdict, once measured
         self.steps = 0  # steps observed
+        self.timed: list[float] = [0.0, 0.0]  # the current block's timed tokens and seconds, summed
         self.block_rate: dict[bool, float] = {}  # the current pair's timed rate by split
         self.log_ratios: list[float] = []  # d of each finished pair
 
@@ -51,8 +57,14 @@ class CpuThreads:
         trial_step = self.steps - WARMUP_STEPS  # 1, 2, ... within the trial
         if trial_step < 1:
             return None
-        if trial_step % BLOCK_STEPS == 0:  # a block's last step
-            self.block_rate[self.split] = tokens / wall if wall > 0 else 0.0
+        block, in_block = divmod(trial_step - 1, self.block_steps)  # in_block 0, 1, ...
+        if in_block >= self.block_steps - TIMED_STEPS:
+            self.timed[0] += tokens
+            self.timed[1] += wall
+        if in_block == self.block_steps - 1:  # a block's last step
+            tokens_timed, seconds = self.timed
+            self.timed = [0.0, 0.0]
+            self.block_rate[self.split] = tokens_timed / seconds if seconds > 0 else 0.0
             if len(self.block_rate) == 2:
                 shared, split = self.block_rate[False], self.block_rate[True]
                 self.log_ratios.append(math.log(split / shared) if shared > 0 and split > 0 else 0.0)
@@ -60,7 +72,8 @@ class CpuThreads:
                 verdict = self._decide()
                 if verdict:
                     return verdict
-        self.split = split_in_block(trial_step // BLOCK_STEPS)  # the next step's block
+            block += 1
+        self.split = split_in_block(block)  # the next step's block
         return None
 
     def _decide(self) -> str | None:
@@ -70,7 +83,7 @@ class CpuThreads:
             return None
         low, high = ratio_bounds(self.log_ratios)
         threshold = math.log(1 + MIN_GAIN)
-        if low <= threshold <= high and n < MAX_PAIRS:
+        if low <= threshold <= high and n < self.max_pairs:
             return None
         mean = statistics.fmean(self.log_ratios)
         settled = not low <= threshold <= high
@@ -79,13 +92,13 @@ class CpuThreads:
         if settled:
             why = f"bounded {'above' if self.split else 'below'} {gain}"
         else:
-            why = f"the bounds straddle {gain} after {MAX_PAIRS} pairs: the mean, {'above' if self.split else 'below'}"
+            why = f"the bounds straddle {gain} after {n} pairs: the mean, {'above' if self.split else 'below'}"
             why += " it, decides"
         return (
             f"{'half' if self.split else 'all'} of {self.total} CPU threads each for the trainer and the rollout "
             f"thread from now on: half ran {math.exp(mean):.3g}x the batch tokens a "
-            f"second of all (95% bounds {math.exp(low):.3g}-{math.exp(high):.3g}x over {n} pairs of timed steps; "
-            f"{why})"
+            f"second of all (95% bounds {math.exp(low):.3g}-{math.exp(high):.3g}x over {n} pairs of blocks, "
+            f"{TIMED_STEPS} steps timed in each after {self.block_steps - TIMED_STEPS} let settle; {why})"
         )
 
     def rollout(self) -> int:

@@ -169,7 +169,8 @@ class Pipeline:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.async_mode = cfg.mode == "async"
-        self.threads = CpuThreads(torch.get_num_threads())  # async: the trainer's and the rollout thread's
+        # async: the trainer's and the rollout thread's
+        self.threads = CpuThreads(torch.get_num_threads(), settle_steps=cfg.max_staleness)
         self.model_path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main, check_budget=main)
         if main:
             (self.run_dir / MODEL_FOLDER).write_text(str(Path(self.model_path).resolve()) + "\n")
