@@ -11,7 +11,7 @@ from twofold.cli import main
 from twofold.config import dump_config
 from twofold.envs.seeding import EVAL_SEED_OFFSET
 from twofold.study import grid as grid_module
-from twofold.study.grid import Cell, compare_cells, prepare_grid, run_grid, started_first
+from twofold.study.grid import Cell, compare_cells, prepare_grid, run_grid, started_first, throughput_cells
 from twofold.study.heldout import HELDOUT_FILE, HeldoutSpec, heldout_config
 from twofold.study.report import SECTIONS, format_cell, group_runs, load_runs, source_table, throughput_table
 
@@ -45,6 +45,37 @@ def test_throughput_table_against_the_overlap_bound(tmp_path):
     assert asyn["speedup vs sync"] == pytest.approx(3 / 2.4)
     assert asyn["ideal speedup"] == pytest.approx(1.5)
     assert asyn["of ideal"] == pytest.approx((1.25 - 1) / 0.5)
+
+
+def test_throughput_over_seeds_pools_their_steps_and_gives_each_seeds_speedup(tmp_path):
+    step = {"rollout/trajectories": 8, "rollout/tokens": 800, "time/idle": 2.0}
+    for seed, async_step in [(0, 2.4), (1, 2.0)]:  # sync 3.0 s a step on both: 1.25x and 1.5x
+        fill = {**step, "time/step": 9.0}
+        _fake_run(tmp_path / f"sync-{seed}", "ewma", "sync", [fill] + [{**step, "time/step": 3.0}] * 2, seed=seed)
+        _fake_run(
+            tmp_path / f"async-{seed}", "ewma", "async", [fill] + [{**step, "time/step": async_step}] * 2, seed=seed
+        )
+    rows = {r["run"]: r for r in throughput_table(group_runs(load_runs([tmp_path])))}
+    # pooled: 32 samples in 12 s sync, in 2 * 2.4 + 2 * 2.0 = 8.8 s async: 12 / 8.8 = 1.364x
+    assert rows["async W=2 ewma"]["samples/s"] == pytest.approx(32 / 8.8)
+    assert rows["async W=2 ewma"]["speedup vs sync"] == pytest.approx(12 / 8.8)
+    assert rows["async W=2 ewma"]["speedup per seed"] == "1.25-1.5x over 2 seeds"
+    assert rows["sync ewma"]["speedup per seed"] == "1-1x over 2 seeds"
+
+
+def test_a_throughput_bench_over_seeds_runs_them_seed_major():
+    cells = throughput_cells([1, 2], seeds=2, base_seed=5)
+    assert [c.name for c in cells] == [
+        "sync-seed5",
+        "async-W1-seed5",
+        "async-W2-seed5",
+        "sync-seed6",
+        "async-W1-seed6",
+        "async-W2-seed6",
+    ]
+    assert cells[2].overrides == ("mode=async", "max_staleness=2", "seed=5")
+    assert [c.name for c in throughput_cells([2])] == ["sync", "async-W2"]  # one seed: the config's, as before
+    assert throughput_cells([2])[1].overrides == ("mode=async", "max_staleness=2")
 
 
 def test_runs_that_differ_in_admission_only_are_told_apart(tmp_path):

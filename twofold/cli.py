@@ -147,7 +147,7 @@ def cmd_bench(args) -> int:
     from twofold.study.grid import logged_runs, run_grid, throughput_cells
     from twofold.study.report import group_runs, load_runs, markdown_table, throughput_table
 
-    cells = throughput_cells([int(w) for w in args.staleness.split(",") if w])
+    cells = throughput_cells([int(w) for w in args.staleness.split(",") if w], args.seeds, cfg.seed)
     status = run_grid(cfg, cells, out, progress=cfg.run.progress)
     runs = load_runs(logged_runs(out, cells))
     table = markdown_table(throughput_table(group_runs(runs)))
@@ -493,6 +493,13 @@ def _add_study_commands(sub) -> None:
         "is set the windows differ in the lag they tolerate, not in how far ahead groups start",
     )
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs of each mode, seeds from the config's on: the table pools them and gives each seed's speedup "
+        "range (agent runs differ from seed to seed by more than async changes)",
+    )
     p.add_argument("--out", default=None, help="grid folder (default runs/throughput-ENV)")
 
 

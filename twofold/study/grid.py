@@ -86,11 +86,24 @@ def compare_cells(
     return cells
 
 
-def throughput_cells(windows: list[int]) -> list[Cell]:
-    """The synchronous baseline and async runs at each staleness window, same source and seed."""
+def throughput_cells(windows: list[int], seeds: int = 1, base_seed: int = 0) -> list[Cell]:
+    """The synchronous baseline and async runs at each staleness window, same source. One seed: the config's, cells
+    named by mode alone; several: seed-major from `base_seed` (a stopped bench holds whole seeds), named with it.
+    An agent run's samples a second differ between seeds and between runs of one seed by far more than the
+    difference async makes (which groups finish first changes what the policy learns, and so how long its episodes
+    are), so a single pair of runs says little."""
     if not windows or any(w < 1 for w in windows):
         raise ConfigError("--staleness", "give staleness windows >= 1, e.g. 1,2,4")
-    return [Cell("sync", ("mode=sync",))] + [Cell(f"async-W{w}", ("mode=async", f"max_staleness={w}")) for w in windows]
+    if seeds < 1:
+        raise ConfigError("--seeds", "must be >= 1")
+    modes = [("sync", ("mode=sync",))] + [(f"async-W{w}", ("mode=async", f"max_staleness={w}")) for w in windows]
+    if seeds == 1:
+        return [Cell(name, overrides) for name, overrides in modes]
+    return [
+        Cell(f"{name}-seed{base_seed + i}", (*overrides, f"seed={base_seed + i}"))
+        for i in range(seeds)
+        for name, overrides in modes
+    ]
 
 
 def cell_started(run_dir: Path) -> bool:

@@ -749,6 +749,18 @@ def throughput_table(groups: list[Group]) -> list[dict]:
         trainer = sum(sync.mean_of(M.time_part(p)) for p in ("old_logits", "training", "weight_sync"))
         ideal = (gen + trainer) / max(gen, trainer)
         sync_rate = rate(sync, M.TRAJECTORIES)
+
+    def per_seed(g: Group) -> str:
+        """The range of this label's speedups over the seeds the sync runs have too, e.g. '0.86-1.94x'."""
+        sync_by_seed = {r.seed: Group(sync.label, [r]) for r in sync.runs} if sync is not None else {}
+        ratios = [
+            rate(Group(g.label, [r]), M.TRAJECTORIES) / rate(sync_by_seed[r.seed], M.TRAJECTORIES)
+            for r in g.runs
+            if r.seed in sync_by_seed
+        ]
+        return f"{min(ratios):.3g}-{max(ratios):.3g}x over {len(ratios)} seeds" if ratios else "-"
+
+    several_seeds = any(len(g.runs) > 1 for g in groups)
     rows = []
     for g in groups:
         samples = rate(g, M.TRAJECTORIES)
@@ -759,6 +771,7 @@ def throughput_table(groups: list[Group]) -> list[dict]:
                 "tokens/s": rate(g, M.TOKENS),
                 **{f"{p} s": g.mean_of(M.time_part(p)) for p in M.TIME_PARTS},
                 "speedup vs sync": samples / sync_rate,
+                **({"speedup per seed": per_seed(g)} if several_seeds else {}),
                 "ideal speedup": ideal,
                 "of ideal": (samples / sync_rate - 1) / (ideal - 1) if ideal > 1 else math.nan,
             }
