@@ -44,7 +44,7 @@ class CpuThreads:
         self.split = False
         self.keep_split: bool | None = None  # the trial's verdict, once measured
         self.steps = 0  # steps observed
-        self.timed: list[float] = [0.0, 0.0]  # the current block's timed tokens and seconds, summed
+        self.timed_tokens = self.timed_seconds = 0.0  # the current block's timed steps, summed
         self.block_rate: dict[bool, float] = {}  # the current pair's timed rate by split
         self.log_ratios: list[float] = []  # d of each finished pair
 
@@ -59,12 +59,12 @@ class CpuThreads:
             return None
         block, in_block = divmod(trial_step - 1, self.block_steps)  # in_block 0, 1, ...
         if in_block >= self.block_steps - TIMED_STEPS:
-            self.timed[0] += tokens
-            self.timed[1] += wall
+            self.timed_tokens += tokens
+            self.timed_seconds += wall
         if in_block == self.block_steps - 1:  # a block's last step
-            tokens_timed, seconds = self.timed
-            self.timed = [0.0, 0.0]
-            self.block_rate[self.split] = tokens_timed / seconds if seconds > 0 else 0.0
+            seconds = self.timed_seconds
+            self.block_rate[self.split] = self.timed_tokens / seconds if seconds > 0 else 0.0
+            self.timed_tokens = self.timed_seconds = 0.0
             if len(self.block_rate) == 2:
                 shared, split = self.block_rate[False], self.block_rate[True]
                 self.log_ratios.append(math.log(split / shared) if shared > 0 and split > 0 else 0.0)
