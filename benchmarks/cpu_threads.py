@@ -4,15 +4,20 @@ a second over the steps after the first, and the episodes' mean turns (a policy 
 flatters samples a second).
 
     python benchmarks/cpu_threads.py --config configs/tooluse.yaml --seeds 0,1 --steps 30
+    python benchmarks/cpu_threads.py --seeds 0 --repeats 3 trainer.lr=1e-12   # the policy held still
 
 The in-run trial (`run.split_cpu_threads`, `twofold/pipeline/cpu_threads.py`) judges the split step by step; this
-judges it by what a user sees at the end. The two ways of one seed run one after the other, shared first; run it
-with nothing else on the machine. Prints a Markdown table.
+judges it by what a user sees at the end. But which groups finish first changes what an agent policy learns, and so
+what its steps cost: two runs of one setting and seed have differed 2.1x in samples a second here, more than the
+split changes. A learning rate near 0 keeps both settings sampling one policy, and `--repeats` runs each pair again
+(the order turning: shared-split, split-shared, ...) so the spread is measured too. Run it with nothing else on the
+machine. Prints a Markdown table, then the geometric mean of each seed's split / shared ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -55,20 +60,35 @@ def main() -> None:
     parser.add_argument("--config", default="configs/tooluse.yaml")
     parser.add_argument("--seeds", default="0", help="comma-separated")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs per seed")
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args()
-    print("| seed | threads | samples/s | batch tokens/s | turns | split / shared (samples/s) |")
-    print("|---|---|---|---|---|---|")
+    print("| seed | repeat | threads | samples/s | batch tokens/s | turns | split / shared (samples/s) |")
+    print("|---|---|---|---|---|---|---|")
+    ratios: dict[int, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="cpu-threads-") as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
-            shared = run(args.config, seed, args.steps, False, Path(tmp), args.overrides)
-            split = run(args.config, seed, args.steps, True, Path(tmp), args.overrides)
-            for name, r in (("all each", shared), ("half each", split)):
-                ratio = f"{split['samples/s'] / shared['samples/s']:.2f}x" if r is split else ""
-                print(
-                    f"| {seed} | {name} | {r['samples/s']:.2f} | {r['tokens/s']:,.0f} | {r['turns']:.2f} | {ratio} |",
-                    flush=True,
-                )
+            for repeat in range(args.repeats):
+                order = (False, True) if repeat % 2 == 0 else (True, False)
+                done = {
+                    split: run(args.config, seed, args.steps, split, Path(tmp) / str(repeat), args.overrides)
+                    for split in order
+                }
+                shared, split = done[False], done[True]
+                ratios.setdefault(seed, []).append(split["samples/s"] / shared["samples/s"])
+                for name, r in (("all each", shared), ("half each", split)):
+                    ratio = f"{ratios[seed][-1]:.2f}x" if r is split else ""
+                    print(
+                        f"| {seed} | {repeat} | {name} | {r['samples/s']:.2f} | {r['tokens/s']:,.0f} | "
+                        f"{r['turns']:.2f} | {ratio} |",
+                        flush=True,
+                    )
+    for seed, found in ratios.items():
+        mean = math.exp(statistics.fmean(math.log(x) for x in found))
+        print(
+            f"seed {seed}: split / shared {mean:.2f}x (geometric mean of {len(found)}: "
+            f"{', '.join(f'{x:.2f}' for x in found)})"
+        )
 
 
 if __name__ == "__main__":
