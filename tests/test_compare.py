@@ -63,6 +63,21 @@ def test_throughput_over_seeds_pools_their_steps_and_gives_each_seeds_speedup(tm
     assert rows["sync ewma"]["speedup per seed"] == "1-1x over 2 seeds"
 
 
+def test_throughput_per_seed_pools_repeated_seeds_and_leaves_out_runs_with_no_timed_step(tmp_path):
+    step = {"rollout/trajectories": 8, "rollout/tokens": 800, "time/idle": 2.0}
+    fill = {**step, "time/step": 9.0}
+    for seed in (0, 1, 2):
+        _fake_run(tmp_path / f"sync-{seed}", "ewma", "sync", [fill] + [{**step, "time/step": 3.0}] * 2, seed=seed)
+    _fake_run(tmp_path / "async-0", "ewma", "async", [fill] + [{**step, "time/step": 2.4}] * 2, seed=0)
+    _fake_run(tmp_path / "async-1", "ewma", "async", [fill] + [{**step, "time/step": 2.0}] * 2, seed=1)
+    _fake_run(tmp_path / "async-1-again", "ewma", "async", [fill] + [{**step, "time/step": 1.0}] * 2, seed=1)
+    _fake_run(tmp_path / "async-2-stopped", "ewma", "async", [fill], seed=2)  # only the fill step: no rate
+    row = {r["run"]: r for r in throughput_table(group_runs(load_runs([tmp_path])))}["async W=2 ewma"]
+    # seed 1's two runs pooled: 32 samples in 2 * 2.0 + 2 * 1.0 = 6 s against 16 in 6 s sync: 2x; seed 0 1.25x;
+    # seed 2 has no step after its first and is left out
+    assert row["speedup per seed"] == "1.25-2x over 2 seeds"
+
+
 def test_a_throughput_bench_over_seeds_runs_them_seed_major():
     cells = throughput_cells([1, 2], seeds=2, base_seed=5)
     assert [c.name for c in cells] == [

@@ -498,7 +498,8 @@ def _add_study_commands(sub) -> None:
         type=int,
         default=1,
         help="runs of each mode, seeds from the config's on: the table pools them and gives each seed's speedup "
-        "range (agent runs differ from seed to seed by more than async changes)",
+        "range (agent runs differ from seed to seed by more than async changes). 1 names the cells by mode "
+        "alone, more add -seedN: a folder started with one does not resume under the other",
     )
     p.add_argument("--out", default=None, help="grid folder (default runs/throughput-ENV)")
 

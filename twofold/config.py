@@ -492,7 +492,7 @@ class RunConfig:
         "oversubscribe the cores), and keep the faster way: after the first step, pairs of blocks (one each "
         "way), each block max_staleness steps untimed and then 2 timed, in batch tokens a second; from 3 pairs on, "
         "the split is kept once a 95% bound puts it over 5% faster, all stay shared once the bound puts it under, "
-        "and at the last pair (8, or as many as fit in 64 steps) an undecided trial goes by the mean "
+        "and at the last pair (8, or as many as fit in 64 steps, never under 3) an undecided trial goes by the mean "
         "(`pipeline.cpu_threads`). On 2 cores the split made the tiny model's "
         "single-turn async step 1.6x faster and SmolLM2-135M's 22-45% slower (docs/benchmarks.md). false: both "
         "always use all.",

@@ -28,9 +28,10 @@ class CpuThreads:
     The trial: after `WARMUP_STEPS`, blocks run one way each, in pairs (one block shared, one split), the order
     turning each pair (shared-split, split-shared, ...) so that a trend (replies growing, caches warming) cancels
     rather than favouring one way. A step in async mode trains on rollouts generated up to W = `settle_steps`
-    (max_staleness) steps before it, and a full rollout queue lets a step go at the trainer's pace while generation
-    falls behind for later ones; so a block first runs W steps untimed, and then times `TIMED_STEPS` steps together,
-    whose batches were generated under the block's own setting. A pair gives d = log(split's batch tokens a second /
+    (max_staleness, at least 1: a switch lands within a token) steps before it (with `stale_policy: drop`), and a
+    full rollout queue lets a step go at the trainer's pace while generation falls behind for later ones; so a block
+    first runs W steps untimed, and then times `TIMED_STEPS` steps together, whose batches were generated under the
+    block's own setting. A pair gives d = log(split's batch tokens a second /
     shared's). Steps of an agent run differ several-fold in length and in what bounds them, so one pair says little:
     from `MIN_PAIRS` pairs on, the split is kept once the one-sided 95% t bound on the mean d is above
     log(1 + `MIN_GAIN`), every thread stays shared once the upper bound is below it, and at the last pair

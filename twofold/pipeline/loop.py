@@ -170,7 +170,7 @@ class Pipeline:
         random.seed(cfg.seed)
         self.async_mode = cfg.mode == "async"
         # async: the trainer's and the rollout thread's
-        self.threads = CpuThreads(torch.get_num_threads(), settle_steps=cfg.max_staleness)
+        self.threads = CpuThreads(torch.get_num_threads(), settle_steps=max(1, cfg.max_staleness))
         self.model_path = model_path or resolve_model_path(cfg, progress=cfg.run.progress and main, check_budget=main)
         if main:
             (self.run_dir / MODEL_FOLDER).write_text(str(Path(self.model_path).resolve()) + "\n")

@@ -750,17 +750,25 @@ def throughput_table(groups: list[Group]) -> list[dict]:
         ideal = (gen + trainer) / max(gen, trainer)
         sync_rate = rate(sync, M.TRAJECTORIES)
 
+    def by_seed(g: Group) -> dict[int, Group]:
+        seeds: dict[int, Group] = {}
+        for r in g.runs:
+            seeds.setdefault(r.seed, Group(g.label)).runs.append(r)
+        return seeds
+
     def per_seed(g: Group) -> str:
-        """The range of this label's speedups over the seeds the sync runs have too, e.g. '0.86-1.94x'."""
-        sync_by_seed = {r.seed: Group(sync.label, [r]) for r in sync.runs} if sync is not None else {}
+        """The range of this label's speedups over the seeds the sync runs have too, e.g. '0.86-1.94x' (runs of one
+        seed pooled; a seed whose runs have no step after the first is left out)."""
+        sync_seeds = by_seed(sync) if sync is not None else {}
         ratios = [
-            rate(Group(g.label, [r]), M.TRAJECTORIES) / rate(sync_by_seed[r.seed], M.TRAJECTORIES)
-            for r in g.runs
-            if r.seed in sync_by_seed
+            rate(runs, M.TRAJECTORIES) / rate(sync_seeds[seed], M.TRAJECTORIES)
+            for seed, runs in by_seed(g).items()
+            if seed in sync_seeds
         ]
+        ratios = [x for x in ratios if math.isfinite(x)]
         return f"{min(ratios):.3g}-{max(ratios):.3g}x over {len(ratios)} seeds" if ratios else "-"
 
-    several_seeds = any(len(g.runs) > 1 for g in groups)
+    several_seeds = any(len(by_seed(g)) > 1 for g in groups)
     rows = []
     for g in groups:
         samples = rate(g, M.TRAJECTORIES)
