@@ -756,10 +756,11 @@ def throughput_table(groups: list[Group]) -> list[dict]:
             seeds.setdefault(r.seed, Group(g.label)).runs.append(r)
         return seeds
 
+    sync_seeds = by_seed(sync) if sync is not None else {}
+
     def per_seed(g: Group) -> str:
         """The range of this label's speedups over the seeds the sync runs have too, e.g. '0.86-1.94x' (runs of one
         seed pooled; a seed whose runs have no step after the first is left out)."""
-        sync_seeds = by_seed(sync) if sync is not None else {}
         ratios = [
             rate(runs, M.TRAJECTORIES) / rate(sync_seeds[seed], M.TRAJECTORIES)
             for seed, runs in by_seed(g).items()
