@@ -23,7 +23,7 @@ from real_model import PROBE
 
 from twofold.config import load_config
 from twofold.pipeline.loop import Pipeline
-from twofold.pipeline.os_memory import peak_resident_bytes, reset_peak, resident_bytes
+from twofold.pipeline.os_memory import reset_peak, resident_and_peak_bytes, resident_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -50,7 +50,8 @@ def measure(out: Path, overrides: list[str]) -> None:
             reset_peak()
             start = resident_bytes()
             result = phase(*args, **kwargs)
-            rows.append((pipeline.step, label, start, peak_resident_bytes(), resident_bytes()))
+            resident, peak = resident_and_peak_bytes()
+            rows.append((pipeline.step, label, start, peak, resident))
             return result
 
         setattr(owner, name, run)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from twofold.pipeline.os_memory import peak_resident_bytes, reset_peak, resident_bytes
+from twofold.pipeline.os_memory import reset_peak, resident_and_peak_bytes
 
 OUT = Path(os.environ.get("TWOFOLD_SUITE_MEMORY", "runs/suite_memory.jsonl"))
 GIB = 2**30
@@ -35,11 +35,12 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(trylast=True)  # after the test's fixtures are torn down: what the worker carries on
 def pytest_runtest_teardown(item, nextitem):
+    resident, peak = resident_and_peak_bytes()
     row = {
         "test": item.nodeid,
         "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
-        "worker_peak": peak_resident_bytes() or 0,  # 0 where there is no /proc (not Linux)
-        "worker_resident": resident_bytes() or 0,
+        "worker_peak": peak or 0,  # 0 where there is no /proc (not Linux)
+        "worker_resident": resident or 0,
         "children_peak": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "finished_at": time.time(),  # each worker's last row: when it ran out of files
     }

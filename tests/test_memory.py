@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from twofold import metrics as M
+from twofold.pipeline import os_memory
 from twofold.pipeline.memory import memory_metrics
 
 PROBE = textwrap.dedent(
@@ -120,6 +121,31 @@ def test_malloc_arenas_are_capped_unless_the_environment_says_otherwise():
     assert arenas(0) == ("False", 5)  # 0: glibc's default
     assert arenas(2) == ("True", 2)
     assert arenas(2, env={**os.environ, "MALLOC_ARENA_MAX": "3"}) == ("False", 3)  # the user's setting stands
+
+
+class GrowingStatus:
+    """A /proc/self/status whose process grows by one 4 kB page between reads, with the kernel's rule that
+    VmHWM is at least the VmRSS of the same read."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def read_text(self) -> str:
+        self.reads += 1
+        rss_kb = 1000 + 4 * self.reads
+        return f"Name:\tpython\nVmHWM:\t{max(900, rss_kb)} kB\nVmRSS:\t{rss_kb} kB\nThreads:\t3\n"
+
+
+def test_the_resident_size_and_its_peak_come_from_one_read(monkeypatch):
+    """A thread that faults in a page between two reads would leave the first read's peak below the second's
+    resident size (a suite run saw 2,355,068,928 < 2,355,073,024): both come from the first read."""
+    status = GrowingStatus()
+    monkeypatch.setattr(os_memory, "STATUS", status)
+    assert os_memory.resident_and_peak_bytes() == (1004 * 1024, 1004 * 1024)
+    assert status.reads == 1
+    assert os_memory.peak_resident_bytes() == 1008 * 1024 < os_memory.resident_bytes() == 1012 * 1024  # two reads
+    monkeypatch.setattr(os_memory, "STATUS", os_memory.Path("/nonexistent/status"))
+    assert os_memory.resident_and_peak_bytes() == (None, None)
 
 
 def test_the_engine_s_prefix_cache_is_a_named_part_of_the_step_peak():

@@ -14,7 +14,7 @@ import torch
 
 from twofold import metrics as M
 from twofold.models import model_bytes, state_dict_bytes
-from twofold.pipeline.os_memory import peak_resident_bytes, resident_bytes
+from twofold.pipeline.os_memory import resident_and_peak_bytes
 
 
 def gradient_bytes(model: torch.nn.Module) -> int:
@@ -55,7 +55,7 @@ def memory_metrics(
     if baseline_bytes is not None:
         parts[M.MEMORY_PROCESS_BASELINE] = baseline_bytes
     out = {k: float(v) for k, v in parts.items()}
-    peak, resident = peak_resident_bytes(), resident_bytes()
+    resident, peak = resident_and_peak_bytes()  # one read: the peak is never below the resident size
     if resident is not None:
         out[M.MEMORY_RSS] = float(resident)
     if peak is not None and peak_was_reset:

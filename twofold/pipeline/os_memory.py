@@ -15,8 +15,9 @@ changing how blocks are served: the pipeline calls it at each step's start (in s
 generation) and before its first optimizer step (`run.trim_heap_each_step`), which costs a page fault per reused
 page once per phase, not per allocation.
 
-The peak is Linux's VmHWM, reset by writing 5 to /proc/self/clear_refs. Elsewhere (no /proc, no glibc) each
-function says so (None or False) and changes nothing.
+The peak is Linux's VmHWM, reset by writing 5 to /proc/self/clear_refs; where it is compared with the resident
+size, both come from one read of /proc/self/status. Elsewhere (no /proc, no glibc) each function says so (None or
+False) and changes nothing.
 """
 
 from __future__ import annotations
@@ -110,20 +111,34 @@ def trim_heap(min_free_bytes: int = 0) -> bool:
 
 def resident_bytes() -> int | None:
     """The process's resident size now (Linux), None elsewhere."""
-    return _status_bytes("VmRSS")
+    return _status_bytes("VmRSS")["VmRSS"]
 
 
 def peak_resident_bytes() -> int | None:
     """The process's largest resident size since the last `reset_peak` (Linux's VmHWM), None elsewhere."""
-    return _status_bytes("VmHWM")
+    return _status_bytes("VmHWM")["VmHWM"]
 
 
-def _status_bytes(field: str) -> int | None:
+def resident_and_peak_bytes() -> tuple[int | None, int | None]:
+    """The resident size now and the peak since the last `reset_peak`, from one read of /proc/self/status, so
+    that the peak is never below the resident size: the kernel reports VmHWM as the larger of its high-water
+    mark and the same RSS count it reports as VmRSS (fs/proc/task_mmu.c, `task_mem`). Two reads let another
+    thread fault in pages between them, leaving the earlier peak a page or more below the later size. (None,
+    None) elsewhere."""
+    fields = _status_bytes("VmRSS", "VmHWM")
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def _status_bytes(*names: str) -> dict[str, int | None]:
+    """The /proc/self/status fields `names` in bytes, from one read; None for each where there is no such file
+    or field."""
+    fields: dict[str, int | None] = dict.fromkeys(names)
     with contextlib.suppress(OSError):
         for line in STATUS.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    return None
+            name, _, value = line.partition(":")
+            if name in fields:
+                fields[name] = int(value.split()[0]) * 1024  # kB
+    return fields
 
 
 def reset_peak() -> bool:
