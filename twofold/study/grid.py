@@ -48,6 +48,11 @@ class Cell:
     overrides: tuple[str, ...]
 
 
+def _require_seeds(seeds: int) -> None:
+    if seeds < 1:
+        raise ConfigError("--seeds", "must be >= 1")
+
+
 def compare_cells(
     sources: list[str], seeds: int, base_seed: int, audit: bool, warmstart_per_seed: bool = False
 ) -> list[Cell]:
@@ -64,8 +69,7 @@ def compare_cells(
     unknown = [s for s in sources if s not in OLD_LOGIT_SOURCES]
     if unknown or not sources:
         raise ConfigError("--sources", f"unknown source(s) {unknown}; choose from {','.join(OLD_LOGIT_SOURCES)}")
-    if seeds < 1:
-        raise ConfigError("--seeds", "must be >= 1")
+    _require_seeds(seeds)
 
     def seeded(seed: int) -> tuple[str, ...]:
         return (f"seed={seed}",) + ((f"warmstart.seed={seed}",) if warmstart_per_seed else ())
@@ -94,8 +98,7 @@ def throughput_cells(windows: list[int], seeds: int = 1, base_seed: int = 0) -> 
     are), so a single pair of runs says little."""
     if not windows or any(w < 1 for w in windows):
         raise ConfigError("--staleness", "give staleness windows >= 1, e.g. 1,2,4")
-    if seeds < 1:
-        raise ConfigError("--seeds", "must be >= 1")
+    _require_seeds(seeds)
     modes = [("sync", ("mode=sync",))] + [(f"async-W{w}", ("mode=async", f"max_staleness={w}")) for w in windows]
     if seeds == 1:
         return [Cell(name, overrides) for name, overrides in modes]
