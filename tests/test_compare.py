@@ -8,7 +8,7 @@ import yaml
 from conftest import small_config
 
 from twofold.cli import main
-from twofold.config import dump_config
+from twofold.config import ConfigError, dump_config
 from twofold.envs.seeding import EVAL_SEED_OFFSET
 from twofold.study import grid as grid_module
 from twofold.study.grid import Cell, compare_cells, prepare_grid, run_grid, started_first, throughput_cells
@@ -91,6 +91,16 @@ def test_a_throughput_bench_over_seeds_runs_them_seed_major():
     assert cells[2].overrides == ("mode=async", "max_staleness=2", "seed=5")
     assert [c.name for c in throughput_cells([2])] == ["sync", "async-W2"]  # one seed: the config's, as before
     assert throughput_cells([2])[1].overrides == ("mode=async", "max_staleness=2")
+
+
+@pytest.mark.parametrize(
+    "cells",
+    [lambda: compare_cells(["snapshot"], seeds=0, base_seed=5, audit=False), lambda: throughput_cells([2], seeds=0)],
+    ids=["compare", "throughput"],
+)
+def test_a_grid_of_no_seeds_is_a_config_error_naming_the_flag(cells):
+    with pytest.raises(ConfigError, match="--seeds.*must be >= 1"):
+        cells()
 
 
 def test_runs_that_differ_in_admission_only_are_told_apart(tmp_path):
