@@ -381,6 +381,47 @@ def test_cpu_threads_of_one_thread_run_no_trial():
     assert (one.rollout(), one.trainer()) == (1, 1)
 
 
+def test_cpu_threads_lend_the_trainers_half_to_the_rollout_while_the_trainer_waits():
+    threads = loop.CpuThreads(4, settle_steps=1)
+    threads.split = True
+    assert (threads.rollout(), threads.trainer()) == (2, 2)
+    threads.trainer_waiting = True  # the trainer computes nothing: generation may use all 4
+    assert (threads.rollout(), threads.trainer()) == (4, 2)
+    threads.split = False
+    assert (threads.rollout(), threads.trainer()) == (4, 4)  # shared, waiting or not
+
+
+def test_an_async_run_lends_the_rollout_every_thread_while_the_trainer_waits(tmp_path, tiny_path, monkeypatch):
+    """With the split on from the first step, the engine's forwards run on both of 2 threads while the trainer waits
+    for rollouts (the first step waits for every rollout of its batch); without the loan every one ran on 1."""
+    made = []
+    init = loop.CpuThreads.__init__
+
+    def split_from_the_start(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.split = True
+        made.append(self)
+
+    monkeypatch.setattr(loop.CpuThreads, "__init__", split_from_the_start)
+    monkeypatch.setattr(loop.CpuThreads, "observe", lambda self, tokens, wall: None)
+    seen = []  # (the trainer waits, this forward's threads), per engine forward
+    forward = BuiltinEngine._forward
+
+    def spy(self, *args, **kwargs):
+        seen.append((made[0].trainer_waiting, torch.get_num_threads()))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(BuiltinEngine, "_forward", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(tmp_path, tiny_path, mode="async")
+    finally:
+        torch.set_num_threads(before)
+    assert (True, 2) in seen, seen
+    assert {n for _, n in seen} <= {1, 2}
+
+
 def test_an_async_run_gives_the_rollout_thread_its_share_and_restores_the_trainers(tmp_path, tiny_path, monkeypatch):
     """With the split on, the engine's forwards in the rollout thread run on the rollout's share of the threads;
     each step's row says whether it ran split; after the run the calling thread has its own count back."""

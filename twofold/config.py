@@ -494,8 +494,8 @@ class RunConfig:
         "the split is kept once a 95% bound puts it over 5% faster, all stay shared once the bound puts it under, "
         "and at the last pair (8, or as many as fit in 64 steps, never under 3) an undecided trial goes by the mean "
         "(`pipeline.cpu_threads`). On 2 cores the split made the tiny model's "
-        "single-turn async step 1.6x faster and SmolLM2-135M's 22-45% slower (docs/benchmarks.md). false: both "
-        "always use all.",
+        "single-turn async step 1.6x faster and SmolLM2-135M's 22-45% slower (docs/benchmarks.md). Split, the "
+        "rollout thread takes every thread while the trainer waits for rollouts. false: both always use all.",
     )
     return_freed_memory: bool = setting(
         False,

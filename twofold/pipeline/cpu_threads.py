@@ -36,7 +36,12 @@ class CpuThreads:
     from `MIN_PAIRS` pairs on, the split is kept once the one-sided 95% t bound on the mean d is above
     log(1 + `MIN_GAIN`), every thread stays shared once the upper bound is below it, and at the last pair
     (`MAX_PAIRS`, fewer where `MAX_TRIAL_STEPS` ends the trial first) a trial the bound left undecided is decided by
-    the mean (the split if it is above the threshold): a difference the bound cannot resolve costs little either way."""
+    the mean (the split if it is above the threshold): a difference the bound cannot resolve costs little either way.
+
+    While the trainer waits for rollouts (`trainer_waiting`) it computes nothing, so under the split the rollout
+    thread takes every thread meanwhile: on agent tasks generation is what the trainer waits for, and its half would
+    otherwise idle for that part of the step. The rollout thread asks before each token, so the loan starts within
+    a token of the wait and ends within a token of the trainer's next step."""
 
     def __init__(self, total: int, settle_steps: int):
         self.total = total
@@ -48,6 +53,7 @@ class CpuThreads:
         self.timed_tokens = self.timed_seconds = 0.0  # the current block's timed steps, summed
         self.block_rate: dict[bool, float] = {}  # the current pair's timed rate by split
         self.log_ratios: list[float] = []  # d of each finished pair
+        self.trainer_waiting = False  # set by the trainer's thread, read by the rollout thread (a bool: no lock)
 
     def observe(self, tokens: float, wall: float) -> str | None:
         """The last step: `tokens` in its batch, trained in `wall` seconds with the current split. Sets the split for
@@ -103,7 +109,7 @@ class CpuThreads:
         )
 
     def rollout(self) -> int:
-        return max(1, self.total // 2) if self.split else self.total
+        return max(1, self.total // 2) if self.split and not self.trainer_waiting else self.total
 
     def trainer(self) -> int:
         return max(1, self.total - self.total // 2) if self.split else self.total

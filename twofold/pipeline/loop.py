@@ -425,7 +425,11 @@ class Pipeline:
         peak_was_reset = reset_peak()
         gen0, tok0 = (self.worker.counters.generate_seconds, self.worker.counters.generated_tokens) if main else (0, 0)
         src0 = sum(s.seconds for s in self.sources)
-        trajs = self.ranks.broadcast(self._collect_batch() if main else None)
+        self.threads.trainer_waiting = True  # the rollout thread may use the trainer's threads meanwhile
+        try:
+            trajs = self.ranks.broadcast(self._collect_batch() if main else None)
+        finally:
+            self.threads.trainer_waiting = False
         times.idle = time.perf_counter() - t_step
         if self.async_mode and main and self.cfg.run.split_cpu_threads:
             torch.set_num_threads(self.threads.trainer())
