@@ -4,13 +4,14 @@
         twofold train --config configs/tooluse.yaml trainer.lr=1e-12 trainer.steps=10 run.split_cpu_threads=false
     py-spy record --threads --idle --rate 40 --format raw -o sync.txt -- \
         twofold train --config configs/tooluse.yaml mode=sync trainer.lr=1e-12 trainer.steps=10
-    python benchmarks/thread_profile.py async.txt:rollout sync.txt:MainThread
+    python benchmarks/thread_profile.py async.txt:rollout sync.txt:MainThread --top 40
 
 Each argument is PROFILE:THREAD (py-spy's thread name: `rollout` is the async rollout thread; in sync mode the
-rollout runs in `MainThread`). A function counts once per sampled stack it is on (recursion is not counted twice),
-so a row is the samples (at the recorded rate) spent in it or below it. With two profiles of runs that did the
-same work (the policy held still, the same steps), the last column compares their samples: how much more time
-one mode spends in each part. py-spy is not a dependency of twofold: `pip install py-spy`.
+rollout runs in `MainThread`; stacks py-spy could not name a thread for, start-up's, are left out). A function
+counts once per sampled stack it is on (recursion is not counted twice), so a row is the samples (at the recorded
+rate) spent in it or below it. With two profiles of runs that did the same work (the policy held still, the same
+steps), the last column compares their samples: how much more time one mode spends in each part.
+py-spy is not a dependency of twofold: `pip install py-spy`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def main() -> None:
     first = counts[0][0]
     for name, _ in first.most_common(args.top):
         cells = " | ".join(f"{c[name]} | {100 * c[name] / max(total, 1):.1f}" for c, total in counts)
-        ratio = f" {first[name] / counts[1][0][name]:.2f}x |" if len(counts) == 2 and counts[1][0][name] else ""
+        if len(counts) == 2:
+            ratio = f" {first[name] / counts[1][0][name]:.2f}x |" if counts[1][0][name] else " |"
+        else:
+            ratio = ""
         print(f"| {name} | {cells} |" + ratio)
 
 

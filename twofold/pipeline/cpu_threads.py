@@ -40,8 +40,8 @@ class CpuThreads:
 
     While the trainer waits for rollouts (`trainer_waiting`) it computes nothing, so under the split the rollout
     thread takes every thread meanwhile: on agent tasks generation is what the trainer waits for, and its half would
-    otherwise idle for that part of the step. The rollout thread asks before each token, so the loan starts within
-    a token of the wait and ends within a token of the trainer's next step."""
+    otherwise idle for that part of the step. The rollout thread asks where it asks for joiners (before each token
+    while its batch has room, else between generate calls), so the loan follows the wait within a token or a call."""
 
     def __init__(self, total: int, settle_steps: int):
         self.total = total
