@@ -72,6 +72,7 @@ def step_config():
             "trainer.lr": 1e-2,
             "trainer.max_tokens_per_microbatch": 200,
             "loss.aggregation": "seq-mean-token-mean",
+            "trainer.gradient_checkpointing": True,  # the default (small_config's is off): recomputed under FSDP2
         }
     )
 

@@ -114,6 +114,7 @@ def test_lora_on_the_real_model_exports_and_reloads(tmp_path, smollm2_path):
             "run.checkpoint_every": 1,
             "trainer.steps": 1,  # one update moves the adapters
             "trainer.lr": 1e-3,
+            "trainer.gradient_checkpointing": True,  # the default (small_config's is off), as users train LoRA
         }
     )
     pipe = Pipeline(cfg, tmp_path / "run", model_path=smollm2_path)

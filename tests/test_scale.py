@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import small_config
 
-from twofold.config import ConfigError, load_config
+from twofold.config import ConfigError, TrainerConfig, load_config
 from twofold.logprobs import Numerics, microbatches, pad_right, score_sequences, token_logprobs
 from twofold.models import load_model
 from twofold.oldlogits import BehaviorSource, SourceContext
@@ -143,8 +143,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_path, tokenizer):
 
 
 def test_checkpointing_is_on_by_default_and_skipped_where_a_model_has_none(tiny_path):
-    assert Trainer(load_model(tiny_path), small_config()).model.is_gradient_checkpointing
-    plain = Trainer(torch.nn.Linear(3, 2), small_config())  # no transformers checkpointing: trains without it
+    assert TrainerConfig().gradient_checkpointing  # small_config turns it off for speed: the default is on
+    on = small_config(**{"trainer.gradient_checkpointing": True})
+    assert Trainer(load_model(tiny_path), on).model.is_gradient_checkpointing
+    plain = Trainer(torch.nn.Linear(3, 2), on)  # no transformers checkpointing: trains without it
     assert not hasattr(plain.model, "is_gradient_checkpointing")
 
 
