@@ -69,7 +69,7 @@ def small_config(**overrides) -> Config:
     """A config small enough for a test to train a few steps in seconds.
 
     Gradient checkpointing is off: it trades a second forward for activation memory, which a tiny model does not
-    need, and on two cores that forward was a seventh of the suite's CPU. `tests/test_scale.py` checks that it
+    need, and on two cores that forward was ~7% of the suite's CPU. `tests/test_scale.py` checks that it
     gives the same gradients and is on by default; the two-rank step and the real model's LoRA run train with it."""
     data = {
         "model": {"warmstart": False, **SMALL},
